@@ -1,58 +1,159 @@
-"""Evaluation: sample a policy and score it; measure a reward model on held-out pairs.
+"""``alignflow eval``: sample a policy and score it; measure a reward model on held-out pairs; the reward-KL frontier.
 
-Policy metrics: ``eval/gold_reward`` (built-in tasks' hidden gold reward), ``eval/rm_score`` (a reward model's
-score, when given), ``eval/response_len`` (tokens), ``eval/distinct_1`` / ``eval/distinct_2`` (distinct n-grams
-over all n-grams of the samples of one prompt, averaged over prompts), and for ``reviews`` the share of samples
-that are fully grammatical (``eval/grammatical``). Reward-model metrics: ``eval/accuracy``, ``eval/margin``,
-``eval/ece``.
+Policy metrics (every name and formula on ``docs/eval.md``), over ``num_prompts`` held-out prompts x
+``samples_per_prompt`` samples drawn at ``temperature``:
 
-Run it:  ``alignflow eval policy=runs/sft/model``  or  ``alignflow eval reward_model=runs/rm/model data.path=pairs.jsonl``.
+* reward: ``eval/gold_reward`` (the built-in task's hidden gold reward, when the prompts are the task's),
+  ``eval/rm_score`` (``reward_model``'s score, when given), ``eval/grammatical`` (``reviews``);
+* ``eval/kl`` (k1, summed over the response, mean over samples) and ``eval/kl_k3`` (k3, mean per token) to
+  ``reference``, when given;
+* ``eval/response_len``, ``eval/truncated``; ``eval/distinct_1``, ``eval/distinct_2``, ``eval/self_bleu``;
+* ``eval/accuracy`` (pass@1), ``eval/pass_at_k``, ``eval/maj_at_k`` when the prompt rows carry an ``answer``
+  (the ``arithmetic`` task's do).
+
+Reward-model metrics (``reward_model`` without ``policy``): ``eval/accuracy``, ``eval/margin``, ``eval/ece`` on the
+preference pairs of ``data.path``. ``frontier: [...]`` evaluates several policies the same way and plots reward
+against KL (:mod:`alignflow.eval.frontier`).
+
+Run it::
+
+    alignflow eval policy=runs/grpo/model reference=runs/sft/model
+    alignflow eval reference=runs/sft/model frontier=runs/sft/model,runs/grpo     # every checkpoint of a run
+    alignflow eval reward_model=runs/rm/model data.path=pairs.jsonl
+
+Writes ``eval.json`` (the metrics) and ``samples.jsonl`` (one row per prompt: its samples and their scores) to
+``output_dir``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Callable, Optional
 
-from alignflow.config import EvalConfig
+import torch
+
+from alignflow.algorithms.core import masked_mean
+from alignflow.algorithms.kl import kl_k1, kl_k3, sequence_kl
+from alignflow.batch import Batch
+from alignflow.config import ConfigError, EvalConfig, ModelConfig
+from alignflow.eval.metrics import accuracy_metrics, answer_correct, distinct_n, diversity_metrics, length_metrics
 from alignflow.rollout.engine import HFEngine
 from alignflow.rollout.sampling import SamplingParams
+
+__all__ = ["EvalContext", "distinct_n", "evaluate_policy", "kl_metrics", "policy_logprobs", "policy_metrics",
+           "run_eval", "sample", "sample_batch"]
+
+GEN_ROWS = 256  # sampled rows per engine call (a memory knob; the samples depend on it through the seeds only)
+
+
+def _mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+def sample_batch(model, tokenizer, prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float,
+                 seed: int, chunk_rows: int = GEN_ROWS) -> Batch:
+    """``n`` samples per prompt with the built-in engine: rows i*n .. i*n+n-1 belong to prompt i.
+
+    The engine's Batch (``prompt_ids``, ``response_ids``, masks, ``input_ids``, ``position_ids``, meta
+    ``finish_reason``) plus meta ``response`` (decoded, special tokens removed). Prompts go through the engine
+    ``chunk_rows // n`` at a time; chunk c samples with seed ``seed * 1_000_003 + c``.
+    """
+    from alignflow.trainers.roles import cat_rollouts
+
+    engine = HFEngine(model, tokenizer)
+    per = max(1, chunk_rows // n)
+    parts = []
+    for c, start in enumerate(range(0, len(prompt_ids), per)):
+        params = SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens,
+                                seed=seed * 1_000_003 + c)
+        parts.append(engine.generate(prompt_ids[start:start + per], params))
+    batch = cat_rollouts(parts)
+    ids, mask = batch["response_ids"], batch["response_mask"]  # (B, Tr) each
+    texts = tokenizer.batch_decode([r[m.bool()].tolist() for r, m in zip(ids, mask)], skip_special_tokens=True)
+    return batch.union(Batch(meta={"response": texts}))
 
 
 def sample(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
            seed: int) -> tuple[list[list[str]], list[list[int]]]:
-    """``n`` decoded responses per prompt, and their token counts (prompts rendered as plain text)."""
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
-    params = SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-    batch = HFEngine(model, tokenizer).generate(ids, params)
-    texts = tokenizer.batch_decode([r[m.bool()].tolist() for r, m in zip(batch["response_ids"], batch["response_mask"])],
-                                   skip_special_tokens=True)
-    lengths = batch["response_mask"].sum(-1).tolist()
-    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))], [lengths[i * n:(i + 1) * n] for i in range(len(prompts))]
+    """Text prompts (tokenised as plain text) -> ``n`` decoded responses per prompt and their token counts."""
+    batch = sample_batch(model, tokenizer, [tokenizer(p)["input_ids"] for p in prompts], n, max_new_tokens,
+                         temperature, seed)
+    texts, lengths = batch["response"], batch["response_mask"].sum(-1).tolist()
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))], [lengths[i * n:(i + 1) * n]
+                                                                    for i in range(len(prompts))]
 
 
-def distinct_n(texts: list[str], n: int) -> float:
-    """Distinct n-grams / total n-grams over whitespace tokens of ``texts`` (Li et al. 2016)."""
-    grams = [tuple(t.split()[i:i + n]) for t in texts for i in range(max(0, len(t.split()) - n + 1))]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def policy_metrics(prompts: list[str], samples: list[list[str]], lengths: list[list[int]], gold=None,
-                   rm_scores: list[float] | None = None, grammatical=None) -> dict:
-    """Aggregate metrics over prompts x samples (flattened in prompt-major order)."""
+def policy_metrics(prompts: list, samples: list[list[str]], lengths: list[list[int]], gold=None,
+                   rm_scores: Optional[list[float]] = None, grammatical=None) -> dict:
+    """Metrics of texts already sampled (no model): ``eval/response_len``, distinct-1/2 and self-BLEU, and
+    ``eval/gold_reward`` / ``eval/grammatical`` / ``eval/rm_score`` when given (flattened prompt-major)."""
     flat_p = [p for p, s in zip(prompts, samples) for _ in s]
     flat_s = [x for s in samples for x in s]
-    out = {"eval/response_len": sum(sum(x) for x in lengths) / len(flat_s),
-           "eval/distinct_1": sum(distinct_n(s, 1) for s in samples) / len(samples),
-           "eval/distinct_2": sum(distinct_n(s, 2) for s in samples) / len(samples)}
+    out = {"eval/response_len": _mean([x for ls in lengths for x in ls])} | diversity_metrics(samples)
     if gold is not None:
-        g = gold(flat_p, flat_s)
-        out["eval/gold_reward"] = sum(g) / len(g)
+        out["eval/gold_reward"] = _mean(gold(flat_p, flat_s))
     if grammatical is not None:
-        out["eval/grammatical"] = sum(grammatical(p, s) for p, s in zip(flat_p, flat_s)) / len(flat_s)
+        out["eval/grammatical"] = _mean([float(grammatical(p, s)) for p, s in zip(flat_p, flat_s)])
     if rm_scores is not None:
-        out["eval/rm_score"] = sum(rm_scores) / len(rm_scores)
+        out["eval/rm_score"] = _mean(rm_scores)
     return out
+
+
+# ----------------------------------------------------------------------------------------------- KL
+def policy_logprobs(model, batch: Batch, temperature: float) -> torch.Tensor:
+    """log π(y_t | x, y_<t) of the sampled response tokens, (B, Tr), 0 on padding, at the sampling temperature
+    (logits / T; T = 1 when sampling was greedy).
+
+    Both sides of the KL come from here -- the policy recomputed with a full forward rather than the engine's
+    ``sampling_logprobs`` -- through the very function the RL trainer uses for reference log-probs
+    (:class:`alignflow.trainers.roles.Reference`): the engine's values come from an incremental KV-cache decode
+    and differ from a full forward by rounding (more under reduced precision), which would make the KL of a
+    policy to itself nonzero and bias small KLs. One extra forward of the policy costs little next to sampling.
+    """
+    from alignflow.trainers.roles import Reference
+
+    t = temperature if temperature > 0 else 1.0
+    was_training = model.training
+    grads = [p.requires_grad for p in model.parameters()]
+    try:
+        return Reference(model=model, temperature=t).logprobs(batch)["ref_logprobs"]
+    finally:  # Reference freezes its model; leave the caller's model as it was
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+        model.train(was_training)
+
+
+def kl_metrics(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> dict:
+    """KL(π‖π_ref) estimates from samples y ~ π (Schulman's estimators, ALGORITHMS.md 1; ``algorithms/kl.py``).
+
+    ``eval/kl`` = mean_i Σ_t m·k1 with k1 = lp − lp_ref: the sequence-level KL (the same quantity as the RL
+    trainer's ``policy/kl``); ``eval/kl_k3`` = Σ_{i,t} m·k3 / Σ_{i,t} m with k3 = exp(lp_ref − lp) − (lp_ref − lp)
+    − 1 >= 0: the per-token KL with lower variance. logp, ref_logp, mask: (B, Tr).
+    """
+    return {"eval/kl": float(sequence_kl(logp, ref_logp, mask, "k1")),
+            "eval/kl_k3": float(masked_mean(kl_k3(logp, ref_logp), mask.bool()))}
+
+
+# ----------------------------------------------------------------------------------------------- policy evaluation
+@dataclasses.dataclass
+class EvalContext:
+    """What every evaluated policy is measured with: prompts, scorers and the reference (shared by the frontier)."""
+    tokenizer: object
+    device: torch.device
+    rows: list  # prompt rows: "prompt", "prompt_ids" and the file's other fields (e.g. "answer")
+    gold: Optional[Callable] = None  # the task's gold reward f(prompts, responses) -> list[float]
+    grammatical: Optional[Callable] = None  # f(prompt, response) -> bool (reviews)
+    answers: Optional[list] = None  # one reference answer per prompt row (verifiable tasks)
+    rm: Optional[Callable] = None  # RewardModelScorer: Batch -> (B,)
+    reference: Optional[torch.nn.Module] = None
+
+    @property
+    def reward_key(self) -> Optional[str]:
+        """The reward a frontier plots: the gold reward when there is one, else the reward model's score."""
+        return "eval/gold_reward" if self.gold else "eval/rm_score" if self.rm else None
 
 
 def reviews_grammatical(prompt: str, response: str) -> bool:
@@ -63,15 +164,90 @@ def reviews_grammatical(prompt: str, response: str) -> bool:
     return c["bad_sentences"] == 0 and c["no_final_punct"] == 0
 
 
+def evaluate_policy(policy, ctx: EvalContext, cfg: EvalConfig) -> tuple[dict, list[dict]]:
+    """Sample ``cfg.samples_per_prompt`` responses to every prompt of ``ctx`` and measure them.
+
+    Returns (metrics, one samples.jsonl row per prompt: the prompt, its samples and per-sample scores).
+    """
+    n, rows = cfg.samples_per_prompt, ctx.rows
+    batch = sample_batch(policy, ctx.tokenizer, [r["prompt_ids"] for r in rows], n, cfg.max_new_tokens,
+                         cfg.temperature, cfg.seed)
+    texts = batch["response"]
+    samples = [texts[i * n:(i + 1) * n] for i in range(len(rows))]
+    lengths = batch["response_mask"].sum(-1).tolist()  # (B,)
+    m = length_metrics(lengths, batch["finish_reason"]) | diversity_metrics(samples)
+    per: dict = {"length": lengths}
+    prompts = [r["prompt"] for r in rows for _ in range(n)]
+    if ctx.gold is not None:
+        per["gold_reward"] = [float(g) for g in ctx.gold(prompts, texts)]
+        m["eval/gold_reward"] = _mean(per["gold_reward"])
+    if ctx.grammatical is not None:
+        m["eval/grammatical"] = _mean([float(ctx.grammatical(p, s)) for p, s in zip(prompts, texts)])
+    if ctx.answers is not None:
+        m |= accuracy_metrics(samples, ctx.answers)
+        per["correct"] = [answer_correct(s, ctx.answers[i // n]) for i, s in enumerate(texts)]
+    if ctx.rm is not None:
+        per["rm_score"] = ctx.rm(batch).float().cpu().tolist()
+        m["eval/rm_score"] = _mean(per["rm_score"])
+    if ctx.reference is not None:
+        mask = batch["response_mask"]
+        lp, ref_lp = policy_logprobs(policy, batch, cfg.temperature), policy_logprobs(ctx.reference, batch,
+                                                                                      cfg.temperature)
+        m |= kl_metrics(lp, ref_lp, mask)
+        per["kl"] = torch.where(mask.bool(), kl_k1(lp, ref_lp), 0.0).sum(-1).cpu().tolist()  # (B,)
+    out_rows = [{"prompt": r["prompt"], "samples": samples[i],
+                 **{k: v[i * n:(i + 1) * n] for k, v in per.items()}} for i, r in enumerate(rows)]
+    return m, out_rows
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+def load_prompts(cfg: EvalConfig, tok, out: Path) -> tuple[list[dict], Optional[Callable], Optional[Callable]]:
+    """(prompt rows, gold reward, grammaticality check): ``data.path``, or the built-in task's held-out prompts
+    with its gold reward (the gold reward is defined on the task's prompts only, so a ``data.path`` gets none)."""
+    from alignflow.data.pipeline import prepare_data
+    from alignflow.tasks import build_task
+
+    gold = grammatical = None
+    path = cfg.data.path
+    if not path:
+        art = build_task(cfg.task.name, cfg.task, out / "task")
+        path, gold = str(art.eval_prompts_path), art.gold_reward
+        grammatical = reviews_grammatical if cfg.task.name == "reviews" else None
+    data = prepare_data(dataclasses.replace(cfg.data, path=path, eval_path=""), tok, expect=("prompt",))
+    rows = (data.train + data.eval)[:cfg.num_prompts]
+    if not rows:
+        raise ConfigError(f"data.path: {path} has no prompt rows to evaluate on")
+    return rows, gold, grammatical
+
+
+def _vocab(model) -> int:
+    return model.get_input_embeddings().num_embeddings
+
+
+def build_context(cfg: EvalConfig, tok, device: torch.device, out: Path) -> EvalContext:
+    """Prompts, gold reward, answers, reward-model scorer and reference model for policy evaluation."""
+    from alignflow.models import load_causal_lm
+    from alignflow.rewards.model import RewardModelScorer
+
+    rows, gold, grammatical = load_prompts(cfg, tok, out)
+    answers = [r["answer"] for r in rows] if all(r.get("answer") is not None for r in rows) else None
+    rm = RewardModelScorer(cfg.reward_model, device=device, pad_token_id=tok.pad_token_id) if cfg.reward_model \
+        else None
+    ref = load_causal_lm(ModelConfig(name_or_path=cfg.reference), device) if cfg.reference else None
+    if ref is not None and _vocab(ref) < len(tok):
+        raise ConfigError(f"reference: {cfg.reference} has a vocabulary of {_vocab(ref)} tokens but the tokenizer has "
+                          f"{len(tok)}; the reference must share the policy's tokenizer")
+    return EvalContext(tok, device, rows, gold, grammatical, answers, rm, ref)
+
+
 def reward_model_metrics(cfg: EvalConfig, tok, device) -> dict:
     """Pairwise accuracy, margin and calibration of a reward model on ``cfg.data.path`` (all rows held out)."""
-    from alignflow.config import ModelConfig
     from alignflow.data.pipeline import prepare_data
     from alignflow.models import load_reward_model
     from alignflow.trainers.reward import pair_metrics, score
 
     if not cfg.data.path:
-        raise ValueError("alignflow eval: a reward model is evaluated on preference pairs; set data.path=<file>")
+        raise ConfigError("alignflow eval: a reward model is evaluated on preference pairs; set data.path=<file>")
     data = prepare_data(cfg.data, tok, expect=("preference",))
     pairs = data.train + data.eval
     rm = load_reward_model(ModelConfig(name_or_path=cfg.reward_model), num_labels=None, device=device,
@@ -81,44 +257,57 @@ def reward_model_metrics(cfg: EvalConfig, tok, device) -> dict:
     return pair_metrics(c, r, "eval")
 
 
-def run_eval(cfg: EvalConfig) -> dict:
-    """``alignflow eval``: writes eval.json and samples.jsonl into ``cfg.output_dir``; returns the metrics."""
-    from alignflow.models import load_causal_lm, load_reward_model, load_tokenizer
-    from alignflow.config import ModelConfig
-    from alignflow.tasks import build_task
-    from alignflow.tasks.common import read_jsonl
-    from alignflow.trainers.loop import resolve_device
-    from alignflow.trainers.reward import score
+def check_config(cfg: EvalConfig) -> list:
+    """Fail before any model is loaded; returns the resolved frontier policies."""
+    from alignflow.eval.frontier import resolve_frontier
+    from alignflow.tasks import get_task
 
+    if not (cfg.policy or cfg.reward_model or cfg.frontier):
+        raise ConfigError("alignflow eval: nothing to evaluate; give policy=<dir>, frontier=<dir,...> and/or "
+                          "reward_model=<dir>")
+    get_task(cfg.task.name)  # an unknown task name -> ConfigError listing the tasks
+    if not cfg.frontier:
+        return []
+    if not cfg.reference:
+        raise ConfigError("frontier: the x axis is the KL to a reference policy; set reference=<dir> (the SFT model)")
+    if cfg.data.path and not cfg.reward_model:
+        raise ConfigError("frontier: with data.path there is no gold reward (it is defined on the built-in task's "
+                          "prompts); set reward_model=<dir> to plot its score")
+    return resolve_frontier(cfg.frontier)
+
+
+def _write_samples(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """``alignflow eval``: writes eval.json and samples.jsonl (and frontier.json/.png) into ``cfg.output_dir``;
+    returns the metrics of ``policy`` (or of ``reward_model`` on pairs)."""
+    from alignflow.models import load_causal_lm, load_tokenizer
+    from alignflow.trainers.loop import resolve_device
+
+    frontier = check_config(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    if not cfg.policy and not cfg.reward_model:
-        raise ValueError("alignflow eval: give policy=<dir> and/or reward_model=<dir>")
-    tok = load_tokenizer(cfg.tokenizer or cfg.policy or cfg.reward_model)
+    tok = load_tokenizer(cfg.tokenizer or cfg.policy or cfg.reference or cfg.reward_model)
     metrics: dict = {}
-    if cfg.policy:
-        art = build_task(cfg.task.name, cfg.task, out / "task")
-        rows = read_jsonl(Path(cfg.data.path or art.eval_prompts_path))[:cfg.num_prompts]
-        prompts = [r["prompt"] for r in rows]
-        policy = load_causal_lm(ModelConfig(name_or_path=cfg.policy), device)
-        samples, lengths = sample(policy, tok, prompts, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature,
-                                  cfg.seed)
-        rm_scores = None
-        if cfg.reward_model:
-            rm = load_reward_model(ModelConfig(name_or_path=cfg.reward_model), num_labels=None, device=device,
-                                   pad_token_id=tok.pad_token_id)
-            seqs = [tok(p + s)["input_ids"] + [tok.eos_token_id] for p, ss in zip(prompts, samples) for s in ss]
-            rm_scores = score(rm, seqs, tok.pad_token_id, device).mean(-1).tolist()
-        metrics |= policy_metrics(prompts, samples, lengths, art.gold_reward, rm_scores,
-                                  reviews_grammatical if cfg.task.name == "reviews" else None)
-        with (out / "samples.jsonl").open("w") as f:
-            for p, ss in zip(prompts, samples):
-                f.write(json.dumps({"prompt": p, "samples": ss}) + "\n")
-    if cfg.reward_model and not cfg.policy:
-        metrics |= reward_model_metrics(cfg, tok, device)
+    if cfg.policy or frontier:
+        ctx = build_context(cfg, tok, device, out)
+        if cfg.policy:
+            policy = load_causal_lm(ModelConfig(name_or_path=cfg.policy), device)
+            metrics, rows = evaluate_policy(policy, ctx, cfg)
+            _write_samples(out / "samples.jsonl", rows)
+            del policy
+        if frontier:
+            from alignflow.eval.frontier import run_frontier
+
+            run_frontier(frontier, ctx, cfg, out)
+    else:
+        metrics = reward_model_metrics(cfg, tok, device)
     (out / "eval.json").write_text(json.dumps(metrics, indent=1))
     print(json.dumps(metrics, indent=1))
     return metrics
-
-
