@@ -5,9 +5,13 @@
 3. sample two responses per prompt from the SFT policy and label each pair with the hidden gold reward
    through a Bradley-Terry draw (``task.label_noise``), exactly like the papers' synthetic gold-RM setups;
 4. train a Bradley-Terry reward model (initialised from the SFT model) on those pairs;
-5. report: held-out reward-model accuracy against chance and the label-noise ceiling, samples, plots.
+5. online RL (``rl_algo``, RLOO by default) of the SFT policy against that learned reward model (the *proxy*) with a
+   KL penalty to the SFT policy, evaluating the hidden gold reward on held-out prompts along the way — the
+   proxy/gold gap is the reward over-optimisation of Gao et al. made visible;
+6. report: held-out reward-model accuracy against chance and the label-noise ceiling; proxy reward, gold reward
+   and KL over RL; samples before and after RL; plots.
 
-Everything lands in ``output_dir``: ``report.md``, ``*.png``, ``sft/``, ``rm/``, ``pairs_*.jsonl``.
+Everything lands in ``output_dir``: ``report.md``, ``*.png``, ``sft/``, ``rm/``, ``rl/``, ``pairs_*.jsonl``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import random
 import time
 from pathlib import Path
 
-from alignflow.config import DemoConfig, RMConfig, SFTConfig, from_dict
+from alignflow.config import DemoConfig, RLConfig, RMConfig, SFTConfig, from_dict
 from alignflow.eval.evaluate import policy_metrics, reviews_grammatical, sample
 from alignflow.tasks import build_task
 from alignflow.tasks.common import bt_prefers_first, read_jsonl, write_jsonl
@@ -132,28 +136,119 @@ def run_demo(cfg: DemoConfig) -> dict:
                   "seed": cfg.seed, "progress": cfg.progress, "log_every": 5}}))
     times["rm"] = time.perf_counter() - t
     gold_agreement = agreement_with_gold(rm.models[0], sft.tokenizer, pairs[:n_eval], art.gold_reward)
-    # ---- 4. base model for contrast, report
+    # ---- 4. online RL against the learned reward model
+    rl = None
+    if cfg.rl_algo != "none":
+        t = time.perf_counter()
+        rl = run_rl(cfg, out)
+        times["rl"] = time.perf_counter() - t
+    # ---- 5. evaluation: untrained, SFT and RL policies sampled on the same held-out prompts; report
     from alignflow.config import ModelConfig
     from alignflow.models import load_causal_lm
 
-    base = load_causal_lm(ModelConfig(name_or_path=str(art.model_dir)))
-    b_samples, b_len = sample(base, sft.tokenizer, prompts[:64], 2, cfg.max_new_tokens, cfg.temperature, cfg.seed)
-    base_metrics = policy_metrics(prompts[:64], b_samples, b_len, art.gold_reward, grammatical=reviews_grammatical)
+    t = time.perf_counter()
+    held_out = [r["prompt"] for r in read_jsonl(art.eval_prompts_path)[:128]]
+    policies = {"untrained model": load_causal_lm(ModelConfig(name_or_path=str(art.model_dir))), "SFT model": sft.model}
+    if rl is not None:
+        policies[f"{cfg.rl_algo.upper()} model"] = rl.model
+    compare, examples = {}, {}
+    for name, model in policies.items():
+        ss, ll = sample(model, sft.tokenizer, held_out, 4, cfg.max_new_tokens, cfg.temperature, cfg.seed)
+        compare[name] = policy_metrics(held_out, ss, ll, art.gold_reward, grammatical=reviews_grammatical)
+        examples[name] = [s[0] for s in ss[:6]]
+    times["eval"] = time.perf_counter() - t
     summary = {"times_s": times, "sft": {"final_loss": sft.losses[-1], **sft.eval}, "sft_samples": sft_metrics,
-               "base_samples": base_metrics, "pairs": {"train": len(pairs) - n_eval, "eval": n_eval},
+               "policies": compare, "pairs": {"train": len(pairs) - n_eval, "eval": n_eval},
                "rm": rm.eval | {"eval/gold_agreement": gold_agreement}, "rm_ceiling": ceiling(pairs[:n_eval]),
                "chance": 0.5}
+    if rl is not None:
+        summary["rl"] = rl_summary(rl)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    write_report(out, cfg, summary, sft, rm, prompts, samples)
-    print(f"\ndemo finished in {sum(times.values()):.0f}s: SFT samples grammatical "
-          f"{sft_metrics['eval/grammatical']:.0%} (untrained {base_metrics['eval/grammatical']:.0%}); "
-          f"reward model held-out accuracy {rm.eval.get('eval/accuracy', float('nan')):.3f} "
-          f"(chance 0.5, label-noise ceiling {summary['rm_ceiling']:.3f}; agrees with the gold ordering on "
-          f"{gold_agreement:.1%}). Report: {out / 'report.md'}")
+    write_report(out, cfg, summary, sft, rm, prompts, samples, held_out[:6], examples)
+    base_g = compare["untrained model"]["eval/grammatical"]
+    msg = (f"\ndemo finished in {sum(times.values()):.0f}s: SFT samples grammatical "
+           f"{compare['SFT model']['eval/grammatical']:.0%} (untrained {base_g:.0%}); "
+           f"reward model held-out accuracy {rm.eval.get('eval/accuracy', float('nan')):.3f} "
+           f"(chance 0.5, label-noise ceiling {summary['rm_ceiling']:.3f}; agrees with the gold ordering on "
+           f"{gold_agreement:.1%})")
+    if rl is not None:
+        r = summary["rl"]
+        pol = compare[f"{cfg.rl_algo.upper()} model"]["eval/gold_reward"]
+        msg += (f"; {cfg.rl_algo.upper()} against the reward model: gold reward on held-out prompts "
+                f"{compare['SFT model']['eval/gold_reward']:.3f} (SFT) -> {pol:.3f}, KL to SFT {r['kl_end']:.2f}")
+    print(msg + f". Report: {out / 'report.md'}")
     return summary
 
 
-def write_report(out: Path, cfg: DemoConfig, s: dict, sft, rm, prompts: list[str], samples: list[list[str]]) -> None:
+def run_rl(cfg: DemoConfig, out: Path):
+    """The RL stage: the SFT policy optimised against the demo's reward model (the proxy), KL-regularised to the SFT
+    policy; the built-in task's held-out prompts are decoded greedily every ``rl_eval_every`` steps and scored by
+    both the proxy and the hidden gold reward."""
+    from alignflow.trainers.online import train_rl
+
+    critic = cfg.rl_algo in ("ppo", "safe_ppo")
+    n = 1 if critic else cfg.rl_n
+    prompts = max(1, cfg.rl_rows_per_step // n)
+    return train_rl(from_dict(RLConfig, {
+        "model": {"name_or_path": str(out / "sft" / "model")},
+        "task": to_task_dict(cfg),
+        # PPO: 2 epochs of 2 mini-batches per rollout batch; group methods: one update per batch (their papers')
+        "algo": {"name": cfg.rl_algo, "ppo_epochs": 2 if critic else 1},
+        "kl": {"coef": cfg.rl_kl_coef},
+        "rollout": {"prompts_per_step": prompts, "n": n, "max_new_tokens": cfg.max_new_tokens,
+                    "temperature": cfg.temperature, "eval_prompts": 64},
+        # the gold reward rides along with weight 0: logged on every step's samples, never optimised
+        "reward": {"models": [str(out / "rm" / "model")], "task": {"gold": 0.0}},
+        "optim": {"lr": cfg.rl_lr, "scheduler": "constant"},
+        "critic": {"optim": {"lr": 1e-3, "scheduler": "constant"}},  # initialised from the reward model
+        "train": {"output_dir": str(out / "rl"), "batch_size": prompts * n // (2 if critic else 1),
+                  "max_steps": cfg.rl_steps,
+                  "eval_every": cfg.rl_eval_every, "seed": cfg.seed, "progress": cfg.progress, "log_every": 1}}))
+
+
+def to_task_dict(cfg: DemoConfig) -> dict:
+    import dataclasses
+
+    return {"name": "reviews"} | {k: v for k, v in dataclasses.asdict(cfg.task).items() if k != "name"}
+
+
+def rl_summary(rl) -> dict:
+    """Per-step proxy reward, gold reward (on the step's own samples) and KL; the greedy held-out evaluations; and
+    start/end values (start: the SFT policy's samples at step 1; end: the mean of the last 3 steps)."""
+    def col(key):
+        return [m.get(key, float("nan")) for m in rl.history]
+
+    def tail(xs):
+        return sum(xs[-3:]) / max(1, len(xs[-3:]))
+
+    proxy, gold, kl = col("rollout/reward_mean"), col("rollout/reward_gold_mean"), col("policy/kl")
+    return {"proxy_reward": proxy, "gold_reward": gold, "kl": kl,
+            "eval_steps": [s for s, _ in rl.evals],
+            "eval_gold": [m.get("eval/gold_reward", float("nan")) for _, m in rl.evals],
+            "eval_proxy": [m.get("eval/reward_mean", float("nan")) for _, m in rl.evals],
+            "gold_start": gold[0], "gold_end": tail(gold), "proxy_start": proxy[0], "proxy_end": tail(proxy),
+            "kl_end": tail(kl), "kl_max": max(kl) if kl else float("nan")}
+
+
+def plot_xy(path: Path, series: dict, title: str, ylabel: str, xlabel: str = "RL step") -> None:
+    """Like :func:`plot`, for series given as (xs, ys)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, label=name)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, cfg: DemoConfig, s: dict, sft, rm, prompts: list[str], samples: list[list[str]],
+                 held_out: list[str], examples: dict) -> None:
     plot(out / "sft_loss.png", {"train NLL": sft.losses}, "SFT loss", "token-mean NLL")
     plot(out / "rm_loss.png", {"train BT loss": rm.losses}, "Reward-model loss", "BT loss")
     acc = s["rm"].get("eval/accuracy", float("nan"))
@@ -166,19 +261,49 @@ def write_report(out: Path, cfg: DemoConfig, s: dict, sft, rm, prompts: list[str
         "## 1. SFT", "",
         f"Final train NLL {s['sft']['final_loss']:.3f}; held-out NLL {s['sft'].get('eval/loss', float('nan')):.3f} "
         f"(perplexity {s['sft'].get('eval/perplexity', float('nan')):.2f}).", "", "![SFT loss](sft_loss.png)", "",
-        "| samples from | grammatical | gold reward | length (tokens) | distinct-2 |", "|---|---|---|---|---|",
-        *[f"| {name} | {m['eval/grammatical']:.1%} | {m['eval/gold_reward']:.3f} | {m['eval/response_len']:.1f} | "
-          f"{m['eval/distinct_2']:.3f} |" for name, m in (("untrained model", s["base_samples"]),
-                                                           ("SFT model", s["sft_samples"]))], "",
         "SFT samples:", "", *[f"- `{p}` → `{ss[0]}`" for p, ss in list(zip(prompts, samples))[:6]], "",
         "## 2. Reward model", "",
         f"{s['pairs']['train']} training pairs and {s['pairs']['eval']} held-out pairs, sampled from the SFT model "
         "and labelled by the hidden gold reward through a Bradley–Terry draw.", "",
-        f"| metric | value |", "|---|---|",
-        f"| held-out accuracy | {acc:.3f} |", f"| chance | 0.500 |",
+        "| metric | value |", "|---|---|",
+        f"| held-out accuracy | {acc:.3f} |", "| chance | 0.500 |",
         f"| label-noise ceiling E[max(p, 1-p)] | {s['rm_ceiling']:.3f} |",
         f"| agreement with the noise-free gold ordering | {s['rm']['eval/gold_agreement']:.3f} |",
         f"| mean margin r_c - r_r | {s['rm'].get('eval/margin', float('nan')):.3f} |",
         f"| calibration error (ECE) | {s['rm'].get('eval/ece', float('nan')):.3f} |", "",
         "![RM loss](rm_loss.png) ![RM accuracy](rm_accuracy.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    if "rl" in s:
+        r, algo = s["rl"], cfg.rl_algo.upper()
+        steps = list(range(1, len(r["proxy_reward"]) + 1))
+        plot_xy(out / "rl_reward.png", {"proxy (RM) on samples": (steps, r["proxy_reward"]),
+                                        "gold on samples": (steps, r["gold_reward"]),
+                                        "proxy (RM), greedy held-out": (r["eval_steps"], r["eval_proxy"]),
+                                        "gold, greedy held-out": (r["eval_steps"], r["eval_gold"])},
+                f"{algo} against the learned reward model", "reward")
+        plot_xy(out / "rl_kl.png", {"KL(policy || SFT) per sequence": (steps, r["kl"])}, f"{algo}: KL to the SFT policy",
+                "nats")
+        lines += [
+            f"## 3. Online RL ({algo}) against the reward model", "",
+            f"{cfg.rl_steps} steps of {algo} from the SFT policy, rewarded by the reward model above (the proxy), "
+            f"KL coefficient {cfg.rl_kl_coef} to the SFT policy, learning rate {cfg.rl_lr}. Every {cfg.rl_eval_every} "
+            "steps, 64 held-out prompts are decoded greedily and scored by the proxy and by the hidden gold reward.", "",
+            "| on the policy's own samples | step 1 (SFT policy) | last 3 steps | change |", "|---|---|---|---|",
+            f"| gold reward (hidden, never optimised) | {r['gold_start']:.3f} | {r['gold_end']:.3f} | "
+            f"{r['gold_end'] - r['gold_start']:+.3f} |",
+            f"| proxy reward (the reward model) | {r['proxy_start']:.3f} | {r['proxy_end']:.3f} | "
+            f"{r['proxy_end'] - r['proxy_start']:+.3f} |",
+            f"| KL to SFT (nats per sequence) | 0 | {r['kl_end']:.3f} | max {r['kl_max']:.3f} |", "",
+            "Greedy decoding of held-out prompts (gold / proxy) at steps "
+            + ", ".join(f"{st}: {g:.2f} / {p:.2f}" for st, g, p in zip(r["eval_steps"], r["eval_gold"], r["eval_proxy"]))
+            + ". Greedy decoding of so small a model tends to loop, so the sampled numbers above are the better guide.",
+            "", "![RL reward](rl_reward.png) ![RL KL](rl_kl.png)", ""]
+    lines += ["## 4. Policies compared (4 samples for each of 128 held-out prompts, temperature "
+              f"{cfg.temperature})", "",
+              "| policy | grammatical | gold reward | length (tokens) | distinct-2 |", "|---|---|---|---|---|",
+              *[f"| {name} | {m['eval/grammatical']:.1%} | {m['eval/gold_reward']:.3f} | {m['eval/response_len']:.1f} | "
+                f"{m['eval/distinct_2']:.3f} |" for name, m in s["policies"].items()], "",
+              "Samples on held-out prompts (first sample of each policy):", ""]
+    for i, p in enumerate(held_out):
+        lines.append(f"- `{p}`")
+        lines += [f"  - {name}: `{ex[i]}`" for name, ex in examples.items() if name != "untrained model"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")

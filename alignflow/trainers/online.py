@@ -91,6 +91,7 @@ class RLResult:
     tokenizer: object
     history: list = dataclasses.field(default_factory=list)  # one metrics dict per RL step
     eval: dict = dataclasses.field(default_factory=dict)
+    evals: list = dataclasses.field(default_factory=list)  # (step, eval metrics) at 0, every eval_every, the end
     output_dir: Path = Path(".")
     roles: Roles = None
 
@@ -370,6 +371,15 @@ def train_rl(cfg: RLConfig) -> RLResult:
         logger.log(start, {"data/report": r})
     bar = loop.Progress(total, start, cfg.train.progress, f"rl/{cfg.algo.name}")
     result = RLResult(roles.actor.model, tok, output_dir=out, roles=roles)
+
+    def run_eval(step: int) -> dict:
+        m = evaluate(roles, eval_prompts, gold)
+        logger.log(step, m)
+        result.evals.append((step, m))
+        return m
+
+    if cfg.train.eval_every and start == 0:
+        run_eval(0)  # the starting policy, so every curve has its baseline
     for step in range(start, total):
         st.step = step
         m = rl_step(roles, st, cfg, algo)
@@ -380,12 +390,11 @@ def train_rl(cfg: RLConfig) -> RLResult:
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
             logger.log(step + 1, m)
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total:
-            logger.log(step + 1, evaluate(roles, eval_prompts, gold))
+            run_eval(step + 1)
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
             save_all(roles, st, out)
     bar.close()
-    result.eval = evaluate(roles, eval_prompts, gold)
-    logger.log(total, result.eval)
+    result.eval = run_eval(total)
     logger.close()
     save_model(roles.actor.model, tok, out / "model")
     return result
