@@ -8,6 +8,8 @@ import pytest
 from alignflow.config import (RL_ALGORITHMS, ConfigError, DemoConfig, EvalConfig, RLConfig, RMConfig, SFTConfig,
                               from_dict, load_config, parse_overrides)
 from alignflow.cli import COMMANDS
+from alignflow.config import PO_LOSSES, POConfig
+from alignflow.config import OnlinePOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,6 +19,10 @@ def _preset_class(path: Path):
     name = path.stem
     if name in RL_ALGORITHMS:  # configs/<algo.name>.yaml are `alignflow rl` presets
         return RLConfig
+    if name in ("online_dpo", "inpo", "apo", "nash_md"):  # `alignflow online_po` presets (inpo is also a loss name)
+        return OnlinePOConfig
+    if name in PO_LOSSES:  # configs/<loss.name>.yaml are `alignflow po` presets
+        return POConfig
     for prefix, cls in (("sft", SFTConfig), ("rm", RMConfig), ("eval", EvalConfig), ("demo", DemoConfig)):
         if name.startswith(prefix):
             return cls
@@ -79,14 +85,19 @@ def test_bad_values_fail_at_load_time(override, needle):
 
 
 def test_every_field_has_a_doc():
+    """Every dataclass defined in alignflow.config (every command's config and every section), field by field."""
+    import alignflow.config as config_module
+
     def walk(cls):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("doc"), f"{cls.__name__}.{f.name} has no doc"
-            tp = f.type if isinstance(f.type, type) else None
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             if dataclasses.is_dataclass(default):
                 walk(type(default))
-    for cls in (SFTConfig, RMConfig, EvalConfig, DemoConfig, RLConfig):
+    classes = [c for c in vars(config_module).values()
+               if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == config_module.__name__]
+    assert {SFTConfig, RMConfig, EvalConfig, DemoConfig, RLConfig} <= set(classes)
+    for cls in classes:
         walk(cls)
 
 

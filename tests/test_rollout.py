@@ -1,5 +1,7 @@
 """Rollout engine: logits processors against hand-computed values, then HFEngine against transformers'
-``generate`` (greedy, token for token), row dropping, stopping, seeding, grouping and log-probs."""
+``generate`` (greedy, token for token), row dropping, stopping, seeding, grouping and log-probs; then the
+lean forward of the fast path (llama / qwen2 / qwen3 / mistral, rope scaling) against ``generate`` and against
+the HF-forward path, prefix sharing, weight updates between calls, and the fallback for what it does not cover."""
 
 import math
 
@@ -8,11 +10,14 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 from alignflow.config import ConfigError
 from alignflow.rollout import HFEngine, RolloutEngine, SamplingParams
 from alignflow.rollout.kv_cache import preallocated_cache, select_rows
+from alignflow.rollout.lean import unsupported_reason
 from alignflow.rollout.sampling import (apply_min_p, apply_repetition_penalty, apply_temperature, apply_top_k,
                                         apply_top_p, chosen_logprobs, presence_mask, process_logits,
                                         sample_from_logits, sample_tokens)
@@ -25,14 +30,25 @@ PROMPTS = [[BOS, 5, 9, 17], [BOS, 33, 12, 40, 41, 7, 8, 22, 19], [BOS, 60], [BOS
 EOS_BIAS = 0.1  # greedy lengths with 24 new tokens: 24, 2, 14, 24, 4, 21
 
 
-def tiny_model(seed: int = 0, eos_bias: float = EOS_BIAS) -> LlamaForCausalLM:
-    """Random Llama (vocab 64, hidden 32, 2 layers, GQA 4/2 heads) whose lm_head has a bias on EOS, so that
-    some rows end early (a random-init model almost never picks EOS on its own)."""
+def tiny_model(seed: int = 0, eos_bias: float = EOS_BIAS, arch: str = "llama", **config) -> LlamaForCausalLM:
+    """Random decoder (vocab 64, hidden 32, 2 layers, GQA 4/2 heads) whose lm_head has a bias on EOS, so that
+    some rows end early (a random-init model almost never picks EOS on its own). arch: llama | qwen2 (Q/K/V
+    biases, given random values: they start at zero) | qwen3 (q/k norms, given random weights) | mistral."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
-    model = LlamaForCausalLM(cfg).eval()
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+               "qwen3": (Qwen3Config, Qwen3ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
+    config_class, model_class = classes[arch]
+    extra = {"head_dim": 8} if arch == "qwen3" else {}
+    cfg = config_class(**({"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+                           "pad_token_id": PAD, "bos_token_id": BOS, "eos_token_id": EOS} | extra | config))
+    model = model_class(cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+                param.normal_(0.0, 0.2)
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.uniform_(0.5, 1.5)
     head = torch.nn.Linear(32, 64, bias=True)
     with torch.no_grad():
         head.weight.copy_(model.lm_head.weight)
@@ -40,6 +56,14 @@ def tiny_model(seed: int = 0, eos_bias: float = EOS_BIAS) -> LlamaForCausalLM:
         head.bias[EOS] = eos_bias
     model.lm_head = head
     return model
+
+
+def generate_greedy(model, out, max_new=24):
+    """transformers' greedy ``generate`` on the engine's left-padded prompts: (B, max_new) new tokens."""
+    with torch.no_grad():
+        ref = model.generate(input_ids=out["prompt_ids"], attention_mask=out["prompt_mask"], do_sample=False,
+                             max_new_tokens=max_new, eos_token_id=EOS, pad_token_id=PAD)
+    return ref[:, out["prompt_ids"].shape[1]:]
 
 
 @pytest.fixture(scope="module")
@@ -175,18 +199,18 @@ def test_greedy_matches_generate_token_for_token(eos_bias):
     generation stops before max_new_tokens). Both KV-cache variants equal ``model.generate(do_sample=False)``
     exactly, padding after EOS included."""
     model = tiny_model(eos_bias=eos_bias)
-    ours = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS).generate(PROMPTS, greedy())
-    assert isinstance(HFEngine(model, pad_token_id=PAD, eos_token_id=EOS), RolloutEngine)
-    with torch.no_grad():
-        ref = model.generate(input_ids=ours["prompt_ids"][:, :], attention_mask=ours["prompt_mask"], do_sample=False,
-                             max_new_tokens=24, eos_token_id=EOS, pad_token_id=PAD)
-    ref_response = ref[:, ours["prompt_ids"].shape[1]:]
-    assert torch.equal(ours["response_ids"], ref_response)
+    engine = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS)
+    ours = engine.generate(PROMPTS, greedy())
+    assert engine.last_path == "lean" and engine.fallback_reason is None
+    assert isinstance(engine, RolloutEngine)
+    assert torch.equal(ours["response_ids"], generate_greedy(model, ours))
     lengths = ours["response_mask"].sum(1).tolist()
     assert min(lengths) < 24  # the test really exercises early endings
     assert (max(lengths) == 24) == (eos_bias == EOS_BIAS)  # ... and, with bias 0.3, an early stop of all rows
-    plain = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS, preallocate=False).generate(PROMPTS, greedy())
-    assert torch.equal(plain["response_ids"], ours["response_ids"])
+    for kwargs in ({"fast_path": False}, {"fast_path": False, "preallocate": False}):  # the HF-forward path
+        hf = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS, **kwargs)
+        assert torch.equal(hf.generate(PROMPTS, greedy())["response_ids"], ours["response_ids"])
+        assert hf.last_path == "hf" and hf.fallback_reason == "fast_path=False"
 
 
 def test_batch_layout(model):
@@ -210,19 +234,22 @@ def test_batch_layout(model):
     assert "sampling_logprobs" not in out
 
 
+@pytest.mark.parametrize("fast_path", [True, False])
 @pytest.mark.parametrize("every", [1, 3])
-def test_finished_rows_leave_the_batch(model, every):
-    """A forward pre-hook records the batch size of every model call. After the prefill (6 prompts), the
-    decode step that follows sampling step t sees the rows still running at the last compaction: with
-    compact_every=k that happened after step c = k*floor((t+1)/k) - 1, so the rows whose response is longer
-    than c+1 (every row before the first compaction). The output does not depend on k."""
+def test_finished_rows_leave_the_batch(model, every, fast_path):
+    """A forward pre-hook on lm_head records the rows of every logits computation (both paths call it). After
+    the prefill (6 prompts), the decode step that follows sampling step t sees the rows still running at the
+    last compaction: with compact_every=k that happened after step c = k*floor((t+1)/k) - 1, so the rows
+    whose response is longer than c+1 (every row before the first compaction). The output does not depend
+    on k."""
     sizes = []
-    hook = model.register_forward_pre_hook(lambda mod, args, kw: sizes.append(kw["input_ids"].shape[0]),
-                                           with_kwargs=True)
+    hook = model.lm_head.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))
     try:
-        out = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS, compact_every=every).generate(PROMPTS, greedy())
+        engine = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS, compact_every=every, fast_path=fast_path)
+        out = engine.generate(PROMPTS, greedy())
     finally:
         hook.remove()
+    assert engine.last_path == ("lean" if fast_path else "hf")
     lengths = out["response_mask"].sum(1)
     expected = [int((lengths > every * ((t + 1) // every)).sum()) for t in range(23)]
     assert sizes[0] == len(PROMPTS)
@@ -368,3 +395,146 @@ def test_select_rows_moves_only_the_refilled_rows():
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
     ours.update(torch.ones(3, 2, 1, 8), torch.ones(3, 2, 1, 8), 0)
     assert ours.layers[0].keys.shape == (3, 2, 4, 8) and ours.get_seq_length() == 4
+
+
+# ----------------------------------------------------------------------------------------------- lean forward
+@pytest.mark.parametrize("arch, seed, eos_bias, attention", [
+    ("llama", 1, 0.05, "sdpa"), ("llama", 2, 0.15, "sdpa"), ("qwen2", 0, 0.2, "sdpa"), ("qwen2", 1, 0.25, "sdpa"),
+    ("qwen3", 0, 0.1, "sdpa"), ("qwen3", 1, 0.1, "sdpa"), ("mistral", 0, 0.1, "sdpa"), ("llama", 1, 0.05, "eager")])
+def test_lean_forward_greedy_matches_generate(arch, seed, eos_bias, attention):
+    """The fast path on each supported architecture (GQA 4/2 heads everywhere; qwen2 with random Q/K/V biases,
+    qwen3 with random q/k norms), prompts of 2..13 tokens left-padded, rows ending at different steps (the
+    EOS bias is chosen per model for that): token for token equal to ``generate(do_sample=False)``, and
+    log-probs bit-identical to the HF forward's with sdpa attention (the lean forward's own); with eager
+    attention (same math, other rounding) equal to 1e-6."""
+    model = tiny_model(seed=seed, arch=arch, eos_bias=eos_bias, attn_implementation=attention)
+    engine = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS)
+    out = engine.generate(PROMPTS, greedy(logprobs=True))
+    assert engine.last_path == "lean", engine.fallback_reason
+    assert torch.equal(out["response_ids"], generate_greedy(model, out))
+    assert len(set(out["response_mask"].sum(1).tolist())) > 1  # rows of different lengths
+    hf = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS, fast_path=False).generate(PROMPTS, greedy(logprobs=True))
+    if attention == "sdpa":
+        assert torch.equal(out["sampling_logprobs"], hf["sampling_logprobs"])  # bit for bit, not only the argmax
+    else:
+        assert torch.allclose(out["sampling_logprobs"], hf["sampling_logprobs"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0}, {"rope_type": "dynamic", "factor": 2.0},
+                                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8}])
+def test_lean_forward_follows_the_models_rope_scaling(rope):
+    """cos/sin come from the model's own rotary module: with scaled RoPE variants (dynamic NTK with positions
+    past max_position_embeddings = 16, so its frequencies change during decoding) greedy still equals
+    ``generate`` and the log-probs equal the HF forward's bit for bit -- and differ from unscaled RoPE's."""
+    params = greedy(max_new=24, logprobs=True)
+    model = tiny_model(seed=3, rope_parameters={"rope_theta": 10000.0, **rope}, max_position_embeddings=16)
+    engine = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS)
+    out = engine.generate(PROMPTS, params)
+    assert engine.last_path == "lean", engine.fallback_reason
+    assert torch.equal(out["response_ids"], generate_greedy(model, out))
+    hf = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS, fast_path=False).generate(PROMPTS, params)
+    assert torch.equal(out["sampling_logprobs"], hf["sampling_logprobs"])
+    plain = tiny_model(seed=3, max_position_embeddings=16)
+    unscaled = HFEngine(plain, pad_token_id=PAD, eos_token_id=EOS).generate(PROMPTS, params)
+    assert not torch.equal(unscaled["sampling_logprobs"], out["sampling_logprobs"])
+
+
+@pytest.mark.parametrize("arch, autocast", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_lean_forward_equals_the_hf_forward_when_sampling(arch, autocast):
+    """Same seed, sampling with top-k/top-p, n=3, log-probs: the lean forward and the model's own forward give
+    identical tokens and bit-identical sampling log-probs (same matmuls, same SDPA calls, same RoPE), also
+    under bf16 autocast (how the online trainer generates with mixed_precision=bf16). The Q/K weights are
+    scaled up so that attention is far from uniform (random init leaves it nearly flat)."""
+    model = tiny_model(seed=4, arch=arch)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(20.0)
+            layer.self_attn.k_proj.weight.mul_(20.0)
+    params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, n=3, max_new_tokens=20, seed=11, logprobs=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        lean = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS).generate(PROMPTS, params)
+        hf = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS, fast_path=False).generate(PROMPTS, params)
+    assert torch.equal(lean["response_ids"], hf["response_ids"])
+    assert torch.equal(lean["sampling_logprobs"], hf["sampling_logprobs"])
+    assert lean["finish_reason"] == hf["finish_reason"]
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_shared_prefix_prefill_equals_repeated_prompts(model, fast_path):
+    """n=4 prefills each prompt once and repeats its cache rows; passing every prompt 4 times with n=1
+    prefills 24 rows. Same seed, same row order: identical tokens and log-probs (sampling), and the lm_head
+    hook shows 6 vs 24 prefill rows."""
+    params = {"temperature": 1.0, "top_p": 0.95, "max_new_tokens": 16, "seed": 5, "logprobs": True}
+    sizes = []
+    hook = model.lm_head.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))
+    try:
+        engine = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS, fast_path=fast_path)
+        shared = engine.generate(PROMPTS, SamplingParams(n=4, **params))
+        first = sizes[0]
+        sizes.clear()
+        repeated = engine.generate([p for p in PROMPTS for _ in range(4)], SamplingParams(n=1, **params))
+    finally:
+        hook.remove()
+    assert (first, sizes[0]) == (len(PROMPTS), 4 * len(PROMPTS))
+    assert torch.equal(shared["response_ids"], repeated["response_ids"])
+    assert torch.equal(shared["sampling_logprobs"], repeated["sampling_logprobs"])
+    assert len({tuple(r) for r in shared["response_ids"][:4].tolist()}) > 1  # the 4 samples do differ
+
+
+def test_lean_forward_reads_updated_weights():
+    """The RL actor changes its weights between generate calls (in place, as an optimizer does): the next
+    call must use the new weights, fused Q/K/V and gate/up included."""
+    model = tiny_model(seed=5)
+    engine = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS)
+    before = engine.generate(PROMPTS, greedy())
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight.mul_(3.0)
+            layer.mlp.up_proj.weight.add_(0.2)
+    after = engine.generate(PROMPTS, greedy())
+    assert engine.last_path == "lean"
+    assert not torch.equal(before["response_ids"], after["response_ids"])
+    assert torch.equal(after["response_ids"], generate_greedy(model, after))
+
+
+def test_unsupported_models_fall_back_to_the_hf_forward():
+    """GPT-2 (another architecture), a mistral whose sliding window (8) is shorter than prompt + new tokens,
+    a PEFT-wrapped llama (class PeftModel) and the LoRA-injected llama inside it (random, non-zero LoRA weights) all run the
+    model's own forward, say why, and still equal ``generate`` -- which a lean forward that ignored the LoRA
+    layers or the window would not."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                      pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)).eval()
+    window = tiny_model(seed=6, arch="mistral", sliding_window=8)
+    lora = get_peft_model(tiny_model(seed=7), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                         init_lora_weights=False)).eval()
+    cases = [(gpt2, "GPT2LMHeadModel"), (window, "sliding window 8"), (lora, "PeftModel"),
+             (lora.base_model.model, "not a plain nn.Linear")]
+    for net, why in cases:
+        engine = HFEngine(net, pad_token_id=PAD, eos_token_id=EOS)
+        out = engine.generate(PROMPTS, greedy())
+        assert engine.last_path == "hf" and why in engine.fallback_reason
+        assert torch.equal(out["response_ids"], generate_greedy(net, out))
+    assert unsupported_reason(tiny_model(), 10) is None
+    assert "LlamaModel" in unsupported_reason(tiny_model().model, 10)  # a base model without its LM head
+
+
+def test_lean_forward_without_fusion_is_the_same(model, monkeypatch):
+    """Large models skip the fused Q/K/V and gate/up copies (FUSE_MAX_BYTES = 0 forces that here): the same
+    tokens and bit-identical log-probs as with fusion, and no fused weights were built."""
+    from alignflow.rollout import lean
+
+    params = SamplingParams(temperature=0.9, top_k=30, max_new_tokens=16, seed=2, logprobs=True, n=2)
+    fused = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS).generate(PROMPTS, params)
+    assert all(layer.w_qkv is not None for layer in lean.LeanRunner(model, width=4, max_new=4).layers)
+    monkeypatch.setattr(lean, "FUSE_MAX_BYTES", 0)
+    runner = lean.LeanRunner(model, width=4, max_new=4)
+    assert all(layer.w_qkv is None and layer.w_gu is None for layer in runner.layers)
+    engine = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS)
+    separate = engine.generate(PROMPTS, params)
+    assert engine.last_path == "lean"
+    assert torch.equal(fused["response_ids"], separate["response_ids"])
+    assert torch.equal(fused["sampling_logprobs"], separate["sampling_logprobs"])

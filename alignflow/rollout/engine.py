@@ -1,7 +1,10 @@
 """Rollout engines: the protocol every engine implements, and the built-in engine for Hugging Face causal LMs.
 
-``HFEngine`` runs any ``AutoModelForCausalLM`` with a KV cache (transformers' ``DynamicCache``, its
-full-attention layers written in place: ``kv_cache.py``):
+``HFEngine`` runs any ``AutoModelForCausalLM`` with a KV cache. Llama-family models (llama, mistral, qwen2,
+qwen3) take the fast path, a lean forward on the model's own weights with a static KV cache (``lean.py``);
+every other model, or one the lean forward cannot reproduce (PEFT-wrapped, sliding windows, ...), runs
+the model's own forward with transformers' ``DynamicCache``, its full-attention layers written in place
+(``kv_cache.py``). Either way:
 
 1. prompts are left-padded and prefilled once (one forward per *distinct* prompt; with ``n > 1`` the cache
    is then repeated so rows i*n .. i*n+n-1 share prompt i);
@@ -27,6 +30,7 @@ from transformers import DynamicCache
 
 from alignflow.batch import Batch
 from alignflow.rollout.kv_cache import preallocated_cache, select_rows
+from alignflow.rollout.lean import LeanRunner, unsupported_reason
 from alignflow.rollout.sampling import SamplingParams, chosen_logprobs, presence_mask, sample_tokens
 
 FINISH_REASONS = ("length", "eos", "stop")  # finish codes 0, 1, 2 used inside the engine
@@ -48,7 +52,6 @@ class _Live:
     rows: torch.Tensor  # (b,) row of the result each live row belongs to
     token: torch.Tensor  # (b,) last sampled token, fed at the next step
     position: torch.Tensor  # (b,) position id of `token`
-    mask: torch.Tensor  # (b, Tp + max_new) attention mask: prompt columns then ones
     running: torch.Tensor  # (b,) bool; False once the row ended (it leaves at the next compaction)
     tokens: torch.Tensor  # (b, max_new) generated ids, pad after the end
     length: torch.Tensor  # (b,) generated tokens, the ending token included
@@ -81,6 +84,40 @@ class _Out:
             self.logprobs[rows] = live.logprobs[which]
 
 
+class _HFRunner:
+    """The model's own forward with a (preallocated) ``DynamicCache``; the interface of ``lean.LeanRunner``."""
+
+    def __init__(self, model, width: int, max_new: int, preallocate: bool, logits_to_keep: bool):
+        self.model, self.width, self.max_new, self.logits_to_keep = model, width, max_new, logits_to_keep
+        self.cache = preallocated_cache(model.config, width + max_new) if preallocate else \
+            DynamicCache(config=model.config)
+        self.mask: Optional[torch.Tensor] = None  # (b, Tp + max_new) attention mask: prompt columns then ones
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """Model forward with the cache; float32 logits of the last position, (b, V)."""
+        extra = {"logits_to_keep": 1} if last_only and self.logits_to_keep else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=self.cache,
+                         use_cache=True, **extra)
+        return out.logits[:, -1].float()
+
+    def prefill(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        return self._forward(prompt, prompt_mask, position, last_only=True)
+
+    def repeat(self, n: int) -> None:
+        if n > 1:
+            self.cache.batch_repeat_interleave(n)
+
+    def start(self, prompt_mask: torch.Tensor) -> None:
+        self.mask = torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], self.max_new)], dim=1)
+
+    def step(self, token: torch.Tensor, position: torch.Tensor, t: int) -> torch.Tensor:
+        return self._forward(token[:, None], self.mask[:, :self.width + t + 1], position[:, None], last_only=False)
+
+    def select(self, order: torch.Tensor) -> None:
+        self.mask = self.mask[order]
+        select_rows(self.cache, order)
+
+
 # ----------------------------------------------------------------------------------------------- engine
 class HFEngine:
     """Built-in rollout engine for a Hugging Face causal LM (see the module docstring).
@@ -88,16 +125,23 @@ class HFEngine:
     model: a ``PreTrainedModel`` with a causal-LM head. tokenizer: optional; needed only for stop strings and
     as the source of the pad/EOS ids. pad_token_id / eos_token_id (an int or a list) override the tokenizer's
     and the model's generation config. compact_every: drop finished rows every this many steps (each check
-    is one host sync); None means 1 on CPU and 4 on accelerators, where syncs are dear. preallocate: use
-    :func:`~alignflow.rollout.kv_cache.preallocated_cache` (in-place KV writes) instead of a plain
-    ``DynamicCache`` (which copies the whole cache at every step); the outputs are the same.
+    is one host sync); None means 1 on CPU and 4 on accelerators, where syncs are dear. fast_path: run
+    Llama-family models (llama, mistral, qwen2, qwen3) with the lean forward of ``lean.py`` (bit-identical
+    outputs in float32 with sdpa attention, far less Python per step); models it does not cover fall back
+    to the model's own forward by themselves, and ``fast_path=False`` forces that fallback. After each ``generate``, ``last_path`` is
+    ``"lean"`` or ``"hf"`` and ``fallback_reason`` says why the lean forward was not used (None if it was).
+    preallocate (HF forward only): use :func:`~alignflow.rollout.kv_cache.preallocated_cache` (in-place KV
+    writes) instead of a plain ``DynamicCache`` (which copies the whole cache at every step); same outputs.
     """
 
     def __init__(self, model, tokenizer=None, *, pad_token_id: Optional[int] = None,
                  eos_token_id: Optional[int | Sequence[int]] = None, compact_every: Optional[int] = None,
-                 preallocate: bool = True):
+                 preallocate: bool = True, fast_path: bool = True):
         self.model = model
         self.preallocate = preallocate
+        self.fast_path = fast_path
+        self.last_path: Optional[str] = None
+        self.fallback_reason: Optional[str] = None
         self.tokenizer = tokenizer
         gen_cfg = getattr(model, "generation_config", None)
         eos = eos_token_id
@@ -172,31 +216,31 @@ class HFEngine:
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in prompt_ids], dtype=torch.long)
         return ids.to(self.device), mask.to(self.device)
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: DynamicCache,
-                 last_only: bool) -> torch.Tensor:
-        """Model forward with the cache; float32 logits of the last position, (b, V)."""
-        extra = {"logits_to_keep": 1} if last_only and self._logits_to_keep else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache,
-                         use_cache=True, **extra)
-        return out.logits[:, -1].float()
+    def _runner(self, width: int, max_new: int):
+        """The lean runner when the model is supported (and fast_path is on), else the HF-forward runner."""
+        reason = unsupported_reason(self.model, width + max_new) if self.fast_path else "fast_path=False"
+        self.fallback_reason = reason
+        self.last_path = "hf" if reason else "lean"
+        if reason is None:
+            return LeanRunner(self.model, width, max_new)
+        return _HFRunner(self.model, width, max_new, self.preallocate, self._logits_to_keep)
 
     def _run(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams) -> _Out:
-        """Prefill the distinct prompts once, repeat for n samples, then decode."""
+        """Prefill the distinct prompts once, repeat their cache rows for n samples, then decode."""
         device, n, max_new = prompt.device, params.n, params.max_new_tokens
         rows, width = prompt.shape[0] * n, prompt.shape[1]
-        cache = preallocated_cache(self.model.config, width + max_new) if self.preallocate else \
-            DynamicCache(config=self.model.config)
+        runner = self._runner(width, max_new)
         position = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)  # (P, Tp)
-        logits = self._forward(prompt, prompt_mask, position, cache, last_only=True)  # (P, V)
+        logits = runner.prefill(prompt, prompt_mask, position)  # (P, V)
+        runner.repeat(n)  # rows i*n .. i*n+n-1 share prompt i's cache rows: one prefill per distinct prompt
         if n > 1:
-            cache.batch_repeat_interleave(n)
             logits = logits.repeat_interleave(n, dim=0)  # (B, V)
         prompt, prompt_mask = prompt.repeat_interleave(n, dim=0), prompt_mask.repeat_interleave(n, dim=0)
+        runner.start(prompt_mask)
         live = _Live(
             rows=torch.arange(rows, device=device),
             token=torch.full((rows,), self.pad_id, device=device),
             position=prompt_mask.sum(-1),
-            mask=torch.cat([prompt_mask, prompt_mask.new_ones(rows, max_new)], dim=1),  # (B, Tp + max_new)
             running=torch.ones(rows, dtype=torch.bool, device=device),
             tokens=torch.full((rows, max_new), self.pad_id, device=device),
             length=torch.full((rows,), max_new, device=device),
@@ -207,11 +251,10 @@ class HFEngine:
         )
         out = _Out(tokens=live.tokens.clone(), length=live.length.clone(), reason=live.reason.clone(),
                    logprobs=None if live.logprobs is None else live.logprobs.clone())
-        self._decode(live, out, cache, logits, width, params)
+        self._decode(live, out, runner, logits, params)
         return out
 
-    def _decode(self, live: _Live, out: _Out, cache: DynamicCache, logits: torch.Tensor, width: int,
-                params: SamplingParams) -> None:
+    def _decode(self, live: _Live, out: _Out, runner, logits: torch.Tensor, params: SamplingParams) -> None:
         """The decode loop: sample, record, end rows, drop ended rows, feed the sampled tokens."""
         device, max_new = logits.device, params.max_new_tokens
         generator = torch.Generator(device=device)
@@ -240,14 +283,13 @@ class HFEngine:
             if t + 1 == max_new:
                 break
             if (t + 1) % every == 0 and not bool(live.running.all()):
-                if not self._compact(live, out, cache):
+                if not self._compact(live, out, runner):
                     return
-            logits = self._forward(live.token[:, None], live.mask[:, :width + t + 1],
-                                   live.position[:, None], cache, last_only=False)
+            logits = runner.step(live.token, live.position, t)
             live.position += 1
         out.store(live, torch.arange(live.rows.shape[0], device=device))
 
-    def _compact(self, live: _Live, out: _Out, cache: DynamicCache) -> bool:
+    def _compact(self, live: _Live, out: _Out, runner) -> bool:
         """Store ended rows and keep only running ones (state and cache). False when none is left.
 
         The kept rows' new order fills each ended row's slot inside the kept prefix with a running row from
@@ -262,7 +304,7 @@ class HFEngine:
         order = torch.arange(kept, device=keep.device)  # (b',) new row j <- old row order[j]
         order[(~running[:kept]).nonzero().squeeze(1)] = keep[keep >= kept]
         live.select(order)
-        select_rows(cache, order)
+        runner.select(order)
         return True
 
     def _stop_string_hits(self, live: _Live, t: int, stop_strings: list[str]) -> torch.Tensor:

@@ -133,6 +133,16 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def apply_top_p_sorted(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """:func:`apply_top_p` for logits already sorted in decreasing order along the last dim (e.g. the values of
+    ``topk``): the same rule without the sort and the scatter back. (B, k) -> (B, k)."""
+    if p >= 1.0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # (B, k) exclusive cumulative probability
+    return logits.masked_fill(mass_before >= p, float("-inf"))
+
+
 def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     """Min-p filtering (Nguyen et al. 2024): drop tokens whose probability is below ``min_p`` times the most
     likely token's probability. ``min_p <= 0`` returns the logits unchanged. (B, V) -> (B, V).
@@ -194,7 +204,7 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: Optio
     if params.temperature != 1.0:
         logits = apply_temperature(logits, params.temperature)
     values, index = logits.topk(params.top_k, dim=-1)  # (B, k) each, sorted descending
-    values = apply_min_p(apply_top_p(values, params.top_p), params.min_p)
+    values = apply_min_p(apply_top_p_sorted(values, params.top_p), params.min_p)
     choice = sample_from_logits(values, generator)  # (B,) position among the candidates
     return index.gather(-1, choice[:, None]).squeeze(-1)
 

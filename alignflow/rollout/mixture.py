@@ -1,0 +1,110 @@
+"""Sampling from the per-token geometric mixture of two causal LMs: ``π_mix(y_t|·) ∝ π_θ(y_t|·)^(1-β)·π_ref(y_t|·)^β``.
+
+Nash-MD's opponent (ALGORITHMS.md 2.17). At every step both models run one forward with their own KV cache, their
+next-token log-softmaxes are mixed by :func:`alignflow.algorithms.nash.mixture_logits`, and the token is drawn by the
+built-in engine's sampler (:func:`alignflow.rollout.sampling.sample_tokens`: temperature, top-k, top-p, min-p of
+``SamplingParams`` apply to the mixture). Like TRL's NashMD this is a token-level mixture: the product of
+per-token mixtures is not the sequence-level geometric mixture of the paper (whose normaliser is intractable).
+
+Departure from ``HFEngine``: ended rows stay in the running batch (they are fed padding and cut by the response
+mask), so there is no row compaction and no lean forward; Nash-MD draws one opponent per policy sample, so this
+costs about two model forwards per token, the price of the method. ``ref_context`` wraps every reference forward:
+pass ``policy.disable_adapter`` with ``ref = policy`` to use a LoRA policy's base weights as the reference (two KV
+caches, one module, no copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from alignflow.algorithms.nash import mixture_logits
+from alignflow.batch import Batch
+from alignflow.rollout.sampling import SamplingParams, chosen_logprobs, sample_tokens
+
+
+def _left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("generate_mixture: prompt_ids must be a non-empty list of non-empty token-id lists")
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompt_ids], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], dtype=torch.long, device=device)
+    return ids, mask  # (P, Tp) each
+
+
+def _forward(model, cache, ids, mask, position) -> torch.Tensor:
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
+    return out.logits[:, -1].float()  # (B, V)
+
+
+@torch.no_grad()
+def generate_mixture(policy, ref, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, coef: float, *,
+                     eos_ids: Sequence[int], pad_id: int,
+                     ref_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Batch:
+    """``params.n`` samples per prompt from the mixture with coefficient β = ``coef`` (rows i*n .. i*n+n-1 are
+    prompt i's). Returns the ``HFEngine.generate`` layout: ``prompt_ids``/``prompt_mask`` (B, Tp) left-padded,
+    ``response_ids``/``response_mask`` (B, Tr) (the EOS that ends a row included), ``input_ids``,
+    ``attention_mask``, ``position_ids`` (B, Tp + Tr), ``sampling_logprobs`` (B, Tr) = log π_mix(y_t) at the
+    sampling temperature (before top-k/top-p truncation, like the engine's); meta ``prompt_index``,
+    ``finish_reason`` ("eos" or "length"). Stop strings and the repetition penalty are not supported here."""
+    params.validate()
+    if params.stop_strings or params.stop_token_ids or params.repetition_penalty != 1.0:
+        raise ValueError("generate_mixture: stop strings, stop token ids and the repetition penalty are not "
+                         "supported by the mixture sampler")
+    device = next(policy.parameters()).device
+    prompt, prompt_mask = _left_pad(prompt_ids, pad_id, device)
+    prompt, prompt_mask = prompt.repeat_interleave(params.n, 0), prompt_mask.repeat_interleave(params.n, 0)  # (B, Tp)
+    B, T = prompt.shape[0], params.max_new_tokens
+    modes = [(m, m.training) for m in {id(policy): policy, id(ref): ref}.values()]
+    for m, _ in modes:
+        m.eval()
+    try:
+        caches = [DynamicCache(config=policy.config), DynamicCache(config=ref.config)]
+        position = (prompt_mask.cumsum(-1) - 1).clamp_min(0)  # (B, Tp)
+        mask = prompt_mask
+        lp = _forward(policy, caches[0], prompt, mask, position)
+        with ref_context():
+            lr = _forward(ref, caches[1], prompt, mask, position)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
+        eos = torch.tensor(list(eos_ids), device=device)
+        tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+        logps = torch.zeros(B, T, device=device)
+        length = torch.full((B,), T, dtype=torch.long, device=device)
+        running = torch.ones(B, dtype=torch.bool, device=device)
+        by_eos = torch.zeros(B, dtype=torch.bool, device=device)
+        pos = prompt_mask.sum(-1)  # (B,) position of the next token
+        for t in range(T):
+            mixed = mixture_logits(lp, lr, coef)  # (B, V)
+            tok = torch.where(running, sample_tokens(mixed, params, gen), pad_id)  # (B,)
+            tokens[:, t] = tok
+            logps[:, t] = torch.where(running, chosen_logprobs(mixed, tok, params.temperature), 0.0)
+            ended = running & torch.isin(tok, eos)
+            length = torch.where(ended, t + 1, length)
+            by_eos |= ended
+            running = running & ~ended
+            if t + 1 == T or not bool(running.any()):
+                break
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, Tp + t + 1)
+            lp = _forward(policy, caches[0], tok[:, None], mask, pos[:, None])
+            with ref_context():
+                lr = _forward(ref, caches[1], tok[:, None], mask, pos[:, None])
+            pos = pos + 1
+    finally:
+        for m, was in modes:
+            m.train(was)
+    width = int(length.max())
+    response = tokens[:, :width]  # (B, Tr)
+    response_mask = (torch.arange(width, device=device)[None] < length[:, None]).long()  # (B, Tr)
+    response = response.masked_fill(response_mask == 0, pad_id)
+    attention = torch.cat([prompt_mask, response_mask], 1)  # (B, Tp + Tr)
+    return Batch({"prompt_ids": prompt, "prompt_mask": prompt_mask, "response_ids": response,
+                  "response_mask": response_mask, "input_ids": torch.cat([prompt, response], 1),
+                  "attention_mask": attention,
+                  "position_ids": (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0),
+                  "sampling_logprobs": logps[:, :width] * response_mask},
+                 {"prompt_index": [i // params.n for i in range(B)],
+                  "finish_reason": ["eos" if e else "length" for e in by_eos.tolist()]})
