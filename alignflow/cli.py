@@ -14,6 +14,9 @@ import sys
 
 from alignflow.config import (ConfigError, DemoConfig, EvalConfig, RLConfig, RMConfig, SFTConfig, describe,
                               load_config)
+from alignflow.config import ALoLConfig, SuperHFConfig
+from alignflow.config import POConfig
+from alignflow.config import MPOConfig, OnlinePOConfig
 
 COMMANDS = {
     "sft": (SFTConfig, "alignflow.trainers.sft:train_sft", "supervised fine-tuning"),
@@ -22,6 +25,15 @@ COMMANDS = {
                                                            "REINFORCE++, Safe RLHF, GSPO"),
     "eval": (EvalConfig, "alignflow.eval.evaluate:run_eval", "evaluate a policy or a reward model"),
     "demo": (DemoConfig, "alignflow.demo:run_demo", "the whole pipeline on the built-in reviews task"),
+    "po": (POConfig, "alignflow.trainers.preference:train_po", "offline preference optimisation: DPO, cDPO, robust "
+                                                              "DPO, IPO, hinge, SimPO, ORPO, KTO, CPL, PRO, T-REG"),
+    "superhf": (SuperHFConfig, "alignflow.trainers.offline_rl:train_superhf", "SuperHF: best-of-n SFT + KL prior"),
+    "alol": (ALoLConfig, "alignflow.trainers.offline_rl:train_alol", "A-LoL: advantage-weighted offline RL"),
+    "online_po": (OnlinePOConfig, "alignflow.trainers.iterative:train_online_po", "online / iterative preference "
+                                                                                  "optimisation: iterative DPO, INPO, "
+                                                                                  "APO, Nash-MD"),
+    "mpo": (MPOConfig, "alignflow.trainers.iterative:train_mpo", "MPO: DPO on easy pairs, then RL on the hard "
+                                                                 "prompts from the DPO model"),
 }
 
 

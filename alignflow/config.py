@@ -178,6 +178,88 @@ class RMConfig:
     task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
 
 
+# ----------------------------------------------------------------------------------------------- offline preference
+# = the keys of alignflow.algorithms.preference.PREFERENCE_LOSSES (a test checks; kept literal so that loading a
+# config does not import torch)
+PO_LOSSES = ("dpo", "cdpo", "robust_dpo", "ipo", "hinge", "simpo", "orpo", "kto", "cpl", "pro", "treg", "inpo",
+             "refuel")
+
+
+@dataclasses.dataclass
+class POLossConfig:
+    """The preference loss and its hyper-parameters. An empty (null) hyper-parameter takes the loss's own default
+    (the paper's; ``docs/preference.md``); setting one the chosen loss does not take is an error naming those it does."""
+    name: str = field("dpo", doc="Loss (a key of PREFERENCE_LOSSES).", choices=PO_LOSSES)
+    beta: Optional[float] = field(None, doc="KL strength beta: DPO/cDPO/robust/hinge/KTO/T-REG 0.1, SimPO 2.0, "
+                                            "IPO's tau 0.1.", range=(0.0, None))
+    label_smoothing: Optional[float] = field(None, doc="Label smoothing eps (cDPO 0.1, DPO/SimPO 0) or robust DPO's "
+                                                       "assumed flip rate (0.1).", range=(0.0, 0.5))
+    gamma: Optional[float] = field(None, doc="SimPO target reward margin gamma (1.0 = beta/2 with beta 2.0).")
+    lam: Optional[float] = field(None, doc="ORPO odds-ratio weight lambda (0.1), or CPL's conservative bias lambda "
+                                           "in (0, 1] (0.5).", range=(0.0, None))
+    alpha: Optional[float] = field(None, doc="CPL advantage scale alpha (0.1), or T-REG regulariser weight alpha "
+                                             "(0.25).", range=(0.0, None))
+    length_normalize: Optional[bool] = field(None, doc="IPO: length-averaged log-ratios (true, TRL's choice, the "
+                                                       "default) or summed ones (false, the paper).")
+    lambda_d: Optional[float] = field(None, doc="KTO weight of desirable rows lambda_D (1.0).", range=(0.0, None))
+    lambda_u: Optional[float] = field(None, doc="KTO weight of undesirable rows lambda_U (1.0).", range=(0.0, None))
+    sft_weight: Optional[float] = field(None, doc="PRO weight w of the SFT term w*(n-1)^2*NLL(y1) (0.05).",
+                                        range=(0.0, None))
+    bc_weight: Optional[float] = field(None, doc="CPL behaviour-cloning term weight (0).", range=(0.0, None))
+    bc_data: str = field("", doc="CPL BC term on all responses ('all', the reference code) or the best ('pos'); "
+                                 "empty: the loss default.", choices=("", "all", "pos"))
+    base: str = field("", doc="T-REG base loss (dpo, or simpo with its beta/gamma); empty: dpo.",
+                      choices=("", "dpo", "simpo"))
+    eta: Optional[float] = field(None, doc="INPO step size eta (1.0, unverified) or REFUEL's eta (1.0).",
+                                 range=(0.0, None))
+    tau: Optional[float] = field(None, doc="INPO KL strength tau (0.1, unverified).", range=(0.0, None))
+    treg_pos_instruction: str = field("Give a helpful, correct, coherent and concise answer.",
+                                      doc="T-REG: text whose tokens open the prompt x+ (the reference's token "
+                                          "rewards contrast x+ with x-).")
+    treg_neg_instruction: str = field("Give an unhelpful, incorrect, incoherent and verbose answer.",
+                                      doc="T-REG: text whose tokens open the prompt x-.")
+
+
+@dataclasses.dataclass
+class POBuiltinConfig:
+    """How ``alignflow po`` makes its data when ``data.path`` is empty: the built-in task's prompts, answered by the
+    policy (the SFT model) and labelled by the task's hidden gold reward through a Bradley-Terry draw
+    (``task.label_noise``) -- the papers' synthetic gold-reward setup."""
+    sft_steps: int = field(300, doc="SFT steps of the task's tiny model, run first when model.name_or_path is "
+                                    "empty (the SFT model is then the policy and the reference).", range=(1, None))
+    sft_lr: float = field(3e-3, doc="Peak learning rate of that SFT.", range=(0.0, None))
+    num_prompts: int = field(512, doc="Training prompts answered by the policy.", range=(2, None))
+    samples_per_prompt: int = field(4, doc="Samples per prompt: disjoint pairs (preference, unpaired) or one "
+                                           "ranked list (ranked).", range=(2, None))
+    max_new_tokens: int = field(40, doc="Tokens generated per sample.", range=(1, None))
+    temperature: float = field(1.0, doc="Sampling temperature.", range=(0.0, None))
+    eval_prompts: int = field(64, doc="Held-out prompts sampled (2 each) before and after training to report "
+                                      "eval/gold_reward; 0 disables.", range=(0, None))
+
+
+@dataclasses.dataclass
+class POConfig:
+    """``alignflow po``: offline preference optimisation (DPO, cDPO, robust DPO, IPO, hinge, SimPO, ORPO, KTO, CPL,
+    PRO, T-REG; INPO and REFUEL as their first round / single-turn form). ``train.batch_size`` rows (pairs,
+    completions for KTO, ranked lists) per optimiser step; ``train.micro_batch_tokens`` only splits a step."""
+    model: ModelConfig = field(default_factory=ModelConfig, doc="Policy; usually the SFT model. Empty: the built-in "
+                                                                "task's tiny model after builtin.sft_steps of SFT.")
+    ref_model: str = field("", doc="Reference model; empty: the policy's initial weights (under LoRA: the policy with "
+                                   "adapters disabled, no second copy).")
+    ref_cache: bool = field(True, doc="Cache the reference log-probs in output_dir/ref_logps.safetensors, reused while "
+                                      "the reference, the rows and the lengths are unchanged.")
+    data: DataConfig = field(default_factory=lambda: DataConfig(format="auto", eval_fraction=0.05),
+                             doc="preference rows; unpaired rows (KTO) or ranked lists (CPL, PRO) also work. Empty: "
+                                 "pairs sampled from the policy and labelled by the task's gold reward.")
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, scheduler="constant", warmup_ratio=0.1),
+                               doc="Optimiser (DPO paper: lr 1e-6, RMSprop, linear warm-up over 150 steps).")
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64, log_every=5),
+                               doc="Loop settings (DPO paper: 64 pairs per step).")
+    loss: POLossConfig = field(default_factory=POLossConfig, doc="Preference loss.")
+    builtin: POBuiltinConfig = field(default_factory=POBuiltinConfig, doc="Built-in data (when data.path is empty).")
+    task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
+
+
 # ----------------------------------------------------------------------------------------------- loading
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
@@ -342,13 +424,23 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
+RL_ALGORITHMS = ("ppo", "grpo", "dr_grpo", "dapo", "rloo", "remax", "reinforce_pp", "safe_ppo", "gspo")
+
+
 @dataclasses.dataclass
 class EvalConfig:
-    """``alignflow eval``: evaluate a policy (samples scored by the task's gold reward and/or a reward model)
-    or a reward model (pairwise accuracy on preference data)."""
+    """``alignflow eval``: evaluate a policy (samples scored by the task's gold reward and/or a reward model, KL to a
+    reference, length, diversity, accuracy), the reward-KL frontier of several policies, or a reward model
+    (pairwise accuracy on preference data). Metrics: docs/eval.md."""
     policy: str = field("", doc="Policy model directory or hub id; empty skips policy evaluation.")
     reward_model: str = field("", doc="Reward model directory; scores policy samples, or is evaluated on data.path.")
     tokenizer: str = field("", doc="Tokenizer; empty means the policy's (or the reward model's) directory.")
+    reference: str = field("", doc="Reference policy (the SFT model in practice, same tokenizer) for eval/kl and "
+                                   "the frontier's x axis; empty skips the KL metrics.")
+    frontier: list = field(default_factory=list, doc="Policies for the reward-KL frontier (needs reference): model "
+                                                      "directories, alignflow checkpoints (checkpoints/step-N, "
+                                                      "loaded on the reference's architecture) or run directories "
+                                                      "(each checkpoint, then model/). Writes frontier.json/.png.")
     data: DataConfig = field(default_factory=lambda: DataConfig(format="auto", eval_fraction=0.0),
                              doc="Prompts (policy evaluation) or preference pairs (reward-model evaluation). "
                                  "Empty: the built-in task's held-out prompts.")
@@ -358,8 +450,8 @@ class EvalConfig:
                                     range=(1, None))
     max_new_tokens: int = field(48, doc="Tokens generated per sample.", range=(1, None))
     temperature: float = field(1.0, doc="Sampling temperature (0 = greedy).", range=(0.0, None))
-    output_dir: str = field("runs/eval", doc="Where eval.json and samples.jsonl are written.")
-    seed: int = field(0, doc="Sampling seed.")
+    output_dir: str = field("runs/eval", doc="Where eval.json, samples.jsonl and the frontier files are written.")
+    seed: int = field(0, doc="Sampling seed (every frontier policy gets the same prompts and seed).")
     device: str = field("auto", doc="Device: auto = cuda when available, else cpu.")
 
 
@@ -381,11 +473,21 @@ class DemoConfig:
     rm_lr: float = field(1e-3, doc="Reward-model peak learning rate.", range=(0.0, None))
     rm_batch_size: int = field(32, doc="Pairs per reward-model step.", range=(1, None))
     eval_fraction: float = field(0.15, doc="Pairs held out to measure reward-model accuracy.", range=(0.05, 0.5))
+    rl_algo: str = field("ppo", doc="Online RL stage against the learned reward model; none skips it.",
+                         choices=("none",) + RL_ALGORITHMS)
+    rl_steps: int = field(24, doc="RL steps (one rollout batch each).", range=(1, None))
+    rl_lr: float = field(3e-4, doc="RL actor learning rate (constant).", range=(0.0, None))
+    rl_rows_per_step: int = field(64, doc="Responses sampled per RL step (PPO: one per prompt; group methods: "
+                                          "rows / rl_n prompts).", range=(1, None))
+    rl_n: int = field(8, doc="Group size of the group methods (GRPO, RLOO, ...); PPO samples one per prompt.",
+                      range=(2, None))
+    rl_kl_coef: float = field(0.1, doc="KL coefficient beta to the SFT policy.", range=(0.0, None))
+    rl_eval_every: int = field(5, doc="RL steps between greedy evaluations on held-out prompts (gold and proxy "
+                                      "reward).", range=(1, None))
     progress: bool = field(True, doc="Show progress bars.")
 
 
 # ----------------------------------------------------------------------------------------------- online RL
-RL_ALGORITHMS = ("ppo", "grpo", "dr_grpo", "dapo", "rloo", "remax", "reinforce_pp", "safe_ppo", "gspo")
 
 
 @dataclasses.dataclass
@@ -548,3 +650,192 @@ class RLConfig:
     dapo: DapoConfig = field(default_factory=DapoConfig, doc="Dynamic sampling and overlong shaping.")
     cost: CostConfig = field(default_factory=CostConfig, doc="Safe RLHF cost and Lagrange multiplier.")
     task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
+
+# ----------------------------------------------------------------------------------------------- SuperHF, A-LoL
+ALOL_VARIANTS = ("alol", "seq", "ref_free", "kl")  # = alignflow.algorithms.offline.ALOL_VARIANTS (a test checks)
+
+
+@dataclasses.dataclass
+class SuperHFOptions:
+    beta: float = field(0.35, doc="KL weight beta of CE(y*) + beta * max(0, KL(pi_0 || pi_theta)) (SuperHF paper: "
+                                  "0.35); 0 is SFT on the best samples and loads no prior.", range=(0.0, None))
+    keep: int = field(1, doc="Completions kept per prompt: the top-k by reward (paper: top-1).", range=(1, None))
+
+
+@dataclasses.dataclass
+class SuperHFConfig:
+    """``alignflow superhf``: SuperHF (Mukobi et al. 2023): sample ``rollout.n`` completions for each of
+    ``rollout.prompts_per_step`` prompts, keep the best ``superhf.keep`` of each by reward, and fine-tune on them with
+    CE plus a KL prior. ``train.batch_size`` kept completions make one optimiser step; ``train.max_steps`` counts
+    SuperHF steps (sample -> filter -> update; 0: ``train.epochs`` passes over the prompts)."""
+    model: ModelConfig = field(default_factory=ModelConfig, doc="Policy; its initial weights are the prior pi_0 (under "
+                                                                "LoRA: the policy with adapters disabled, no copy).")
+    data: DataConfig = field(default_factory=lambda: DataConfig(format="prompt", eval_fraction=0.0),
+                             doc="Prompts (rows with 'prompt' and any fields the rewards read).")
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, scheduler="constant"),
+                               doc="Optimiser (paper: lr 2e-5).")
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=2, packing=False, max_steps=100,
+                                                                   log_every=1), doc="Loop settings.")
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(prompts_per_step=2, n=16, top_p=0.95),
+                                   doc="Sampling of the candidates (paper: 2 prompts x 16, temperature 1, "
+                                       "top-p 0.95) and the greedy held-out evaluation.")
+    reward: RewardSourceConfig = field(default_factory=RewardSourceConfig, doc="Reward sources that rank the "
+                                                                               "samples.")
+    superhf: SuperHFOptions = field(default_factory=SuperHFOptions, doc="SuperHF loss and filtering.")
+    task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
+
+
+@dataclasses.dataclass
+class ALoLOptions:
+    variant: str = field("alol", doc="Loss: A-LoL (sequence importance weight), seq (per-token weights), ref_free "
+                                     "(weight 1) or kl (weight 1 plus kl_beta * (LP_theta - LP_ref)).",
+                         choices=ALOL_VARIANTS)
+    clip: float = field(0.9, doc="Importance weight clip c: w in [1 - c, 1 + c] (paper: 0.9).", range=(0.0, None))
+    kl_beta: float = field(0.2, doc="beta of the kl variant (LoL-RL README: 0.2).", range=(0.0, None))
+    sampling: str = field("uniform", doc="Training-row order: uniform epochs, or good_priority (rows drawn with "
+                                         "probability proportional to their advantage, with replacement).",
+                          choices=("uniform", "good_priority"))
+    reward_field: str = field("reward", doc="Data field holding R(x, y); rows without it are scored once by the "
+                                            "reward sources.")
+
+
+@dataclasses.dataclass
+class ValueFitConfig:
+    num_prompts: int = field(0, doc="Distinct training prompts used to fit V_ref; 0 = all of them.", range=(0, None))
+    hidden_size: int = field(256, doc="Width of the value MLP on the reference's last prompt hidden state.",
+                             range=(1, None))
+    steps: int = field(300, doc="Full-batch Adam steps of the MSE fit.", range=(1, None))
+    lr: float = field(1e-3, doc="Learning rate of the value MLP.", range=(0.0, None))
+
+
+@dataclasses.dataclass
+class ALoLConfig:
+    """``alignflow alol``: A-LoL (Baheti et al. 2023), offline policy gradient on fixed prompt-completion data.
+
+    R(x, y) comes from the rows' ``alol.reward_field`` or is scored once by ``reward``; V_ref(x) is an MLP on the
+    frozen reference's prompt hidden state, fit to the rewards of ``rollout.n`` samples per prompt from the reference
+    (``rollout.temperature``/``top_p``/``top_k``/``max_new_tokens``; ``rollout.prompts_per_step`` prompts per
+    generation call). Rows with A = R - V_ref <= 0 are dropped. ``train.batch_size`` rows per optimiser step;
+    ``rollout.eval_prompts`` held-out prompts are decoded greedily at the end. Preference rows are accepted: both
+    responses become rows, scored by ``reward``. The reference is the policy's initial weights; everything it is needed
+    for is computed once before training, so no second model is held.
+    """
+    model: ModelConfig = field(default_factory=ModelConfig, doc="Policy; its initial weights are the reference pi_ref.")
+    data: DataConfig = field(default_factory=lambda: DataConfig(format="auto", eval_fraction=0.0),
+                             doc="Fixed data: prompt_completion rows (optional reward field) or preference rows. "
+                                 "Empty: the built-in task's preference pairs, both responses of each.")
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, scheduler="constant"),
+                               doc="Optimiser (LoL-RL's HH script: lr 2e-4, constant, QLoRA LLaMA-7B).")
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=16, packing=False, log_every=1),
+                               doc="Loop settings (LoL-RL's HH script: 16 rows per step).")
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(prompts_per_step=64, n=4),
+                                   doc="Sampling from pi_ref for the value fit, and the held-out evaluation.")
+    reward: RewardSourceConfig = field(default_factory=RewardSourceConfig,
+                                       doc="Reward sources: score rows without a reward, and pi_ref's samples.")
+    alol: ALoLOptions = field(default_factory=ALoLOptions, doc="A-LoL loss and sampling.")
+    value: ValueFitConfig = field(default_factory=ValueFitConfig, doc="The reference value estimate V_ref(x).")
+    task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
+
+
+# ----------------------------------------------------------------------------------------------- online / iterative PO
+ONLINE_PO_METHODS = ("iterative_dpo", "inpo", "apo", "nash_md")
+
+
+@dataclasses.dataclass
+class OnlinePOOptions:
+    method: str = field("iterative_dpo", doc="iterative_dpo (RLHF Workflow: sample, best-vs-worst pairs, DPO, "
+                                             "repeat), inpo (loss inpo against the previous round's policy), apo "
+                                             "(iterative DPO with a Nesterov-extrapolated reference), nash_md "
+                                             "(Nash-MD-PG against the policy/reference mixture).",
+                        choices=ONLINE_PO_METHODS)
+    rounds: int = field(3, doc="Rounds (sample -> label -> train); RLHF Workflow and INPO: 3 iterations.",
+                        range=(1, None))
+    prompts_per_round: int = field(256, doc="Fresh training prompts answered in each round (RLHF Workflow: 20k).",
+                                   range=(1, None))
+    steps_per_round: int = field(0, doc="Optimiser steps per round; 0: epochs_per_round passes over the round's "
+                                        "pairs. Fix it to compare runs after the same number of updates.",
+                                 range=(0, None))
+    epochs_per_round: float = field(2.0, doc="Passes over a round's pairs when steps_per_round is 0 (RLHF Workflow: "
+                                             "2 epochs per iteration).", range=(0.0, None))
+    ref_update: str = field("initial", doc="iterative_dpo's reference: the initial policy in every round (RLHF "
+                                           "Workflow's code), or the previous round's policy (the proximal-point "
+                                           "form that APO accelerates; apo = previous with alpha 0).",
+                            choices=("initial", "previous"))
+    apo_alpha: float = field(0.3, doc="APO momentum alpha: the next reference is (1 + alpha) * LP(round-start "
+                                      "policy) - alpha * LP(previous round-start policy); 0 is iterative DPO with "
+                                      "ref_update=previous (alpha 0.3 unverified).", range=(0.0, None))
+    mixture_coef: float = field(0.5, doc="Nash-MD: beta of the opponent pi_mix ∝ pi^(1-beta) * pi_ref^beta, per token "
+                                         "(TRL mixture_coef 0.5); 0 is self-play, 1 plays the reference.",
+                                range=(0.0, 1.0))
+    kl_coef: float = field(0.1, doc="Nash-MD-PG: KL(pi || pi_ref) coefficient of the loss (TRL beta 0.1).",
+                           range=(0.0, None))
+    preference_scale: float = field(1.0, doc="Nash-MD: P(y beats y') = sigmoid((r(y) - r(y')) / scale) from the "
+                                             "reward sources (a Bradley-Terry preference model).", range=(1e-6, None))
+    eval_samples: int = field(2, doc="Samples per held-out prompt (rollout.eval_prompts of them, temperature "
+                                     "rollout.temperature, a fixed seed) for eval/* after every round.",
+                              range=(1, None))
+
+
+@dataclasses.dataclass
+class OnlinePOConfig:
+    """``alignflow online_po``: online / iterative preference optimisation (iterative DPO, INPO, APO, Nash-MD).
+
+    Each round answers ``online.prompts_per_round`` fresh prompts ``rollout.n`` times with the current policy, scores
+    the answers with ``reward``, and trains for ``online.steps_per_round`` optimiser steps of ``train.batch_size``
+    pairs (best vs worst answer of a prompt; ties skipped) with a fresh optimiser. ``rollout.prompts_per_step`` is the
+    number of prompts per generation call; ``rollout.eval_prompts`` held-out prompts are SAMPLED (not greedy) after
+    every round. ``train.max_steps``/``train.epochs`` are not used (see ``online.*``); ``train.save_every`` counts
+    rounds."""
+    model: ModelConfig = field(default_factory=ModelConfig, doc="Policy; usually the SFT model (e.g. runs/sft/model). "
+                                                                "Empty: the built-in task's untrained tiny model.")
+    ref_model: str = field("", doc="Reference pi_ref; empty: the policy's initial weights (a frozen copy, or under "
+                                   "LoRA the policy with its adapters disabled).")
+    data: DataConfig = field(default_factory=lambda: DataConfig(format="prompt", eval_fraction=0.0),
+                             doc="Prompts (rows with 'prompt' and any fields the rewards read). Empty: the built-in "
+                                 "task's prompts and held-out prompts.")
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-7, scheduler="constant"),
+                               doc="Optimiser, rebuilt every round (RLHF Workflow: lr 5e-7).")
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=128, log_every=1),
+                               doc="Loop settings; batch_size = pairs per optimiser step (RLHF Workflow: 128).")
+    loss: POLossConfig = field(default_factory=POLossConfig, doc="Preference loss of iterative_dpo/apo (any pairwise "
+                                                                 "loss but kto); inpo needs name=inpo; unused by "
+                                                                 "nash_md.")
+    online: OnlinePOOptions = field(default_factory=OnlinePOOptions, doc="Rounds and method.")
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(prompts_per_step=64, n=8),
+                                   doc="Sampling (RLHF Workflow: n = 8 answers per prompt, best vs worst).")
+    reward: RewardSourceConfig = field(default_factory=RewardSourceConfig,
+                                       doc="Reward sources that rank the answers (reward models, task rewards, Python "
+                                           "functions).")
+    task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
+
+
+@dataclasses.dataclass
+class MPOOptions:
+    delta: float = field(1.0, doc="Reward-gap threshold: pairs with |r(chosen) - r(rejected)| > delta are easy (DPO), "
+                                  "the rest hard (RL on their prompts). Tuned per reward scale (paper value "
+                                  "unverified); -inf: everything easy, no RL stage.")
+
+
+@dataclasses.dataclass
+class MPOConfig:
+    """``alignflow mpo``: mixed preference optimisation (Gou & Nguyen 2024). Score every pair with ``reward``, split
+    easy/hard by ``mpo.delta``, run DPO (section ``dpo``, an ``alignflow po`` config) on the easy pairs from the SFT
+    model, then online RL (section ``rl``, an ``alignflow rl`` config) on the hard pairs' prompts with the DPO model as
+    the initial policy AND the KL reference. The stages' model/data/reward/task/output_dir keys are set from the
+    top-level ones (setting them in dpo.* or rl.* is an error)."""
+    model: ModelConfig = field(default_factory=ModelConfig, doc="The SFT policy (stage-1 initialisation and "
+                                                                "reference). Empty: the built-in task's model after "
+                                                                "dpo.builtin.sft_steps of SFT.")
+    data: DataConfig = field(default_factory=lambda: DataConfig(format="preference", eval_fraction=0.0),
+                             doc="Preference pairs. Empty: the built-in task's prompts answered by the SFT model, "
+                                 "gold-labelled (dpo.builtin).")
+    reward: RewardSourceConfig = field(default_factory=RewardSourceConfig,
+                                       doc="Scores the pairs for the split, and is the RL stage's reward.")
+    mpo: MPOOptions = field(default_factory=MPOOptions, doc="The easy/hard split.")
+    dpo: POConfig = field(default_factory=POConfig, doc="Stage 1 (loss, optim, train, ref_cache, builtin).")
+    rl: RLConfig = field(default_factory=lambda: RLConfig(algo=AlgoConfig(name="ppo")),
+                         doc="Stage 2 (algo, kl, rollout, optim, train, critic, dapo).")
+    task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
+    output_dir: str = field("runs/mpo", doc="Run directory; the stages write to <output_dir>/dpo and <output_dir>/rl.")
+    eval_prompts: int = field(64, doc="Held-out prompts of the built-in task sampled (2 each, temperature 1) after "
+                                      "SFT, DPO and RL for eval/gold_reward_*; 0 disables.", range=(0, None))

@@ -282,6 +282,9 @@ def write_report(out: Path, cfg: DemoConfig, s: dict, sft, rm, prompts: list[str
                 f"{algo} against the learned reward model", "reward")
         plot_xy(out / "rl_kl.png", {"KL(policy || SFT) per sequence": (steps, r["kl"])}, f"{algo}: KL to the SFT policy",
                 "nats")
+        from alignflow.eval.frontier import frontier_from_metrics
+
+        frontier_from_metrics([out / "rl"], out / "rl_frontier.png", reward_key="rollout/reward_gold_mean")
         lines += [
             f"## 3. Online RL ({algo}) against the reward model", "",
             f"{cfg.rl_steps} steps of {algo} from the SFT policy, rewarded by the reward model above (the proxy), "
@@ -296,7 +299,10 @@ def write_report(out: Path, cfg: DemoConfig, s: dict, sft, rm, prompts: list[str
             "Greedy decoding of held-out prompts (gold / proxy) at steps "
             + ", ".join(f"{st}: {g:.2f} / {p:.2f}" for st, g, p in zip(r["eval_steps"], r["eval_gold"], r["eval_proxy"]))
             + ". Greedy decoding of so small a model tends to loop, so the sampled numbers above are the better guide.",
-            "", "![RL reward](rl_reward.png) ![RL KL](rl_kl.png)", ""]
+            "", "![RL reward](rl_reward.png) ![RL KL](rl_kl.png)", "",
+            "The reward–KL frontier of the run (gold reward on each step's samples against that step's KL to the SFT "
+            "policy; `alignflow eval frontier=...` draws the same from checkpoints):", "",
+            "![reward-KL frontier](rl_frontier.png)", ""]
     lines += ["## 4. Policies compared (4 samples for each of 128 held-out prompts, temperature "
               f"{cfg.temperature})", "",
               "| policy | grammatical | gold reward | length (tokens) | distinct-2 |", "|---|---|---|---|---|",

@@ -1,8 +1,11 @@
-"""Run the SFT and reward-model benchmarks against TRL and write ``bench/results/{sft,rm}.json`` + ``README.md``.
+"""Run the SFT, reward-model, DPO and online-RL benchmarks against TRL; write ``bench/results/{sft,rm,dpo,rl}.json``
++ ``README.md`` (and ``dpo.md``: pairs/s and memory).
 
 Each bench first times every TRL setting once (``--sweep-steps`` steps each) and keeps the fastest, then
 alternates TRL and alignflow ``--repeats`` times (``--steps`` timed steps after 2 warm-up steps) and reports
-medians. About 12 minutes on a 2-core machine; each child run stays under 2 minutes.
+medians. About 12 minutes on a 2-core machine; each child run stays under 2 minutes. The RL bench
+(``bench_rl.py``: GRPO and RLOO, its own defaults for steps and prompts per step) follows with ``--repeats`` runs
+and its own TRL sweep; its section is appended to ``README.md``.
 
     python bench/run_all.py [--steps 10] [--sweep-steps 4] [--repeats 2] [--threads 1]
 """
@@ -17,6 +20,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_dpo  # noqa: E402
+import bench_rl  # noqa: E402
 import bench_rm  # noqa: E402
 import bench_sft  # noqa: E402
 import common  # noqa: E402
@@ -77,11 +82,17 @@ def main() -> None:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for module in (bench_sft, bench_rm):
+    for module in (bench_sft, bench_rm, bench_dpo):
         res = common.run_bench(module.__file__, module.NAME, module.UNIT, module.TRL_MODES, bench_args(module, args))
+        if module is bench_dpo:  # pairs/s and memory medians, and its own report (bench/results/dpo.md)
+            res = bench_dpo.summarise(res)
+            (out / "dpo.md").write_text(bench_dpo.report(res))
         (out / f"{module.NAME}.json").write_text(json.dumps(res, indent=1))
         results.append(res)
     (out / "README.md").write_text(table(results))
+    rl_args = bench_rl.parser().parse_args(["--runs", str(args.repeats), "--threads", str(args.threads),
+                                            "--work", args.work, "--sweep"])
+    bench_rl.write_results(bench_rl.compare(rl_args), out)  # rl.json + the RL section of README.md
     print((out / "README.md").read_text())
 
 

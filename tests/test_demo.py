@@ -28,7 +28,7 @@ def test_demo_runs_end_to_end(tmp_path):
                                           "num_sft": 600}})
     summary = run_demo(cfg)
     report = (tmp_path / "report.md").read_text()
-    for png in ("sft_loss.png", "rm_loss.png", "rm_accuracy.png", "rl_reward.png", "rl_kl.png"):
+    for png in ("sft_loss.png", "rm_loss.png", "rm_accuracy.png", "rl_reward.png", "rl_kl.png", "rl_frontier.png"):
         assert (tmp_path / png).stat().st_size > 1000 and png in report
     pol = summary["policies"]
     assert pol["SFT model"]["eval/gold_reward"] > pol["untrained model"]["eval/gold_reward"] + 0.5

@@ -229,6 +229,11 @@ def _cross_checks(fmt: str, row: dict) -> list[str]:
     """Checks between fields, run once every field is individually valid."""
     if fmt == "preference" and row["chosen"] == row["rejected"]:
         return ["field 'rejected': identical to 'chosen'"]
+    if fmt == "ranked":  # a response ranked against itself teaches nothing and breaks the ranking losses' ties
+        for i, response in enumerate(row["responses"]):
+            if response in row["responses"][:i]:
+                return [f"field 'responses': response {i + 1} is identical to response "
+                        f"{row['responses'].index(response) + 1}"]
     if fmt == "rated" and len(row["ratings"]) != len(row["completions"]):
         return [f"field 'ratings': {len(row['ratings'])} ratings for {len(row['completions'])} completions"]
     return []

@@ -40,6 +40,36 @@ def _forward(model, cache, ids, mask, position) -> torch.Tensor:
     return out.logits[:, -1].float()  # (B, V)
 
 
+def _decode(forward, logits: tuple, mask: torch.Tensor, params: SamplingParams, coef: float, eos: torch.Tensor,
+            pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decode loop: mix, sample, record, end rows; ``forward(tokens (B, 1), mask, position (B, 1))`` gives the
+    next (policy, reference) logits. Returns tokens and log-probs (B, T), lengths (B,), ended-by-EOS (B,)."""
+    B, T, device = mask.shape[0], params.max_new_tokens, mask.device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
+    tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros(B, T, device=device)
+    length = torch.full((B,), T, dtype=torch.long, device=device)
+    running = torch.ones(B, dtype=torch.bool, device=device)
+    by_eos = torch.zeros(B, dtype=torch.bool, device=device)
+    pos = mask.sum(-1)  # (B,) position of the next token
+    for t in range(T):
+        mixed = mixture_logits(*logits, coef)  # (B, V)
+        tok = torch.where(running, sample_tokens(mixed, params, gen), pad_id)  # (B,)
+        tokens[:, t] = tok
+        logps[:, t] = torch.where(running, chosen_logprobs(mixed, tok, params.temperature), 0.0)
+        ended = running & torch.isin(tok, eos)
+        length = torch.where(ended, t + 1, length)
+        by_eos |= ended
+        running = running & ~ended
+        if t + 1 == T or not bool(running.any()):
+            break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, Tp + t + 1)
+        logits = forward(tok[:, None], mask, pos[:, None])
+        pos = pos + 1
+    return tokens, logps, length, by_eos
+
+
 @torch.no_grad()
 def generate_mixture(policy, ref, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, coef: float, *,
                      eos_ids: Sequence[int], pad_id: int,
@@ -57,54 +87,31 @@ def generate_mixture(policy, ref, prompt_ids: Sequence[Sequence[int]], params: S
     device = next(policy.parameters()).device
     prompt, prompt_mask = _left_pad(prompt_ids, pad_id, device)
     prompt, prompt_mask = prompt.repeat_interleave(params.n, 0), prompt_mask.repeat_interleave(params.n, 0)  # (B, Tp)
-    B, T = prompt.shape[0], params.max_new_tokens
+    caches = [DynamicCache(config=policy.config), DynamicCache(config=ref.config)]
+
+    def forward(ids, mask, position):  # (policy logits, reference logits), (B, V) each
+        pol = _forward(policy, caches[0], ids, mask, position)
+        with ref_context():
+            return pol, _forward(ref, caches[1], ids, mask, position)
+
     modes = [(m, m.training) for m in {id(policy): policy, id(ref): ref}.values()]
     for m, _ in modes:
         m.eval()
     try:
-        caches = [DynamicCache(config=policy.config), DynamicCache(config=ref.config)]
-        position = (prompt_mask.cumsum(-1) - 1).clamp_min(0)  # (B, Tp)
-        mask = prompt_mask
-        lp = _forward(policy, caches[0], prompt, mask, position)
-        with ref_context():
-            lr = _forward(ref, caches[1], prompt, mask, position)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
-        eos = torch.tensor(list(eos_ids), device=device)
-        tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
-        logps = torch.zeros(B, T, device=device)
-        length = torch.full((B,), T, dtype=torch.long, device=device)
-        running = torch.ones(B, dtype=torch.bool, device=device)
-        by_eos = torch.zeros(B, dtype=torch.bool, device=device)
-        pos = prompt_mask.sum(-1)  # (B,) position of the next token
-        for t in range(T):
-            mixed = mixture_logits(lp, lr, coef)  # (B, V)
-            tok = torch.where(running, sample_tokens(mixed, params, gen), pad_id)  # (B,)
-            tokens[:, t] = tok
-            logps[:, t] = torch.where(running, chosen_logprobs(mixed, tok, params.temperature), 0.0)
-            ended = running & torch.isin(tok, eos)
-            length = torch.where(ended, t + 1, length)
-            by_eos |= ended
-            running = running & ~ended
-            if t + 1 == T or not bool(running.any()):
-                break
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, Tp + t + 1)
-            lp = _forward(policy, caches[0], tok[:, None], mask, pos[:, None])
-            with ref_context():
-                lr = _forward(ref, caches[1], tok[:, None], mask, pos[:, None])
-            pos = pos + 1
+        first = forward(prompt, prompt_mask, (prompt_mask.cumsum(-1) - 1).clamp_min(0))
+        tokens, logps, length, by_eos = _decode(forward, first, prompt_mask, params, coef,
+                                                torch.tensor(list(eos_ids), device=device), pad_id)
     finally:
         for m, was in modes:
             m.train(was)
     width = int(length.max())
-    response = tokens[:, :width]  # (B, Tr)
     response_mask = (torch.arange(width, device=device)[None] < length[:, None]).long()  # (B, Tr)
-    response = response.masked_fill(response_mask == 0, pad_id)
+    response = tokens[:, :width].masked_fill(response_mask == 0, pad_id)  # (B, Tr)
     attention = torch.cat([prompt_mask, response_mask], 1)  # (B, Tp + Tr)
     return Batch({"prompt_ids": prompt, "prompt_mask": prompt_mask, "response_ids": response,
                   "response_mask": response_mask, "input_ids": torch.cat([prompt, response], 1),
                   "attention_mask": attention,
                   "position_ids": (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0),
                   "sampling_logprobs": logps[:, :width] * response_mask},
-                 {"prompt_index": [i // params.n for i in range(B)],
+                 {"prompt_index": [i // params.n for i in range(len(prompt))],
                   "finish_reason": ["eos" if e else "length" for e in by_eos.tolist()]})

@@ -1,0 +1,609 @@
+"""Online / iterative preference optimisation (``alignflow online_po``) and MPO (``alignflow mpo``).
+
+**Iterative DPO** (RLHF Workflow, Dong et al. 2024; ALGORITHMS.md 4), one round::
+
+    prompts = next online.prompts_per_round fresh prompts
+    y_1..y_n ~ π_θ(·|x)                       rollout.n = 8 (RLHF Workflow), the built-in engine
+    r_i     = reward.score(x, y_i)            reward models, task rewards or Python functions
+    pair    = (argmax_i r_i, argmin_i r_i)    best vs worst; prompts whose n rewards all tie are skipped
+    LP_ref  = reference log-probs of every pair (no grad, once per round)
+    online.steps_per_round steps of loss.name (dpo default; any pairwise PREFERENCE_LOSSES key) with po_step
+
+The reference is the initial policy in every round (``online.ref_update=initial``, as RLHF Workflow's code passes
+the SFT model as ``ref_model`` each iteration), or the previous round's policy (``previous``: the proximal-point
+iteration π_{t+1} = argmin DPO(π; ref = π_t) that APO accelerates).
+
+**INPO** (Zhang et al. 2024): the same rounds with loss ``inpo``: ``(h_t - η/2)²`` where h_t subtracts ητ·log-ratio of
+π_ref and (1 - ητ)·log-ratio of π_t, the round-start policy (its log-probs are the rows' ``prev_*_logps``).
+
+**APO** (He, Yuan, Gu 2024): iterative DPO with ref = π_t, where π_t is Nesterov-extrapolated from the two last
+round-start policies π̂_t (the current weights) and π̂_{t-1} (a snapshot of the trainable weights):
+``LP_ref = (1 + α)·LP_{π̂_t} - α·LP_{π̂_{t-1}}`` (:func:`~alignflow.algorithms.preference.apo_extrapolate`); the
+extrapolation's constant cancels in DPO's margin. α = 0 is iterative DPO with ``ref_update=previous`` (tested).
+
+**Nash-MD** (Munos et al. 2023; ALGORITHMS.md 2.17), one round: y ~ π_θ (rollout.n per prompt) and an opponent
+y' ~ π_mix ∝ π_θ^(1-β)·π_ref^β per token (:mod:`alignflow.rollout.mixture`, β = online.mixture_coef), the
+preference p = P(y ≻ y') = σ((r(y) - r(y'))/scale) (a Bradley-Terry model on the reward sources), then
+**Nash-MD-PG** steps (:func:`~alignflow.algorithms.nash.nash_md_pg_loss`). We train Nash-MD-PG rather than an
+INPO-style pair loss because it is the estimator the paper derives for Nash-MD (and TRL implements): its gradient
+(p - ½)∇LP(y) - β∇KL needs only p, whereas a pair regression against the mixture opponent would treat y and y' as
+draws from one distribution, which they are not. With ``prompts_per_round × n = train.batch_size`` and one step per
+round (the preset) every step is on-policy, as in the paper.
+
+Departures, on purpose:
+* Every round builds a fresh optimiser and schedule (the papers run each iteration as a separate DPO training).
+* APO samples from π̂_t, the trained network, not from the extrapolated π_t (which exists only as a pair of
+  checkpoints; the paper's practical sampling recipe is unverified in ALGORITHMS.md).
+* Dropout is off during training (``model.eval()``), as in ``alignflow po``.
+* Evaluation samples (temperature ``rollout.temperature``, a fixed seed, ``online.eval_samples`` per prompt): greedy
+  decoding of small models loops and says little about the policy.
+
+**MPO** (Gou & Nguyen 2024): score every pair with ``reward``, split easy/hard by |r(y_w) - r(y_l)| > δ
+(:func:`~alignflow.algorithms.offline.mpo_split`), DPO (``train_po``) on the easy pairs from the SFT model, then
+online RL (``train_rl``, PPO by default) on the hard pairs' prompts with the DPO model as initial policy and KL
+reference. An empty easy set skips DPO (the SFT model goes on); an empty hard set (δ = -inf) skips RL.
+
+Run:  ``alignflow online_po --config configs/online_dpo.yaml`` (inpo.yaml, apo.yaml, nash_md.yaml);
+``alignflow mpo --config configs/mpo.yaml`` (docs/online_po.md, docs/mpo.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from alignflow.algorithms.nash import bt_win_probability, nash_md_pg_loss
+from alignflow.algorithms.offline import mpo_split
+from alignflow.algorithms.preference import REFERENCE_FREE, apo_extrapolate
+from alignflow.batch import Batch
+from alignflow.config import (ConfigError, MPOConfig, OnlinePOConfig, POConfig, POLossConfig, RLConfig,
+                              RewardSourceConfig)
+from alignflow.data.collate import token_groups
+from alignflow.data.pipeline import prepare_data
+from alignflow.distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignflow.eval.evaluate import sample_batch
+from alignflow.models import load_causal_lm, save_model
+from alignflow.models.varlen import supports_varlen
+from alignflow.rollout.mixture import generate_mixture
+from alignflow.rollout.sampling import SamplingParams
+from alignflow.trainers import loop
+from alignflow.trainers.preference import attach_ref, compute_ref_logps, loss_kwargs, po_step, sequence_logps
+from alignflow.trainers.rl_setup import PromptStream, _frozen_cfg, build_sources, prompt_batch
+from alignflow.trainers.roles import RewardRole, Rollout, cat_rollouts
+from alignflow.trainers.setup import resolve_builtin, start_run
+
+log = logging.getLogger("alignflow.online_po")
+
+PAIR_FREE = ("kto",)  # losses that do not train on (chosen, rejected) pairs
+
+
+@dataclasses.dataclass
+class OnlinePOResult:
+    model: torch.nn.Module
+    tokenizer: object
+    history: list = dataclasses.field(default_factory=list)  # one metrics dict per optimiser step
+    rounds: list = dataclasses.field(default_factory=list)  # one dict per round: online/*, means of the steps, eval/*
+    evals: list = dataclasses.field(default_factory=list)  # (round, eval metrics): round 0 = the starting policy
+    eval: dict = dataclasses.field(default_factory=dict)
+    output_dir: Path = Path(".")
+
+
+# ----------------------------------------------------------------------------------------------- pairs
+def best_worst(rewards: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(prompt, best, worst)`` sample indices for each row of ``rewards`` (P, n) whose n rewards do not all tie;
+    best is the first argmax, worst the first argmin."""
+    best, worst = rewards.argmax(dim=1).tolist(), rewards.argmin(dim=1).tolist()  # (P,) each
+    tied = (rewards.max(dim=1).values == rewards.min(dim=1).values).tolist()
+    return [(i, b, w) for i, (b, w, t) in enumerate(zip(best, worst, tied)) if not t]
+
+
+def _sequences(batch: Batch) -> tuple[list[list[int]], list[list[int]]]:
+    """Each row's real prompt tokens and response tokens (the response's ending EOS included)."""
+    p, pm = batch["prompt_ids"].cpu(), batch["prompt_mask"].cpu().bool()  # (B, Tp)
+    y, ym = batch["response_ids"].cpu(), batch["response_mask"].cpu().bool()  # (B, Tr)
+    return [p[i][pm[i]].tolist() for i in range(len(batch))], [y[i][ym[i]].tolist() for i in range(len(batch))]
+
+
+def pair_rows(batch: Batch, rewards: torch.Tensor, n: int) -> tuple[list[dict], dict]:
+    """Best-vs-worst preference rows (the encoded-row layout of ``alignflow po``) from a rollout batch of P prompts x
+    n samples and its (P*n,) rewards, with the pair's rewards as ``chosen_rewards``/``rejected_rewards``."""
+    prompts, responses = _sequences(batch)
+    r = rewards.float().cpu().view(-1, n)  # (P, n)
+    rows = []
+    for i, b, w in best_worst(r):
+        p, yw, yl = prompts[i * n], responses[i * n + b], responses[i * n + w]
+        rows.append({"chosen_ids": p + yw, "chosen_mask": [0] * len(p) + [1] * len(yw),
+                     "rejected_ids": p + yl, "rejected_mask": [0] * len(p) + [1] * len(yl), "prompt_len": len(p),
+                     "chosen_rewards": float(r[i, b]), "rejected_rewards": float(r[i, w])})
+    mean = lambda key: sum(x[key] for x in rows) / len(rows) if rows else float("nan")  # noqa: E731
+    return rows, {"online/pairs": float(len(rows)), "online/tied_prompts": float(r.shape[0] - len(rows)),
+                  "online/reward_mean": float(r.mean()), "online/reward_chosen": mean("chosen_rewards"),
+                  "online/reward_rejected": mean("rejected_rewards"),
+                  "online/response_len": float(batch["response_mask"].sum(-1).float().mean())}
+
+
+# ----------------------------------------------------------------------------------------------- the run
+@dataclasses.dataclass
+class OnlineRun:
+    """What a round needs: the policy, its rollout and reward roles, and the references."""
+    cfg: OnlinePOConfig
+    policy: torch.nn.Module
+    tok: object
+    device: torch.device
+    rollout: Rollout
+    reward: RewardRole
+    kw: dict
+    fixed_ref: Optional[torch.nn.Module] = None  # ref_model, or a frozen copy of the initial policy (loaded lazily)
+    prev: Optional[dict] = None  # APO: the previous round-start policy's trainable weights
+
+    def initial_reference(self, r: int):
+        """(module, context) computing π_ref: ``ref_model``; the LoRA policy with adapters disabled; the policy itself
+        in round 0 (not yet updated: no copy); else a frozen copy of the initial weights."""
+        c = self.cfg
+        if c.model.lora.enabled and not c.ref_model:
+            return self.policy, self.policy.disable_adapter
+        if not c.ref_model and r == 0:
+            return self.policy, contextlib.nullcontext
+        if self.fixed_ref is None:
+            self.fixed_ref = load_causal_lm(_frozen_cfg(c, c.ref_model or c.model.name_or_path), self.device)
+            self.fixed_ref.requires_grad_(False).eval()
+        return self.fixed_ref, contextlib.nullcontext
+
+
+def snapshot(model) -> dict:
+    """Copies of the trainable weights (all of them, or the LoRA adapters)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def swapped(model, weights: dict):
+    """Run the block with ``weights`` loaded into ``model``; the current weights are restored afterwards."""
+    params = dict(model.named_parameters())
+    keep = {n: params[n].detach().clone() for n in weights}
+    with torch.no_grad():
+        for n, v in weights.items():
+            params[n].copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, v in keep.items():
+                params[n].copy_(v)
+
+
+def _check(cfg: OnlinePOConfig) -> None:
+    o, name = cfg.online, cfg.loss.name
+    if cfg.train.max_steps:
+        raise ConfigError("train.max_steps is not used by online_po: set online.rounds and online.steps_per_round "
+                          "(or online.epochs_per_round)")
+    if o.method == "nash_md":
+        if cfg.loss != POLossConfig():
+            raise ConfigError("online.method=nash_md trains the Nash-MD-PG objective: leave loss.* unset (its KL "
+                              "coefficient is online.kl_coef)")
+        if cfg.rollout.stop_strings:
+            raise ConfigError("online.method=nash_md: rollout.stop_strings are not supported by the mixture sampler")
+        return
+    if name in PAIR_FREE:
+        raise ConfigError(f"loss.name={name} trains on unpaired rows; online_po builds (chosen, rejected) pairs: use "
+                          "a pairwise loss (dpo, cdpo, robust_dpo, ipo, hinge, simpo, orpo, cpl, pro, treg, refuel)")
+    if (o.method == "inpo") != (name == "inpo"):
+        raise ConfigError(f"online.method={o.method} with loss.name={name}: method inpo trains loss inpo (and loss "
+                          "inpo needs the previous round's policy, i.e. method inpo)")
+    if o.method == "apo" and name in REFERENCE_FREE:
+        raise ConfigError(f"online.method=apo extrapolates the reference, but loss.name={name} uses none")
+
+
+def build_run(cfg: OnlinePOConfig, device, tok) -> OnlineRun:
+    policy = load_causal_lm(cfg.model, device)
+    policy.eval()  # dropout off (module docstring); gradients flow as usual
+    reward = build_sources(cfg.reward, "reward", cfg.task.name, cfg, device, tok.pad_token_id)
+    if reward is None:
+        raise ConfigError("no reward source: set reward.task (e.g. {gold: 1.0}), reward.functions or reward.models")
+    if cfg.reward.normalize != "none" or cfg.reward.clip:
+        raise ConfigError("reward.normalize / reward.clip are online-RL options; set them to none / 0 here (pairs "
+                          "are ranked by the raw reward)")
+    kw = {} if cfg.online.method == "nash_md" else loss_kwargs(cfg.loss)
+    rollout = Rollout(policy, tok, cfg.rollout, device, cfg.train.mixed_precision, cfg.train.seed)
+    return OnlineRun(cfg, policy, tok, device, rollout, RewardRole(reward), kw)
+
+
+def generate(run: OnlineRun, prompts: Batch) -> Batch:
+    """``rollout.n`` samples of the policy per prompt, ``rollout.prompts_per_step`` prompts per engine call, scored."""
+    parts = [run.rollout.generate(p) for p in prompts.split(run.cfg.rollout.prompts_per_step)]
+    batch = cat_rollouts(parts)
+    return batch.union(run.reward.score(batch))
+
+
+# ----------------------------------------------------------------------------------------------- references
+def _logps(run: OnlineRun, model, rows: list[dict], ctx=contextlib.nullcontext, treg=None) -> dict:
+    with ctx(), loop.autocast(run.device, run.cfg.train.mixed_precision):
+        return compute_ref_logps(model, rows, run.device, run.cfg.train.micro_batch_tokens, run.cfg.train.packing,
+                                 treg)
+
+
+def _treg_ids(run: OnlineRun):
+    enc = lambda text: run.tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return enc(run.cfg.loss.treg_pos_instruction), enc(run.cfg.loss.treg_neg_instruction), run.tok.bos_token_id
+
+
+def reference_rows(run: OnlineRun, rows: list[dict], r: int) -> list[dict]:
+    """The round's rows with ``ref_*`` (and INPO's ``prev_*``) log-probs, computed once before its updates."""
+    o, name = run.cfg.online, run.cfg.loss.name
+    treg = _treg_ids(run) if name == "treg" else None
+    values: dict = {}
+    if name not in REFERENCE_FREE:
+        previous = r > 0 and (o.method == "apo" or (o.method == "iterative_dpo" and o.ref_update == "previous"))
+        if previous:
+            values = _logps(run, run.policy, rows)  # π̂_t: the round-start weights
+            if o.method == "apo":
+                old = _logps(run, run.policy, rows, lambda: swapped(run.policy, run.prev))  # π̂_{t-1}
+                values = {k: apo_extrapolate(v, old[k], o.apo_alpha) for k, v in values.items()}
+            if treg is not None:  # T-REG's token rewards always come from π_ref under the contrastive prompts
+                model, ctx = run.initial_reference(r)
+                values |= {k: v for k, v in _logps(run, model, rows, ctx, treg).items() if "token_rewards" in k}
+        else:
+            model, ctx = run.initial_reference(r)
+            values = _logps(run, model, rows, ctx, treg)
+    if o.method == "inpo":  # π_t = the round-start policy
+        cur = _logps(run, run.policy, rows)
+        values |= {"prev_chosen_logps": cur["ref_chosen_logps"], "prev_rejected_logps": cur["ref_rejected_logps"]}
+    return attach_ref(rows, values) if values else rows
+
+
+# ----------------------------------------------------------------------------------------------- Nash-MD
+def nash_rows(run: OnlineRun, prompts: Batch, r: int) -> tuple[list[dict], dict]:
+    """Policy samples y and mixture opponents y' for each prompt, p = P(y ≻ y'), and π_ref's token log-probs of y."""
+    cfg, n = run.cfg, run.cfg.rollout.n
+    t0 = time.perf_counter()
+    ours = generate(run, prompts)
+    ref, ctx = run.initial_reference(r)
+    parts = []
+    for chunk in prompts.split(cfg.rollout.prompts_per_step):
+        params = SamplingParams(n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
+                                seed=cfg.train.seed * 1_000_003 + int(chunk["group"][0]) + 500_009)
+        with loop.autocast(run.device, cfg.train.mixed_precision):
+            opp = generate_mixture(run.policy, ref, [list(p) for p in chunk["prompt_token_ids"]], params,
+                                   cfg.online.mixture_coef, eos_ids=run.rollout.engine.eos_ids,
+                                   pad_id=run.rollout.engine.pad_id, ref_context=ctx)
+        meta = Batch(meta={k: v for k, v in chunk.meta.items() if k != "prompt_token_ids"}).repeat(n)
+        ids, mask = opp["response_ids"], opp["response_mask"]
+        texts = run.tok.batch_decode([y[m.bool()].tolist() for y, m in zip(ids, mask)], skip_special_tokens=True)
+        parts.append(opp.union(meta).union(Batch(meta={"response": texts})))
+    theirs = cat_rollouts(parts)
+    theirs = theirs.union(run.reward.score(theirs))
+    gen_s = time.perf_counter() - t0
+    p = bt_win_probability(ours["scores"].float().cpu(), theirs["scores"].float().cpu(), cfg.online.preference_scale)
+    prompt_ids, responses = _sequences(ours)
+    seqs = [(x + y, [0] * len(x) + [1] * len(y)) for x, y in zip(prompt_ids, responses)]
+    ref_lp = []
+    flat = cfg.train.packing
+    with torch.no_grad(), ctx(), loop.autocast(run.device, cfg.train.mixed_precision):
+        for g in token_groups([len(s) for s, _ in seqs], cfg.train.micro_batch_tokens):
+            out = sequence_logps(ref, [seqs[i] for i in g], run.device, flat, with_tokens=True)
+            ref_lp += [out["token_logps"][j, :int(out["lengths"][j])].float().cpu().tolist() for j in range(len(g))]
+    rows = [{"ids": s, "mask": m, "win_prob": float(pi), "ref_token_logps": lp}
+            for (s, m), pi, lp in zip(seqs, p.tolist(), ref_lp)]
+    mine, other = ours["scores"].float().cpu(), theirs["scores"].float().cpu()
+    win = mine >= other
+    return rows, {"online/pairs": float(len(rows)), "online/reward_mean": float(mine.mean()),
+                  "online/reward_mixture": float(other.mean()),
+                  "online/reward_chosen": float(torch.where(win, mine, other).mean()),
+                  "online/reward_rejected": float(torch.where(win, other, mine).mean()),
+                  "online/win_prob": float(p.mean()),
+                  "online/response_len": float(ours["response_mask"].sum(-1).float().mean()), "perf/gen_s": gen_s}
+
+
+def nash_step(run: OnlineRun, rows: list[dict]) -> tuple[dict, int]:
+    """Forward/backward of the Nash-MD-PG loss over one step's rows (mean over rows, whatever the micro-batches)."""
+    cfg, dev = run.cfg, run.device
+    flat = cfg.train.packing and supports_varlen(run.policy)
+    sums, tokens = {}, 0
+    for g in token_groups([len(r["ids"]) for r in rows], cfg.train.micro_batch_tokens):
+        chunk = [rows[i] for i in g]
+        with loop.autocast(dev, cfg.train.mixed_precision):
+            out = sequence_logps(run.policy, [(r["ids"], r["mask"]) for r in chunk], dev, flat, with_tokens=True)
+        width = out["token_logps"].shape[1]
+        ref = torch.tensor([r["ref_token_logps"] + [0.0] * (width - len(r["ref_token_logps"])) for r in chunk],
+                           device=dev)  # (b, Tr)
+        p = torch.tensor([r["win_prob"] for r in chunk], device=dev)  # (b,)
+        total, m = nash_md_pg_loss(out["token_logps"], ref, out["token_mask"], p, beta=cfg.online.kl_coef,
+                                   reduction="sum")
+        (total / len(rows)).backward()
+        for k, v in [("loss", total.detach() / len(chunk))] + list(m.items()):
+            sums[k] = sums.get(k, 0.0) + float(v) * len(chunk) / len(rows)
+        tokens += sum(len(r["ids"]) for r in chunk)
+    return sums, tokens
+
+
+# ----------------------------------------------------------------------------------------------- a round
+def train_round(run: OnlineRun, rows: list[dict], r: int, step: int, logger,
+                result: OnlinePOResult) -> tuple[int, dict]:
+    """The round's optimiser steps (fresh optimiser); returns (global step, means of the step metrics)."""
+    cfg = run.cfg
+    steps = cfg.online.steps_per_round or math.ceil(cfg.online.epochs_per_round * len(rows) / cfg.train.batch_size)
+    if not rows or not steps:
+        log.warning("round %d: no pairs to train on (every prompt's samples tied)", r + 1)
+        return step, {}
+    sampler = loop.StepSampler(len(rows), cfg.train.batch_size, cfg.train.seed * 1009 + r)
+    opt = loop.build_optimizer(run.policy, cfg.optim)
+    sched = loop.build_scheduler(opt, cfg.optim, steps)
+    sums: dict = {}
+    for s in range(steps):
+        t0 = time.perf_counter()
+        picked = [rows[i] for i in sampler.rows(s)]
+        if cfg.online.method == "nash_md":
+            metrics, ntok = nash_step(run, picked)
+        else:
+            metrics, ntok = po_step(run.policy, picked, cfg.loss.name, run.kw, cfg.train, run.device)
+        if loop.guard_loss(step, cfg.train, {cfg.online.method: torch.tensor(metrics["loss"])}):
+            metrics["grad_norm"], _ = loop.optimizer_step(run.policy, opt, sched, cfg.train, cfg.optim.max_grad_norm,
+                                                          step)
+        else:
+            opt.zero_grad(set_to_none=True)
+        step += 1
+        metrics |= {"lr": sched.get_last_lr()[0], "perf/tokens_per_s": ntok / (time.perf_counter() - t0)}
+        metrics = {k if "/" in k else f"train/{k}": v for k, v in metrics.items()} | {"online/round": r + 1}
+        result.history.append(metrics)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v / steps
+        if step % cfg.train.log_every == 0:
+            logger.log(step, metrics)
+    return step, sums
+
+
+def play_round(run: OnlineRun, stream: PromptStream, r: int, step: int, logger, result) -> tuple[int, dict]:
+    """Sample, label and train one round; returns (global step, the round's metrics)."""
+    cfg = run.cfg
+    prompts = stream.take(cfg.online.prompts_per_round)
+    if cfg.online.method == "nash_md":
+        rows, m = nash_rows(run, prompts, r)
+    else:
+        t0 = time.perf_counter()
+        batch = generate(run, prompts)
+        rows, m = pair_rows(batch, batch["scores"], cfg.rollout.n)
+        m["perf/gen_s"] = time.perf_counter() - t0
+        rows = reference_rows(run, rows, r) if rows else rows
+    if cfg.online.method == "apo":
+        run.prev = snapshot(run.policy)  # π̂_t, for the extrapolation of the next round's reference
+    step, means = train_round(run, rows, r, step, logger, result)
+    return step, means | m | {"online/round": r + 1}
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def sampled_eval(run: OnlineRun, prompts: Batch, gold=None) -> dict:
+    """``online.eval_samples`` samples per held-out prompt (fixed seed, sampling temperature): ``eval/reward_mean``
+    (the training reward), ``eval/response_len`` and, for built-in tasks, ``eval/gold_reward``."""
+    if not len(prompts):
+        return {}
+    cfg, n = run.cfg, run.cfg.online.eval_samples
+    with loop.autocast(run.device, cfg.train.mixed_precision):
+        batch = sample_batch(run.policy, run.tok, [list(p) for p in prompts["prompt_token_ids"]], n,
+                             cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.train.seed + 424_242)
+    batch = batch.union(Batch(meta={k: v for k, v in prompts.meta.items() if k != "prompt_token_ids"}).repeat(n))
+    scores = run.reward.score(batch)["scores"].float()
+    m = {"eval/reward_mean": float(scores.mean()),
+         "eval/response_len": float(batch["response_mask"].sum(-1).float().mean())}
+    if gold is not None:
+        m["eval/gold_reward"] = sum(gold(batch["prompt"], batch["response"])) / len(batch)
+    return m
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def _save(run: OnlineRun, out: Path, r: int, step: int, stream: PromptStream) -> None:
+    """APO's snapshot first (a crash in between leaves the previous complete checkpoint in charge), then the policy
+    with the round state under ``checkpoints/step-N``."""
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    if run.prev is not None:
+        tmp = root / f".apo_prev-{step}.tmp-{os.getpid()}"
+        save_file({k: v.contiguous() for k, v in run.prev.items()}, str(tmp))
+        os.replace(tmp, root / f"apo_prev-{step}.safetensors")
+    save_checkpoint(root / f"step-{step}", run.policy, state={"step": step, "round": r + 1,
+                                                             "prompt_position": stream.position})
+
+
+def _resume(run: OnlineRun, out: Path, stream: PromptStream) -> tuple[int, int]:
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return 0, 0
+    state = load_checkpoint(ckpt, run.policy)
+    stream.position = int(state["prompt_position"])
+    prev = out / "checkpoints" / f"apo_prev-{state['step']}.safetensors"
+    if run.cfg.online.method == "apo" and prev.exists():
+        run.prev = load_file(str(prev), device=str(run.device))
+    log.info("resumed from %s after round %d", ckpt, state["round"])
+    return int(state["round"]), int(state["step"])
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+def _gold(cfg, art):
+    from alignflow.tasks import get_task
+
+    return art.gold_reward if art is not None else (get_task(cfg.task.name).gold_reward if cfg.reward.task else None)
+
+
+def train_online_po(cfg: OnlinePOConfig) -> OnlinePOResult:
+    """Run online / iterative preference optimisation as configured (``alignflow online_po``)."""
+    _check(cfg)
+    art = resolve_builtin(cfg, "rl")
+    if art is not None and not cfg.data.eval_path:
+        cfg.data.eval_path = str(art.eval_prompts_path)
+    out, device, tok = start_run(cfg)
+    data = prepare_data(cfg.data, tok, expect=("prompt",), seed=cfg.train.seed)
+    run = build_run(cfg, device, tok)
+    stream = PromptStream(data.train, cfg.train.seed)
+    held = data.eval[:cfg.rollout.eval_prompts]
+    eval_prompts = prompt_batch(held, [10 ** 9 + i for i in range(len(held))], stream.fields)
+    gold = _gold(cfg, art)
+    start, step = _resume(run, out, stream) if cfg.train.resume else (0, 0)
+    logger = loop.MetricsLogger(out, resume=start > 0)
+    for rep in data.reports:
+        logger.log(step, {"data/report": rep})
+    result = OnlinePOResult(run.policy, tok, output_dir=out)
+    if start == 0:
+        result.evals.append((0, sampled_eval(run, eval_prompts, gold)))
+        logger.log(0, result.evals[-1][1])
+    bar = loop.Progress(cfg.online.rounds, start, cfg.train.progress, f"online_po/{cfg.online.method}")
+    for r in range(start, cfg.online.rounds):
+        step, m = play_round(run, stream, r, step, logger, result)
+        ev = sampled_eval(run, eval_prompts, gold)
+        result.rounds.append(m | ev)
+        result.evals.append((r + 1, ev))
+        logger.log(step, m | ev)
+        bar.update(0, reward=m.get("online/reward_mean", float("nan")))
+        if cfg.train.save_every and (r + 1) % cfg.train.save_every == 0:
+            _save(run, out, r, step, stream)
+    bar.close()
+    result.eval = result.evals[-1][1] if result.evals else {}
+    logger.close()
+    save_model(run.policy, tok, out / "model")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- MPO
+@dataclasses.dataclass
+class MPOResult:
+    model_dir: Path  # the final policy: rl/model, or dpo/model when the hard set is empty
+    stats: dict = dataclasses.field(default_factory=dict)  # mpo/pairs, mpo/easy, mpo/hard, mpo/hard_prompts, ...
+    eval: dict = dataclasses.field(default_factory=dict)  # eval/gold_reward_{sft,dpo,mpo} (built-in task rewards)
+    dpo: object = None  # POResult of stage 1 (None when skipped)
+    rl: object = None  # RLResult of stage 2 (None when skipped)
+    output_dir: Path = Path(".")
+
+
+def _check_mpo(cfg: MPOConfig) -> None:
+    """The stages' model/data/reward/task/output_dir come from the top level; refuse a value set in dpo.* / rl.*."""
+    po, rl = POConfig(), RLConfig()
+    for key, got, default in (("dpo.model", cfg.dpo.model, po.model), ("dpo.ref_model", cfg.dpo.ref_model, ""),
+                              ("dpo.data", cfg.dpo.data, po.data), ("dpo.task", cfg.dpo.task, po.task),
+                              ("dpo.train.output_dir", cfg.dpo.train.output_dir, po.train.output_dir),
+                              ("rl.model", cfg.rl.model, rl.model), ("rl.ref_model", cfg.rl.ref_model, ""),
+                              ("rl.data", cfg.rl.data, rl.data), ("rl.reward", cfg.rl.reward, RewardSourceConfig()),
+                              ("rl.task", cfg.rl.task, rl.task),
+                              ("rl.train.output_dir", cfg.rl.train.output_dir, rl.train.output_dir)):
+        if got != default:
+            top = key.split(".")[-1].replace("ref_model", "model")
+            raise ConfigError(f"{key} is set by mpo from the top-level '{top}' (the DPO model is the RL stage's "
+                              f"initial policy and reference); remove {key}")
+    if cfg.dpo.loss.name in PAIR_FREE:
+        raise ConfigError(f"dpo.loss.name={cfg.dpo.loss.name}: MPO's first stage trains on the easy PAIRS")
+
+
+def score_pairs(path: str, cfg: MPOConfig, tok, reward: RewardRole) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+    """The preference rows of ``path`` (validated) and the reward of their chosen and rejected responses, (N,) each."""
+    from alignflow.data.formats import DataError, validate
+    from alignflow.data.loading import load_records
+    from alignflow.data.render import encode_pair
+    from alignflow.trainers.offline_rl import rows_batch
+
+    d = cfg.data
+    checked = validate(load_records(path, d.split), fmt="preference", on_bad_row=d.on_bad_row, source=path)
+    seqs = []
+    for row, where in zip(checked.rows, checked.where):
+        fields = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "margin")}
+        for side in ("chosen", "rejected"):
+            try:
+                enc = encode_pair(tok, row["prompt"], row[side], d.max_prompt_len, d.max_len)
+            except DataError as e:
+                raise DataError(f"{where}: field '{side}': {e}") from None
+            seqs.append({"prompt": row["prompt"], "fields": fields, "prompt_ids": enc.input_ids[:enc.prompt_len],
+                         "response_ids": enc.input_ids[enc.prompt_len:]})
+    scores = torch.cat([reward.score(rows_batch(seqs[i:i + 256], tok))["scores"].float().cpu()
+                        for i in range(0, len(seqs), 256)]).view(-1, 2)  # (N, 2): chosen, rejected
+    return checked.rows, scores[:, 0], scores[:, 1]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def mpo_split_pairs(cfg: MPOConfig, po_cfg: POConfig, tok, device) -> tuple[list[dict], list[dict], dict]:
+    """Score every pair with ``reward`` and split by ``mpo.delta``: (easy pairs, hard prompt rows, stats)."""
+    scorer_cfg = dataclasses.replace(cfg.rl, model=po_cfg.model, reward=cfg.reward, task=cfg.task)
+    composite = build_sources(cfg.reward, "reward", cfg.task.name, scorer_cfg, device, tok.pad_token_id)
+    if composite is None:
+        raise ConfigError("no reward source: set reward.task (e.g. {gold: 1.0}), reward.functions or reward.models "
+                          "(it scores the pairs for the easy/hard split and is the RL stage's reward)")
+    rows, chosen, rejected = score_pairs(po_cfg.data.path, cfg, tok, RewardRole(composite))
+    easy, hard = mpo_split(chosen, rejected, cfg.mpo.delta)  # (N,) bool each
+    hard_prompts = {json.dumps(rows[i]["prompt"]): {k: v for k, v in rows[i].items()
+                                                    if k not in ("chosen", "rejected", "margin")}
+                    for i in hard.nonzero().flatten().tolist()}
+    stats = {"mpo/pairs": float(len(rows)), "mpo/easy": float(easy.sum()), "mpo/hard": float(hard.sum()),
+             "mpo/hard_prompts": float(len(hard_prompts)), "mpo/gap_mean": float((chosen - rejected).abs().mean()),
+             "mpo/chosen_better": float((chosen > rejected).float().mean())}
+    log.info("MPO split at delta=%g: %d easy pairs, %d hard pairs (%d prompts)", cfg.mpo.delta, int(easy.sum()),
+             int(hard.sum()), len(hard_prompts))
+    return [rows[i] for i in easy.nonzero().flatten().tolist()], list(hard_prompts.values()), stats
+
+
+def train_mpo(cfg: MPOConfig) -> MPOResult:
+    """Run MPO as configured (``alignflow mpo``): split by reward gap, DPO on the easy pairs, RL on the hard prompts."""
+    from alignflow.models import load_tokenizer
+    from alignflow.tasks import build_task
+    from alignflow.trainers.online import train_rl
+    from alignflow.trainers.po_data import gold_eval, resolve_po_builtin
+    from alignflow.trainers.preference import train_po
+
+    _check_mpo(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    po_cfg = dataclasses.replace(cfg.dpo, model=dataclasses.replace(cfg.model), data=dataclasses.replace(cfg.data),
+                                 task=cfg.task, train=dataclasses.replace(cfg.dpo.train, output_dir=str(out)))
+    art = resolve_po_builtin(po_cfg)  # SFT model and/or gold-labelled pairs of the built-in task when paths are empty
+    if art is None and cfg.reward.task and cfg.eval_prompts:
+        art = build_task(cfg.task.name, cfg.task, out / "task")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    loop.set_seed(cfg.dpo.train.seed)
+    device = loop.resolve_device(cfg.dpo.train.device)
+    tok = load_tokenizer(po_cfg.model.tokenizer or po_cfg.model.name_or_path, po_cfg.model.revision,
+                         po_cfg.model.trust_remote_code)
+    easy, hard_prompts, stats = mpo_split_pairs(cfg, po_cfg, tok, device)
+    result = MPOResult(out / "model", stats=stats, output_dir=out)
+
+    def sample_eval(path) -> float:  # mean gold reward of 2 samples per held-out prompt of the built-in task
+        model = load_causal_lm(dataclasses.replace(po_cfg.model, name_or_path=str(path)), device)
+        return gold_eval(model, tok, art, cfg.eval_prompts, po_cfg.builtin.max_new_tokens, cfg.dpo.train.seed)
+
+    evaluate = art is not None and cfg.eval_prompts > 0
+    policy = Path(po_cfg.model.name_or_path)
+    if evaluate:
+        result.eval["eval/gold_reward_sft"] = sample_eval(policy)
+    if easy:  # stage 1: DPO on the easy pairs, reference = the SFT model
+        data = dataclasses.replace(po_cfg.data, path=str(_write(out / "easy_pairs.jsonl", easy)), eval_path="",
+                                   format="preference")
+        result.dpo = train_po(dataclasses.replace(po_cfg, data=data, train=dataclasses.replace(
+            po_cfg.train, output_dir=str(out / "dpo"))))
+        policy = out / "dpo" / "model"
+    else:
+        log.warning("MPO: no easy pairs at delta=%g; the DPO stage is skipped (the SFT model goes on)", cfg.mpo.delta)
+    if evaluate:
+        result.eval["eval/gold_reward_dpo"] = sample_eval(policy)
+    if hard_prompts:  # stage 2: RL on the hard prompts; the DPO model is the initial policy AND the reference
+        data = dataclasses.replace(cfg.rl.data, path=str(_write(out / "hard_prompts.jsonl", hard_prompts)),
+                                   eval_path=str(art.eval_prompts_path) if art is not None else "")
+        result.rl = train_rl(dataclasses.replace(
+            cfg.rl, model=dataclasses.replace(po_cfg.model, name_or_path=str(policy)), ref_model=str(policy),
+            data=data, reward=cfg.reward, task=cfg.task,
+            train=dataclasses.replace(cfg.rl.train, output_dir=str(out / "rl"))))
+        policy = out / "rl" / "model"
+    else:
+        log.info("MPO: no hard pairs at delta=%g; the RL stage is skipped", cfg.mpo.delta)
+    result.model_dir = policy
+    if evaluate:
+        result.eval["eval/gold_reward_mpo"] = sample_eval(policy)
+    (out / "mpo.json").write_text(json.dumps({"model": str(policy), **result.stats, **result.eval}, indent=1))
+    return result
