@@ -1,6 +1,7 @@
 """``alignflow <command> [--config file.yaml] [section.key=value ...]``
 
-Commands: sft, rm, rl, eval, demo. ``alignflow <command> --help`` lists every config key with its default and doc.
+Commands: sft, rm, rl, po, online_po, superhf, alol, mpo, eval, demo. ``alignflow <command> --help`` lists every
+config key with its default and doc.
 User mistakes (a bad config key or value, a malformed data row, a model path that does not load) end with a
 one-paragraph error and exit code 2, never a traceback; ``--debug`` shows the traceback.
 """

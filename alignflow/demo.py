@@ -70,19 +70,8 @@ def agreement_with_gold(model, tokenizer, rows: list[dict], gold) -> float:
 
 
 def plot(path: Path, series: dict, title: str, ylabel: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for name, ys in series.items():
-        ax.plot(range(1, len(ys) + 1), ys, label=name)
-    ax.set(title=title, xlabel="optimiser step", ylabel=ylabel)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """One line per series of values, against the optimiser step (1, 2, ...)."""
+    plot_xy(path, {name: (range(1, len(ys) + 1), ys) for name, ys in series.items()}, title, ylabel, "optimiser step")
 
 
 def bar(path: Path, values: dict, title: str) -> None:

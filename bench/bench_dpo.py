@@ -19,8 +19,9 @@ unavailable" for DPO -- it warns and pads -- so it is not a separate mode):
 * ``precompute_rebalance`` + ``train_sampling_strategy="batch_rebalance"``, 4 x 8 gradient accumulation: the same
                       32 pairs per step in length-balanced micro-batches.
 
-alignflow: ``packed`` (default; chosen and rejected of a micro-batch laid end to end in one padding-free row,
-``train.micro_batch_tokens=8192``) or ``padded`` (length-sorted right-padded micro-batches). The reference
+alignflow: ``packed`` (default; chosen and rejected of a micro-batch laid end to end in one padding-free row) or
+``padded`` (length-sorted right-padded micro-batches), both with ``train.micro_batch_tokens=2048`` (about as many
+micro-batches per step as TRL's fastest setting; see ``MICRO_BATCH_TOKENS``). The reference
 log-probs are computed once before training on both sides (alignflow's cache is off here, so every run computes
 them); that time is reported as ``ref_precompute_s`` and is not in the timed window.
 
@@ -56,6 +57,10 @@ ALIGNFLOW_MODES = ("packed", "padded")
 NAME, UNIT = "dpo", "pairs"
 MAX_LEN_DATA = 256  # every sequence fits: no truncation on either side
 BETA, LR = 0.1, 1e-4
+# alignflow's micro-batch budget: ~4-5 micro-batches per step of ~8.7k tokens, the granularity of TRL's fastest
+# setting (4 x 8 pairs). Speed is the same at 2048-16384 on this CPU (matmul-bound); memory grows with the budget
+# (docs/benchmarks.md has the 8192 default's numbers).
+MICRO_BATCH_TOKENS = 2048
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -130,7 +135,7 @@ def alignflow_side(args, wl: dict, mode: str) -> dict:
         "train": {"output_dir": str(Path(args.work) / "alignflow-dpo"), "batch_size": args.batch,
                   "max_steps": args.warmup + args.steps, "progress": False, "log_every": 10 ** 6,
                   "mixed_precision": "none", "device": "cpu", "num_threads": args.threads, "seed": 0,
-                  "packing": mode == "packed"}})
+                  "packing": mode == "packed", "micro_batch_tokens": MICRO_BATCH_TOKENS}})
     po.train_po(cfg)
     return _pairs_result(clock, args.batch, mem, ref_s[0]) | {"settings": {
         "train.packing": mode == "packed", "loss": "dpo", "beta": BETA,

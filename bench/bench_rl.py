@@ -327,7 +327,9 @@ def markdown(res: dict) -> str:
         f"+ {res['steps']} timed steps, medians of {res['runs']} alternated run(s). completions/s = completions of "
         "the timed steps / their wall time (generation, reward, reference and old log-probs, update); per CPU-s: "
         "the same per second of process CPU time (steadier on a loaded machine); generation share = generation "
-        "seconds / step seconds. Method: `docs/benchmarks.md`.", "",
+        "seconds / step seconds. Method: `docs/benchmarks.md`. Regenerate with "
+        f"`python bench/bench_rl.py --sweep{' --alignflow-budget ' + str(res['alignflow_budget']) if res['alignflow_budget'] else ''}`"
+        ".", "",
         "| algorithm | alignflow | TRL | alignflow compl/s | TRL compl/s | ratio (wall) | ratio (CPU time) | "
         "gen. tok/s ratio | gen. share af / TRL | mean completion af / TRL |",
         "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
