@@ -214,11 +214,12 @@ def trl_side(args, wl: dict, mode: str) -> dict:
             clock.mark()
 
     trainer = PreTokenised(model=model, args=targs, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
-    collate, per_step = trainer.data_collator, []
+    collate, per_step, computed = trainer.data_collator, [], [0, 0]
 
     def counting(features):
         batch = collate(features)
         per_step.append(int(batch["attention_mask"].sum()))
+        computed[0], computed[1] = computed[0] + per_step[-1], computed[1] + batch["input_ids"].numel()
         if len(per_step) == accum:
             clock.tokens.append(sum(per_step))
             per_step.clear()
@@ -228,7 +229,8 @@ def trl_side(args, wl: dict, mode: str) -> dict:
     trainer.train()
     shown = settings | {"activation_checkpointing": False, "bf16": False, "beta": BETA, "loss_type": "sigmoid",
                         "optim": getattr(targs.optim, "value", str(targs.optim))}
-    return _pairs_result(clock, args.batch, mem, ref_s[0]) | {"settings": shown}
+    return _pairs_result(clock, args.batch, mem, ref_s[0]) | {"settings": shown,
+                                                              "pad_fraction": 1 - computed[0] / computed[1]}
 
 
 # ------------------------------------------------------------------------------------------ report

@@ -20,7 +20,8 @@ Workload (identical on both sides):
 * one optimiser step per generation batch (alignflow ``train.batch_size = 128``, ``ppo_epochs 1``; TRL
   ``per_device_train_batch_size = 128``, ``steps_per_generation = 1``, ``num_iterations = 1``), AdamW lr 1e-5
   constant (small, so that response lengths stay put over the run), no weight decay, grad-norm clip 1.0, fp32,
-  the same number of torch threads, ``train.micro_batch_tokens`` at its default (8192) for alignflow.
+  the same number of torch threads, ``train.micro_batch_tokens`` at its default (8192) for alignflow
+  (``--alignflow-budget N`` adds a second alignflow contender with ``train.micro_batch_tokens=N``).
 
 TRL at its fastest settings without vLLM: ``gradient_checkpointing=False`` and ``bf16=False`` (TRL defaults to
 True for both), no completion logging, no saving/eval, its default fused AdamW; liger kernels are not installed
@@ -44,6 +45,10 @@ Each contender runs in its own child process; contenders alternate (TRL, alignfl
 times) and medians are compared.
 
     python bench/bench_rl.py [--algo grpo|rloo|both] [--steps 6] [--runs 3] [--threads 1] [--sweep]
+    python bench/bench_rl.py --sweep --alignflow-budget 2048     # the recorded run (~37 min on 2 loaded cores)
+    python bench/bench_rl.py --steps 2 --runs 1 --batch 8        # smoke run, 90 s (137 s at --batch 16)
+
+The first run also SFT-trains the policy (~25 s, cached in ``--work``).
 """
 
 from __future__ import annotations
@@ -268,6 +273,17 @@ def summary(runs: list[dict]) -> dict:
             "median_completion_len": med("mean_completion_len"), "runs": runs}
 
 
+def _commit() -> str:
+    """The repository's HEAD (+ "-dirty" with uncommitted changes), so that a result names the code it timed."""
+    import subprocess
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=common.ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    return (head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) if head else "unknown"
+
+
 def compare(args) -> dict:
     """Prepare, optionally sweep TRL's generation settings, alternate the contenders; the result record."""
     work = Path(args.work)
@@ -290,7 +306,7 @@ def compare(args) -> dict:
     sides = [s for a in algos for s in
              [("trl", f"{a}.{trl_mode[a]}"), ("alignflow", a)] + ([("alignflow", a + tuned)] if tuned else [])]
     runs = common.alternate(script, args, work, sides, args.repeats)
-    out = {"bench": NAME, "machine": machine, "steps": args.steps, "warmup": args.warmup, "runs": args.repeats,
+    out = {"bench": NAME, "machine": machine, "alignflow_commit": _commit(), "steps": args.steps, "warmup": args.warmup, "runs": args.repeats,
            "prompts_per_step": args.batch, "group": GROUP, "max_new_tokens": NEW_TOKENS, "lr": LR,
            "sft_steps": SFT_STEPS, "kl": "off" if args.no_kl else "presets",
            "trl_sweep_steps": args.sweep_steps if sweep else 0, "alignflow_budget": args.alignflow_budget,
@@ -321,7 +337,7 @@ def markdown(res: dict) -> str:
         "# alignflow vs TRL: online RL (GRPO, RLOO), no vLLM", "",
         f"Machine: {m['cpu']}, {m['cores']} cores (shared), torch threads {m['threads']}; torch {m['torch']}, "
         f"transformers {m['transformers']}, trl {m['trl']}; {m['date']}, 1-min load at start "
-        f"{m['load_average_1m_at_start']:.2f}.", "",
+        f"{m['load_average_1m_at_start']:.2f}; alignflow {res.get('alignflow_commit', 'commit not recorded')}.", "",
         f"{res['prompts_per_step']} prompts x {res['group']} completions per step, <= {res['max_new_tokens']} new "
         f"tokens, KL {res['kl']}, 1 optimiser step per generation batch, lr {res['lr']:g}; {res['warmup']} warm-up "
         f"+ {res['steps']} timed steps, medians of {res['runs']} alternated run(s). completions/s = completions of "

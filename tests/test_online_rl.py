@@ -454,3 +454,30 @@ def test_rl_is_a_cli_command_with_help(capsys):
     assert main(["rl", "--help"]) == 0
     out = capsys.readouterr().out
     assert "algo.name" in out and "kl.placement" in out and "rollout.n" in out and "dapo.dynamic_sampling" in out
+
+
+def test_padding_free_rl_forward_matches_padded(monkeypatch):
+    """The actor's and critic's padding-free micro-batch forward (real tokens only, per-sequence attention) gives
+    the padded forward's response log-probs, entropies and values: rows with left-padded prompts of 1..6 tokens
+    and right-padded responses of 1..7 tokens, GQA llama, temperature 0.7."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForTokenClassification
+
+    from alignflow.trainers import roles
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, attn_implementation="sdpa")
+    actor, critic = LlamaForCausalLM(cfg), LlamaForTokenClassification(LlamaConfig(**cfg.to_dict(), num_labels=1))
+    B, Tp, Tr = 5, 6, 7
+    pm, rm = torch.zeros(B, Tp, dtype=torch.long), torch.zeros(B, Tr, dtype=torch.long)
+    for i, (p, r) in enumerate([(6, 7), (2, 3), (4, 1), (1, 7), (3, 5)]):
+        pm[i, Tp - p:], rm[i, :r] = 1, 1
+    att = torch.cat([pm, rm], 1)
+    mb = Batch({"input_ids": torch.randint(1, 50, (B, Tp + Tr)) * att, "attention_mask": att,
+                "position_ids": (att.cumsum(-1) - 1).clamp(min=0), "response_mask": rm, "prompt_mask": pm})
+    assert roles.supports_varlen(actor)
+    flat = roles.response_logprobs(actor, mb, Tp, 0.7, True) + (roles.response_values(critic, mb, Tp),)
+    monkeypatch.setattr(roles, "supports_varlen", lambda model: False)
+    padded = roles.response_logprobs(actor, mb, Tp, 0.7, True) + (roles.response_values(critic, mb, Tp),)
+    for a, b in zip(flat, padded):
+        torch.testing.assert_close(a[rm.bool()], b[rm.bool()], atol=1e-5, rtol=1e-5)

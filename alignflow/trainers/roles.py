@@ -40,7 +40,9 @@ from alignflow.batch import Batch
 from alignflow.data.collate import token_budget_groups
 from alignflow.distributed.checkpoint import load_checkpoint, save_checkpoint
 from alignflow.distributed.groups import dispatch, dp_sum, dp_world_size
+from alignflow.models.backbone import get_score_head
 from alignflow.models.heads import token_values
+from alignflow.models.varlen import flat_hidden_states, supports_varlen
 from alignflow.models.logprobs import token_logprobs
 from alignflow.rollout import HFEngine, SamplingParams
 from alignflow.trainers import loop
@@ -85,17 +87,47 @@ def scatter_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], rows: int, widt
     return out
 
 
+def _flat(mb: Batch) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The micro-batch's real tokens laid end to end: ((1, N) ids, (b, pw + rw) bool mask of where they sit in
+    the padded layout, per-row lengths). Row i's tokens are its prompt then its response, as in the padded row."""
+    keep = mb["attention_mask"].bool()  # (b, pw + rw): left-padded prompt, right-padded response
+    return mb["input_ids"][keep][None], keep, keep.sum(-1).tolist()
+
+
+def _unflat(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(1, N) per-token values back into the padded (b, pw + rw) layout, zeros at padding."""
+    out = values.new_zeros(keep.shape)
+    out[keep] = values[0]
+    return out
+
+
 def response_logprobs(model, mb: Batch, pw: int, temperature: float,
                       with_entropy: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Log-probs (and entropies) of the response tokens of a micro-batch: (b, rw) each."""
-    lp, ent = token_logprobs(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"],
-                             with_entropy=with_entropy, temperature=temperature)  # (b, pw + rw)
+    """Log-probs (and entropies) of the response tokens of a micro-batch: (b, rw) each.
+
+    Padding-free when the model supports it (``alignflow.models.varlen``): the linear layers then run over the
+    real tokens only instead of the padded (b, pw + rw) rectangle -- RL rows vary a lot in length, and a padded
+    micro-batch computed 2.5x as many positions as real tokens in the GRPO benchmark. Same values either way.
+    """
+    if supports_varlen(model):
+        ids, keep, lens = _flat(mb)
+        lp, ent = token_logprobs(model, ids, with_entropy=with_entropy, temperature=temperature, seq_lens=lens)
+        lp, ent = _unflat(lp, keep), (_unflat(ent, keep) if ent is not None else None)  # (b, pw + rw)
+    else:
+        lp, ent = token_logprobs(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"],
+                                 with_entropy=with_entropy, temperature=temperature)  # (b, pw + rw)
     return lp[:, pw:], (ent[:, pw:] if ent is not None else None)
 
 
 def response_values(model, mb: Batch, pw: int) -> torch.Tensor:
-    """Critic values V(x, y_<t) for every response token t of a micro-batch: (b, rw)."""
-    v = token_values(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"])  # (b, pw + rw)
+    """Critic values V(x, y_<t) for every response token t of a micro-batch: (b, rw); padding-free when the
+    model supports it, like :func:`response_logprobs`."""
+    if supports_varlen(model):
+        ids, keep, lens = _flat(mb)
+        h = flat_hidden_states(model, ids, lens)  # (1, N, H)
+        v = _unflat(get_score_head(model)(h).squeeze(-1).float(), keep)  # (b, pw + rw)
+    else:
+        v = token_values(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"])  # (b, pw + rw)
     return v[:, pw - 1:-1]  # position Tp + t - 1 holds the state before y_t
 
 
