@@ -531,6 +531,12 @@ class AlgoConfig:
                                           "min(exp(lp_old - lp_sampling), is_cap) (truncated importance sampling); "
                                           "'none' ignores the sampler's log-probs.", choices=("tis", "none"))
     is_cap: float = field(2.0, doc="Cap C of the truncated importance weight.", range=(1.0, None))
+    old_logprobs: str = field("auto", doc="Where the PPO ratio's old log-probs come from: 'recompute' (a forward "
+                                          "pass of the actor before the update), 'sampling' (the rollout engine's, "
+                                          "no extra pass; TIS weights are then 1), or 'auto' = sampling when each "
+                                          "rollout batch gets exactly one update (ppo_epochs 1, one mini-batch: the "
+                                          "ratio is 1 at that update whatever lp_old is), else recompute.",
+                              choices=("auto", "recompute", "sampling"))
 
 
 @dataclasses.dataclass

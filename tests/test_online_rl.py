@@ -481,3 +481,27 @@ def test_padding_free_rl_forward_matches_padded(monkeypatch):
     padded = roles.response_logprobs(actor, mb, Tp, 0.7, True) + (roles.response_values(critic, mb, Tp),)
     for a, b in zip(flat, padded):
         torch.testing.assert_close(a[rm.bool()], b[rm.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_single_update_reuses_the_sampling_logprobs(reviews_task, tmp_path, monkeypatch):
+    """algo.old_logprobs=auto with one update per rollout batch skips the actor's old-log-prob pass, and the
+    updated weights equal those of the run that recomputes lp_old (the PPO ratio is 1 at the single update either
+    way: its gradient is A·∇lp). With two PPO epochs, auto recomputes."""
+    calls = []
+    original = Actor.logprobs
+    monkeypatch.setattr(Actor, "logprobs", lambda self, batch: calls.append(len(batch)) or original(self, batch))
+    weights, entropies = [], []
+    for mode in ("auto", "recompute"):
+        cfg = rl_cfg(reviews_task, tmp_path / mode, algo={"name": "grpo", "old_logprobs": mode},
+                     kl={"coef": 0.0}, rollout={"prompts_per_step": 2, "n": 4, "max_new_tokens": 6})
+        result = train_rl(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=8)))
+        weights.append([p.detach().clone() for p in result.model.parameters()])
+        entropies.append(result.history[0]["policy/entropy"])
+    assert calls == [8]  # only the recompute run ran the extra pass
+    assert entropies[0] == pytest.approx(entropies[1], rel=1e-4)  # measured in the update pass instead
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    calls.clear()
+    cfg = rl_cfg(reviews_task, tmp_path / "epochs", algo={"name": "grpo", "ppo_epochs": 2}, kl={"coef": 0.0})
+    train_rl(cfg)
+    assert calls == [4]

@@ -194,13 +194,32 @@ def greedy_baseline(roles: Roles, batch: Batch, cfg: RLConfig) -> tuple[Batch, f
 
 
 # ----------------------------------------------------------------------------------------------- the step
+def reuse_sampling_logprobs(cfg: RLConfig, rows: int) -> bool:
+    """``algo.old_logprobs``: skip the actor's extra forward pass and use the sampler's log-probs as lp_old?
+
+    With one update per rollout batch the PPO ratio exp(lp_θ − lp_old) is evaluated at θ = θ_old only, so its
+    value is 1 and its gradient is ∇lp_θ whichever numerically-equal copy of lp_old is used (TRL's GRPO does the
+    same with num_iterations=1). The built-in engine reads the actor's live weights and its log-probs equal the
+    trainer's to float rounding (tests/test_rollout.py), so the truncated IS correction is skipped then (weights
+    1). A sampler with different numerics (another backend, lower precision) should use ``recompute``.
+    """
+    mode = cfg.algo.old_logprobs
+    if mode == "auto":
+        return cfg.algo.ppo_epochs == 1 and cfg.train.batch_size >= rows
+    return mode == "sampling"
+
+
 def prepare(roles: Roles, batch: Batch, st: RLState, cfg: RLConfig, algo: Resolved) -> Batch:
     """Reference and old log-probs, TIS weights, values and advantages of a scored batch."""
     beta = st.kl.value
     if beta > 0:
         batch = batch.union(roles.ref.logprobs(batch))
-    batch = batch.union(roles.actor.logprobs(batch))
-    if cfg.algo.is_correction == "tis":
+    reuse = reuse_sampling_logprobs(cfg, len(batch))
+    if reuse:
+        batch["old_logprobs"] = batch["sampling_logprobs"]  # the actor then measures the entropy in its update
+    else:
+        batch = batch.union(roles.actor.logprobs(batch))
+    if cfg.algo.is_correction == "tis" and not reuse:
         batch["is_weights"] = truncated_is_weights(batch["old_logprobs"], batch["sampling_logprobs"],
                                                    batch["response_mask"], cfg.algo.is_cap)
     if roles.critic is not None:
@@ -274,7 +293,7 @@ def batch_metrics(batch: Batch) -> dict:
     from alignflow.algorithms.core import masked_mean
 
     mask = batch["response_mask"]
-    out = {"policy/entropy": float(masked_mean(batch["entropy"], mask))}
+    out = {"policy/entropy": float(masked_mean(batch["entropy"], mask))} if "entropy" in batch else {}
     if "is_weights" in batch:
         out["rollout/is_weight_mean"] = float(masked_mean(batch["is_weights"], mask))
         out["rollout/logprob_abs_diff"] = float(masked_mean((batch["old_logprobs"] -

@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 
+from alignflow.algorithms.core import masked_mean
 from alignflow.algorithms.kl import kl_loss
 from alignflow.algorithms.policy import entropy_bonus, gspo_policy_loss, ppo_policy_loss, value_loss, vanilla_pg_loss
 from alignflow.batch import Batch
@@ -318,7 +319,8 @@ class Actor:
     def _loss_terms(self, mb: Batch, pw: int, kw: dict) -> tuple[dict, dict, dict]:
         """One micro-batch: (terms, their coefficients, metrics). Each term is already divided by the mini-batch-wide
         count, so summing a term over micro-batches gives its mini-batch value; the loss is Σ coef·term."""
-        with_entropy = self.algo_cfg.entropy_coef > 0
+        bonus = self.algo_cfg.entropy_coef > 0
+        with_entropy = bonus or "entropy" not in mb  # no prior logprobs pass: measure the entropy here
         lp, ent = response_logprobs(self.model, mb, pw, self.temperature, with_entropy)  # (b, rw)
         adv = mb["advantages"] * mb["is_weights"] if "is_weights" in mb else mb["advantages"]  # TIS, see rl_algos
         policy, metrics = POLICY_TERMS[self.algo.policy_loss](lp, mb, adv, self.algo_cfg, kw)
@@ -326,9 +328,11 @@ class Actor:
         if self.algo.kl_placement == "loss" and self.kl_coef > 0:
             terms["kl_loss"], _ = kl_loss(lp, mb["ref_logprobs"], mb["response_mask"], self.algo.kl_estimator, **kw)
             coefs["kl_loss"] = self.kl_coef
-        if with_entropy:
+        if bonus:
             terms["entropy_loss"], _ = entropy_bonus(ent, mb["response_mask"], **kw)  # −H, aggregated
             coefs["entropy_loss"] = self.algo_cfg.entropy_coef
+        if "entropy" not in mb:
+            metrics["policy/entropy"] = masked_mean(ent.detach(), mb["response_mask"])  # token mean of this micro-batch
         return terms, coefs, metrics
 
     @dispatch("split")
