@@ -240,7 +240,7 @@ def summarise(result: dict) -> dict:
         runs = result[side]["runs"]
         for key in ("pairs_per_s", "pairs_per_cpu_s", "peak_rss_mb", "train_rss_mb", "ref_precompute_s"):
             result[side][f"median_{key}"] = statistics.median(r[key] for r in runs)
-    for mode, s in result["trl_sweep"].items():
+    for s in result["trl_sweep"].values():
         for key in ("pairs_per_s", "peak_rss_mb", "train_rss_mb"):
             s[f"median_{key}"] = statistics.median(r[key] for r in s["runs"])
     a, t = result["alignflow"], result["trl"]
@@ -261,7 +261,8 @@ def report(r: dict) -> str:
         "`python bench/bench_dpo.py --sweep`; workload and method in `docs/benchmarks.md`.", "",
         "| | alignflow | TRL | alignflow / TRL |", "|---|---:|---:|---:|",
         f"| setting | `{r['alignflow_mode']}` | `{r['trl_mode']}` | |",
-        f"| pairs/s (wall) | {a['median_pairs_per_s']:.2f} | {t['median_pairs_per_s']:.2f} | **{r['pairs_ratio']:.2f}x** |",
+        f"| pairs/s (wall) | {a['median_pairs_per_s']:.2f} | {t['median_pairs_per_s']:.2f} | "
+        f"**{r['pairs_ratio']:.2f}x** |",
         f"| pairs/s (CPU time) | {a['median_pairs_per_cpu_s']:.2f} | {t['median_pairs_per_cpu_s']:.2f} | "
         f"{r['pairs_cpu_ratio']:.2f}x |",
         f"| tokens/s | {a['median_tokens_per_s']:.0f} | {t['median_tokens_per_s']:.0f} | {r['ratio']:.2f}x |",
@@ -271,6 +272,10 @@ def report(r: dict) -> str:
         f"{a['median_train_rss_mb'] / max(t['median_train_rss_mb'], 1e-9):.2f}x |",
         f"| reference precompute (s, untimed) | {a['median_ref_precompute_s']:.1f} | "
         f"{t['median_ref_precompute_s']:.1f} | |"]
+    pads = [run["pad_fraction"] for run in t["runs"] if "pad_fraction" in run]
+    if pads:
+        ours = "0 (padding-free)" if r["alignflow_mode"] == "packed" else "n/a"
+        lines.append(f"| computed tokens that are padding | {ours} | {statistics.median(pads):.0%} | |")
     if r["trl_sweep"]:
         lines += ["", f"Every TRL setting ({r['trl_sweep_steps']} timed steps, one run each; ratio = alignflow "
                       "median / this run):", "",

@@ -228,7 +228,8 @@ def test_resume_reproduces_the_uninterrupted_run(setup, tmp_path):
 def test_bad_preference_rows_name_file_line_and_field(setup, tmp_path):
     """chosen == rejected, an empty response and a missing field are reported with file:line: field, together."""
     good = {"prompt": "Review : the film", "chosen": " was great .", "rejected": " was bad ."}
-    rows = [good, good | {"rejected": good["chosen"]}, good | {"chosen": ""}, {"prompt": "Review : it", "chosen": " ok ."}]
+    rows = [good, good | {"rejected": good["chosen"]}, good | {"chosen": ""},
+            {"prompt": "Review : it", "chosen": " ok ."}]
     path = tmp_path / "bad.jsonl"
     write_jsonl(path, rows)
     with pytest.raises(DataError) as err:
@@ -282,7 +283,7 @@ def test_every_preset_loads_and_trains_one_step(preset, setup, tmp_path):
                  f"train.output_dir={tmp_path}", "train.max_steps=1", "train.batch_size=4", "train.progress=false"]
     if preset == "dpo":
         assert main(["po", "--config", str(path)] + overrides) == 0
-        last = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+        last = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
         assert math.isfinite(last[-1]["eval/accuracy"]) and (tmp_path / "model" / "model.safetensors").exists()
         return
     result = po.train_po(load_config(POConfig, path, overrides))

@@ -121,10 +121,11 @@ def row_sequences(row: dict, kl: bool = False) -> list[tuple[list[int], list[int
     return [(row["input_ids"], row["loss_mask"])]
 
 
-def row_groups(rows: list[dict], budget: int, flat: bool) -> list[list[int]]:
-    """Micro-batches of row indices: a row's sequences always share a forward. ``flat``: consecutive rows up to
-    ``budget`` real tokens; otherwise length-sorted groups under ``budget`` padded tokens."""
-    seqs = [row_sequences(r) for r in rows]
+def row_groups(rows: list[dict], budget: int, flat: bool, seqs: Optional[list] = None) -> list[list[int]]:
+    """Micro-batches of row indices: a row's sequences (``seqs[i]``, default its :func:`row_sequences`) always share
+    a forward. ``flat``: consecutive rows up to ``budget`` real tokens; otherwise length-sorted groups under
+    ``budget`` padded tokens."""
+    seqs = seqs or [row_sequences(r) for r in rows]
     if flat:
         return token_groups([sum(len(ids) for ids, _ in s) for s in seqs], budget)
     return token_budget_groups([len(s) * max(len(ids) for ids, _ in s) for s in seqs], budget)
@@ -288,7 +289,8 @@ def kto_z0(model, rows: list[dict], device, flat: bool = True, budget: int = 819
 def _extra_metrics(f: dict) -> dict:
     """pref/chosen_logp, pref/rejected_logp and (with reference values) pref/kl of a step's PrefInputs fields."""
     if "policy_chosen_logps" in f:
-        out = {"pref/chosen_logp": f["policy_chosen_logps"].mean(), "pref/rejected_logp": f["policy_rejected_logps"].mean()}
+        out = {"pref/chosen_logp": f["policy_chosen_logps"].mean(),
+               "pref/rejected_logp": f["policy_rejected_logps"].mean()}
         if "ref_chosen_logps" in f:
             out["pref/kl"] = torch.cat([f["ref_chosen_logps"] - f["policy_chosen_logps"],
                                         f["ref_rejected_logps"] - f["policy_rejected_logps"]]).mean()
@@ -380,7 +382,7 @@ def compute_ref_logps(model, rows: list[dict], device, budget: int = 8192, flat:
     per_row = [row_sequences(r) + (row_sequences(r, kl=True) if kl else []) for r in rows]
     width = max(len(s) for s in per_row)
     values = torch.zeros(n, width)
-    for g in row_groups(rows, budget, flat):
+    for g in row_groups(rows, budget, flat, per_row):
         lp = sequence_logps(model, [s for i in g for s in per_row[i]], device, flat)["logps"].float().cpu()
         k = 0
         for i in g:
@@ -610,8 +612,8 @@ def train_po(cfg: POConfig) -> POResult:
     bar.close()
     result.eval = evaluate_rows(model, held, cfg, kw, device)
     if gold_init is not None:
-        result.eval |= {"eval/gold_reward_init": gold_init,
-                        "eval/gold_reward": gold_eval(model, tok, art, g.eval_prompts, g.max_new_tokens, cfg.train.seed)}
+        gold = gold_eval(model, tok, art, g.eval_prompts, g.max_new_tokens, cfg.train.seed)
+        result.eval |= {"eval/gold_reward_init": gold_init, "eval/gold_reward": gold}
     logger.log(total, result.eval)
     logger.close()
     save_model(model, tok, out / "model")
