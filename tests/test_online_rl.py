@@ -97,18 +97,6 @@ def arith(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def reviews_sft(reviews_task, tmp_path_factory):
-    """The reviews task's 1-layer, 32-wide model after 60 SFT steps."""
-    out = tmp_path_factory.mktemp("reviews-sft")
-    train_sft(from_dict(SFTConfig, {
-        "model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir)},
-        "data": {"path": str(reviews_task.sft_path), "max_len": 64, "eval_fraction": 0.0},
-        "optim": {"lr": 3e-3, "scheduler": "constant"},
-        "train": {"output_dir": str(out), "batch_size": 32, "max_steps": 60, "progress": False}}))
-    return out / "model"
-
-
-@pytest.fixture(scope="session")
 def arith_task(tmp_path_factory):
     return tiny_task(tmp_path_factory.mktemp("arith-tiny"), "arithmetic", num_sft=10, num_pairs=10)
 

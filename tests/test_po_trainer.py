@@ -16,7 +16,7 @@ import torch
 
 from alignflow.algorithms.preference import PREFERENCE_LOSSES
 from alignflow.cli import main
-from alignflow.config import (PO_LOSSES, ConfigError, LoraConfig, ModelConfig, POConfig, SFTConfig, from_dict,
+from alignflow.config import (PO_LOSSES, ConfigError, LoraConfig, ModelConfig, POConfig, from_dict,
                               load_config)
 from alignflow.data.formats import DataError
 from alignflow.demo import label_pairs
@@ -24,7 +24,6 @@ from alignflow.models import load_causal_lm, load_tokenizer, token_logprobs
 from alignflow.tasks.common import read_jsonl, write_jsonl
 from alignflow.trainers import preference as po
 from alignflow.trainers.po_data import rank_samples, sample_texts, to_unpaired
-from alignflow.trainers.sft import train_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ["dpo", "cdpo", "robust_dpo", "ipo", "hinge", "simpo", "orpo", "kto", "cpl", "pro", "treg"]
@@ -33,19 +32,14 @@ FORMAT = {"kto": "unpaired", "cpl": "ranked", "pro": "ranked"}
 
 # ----------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def setup(reviews_task, tmp_path_factory):
+def setup(reviews_task, reviews_sft, tmp_path_factory):
     """The reviews task's 1-layer, 32-wide model after 60 SFT steps; 256 training prompts x 4 samples from it,
     labelled by the gold reward (Bradley-Terry noise 0.5) as pairs, unpaired rows, ranked lists, and flipped pairs;
     a held-out gold-reward probe (64 prompts x 4 samples, fixed sampling seed) and its value for the SFT model."""
     root = tmp_path_factory.mktemp("po")
     task = reviews_task
-    train_sft(from_dict(SFTConfig, {
-        "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
-        "data": {"path": str(task.sft_path), "max_len": 64, "eval_fraction": 0.0},
-        "optim": {"lr": 3e-3, "scheduler": "constant"},
-        "train": {"output_dir": str(root / "sft"), "batch_size": 32, "max_steps": 60, "progress": False}}))
     tok = load_tokenizer(str(task.tokenizer_dir))
-    sft = load_causal_lm(ModelConfig(name_or_path=str(root / "sft" / "model")))
+    sft = load_causal_lm(ModelConfig(name_or_path=str(reviews_sft)))
     prompts = [r["prompt"] for r in read_jsonl(task.prompts_path)[:256]]
     samples = sample_texts(sft, tok, prompts, 4, 24, 1.0, 0)
     pairs = label_pairs(prompts, samples, task.gold_reward, 0.5, 0)
@@ -62,7 +56,7 @@ def setup(reviews_task, tmp_path_factory):
         g = task.gold_reward([p for p in held for _ in range(4)], [x for ss in s for x in ss])
         return sum(g) / len(g)
 
-    return {"task": task, "tok": tok, "sft": root / "sft" / "model", "paths": paths, "gold": gold,
+    return {"task": task, "tok": tok, "sft": reviews_sft, "paths": paths, "gold": gold,
             "gold_sft": gold(sft), "root": root}
 
 

@@ -7,6 +7,8 @@ These are plain functions and small classes; the trainers call them from loops t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import json
 import math
 import random
@@ -18,6 +20,8 @@ import numpy as np
 import torch
 
 from alignflow.config import OptimConfig, TrainConfig
+
+log = logging.getLogger("alignflow")
 
 
 class NonFiniteError(RuntimeError):
@@ -198,3 +202,35 @@ class Progress:
 def batched(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
+
+
+@dataclasses.dataclass
+class TrainingLoop:
+    """What a supervised-style trainer opens with: the seeded row sampler, the optimiser and scheduler, the step
+    to start from (restored from the newest checkpoint under ``train.resume``) and the metrics logger."""
+    sampler: StepSampler
+    total: int
+    opt: torch.optim.Optimizer
+    sched: object
+    start: int
+    logger: MetricsLogger
+
+
+def open_loop(model: torch.nn.Module, num_rows: int, optim: OptimConfig, train: TrainConfig, out: Path,
+              seed: int, reports: Iterable = ()) -> TrainingLoop:
+    """Sampler over ``num_rows`` rows, optimiser, scheduler, resume and logger (the data ``reports`` logged at the
+    start step). Shared by the SFT, reward-model and preference trainers."""
+    from alignflow.distributed.checkpoint import latest_checkpoint, load_checkpoint
+
+    sampler = StepSampler(num_rows, train.batch_size, seed)
+    total = sampler.total_steps(train)
+    opt = build_optimizer(model, optim)
+    sched = build_scheduler(opt, optim, total)
+    ckpt = latest_checkpoint(out) if train.resume else None
+    start = load_checkpoint(ckpt, model, opt, sched)["step"] if ckpt is not None else 0
+    if ckpt is not None:
+        log.info("resumed from %s at step %d", ckpt, start)
+    logger = MetricsLogger(out, resume=ckpt is not None)
+    for r in reports:
+        logger.log(start, {"data/report": r})
+    return TrainingLoop(sampler, total, opt, sched, start, logger)

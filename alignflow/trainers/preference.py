@@ -65,7 +65,7 @@ from alignflow.config import ConfigError, POConfig, TrainConfig
 from alignflow.data.collate import pad_right, token_budget_groups, token_groups
 from alignflow.data.formats import DataError
 from alignflow.data.pipeline import prepare_data
-from alignflow.distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignflow.distributed.checkpoint import save_checkpoint
 from alignflow.models import load_causal_lm, save_model
 from alignflow.models.backbone import get_lm_head, hidden_states, unwrap
 from alignflow.models.logprobs import _chunk_stats, _plan_chunks  # the one log-softmax + gather (no copy of maths)
@@ -581,15 +581,8 @@ def train_po(cfg: POConfig) -> POResult:
         rows = [{"prev_chosen_logps": r["ref_chosen_logps"], "prev_rejected_logps": r["ref_rejected_logps"]} | r
                 for r in rows]
     train, held = rows[:n_train], rows[n_train:]
-    sampler = loop.StepSampler(len(train), cfg.train.batch_size, cfg.train.seed)
-    total = sampler.total_steps(cfg.train)
-    opt = loop.build_optimizer(model, cfg.optim)
-    sched = loop.build_scheduler(opt, cfg.optim, total)
-    ckpt = latest_checkpoint(out) if cfg.train.resume else None
-    start = load_checkpoint(ckpt, model, opt, sched)["step"] if ckpt is not None else 0
-    logger = loop.MetricsLogger(out, resume=ckpt is not None)
-    for r in data.reports:
-        logger.log(start, {"data/report": r})
+    run = loop.open_loop(model, len(train), cfg.optim, cfg.train, out, cfg.train.seed, data.reports)
+    sampler, total, opt, sched, start, logger = run.sampler, run.total, run.opt, run.sched, run.start, run.logger
     bar = loop.Progress(total, start, cfg.train.progress, f"po {cfg.loss.name}")
     result = POResult(model, tok, output_dir=out, ref_cache_hit=reused)
     for step in range(start, total):

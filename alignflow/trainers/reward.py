@@ -31,7 +31,7 @@ from alignflow.algorithms.reward import aggregate, bt_loss, calibration_error, r
 from alignflow.config import RMConfig
 from alignflow.data.collate import pad_right, token_budget_groups, token_groups
 from alignflow.data.pipeline import prepare_data
-from alignflow.distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignflow.distributed.checkpoint import save_checkpoint
 from alignflow.models import GatingNetwork, load_reward_model, save_model, sequence_scores
 from alignflow.models.heads import last_token_hidden
 from alignflow.models.varlen import supports_varlen
@@ -201,13 +201,8 @@ def train_one(cfg: RMConfig, rows: list[dict], seed: int, num_labels: int, out: 
     loop.set_seed(seed)
     model = load_reward_model(cfg.model, num_labels=num_labels, device=device, seed=seed, pad_token_id=pad_id)
     model.train()
-    sampler = loop.StepSampler(len(rows), cfg.train.batch_size, seed)
-    total = sampler.total_steps(cfg.train)
-    opt = loop.build_optimizer(model, cfg.optim)
-    sched = loop.build_scheduler(opt, cfg.optim, total)
-    ckpt = latest_checkpoint(out) if cfg.train.resume else None
-    start = load_checkpoint(ckpt, model, opt, sched)["step"] if ckpt is not None else 0
-    logger = loop.MetricsLogger(out, resume=ckpt is not None)
+    run = loop.open_loop(model, len(rows), cfg.optim, cfg.train, out, seed)
+    sampler, total, opt, sched, start, logger = run.sampler, run.total, run.opt, run.sched, run.start, run.logger
     bar = loop.Progress(total, start, cfg.train.progress, f"rm {out.name}")
     step_fn, losses, rate = STEPS[cfg.reward.loss], [], 0.0
     for step in range(start, total):

@@ -26,7 +26,7 @@ import torch
 from alignflow.config import SFTConfig
 from alignflow.data.collate import first_fit_decreasing, flatten, pad_batch, token_budget_groups, unflatten
 from alignflow.data.pipeline import prepare_data
-from alignflow.distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignflow.distributed.checkpoint import save_checkpoint
 from alignflow.models import load_causal_lm, save_model
 from alignflow.models.logprobs import masked_nll_sum
 from alignflow.models.varlen import supports_varlen
@@ -133,18 +133,8 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
     model = load_causal_lm(cfg.model, device)
     model.train()
     train = sft_examples(data.train)
-    sampler = loop.StepSampler(len(train), cfg.train.batch_size, cfg.train.seed)
-    total = sampler.total_steps(cfg.train)
-    opt = loop.build_optimizer(model, cfg.optim)
-    sched = loop.build_scheduler(opt, cfg.optim, total)
-    start = 0
-    ckpt = latest_checkpoint(out) if cfg.train.resume else None
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, model, opt, sched)["step"]
-        log.info("resumed from %s at step %d", ckpt, start)
-    logger = loop.MetricsLogger(out, resume=ckpt is not None)
-    for r in data.reports:
-        logger.log(start, {"data/report": r})
+    run = loop.open_loop(model, len(train), cfg.optim, cfg.train, out, cfg.train.seed, data.reports)
+    sampler, total, opt, sched, start, logger = run.sampler, run.total, run.opt, run.sched, run.start, run.logger
     bar = loop.Progress(total, start, cfg.train.progress, "sft")
     result = SFTResult(model, tokenizer, output_dir=out)
     pad_id = tokenizer.pad_token_id
