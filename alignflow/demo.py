@@ -287,7 +287,9 @@ def write_report(out: Path, cfg: DemoConfig, s: dict, sft, rm, prompts: list[str
             f"| KL to SFT (nats per sequence) | 0 | {r['kl_end']:.3f} | max {r['kl_max']:.3f} |", "",
             "Greedy decoding of held-out prompts (gold / proxy) at steps "
             + ", ".join(f"{st}: {g:.2f} / {p:.2f}" for st, g, p in zip(r["eval_steps"], r["eval_gold"], r["eval_proxy"]))
-            + ". Greedy decoding of so small a model tends to loop, so the sampled numbers above are the better guide.",
+            + ". Greedy decoding of so small a model falls into loops of repeated phrases, which the gold reward "
+              "penalises, and more so as RL sharpens the policy; the sampled numbers above are what RL optimises and "
+              "the better guide.",
             "", "![RL reward](rl_reward.png) ![RL KL](rl_kl.png)", "",
             "The reward–KL frontier of the run (gold reward on each step's samples against that step's KL to the SFT "
             "policy; `alignflow eval frontier=...` draws the same from checkpoints):", "",
