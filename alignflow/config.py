@@ -208,6 +208,8 @@ class POLossConfig:
     bc_weight: Optional[float] = field(None, doc="CPL behaviour-cloning term weight (0).", range=(0.0, None))
     bc_data: str = field("", doc="CPL BC term on all responses ('all', the reference code) or the best ('pos'); "
                                  "empty: the loss default.", choices=("", "all", "pos"))
+    bc_steps: int = field(0, doc="CPL-BC: the first bc_steps optimiser steps train on the behaviour-cloning term "
+                                 "alone (the paper's BC pre-training), then CPL; cpl only.", range=(0, None))
     base: str = field("", doc="T-REG base loss (dpo, or simpo with its beta/gamma); empty: dpo.",
                       choices=("", "dpo", "simpo"))
     eta: Optional[float] = field(None, doc="INPO step size eta (1.0, unverified) or REFUEL's eta (1.0).",

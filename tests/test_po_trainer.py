@@ -284,3 +284,25 @@ def test_every_preset_loads_and_trains_one_step(preset, setup, tmp_path):
     assert math.isfinite(result.history[0]["loss"]) and math.isfinite(result.history[0]["pref/chosen_logp"])
     if preset == "treg":
         assert math.isfinite(result.history[0]["treg/reg"])
+
+
+def test_cpl_bc_pretraining_then_cpl(setup, tmp_path, monkeypatch):
+    """loss.bc_steps (CPL-BC): the first bc_steps optimiser steps minimise the BC term alone (cpl_bc_loss, its value
+    hand-checked in test_preference_losses), the rest the CPL loss; bc_steps with another loss is a config error."""
+    from alignflow.algorithms.preference import cpl_bc_loss
+
+    used, original = [], po.po_step
+
+    def recording(model, rows, loss, loss_kw, train, device, backward=True):
+        if backward:
+            used.append(loss)
+        return original(model, rows, loss, loss_kw, train, device, backward)
+
+    monkeypatch.setattr(po, "po_step", recording)
+    result = po.train_po(_cfg(setup, tmp_path / "cpl", "cpl", loss={"bc_steps": 4}, train={"max_steps": 6}))
+    assert used == [cpl_bc_loss] * 4 + ["cpl"] * 2
+    bc, cpl = result.history[:4], result.history[4:]
+    assert all(h["loss"] == pytest.approx(h["cpl/bc_nll"]) and "pref/margin" not in h for h in bc)
+    assert all("cpl/bc_nll" not in h and "pref/margin" in h for h in cpl)
+    with pytest.raises(ConfigError, match="loss.bc_steps=2 is CPL-BC's pre-training phase; it needs loss.name=cpl"):
+        po.train_po(_cfg(setup, tmp_path / "dpo", "dpo", loss={"bc_steps": 2}))

@@ -294,6 +294,17 @@ def test_cpl_hand_value_unbiased_limit_and_bc_term():
     assert cpl_loss(inp, bc_weight=0.5, bc_data="all")[0].item() == pytest.approx(base + 0.5 * 40 / 15)
 
 
+def test_cpl_bc_pretraining_loss_hand_value():
+    """CPL-BC's pre-training loss is the BC term alone: summed log-probs -4 and -2 over lengths 2 and 3 give
+    ("all") (4 + 2) / (2 + 3) = 1.2 and ("pos") 4 / 2 = 2.0; the same as cpl_loss(bc_weight=1) minus its CPL part."""
+    from alignflow.algorithms.preference import cpl_bc_loss
+
+    inp = pair(-4.0, -2.0, lc=2.0, lr=3.0)
+    assert cpl_bc_loss(inp)[0].item() == pytest.approx(1.2)
+    assert cpl_bc_loss(inp, bc_data="pos")[0].item() == pytest.approx(2.0)
+    assert cpl_bc_loss(inp)[0].item() == pytest.approx(cpl_loss(inp, bc_weight=1.0)[0].item() - cpl_loss(inp)[0].item())
+
+
 def test_cpl_ranked_equals_explicit_pair_loop():
     """A ranked list of 3 averages ℓ(A_k - λA_i) over the 3 ordered pairs (k < i); a padded row of 2 has one pair."""
     logps = T(-3.0, -5.0, -9.0, -2.0, -6.0, 0.0).view(2, 3)

@@ -469,13 +469,29 @@ def cpl_loss(inputs: PrefInputs, *, alpha: float = 0.1, lam: float = 0.5, bc_wei
     losses = (F.softplus(-z) * pairs).sum(dim=(1, 2)) / count  # (B,)
     margin = (z * pairs).sum(dim=(1, 2)) / count  # (B,)
     if bc_weight > 0:
-        lp = logps.masked_fill(~mask, 0.0)
-        if bc_data == "pos":
-            bc = -lp[:, 0] / lengths[:, 0]  # (B,)
-        else:
-            bc = -lp.sum(dim=1) / lengths.masked_fill(~mask, 0).sum(dim=1)  # (B,)
-        losses = losses + bc_weight * bc
+        losses = losses + bc_weight * _cpl_bc(logps, lengths, mask, bc_data)
     return reduce_rows(losses, reduction, weights), _pair_metrics(adv[:, 0], adv[:, 1], margin, weights)
+
+
+def _cpl_bc(logps: Tensor, lengths: Tensor, mask: Tensor, bc_data: str) -> Tensor:
+    """CPL's behaviour-cloning term per row (B,): token-mean NLL of all the row's responses ("all") or of the best
+    one ("pos")."""
+    lp = logps.masked_fill(~mask, 0.0)
+    if bc_data == "pos":
+        return -lp[:, 0] / lengths[:, 0]
+    return -lp.sum(dim=1) / lengths.masked_fill(~mask, 0).sum(dim=1)
+
+
+def cpl_bc_loss(inputs: PrefInputs, *, bc_data: str = "all", reduction: str = "mean",
+                weights: Optional[Tensor] = None):
+    """CPL-BC's pre-training phase (Hejna et al. 2023): behaviour cloning alone, the token-mean NLL of the row's
+    responses (``bc_data`` as in :func:`cpl_loss`), for the first ``loss.bc_steps`` optimiser steps before the CPL
+    loss takes over. Two responses of lengths 2 and 3 with summed log-probs -4 and -2 give (4 + 2) / 5 = 1.2."""
+    if bc_data not in ("all", "pos"):
+        raise ValueError(f"cpl_bc_loss: bc_data={bc_data!r} is not one of all, pos")
+    logps, lengths, _, mask = inputs.as_ranked("cpl_bc_loss", need_lengths=True)  # (B, n) each
+    losses = _cpl_bc(logps, lengths, mask, bc_data)
+    return reduce_rows(losses, reduction, weights), {"cpl/bc_nll": weighted_mean(losses.detach(), weights)}
 
 
 def pro_loss(inputs: PrefInputs, *, sft_weight: float = 0.05, reduction: str = "mean",

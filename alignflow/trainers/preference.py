@@ -60,7 +60,8 @@ from typing import Callable, Optional
 
 import torch
 
-from alignflow.algorithms.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, PrefInputs, treg_token_rewards)
+from alignflow.algorithms.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, PrefInputs, cpl_bc_loss,
+                                            treg_token_rewards)
 from alignflow.config import ConfigError, POConfig, TrainConfig
 from alignflow.data.collate import pad_right, token_budget_groups, token_groups
 from alignflow.data.formats import DataError
@@ -263,7 +264,7 @@ def loss_kwargs(loss_cfg) -> dict:
     out = {}
     for f in dataclasses.fields(loss_cfg):
         value = getattr(loss_cfg, f.name)
-        if f.name == "name" or f.name.startswith("treg_") or value is None or value == "":
+        if f.name in ("name", "bc_steps") or f.name.startswith("treg_") or value is None or value == "":
             continue
         if f.name not in accepted:
             raise ConfigError(f"loss.{f.name}={value!r} is not a hyper-parameter of loss '{loss_cfg.name}' (its "
@@ -563,6 +564,9 @@ def train_po(cfg: POConfig) -> POResult:
     from alignflow.trainers.po_data import gold_eval, resolve_po_builtin
 
     kw = loss_kwargs(cfg.loss)
+    if cfg.loss.bc_steps and cfg.loss.name != "cpl":
+        raise ConfigError(f"loss.bc_steps={cfg.loss.bc_steps} is CPL-BC's pre-training phase; it needs loss.name=cpl "
+                          f"(got {cfg.loss.name!r})")
     art = resolve_po_builtin(cfg)
     out, device, tok = start_run(cfg)
     expect = EXPECT.get(cfg.loss.name, ("preference",))
@@ -587,7 +591,10 @@ def train_po(cfg: POConfig) -> POResult:
     result = POResult(model, tok, output_dir=out, ref_cache_hit=reused)
     for step in range(start, total):
         t0 = time.perf_counter()
-        metrics, ntok = po_step(model, [train[i] for i in sampler.rows(step)], cfg.loss.name, kw, cfg.train, device)
+        loss, loss_kw = cfg.loss.name, kw
+        if step < cfg.loss.bc_steps:  # CPL-BC: behaviour cloning first (bc_steps > 0 only with cpl, checked above)
+            loss, loss_kw = cpl_bc_loss, {"bc_data": kw.get("bc_data", "all")}
+        metrics, ntok = po_step(model, [train[i] for i in sampler.rows(step)], loss, loss_kw, cfg.train, device)
         if loop.guard_loss(step, cfg.train, {cfg.loss.name: torch.tensor(metrics["loss"])}):
             metrics["grad_norm"], _ = loop.optimizer_step(model, opt, sched, cfg.train, cfg.optim.max_grad_norm, step)
         else:
