@@ -471,7 +471,7 @@ class DemoConfig:
     samples_per_prompt: int = field(8, doc="Samples per prompt; disjoint pairs of them are labelled.", range=(2, None))
     max_new_tokens: int = field(40, doc="Tokens generated per sample.", range=(1, None))
     temperature: float = field(1.0, doc="Sampling temperature of the SFT policy.", range=(0.0, None))
-    rm_steps: int = field(1000, doc="Reward-model optimiser steps.", range=(1, None))
+    rm_steps: int = field(300, doc="Reward-model optimiser steps.", range=(1, None))
     rm_lr: float = field(1e-3, doc="Reward-model peak learning rate.", range=(0.0, None))
     rm_batch_size: int = field(32, doc="Pairs per reward-model step.", range=(1, None))
     eval_fraction: float = field(0.15, doc="Pairs held out to measure reward-model accuracy.", range=(0.05, 0.5))
