@@ -250,6 +250,25 @@ class Optimised:
         return state
 
 
+class TrainedRole:
+    """What the actor and the critic share: ``self.model`` trained through ``self.optim`` (:class:`Optimised`),
+    its weights and its checkpoint files."""
+    model: torch.nn.Module
+    optim: Optimised
+
+    @dispatch("one")
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    @dispatch("one")
+    def save(self, path, state: Optional[dict] = None) -> None:
+        self.optim.save(path, state)
+
+    @dispatch("all")
+    def load(self, path) -> dict:
+        return self.optim.load(path)
+
+
 def _counts(mask: torch.Tensor, agg: str) -> dict:
     """The mini-batch-wide denominator of ``agg`` (all-reduced under data parallelism)."""
     if agg == "token_mean":
@@ -273,7 +292,7 @@ def _pg_term(lp, mb, adv, algo, kw):
 POLICY_TERMS = {"ppo": _ppo_term, "gspo": _gspo_term, "vanilla_pg": _pg_term}
 
 
-class Actor:
+class Actor(TrainedRole):
     """The policy being trained: ``logprobs`` (old log-probs and entropies) and ``update`` (one optimiser step).
 
     algo: the resolved algorithm (:class:`~alignflow.trainers.rl_algos.Resolved`); algo_cfg: ``cfg.algo`` (clip,
@@ -290,18 +309,6 @@ class Actor:
     @dispatch("all")
     def set_kl_coef(self, beta: float, label: str = "?") -> None:
         self.kl_coef, self.label = float(beta), label
-
-    @dispatch("one")
-    def state_dict(self) -> dict:
-        return self.model.state_dict()
-
-    @dispatch("one")
-    def save(self, path, state: Optional[dict] = None) -> None:
-        self.optim.save(path, state)
-
-    @dispatch("all")
-    def load(self, path) -> dict:
-        return self.optim.load(path)
 
     @dispatch("split")
     @torch.no_grad()
@@ -362,7 +369,7 @@ class Actor:
         return metrics | {f"policy/{k}": v for k, v in step.items()}
 
 
-class Critic:
+class Critic(TrainedRole):
     """A value model: ``values(batch)`` adds ``key`` (B, Tr); ``update(batch)`` regresses it on ``returns_key``
     with the clipped value loss, token mean over the mini-batch, times ``vf_coef``."""
 
@@ -376,18 +383,6 @@ class Critic:
     @dispatch("all")
     def set_label(self, label: str) -> None:
         self.label = str(label)
-
-    @dispatch("one")
-    def state_dict(self) -> dict:
-        return self.model.state_dict()
-
-    @dispatch("one")
-    def save(self, path, state: Optional[dict] = None) -> None:
-        self.optim.save(path, state)
-
-    @dispatch("all")
-    def load(self, path) -> dict:
-        return self.optim.load(path)
 
     @dispatch("split")
     @torch.no_grad()
