@@ -56,19 +56,9 @@ def to_unpaired(pairs: list[dict]) -> list[dict]:
 def sample_texts(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
                  seed: int) -> list[list[str]]:
     """``n`` decoded answers per prompt from the built-in engine (prompts tokenised as plain text, as in SFT)."""
-    from alignflow.rollout.engine import HFEngine
-    from alignflow.rollout.sampling import SamplingParams
+    from alignflow.eval.evaluate import sample
 
-    was = model.training
-    model.eval()
-    engine, per, texts = HFEngine(model, tokenizer), max(1, 256 // n), []
-    for c, start in enumerate(range(0, len(prompts), per)):  # 256 rows per engine call
-        params = SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed * 100_003 + c)
-        batch = engine.generate([tokenizer(p)["input_ids"] for p in prompts[start:start + per]], params)
-        ids, mask = batch["response_ids"], batch["response_mask"]  # (b*n, Tr) each
-        texts += tokenizer.batch_decode([r[m.bool()].tolist() for r, m in zip(ids, mask)], skip_special_tokens=True)
-    model.train(was)
-    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+    return sample(model, tokenizer, prompts, n, max_new_tokens, temperature, seed)[0]
 
 
 def _key(*parts) -> str:
