@@ -129,7 +129,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     rl = None
     if cfg.rl_algo != "none":
         t = time.perf_counter()
-        rl = run_rl(cfg, out)
+        rl = run_rl(cfg, out, art)
         times["rl"] = time.perf_counter() - t
     # ---- 5. evaluation: untrained, SFT and RL policies sampled on the same held-out prompts; report
     from alignflow.config import ModelConfig
@@ -169,7 +169,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     return summary
 
 
-def run_rl(cfg: DemoConfig, out: Path):
+def run_rl(cfg: DemoConfig, out: Path, art):
     """The RL stage: the SFT policy optimised against the demo's reward model (the proxy), KL-regularised to the SFT
     policy; the built-in task's held-out prompts are decoded greedily every ``rl_eval_every`` steps and scored by
     both the proxy and the hidden gold reward."""
@@ -180,7 +180,8 @@ def run_rl(cfg: DemoConfig, out: Path):
     prompts = max(1, cfg.rl_rows_per_step // n)
     return train_rl(from_dict(RLConfig, {
         "model": {"name_or_path": str(out / "sft" / "model")},
-        "task": to_task_dict(cfg),
+        "task": {"name": "reviews"},  # its reward table; the prompts are the demo task's own files
+        "data": {"path": str(art.prompts_path), "eval_path": str(art.eval_prompts_path)},
         # PPO: 2 epochs of 2 mini-batches per rollout batch; group methods: one update per batch (their papers')
         "algo": {"name": cfg.rl_algo, "ppo_epochs": 2 if critic else 1},
         "kl": {"coef": cfg.rl_kl_coef},
@@ -193,12 +194,6 @@ def run_rl(cfg: DemoConfig, out: Path):
         "train": {"output_dir": str(out / "rl"), "batch_size": prompts * n // (2 if critic else 1),
                   "max_steps": cfg.rl_steps,
                   "eval_every": cfg.rl_eval_every, "seed": cfg.seed, "progress": cfg.progress, "log_every": 1}}))
-
-
-def to_task_dict(cfg: DemoConfig) -> dict:
-    import dataclasses
-
-    return {"name": "reviews"} | {k: v for k, v in dataclasses.asdict(cfg.task).items() if k != "name"}
 
 
 def rl_summary(rl) -> dict:
