@@ -214,18 +214,7 @@ def trl_side(args, wl: dict, mode: str) -> dict:
             clock.mark()
 
     trainer = PreTokenised(model=model, args=targs, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
-    collate, per_step, computed = trainer.data_collator, [], [0, 0]
-
-    def counting(features):
-        batch = collate(features)
-        per_step.append(int(batch["attention_mask"].sum()))
-        computed[0], computed[1] = computed[0] + per_step[-1], computed[1] + batch["input_ids"].numel()
-        if len(per_step) == accum:
-            clock.tokens.append(sum(per_step))
-            per_step.clear()
-        return batch
-
-    trainer.data_collator = counting
+    computed = clock.count_batches(trainer, accum)
     trainer.train()
     shown = settings | {"activation_checkpointing": False, "bf16": False, "beta": BETA, "loss_type": "sigmoid",
                         "optim": getattr(targs.optim, "value", str(targs.optim))}

@@ -121,17 +121,7 @@ def trl_side(args, wl: dict, mode: str) -> dict:
             clock.mark()
 
     trainer = RewardTrainer(model=model, args=targs, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
-    collate, per_step = trainer.data_collator, []
-
-    def counting(features):
-        batch = collate(features)
-        per_step.append(int(batch["attention_mask"].sum()))
-        if len(per_step) == accum:
-            clock.tokens.append(sum(per_step))
-            per_step.clear()
-        return batch
-
-    trainer.data_collator = counting
+    clock.count_batches(trainer, accum)
     trainer.train()
     shown = settings | {"activation_checkpointing": False, "bf16": False,
                         "optim": getattr(targs.optim, "value", str(targs.optim))}

@@ -104,12 +104,6 @@ def trl_settings(mode: str, batch: int, mean_len: float) -> dict:
     raise ValueError(f"unknown TRL mode {mode!r}; choose from {', '.join(TRL_MODES)}")
 
 
-def _real_tokens(batch) -> int:
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["position_ids"].numel())  # padding-free: one row of real tokens (no pad_to_multiple_of)
-
-
 def trl_side(args, wl: dict, mode: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -134,17 +128,7 @@ def trl_side(args, wl: dict, mode: str) -> dict:
             clock.mark()
 
     trainer = SFTTrainer(model=model, args=targs, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
-    collate, per_step = trainer.data_collator, []
-
-    def counting(features):
-        batch = collate(features)
-        per_step.append(_real_tokens(batch))
-        if len(per_step) == accum:
-            clock.tokens.append(sum(per_step))
-            per_step.clear()
-        return batch
-
-    trainer.data_collator = counting
+    clock.count_batches(trainer, accum)
     trainer.train()
     shown = settings | {"activation_checkpointing": False, "bf16": False, "completion_only_loss": True,
                         "optim": getattr(targs.optim, "value", str(targs.optim))}

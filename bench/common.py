@@ -117,6 +117,13 @@ def encoded_rows(cfg_cls, data: dict, tokenizer) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ timing
+def real_tokens(batch) -> int:
+    """Non-pad tokens of a collated TRL batch."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["position_ids"].numel())  # padding-free: one row of real tokens (no pad_to_multiple_of)
+
+
 class StepClock:
     """Wall-clock of optimiser steps: ``mark(step_done)`` after each step, ``add_tokens`` per step's batch."""
 
@@ -129,6 +136,24 @@ class StepClock:
     def mark(self) -> None:
         self.ends.append(time.perf_counter())
         self.cpu.append(time.process_time())
+
+    def count_batches(self, trainer, accum: int) -> list[int]:
+        """Wrap a TRL trainer's ``data_collator``: every ``accum`` collated batches (one optimiser step) add their
+        real tokens to ``tokens``. Returns ``[real, computed]`` token totals over all batches, updated as training
+        runs (computed = the size of the padded ``input_ids``)."""
+        collate, per_step, totals = trainer.data_collator, [], [0, 0]
+
+        def counting(features):
+            batch = collate(features)
+            per_step.append(real_tokens(batch))
+            totals[0], totals[1] = totals[0] + per_step[-1], totals[1] + batch["input_ids"].numel()
+            if len(per_step) == accum:
+                self.tokens.append(sum(per_step))
+                per_step.clear()
+            return batch
+
+        trainer.data_collator = counting
+        return totals
 
     def result(self) -> dict:
         w, n = self.warmup, self.timed
