@@ -69,6 +69,26 @@ def dp_sum(value: float) -> float:
     return float(t.item())
 
 
+def _reduce(values: list[float], op) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def dp_max(value: float) -> float:
+    """Maximum of ``value`` over the data-parallel group (the value itself in one process)."""
+    return float(value) if not _distributed() else _reduce([float(value)], dist.ReduceOp.MAX)[0]
+
+
+def dp_sum_dict(values: dict) -> dict:
+    """Every entry summed over the data-parallel group in ONE collective (the dict itself in one process). All
+    ranks must pass the same keys; they are sorted so the order agrees."""
+    if not _distributed() or not values:
+        return {k: float(v) for k, v in values.items()}
+    keys = sorted(values)
+    return dict(zip(keys, _reduce([float(values[k]) for k in keys], dist.ReduceOp.SUM)))
+
+
 class LocalGroup:
     """A role in this process. Attribute access goes straight to the role (methods, and ``role.model`` for tests).
 

@@ -118,6 +118,8 @@ def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, cf
     """Clip, guard against non-finite gradients, step. Returns (grad_norm, stepped)."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the norm over every rank's shards
+        norm = norm.full_tensor()
     if not torch.isfinite(norm):
         bad = next((n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()),
                    "?")

@@ -47,10 +47,9 @@ from alignflow.algorithms.dapo import dynamic_sampling_filter, overlong_penalty
 from alignflow.algorithms.kl import make_kl_controller, sequence_kl
 from alignflow.algorithms.safe import LagrangeMultiplier
 from alignflow.batch import Batch
-from alignflow.config import RLConfig
+from alignflow.config import ConfigError, RLConfig
 from alignflow.data.pipeline import prepare_data
 from alignflow.distributed.checkpoint import latest_checkpoint
-from alignflow.models import save_model
 from alignflow.rewards import RunningNorm
 from alignflow.trainers import loop
 from alignflow.trainers.rl_algos import (AdvContext, Resolved, advantage_metrics, compute_advantages, resolve,
@@ -204,6 +203,11 @@ def reuse_sampling_logprobs(cfg: RLConfig, rows: int) -> bool:
     1). A sampler with different numerics (another backend, lower precision) should use ``recompute``.
     """
     mode = cfg.algo.old_logprobs
+    if cfg.rollout.backend != "builtin":  # vLLM samples with its own kernels in bf16: never reuse its log-probs
+        if mode == "sampling":
+            raise ConfigError("algo.old_logprobs=sampling needs rollout.backend=builtin: vLLM's log-probs differ from "
+                              "the trainer's by kernel and precision; use algo.old_logprobs=recompute (or auto)")
+        return False
     if mode == "auto":
         return cfg.algo.ppo_epochs == 1 and cfg.train.batch_size >= rows
     return mode == "sampling"
@@ -369,8 +373,34 @@ def _gold(cfg: RLConfig, art):
     return art.gold_reward if art is not None else (get_task(cfg.task.name).gold_reward if cfg.reward.task else None)
 
 
+def recover(roles: Roles, st: RLState, cfg: RLConfig, algo: Resolved, rows: list, out: Path, err: Exception,
+            logger, restarts: int) -> int:
+    """A worker died: recreate the worker sets, reload the last checkpoint (or start over without one) and log
+    the event. Returns the step to go on from. Only Ray placements recover; the error is re-raised otherwise,
+    and after ``resources.max_restarts`` restarts."""
+    if roles.placement is None or restarts >= cfg.resources.max_restarts:
+        raise err
+    log.warning("step %d: %s; restarting the workers (restart %d of at most %d)", st.step, err, restarts + 1,
+                cfg.resources.max_restarts)
+    failed_at = st.step
+    roles.placement.restart()
+    fresh = _state(cfg, algo, rows)
+    st.prompts, st.kl, st.lagrange, st.reward_norm, st.step = fresh.prompts, fresh.kl, fresh.lagrange, \
+        fresh.reward_norm, 0
+    step = resume(roles, st, out)
+    logger.log(step, {"event/worker_lost": str(err).splitlines()[0], "event/failed_at_step": failed_at,
+                      "event/resumed_from_step": step})
+    return step
+
+
 def train_rl(cfg: RLConfig) -> RLResult:
-    """Run online RL as configured (``alignflow rl``); returns the policy, per-step metrics and the final eval."""
+    """Run online RL as configured (``alignflow rl``); returns the policy, per-step metrics and the final eval.
+
+    With roles on Ray workers (``resources``) a dead worker is survived: the workers are recreated and the run
+    goes on from the last checkpoint (:func:`recover`); ``RLResult.model`` is then None and the trained model is
+    the Hugging Face directory ``<output_dir>/model``.
+    """
+    from alignflow.distributed.ray_group import WorkerLost
 
     art = resolve_builtin(cfg, "rl")
     if art is not None and not cfg.data.eval_path:
@@ -380,6 +410,15 @@ def train_rl(cfg: RLConfig) -> RLResult:
     data = prepare_data(cfg.data, tok, expect=("prompt",), seed=cfg.train.seed)
     total, opt_steps = _sizes(cfg, len(data.train))
     roles = build_roles(cfg, algo, device, opt_steps, tok)
+    try:
+        return _run(cfg, algo, roles, data, total, out, tok, art, WorkerLost)
+    finally:
+        if roles.placement is not None:
+            roles.placement.shutdown()
+
+
+def _run(cfg: RLConfig, algo: Resolved, roles: Roles, data, total: int, out: Path, tok, art, lost) -> RLResult:
+    """The step loop of :func:`train_rl`: resume, evaluate, step, log, save; recover from a lost worker."""
     st = _state(cfg, algo, data.train)
     start = resume(roles, st, out) if cfg.train.resume else 0
     held_out = data.eval[:cfg.rollout.eval_prompts]
@@ -389,7 +428,7 @@ def train_rl(cfg: RLConfig) -> RLResult:
     for r in data.reports:
         logger.log(start, {"data/report": r})
     bar = loop.Progress(total, start, cfg.train.progress, f"rl/{cfg.algo.name}")
-    result = RLResult(roles.actor.model, tok, output_dir=out, roles=roles)
+    result = RLResult(roles.actor.model if roles.placement is None else None, tok, output_dir=out, roles=roles)
 
     def run_eval(step: int) -> dict:
         m = evaluate(roles, eval_prompts, gold)
@@ -399,21 +438,30 @@ def train_rl(cfg: RLConfig) -> RLResult:
 
     if cfg.train.eval_every and start == 0:
         run_eval(0)  # the starting policy, so every curve has its baseline
-    for step in range(start, total):
-        st.step = step
-        m = rl_step(roles, st, cfg, algo)
-        st.step = step + 1
+    step, restarts = start, 0
+    while step < total:
+        try:
+            st.step = step
+            m = rl_step(roles, st, cfg, algo)
+            st.step = step + 1
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total:
+                run_eval(step + 1)
+            if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
+                save_all(roles, st, out)
+        except lost as err:
+            step = recover(roles, st, cfg, algo, data.train, out, err, logger, restarts)
+            restarts += 1
+            del result.history[max(step - start, 0):]  # the steps after the checkpoint are done again
+            result.evals = [(s, e) for s, e in result.evals if s <= step]
+            continue
         result.history.append(m)
         bar.update(int(m.get("perf/tokens_per_s", 0) * m.get("perf/step_s", 0)),
                    reward=m.get("rollout/reward_mean", float("nan")))
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
             logger.log(step + 1, m)
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total:
-            run_eval(step + 1)
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-            save_all(roles, st, out)
+        step += 1
     bar.close()
     result.eval = run_eval(total)
     logger.close()
-    save_model(roles.actor.model, tok, out / "model")
+    roles.actor.export(out / "model", tok)
     return result

@@ -51,6 +51,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -66,12 +67,14 @@ from alignflow.config import ConfigError, POConfig, TrainConfig
 from alignflow.data.collate import pad_right, token_budget_groups, token_groups
 from alignflow.data.formats import DataError
 from alignflow.data.pipeline import prepare_data
-from alignflow.distributed.checkpoint import save_checkpoint
+from alignflow.distributed.groups import dp_max, dp_sum, dp_sum_dict, dp_world_size
+from alignflow.distributed.shard import through_root
 from alignflow.models import load_causal_lm, save_model
 from alignflow.models.backbone import get_lm_head, hidden_states, unwrap
 from alignflow.models.logprobs import _chunk_stats, _plan_chunks  # the one log-softmax + gather (no copy of maths)
 from alignflow.models.varlen import flat_hidden_states, supports_varlen
 from alignflow.trainers import loop
+from alignflow.trainers.po_learner import place_learner, row_batch
 from alignflow.trainers.setup import start_run
 
 log = logging.getLogger("alignflow.po")
@@ -281,10 +284,13 @@ def kto_z0(model, rows: list[dict], device, flat: bool = True, budget: int = 819
         raise ValueError("kto needs each row's mismatched completion (kl_ids, kl_mask) and its ref_kl_logps; "
                          "see add_kto_mismatched and compute_ref_logps")
     total = 0.0
-    for g in token_groups([len(rows[i]["kl_ids"]) for i in range(len(rows))], budget):
+    for g, real in equal_group_count(token_groups([len(rows[i]["kl_ids"]) for i in range(len(rows))], budget)):
         pol = sequence_logps(model, [row_sequences(rows[i], kl=True)[0] for i in g], device, flat)["logps"]
-        total += float((pol - torch.tensor([rows[i]["ref_kl_logps"] for i in g], device=device)).sum())
-    return max(0.0, total / len(rows))
+        total += real * float((pol - torch.tensor([rows[i]["ref_kl_logps"] for i in g], device=device)).sum())
+    mean = total / len(rows)
+    if dp_world_size() > 1:  # the mean over every rank's rows (kto_z0 is called on every rank)
+        mean = dp_sum(total) / dp_sum(len(rows))
+    return max(0.0, mean)
 
 
 def _extra_metrics(f: dict) -> dict:
@@ -318,28 +324,47 @@ def po_step(model, rows: list[dict], loss: str | Callable, loss_kw: dict, train:
     fn, device = PREFERENCE_LOSSES[loss] if isinstance(loss, str) else loss, torch.device(device)
     flat = train.packing and supports_varlen(model)
     kw = dict(loss_kw)
+    n_rows, scale = dp_sum(len(rows)), dp_world_size()  # the step's rows over every data-parallel rank
     if fn is PREFERENCE_LOSSES["kto"]:
         with loop.autocast(device, train.mixed_precision):
-            kw["z0"] = kto_z0(model, rows, device, flat, train.micro_batch_tokens)
+            kw["z0"] = through_root(model, lambda: kto_z0(model, rows, device, flat, train.micro_batch_tokens))
     with_tokens = fn is PREFERENCE_LOSSES["treg"]
     n_max = max((len(r.get("responses_ids", ())) for r in rows), default=0) or None
     parts, tokens = [], 0
-    for g in row_groups(rows, train.micro_batch_tokens, flat):
+    groups = row_groups(rows, train.micro_batch_tokens, flat)
+    for g, real in equal_group_count(groups):
         chunk = [rows[i] for i in g]
         with loop.autocast(device, train.mixed_precision):
-            fields = row_inputs(model, chunk, device, flat, with_tokens, n_max)
+            fields = through_root(model, lambda: row_inputs(model, chunk, device, flat, with_tokens, n_max))
         total, _ = fn(PrefInputs(**fields), reduction="sum", **kw)
         if backward:
-            (total / len(rows)).backward()  # mean over the step's rows, whatever the split
-        parts.append(fields)
-        tokens += sum(len(ids) for r in chunk for ids, _ in row_sequences(r))
+            (total * (scale * real / n_rows)).backward()  # mean over the step's rows, whatever the split
+        if real:
+            parts.append(fields)
+            tokens += sum(len(ids) for r in chunk for ids, _ in row_sequences(r))
     step = _cat_fields(parts)
     with torch.no_grad():
         value, metrics = fn(PrefInputs(**step), reduction="mean", **kw)
-    if not torch.isfinite(value):
-        return {"loss": float("nan")}, 0
     metrics = {"loss": value} | metrics | _extra_metrics(step)
-    return {k: float(v) for k, v in metrics.items()}, tokens
+    # row-weighted over the ranks: exact for the loss and every per-row mean (accuracy, margins, log-probs)
+    metrics = dp_sum_dict({k: float(v) * len(rows) / n_rows for k, v in metrics.items()})
+    if not math.isfinite(metrics["loss"]):
+        return {"loss": float("nan")}, 0
+    return metrics, int(dp_sum(tokens))
+
+
+def equal_group_count(groups: list[list[int]]) -> list[tuple[list[int], float]]:
+    """(micro-batch rows, 1.0) for each group; under data parallelism, as many micro-batches on every rank (FSDP's
+    collectives): groups are halved, then padding micro-batches of row 0 with weight 0.0 are added (see
+    ``trainers/roles.micro_batches``)."""
+    if dp_world_size() == 1:
+        return [(g, 1.0) for g in groups]
+    target, groups = int(dp_max(len(groups))), list(groups)
+    while len(groups) < target and any(len(g) > 1 for g in groups):
+        big = max(range(len(groups)), key=lambda i: len(groups[i]))
+        g = groups.pop(big)
+        groups[big:big] = [g[:len(g) // 2], g[len(g) // 2:]]
+    return [(g, 1.0) for g in groups] + [([0], 0.0)] * (target - len(groups))
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -559,6 +584,44 @@ def evaluate_rows(model, rows: list[dict], cfg: POConfig, kw: dict, device) -> d
     return {f"eval/{k.split('/')[-1] if k.startswith('pref/') else k}": v for k, v in metrics.items()}
 
 
+def _resume(policy, out: Path, cfg: POConfig) -> int:
+    """The step to start from: that of the newest checkpoint under ``train.resume``, else 0."""
+    from alignflow.distributed.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(out) if cfg.train.resume else None
+    if ckpt is None:
+        return 0
+    start = int(policy.load(ckpt)["step"])
+    log.info("resumed from %s at step %d", ckpt, start)
+    return start
+
+
+def _steps(policy, cfg: POConfig, kw: dict, train: list, held: list, sampler, start: int, total: int, out: Path,
+           logger, result: POResult) -> None:
+    """The optimiser steps of :func:`train_po` (CPL-BC's behaviour-cloning phase first), with logging, held-out
+    evaluation and checkpoints."""
+    bar = loop.Progress(total, start, cfg.train.progress, f"po {cfg.loss.name}")
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        loss, loss_kw = cfg.loss.name, kw
+        if step < cfg.loss.bc_steps:  # CPL-BC: behaviour cloning first (bc_steps > 0 only with cpl, checked above)
+            loss, loss_kw = cpl_bc_loss, {"bc_data": kw.get("bc_data", "all")}
+        metrics = policy.step(row_batch([train[i] for i in sampler.rows(step)]), loss, loss_kw, str(step))
+        ntok = int(metrics.pop("tokens"))
+        metrics["perf/tokens_per_s"] = ntok / (time.perf_counter() - t0)
+        result.losses.append(metrics["loss"])
+        result.history.append(metrics)
+        result.tokens_per_s = bar.update(ntok, loss=metrics["loss"])
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
+            logger.log(step + 1, {f"train/{k}" if "/" not in k else k: v for k, v in metrics.items()})
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and held:
+            m = policy.evaluate(row_batch(held), cfg.loss.name, kw)
+            logger.log(step + 1, {f"eval/{k.split('/')[-1] if k.startswith('pref/') else k}": v for k, v in m.items()})
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
+            policy.save(out / "checkpoints" / f"step-{step + 1}", {"step": step + 1})
+    bar.close()
+
+
 def train_po(cfg: POConfig) -> POResult:
     """Run offline preference optimisation as configured; returns the trained policy and its metrics."""
     from alignflow.trainers.po_data import gold_eval, resolve_po_builtin
@@ -585,31 +648,21 @@ def train_po(cfg: POConfig) -> POResult:
         rows = [{"prev_chosen_logps": r["ref_chosen_logps"], "prev_rejected_logps": r["ref_rejected_logps"]} | r
                 for r in rows]
     train, held = rows[:n_train], rows[n_train:]
-    run = loop.open_loop(model, len(train), cfg.optim, cfg.train, out, cfg.train.seed, data.reports)
-    sampler, total, opt, sched, start, logger = run.sampler, run.total, run.opt, run.sched, run.start, run.logger
-    bar = loop.Progress(total, start, cfg.train.progress, f"po {cfg.loss.name}")
-    result = POResult(model, tok, output_dir=out, ref_cache_hit=reused)
-    for step in range(start, total):
-        t0 = time.perf_counter()
-        loss, loss_kw = cfg.loss.name, kw
-        if step < cfg.loss.bc_steps:  # CPL-BC: behaviour cloning first (bc_steps > 0 only with cpl, checked above)
-            loss, loss_kw = cpl_bc_loss, {"bc_data": kw.get("bc_data", "all")}
-        metrics, ntok = po_step(model, [train[i] for i in sampler.rows(step)], loss, loss_kw, cfg.train, device)
-        if loop.guard_loss(step, cfg.train, {cfg.loss.name: torch.tensor(metrics["loss"])}):
-            metrics["grad_norm"], _ = loop.optimizer_step(model, opt, sched, cfg.train, cfg.optim.max_grad_norm, step)
-        else:
-            opt.zero_grad(set_to_none=True)
-        metrics |= {"lr": sched.get_last_lr()[0], "perf/tokens_per_s": ntok / (time.perf_counter() - t0)}
-        result.losses.append(metrics["loss"])
-        result.history.append(metrics)
-        result.tokens_per_s = bar.update(ntok, loss=metrics["loss"])
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
-            logger.log(step + 1, {f"train/{k}" if "/" not in k else k: v for k, v in metrics.items()})
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
-            logger.log(step + 1, evaluate_rows(model, held, cfg, kw, device))
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-            save_checkpoint(out / "checkpoints" / f"step-{step + 1}", model, opt, sched, {"step": step + 1})
-    bar.close()
+    sampler = loop.StepSampler(len(train), cfg.train.batch_size, cfg.train.seed)
+    total = sampler.total_steps(cfg.train)
+    policy, workers = place_learner(cfg, model, total, device)
+    try:
+        start = _resume(policy, out, cfg)
+        logger = loop.MetricsLogger(out, resume=start > 0)
+        for r in data.reports:
+            logger.log(start, {"data/report": r})
+        result = POResult(model, tok, output_dir=out, ref_cache_hit=reused)
+        _steps(policy, cfg, kw, train, held, sampler, start, total, out, logger, result)
+        if workers is not None:  # the driver's copy gets the trained weights (for the gold eval and the result)
+            model.load_state_dict(policy.state_dict())
+    finally:
+        if workers is not None:
+            workers.shutdown()
     result.eval = evaluate_rows(model, held, cfg, kw, device)
     if gold_init is not None:
         gold = gold_eval(model, tok, art, g.eval_prompts, g.max_new_tokens, cfg.train.seed)

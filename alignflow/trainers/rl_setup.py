@@ -124,6 +124,7 @@ class Roles:
     cost: Optional[LocalGroup] = None
     cost_critic: Optional[LocalGroup] = None
     tokenizer: object = None
+    placement: object = None  # RayPlacement when the roles run on Ray workers (None: this process)
 
 
 def _frozen_cfg(cfg: RLConfig, path: str) -> ModelConfig:
@@ -132,46 +133,78 @@ def _frozen_cfg(cfg: RLConfig, path: str) -> ModelConfig:
                                gradient_checkpointing=False)
 
 
-def _critic(cfg: RLConfig, init: str, tok, total: int, device, key: str, returns_key: str, prefix: str) -> LocalGroup:
+def _critic(cfg: RLConfig, init: str, tok, total: int, device, key: str, returns_key: str, prefix: str,
+            wrap=lambda m: m) -> Critic:
     model_cfg = dataclasses.replace(_frozen_cfg(cfg, init), gradient_checkpointing=cfg.model.gradient_checkpointing)
-    model = load_value_model(model_cfg, device, pad_token_id=tok.pad_token_id, seed=cfg.train.seed)
+    model = wrap(load_value_model(model_cfg, device, pad_token_id=tok.pad_token_id, seed=cfg.train.seed))
     model.train()
-    return LocalGroup(Critic(model, cfg.critic.optim, cfg.train, cfg.algo, total, device, key, returns_key, prefix))
+    return Critic(model, cfg.critic.optim, cfg.train, cfg.algo, total, device, key, returns_key, prefix)
 
 
-def build_roles(cfg: RLConfig, algo: Resolved, device, total_opt_steps: int, tok=None) -> Roles:
-    """Load the models and build every role the algorithm's dataflow needs."""
-    if tok is None:
-        tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision,
-                             cfg.model.trust_remote_code)
-    policy = load_causal_lm(cfg.model, device)
-    policy.train()
-    actor = Actor(policy, cfg.optim, cfg.train, algo, cfg.algo, cfg.rollout.temperature, total_opt_steps, device)
-    roles = Roles(rollout=LocalGroup(Rollout(policy, tok, cfg.rollout, device, cfg.train.mixed_precision,
-                                             cfg.train.seed)),
-                  actor=LocalGroup(actor), reward=None, tokenizer=tok)
-    reward = build_sources(cfg.reward, "reward", cfg.task.name, cfg, device, tok.pad_token_id)
-    if reward is None:
-        raise ConfigError("no reward source: set reward.task (e.g. {gold: 1.0}), reward.functions or reward.models")
-    roles.reward = LocalGroup(RewardRole(reward))
-    if cfg.kl.coef > 0:
+def role_objects(cfg: RLConfig, algo: Resolved, device, total_opt_steps: int, tok, names: tuple[str, ...],
+                 wrap=lambda m: m) -> dict:
+    """The role objects named in ``names`` (actor, rollout, ref, critic, cost_critic, reward, cost), built on
+    ``device``; ``wrap`` transforms every trained or reference model right after loading (``shard`` on workers).
+    The rollout role needs the actor (it reads the actor's module), and a LoRA reference needs it too."""
+    out: dict = {}
+    if "actor" in names:
+        policy = wrap(load_causal_lm(cfg.model, device))
+        policy.train()
+        out["actor"] = Actor(policy, cfg.optim, cfg.train, algo, cfg.algo, cfg.rollout.temperature,
+                             total_opt_steps, device)
+        if "rollout" in names:
+            out["rollout"] = Rollout(policy, tok, cfg.rollout, device, cfg.train.mixed_precision, cfg.train.seed)
+    if "ref" in names:
         common = dict(temperature=cfg.rollout.temperature, budget=cfg.train.micro_batch_tokens, device=device,
                       mixed_precision=cfg.train.mixed_precision)
         if cfg.model.lora.enabled and not cfg.ref_model:
-            roles.ref = LocalGroup(Reference(lora_actor=policy, **common))
+            out["ref"] = Reference(lora_actor=out["actor"].model, **common)
         else:
-            ref = load_causal_lm(_frozen_cfg(cfg, cfg.ref_model or cfg.model.name_or_path), device)
-            roles.ref = LocalGroup(Reference(model=ref, **common))
-    if algo.critic:
+            out["ref"] = Reference(model=wrap(load_causal_lm(_frozen_cfg(cfg, cfg.ref_model or
+                                                                         cfg.model.name_or_path), device)), **common)
+    if "critic" in names:
         init = cfg.critic.name_or_path or (cfg.reward.models[0] if cfg.reward.models else cfg.model.name_or_path)
-        roles.critic = _critic(cfg, init, tok, total_opt_steps, device, "values", "returns", "critic")
-    if algo.cost:
+        out["critic"] = _critic(cfg, init, tok, total_opt_steps, device, "values", "returns", "critic", wrap)
+    if "cost_critic" in names:
+        init = cfg.cost.models[0] if cfg.cost.models else cfg.model.name_or_path
+        out["cost_critic"] = _critic(cfg, init, tok, total_opt_steps, device, "cost_values", "cost_returns",
+                                     "cost_critic", wrap)
+    if "reward" in names:
+        reward = build_sources(cfg.reward, "reward", cfg.task.name, cfg, device, tok.pad_token_id)
+        if reward is None:
+            raise ConfigError("no reward source: set reward.task (e.g. {gold: 1.0}), reward.functions or "
+                              "reward.models")
+        out["reward"] = RewardRole(reward)
+    if "cost" in names:
         cost = build_sources(cfg.cost, "cost", cfg.task.name, cfg, device, tok.pad_token_id, cost=True)
         if cost is None:
             raise ConfigError("algo.name=safe_ppo needs a cost source: cost.task (reviews: {ungrammatical: 1.0}), "
                               "cost.functions or cost.models")
-        roles.cost = LocalGroup(RewardRole(cost, key="costs"))
-        init = cfg.cost.models[0] if cfg.cost.models else cfg.model.name_or_path
-        roles.cost_critic = _critic(cfg, init, tok, total_opt_steps, device, "cost_values", "cost_returns",
-                                    "cost_critic")
-    return roles
+        out["cost"] = RewardRole(cost, key="costs")
+    return out
+
+
+def needed_roles(cfg: RLConfig, algo: Resolved) -> tuple[str, ...]:
+    """The roles the algorithm's dataflow uses (the reference only with a KL term, critics only for PPO/Safe RLHF)."""
+    names = ["actor", "rollout", "reward"]
+    names += ["ref"] if cfg.kl.coef > 0 else []
+    names += ["critic"] if algo.critic else []
+    names += ["cost", "cost_critic"] if algo.cost else []
+    return tuple(names)
+
+
+def build_roles(cfg: RLConfig, algo: Resolved, device, total_opt_steps: int, tok=None) -> Roles:
+    """Load the models and build every role the algorithm's dataflow needs: in this process (LocalGroup), or on
+    Ray workers when ``cfg.resources`` says so (``alignflow.distributed.placement``)."""
+    if tok is None:
+        tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision,
+                             cfg.model.trust_remote_code)
+    from alignflow.distributed.ray_group import maybe_ray
+
+    if maybe_ray(cfg.resources):
+        from alignflow.distributed.placement import RayPlacement
+
+        placement = RayPlacement(cfg, algo, total_opt_steps, needed_roles(cfg, algo))
+        return Roles(tokenizer=tok, placement=placement, **placement.groups())
+    objs = role_objects(cfg, algo, device, total_opt_steps, tok, needed_roles(cfg, algo))
+    return Roles(tokenizer=tok, **{name: LocalGroup(role) for name, role in objs.items()})
