@@ -8,8 +8,9 @@ the model's own forward with transformers' ``DynamicCache``, its full-attention 
 
 1. prompts are left-padded and prefilled once (one forward per *distinct* prompt; with ``n > 1`` the cache
    is then repeated so rows i*n .. i*n+n-1 share prompt i);
-2. each decode step feeds one token per live row, samples on-device with a seeded ``torch.Generator`` and
-   writes into preallocated buffers;
+2. each decode step feeds one token per live row, samples on-device (noise from a seeded ``torch.Generator``,
+   or with ``SamplingParams.seeds`` counter-based noise keyed per row, see ``sampling.py``) and writes into
+   preallocated buffers;
 3. rows that end (an EOS id, a stop token id or a stop string) leave the running batch: the cache, the
    attention mask and the position ids are reduced to the unfinished rows, so later steps only compute live
    rows. The one host sync per step is the "did any row end" check (every ``compact_every`` steps); the
@@ -31,7 +32,7 @@ from transformers import DynamicCache
 from alignflow.batch import Batch
 from alignflow.rollout.kv_cache import preallocated_cache, select_rows
 from alignflow.rollout.lean import LeanRunner, unsupported_reason
-from alignflow.rollout.sampling import SamplingParams, chosen_logprobs, presence_mask, sample_tokens
+from alignflow.rollout.sampling import SamplingParams, chosen_logprobs, presence_mask, sample_keys, sample_tokens
 
 FINISH_REASONS = ("length", "eos", "stop")  # finish codes 0, 1, 2 used inside the engine
 
@@ -58,6 +59,7 @@ class _Live:
     reason: torch.Tensor  # (b,) finish code, index into FINISH_REASONS
     logprobs: Optional[torch.Tensor] = None  # (b, max_new) sampling log-probs
     seen: Optional[torch.Tensor] = None  # (b, V) bool: tokens in prompt + response (repetition penalty)
+    keys: Optional[torch.Tensor] = None  # (b, 2) sampling key of each row's (seed, sample index) stream
 
     def select(self, keep: torch.Tensor) -> None:
         for f in dataclasses.fields(self):
@@ -178,6 +180,9 @@ class HFEngine:
           sampling_logprobs (B, Tr) when params.logprobs: log_softmax(logits / T) at the chosen token
           (T = 1 for greedy; no repetition penalty or top-k/p truncation), 0 on padding;
         and meta: prompt_index (int per row), finish_reason ("eos" | "stop" | "length").
+
+        With ``params.seeds`` (one per prompt) row i*n + j depends only on prompt i, ``seeds[i]``, j and the model:
+        the same whatever other prompts share the call, their order, or how the prompts are split into calls.
         """
         if not isinstance(params, SamplingParams):
             raise TypeError(f"HFEngine.generate: params must be SamplingParams, got {type(params).__name__}")
@@ -185,6 +190,7 @@ class HFEngine:
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("HFEngine.generate: stop_strings need a tokenizer; build HFEngine(model, tokenizer)")
         prompt, prompt_mask = self._left_pad(prompt_ids)  # (P, Tp)
+        params.check_seeds(len(prompt_ids), "HFEngine.generate")
         was_training = self.model.training
         self.model.eval()
         try:
@@ -248,6 +254,8 @@ class HFEngine:
             logprobs=torch.zeros(rows, max_new, device=device) if params.logprobs else None,
             seen=(presence_mask(prompt, prompt_mask, logits.shape[-1])
                   if params.repetition_penalty != 1.0 else None),
+            # Row i*n + j samples from the stream (seeds[i], j); the key travels with the row through compaction.
+            keys=sample_keys(params.seeds, n, device) if params.seeds is not None and not params.greedy else None,
         )
         out = _Out(tokens=live.tokens.clone(), length=live.length.clone(), reason=live.reason.clone(),
                    logprobs=None if live.logprobs is None else live.logprobs.clone())
@@ -257,14 +265,16 @@ class HFEngine:
     def _decode(self, live: _Live, out: _Out, runner, logits: torch.Tensor, params: SamplingParams) -> None:
         """The decode loop: sample, record, end rows, drop ended rows, feed the sampled tokens."""
         device, max_new = logits.device, params.max_new_tokens
-        generator = torch.Generator(device=device)
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item())
-        generator.manual_seed(seed)
+        generator = None
+        if params.seeds is None:  # one generator for the whole batch (with `seeds`, live.keys key the noise)
+            generator = torch.Generator(device=device)
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item())
+            generator.manual_seed(seed)
         stop_ids = torch.tensor(sorted(set(self.eos_ids) | set(params.stop_token_ids)), device=device)
         eos_ids = torch.tensor(self.eos_ids, device=device)
         every = self.compact_every or (1 if device.type == "cpu" else 4)
         for t in range(max_new):
-            token = sample_tokens(logits, params, generator, live.seen)  # (b,)
+            token = sample_tokens(logits, params, generator, live.seen, keys=live.keys, step=t)  # (b,)
             token = live.token = torch.where(live.running, token, self.pad_id)
             live.tokens[:, t] = token
             if live.logprobs is not None:

@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from alignflow.algorithms.nash import mixture_logits
 from alignflow.batch import Batch
-from alignflow.rollout.sampling import SamplingParams, chosen_logprobs, sample_tokens
+from alignflow.rollout.sampling import SamplingParams, chosen_logprobs, sample_keys, sample_tokens
 
 
 def _left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,8 +45,12 @@ def _decode(forward, logits: tuple, mask: torch.Tensor, params: SamplingParams, 
     """The decode loop: mix, sample, record, end rows; ``forward(tokens (B, 1), mask, position (B, 1))`` gives the
     next (policy, reference) logits. Returns tokens and log-probs (B, T), lengths (B,), ended-by-EOS (B,)."""
     B, T, device = mask.shape[0], params.max_new_tokens, mask.device
-    gen = torch.Generator(device=device)
-    gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
+    gen, keys = None, None
+    if params.seeds is not None:  # row i*n + j draws from the stream (seeds[i], j): independent of the batch
+        keys = sample_keys(params.seeds, params.n, device)  # (B, 2)
+    else:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
     tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros(B, T, device=device)
     length = torch.full((B,), T, dtype=torch.long, device=device)
@@ -55,7 +59,7 @@ def _decode(forward, logits: tuple, mask: torch.Tensor, params: SamplingParams, 
     pos = mask.sum(-1)  # (B,) position of the next token
     for t in range(T):
         mixed = mixture_logits(*logits, coef)  # (B, V)
-        tok = torch.where(running, sample_tokens(mixed, params, gen), pad_id)  # (B,)
+        tok = torch.where(running, sample_tokens(mixed, params, gen, keys=keys, step=t), pad_id)  # (B,)
         tokens[:, t] = tok
         logps[:, t] = torch.where(running, chosen_logprobs(mixed, tok, params.temperature), 0.0)
         ended = running & torch.isin(tok, eos)
@@ -79,8 +83,11 @@ def generate_mixture(policy, ref, prompt_ids: Sequence[Sequence[int]], params: S
     ``response_ids``/``response_mask`` (B, Tr) (the EOS that ends a row included), ``input_ids``,
     ``attention_mask``, ``position_ids`` (B, Tp + Tr), ``sampling_logprobs`` (B, Tr) = log π_mix(y_t) at the
     sampling temperature (before top-k/top-p truncation, like the engine's); meta ``prompt_index``,
-    ``finish_reason`` ("eos" or "length"). Stop strings and the repetition penalty are not supported here."""
+    ``finish_reason`` ("eos" or "length"). Stop strings and the repetition penalty are not supported here.
+    ``params.seeds`` (one per prompt) keys the noise per row as in ``HFEngine``; a row's tokens then do not depend
+    on the other prompts, up to the floating-point effect of their left padding on the two forwards."""
     params.validate()
+    params.check_seeds(len(prompt_ids), "generate_mixture")
     if params.stop_strings or params.stop_token_ids or params.repetition_penalty != 1.0:
         raise ValueError("generate_mixture: stop strings, stop token ids and the repetition penalty are not "
                          "supported by the mixture sampler")

@@ -5,6 +5,10 @@ Every processor is a pure function on a ``(B, V)`` logits tensor that stays on t
 ``-inf``. The order in which :func:`process_logits` applies them is the one Hugging Face ``generate`` uses:
 repetition penalty, temperature, top-k, top-p, min-p.
 
+The sampling noise comes from one ``torch.Generator`` per call, or, with ``SamplingParams.seeds``, from a
+counter-based hash of (row key, decode step, token id) (section "keyed noise" below), which makes every row's
+sample independent of the rest of the batch.
+
 Shapes: B rows, V vocabulary.
 """
 
@@ -12,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+import numbers
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -41,6 +46,10 @@ class SamplingParams:
                                                           "response (needs a tokenizer).")
     seed: Optional[int] = field(None, doc="Seed of the sampling generator; same seed and inputs give the same output. "
                                           "None draws one from torch's global generator.")
+    seeds: Optional[list] = field(None, doc="One seed per prompt; when set it replaces `seed`. Sample j of prompt i "
+                                            "draws counter-based noise keyed by (seeds[i], j, decode step, token id), "
+                                            "so a prompt's samples do not depend on the other prompts of the call, "
+                                            "their order, or how prompts are split between calls or workers.")
     logprobs: bool = field(False, doc="Also return sampling_logprobs: log-softmax(logits / temperature) at the "
                                       "chosen tokens (temperature 1 when greedy).")
 
@@ -81,6 +90,20 @@ class SamplingParams:
             raise ConfigError(f"SamplingParams.seed: expected an integer or None, got {self.seed!r}")
         if not isinstance(self.logprobs, bool):
             raise ConfigError(f"SamplingParams.logprobs: expected true/false, got {self.logprobs!r}")
+        if self.seeds is not None:
+            if not isinstance(self.seeds, (list, tuple)) or not self.seeds:
+                raise ConfigError(f"SamplingParams.seeds: expected a non-empty list with one integer seed per prompt, "
+                                  f"or None, got {self.seeds!r:.80}")
+            for i, s in enumerate(self.seeds):
+                if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+                    raise ConfigError(f"SamplingParams.seeds[{i}]: expected an integer, got {s!r}")
+
+    def check_seeds(self, prompts: int, who: str) -> None:
+        """Raise ``ConfigError`` unless ``seeds`` is None or has exactly one seed per prompt (``who`` names the
+        caller in the message)."""
+        if self.seeds is not None and len(self.seeds) != prompts:
+            raise ConfigError(f"{who}: SamplingParams.seeds has {len(self.seeds)} seeds for {prompts} prompts; give "
+                              f"exactly one seed per prompt (sample j of prompt i uses the stream (seeds[i], j))")
 
     @property
     def greedy(self) -> bool:
@@ -174,39 +197,147 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: Optional[
     return apply_min_p(logits, params.min_p)
 
 
-def sample_from_logits(logits: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+def sample_from_logits(logits: torch.Tensor, generator: Optional[torch.Generator], *,
+                       keys: Optional[torch.Tensor] = None, step: Union[int, torch.Tensor] = 0,
+                       columns: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One categorical draw per row from ``softmax(logits)``, on-device and without a sync.
 
     Uses the exponential race: ``argmax_v p_v / E_v`` with ``E_v ~ Exp(1)`` i.i.d. is distributed as
     ``Categorical(p)`` (the same trick as the Gumbel-max, with one kernel fewer). -inf logits have p = 0 and
     are never chosen. logits: (B, V) -> (B,) long.
+
+    The noise comes from ``generator`` (one stream for the whole batch, so a row's draw depends on the rows
+    beside it) unless ``keys`` (B, 2), from :func:`sample_keys`, is given: then ``E`` is
+    :func:`keyed_exponential` of (row key, ``step``, column id), a function of the row's own key only.
+    ``columns`` gives the ids that key the columns, (V,) or (B, V); default ``arange(V)``.
     """
     probs = logits.softmax(dim=-1)  # (B, V)
+    if keys is not None:
+        if columns is None:
+            columns = torch.arange(logits.shape[-1], device=logits.device)  # (V,)
+        race = keyed_exponential(keys, step, columns)  # (B, V) float32, > 0: no clamp needed
+        return (probs.float() / race).argmax(dim=-1)
     race = torch.empty_like(probs).exponential_(generator=generator)
     race.clamp_(min=torch.finfo(race.dtype).tiny)  # an exact 0 would make 0/0 = nan for masked tokens
     return (probs / race).argmax(dim=-1)
 
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator],
-                  seen: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  seen: Optional[torch.Tensor] = None, *, keys: Optional[torch.Tensor] = None,
+                  step: Union[int, torch.Tensor] = 0) -> torch.Tensor:
     """The next token of each row under ``params``: argmax when greedy, else a draw from the processed logits.
 
     With ``0 < top_k < V`` the top-k candidates are taken first and top-p / min-p / the draw run on the
     ``(B, k)`` candidates only: the same distribution as :func:`process_logits` over the full vocabulary
     (the softmax over the survivors is unchanged; only exact ties with the k-th logit may differ), without
     sorting or drawing noise for all V tokens. logits: (B, V) float -> (B,) long.
+
+    ``keys`` (B, 2) and ``step``: per-row counter-based noise (see :func:`sample_from_logits`). On the
+    candidate path the noise is keyed by the candidate's *token id*, not its position among the candidates:
+    a token gets the same noise whatever ``top_k`` is and however ties at the k-th logit are ordered, so
+    with the same keys the candidate path and the full-vocabulary path pick the same token whenever their
+    processed distributions agree.
     """
     if params.greedy or not 0 < params.top_k < logits.shape[-1]:
         processed = process_logits(logits, params, seen)  # (B, V)
-        return processed.argmax(dim=-1) if params.greedy else sample_from_logits(processed, generator)
+        if params.greedy:
+            return processed.argmax(dim=-1)
+        return sample_from_logits(processed, generator, keys=keys, step=step)
     if params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature != 1.0:
         logits = apply_temperature(logits, params.temperature)
     values, index = logits.topk(params.top_k, dim=-1)  # (B, k) each, sorted descending
     values = apply_min_p(apply_top_p_sorted(values, params.top_p), params.min_p)
-    choice = sample_from_logits(values, generator)  # (B,) position among the candidates
+    choice = sample_from_logits(values, generator, keys=keys, step=step, columns=index)  # (B,) position
     return index.gather(-1, choice[:, None]).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------- keyed noise
+# Counter-based sampling noise: every draw is a pure function of (row key, decode step, column id), so a row's
+# samples do not depend on which rows share its batch, on their order, or on rows leaving the batch.
+#
+# The mixing function is Wellons' "lowbias32" (found by his hash-prospector search): two xorshift-multiply
+# rounds on 32 bits, a bijection of [0, 2**32) whose measured avalanche bias is about 0.17 (each output bit
+# flips with probability within a fraction of a percent of 1/2 when one input bit flips). The 32-bit words live
+# in int64 tensors, each op followed by a mask, so everything is plain device-agnostic torch arithmetic with
+# no reliance on integer overflow: a product x * c with x < 2**32 and c < 2**31 is below 2**63. The second
+# multiplier is above 2**31, so it is applied as c = 2**31 + c' : x * c = x * c' + (x & 1) * 2**31 (mod 2**32).
+#
+# Per row and step (cheap, (B,) tensors): h = mix(mix(mix(k0) ^ k1) ^ step), where (k0, k1) is the row's 64-bit
+# key. Per column (the (B, V) part, one mix per element): x = mix(h ^ mix(column ^ _COLUMN_SALT)). Why this is
+# uniform enough for sampling: for a fixed row and step the map column -> x is injective (composition of
+# bijections), so the V draws of a row are V distinct 32-bit values; a hash with near-ideal avalanche makes
+# them indistinguishable from independent uniforms for tests of the size a sampler sees (tested: Exp(1) mean
+# and Kolmogorov-Smirnov distance, correlations across rows/steps/columns, chi-square of sampled tokens).
+# Mixing the column id before the xor keeps two row-steps whose states differ by d from sharing a whole
+# permuted noise vector (with a plain h ^ column they would whenever d < V); they now share about V**2 / 2**32
+# values at unrelated columns.
+#
+# Uniform: the top 23 bits k of x give u = (k + 0.5) / 2**23, exact in float32 and strictly inside (0, 1), so
+# E = -log(u) lies in [6e-8, 16.6]: Exp(1) discretised to 2**23 equiprobable levels (cut off beyond 16.6, a tail
+# of probability 6e-8), a difference from exact exponential noise far below anything a sampler can resolve.
+_MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
+_LOWBIAS_M1, _LOWBIAS_M2 = 0x7FEB352D, 0x846CA68B  # lowbias32 multipliers (the second one is >= 2**31)
+_COLUMN_SALT = 0x5BD1E995  # xored into column ids before mixing: column 0 must not map to mix(0) = 0
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32) and a constant ``c`` in [0, 2**32); every intermediate
+    stays below 2**63."""
+    if c < 1 << 31:
+        return (x * c).bitwise_and_(_MASK32)
+    return (x * (c - (1 << 31))).add_(x.bitwise_and(1).bitwise_left_shift_(31)).bitwise_and_(_MASK32)
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int64 tensors holding 32-bit words: a bijection of [0, 2**32) with good avalanche."""
+    x = x.bitwise_xor(x.bitwise_right_shift(16))
+    x = _mul32(x, _LOWBIAS_M1)
+    x.bitwise_xor_(x.bitwise_right_shift(15))
+    x = _mul32(x, _LOWBIAS_M2)
+    return x.bitwise_xor_(x.bitwise_right_shift(16))
+
+
+def _splitmix64(z: int) -> int:
+    """SplitMix64's output function (Steele et al. 2014) on a Python int mod 2**64: a bijection with good
+    avalanche, used on the host to turn (seed, sample index) into a 64-bit row key."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def sample_keys(seeds: Sequence[int], n: int, device=None) -> torch.Tensor:
+    """Row keys for ``n`` samples of each prompt: row ``i*n + j`` gets the key of the stream ``(seeds[i], j)``.
+
+    key = splitmix64(splitmix64(seed mod 2**64) xor j), split into two 32-bit words. Computed once per call on
+    the host (O(rows) integer ops). Returns (len(seeds) * n, 2) int64 with values in [0, 2**32).
+    """
+    words = []
+    for seed in seeds:
+        base = _splitmix64(int(seed) & _MASK64)
+        for j in range(n):
+            key = _splitmix64(base ^ j)
+            words.append((key & _MASK32, key >> 32))
+    return torch.tensor(words, dtype=torch.long, device=device)
+
+
+def keyed_uniform_bits(keys: torch.Tensor, step: Union[int, torch.Tensor], columns: torch.Tensor) -> torch.Tensor:
+    """The 32-bit hash of (row key, step, column) described above. keys: (B, 2) int64; step: an int or (B,)
+    int64 in [0, 2**32); columns: (C,) or (B, C) int64 ids in [0, 2**32). Returns (B, C) int64 in [0, 2**32)."""
+    h = mix32(mix32(keys[:, 0]).bitwise_xor_(keys[:, 1]))  # (B,)
+    h = mix32(h.bitwise_xor_(step))  # (B,) state of this row at this step
+    c = mix32(columns.long().bitwise_xor(_COLUMN_SALT))  # (C,) or (B, C)
+    return mix32(c.bitwise_xor(h[:, None]))  # (B, C)
+
+
+def keyed_exponential(keys: torch.Tensor, step: Union[int, torch.Tensor], columns: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise, ``-log(u)`` with ``u = (top 23 bits of the hash + 0.5) / 2**23``: (B, C) float32 in
+    [6e-8, 16.6], on the device of ``keys``. See the section comment for the construction."""
+    u = keyed_uniform_bits(keys, step, columns).bitwise_right_shift_(9).float()  # (B, C) integers < 2**23
+    return u.add_(0.5).mul_(2.0 ** -23).log_().neg_()
 
 
 def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -40,12 +40,14 @@ from alignflow.algorithms.policy import entropy_bonus, gspo_policy_loss, ppo_pol
 from alignflow.batch import Batch
 from alignflow.data.collate import token_budget_groups
 from alignflow.distributed.checkpoint import load_checkpoint, save_checkpoint
-from alignflow.distributed.groups import dispatch, dp_sum, dp_world_size
+from alignflow.distributed.groups import dispatch, dp_max, dp_sum, dp_sum_dict, dp_world_size
+from alignflow.distributed.shard import full_state_dict, gathered, through_root
 from alignflow.models.backbone import get_score_head
 from alignflow.models.heads import token_values
 from alignflow.models.varlen import flat_hidden_states, supports_varlen
 from alignflow.models.logprobs import token_logprobs
 from alignflow.rollout import HFEngine, SamplingParams
+from alignflow.rollout.vllm_engine import VLLMEngine, actor_weights
 from alignflow.trainers import loop
 
 RESPONSE_FIELDS = ("response_ids", "response_mask", "sampling_logprobs", "old_logprobs", "ref_logprobs", "entropy",
@@ -58,12 +60,27 @@ def micro_batches(batch: Batch, budget: int) -> list[tuple[torch.Tensor, Batch, 
 
     A sub-batch keeps the last ``pw`` prompt columns (its longest prompt) and the first ``rw`` response columns
     (its longest response) of every token tensor; (B, Tr) response tensors keep their first ``rw`` columns.
+
+    Under data parallelism every rank must run the same number of forward passes (each FSDP unit all-gathers its
+    weights collectively), so the count is raised to the largest over the ranks: groups are halved, and a rank
+    with too few rows adds *padding* micro-batches -- a copy of its first row with an EMPTY row index, which the
+    callers run and then ignore (their loss counts 0 and their outputs are not written). verl balances the same way.
     """
     p_len = batch["prompt_mask"].sum(-1)  # (B,)
     r_len = batch["response_mask"].sum(-1).clamp(min=1)  # (B,)
     Tp = batch["prompt_mask"].shape[1]
+    groups = token_budget_groups((p_len + r_len).tolist(), budget)
+    target = int(dp_max(len(groups))) if dp_world_size() > 1 else len(groups)
+    while len(groups) < target and any(len(g) > 1 for g in groups):
+        big = max(range(len(groups)), key=lambda i: len(groups[i]))
+        g = groups.pop(big)
+        groups[big:big] = [g[:len(g) // 2], g[len(g) // 2:]]
+    pads = target - len(groups)
+    if pads and not len(batch):
+        raise RuntimeError("a data-parallel rank got no rows: the batch has fewer rows than workers "
+                           "(train.batch_size must be >= resources.actor.workers)")
     out = []
-    for rows in token_budget_groups((p_len + r_len).tolist(), budget):
+    for rows in groups + [[0]] * pads:
         idx = torch.tensor(rows, dtype=torch.long)
         pw, rw = int(p_len[idx].max()), int(r_len[idx].max())
         sub = {}
@@ -75,7 +92,7 @@ def micro_batches(batch: Batch, budget: int) -> list[tuple[torch.Tensor, Batch, 
                 sub[k] = v[:, :rw]  # (b, rw)
             elif v.dim() == 1:
                 sub[k] = v  # (b,)
-        out.append((idx, Batch(sub), pw))
+        out.append((idx if len(out) < len(groups) else idx[:0], Batch(sub), pw))
     return out
 
 
@@ -84,7 +101,8 @@ def scatter_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], rows: int, widt
     first = parts[0][1]
     out = torch.zeros(rows, width, dtype=first.dtype, device=first.device)
     for idx, values in parts:
-        out[idx.to(out.device), :values.shape[1]] = values
+        if len(idx):  # an empty index is a padding micro-batch (see micro_batches)
+            out[idx.to(out.device), :values.shape[1]] = values
     return out
 
 
@@ -112,11 +130,13 @@ def response_logprobs(model, mb: Batch, pw: int, temperature: float,
     """
     if supports_varlen(model):
         ids, keep, lens = _flat(mb)
-        lp, ent = token_logprobs(model, ids, with_entropy=with_entropy, temperature=temperature, seq_lens=lens)
+        lp, ent = through_root(model, lambda: token_logprobs(model, ids, with_entropy=with_entropy,
+                                                            temperature=temperature, seq_lens=lens))
         lp, ent = _unflat(lp, keep), (_unflat(ent, keep) if ent is not None else None)  # (b, pw + rw)
     else:
-        lp, ent = token_logprobs(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"],
-                                 with_entropy=with_entropy, temperature=temperature)  # (b, pw + rw)
+        lp, ent = through_root(model, lambda: token_logprobs(model, mb["input_ids"], mb["attention_mask"],
+                                                            mb["position_ids"], with_entropy=with_entropy,
+                                                            temperature=temperature))  # (b, pw + rw)
     return lp[:, pw:], (ent[:, pw:] if ent is not None else None)
 
 
@@ -125,10 +145,11 @@ def response_values(model, mb: Batch, pw: int) -> torch.Tensor:
     model supports it, like :func:`response_logprobs`."""
     if supports_varlen(model):
         ids, keep, lens = _flat(mb)
-        h = flat_hidden_states(model, ids, lens)  # (1, N, H)
-        v = _unflat(get_score_head(model)(h).squeeze(-1).float(), keep)  # (b, pw + rw)
+        h = through_root(model, lambda: get_score_head(model)(flat_hidden_states(model, ids, lens)))  # (1, N, 1)
+        v = _unflat(h.squeeze(-1).float(), keep)  # (b, pw + rw)
     else:
-        v = token_values(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"])  # (b, pw + rw)
+        v = through_root(model, lambda: token_values(model, mb["input_ids"], mb["attention_mask"],
+                                                     mb["position_ids"]))  # (b, pw + rw)
     return v[:, pw - 1:-1]  # position Tp + t - 1 holds the state before y_t
 
 
@@ -144,7 +165,9 @@ def eval_mode(model):
 
 # ----------------------------------------------------------------------------------------------- rollout
 class Rollout:
-    """Generation with the built-in engine over the ACTOR's module itself (the same object: no copy, no sync).
+    """Generation with the built-in engine over the ACTOR's module itself (the same object: no copy, no sync), or,
+    with ``rollout.backend: vllm``, with a vLLM engine that receives the actor's current weights before each
+    generation and sleeps (frees its GPU memory) after it (:mod:`alignflow.rollout.vllm_engine`, docs/vllm.md).
 
     ``generate(prompts)`` takes a Batch of prompt rows (meta ``prompt`` text, ``prompt_token_ids`` lists,
     ``group`` uid and any other row fields) and returns ``n`` samples per prompt: the engine's tensors plus the
@@ -152,18 +175,30 @@ class Rollout:
     """
 
     def __init__(self, model, tokenizer, cfg, device, mixed_precision: str = "none", seed: int = 0):
-        self.engine = HFEngine(model, tokenizer)
+        self.model, self.vllm = model, cfg.backend == "vllm"
+        self.engine = (VLLMEngine.from_config(model, tokenizer, cfg, seed=seed, device=device) if self.vllm
+                       else HFEngine(model, tokenizer))
         self.tokenizer, self.cfg, self.device, self.mp, self.seed = tokenizer, cfg, device, mixed_precision, seed
 
     @dispatch("split")
     def generate(self, prompts: Batch, greedy: bool = False) -> Batch:
-        n = 1 if greedy else self.cfg.n
-        params = SamplingParams(n=n, temperature=0.0 if greedy else self.cfg.temperature, top_p=self.cfg.top_p,
-                                top_k=self.cfg.top_k, max_new_tokens=self.cfg.max_new_tokens,
-                                stop_strings=list(self.cfg.stop_strings), logprobs=True,
-                                seed=self.seed * 1_000_003 + int(prompts["group"][0]))  # resumable: from the uid
-        with loop.autocast(self.device, self.mp):
-            out = self.engine.generate([list(p) for p in prompts["prompt_token_ids"]], params)
+        with gathered(self.model):  # sharded actor: its full weights, for this call only (collective)
+            if not len(prompts):  # a data-parallel rank with no prompts still joins the gather above
+                return Batch()
+            n = 1 if greedy else self.cfg.n
+            params = SamplingParams(n=n, temperature=0.0 if greedy else self.cfg.temperature, top_p=self.cfg.top_p,
+                                    top_k=self.cfg.top_k, max_new_tokens=self.cfg.max_new_tokens,
+                                    stop_strings=list(self.cfg.stop_strings), logprobs=True,
+                                    # One seed per prompt from its group uid (unique per prompt row over a run):
+                                    # a prompt's samples are the same whichever batch or worker it lands in, and
+                                    # a resumed run draws the same samples.
+                                    seeds=[self.seed * 1_000_003 + int(uid) for uid in prompts["group"]])
+            ids = [list(p) for p in prompts["prompt_token_ids"]]
+            if self.vllm:  # push the actor's current (gathered, LoRA-merged) weights, generate, sleep
+                out = self.engine.generate_from(actor_weights(self.model), ids, params)
+            else:
+                with loop.autocast(self.device, self.mp):
+                    out = self.engine.generate(ids, params)
         ids, mask = out["response_ids"], out["response_mask"]
         texts = self.tokenizer.batch_decode([r[m.bool()].tolist() for r, m in zip(ids, mask)],
                                             skip_special_tokens=True)
@@ -233,6 +268,10 @@ class Optimised:
 
     def step(self, terms: dict, label: str) -> dict:
         """Guard the accumulated loss terms, clip, step. ``label`` names the RL step in a diagnostic."""
+        if dp_world_size() > 1:  # every rank must skip (or raise) together, or the next collective hangs
+            bad_here = loop.check_finite(label, terms) is not None
+            if dp_max(float(bad_here)) > 0 and not bad_here:
+                terms = {"(a loss term on another rank)": torch.tensor(float("nan"))} | terms
         if not loop.guard_loss(label, self.train_cfg, terms):
             self.opt.zero_grad(set_to_none=True)
             return {"skipped": 1.0}
@@ -258,7 +297,8 @@ class TrainedRole:
 
     @dispatch("one")
     def state_dict(self) -> dict:
-        return self.model.state_dict()
+        """The model's weights; consolidated from the shards (collective, on CPU) when it is sharded."""
+        return full_state_dict(self.model)
 
     @dispatch("one")
     def save(self, path, state: Optional[dict] = None) -> None:
@@ -267,6 +307,13 @@ class TrainedRole:
     @dispatch("all")
     def load(self, path) -> dict:
         return self.optim.load(path)
+
+    @dispatch("one")
+    def export(self, path, tokenizer=None) -> None:
+        """A Hugging Face model directory of the current weights (consolidated from the shards when sharded)."""
+        from alignflow.models import save_model
+
+        save_model(self.model, tokenizer, path)
 
 
 def _counts(mask: torch.Tensor, agg: str) -> dict:
@@ -353,20 +400,21 @@ class Actor(TrainedRole):
         kw = {"agg": agg, "norm_len": self.algo.norm_len, **_counts(mask, agg)}
         totals: dict = {}
         metrics: dict = {}
-        n_tok, scale = max(int(mask.sum()), 1), dp_world_size()
+        n_tok, scale = max(dp_sum(mask.sum().item()), 1.0), dp_world_size()  # tokens of the whole mini-batch
         self.model.train()
-        for _, mb, pw in micro_batches(batch, self.train_cfg.micro_batch_tokens):
+        for idx, mb, pw in micro_batches(batch, self.train_cfg.micro_batch_tokens):
+            real = float(len(idx) > 0)  # 0 for a padding micro-batch: it runs (collectives) but counts nothing
             with loop.autocast(self.device, self.train_cfg.mixed_precision):
                 terms, coefs, m = self._loss_terms(mb, pw, kw)
-            (sum(coefs[k] * v for k, v in terms.items()) * scale).backward()
-            share = int(mb["response_mask"].sum()) / n_tok  # token-weighted mean of the micro-batch token means
+            (sum(coefs[k] * v for k, v in terms.items()) * (scale * real)).backward()
+            share = real * int(mb["response_mask"].sum()) / n_tok  # token-weighted mean of micro-batch token means
             for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + v.detach()
+                totals[k] = totals.get(k, 0.0) + v.detach() * real
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) * share
         step = self.optim.step(totals, self.label)
         metrics |= {f"policy/{k}": float(v) for k, v in totals.items()}
-        return metrics | {f"policy/{k}": v for k, v in step.items()}
+        return dp_sum_dict(metrics) | {f"policy/{k}": v for k, v in step.items()}
 
 
 class Critic(TrainedRole):
@@ -398,21 +446,23 @@ class Critic(TrainedRole):
         kw = {"agg": "token_mean", **_counts(batch["response_mask"], "token_mean")}
         clip = self.algo_cfg.value_clip or None
         total, metrics = None, {}
-        n_tok, scale = max(int(batch["response_mask"].sum()), 1), dp_world_size()
+        n_tok, scale = max(dp_sum(batch["response_mask"].sum().item()), 1.0), dp_world_size()
         self.model.train()
-        for _, mb, pw in micro_batches(batch, self.train_cfg.micro_batch_tokens):
+        for idx, mb, pw in micro_batches(batch, self.train_cfg.micro_batch_tokens):
+            real = float(len(idx) > 0)  # see Actor.update
             with loop.autocast(self.device, self.train_cfg.mixed_precision):
                 v = response_values(self.model, mb, pw)  # (b, rw)
                 loss, m = value_loss(v, mb[self.key], mb[self.returns_key], mb["response_mask"], clip, **kw)
-            (self.algo_cfg.vf_coef * loss * scale).backward()
-            total = loss.detach() if total is None else total + loss.detach()
-            share = int(mb["response_mask"].sum()) / n_tok
+            (self.algo_cfg.vf_coef * loss * (scale * real)).backward()
+            total = loss.detach() * real if total is None else total + loss.detach() * real
+            share = real * int(mb["response_mask"].sum()) / n_tok
             for k, val in m.items():
                 if k != "critic/value_loss":
                     metrics[k] = metrics.get(k, 0.0) + float(val) * share
         step = self.optim.step({f"{self.prefix}_value_loss": total}, self.label)
         out = {k.replace("critic/", f"{self.prefix}/"): v for k, v in metrics.items()}
-        return out | {f"{self.prefix}/value_loss": float(total)} | {f"{self.prefix}/{k}": v for k, v in step.items()}
+        out = dp_sum_dict(out | {f"{self.prefix}/value_loss": float(total)})
+        return out | {f"{self.prefix}/{k}": v for k, v in step.items()}
 
 
 def cat_rollouts(batches: list[Batch]) -> Batch:
