@@ -4,21 +4,22 @@
 pass-through), so ``LocalGroup(actor).update(batch)`` *is* ``actor.update(batch)``. It is the default placement and
 the one every CPU test uses.
 
-How ``RayGroup`` (next milestone, FSDP2) will run the same roles without a change to the controller:
+``RayGroup`` (:mod:`alignflow.distributed.ray_group`) runs the same roles on N Ray actors that form one
+``torch.distributed`` process group, each role's model sharded with ``fully_shard`` (:mod:`.shard`); the controller
+does not change. Each role method carries a dispatch mode, set with :func:`dispatch`:
 
-* it starts N Ray actors that form one ``torch.distributed`` process group and builds the role in each (the model
-  sharded with ``fully_shard``); each role method carries a dispatch mode, set with :func:`dispatch`:
+* ``"split"`` (the default; ``generate``, ``logprobs``, ``values``, ``score``, ``update``): the group cuts the input
+  batch across the ranks balanced by token count, calls the method on each rank with its part and puts the outputs
+  back in input order; a method returning a metrics dict reduces it over the group itself (:func:`dp_sum_dict`), so
+  any rank's copy is the whole batch's;
+* ``"one"`` (``state_dict``, ``save``, ``export``): called on every rank (FSDP gathers collectively), rank 0's
+  result is kept;
+* ``"all"`` (``load``, setters): called on every rank with the same arguments.
 
-  - ``"split"`` (the default; ``generate``, ``logprobs``, ``values``, ``score``, ``update``): the group cuts the
-    input batch into N near-equal consecutive chunks (``Batch.chunk(N)``), calls the method on rank i with chunk i
-    and gathers the outputs with ``Batch.cat`` (outputs that are metric dicts are averaged instead);
-  - ``"one"`` (``state_dict``, ``save``): called on every rank (FSDP gathers collectively), rank 0's result is kept;
-  - ``"all"`` (``load``): called on every rank with the same arguments.
-
-* exact normalisation survives the split: a role that divides a loss by a batch-wide count (the actor's token mean)
-  takes that count through :func:`dp_sum`, the all-reduced sum over the data-parallel group (the identity here),
-  and scales its loss by :func:`dp_world_size` because FSDP/DDP *average* gradients over ranks; then the summed
-  gradient equals the single-process one (``algorithms/core.py`` states the same rule for micro-batches).
+Exact normalisation survives the split: a role that divides a loss by a batch-wide count (the actor's token mean)
+takes that count through :func:`dp_sum`, the all-reduced sum over the data-parallel group (the identity here), and
+scales its loss by :func:`dp_world_size` because FSDP *averages* gradients over ranks; then the summed gradient
+equals the single-process one (``algorithms/core.py`` states the same rule for micro-batches).
 
 Everything that needs the whole batch (advantages, whitening, group statistics, the KL controller) runs in the
 controller on gathered batches, so it is the same maths whatever the placement.
@@ -89,6 +90,16 @@ def dp_sum_dict(values: dict) -> dict:
     return dict(zip(keys, _reduce([float(values[k]) for k in keys], dist.ReduceOp.SUM)))
 
 
+class Done:
+    """A finished call (what ``LocalGroup.submit`` returns); ``result()`` gives its value."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
 class LocalGroup:
     """A role in this process. Attribute access goes straight to the role (methods, and ``role.model`` for tests).
 
@@ -107,6 +118,10 @@ class LocalGroup:
         if name.startswith("_"):
             raise AttributeError(f"{type(self.role).__name__} role: {name!r} is private to the role")
         return getattr(self.role, name)
+
+    def submit(self, method: str, *args, **kwargs) -> "Done":
+        """The same interface as ``RayGroup.submit``: here the call runs now and the result waits in a Done."""
+        return Done(getattr(self.role, method)(*args, **kwargs))
 
     def __repr__(self) -> str:
         return f"LocalGroup({type(self.role).__name__})"

@@ -216,20 +216,21 @@ def reuse_sampling_logprobs(cfg: RLConfig, rows: int) -> bool:
 def prepare(roles: Roles, batch: Batch, st: RLState, cfg: RLConfig, algo: Resolved) -> Batch:
     """Reference and old log-probs, TIS weights, values and advantages of a scored batch."""
     beta = st.kl.value
-    if beta > 0:
-        batch = batch.union(roles.ref.logprobs(batch))
     reuse = reuse_sampling_logprobs(cfg, len(batch))
+    # four independent reads of the same batch: started together, so roles on separate workers (split placement)
+    # compute at the same time; in one process each call simply runs in turn
+    calls = [roles.ref.submit("logprobs", batch) if beta > 0 else None,
+             None if reuse else roles.actor.submit("logprobs", batch),
+             roles.critic.submit("values", batch) if roles.critic is not None else None,
+             roles.cost_critic.submit("values", batch) if roles.cost_critic is not None else None]
+    for call in calls:
+        if call is not None:
+            batch = batch.union(call.result())
     if reuse:
         batch["old_logprobs"] = batch["sampling_logprobs"]  # the actor then measures the entropy in its update
-    else:
-        batch = batch.union(roles.actor.logprobs(batch))
     if cfg.algo.is_correction == "tis" and not reuse:
         batch["is_weights"] = truncated_is_weights(batch["old_logprobs"], batch["sampling_logprobs"],
                                                    batch["response_mask"], cfg.algo.is_cap)
-    if roles.critic is not None:
-        batch = batch.union(roles.critic.values(batch))
-    if roles.cost_critic is not None:
-        batch = batch.union(roles.cost_critic.values(batch))
     ctx = AdvContext(beta=beta if algo.kl_placement == "reward" else 0.0, estimator=algo.kl_estimator,
                      gamma=cfg.algo.gamma, lam=cfg.algo.lam, whiten=cfg.algo.whiten_advantages,
                      reinforce_pp_baseline=cfg.algo.reinforce_pp_baseline,
