@@ -260,6 +260,11 @@ class POConfig:
     loss: POLossConfig = field(default_factory=POLossConfig, doc="Preference loss.")
     builtin: POBuiltinConfig = field(default_factory=POBuiltinConfig, doc="Built-in data (when data.path is empty).")
     task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
+    resources: "ResourcesConfig" = field(default_factory=lambda: ResourcesConfig(),
+                                         doc="Placement: resources.actor.workers data-parallel FSDP2 workers for the "
+                                             "policy (Ray); the reference log-probs are computed in this process.")
+    ray: "RayConfig" = field(default_factory=lambda: RayConfig(), doc="Ray cluster (used when resources place the "
+                                                                      "policy on workers).")
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -570,6 +575,21 @@ class RolloutConfig:
     stop_strings: list = field(default_factory=list, doc="Strings that end a response (besides EOS).")
     eval_prompts: int = field(64, doc="Held-out prompts decoded greedily at each evaluation (eval/reward_mean); "
                                       "0 disables evaluation.", range=(0, None))
+    backend: str = field("builtin", doc="Rollout engine: builtin (HFEngine on the actor's weights in place, CPU or "
+                                        "GPU) or vllm (GPU only, pip install 'alignflow[vllm]'; the actor's weights "
+                                        "are pushed to it before each generation). See docs/vllm.md.",
+                         choices=("builtin", "vllm"))
+    gpu_memory_utilization: float = field(0.5, doc="backend=vllm: fraction of the GPU's memory vLLM may take for its "
+                                                   "weights and KV cache (leave room for training when colocated).",
+                                          range=(0.01, 1.0))
+    tensor_parallel_size: int = field(1, doc="backend=vllm: GPUs per vLLM engine (tensor parallelism).",
+                                      range=(1, None))
+    enable_sleep_mode: bool = field(True, doc="backend=vllm: release the engine's GPU memory (weights and KV cache) "
+                                              "after each generation, while the actor trains.")
+    max_model_len: int = field(0, doc="backend=vllm: longest prompt + response (tokens) the engine plans its KV cache "
+                                      "for; 0 = the model config's maximum.", range=(0, None))
+    dtype: str = field("bfloat16", doc="backend=vllm: dtype of the engine's weights and activations (auto = the "
+                                       "model config's).", choices=("auto", "bfloat16", "float16", "float32"))
 
 
 @dataclasses.dataclass
@@ -634,6 +654,47 @@ class CriticConfig:
 
 
 @dataclasses.dataclass
+class RoleResources:
+    workers: int = field(0, doc="Ray workers (data-parallel ranks) for this role; 0 = the actor's count (colocated: "
+                                "always the actor's).", range=(0, None))
+    gpus_per_worker: float = field(0.0, doc="GPUs per worker (Ray num_gpus; fractions share a GPU).", range=(0.0, None))
+    cpus_per_worker: float = field(1.0, doc="CPUs per worker (Ray num_cpus).", range=(0.0, None))
+
+
+@dataclasses.dataclass
+class ResourcesConfig:
+    """Where the roles run (DESIGN.md section 1). ``actor.workers`` 0 or 1 with ``backend: auto`` runs everything in
+    this process (LocalGroup); more workers (or ``backend: ray``) start Ray workers that form one torch.distributed
+    group per worker set, each holding an FSDP2-sharded copy of its roles' models."""
+    backend: str = field("auto", doc="auto: Ray when actor.workers > 1, else this process; local; ray.",
+                         choices=("auto", "local", "ray"))
+    placement: str = field("colocated", doc="colocated: every model role (actor, rollout, ref, critic, reward models) "
+                                            "on the same workers (the hybrid engine); split: the reference, the "
+                                            "critic(s) and the reward models each on their own workers, whose calls "
+                                            "then overlap.", choices=("colocated", "split"))
+    actor: RoleResources = field(default_factory=RoleResources, doc="Actor + rollout workers.")
+    ref: RoleResources = field(default_factory=RoleResources, doc="Reference workers (split placement).")
+    critic: RoleResources = field(default_factory=RoleResources, doc="Critic workers (split placement; Safe RLHF's "
+                                                                     "cost critic shares them).")
+    reward: RoleResources = field(default_factory=RoleResources, doc="Reward/cost model workers (split placement).")
+    cpu_offload: bool = field(False, doc="FSDP2 CPU offload of sharded parameters, gradients and optimiser state.")
+    reshard_after_forward: bool = field(True, doc="Free each layer's gathered weights after its forward (ZeRO-3); "
+                                                  "False keeps them until the backward.")
+    dist_timeout_s: float = field(600.0, doc="torch.distributed collective timeout; a hung rank fails after this.",
+                                  range=(1.0, None))
+    max_restarts: int = field(3, doc="Times the run recreates its workers after one dies, resuming from the last "
+                                     "checkpoint (train.save_every) before giving up.", range=(0, None))
+
+
+@dataclasses.dataclass
+class RayConfig:
+    address: str = field("", doc="Ray cluster to attach to ('auto', 'ray://head:10001', ...); empty starts a local "
+                                 "cluster in this process.")
+    namespace: str = field("alignflow", doc="Ray namespace of the run's actors.")
+    num_cpus: int = field(0, doc="CPUs of a local cluster started here; 0 = Ray's default (all).", range=(0, None))
+
+
+@dataclasses.dataclass
 class RLConfig:
     """``alignflow rl``: online RL (PPO, GRPO, Dr. GRPO, DAPO, RLOO, ReMax, REINFORCE++, Safe RLHF, GSPO).
 
@@ -658,6 +719,8 @@ class RLConfig:
     dapo: DapoConfig = field(default_factory=DapoConfig, doc="Dynamic sampling and overlong shaping.")
     cost: CostConfig = field(default_factory=CostConfig, doc="Safe RLHF cost and Lagrange multiplier.")
     task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig, doc="Placement: workers per role, devices.")
+    ray: RayConfig = field(default_factory=RayConfig, doc="Ray cluster (used when resources place roles on workers).")
 
 # ----------------------------------------------------------------------------------------------- SuperHF, A-LoL
 ALOL_VARIANTS = ("alol", "seq", "ref_free", "kl")  # = alignflow.algorithms.offline.ALOL_VARIANTS (a test checks)
