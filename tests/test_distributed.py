@@ -29,11 +29,11 @@ from tests.test_online_rl import rl_cfg
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local Ray cluster for this module (4 logical CPUs: split placement starts 3 worker sets)."""
+    """A local Ray cluster for this module (6 logical CPUs: split placement starts 4 worker sets, 5 workers)."""
     from alignflow.distributed.ray_group import init_ray
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    init_ray(num_cpus=4)
+    init_ray(num_cpus=6)
     yield
     ray.shutdown()
 
@@ -115,15 +115,26 @@ def test_grpo_step_on_two_workers_equals_one_process(cluster, reviews_task, tmp_
 
 
 def test_ppo_step_split_placement_equals_one_process(cluster, reviews_task, tmp_path):
-    """PPO with the reference and the critic on their own worker sets (split placement, 1 worker each next to 2
-    actor workers): same metrics and weights as one process; the critic is sharded and trained there too."""
-    extra = dict(algo={"name": "ppo"}, resources={"placement": "split", "actor": {"workers": 2},
-                                                  "ref": {"workers": 1}, "critic": {"workers": 1},
-                                                  "backend": "ray"})
-    local = train_rl(_cfg(reviews_task, tmp_path / "local", 0, algo={"name": "ppo"}))
+    """PPO with a reward model, split placement: 2 actor workers, and the reference, the critic and the reward
+    model each on their own worker set (1 worker). Same metrics and weights as one process; the critic is sharded
+    and trained there too, and the reward model scores on its own worker."""
+    from alignflow.config import ModelConfig
+    from alignflow.models import load_reward_model, load_tokenizer
+
+    rm_dir = tmp_path / "rm"  # a reward model with a seeded random score head (what matters is that it scores)
+    rm = load_reward_model(ModelConfig(name_or_path=str(reviews_task.model_dir)), num_labels=1, seed=3)
+    rm.save_pretrained(rm_dir)
+    load_tokenizer(str(reviews_task.tokenizer_dir)).save_pretrained(rm_dir)
+    common = dict(algo={"name": "ppo"}, reward={"task": {"gold": 1.0}, "models": [str(rm_dir)]})
+    extra = dict(resources={"placement": "split", "actor": {"workers": 2}, "ref": {"workers": 1},
+                            "critic": {"workers": 1}, "reward": {"workers": 1}, "backend": "ray"}, **common)
+    local = train_rl(_cfg(reviews_task, tmp_path / "local", 0, **common))
     split = train_rl(_cfg(reviews_task, tmp_path / "split", 2, **extra))
-    for k in ("policy/policy_loss", "critic/value_loss", "policy/grad_norm", "critic/grad_norm"):
+    for k in ("rollout/reward_mean", "policy/policy_loss", "critic/value_loss", "policy/grad_norm",
+              "critic/grad_norm"):
         assert split.history[-1][k] == pytest.approx(local.history[-1][k], rel=1e-4, abs=1e-6), k
+    assert any(k.startswith("rollout/reward_") and k != "rollout/reward_mean" and k != "rollout/reward_gold_mean"
+               for k in split.history[-1])  # the reward model's own score was logged
     _assert_same_weights(_weights(tmp_path / "local"), _weights(tmp_path / "split"))
 
 

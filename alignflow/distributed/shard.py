@@ -166,7 +166,8 @@ def _restore_reshard_state(unit, saved: tuple) -> None:
 
 
 def full_state_dict(model: nn.Module, cpu: bool = True) -> Optional[dict[str, torch.Tensor]]:
-    """The consolidated (unsharded) state dict of a sharded model, on every rank (collective); for a model that is
+    """The consolidated (unsharded) state dict of a sharded model (collective: every rank must call it); with
+    ``cpu=True`` torch gathers it to rank 0's CPU memory only and the other ranks get ``{}``. For a model that is
     not sharded, its own state dict."""
     if not is_sharded(model):
         return model.state_dict()
