@@ -177,6 +177,12 @@ def test_checkpoint_moves_between_two_and_one_workers(cluster, reviews_task, tmp
     train_rl(cfg)
     saved = _weights(tmp_path / "two")
     ckpt = tmp_path / "two" / "checkpoints" / "step-1"
+    from alignflow.eval.frontier import load_policy, resolve_frontier
+
+    assert [e["path"] for e in resolve_frontier([str(tmp_path / "two")])] == [str(ckpt), str(tmp_path / "two" /
+                                                                                           "model")]
+    in_eval = load_policy(ckpt, str(reviews_task.model_dir), "cpu").state_dict()  # sharded -> one process
+    _assert_same_weights(saved, {k: v for k, v in in_eval.items() if k in saved}, atol=0)
 
     def load_on(workers: int, path):
         c = dataclasses.replace(cfg, resources=dataclasses.replace(cfg.resources, actor=dataclasses.replace(

@@ -39,7 +39,8 @@ def _is_model_dir(p: Path) -> bool:
 
 
 def _is_checkpoint(p: Path) -> bool:
-    return (p / "model.safetensors").is_file() and (p / "trainer_state.json").is_file()
+    """A complete alignflow checkpoint: one process's (model.safetensors) or a sharded run's (sharded/, DCP)."""
+    return ((p / "model.safetensors").is_file() or (p / "sharded").is_dir()) and (p / "trainer_state.json").is_file()
 
 
 def _run_policies(run: Path) -> list[Path]:
@@ -90,6 +91,11 @@ def load_policy(path: str | Path, reference: str, device):
     if _is_model_dir(path):
         return load_causal_lm(ModelConfig(name_or_path=str(path)), device)
     model = load_causal_lm(ModelConfig(name_or_path=reference), device)
+    if (path / "sharded").is_dir():  # written by Ray workers: DCP reshards it into this one-process model
+        from alignflow.distributed.checkpoint import load_checkpoint
+
+        load_checkpoint(path, model)
+        return model
     missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
     if unexpected:
         raise ConfigError(f"frontier: {path}/model.safetensors does not fit the reference's architecture "

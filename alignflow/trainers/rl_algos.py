@@ -97,6 +97,9 @@ def resolve(cfg: RLConfig) -> Resolved:
                           "safe_ppo, or another estimator)")
     if spec.critic and advantage != "gae":
         raise ConfigError(f"algo.name={cfg.algo.name} trains a critic, so algo.advantage must be gae (or auto)")
+    if cfg.algo.old_logprobs == "sampling" and cfg.rollout.backend != "builtin":
+        raise ConfigError("algo.old_logprobs=sampling needs rollout.backend=builtin: another backend's log-probs "
+                          "differ numerically from the trainer's; use recompute (or auto)")
     if advantage == "remax" and not spec.greedy_baseline:
         raise ConfigError("algo.advantage=remax needs the greedy rollout of algo.name=remax")
     group = max(spec.min_group, 2 if advantage in GROUP_ESTIMATORS else 1)
