@@ -45,6 +45,22 @@ class RolloutEngine(Protocol):
         ...
 
 
+def validate_prompt_ids(prompt_ids, engine: str, vocab_size: Optional[int] = None) -> None:
+    """ValueError naming the prompt and position unless ``prompt_ids`` is a non-empty list of non-empty lists of
+    token ids (in ``[0, vocab_size)`` when it is given). Every engine checks its input with this."""
+    if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
+        raise ValueError(f"{engine}.generate: prompt_ids must be a non-empty list of token-id lists")
+    high = vocab_size if vocab_size is not None else float("inf")
+    for i, row in enumerate(prompt_ids):
+        if not isinstance(row, (list, tuple)) or len(row) == 0:
+            raise ValueError(f"{engine}.generate: prompt_ids[{i}] must be a non-empty list of token ids, "
+                             f"got {row!r:.80}")
+        for j, tok in enumerate(row):
+            if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or not 0 <= tok < high:
+                where = f" in [0, {vocab_size}) (the model's vocabulary)" if vocab_size is not None else ""
+                raise ValueError(f"{engine}.generate: prompt_ids[{i}][{j}] = {tok!r} is not a token id{where}")
+
+
 # ----------------------------------------------------------------------------------------------- decode state
 @dataclasses.dataclass
 class _Live:
@@ -206,16 +222,7 @@ class HFEngine:
     # ------------------------------------------------------------------------------------------- pieces
     def _left_pad(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate the prompts and left-pad them: (P, Tp) ids and mask on the model's device."""
-        if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
-            raise ValueError("HFEngine.generate: prompt_ids must be a non-empty list of token-id lists")
-        for i, row in enumerate(prompt_ids):
-            if not isinstance(row, (list, tuple)) or len(row) == 0:
-                raise ValueError(f"HFEngine.generate: prompt_ids[{i}] must be a non-empty list of token ids, "
-                                 f"got {row!r:.80}")
-            for j, tok in enumerate(row):
-                if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or not 0 <= tok < self.vocab_size:
-                    raise ValueError(f"HFEngine.generate: prompt_ids[{i}][{j}] = {tok!r} is not a token id in "
-                                     f"[0, {self.vocab_size}) (the model's vocabulary)")
+        validate_prompt_ids(prompt_ids, "HFEngine", self.vocab_size)
         width = max(len(row) for row in prompt_ids)
         ids = torch.tensor([[self.pad_id] * (width - len(r)) + [int(t) for t in r] for r in prompt_ids],
                            dtype=torch.long)

@@ -49,7 +49,6 @@ for EOS, the stop token id, or the stop string); the worker's model at ``model_r
 from __future__ import annotations
 
 import copy
-import numbers
 import os
 import shutil
 import tempfile
@@ -316,15 +315,9 @@ class VLLMWorkerExtension:
 
 # ----------------------------------------------------------------------------------------------- the engine
 def _validate_prompts(prompt_ids) -> None:
-    if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
-        raise ValueError("VLLMEngine.generate: prompt_ids must be a non-empty list of token-id lists")
-    for i, row in enumerate(prompt_ids):
-        if not isinstance(row, (list, tuple)) or len(row) == 0:
-            raise ValueError(f"VLLMEngine.generate: prompt_ids[{i}] must be a non-empty list of token ids, "
-                             f"got {row!r:.80}")
-        for j, tok in enumerate(row):
-            if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or tok < 0:
-                raise ValueError(f"VLLMEngine.generate: prompt_ids[{i}][{j}] = {tok!r} is not a token id")
+    from alignflow.rollout.engine import validate_prompt_ids
+
+    validate_prompt_ids(prompt_ids, "VLLMEngine")
 
 
 def _special_ids(tokenizer, model=None, eos_token_id=None, pad_token_id=None) -> tuple[list[int], int]:
