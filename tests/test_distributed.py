@@ -236,3 +236,53 @@ def test_dpo_step_on_two_workers_equals_one_process(cluster, reviews_task, tmp_p
     moved = _weights(tmp_path / "one")
     assert any(not torch.equal(moved[k], start[k]) for k in moved if k in start)  # the steps changed the weights
     _assert_same_weights(moved, _weights(tmp_path / "two"))
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+class Probe:
+    """A test role: ``work`` records when it ran (wall clock) and on which rank; ``rank_sum`` all-reduces."""
+
+    def __init__(self, delay: float):
+        import torch.distributed as dist
+
+        self.delay, self.rank = delay, dist.get_rank()
+
+    @staticmethod
+    def build(delay: float) -> dict:
+        return {"probe": Probe(delay)}
+
+    def work(self, batch: Batch) -> Batch:
+        import time
+
+        start = time.time()
+        time.sleep(self.delay)
+        n = len(batch)
+        return Batch({"x": batch["x"] * 10, "rank": torch.full((n,), self.rank),
+                      "start": torch.full((n,), start, dtype=torch.float64),
+                      "end": torch.full((n,), time.time(), dtype=torch.float64)})
+
+    def rank_sum(self) -> float:
+        from alignflow.distributed.groups import dp_sum
+
+        return dp_sum(self.rank + 1)
+
+
+def test_worker_sets_split_gather_and_overlap(cluster):
+    """A split call cuts the batch across 2 ranks and returns rows in input order; an unmarked method without a
+    batch runs on every rank (here an all-reduce: 1 + 2); calls started with submit on two worker sets run at the
+    same time (their recorded intervals overlap)."""
+    from alignflow.distributed.ray_group import WorkerSet
+
+    a = WorkerSet("a", 2, Probe.build, (1.0,))
+    b = WorkerSet("b", 1, Probe.build, (1.0,))
+    try:
+        batch = Batch({"x": torch.arange(5)})
+        pa, pb = a.group("probe").submit("work", batch), b.group("probe").submit("work", batch)
+        ra, rb = pa.result(), pb.result()
+        assert ra["x"].tolist() == [0, 10, 20, 30, 40] and rb["x"].tolist() == [0, 10, 20, 30, 40]
+        assert set(ra["rank"].tolist()) == {0, 1}  # both ranks got rows
+        assert float(ra["start"].min()) < float(rb["end"].max()) and float(rb["start"].min()) < float(ra["end"].max())
+        assert a.group("probe").rank_sum() == 3.0
+    finally:
+        a.shutdown()
+        b.shutdown()
