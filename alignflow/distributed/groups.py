@@ -90,6 +90,22 @@ def dp_sum_dict(values: dict) -> dict:
     return dict(zip(keys, _reduce([float(values[k]) for k in keys], dist.ReduceOp.SUM)))
 
 
+def dp_equal_groups(groups: list[list[int]]) -> list[tuple[list[int], float]]:
+    """``(rows, 1.0)`` for each micro-batch group; under data parallelism every rank gets as many micro-batches as
+    the busiest (each FSDP unit all-gathers its weights collectively, so the forward counts must agree): the largest
+    groups are halved, then *padding* micro-batches ``([0], 0.0)`` -- row 0 again, weight 0 -- make up the rest.
+    The caller runs a padding micro-batch (for the collectives) and counts nothing from it. verl balances the same
+    way."""
+    if dp_world_size() == 1:
+        return [(g, 1.0) for g in groups]
+    target, groups = int(dp_max(len(groups))), list(groups)
+    while len(groups) < target and any(len(g) > 1 for g in groups):
+        big = max(range(len(groups)), key=lambda i: len(groups[i]))
+        g = groups.pop(big)
+        groups[big:big] = [g[:len(g) // 2], g[len(g) // 2:]]
+    return [(g, 1.0) for g in groups] + [([0], 0.0)] * (target - len(groups))
+
+
 class Done:
     """A finished call (what ``LocalGroup.submit`` returns); ``result()`` gives its value."""
 

@@ -72,7 +72,7 @@ def _on_workers(cfg: RLConfig, names: tuple[str, ...]) -> dict[str, list[str]]:
 class RayPlacement:
     """The worker sets of one RL run and the role groups over them; ``restart()`` rebuilds every set."""
 
-    def __init__(self, cfg: RLConfig, algo, total_opt_steps: int, names: tuple[str, ...]):
+    def __init__(self, cfg: RLConfig, algo, total_opt_steps: int, names: tuple[str, ...], tok):
         r = cfg.resources
         workers = max(r.actor.workers, 1)
         if cfg.train.batch_size < workers:
@@ -96,12 +96,9 @@ class RayPlacement:
                                             timeout_s=r.dist_timeout_s, threads=threads)
         on_workers = {n for roles in layout.values() for n in roles}
         rest = tuple(n for n in names if n not in on_workers)
-        if rest:
-            from alignflow.models import load_tokenizer
+        if rest:  # rule-based rewards and costs: in this process
             from alignflow.trainers.rl_setup import role_objects
 
-            tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision,
-                                 cfg.model.trust_remote_code)
             self.local = {n: LocalGroup(o) for n, o in role_objects(cfg, algo, torch.device("cpu"), total_opt_steps,
                                                                     tok, rest).items()}
         self.layout = layout

@@ -67,7 +67,7 @@ from alignflow.config import ConfigError, POConfig, TrainConfig
 from alignflow.data.collate import pad_right, token_budget_groups, token_groups
 from alignflow.data.formats import DataError
 from alignflow.data.pipeline import prepare_data
-from alignflow.distributed.groups import dp_max, dp_sum, dp_sum_dict, dp_world_size
+from alignflow.distributed.groups import dp_equal_groups, dp_sum, dp_sum_dict, dp_world_size
 from alignflow.distributed.shard import through_root
 from alignflow.models import load_causal_lm, save_model
 from alignflow.models.backbone import get_lm_head, hidden_states, unwrap
@@ -284,7 +284,7 @@ def kto_z0(model, rows: list[dict], device, flat: bool = True, budget: int = 819
         raise ValueError("kto needs each row's mismatched completion (kl_ids, kl_mask) and its ref_kl_logps; "
                          "see add_kto_mismatched and compute_ref_logps")
     total = 0.0
-    for g, real in equal_group_count(token_groups([len(rows[i]["kl_ids"]) for i in range(len(rows))], budget)):
+    for g, real in dp_equal_groups(token_groups([len(rows[i]["kl_ids"]) for i in range(len(rows))], budget)):
         pol = sequence_logps(model, [row_sequences(rows[i], kl=True)[0] for i in g], device, flat)["logps"]
         total += real * float((pol - torch.tensor([rows[i]["ref_kl_logps"] for i in g], device=device)).sum())
     mean = total / len(rows)
@@ -332,7 +332,7 @@ def po_step(model, rows: list[dict], loss: str | Callable, loss_kw: dict, train:
     n_max = max((len(r.get("responses_ids", ())) for r in rows), default=0) or None
     parts, tokens = [], 0
     groups = row_groups(rows, train.micro_batch_tokens, flat)
-    for g, real in equal_group_count(groups):
+    for g, real in dp_equal_groups(groups):
         chunk = [rows[i] for i in g]
         with loop.autocast(device, train.mixed_precision):
             fields = through_root(model, lambda: row_inputs(model, chunk, device, flat, with_tokens, n_max))
@@ -351,20 +351,6 @@ def po_step(model, rows: list[dict], loss: str | Callable, loss_kw: dict, train:
     if not math.isfinite(metrics["loss"]):
         return {"loss": float("nan")}, 0
     return metrics, int(dp_sum(tokens))
-
-
-def equal_group_count(groups: list[list[int]]) -> list[tuple[list[int], float]]:
-    """(micro-batch rows, 1.0) for each group; under data parallelism, as many micro-batches on every rank (FSDP's
-    collectives): groups are halved, then padding micro-batches of row 0 with weight 0.0 are added (see
-    ``trainers/roles.micro_batches``)."""
-    if dp_world_size() == 1:
-        return [(g, 1.0) for g in groups]
-    target, groups = int(dp_max(len(groups))), list(groups)
-    while len(groups) < target and any(len(g) > 1 for g in groups):
-        big = max(range(len(groups)), key=lambda i: len(groups[i]))
-        g = groups.pop(big)
-        groups[big:big] = [g[:len(g) // 2], g[len(g) // 2:]]
-    return [(g, 1.0) for g in groups] + [([0], 0.0)] * (target - len(groups))
 
 
 # ------------------------------------------------------------------------------------------ reference

@@ -204,7 +204,7 @@ def build_roles(cfg: RLConfig, algo: Resolved, device, total_opt_steps: int, tok
     if maybe_ray(cfg.resources):
         from alignflow.distributed.placement import RayPlacement
 
-        placement = RayPlacement(cfg, algo, total_opt_steps, needed_roles(cfg, algo))
+        placement = RayPlacement(cfg, algo, total_opt_steps, needed_roles(cfg, algo), tok)
         return Roles(tokenizer=tok, placement=placement, **placement.groups())
     objs = role_objects(cfg, algo, device, total_opt_steps, tok, needed_roles(cfg, algo))
     return Roles(tokenizer=tok, **{name: LocalGroup(role) for name, role in objs.items()})

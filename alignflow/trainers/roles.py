@@ -40,7 +40,7 @@ from alignflow.algorithms.policy import entropy_bonus, gspo_policy_loss, ppo_pol
 from alignflow.batch import Batch
 from alignflow.data.collate import token_budget_groups
 from alignflow.distributed.checkpoint import load_checkpoint, save_checkpoint
-from alignflow.distributed.groups import dispatch, dp_max, dp_sum, dp_sum_dict, dp_world_size
+from alignflow.distributed.groups import dispatch, dp_equal_groups, dp_max, dp_sum, dp_sum_dict, dp_world_size
 from alignflow.distributed.shard import full_state_dict, gathered, through_root
 from alignflow.models.backbone import get_score_head
 from alignflow.models.heads import token_values
@@ -61,26 +61,19 @@ def micro_batches(batch: Batch, budget: int) -> list[tuple[torch.Tensor, Batch, 
     A sub-batch keeps the last ``pw`` prompt columns (its longest prompt) and the first ``rw`` response columns
     (its longest response) of every token tensor; (B, Tr) response tensors keep their first ``rw`` columns.
 
-    Under data parallelism every rank must run the same number of forward passes (each FSDP unit all-gathers its
-    weights collectively), so the count is raised to the largest over the ranks: groups are halved, and a rank
-    with too few rows adds *padding* micro-batches -- a copy of its first row with an EMPTY row index, which the
-    callers run and then ignore (their loss counts 0 and their outputs are not written). verl balances the same way.
+    Under data parallelism every rank runs as many micro-batches as the busiest (:func:`dp_equal_groups`); a
+    padding micro-batch comes with an EMPTY row index, which the callers run and then ignore (their loss counts 0
+    and their outputs are not written).
     """
     p_len = batch["prompt_mask"].sum(-1)  # (B,)
     r_len = batch["response_mask"].sum(-1).clamp(min=1)  # (B,)
     Tp = batch["prompt_mask"].shape[1]
-    groups = token_budget_groups((p_len + r_len).tolist(), budget)
-    target = int(dp_max(len(groups))) if dp_world_size() > 1 else len(groups)
-    while len(groups) < target and any(len(g) > 1 for g in groups):
-        big = max(range(len(groups)), key=lambda i: len(groups[i]))
-        g = groups.pop(big)
-        groups[big:big] = [g[:len(g) // 2], g[len(g) // 2:]]
-    pads = target - len(groups)
-    if pads and not len(batch):
+    groups = dp_equal_groups(token_budget_groups((p_len + r_len).tolist(), budget))
+    if not len(batch) and groups:
         raise RuntimeError("a data-parallel rank got no rows: the batch has fewer rows than workers "
                            "(train.batch_size must be >= resources.actor.workers)")
     out = []
-    for rows in groups + [[0]] * pads:
+    for rows, weight in groups:
         idx = torch.tensor(rows, dtype=torch.long)
         pw, rw = int(p_len[idx].max()), int(r_len[idx].max())
         sub = {}
@@ -92,7 +85,7 @@ def micro_batches(batch: Batch, budget: int) -> list[tuple[torch.Tensor, Batch, 
                 sub[k] = v[:, :rw]  # (b, rw)
             elif v.dim() == 1:
                 sub[k] = v  # (b,)
-        out.append((idx if len(out) < len(groups) else idx[:0], Batch(sub), pw))
+        out.append((idx if weight else idx[:0], Batch(sub), pw))
     return out
 
 
