@@ -677,7 +677,8 @@ class ResourcesConfig:
     critic: RoleResources = field(default_factory=RoleResources, doc="Critic workers (split placement; Safe RLHF's "
                                                                      "cost critic shares them).")
     reward: RoleResources = field(default_factory=RoleResources, doc="Reward/cost model workers (split placement).")
-    cpu_offload: bool = field(False, doc="FSDP2 CPU offload of sharded parameters, gradients and optimiser state.")
+    cpu_offload: bool = field(False, doc="FSDP2 CPU offload of sharded parameters, gradients and optimiser state "
+                                         "(GPU workers only).")
     reshard_after_forward: bool = field(True, doc="Free each layer's gathered weights after its forward (ZeRO-3); "
                                                   "False keeps them until the backward.")
     dist_timeout_s: float = field(600.0, doc="torch.distributed collective timeout; a hung rank fails after this.",

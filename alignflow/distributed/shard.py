@@ -82,10 +82,13 @@ def shard(model: nn.Module, mesh: Any = None, mixed_precision: str = "none", cpu
         raise ConfigError(f"shard: mixed_precision {mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
     if not dist.is_initialized():
         raise RuntimeError("shard() needs an initialised torch.distributed process group (RayGroup creates one)")
+    device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
+    if cpu_offload and device_type != "cuda":  # FSDP2 pins the offloaded shards: it needs an accelerator
+        raise ConfigError("resources.cpu_offload moves a GPU model's shards to CPU memory; this model is on the CPU "
+                          "already (no GPU workers): set resources.cpu_offload=false")
     if mesh is None:
         from torch.distributed.device_mesh import init_device_mesh
 
-        device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     dtype = MIXED_PRECISION[mixed_precision]
     kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
