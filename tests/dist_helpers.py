@@ -19,22 +19,17 @@ import contextlib
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from typing import Any, Callable, Iterator
+
+from alignflow.distributed.ray_group import free_port
 
 
 class RankFailed(AssertionError):
     """A rank raised (the message carries its traceback) or the ranks did not finish in time.
 
     An AssertionError, so that a failed ``assert`` inside a rank reads as a test failure, not an error."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple, results) -> None:

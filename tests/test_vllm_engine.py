@@ -23,6 +23,7 @@ from alignflow.rollout.vllm_engine import (EXTENSION, LOGPROBS_MODE, VLLM_MISSIN
                                            actor_weights, chunk_by_bytes, export_model_dir, finish_reason,
                                            outputs_to_batch, request_seeds, vllm_request_kwargs)
 from alignflow.trainers.online import reuse_sampling_logprobs
+from alignflow.trainers.rl_algos import resolve
 from alignflow.trainers.roles import Rollout
 from tests.dist_helpers import run_ranks
 from tests.test_rollout import EOS, PAD, PROMPTS, tiny_model, word_tokenizer
@@ -434,7 +435,7 @@ def test_config_backend_and_old_logprobs():
     assert reuse_sampling_logprobs(rl(**one_update, rollout={"backend": "vllm"}), rows=64) is False
     bad = rl(rollout={"backend": "vllm"}, algo={"old_logprobs": "sampling"})
     with pytest.raises(ConfigError, match="use algo.old_logprobs=recompute"):
-        reuse_sampling_logprobs(bad, rows=64)
+        resolve(bad)  # at config time, before any model is loaded
     with pytest.raises(ConfigError, match="builtin, vllm"):
         rl(rollout={"backend": "sglang"})
     with pytest.raises(ConfigError, match="rollout.gpu_memory_utilization"):

@@ -69,6 +69,14 @@ def _on_workers(cfg: RLConfig, names: tuple[str, ...]) -> dict[str, list[str]]:
     return sets
 
 
+def start_set(cfg, name: str, res, workers: int, builder, args: tuple) -> WorkerSet:
+    """A worker set of ``workers`` workers with the Ray resources ``res`` (a RoleResources) and the run's timeout and
+    torch threads, its roles built by ``builder(*args)`` (the RL placement and ``alignflow po`` both start theirs
+    here)."""
+    return WorkerSet(name, workers, builder, args, gpus=res.gpus_per_worker, cpus=res.cpus_per_worker,
+                     timeout_s=cfg.resources.dist_timeout_s, threads=cfg.train.num_threads)
+
+
 class RayPlacement:
     """The worker sets of one RL run and the role groups over them; ``restart()`` rebuilds every set."""
 
@@ -82,18 +90,14 @@ class RayPlacement:
             raise ConfigError("resources: LoRA actors on Ray workers are not supported yet (FSDP2 + peft is "
                               "untested here); train LoRA in one process (resources.actor.workers=1)")
         init_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus)
-        self.cfg, self.names = cfg, names
         self.sets: dict[str, WorkerSet] = {}
         self.local: dict = {}
         layout = _on_workers(cfg, names)
-        threads = cfg.train.num_threads
         for set_name, roles in layout.items():
             res = r.actor if set_name in ("workers", "actor") else getattr(r, set_name)
             n = workers if set_name in ("workers", "actor") else (res.workers or workers)
-            self.sets[set_name] = WorkerSet(set_name, n, build_worker_roles, (cfg, algo, total_opt_steps,
-                                                                            tuple(roles)),
-                                            gpus=res.gpus_per_worker, cpus=res.cpus_per_worker,
-                                            timeout_s=r.dist_timeout_s, threads=threads)
+            self.sets[set_name] = start_set(cfg, set_name, res, n, build_worker_roles,
+                                            (cfg, algo, total_opt_steps, tuple(roles)))
         on_workers = {n for roles in layout.values() for n in roles}
         rest = tuple(n for n in names if n not in on_workers)
         if rest:  # rule-based rewards and costs: in this process
@@ -117,8 +121,3 @@ class RayPlacement:
     def shutdown(self) -> None:
         for ws in self.sets.values():
             ws.shutdown()
-
-    def describe(self) -> dict:
-        return {name: {"workers": ws.size, "roles": self.layout[name], "pids": list(ws.pids)}
-                for name, ws in self.sets.items()}
-

@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import os
 import socket
+import sys
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -59,7 +60,7 @@ def init_ray(address: str = "", namespace: str = "alignflow", num_cpus: int = 0)
     if ray.is_initialized():
         return
     env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "OMP_", "ALIGNFLOW_", "TOKENIZERS_"))}
-    env["PYTHONPATH"] = os.pathsep.join([p for p in __import__("sys").path if p] + [os.environ.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [os.environ.get("PYTHONPATH", "")])
     kw = dict(namespace=namespace, runtime_env={"env_vars": env}, log_to_driver=True, include_dashboard=False)
     if address:
         ray.init(address=address, **kw)
@@ -91,7 +92,8 @@ def row_costs(batch: Batch) -> list[int]:
     return [1] * len(batch)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on this host now (for a process group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -109,7 +111,7 @@ class Worker:
     def address(self) -> tuple[str, int]:
         import ray
 
-        return ray.util.get_node_ip_address(), _free_port()
+        return ray.util.get_node_ip_address(), free_port()
 
     def join(self, host: str, port: int, backend: str, timeout_s: float) -> int:
         import torch.distributed as dist
@@ -135,9 +137,6 @@ class Worker:
 
     def attribute(self, role: str, name: str) -> Any:
         return getattr(self.roles[role], name)
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 class WorkerSet:

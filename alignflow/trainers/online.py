@@ -47,7 +47,7 @@ from alignflow.algorithms.dapo import dynamic_sampling_filter, overlong_penalty
 from alignflow.algorithms.kl import make_kl_controller, sequence_kl
 from alignflow.algorithms.safe import LagrangeMultiplier
 from alignflow.batch import Batch
-from alignflow.config import ConfigError, RLConfig
+from alignflow.config import RLConfig
 from alignflow.data.pipeline import prepare_data
 from alignflow.distributed.checkpoint import latest_checkpoint
 from alignflow.rewards import RunningNorm
@@ -203,11 +203,8 @@ def reuse_sampling_logprobs(cfg: RLConfig, rows: int) -> bool:
     1). A sampler with different numerics (another backend, lower precision) should use ``recompute``.
     """
     mode = cfg.algo.old_logprobs
-    if cfg.rollout.backend != "builtin":  # vLLM samples with its own kernels in bf16: never reuse its log-probs
-        if mode == "sampling":
-            raise ConfigError("algo.old_logprobs=sampling needs rollout.backend=builtin: vLLM's log-probs differ from "
-                              "the trainer's by kernel and precision; use algo.old_logprobs=recompute (or auto)")
-        return False
+    if cfg.rollout.backend != "builtin":  # vLLM samples with its own kernels in bf16 (``sampling`` is refused by
+        return False                      # rl_algos.resolve): never reuse its log-probs
     if mode == "auto":
         return cfg.algo.ppo_epochs == 1 and cfg.train.batch_size >= rows
     return mode == "sampling"

@@ -64,13 +64,12 @@ def build_po_worker(cfg, total_steps: int) -> dict:
 def place_learner(cfg, model, total_steps: int, device):
     """(the policy group, the worker set or None): on Ray workers when ``cfg.resources`` says so, else a
     LocalGroup over ``model`` itself."""
-    from alignflow.distributed.ray_group import WorkerSet, init_ray, maybe_ray
+    from alignflow.distributed.placement import start_set
+    from alignflow.distributed.ray_group import init_ray, maybe_ray
 
     if not maybe_ray(cfg.resources):
         return LocalGroup(POLearner(model, cfg.optim, cfg.train, total_steps, device)), None
-    r = cfg.resources
     init_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus)
-    ws = WorkerSet("policy", max(r.actor.workers, 1), build_po_worker, (cfg, total_steps),
-                   gpus=r.actor.gpus_per_worker, cpus=r.actor.cpus_per_worker, timeout_s=r.dist_timeout_s,
-                   threads=cfg.train.num_threads)
+    actor = cfg.resources.actor
+    ws = start_set(cfg, "policy", actor, max(actor.workers, 1), build_po_worker, (cfg, total_steps))
     return ws.group("policy"), ws

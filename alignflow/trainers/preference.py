@@ -287,10 +287,7 @@ def kto_z0(model, rows: list[dict], device, flat: bool = True, budget: int = 819
     for g, real in dp_equal_groups(token_groups([len(rows[i]["kl_ids"]) for i in range(len(rows))], budget)):
         pol = sequence_logps(model, [row_sequences(rows[i], kl=True)[0] for i in g], device, flat)["logps"]
         total += real * float((pol - torch.tensor([rows[i]["ref_kl_logps"] for i in g], device=device)).sum())
-    mean = total / len(rows)
-    if dp_world_size() > 1:  # the mean over every rank's rows (kto_z0 is called on every rank)
-        mean = dp_sum(total) / dp_sum(len(rows))
-    return max(0.0, mean)
+    return max(0.0, dp_sum(total) / dp_sum(len(rows)))  # the mean over every data-parallel rank's rows
 
 
 def _extra_metrics(f: dict) -> dict:
@@ -567,6 +564,11 @@ def evaluate_rows(model, rows: list[dict], cfg: POConfig, kw: dict, device) -> d
         return {}
     with torch.no_grad():
         metrics, _ = po_step(model, rows, cfg.loss.name, kw, cfg.train, device, backward=False)
+    return eval_names(metrics)
+
+
+def eval_names(metrics: dict) -> dict:
+    """Held-out metric names: ``pref/accuracy`` -> ``eval/accuracy``, ``loss`` -> ``eval/loss``."""
     return {f"eval/{k.split('/')[-1] if k.startswith('pref/') else k}": v for k, v in metrics.items()}
 
 
@@ -601,8 +603,7 @@ def _steps(policy, cfg: POConfig, kw: dict, train: list, held: list, sampler, st
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
             logger.log(step + 1, {f"train/{k}" if "/" not in k else k: v for k, v in metrics.items()})
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and held:
-            m = policy.evaluate(row_batch(held), cfg.loss.name, kw)
-            logger.log(step + 1, {f"eval/{k.split('/')[-1] if k.startswith('pref/') else k}": v for k, v in m.items()})
+            logger.log(step + 1, eval_names(policy.evaluate(row_batch(held), cfg.loss.name, kw)))
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
             policy.save(out / "checkpoints" / f"step-{step + 1}", {"step": step + 1})
     bar.close()

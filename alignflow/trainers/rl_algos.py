@@ -99,7 +99,8 @@ def resolve(cfg: RLConfig) -> Resolved:
         raise ConfigError(f"algo.name={cfg.algo.name} trains a critic, so algo.advantage must be gae (or auto)")
     if cfg.algo.old_logprobs == "sampling" and cfg.rollout.backend != "builtin":
         raise ConfigError("algo.old_logprobs=sampling needs rollout.backend=builtin: another backend's log-probs "
-                          "differ numerically from the trainer's; use recompute (or auto)")
+                          "differ from the trainer's by kernel and precision; use algo.old_logprobs=recompute "
+                          "(or auto)")
     if advantage == "remax" and not spec.greedy_baseline:
         raise ConfigError("algo.advantage=remax needs the greedy rollout of algo.name=remax")
     group = max(spec.min_group, 2 if advantage in GROUP_ESTIMATORS else 1)
