@@ -2,7 +2,7 @@
 PY ?= python3
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench lint
 setup:
 	PYTHON=$(PY) bash scripts/setup.sh dev
 
@@ -15,3 +15,10 @@ test: setup
 bench:
 	PYTHON=$(PY) bash scripts/setup.sh dev,bench
 	$(PY) bench/run_all.py
+
+# ruff (lint and format check), mypy (strict where pyproject.toml says) and the docs link check; changes nothing
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+	$(PY) scripts/check_links.py
