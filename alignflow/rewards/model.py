@@ -16,8 +16,12 @@ Members combine with :func:`alignflow.algorithms.reward.aggregate` (Coste et al.
 
 Each row is re-packed before scoring as its real prompt tokens followed by its real response tokens, so no
 padding reaches the reward model wherever it sat (left of the prompt, right of the response, or between the
-two when prompts are right-padded), and the score of a row does not depend on how its batch was padded. The reward model must share the
-policy's tokenizer (token ids are scored as they are; an id outside the reward model's vocabulary is an error).
+two when prompts are right-padded), and the score of a row does not depend on how its batch was padded. A member
+that shares the policy's tokenizer scores the token ids as they are (an id outside its vocabulary is an error).
+A member with its OWN tokenizer (another vocabulary or chat template; ``tokenizer=`` gives the policy's, each
+reward-model directory holds its own) scores the decoded texts re-rendered with its tokenizer and chat template
+(:mod:`alignflow.rewards.foreign`), so an ensemble may mix tokenizers. A batch with texts and no token ids
+(``alignflow serve``) is scored by every member from the texts.
 
 :class:`CostModelScorer` is the same scorer for a *cost* model (Safe RLHF, Dai et al. 2023, ALGORITHMS.md 2.12).
 Sign convention, as in Safe RLHF: **cost > 0 means unsafe**, cost <= 0 safe; the constraint is
@@ -39,6 +43,7 @@ from alignflow.batch import Batch
 from alignflow.config import ModelConfig
 from alignflow.models import ModelLoadError, load_reward_model, unwrap
 from alignflow.rewards.base import output_device
+from alignflow.rewards.foreign import TextRenderer, load_rm_tokenizer, max_positions, same_tokenizer, texts_of
 from alignflow.trainers.reward import score as score_sequences
 
 PACK_FIELDS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
@@ -76,18 +81,32 @@ def _num_labels(path: str, model_cfg: ModelConfig) -> int:
 
 
 def load_members(paths: Sequence[Union[str, nn.Module]], device, model_cfg: Optional[ModelConfig] = None,
-                 pad_token_id: Optional[int] = None) -> list[nn.Module]:
-    """Load every path as a trained reward model (head kept, ``num_labels`` read from its config); modules pass."""
+                 pad_token_id: Optional[int] = None, pad_ids: Optional[Sequence[Optional[int]]] = None
+                 ) -> list[nn.Module]:
+    """Load every path as a trained reward model (head kept, ``num_labels`` read from its config); modules pass.
+    ``pad_ids[i]`` (a member's own tokenizer's pad id) overrides ``pad_token_id`` for member i."""
     base = model_cfg or ModelConfig()
     models = []
-    for p in paths:
+    for i, p in enumerate(paths):
         if isinstance(p, nn.Module):
             models.append(p.to(device))
             continue
         cfg = dataclasses.replace(base, name_or_path=str(p))
-        models.append(load_reward_model(cfg, num_labels=_num_labels(str(p), cfg), device=device,
-                                        pad_token_id=pad_token_id))
+        pad = pad_ids[i] if pad_ids is not None and pad_ids[i] is not None else pad_token_id
+        models.append(load_reward_model(cfg, num_labels=_num_labels(str(p), cfg), device=device, pad_token_id=pad))
     return models
+
+
+def member_tokenizers(paths: Sequence[Union[str, nn.Module]], given: Optional[Sequence], model_cfg) -> list:
+    """Each member's own tokenizer: ``given[i]`` when set, else the one saved in its directory (None if none)."""
+    cfg = model_cfg or ModelConfig()
+    out = []
+    for i, p in enumerate(paths):
+        tok = given[i] if given is not None else None
+        if tok is None and not isinstance(p, nn.Module):
+            tok = load_rm_tokenizer(str(p), cfg.revision, cfg.trust_remote_code)
+        out.append(tok)
+    return out
 
 
 class RewardModelScorer:
@@ -98,6 +117,8 @@ class RewardModelScorer:
     variance weight of ``uwo``. device: where the models run. budget: padded tokens per forward (a
     performance knob; results do not depend on it). model_cfg: dtype / attention / revision for loading.
     pad_token_id: written into a loaded model's config when it has none. name: the metric prefix.
+    tokenizer: the policy's tokenizer (or its path); a member whose own tokenizer differs from it re-renders the
+    texts. tokenizers: one tokenizer (or None) per member, overriding those found in the member directories.
 
     :meth:`member_scores` gives the raw (B, k) member scores (the last call's are also kept in
     ``last_member_scores``), :meth:`score` the aggregate and metrics
@@ -110,7 +131,7 @@ class RewardModelScorer:
     def __init__(self, paths: Union[str, nn.Module, Sequence[Union[str, nn.Module]]], aggregation: str = "mean",
                  uwo_lambda: float = 0.5, device="cpu", *, budget: int = 8192,
                  model_cfg: Optional[ModelConfig] = None, pad_token_id: Optional[int] = None,
-                 name: Optional[str] = None):
+                 name: Optional[str] = None, tokenizer=None, tokenizers: Optional[Sequence] = None):
         if aggregation not in ENSEMBLE_AGGREGATIONS:
             raise ValueError(f"aggregation={aggregation!r} is not one of {', '.join(ENSEMBLE_AGGREGATIONS)}")
         if uwo_lambda < 0:
@@ -119,32 +140,59 @@ class RewardModelScorer:
             paths = [paths]
         if not paths:
             raise ValueError(f"{type(self).__name__} needs at least one reward model path")
+        if tokenizers is not None and len(tokenizers) != len(paths):
+            raise ValueError(f"tokenizers: {len(tokenizers)} given for {len(paths)} reward models")
         self.device = torch.device(device)
-        self.models = load_members(list(paths), self.device, model_cfg, pad_token_id)
-        self.aggregation, self.uwo_lambda, self.budget = aggregation, float(uwo_lambda), int(budget)
         self.name = name or self.name
+        toks = member_tokenizers(list(paths), tokenizers, model_cfg)
+        if isinstance(tokenizer, str) and any(t is not None for t in toks):  # the policy's, by path
+            tokenizer = load_rm_tokenizer(tokenizer, (model_cfg or ModelConfig()).revision)
+        # A member is foreign when it has a tokenizer and it differs from the policy's (tokenizer=None: unknown,
+        # token ids are scored as they are, as before).
+        self.foreign = [t is not None and tokenizer is not None and not same_tokenizer(t, tokenizer) for t in toks]
+        pads = [t.pad_token_id if f else None for t, f in zip(toks, self.foreign)]
+        self.models = load_members(list(paths), self.device, model_cfg, pad_token_id, pads)
+        self.renderers = [None if t is None else TextRenderer(t, max_positions(unwrap(m)), f"{self.name} member {i}")
+                          for i, (t, m) in enumerate(zip(toks, self.models))]
+        self.aggregation, self.uwo_lambda, self.budget = aggregation, float(uwo_lambda), int(budget)
+        self.pad_ids = [unwrap(m).config.pad_token_id or 0 for m in self.models]
         first = unwrap(self.models[0]).config
-        self.pad_id = first.pad_token_id if first.pad_token_id is not None else 0
         # One model: every output is a member. Several models: one member each (outputs averaged).
         self.per_model = int(first.num_labels) if len(self.models) == 1 else 1
-        self.vocab = min(m.get_input_embeddings().num_embeddings for m in self.models)
+        self.vocabs = [m.get_input_embeddings().num_embeddings for m in self.models]
         self.last_member_scores: Optional[torch.Tensor] = None
 
     @property
     def num_members(self) -> int:
         return self.per_model * len(self.models)
 
+    def _token_seqs(self, seqs: list[list[int]], j: int) -> list[list[int]]:
+        """The policy's token ids for member j, checked against its vocabulary."""
+        vocab = self.vocabs[j]
+        bad = next((i for i, s in enumerate(seqs) if max(s) >= vocab or min(s) < 0), None)
+        if bad is not None:
+            raise ValueError(f"{self.name}: row {bad} has token ids outside the reward model's vocabulary "
+                             f"[0, {vocab}) (member {j}); save the reward model with its own tokenizer (alignflow "
+                             "rm does) and pass the policy's tokenizer so that it re-renders the texts")
+        return seqs
+
+    def _member_seqs(self, batch: Batch, j: int, cache: dict) -> list[list[int]]:
+        """Member j's input: the policy's token ids, or the texts re-rendered with its own tokenizer."""
+        has_tokens = any(k in batch.tensors for k in ("input_ids", "prompt_ids"))
+        if not self.foreign[j] and (has_tokens or self.renderers[j] is None):
+            if "ids" not in cache:
+                cache["ids"] = packed_sequences(batch)
+            return self._token_seqs(cache["ids"], j)
+        if "texts" not in cache:
+            cache["texts"] = texts_of(batch, self.name)
+        return self.renderers[j].encode(*cache["texts"])
+
     def member_scores(self, batch: Batch) -> torch.Tensor:
         """Raw member scores (B, k), float32, on the batch's device."""
-        seqs = packed_sequences(batch)
-        top = max(max(s) for s in seqs)
-        if top >= self.vocab or min(min(s) for s in seqs) < 0:
-            row = next(i for i, s in enumerate(seqs) if max(s) >= self.vocab or min(s) < 0)
-            raise ValueError(f"{self.name}: row {row} has token ids outside the reward model's vocabulary "
-                             f"[0, {self.vocab}); the reward model must use the policy's tokenizer")
-        cols = []
-        for m in self.models:
-            s = score_sequences(m, seqs, self.pad_id, self.device, self.budget)  # (B, per_model * K)
+        cols, cache = [], {}
+        for j, m in enumerate(self.models):
+            seqs = self._member_seqs(batch, j, cache)
+            s = score_sequences(m, seqs, self.pad_ids[j], self.device, self.budget)  # (B, per_model * K)
             cols.append(s.view(s.shape[0], self.per_model, -1).mean(-1))  # (B, per_model)
         return torch.cat(cols, -1).to(output_device(batch))  # (B, k)
 

@@ -70,7 +70,8 @@ def build_sources(section, section_name: str, task_name: str, cfg: RLConfig, dev
                                         gradient_checkpointing=False)
         scorer = scorer_cls(list(section.models), section.aggregation,
                             getattr(section, "uwo_lambda", 0.5), device, model_cfg=model_cfg, pad_token_id=pad_id,
-                            budget=cfg.train.micro_batch_tokens)
+                            budget=cfg.train.micro_batch_tokens,
+                            tokenizer=cfg.model.tokenizer or cfg.model.name_or_path or None)
         parts.append((scorer.name, scorer, getattr(section, "model_weight", 1.0)))
     return CompositeReward(parts) if parts else None
 
