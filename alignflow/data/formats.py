@@ -97,6 +97,29 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+# Roles that chat templates know. Others (e.g. ShareGPT's "human"/"gpt") make most templates fail or, worse,
+# render something the model never saw; they are reported at validation, before any tokenisation.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+_ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant"}
+
+
+def _unicode_problem(text: str) -> Optional[str]:
+    """A lone surrogate (e.g. from a JSON escape ``\\ud800``) cannot be encoded as UTF-8, so no tokenizer can
+    read the text; say where it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"lone surrogate {text[e.start]!a} at character {e.start + 1} is not valid Unicode text"
+    return None
+
+
+def _check_role(role: str) -> Optional[str]:
+    if role in CHAT_ROLES:
+        return None
+    hint = f" (use '{_ROLE_HINTS[role.lower()]}')" if role.lower() in _ROLE_HINTS else ""
+    return f"role {role!r} is not one of {', '.join(CHAT_ROLES)}{hint}"
+
+
 def _check_messages(value: Any, conversational: Optional[bool] = True) -> tuple[Any, Optional[str]]:
     if not isinstance(value, list):
         return value, f"expected a list of messages, got {_type_name(value)}"
@@ -112,6 +135,9 @@ def _check_messages(value: Any, conversational: Optional[bool] = True) -> tuple[
                 return value, f"message {i}: '{key}' must be a string, got {_type_name(message[key])}"
             if not message[key].strip():
                 return value, f"message {i}: empty {key}"
+            problem = _unicode_problem(message[key]) or (_check_role(message[key]) if key == "role" else None)
+            if problem:
+                return value, f"message {i}: {problem}"
     return value, None
 
 
@@ -120,7 +146,7 @@ def _check_text(value: Any, conversational: Optional[bool] = False) -> tuple[Any
         return value, f"expected a string, got {_type_name(value)}"
     if not value.strip():
         return value, "empty string"
-    return value, None
+    return value, _unicode_problem(value)
 
 
 def _check_turn(value: Any, conversational: Optional[bool]) -> tuple[Any, Optional[str]]:
@@ -239,8 +265,52 @@ def _cross_checks(fmt: str, row: dict) -> list[str]:
     return []
 
 
+def _shared_prefix(chosen: Any, rejected: Any) -> int:
+    """Length of the common start of two strings (characters) or message lists (whole messages)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    return n
+
+
+def split_implicit_prompt(row: dict) -> tuple[dict, Optional[str]]:
+    """A preference row without ``prompt`` (TRL's implicit-prompt form): the shared start of ``chosen`` and
+    ``rejected`` becomes the prompt and the rest of each the completions; returns (row, problem or None).
+
+    Strings split where they first differ; when the prompt would end with a space, that space goes to the
+    completions instead (``"Q: a" / "Q: b"`` -> prompt ``"Q:"``, completions ``" a"``/``" b"``), as TRL does.
+    Message lists split at the first message that differs. Rows whose sides are not both strings or both lists
+    are returned unchanged (their field checks report them).
+    """
+    chosen, rejected = row["chosen"], row["rejected"]
+    if not (isinstance(chosen, str) and isinstance(rejected, str)) and not (
+            isinstance(chosen, list) and isinstance(rejected, list)):
+        return row, None
+    n = _shared_prefix(chosen, rejected)
+    if isinstance(chosen, str) and n and chosen[n - 1] == " ":
+        n -= 1
+    if chosen == rejected:
+        return row, "field 'rejected': identical to 'chosen'"
+    if n == 0 or (isinstance(chosen, str) and not chosen[:n].strip()):
+        return row, ("field 'prompt': missing, and 'chosen' and 'rejected' do not start the same way, so no "
+                     "implicit prompt can be taken from them")
+    for name, side in (("chosen", chosen), ("rejected", rejected)):
+        if len(side) == n:
+            return row, (f"field '{name}': the whole of it is the prompt shared with the other side, so it "
+                         "has no completion (give 'prompt' explicitly)")
+    return {**row, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}, None
+
+
 def check_row(fmt: str, row: dict) -> tuple[dict, list[str]]:
-    """Validate one row against ``fmt``: the normalised row (label -> bool, margin -> float) and its problems."""
+    """Validate one row against ``fmt``: the normalised row (label -> bool, margin -> float) and its problems.
+
+    A ``preference`` row without ``prompt`` gets one from the shared start of its two sides
+    (``split_implicit_prompt``)."""
+    if fmt == "preference" and row.get("prompt") is None and row.get("chosen") is not None \
+            and row.get("rejected") is not None:
+        row, problem = split_implicit_prompt(row)
+        if problem:
+            return dict(row), [problem]
     spec, out, problems = FORMAT_FIELDS[fmt], dict(row), []
     conversational = _row_form(row)
     for name in spec.required:
@@ -339,6 +409,16 @@ def validate(records: Sequence, fmt: str = "auto", on_bad_row: str = "error", so
     enforce_bad_row_policy(problems, n_bad, len(records), on_bad_row, source)
     result.skipped, result.examples = n_bad, problems[:MAX_EXAMPLES]
     return result
+
+
+def check_label_balance(rows: Sequence[dict], source: str) -> None:
+    """Unpaired (KTO) rows must hold both labels: with only desirable (or only undesirable) completions the
+    loss has nothing to contrast and pushes every completion the same way. DataError naming the field."""
+    labels = {bool(row["label"]) for row in rows}
+    if len(labels) == 1:
+        (label,) = labels
+        raise DataError(f"{source}: field 'label': all {len(rows)} rows are labelled {str(label).lower()}; KTO "
+                        f"needs both desirable (true) and undesirable (false) completions")
 
 
 # ----------------------------------------------------------------------------------------------- rated -> pairs

@@ -11,9 +11,9 @@ import random
 from dataclasses import dataclass, field
 
 from alignflow.config import DataConfig
-from alignflow.data.formats import DataError, validate
+from alignflow.data.formats import DataError, check_label_balance, validate
 from alignflow.data.loading import load_records
-from alignflow.data.render import encode_rows
+from alignflow.data.render import encode_rows, set_chat_template
 
 log = logging.getLogger("alignflow.data")
 
@@ -42,8 +42,14 @@ def _read(path: str, split: str, cfg: DataConfig, tokenizer, expect: tuple[str, 
 
 
 def prepare_data(cfg: DataConfig, tokenizer, expect: tuple[str, ...] = (), seed: int = 0) -> PreparedData:
-    """Load ``cfg.path`` (and ``cfg.eval_path``), validate and tokenise; hold out ``eval_fraction`` when no eval path."""
+    """Load ``cfg.path`` (and ``cfg.eval_path``), validate and tokenise; hold out ``eval_fraction`` when no eval path.
+
+    ``cfg.chat_template`` (when set) replaces the tokenizer's chat template first, so the rows, the rollouts
+    and the saved model all use it. Unpaired (KTO) training rows must hold both labels."""
+    set_chat_template(tokenizer, cfg.chat_template)
     fmt, rows, reports = _read(cfg.path, cfg.split, cfg, tokenizer, expect)
+    if fmt == "unpaired":
+        check_label_balance(rows, cfg.path)
     if cfg.eval_path:
         _, eval_rows, more = _read(cfg.eval_path, cfg.split, cfg, tokenizer, expect)
         return PreparedData(fmt, rows, eval_rows, reports + more)

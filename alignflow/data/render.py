@@ -22,9 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from alignflow.config import DataConfig
+from alignflow.config import ConfigError, DataConfig
 from alignflow.data.formats import MAX_EXAMPLES, DataError, ValidatedRows, enforce_bad_row_policy
 
 Text = Any  # a string (standard rows) or a list of {"role", "content"} messages (conversational rows)
@@ -63,12 +64,46 @@ def _ids(output: Any) -> list[int]:
     return list(output)
 
 
+def read_chat_template(value: str) -> str:
+    """``data.chat_template`` as template text: the value itself when it holds Jinja markup (``{%`` or ``{{``),
+    else the contents of the file it names. ConfigError for a missing file or a template that does not parse."""
+    import jinja2
+
+    text, origin = value, "data.chat_template"
+    if "{%" not in value and "{{" not in value:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"data.chat_template: {value!r} is neither a Jinja template (no '{{%' or '{{{{') "
+                              "nor an existing file holding one")
+        text, origin = path.read_text(encoding="utf-8-sig"), f"data.chat_template ({path})"
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"{origin}: not a valid Jinja template: line {e.lineno}: {e.message}") from None
+    return text
+
+
+def set_chat_template(tokenizer, value: str) -> None:
+    """Replace the tokenizer's chat template with ``data.chat_template`` (a template or a file); "" keeps it."""
+    if value:
+        tokenizer.chat_template = read_chat_template(value)
+
+
 def chat_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:
-    """Token ids of ``messages`` rendered with the tokenizer's chat template."""
+    """Token ids of ``messages`` rendered with the tokenizer's chat template.
+
+    A template that refuses the messages (e.g. ``raise_exception`` on an unexpected role or order) gives a
+    DataError with its message, so the row is reported (or skipped) like any other bad row."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("conversational rows need a tokenizer with a chat template, and this one has none")
-    return _ids(tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                              tokenize=True))
+        raise DataError("conversational rows need a tokenizer with a chat template, and this one has none "
+                        "(set data.chat_template)")
+    try:
+        out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                            tokenize=True)
+    except Exception as e:  # noqa: BLE001 -- template code is user-supplied Jinja; any failure is about this row
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"the chat template rejected these messages: {message}") from None
+    return _ids(out)
 
 
 def _eos_id(tokenizer) -> int:
