@@ -82,6 +82,9 @@ class DataConfig:
     on_bad_row: str = field("error", doc="What to do with a malformed row: stop with a report, or skip it and "
                                          "report the count and first examples.", choices=("error", "skip"))
     completion_only: bool = field(True, doc="SFT: loss on response tokens only (prompt tokens masked).")
+    chat_template: str = field("", doc="Chat template for conversational rows: a Jinja template, or the path of a "
+                                       "file holding one; it replaces the tokenizer's (and is saved with the "
+                                       "model). Empty: the tokenizer's own.")
 
 
 @dataclasses.dataclass
