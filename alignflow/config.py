@@ -15,10 +15,12 @@ only decides how that step is split into forward/backward passes.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -28,15 +30,40 @@ class ConfigError(ValueError):
 
 
 def field(default: Any = dataclasses.MISSING, *, doc: str, choices: Optional[tuple] = None,
-          range: Optional[tuple] = None, default_factory: Any = dataclasses.MISSING):  # noqa: A002
+          range: Optional[tuple] = None, default_factory: Any = dataclasses.MISSING,  # noqa: A002
+          check: Optional[Callable[[Any, str], Any]] = None, allow_inf: bool = False):
     """A dataclass field with its documentation and validation rules.
 
-    ``range`` is ``(low, high)`` inclusive; either end may be ``None``.
+    ``range`` is ``(low, high)`` inclusive; either end may be ``None``. ``check(value, key)`` returns the
+    normalised value or raises ConfigError (for rules a range cannot say). NaN is refused for every number, and
+    so is an infinite one unless ``allow_inf``.
     """
-    meta = {"doc": doc, "choices": choices, "range": range}
+    meta = {"doc": doc, "choices": choices, "range": range, "check": check, "allow_inf": allow_inf}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------- field checks
+def check_betas(value: Any, key: str) -> list:
+    """AdamW's (beta1, beta2): two numbers, each in [0, 1)."""
+    try:
+        betas = [float(b) for b in value]
+    except (TypeError, ValueError):
+        betas = []
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"{key}: {value!r} must be two numbers (beta1, beta2), each in [0, 1), e.g. [0.9, 0.999]")
+    return betas
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+
+
+def check_device(value: Any, key: str) -> str:
+    """The device string's form (whether such a device exists is checked when the run starts)."""
+    if not DEVICE_PATTERN.fullmatch(value):
+        raise ConfigError(f"{key}: {value!r} is not a device; use auto, cpu, cuda, cuda:<index>, mps or xpu")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -91,7 +118,8 @@ class DataConfig:
 class OptimConfig:
     lr: float = field(1e-5, doc="Peak learning rate.", range=(0.0, None))
     weight_decay: float = field(0.0, doc="AdamW decoupled weight decay.", range=(0.0, None))
-    betas: list = field(default_factory=lambda: [0.9, 0.999], doc="AdamW (beta1, beta2).")
+    betas: list = field(default_factory=lambda: [0.9, 0.999], doc="AdamW (beta1, beta2), each in [0, 1).",
+                        check=check_betas)
     eps: float = field(1e-8, doc="AdamW epsilon.", range=(0.0, None))
     scheduler: str = field("cosine", doc="Learning-rate schedule after warm-up.",
                            choices=("constant", "linear", "cosine"))
@@ -116,7 +144,7 @@ class TrainConfig:
                                     "padded); False pads length-sorted micro-batches. Same loss either way.")
     mixed_precision: str = field("auto", doc="Autocast dtype: auto = bf16 on a CUDA device that supports it, "
                                              "else none.", choices=("auto", "none", "bf16", "fp16"))
-    device: str = field("auto", doc="Device: auto = cuda when available, else cpu.")
+    device: str = field("auto", doc="Device: auto = cuda when available, else cpu.", check=check_device)
     log_every: int = field(10, doc="Log metrics every N optimiser steps.", range=(1, None))
     eval_every: int = field(0, doc="Evaluate every N steps; 0 evaluates at the end only.", range=(0, None))
     save_every: int = field(0, doc="Checkpoint every N steps; 0 saves at the end only.", range=(0, None))
@@ -336,7 +364,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _check(f: dataclasses.Field, value: Any, key: str) -> None:
+def _nonfinite(value: Any, allow_inf: bool) -> Optional[float]:
+    """The first NaN (or, unless ``allow_inf``, infinite) float in ``value`` or its list/dict items; else None."""
+    items = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else [value]
+    for item in items:
+        if isinstance(item, float) and (math.isnan(item) or (math.isinf(item) and not allow_inf)):
+            return item
+        if isinstance(item, (list, dict)) and item is not value:
+            bad = _nonfinite(item, allow_inf)
+            if bad is not None:
+                return bad
+    return None
+
+
+def _check(f: dataclasses.Field, value: Any, key: str) -> Any:
+    """Validate a coerced value against the field's rules; returns it (normalised by the field's ``check``)."""
+    bad = _nonfinite(value, f.metadata.get("allow_inf", False))
+    if bad is not None:
+        raise ConfigError(f"{key}: {bad!r} is not allowed; give a finite number")
+    if f.metadata.get("check") is not None:
+        value = f.metadata["check"](value, key)
     choices, rng = f.metadata.get("choices"), f.metadata.get("range")
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
@@ -345,6 +392,7 @@ def _check(f: dataclasses.Field, value: Any, key: str) -> None:
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise ConfigError(f"{key}: {value!r} is outside the allowed range "
                               f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]")
+    return value
 
 
 def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
@@ -361,9 +409,7 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
                 raise ConfigError(f"{key}: is a section; give its keys ({', '.join(f.name for f in dataclasses.fields(tp))})")
             _apply(getattr(obj, name), value, key + ".")
             continue
-        coerced = _coerce(value, tp, key)
-        _check(fields[name], coerced, key)
-        setattr(obj, name, coerced)
+        setattr(obj, name, _check(fields[name], _coerce(value, tp, key), key))
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -405,6 +451,7 @@ def load_config(cls: type, path: Optional[str | Path] = None, overrides: Optiona
             _apply(cfg, parse_overrides(overrides))
         except ConfigError as e:
             raise ConfigError(f"command line: {e}") from None
+    check_sections(cfg)
     return cfg
 
 
@@ -412,7 +459,27 @@ def from_dict(cls: type, sections: dict):
     """Programmatic construction with the same validation as YAML: ``from_dict(SFTConfig, {"train": {...}})``."""
     cfg = cls()
     _apply(cfg, sections)
+    check_sections(cfg)
     return cfg
+
+
+def _check_rl_batch(cfg: Any, prefix: str) -> None:
+    rows = cfg.rollout.prompts_per_step * cfg.rollout.n
+    if cfg.train.batch_size > rows:
+        raise ConfigError(f"{prefix}train.batch_size={cfg.train.batch_size} is larger than the rollout batch "
+                          f"{prefix}rollout.prompts_per_step x {prefix}rollout.n = {cfg.rollout.prompts_per_step} x "
+                          f"{cfg.rollout.n} = {rows} rows; use a {prefix}train.batch_size in [1, {rows}] (a mini-batch of "
+                          "one RL step)")
+
+
+def check_sections(cfg: Any, prefix: str = "") -> None:
+    """Rules between keys, checked once a config is complete (in nested sections too, e.g. ``rl.`` of mpo)."""
+    if type(cfg).__name__ == "RLConfig":
+        _check_rl_batch(cfg, prefix)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_sections(value, f"{prefix}{f.name}.")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -462,7 +529,7 @@ class EvalConfig:
     temperature: float = field(1.0, doc="Sampling temperature (0 = greedy).", range=(0.0, None))
     output_dir: str = field("runs/eval", doc="Where eval.json, samples.jsonl and the frontier files are written.")
     seed: int = field(0, doc="Sampling seed (every frontier policy gets the same prompts and seed).")
-    device: str = field("auto", doc="Device: auto = cuda when available, else cpu.")
+    device: str = field("auto", doc="Device: auto = cuda when available, else cpu.", check=check_device)
 
 
 @dataclasses.dataclass
@@ -888,7 +955,7 @@ class OnlinePOConfig:
 class MPOOptions:
     delta: float = field(1.0, doc="Reward-gap threshold: pairs with |r(chosen) - r(rejected)| > delta are easy (DPO), "
                                   "the rest hard (RL on their prompts). Tuned per reward scale (paper value "
-                                  "unverified); -inf: everything easy, no RL stage.")
+                                  "unverified); -inf: everything easy, no RL stage.", allow_inf=True)
 
 
 @dataclasses.dataclass

@@ -239,3 +239,65 @@ def test_bad_chat_template_is_a_config_error(tok, tmp_path, value, message):
     path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(GOOD)])
     with pytest.raises(ConfigError, match="^" + message.replace(".", r"\.").replace("(", r"\(")):
         prepare_data(DataConfig(path=path, eval_fraction=0.0, chat_template=value), tok)
+
+
+# ----------------------------------------------------------------------------------------------- config values
+@pytest.mark.parametrize("override,message", [
+    ("optim.betas=[0.9]", "optim.betas: [0.9] must be two numbers (beta1, beta2), each in [0, 1)"),
+    ("optim.betas=[0.9,0.99,0.5]", "optim.betas: [0.9, 0.99, 0.5] must be two numbers"),
+    ("optim.betas=[0.9,1.0]", "optim.betas: [0.9, 1.0] must be two numbers (beta1, beta2), each in [0, 1)"),
+    ("optim.betas=[-0.1,0.9]", "optim.betas: [-0.1, 0.9] must be two numbers"),
+    ("optim.betas=[a,b]", "optim.betas: ['a', 'b'] must be two numbers"),
+    ("optim.max_grad_norm=nan", "optim.max_grad_norm: nan is not allowed; give a finite number"),
+    ("optim.lr=inf", "optim.lr: inf is not allowed; give a finite number"),
+    ("optim.lr=-inf", "optim.lr: -inf is not allowed; give a finite number"),
+    ("task.label_noise=NaN", "task.label_noise: nan is not allowed"),
+    ("train.device=gpu", "train.device: 'gpu' is not a device; use auto, cpu, cuda, cuda:<index>, mps or xpu"),
+    ("train.device=cuda:x", "train.device: 'cuda:x' is not a device"),
+])
+def test_bad_config_values_are_one_line_naming_the_key(override, message):
+    """Each was accepted before (NaN and inf pass every range check: nan < lo and nan > hi are both false, and
+    ``optim.max_grad_norm=nan`` then silently turned clipping off)."""
+    from alignflow.config import SFTConfig, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(SFTConfig, None, [override])
+    assert str(info.value).startswith(f"command line: {message}") and "\n" not in str(info.value)
+
+
+def test_nan_is_refused_inside_yaml_mappings_and_optional_numbers(tmp_path):
+    from alignflow.config import POConfig, RLConfig, load_config
+
+    preset = tmp_path / "rl.yaml"
+    preset.write_text("reward:\n  task: {gold: .nan}\n")
+    with pytest.raises(ConfigError, match=r"rl\.yaml: reward\.task: nan is not allowed"):
+        load_config(RLConfig, preset)
+    with pytest.raises(ConfigError, match=r"loss\.beta: nan is not allowed"):
+        load_config(POConfig, None, ["loss.beta=nan"])
+
+
+def test_betas_from_the_command_line_become_numbers():
+    from alignflow.config import SFTConfig, load_config
+
+    assert load_config(SFTConfig, None, ["optim.betas=0.9,0.95"]).optim.betas == [0.9, 0.95]
+
+
+def test_minus_inf_stays_allowed_where_it_is_documented():
+    """mpo.delta = -inf means 'every pair is easy' (docs/mpo.md)."""
+    from alignflow.config import MPOConfig, load_config
+
+    assert load_config(MPOConfig, None, ["mpo.delta=-inf"]).mpo.delta == float("-inf")
+    with pytest.raises(ConfigError, match="mpo.delta: nan"):
+        load_config(MPOConfig, None, ["mpo.delta=nan"])
+
+
+def test_rl_train_batch_larger_than_the_rollout_batch_is_refused():
+    from alignflow.config import MPOConfig, RLConfig, from_dict, load_config
+
+    with pytest.raises(ConfigError, match=r"^train\.batch_size=65 is larger than the rollout batch "
+                                          r"rollout\.prompts_per_step x rollout\.n = 16 x 4 = 64 rows; use a "
+                                          r"train\.batch_size in \[1, 64\]"):
+        load_config(RLConfig, None, ["train.batch_size=65"])
+    assert load_config(RLConfig, None, ["train.batch_size=64"]).train.batch_size == 64
+    with pytest.raises(ConfigError, match=r"^rl\.train\.batch_size=8 is larger than the rollout batch"):
+        from_dict(MPOConfig, {"rl": {"train": {"batch_size": 8}, "rollout": {"prompts_per_step": 2, "n": 2}}})

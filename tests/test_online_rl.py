@@ -400,7 +400,7 @@ def test_explained_variance_hand_values():
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    ({"algo": {"name": "rloo"}, "rollout": {"n": 1}}, "rollout.n"),
+    ({"algo": {"name": "rloo"}, "rollout": {"n": 1, "prompts_per_step": 4}}, "rollout.n"),
     ({"algo": {"name": "grpo", "advantage": "gae"}}, "algo.advantage=gae"),
     ({"algo": {"name": "ppo", "advantage": "grpo"}}, "algo.advantage must be gae"),
     ({"train": {"packing": True}}, "train.packing"),
