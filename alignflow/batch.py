@@ -12,9 +12,9 @@ import torch
 
 
 class Batch:
-    def __init__(self, tensors: dict[str, torch.Tensor] | None = None, meta: dict[str, list] | None = None):
+    def __init__(self, tensors: dict[str, torch.Tensor] | None = None, meta: dict[str, list[Any]] | None = None):
         self.tensors: dict[str, torch.Tensor] = dict(tensors or {})
-        self.meta: dict[str, list] = {k: list(v) for k, v in (meta or {}).items()}
+        self.meta: dict[str, list[Any]] = {k: list(v) for k, v in (meta or {}).items()}
         sizes = {k: v.shape[0] for k, v in self.tensors.items()} | {k: len(v) for k, v in self.meta.items()}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"Batch fields disagree on the number of rows: {sizes}")
@@ -23,8 +23,8 @@ class Batch:
     def __len__(self) -> int:
         for v in self.tensors.values():
             return v.shape[0]
-        for v in self.meta.values():
-            return len(v)
+        for rows in self.meta.values():
+            return len(rows)
         return 0
 
     def __getitem__(self, key: str) -> Any:

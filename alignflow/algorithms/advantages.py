@@ -12,13 +12,14 @@ The table :data:`ADVANTAGE_ESTIMATORS` maps config names to functions; their sig
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Hashable, Optional, Sequence, Union
 
 import torch
 
 from alignflow.algorithms.core import masked_whiten
 
 Tensor = torch.Tensor
+GroupIds = Union[Tensor, Sequence[Hashable]]  # one group id per sample: a (N,) tensor or hashables (prompt uids)
 
 
 @torch.no_grad()
@@ -61,8 +62,8 @@ def returns_to_go(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Te
     return advantages
 
 
-def _group_index(n: int, group_ids: Optional[Union[Tensor, Sequence]], group_size: Optional[int],
-                 device) -> tuple[Tensor, int]:
+def _group_index(n: int, group_ids: Optional[GroupIds], group_size: Optional[int],
+                 device: torch.device) -> tuple[Tensor, int]:
     """Map N samples to dense group indices (N,) in [0, num_groups). Exactly one of group_ids / group_size."""
     if (group_ids is None) == (group_size is None):
         raise ValueError("pass exactly one of group_ids (one id per sample) or group_size (samples per prompt)")
@@ -70,6 +71,7 @@ def _group_index(n: int, group_ids: Optional[Union[Tensor, Sequence]], group_siz
         if group_size < 1 or n % group_size:
             raise ValueError(f"{n} scores cannot be split into groups of group_size={group_size}")
         return torch.arange(n, device=device) // group_size, n // group_size
+    assert group_ids is not None  # exactly one of group_ids / group_size is set (checked above)
     ids = group_ids if isinstance(group_ids, Tensor) else torch.tensor(_dense_ids(group_ids), dtype=torch.long)
     if ids.shape != (n,):
         raise ValueError(f"group_ids must have one id per score, shape ({n},); got {tuple(ids.shape)}")
@@ -77,9 +79,9 @@ def _group_index(n: int, group_ids: Optional[Union[Tensor, Sequence]], group_siz
     return inverse.to(device), int(uniq.numel())
 
 
-def _dense_ids(names: Sequence) -> list[int]:
+def _dense_ids(names: Sequence[Hashable]) -> list[int]:
     """Hashable group ids (ints, prompt uids, ...) -> integers in first-seen order."""
-    table: dict = {}
+    table: dict[Hashable, int] = {}
     return [table.setdefault(name, len(table)) for name in names]
 
 
@@ -95,7 +97,7 @@ def _group_stats(scores: Tensor, index: Tensor, num_groups: int) -> tuple[Tensor
 
 
 @torch.no_grad()
-def grpo_advantages(scores: Tensor, group_ids: Optional[Union[Tensor, Sequence]] = None,
+def grpo_advantages(scores: Tensor, group_ids: Optional[GroupIds] = None,
                     group_size: Optional[int] = None, norm_by_std: bool = True, eps: float = 1e-6) -> Tensor:
     """GRPO outcome advantage (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300): ``Â_i = (r_i − mean_g r)/(std_g r + ε)``.
 
@@ -110,13 +112,14 @@ def grpo_advantages(scores: Tensor, group_ids: Optional[Union[Tensor, Sequence]]
     return centred / (var.sqrt() + eps) if norm_by_std else centred
 
 
-def dr_grpo_advantages(scores: Tensor, group_ids=None, group_size: Optional[int] = None) -> Tensor:
+def dr_grpo_advantages(scores: Tensor, group_ids: Optional[GroupIds] = None,
+                       group_size: Optional[int] = None) -> Tensor:
     """Dr. GRPO advantage ``r_i − mean_g r``: :func:`grpo_advantages` with ``norm_by_std=False``."""
     return grpo_advantages(scores, group_ids, group_size, norm_by_std=False)
 
 
 @torch.no_grad()
-def rloo_advantages(scores: Tensor, group_size: Optional[int] = None, group_ids=None) -> Tensor:
+def rloo_advantages(scores: Tensor, group_size: Optional[int] = None, group_ids: Optional[GroupIds] = None) -> Tensor:
     """REINFORCE leave-one-out (Ahmadian et al. 2024, arXiv:2402.14740; Kool et al. 2019).
 
     ``A_i = R_i − (1/(k−1)) Σ_{j≠i} R_j = (k/(k−1))·(R_i − mean_g R)``. ``R`` may already include ``−β·Σ_t k1``.

@@ -22,7 +22,7 @@ aggregate(l, m, mode)``. Under data parallelism the global count is the all-redu
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -93,36 +93,40 @@ def zero_invalid(x: Tensor, mask: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- aggregation
-def _n_seqs(mask: Tensor, global_seqs: Optional[float], dtype: torch.dtype):
+def _n_seqs(mask: Tensor, global_seqs: Optional[float], dtype: torch.dtype) -> Tensor | float:
     """Number of rows with at least one valid token, or the caller's global count (a float)."""
     if global_seqs is not None:
         return float(global_seqs)
     return (mask.sum(-1) > 0).sum().clamp(min=1).to(dtype)
 
 
-def _token_mean(loss, mask, norm_len, global_tokens, global_seqs):
+def _token_mean(loss: Tensor, mask: Tensor, norm_len: Optional[float], global_tokens: Optional[float],
+                global_seqs: Optional[float]) -> Tensor:
     n_tok = mask.sum().clamp(min=1).to(loss.dtype) if global_tokens is None else float(global_tokens)
     return masked_sum(loss, mask) / n_tok
 
 
-def _seq_mean_token_mean(loss, mask, norm_len, global_tokens, global_seqs):
+def _seq_mean_token_mean(loss: Tensor, mask: Tensor, norm_len: Optional[float], global_tokens: Optional[float],
+                         global_seqs: Optional[float]) -> Tensor:
     per_seq = masked_mean(loss, mask, dim=-1)  # (B,)
     return per_seq.sum() / _n_seqs(mask, global_seqs, loss.dtype)
 
 
-def _seq_mean_token_sum(loss, mask, norm_len, global_tokens, global_seqs):
+def _seq_mean_token_sum(loss: Tensor, mask: Tensor, norm_len: Optional[float], global_tokens: Optional[float],
+                        global_seqs: Optional[float]) -> Tensor:
     per_seq = masked_sum(loss, mask, dim=-1)  # (B,)
     return per_seq.sum() / _n_seqs(mask, global_seqs, loss.dtype)
 
 
-def _seq_mean_token_sum_norm(loss, mask, norm_len, global_tokens, global_seqs):
+def _seq_mean_token_sum_norm(loss: Tensor, mask: Tensor, norm_len: Optional[float], global_tokens: Optional[float],
+                             global_seqs: Optional[float]) -> Tensor:
     if norm_len is None or norm_len <= 0:
         raise ValueError("aggregation mode 'seq_mean_token_sum_norm' needs norm_len > 0 (the fixed length constant L, "
                          f"e.g. the generation budget max_new_tokens); got norm_len={norm_len!r}")
     return _seq_mean_token_sum(loss, mask, None, None, global_seqs) / float(norm_len)
 
 
-AGG_MODES = {
+AGG_MODES: dict[str, Callable[[Tensor, Tensor, Optional[float], Optional[float], Optional[float]], Tensor]] = {
     "token_mean": _token_mean,
     "seq_mean_token_mean": _seq_mean_token_mean,
     "seq_mean_token_sum": _seq_mean_token_sum,

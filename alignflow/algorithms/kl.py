@@ -14,7 +14,7 @@ All take (B, T) tensors and return (B, T); masking is the caller's job (see :fun
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -48,14 +48,14 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
 KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
-def _estimator(name: str):
+def _estimator(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     if name not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {name!r}; valid choices: {sorted(KL_ESTIMATORS)}")
     return KL_ESTIMATORS[name]
 
 
 def kl_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, estimator: str = "k3", agg: str = "token_mean",
-            **agg_kwargs) -> tuple[Tensor, dict]:
+            **agg_kwargs: Optional[float]) -> tuple[Tensor, dict[str, Tensor]]:
     """KL penalty *in the loss* (GRPO, Shao et al. 2024): ``agg_t k(lp_θ, lp_ref)``; the caller multiplies by β.
 
     Gradients flow through ``logp`` (current policy); ``ref_logp`` is frozen. Shapes: logp, ref_logp, mask (B, T).
@@ -115,10 +115,10 @@ class FixedKLController:
     def update(self, current_kl: float, n_steps: int) -> float:
         return self.value
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, float]:
         return {"value": self.value}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
 
 
@@ -145,10 +145,10 @@ class AdaptiveKLController:
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, float]:
         return {"value": self.value}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
 
 
@@ -156,7 +156,7 @@ KL_CONTROLLERS = {"fixed": FixedKLController, "adaptive": AdaptiveKLController}
 
 
 def make_kl_controller(kind: str, init: float, target: Optional[float] = None,
-                       horizon: Optional[float] = None):
+                       horizon: Optional[float] = None) -> FixedKLController | AdaptiveKLController:
     """Build a controller from config values: ``kind`` is a key of :data:`KL_CONTROLLERS`."""
     if kind not in KL_CONTROLLERS:
         raise ValueError(f"unknown KL controller {kind!r}; valid choices: {sorted(KL_CONTROLLERS)}")

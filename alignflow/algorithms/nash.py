@@ -48,7 +48,8 @@ def bt_win_probability(rewards: Tensor, opponent_rewards: Tensor, scale: float =
 
 
 def nash_md_pg_loss(policy_token_logps: Tensor, ref_token_logps: Tensor, mask: Tensor, win_prob: Tensor, *,
-                    beta: float = 0.1, reduction: str = "mean", weights: Optional[Tensor] = None):
+                    beta: float = 0.1, reduction: str = "mean", weights: Optional[Tensor] = None
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
     """Nash-MD-PG: the policy gradient of Nash-MD's regularised game against the mixture opponent.
 
     For y ~ π_θ, y' ~ π_mix and p = P(y ≻ y'), the paper's gradient estimate is

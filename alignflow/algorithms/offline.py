@@ -49,12 +49,13 @@ def alol_sampling_weights(advantages: Tensor) -> Tensor:
 
 
 def _alol_per_row(logp: Tensor, ref_logp: Optional[Tensor], mask: Tensor, adv: Tensor, variant: str, clip: float,
-                  kl_beta: float):
+                  kl_beta: float) -> tuple[Tensor, Tensor]:
     """Per-row A-LoL loss (B,) and the importance weights used, (B,) or (B, T), for the metrics."""
     nll = -masked_sum(logp, mask, dim=-1)  # (B,)
     low, high = math.log(1.0 - clip) if clip < 1.0 else -math.inf, math.log(1.0 + clip)
     if variant == "ref_free":
         return adv * nll, torch.ones_like(nll)
+    assert ref_logp is not None, "alol_loss checks that every variant but ref_free has ref_logp"
     log_ratio = torch.where(mask, logp - ref_logp, 0.0)  # (B, T)
     if variant == "alol":
         w = log_ratio.sum(dim=-1).clamp(low, high).exp().detach()  # (B,)
@@ -68,7 +69,7 @@ def _alol_per_row(logp: Tensor, ref_logp: Optional[Tensor], mask: Tensor, adv: T
 
 def alol_loss(logp: Tensor, ref_logp: Optional[Tensor], mask: Tensor, advantages: Tensor, *,
               variant: str = "alol", clip: float = 0.9, kl_beta: float = 0.2, filter_negative: bool = True,
-              reduction: str = "mean", weights: Optional[Tensor] = None):
+              reduction: str = "mean", weights: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
     """A-LoL (Baheti et al. 2023, "Leftover Lunch"): offline policy gradient on fixed data.
 
     Per row with A > 0 (rows with A <= 0 are discarded when ``filter_negative``; the metrics count them):
@@ -122,7 +123,8 @@ def superhf_select(rewards: Tensor, k: int = 1) -> Tensor:
 
 
 def superhf_loss(policy_logits: Tensor, ref_logits: Tensor, labels: Tensor, mask: Tensor, *, beta: float = 0.35,
-                 agg: str = "token_mean", global_tokens: Optional[float] = None, global_seqs: Optional[float] = None):
+                 agg: str = "token_mean", global_tokens: Optional[float] = None, global_seqs: Optional[float] = None
+                 ) -> tuple[Tensor, dict[str, Tensor]]:
     """SuperHF (Mukobi et al. 2023) update on the kept best-of-n completions y*.
 
     ``L = CE(y*) + β·max(0, KL_tok(π_0 ‖ π_θ))`` with the full-vocabulary forward KL per token

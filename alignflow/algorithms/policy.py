@@ -56,7 +56,7 @@ def _clipped_surrogate(ratio: Tensor, advantages: Tensor, clip_low: float, clip_
 def ppo_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor, clip_low: float = 0.2,
                     clip_high: float = 0.2, dual_clip: Optional[float] = None, agg: str = "token_mean",
                     norm_len: Optional[float] = None, global_tokens: Optional[float] = None,
-                    global_seqs: Optional[float] = None) -> tuple[Tensor, dict]:
+                    global_seqs: Optional[float] = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017, arXiv:1707.06347; InstructGPT; ALGORITHMS.md 2.1).
 
     ``ρ_t = exp(lp_θ − lp_old)``, ``L = agg_t max(−Â_t·ρ_t, −Â_t·clip(ρ_t, 1−ε_low, 1+ε_high))``.
@@ -89,7 +89,7 @@ def ppo_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Te
 def gspo_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor, clip_low: float = 3e-4,
                      clip_high: float = 4e-4, agg: str = "seq_mean_token_mean", norm_len: Optional[float] = None,
                      global_tokens: Optional[float] = None,
-                     global_seqs: Optional[float] = None) -> tuple[Tensor, dict]:
+                     global_seqs: Optional[float] = None) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO, sequence-level clipped surrogate (Zheng et al. 2025, arXiv:2507.18071; ALGORITHMS.md 2.9).
 
     ``s_i = exp(mean_{t valid}(lp_θ − lp_old))`` (the length-normalised sequence ratio), GSPO-token form
@@ -121,7 +121,7 @@ def gspo_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: T
 
 def vanilla_pg_loss(logp: Tensor, advantages: Tensor, mask: Tensor, agg: str = "seq_mean_token_sum",
                     norm_len: Optional[float] = None, global_tokens: Optional[float] = None,
-                    global_seqs: Optional[float] = None) -> tuple[Tensor, dict]:
+                    global_seqs: Optional[float] = None) -> tuple[Tensor, dict[str, Tensor]]:
     """REINFORCE without clipping (Williams 1992): ``L = −agg_t Â_t·lp_θ[t]``.
 
     With sequence advantages and the default ``seq_mean_token_sum`` this is RLOO's ``−mean_i A_i·LP_θ(y_i)``
@@ -138,7 +138,7 @@ def vanilla_pg_loss(logp: Tensor, advantages: Tensor, mask: Tensor, agg: str = "
 
 def value_loss(values: Tensor, values_old: Tensor, returns: Tensor, mask: Tensor, clip: Optional[float] = 0.2,
                agg: str = "token_mean", norm_len: Optional[float] = None, global_tokens: Optional[float] = None,
-               global_seqs: Optional[float] = None) -> tuple[Tensor, dict]:
+               global_seqs: Optional[float] = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss (PPO as in InstructGPT / PPO-max; ALGORITHMS.md 2.1).
 
     ``V^c = clip(V, V_old − ε_v, V_old + ε_v)``, ``L_V = ½·agg_t max((V − G)², (V^c − G)²)``; ``clip=None`` gives
@@ -164,12 +164,13 @@ def value_loss(values: Tensor, values_old: Tensor, returns: Tensor, mask: Tensor
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """Per-token entropy ``H = −Σ_v p_v log p_v`` of ``softmax(logits)``: (B, T, V) -> (B, T)."""
-    return torch.distributions.Categorical(logits=logits.float()).entropy()
+    entropy: Tensor = torch.distributions.Categorical(logits=logits.float()).entropy()  # type: ignore[no-untyped-call]
+    return entropy
 
 
 def entropy_bonus(entropy: Tensor, mask: Tensor, target: Optional[float] = None, agg: str = "token_mean",
                   norm_len: Optional[float] = None, global_tokens: Optional[float] = None,
-                  global_seqs: Optional[float] = None) -> tuple[Tensor, dict]:
+                  global_seqs: Optional[float] = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Entropy term to *add* to the loss with coefficient c_H: ``−agg_t H_t`` (maximises entropy).
 
     With ``target`` set, PPO-max's entropy clip (Zheng et al. 2023, "Secrets of RLHF I"): ``agg_t |H_t − target|``

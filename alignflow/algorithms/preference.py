@@ -35,6 +35,9 @@ from torch import Tensor
 
 from alignflow.algorithms.core import masked_sum
 
+Metrics = dict[str, Tensor]  # fixed names -> detached 0-d tensors
+LossOut = tuple[Tensor, Metrics]  # (loss, metrics), what every loss below returns
+
 REDUCTIONS = ("mean", "sum", "none")
 
 # name -> (ndim, aligned with the batch's B rows, description) ; used for validation and error messages
@@ -122,7 +125,8 @@ class PrefInputs:
             out.append(value)
         return out
 
-    def as_ranked(self, loss: str, need_lengths: bool = True):
+    def as_ranked(self, loss: str, need_lengths: bool = True
+                  ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor]:
         """(logps (B, n), lengths (B, n) or None, rewards (B, n) or None, mask (B, n) bool).
 
         Uses the ``ranked_*`` fields when ``ranked_logps`` is set, else stacks (chosen, rejected) as n = 2 with
@@ -201,7 +205,7 @@ def weighted_mean(x: Tensor, weights: Optional[Tensor]) -> Tensor:
     return (x * w).sum() / w.sum().clamp_min(1e-12)
 
 
-def _pair_metrics(chosen: Tensor, rejected: Tensor, margin: Tensor, weights: Optional[Tensor]) -> dict:
+def _pair_metrics(chosen: Tensor, rejected: Tensor, margin: Tensor, weights: Optional[Tensor]) -> Metrics:
     return {"pref/accuracy": weighted_mean((chosen > rejected).float(), weights),
             "pref/margin": weighted_mean(margin, weights),
             "pref/chosen_reward": weighted_mean(chosen, weights),
@@ -226,7 +230,7 @@ def _smoothed(z: Tensor, eps: float) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------- pairwise
 def dpo_loss(inputs: PrefInputs, *, beta: float = 0.1, label_smoothing: float = 0.0,
-             reduction: str = "mean", weights: Optional[Tensor] = None):
+             reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
     """DPO (Rafailov et al. 2023) and conservative DPO (cDPO, label smoothing ε).
 
     ``l_i = (1 - ε)·ℓ(βh_i) + ε·ℓ(-βh_i)``; ε = 0 is plain DPO. β = 0.1; ε ∈ [0, 0.5] (TRL default 0; ≈ 0.1 in
@@ -242,13 +246,13 @@ def dpo_loss(inputs: PrefInputs, *, beta: float = 0.1, label_smoothing: float = 
 
 
 def cdpo_loss(inputs: PrefInputs, *, beta: float = 0.1, label_smoothing: float = 0.1,
-              reduction: str = "mean", weights: Optional[Tensor] = None):
+              reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
     """Conservative DPO: :func:`dpo_loss` with the cDPO default ε = 0.1 (same formula, shapes and metrics)."""
     return dpo_loss(inputs, beta=beta, label_smoothing=label_smoothing, reduction=reduction, weights=weights)
 
 
 def robust_dpo_loss(inputs: PrefInputs, *, beta: float = 0.1, label_smoothing: float = 0.1,
-                    reduction: str = "mean", weights: Optional[Tensor] = None):
+                    reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
     """Robust DPO (Chowdhury et al. 2024): unbiased under label flips with rate ε.
 
     ``l_i = [(1 - ε)·ℓ(βh_i) - ε·ℓ(-βh_i)] / (1 - 2ε)``, ε ∈ [0, 0.5) the assumed flip rate (default 0.1, an
@@ -263,7 +267,7 @@ def robust_dpo_loss(inputs: PrefInputs, *, beta: float = 0.1, label_smoothing: f
 
 
 def ipo_loss(inputs: PrefInputs, *, beta: float = 0.1, length_normalize: bool = True,
-             reduction: str = "mean", weights: Optional[Tensor] = None):
+             reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
     """IPO (Azar et al. 2023, "A general theoretical paradigm..."): ``l_i = (h_i - 1/(2τ))²`` with τ = ``beta``.
 
     τ = 0.1 (so the target margin is 5). With ``length_normalize`` (default, as TRL does) h is built from the
@@ -277,7 +281,8 @@ def ipo_loss(inputs: PrefInputs, *, beta: float = 0.1, length_normalize: bool = 
     return reduce_rows(losses, reduction, weights), _pair_metrics(beta * chosen, beta * rejected, beta * h, weights)
 
 
-def hinge_loss(inputs: PrefInputs, *, beta: float = 0.1, reduction: str = "mean", weights: Optional[Tensor] = None):
+def hinge_loss(inputs: PrefInputs, *, beta: float = 0.1,
+               reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
     """SLiC-style hinge on the DPO margin: ``l_i = max(0, 1 - βh_i)`` (β = 1/δ, δ the hinge margin).
 
     Not in ALGORITHMS.md; the calibration loss of SLiC-HF (Zhao et al. 2023) applied to the reference-relative
@@ -289,7 +294,7 @@ def hinge_loss(inputs: PrefInputs, *, beta: float = 0.1, reduction: str = "mean"
     return reduce_rows(losses, reduction, weights), _pair_metrics(beta * chosen, beta * rejected, z, weights)
 
 
-def _simpo_terms(inputs: PrefInputs, loss: str, beta: float, gamma: float):
+def _simpo_terms(inputs: PrefInputs, loss: str, beta: float, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
     pc, pr, lc, lr = inputs.need(loss, "policy_chosen_logps", "policy_rejected_logps",
                                  "chosen_lengths", "rejected_lengths")
     chosen, rejected = beta * pc / lc, beta * pr / lr  # (B,), (B,)
@@ -297,7 +302,7 @@ def _simpo_terms(inputs: PrefInputs, loss: str, beta: float, gamma: float):
 
 
 def simpo_loss(inputs: PrefInputs, *, beta: float = 2.0, gamma: float = 1.0, label_smoothing: float = 0.0,
-               reduction: str = "mean", weights: Optional[Tensor] = None):
+               reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
     """SimPO (Meng et al. 2024), reference-free: ``l_i = ℓ(β·LP̄_θ(y_w) - β·LP̄_θ(y_l) - γ)``.
 
     β = 2.0-2.5 and γ/β = 0.5 in the paper, so defaults β = 2.0, γ = 1.0 (lr 3e-7 to 1e-6). Optional label
@@ -316,7 +321,8 @@ def _log_odds(mean_logp: Tensor) -> Tensor:
     return m - torch.log(-torch.expm1(m))
 
 
-def orpo_loss(inputs: PrefInputs, *, lam: float = 0.1, reduction: str = "mean", weights: Optional[Tensor] = None):
+def orpo_loss(inputs: PrefInputs, *, lam: float = 0.1,
+              reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
     """ORPO (Hong et al. 2024), no reference: ``l_i = NLL(y_w) + λ·ℓ(log odds(y_w) - log odds(y_l))``.
 
     ``P̄(y) = exp(LP̄_θ(y))``, ``log odds(y) = log P̄ - log(1 - P̄)``, NLL(y_w) = -LP̄_θ(y_w) (the paper's
@@ -335,7 +341,7 @@ def orpo_loss(inputs: PrefInputs, *, lam: float = 0.1, reduction: str = "mean", 
 
 
 def inpo_loss(inputs: PrefInputs, *, eta: float = 1.0, tau: float = 0.1,
-              reduction: str = "mean", weights: Optional[Tensor] = None):
+              reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
     """INPO (Zhang et al. 2024), one online-mirror-descent step on the preference game: ``l_i = (h_t - η/2)²``.
 
     ``h_t = log[π(y_w)/π(y_l)] - ητ·log[π_ref(y_w)/π_ref(y_l)] - (1 - ητ)·log[π_t(y_w)/π_t(y_l)]`` with π_t the
@@ -353,7 +359,8 @@ def inpo_loss(inputs: PrefInputs, *, eta: float = 1.0, tau: float = 0.1,
     return reduce_rows(losses, reduction, weights), _pair_metrics(chosen, rejected, h, weights)
 
 
-def refuel_loss(inputs: PrefInputs, *, eta: float = 1.0, reduction: str = "mean", weights: Optional[Tensor] = None):
+def refuel_loss(inputs: PrefInputs, *, eta: float = 1.0,
+                reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
     """REFUEL (Gao et al. 2024; REBEL for one turn): ``l_i = (h_i - η·(Q̂(y) - Q̂(y')))²``.
 
     The "chosen"/"rejected" fields hold the two continuations y, y' (not ranked); ``ref_*`` hold the log-probs
@@ -379,7 +386,7 @@ def treg_token_rewards(ref_pos_token_logps: Tensor, ref_neg_token_logps: Tensor,
 
 
 def treg_loss(inputs: PrefInputs, *, beta: float = 0.1, alpha: float = 0.25, base: str = "dpo", gamma: float = 1.0,
-              reduction: str = "mean", weights: Optional[Tensor] = None):
+              reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
     """T-REG (Zhou et al. 2024): DPO (or SimPO) plus a token-level regulariser weighted by the DPO gradient scale.
 
     ``L_REG(y) = -Σ_t β·r̂_t·lp_θ[t]``, ``w = sg[σ(-z)]`` (σ(-βh) for DPO), and
@@ -410,7 +417,7 @@ def treg_loss(inputs: PrefInputs, *, beta: float = 0.1, alpha: float = 0.25, bas
 
 # ----------------------------------------------------------------------------------------------- unpaired
 def kto_loss(inputs: PrefInputs, *, beta: float = 0.1, lambda_d: float = 1.0, lambda_u: float = 1.0,
-             z0: Optional[float] = None, reduction: str = "mean", weights: Optional[Tensor] = None):
+             z0: Optional[float] = None, reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
     """KTO (Ethayarajh et al. 2024) on unpaired (x, y, desirable?) rows.
 
     ``r_θ = LP_θ(y) - LP_ref(y)``; ``z_0 = max(0, mean_j[LP_θ(y'_j|x_j) - LP_ref(y'_j|x_j)])`` over mismatched
@@ -445,7 +452,7 @@ def kto_loss(inputs: PrefInputs, *, beta: float = 0.1, lambda_d: float = 1.0, la
 
 # ----------------------------------------------------------------------------------------------- ranked
 def cpl_loss(inputs: PrefInputs, *, alpha: float = 0.1, lam: float = 0.5, bc_weight: float = 0.0,
-             bc_data: str = "all", reduction: str = "mean", weights: Optional[Tensor] = None):
+             bc_data: str = "all", reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
     """CPL (Hejna et al. 2023): contrastive preference learning with advantage A(σ) = α·Σ_t γ^t log π(a_t|s_t).
 
     For LLMs a segment is a response and γ = 1, so A = α·LP_θ(y). Pair σ⁺ ≻ σ⁻: ``ℓ(A⁺ - λ·A⁻)`` with the
@@ -473,9 +480,10 @@ def cpl_loss(inputs: PrefInputs, *, alpha: float = 0.1, lam: float = 0.5, bc_wei
     return reduce_rows(losses, reduction, weights), _pair_metrics(adv[:, 0], adv[:, 1], margin, weights)
 
 
-def _cpl_bc(logps: Tensor, lengths: Tensor, mask: Tensor, bc_data: str) -> Tensor:
+def _cpl_bc(logps: Tensor, lengths: Optional[Tensor], mask: Tensor, bc_data: str) -> Tensor:
     """CPL's behaviour-cloning term per row (B,): token-mean NLL of all the row's responses ("all") or of the best
     one ("pos")."""
+    assert lengths is not None, "callers ask as_ranked for lengths (need_lengths=True)"
     lp = logps.masked_fill(~mask, 0.0)
     if bc_data == "pos":
         return -lp[:, 0] / lengths[:, 0]
@@ -483,7 +491,7 @@ def _cpl_bc(logps: Tensor, lengths: Tensor, mask: Tensor, bc_data: str) -> Tenso
 
 
 def cpl_bc_loss(inputs: PrefInputs, *, bc_data: str = "all", reduction: str = "mean",
-                weights: Optional[Tensor] = None):
+                weights: Optional[Tensor] = None) -> LossOut:
     """CPL-BC's pre-training phase (Hejna et al. 2023): behaviour cloning alone, the token-mean NLL of the row's
     responses (``bc_data`` as in :func:`cpl_loss`), for the first ``loss.bc_steps`` optimiser steps before the CPL
     loss takes over. Two responses of lengths 2 and 3 with summed log-probs -4 and -2 give (4 + 2) / 5 = 1.2."""
@@ -495,7 +503,7 @@ def cpl_bc_loss(inputs: PrefInputs, *, bc_data: str = "all", reduction: str = "m
 
 
 def pro_loss(inputs: PrefInputs, *, sft_weight: float = 0.05, reduction: str = "mean",
-             weights: Optional[Tensor] = None):
+             weights: Optional[Tensor] = None) -> LossOut:
     """PRO (Song et al. 2023), list-wise ranking of n >= 2 responses y¹ ≻ … ≻ yⁿ (best first).
 
     Score s_k = LP̄_θ(y^k). For k = 1..n-1, with T_k^i = r^k - r^i (i > k) and T_k^k = max_{i>k} T_k^i:
@@ -507,16 +515,17 @@ def pro_loss(inputs: PrefInputs, *, sft_weight: float = 0.05, reduction: str = "
     Rewards: s of the first two responses; margin s_1 - s_2. Extra metric: ``pro/rank_loss``.
     """
     logps, lengths, rewards, mask = inputs.as_ranked("pro_loss")  # (B, n) each
+    assert lengths is not None  # need_lengths=True
     logps = logps.masked_fill(~mask, 0.0)
     s = logps / lengths.masked_fill(~mask, 1)  # (B, n)
-    scored = rewards is not None
-    rewards = rewards.masked_fill(~mask, 0.0) if scored else None
+    rewards = None if rewards is None else rewards.masked_fill(~mask, 0.0)
     low = torch.finfo(s.dtype).min
     rank = s.new_zeros(s.shape[0])  # (B,)
     for k in range(s.shape[1] - 1):
         rest = mask[:, k + 1:]  # (B, n-k-1)
         active = mask[:, k] & rest.any(dim=1)  # (B,)
-        temp = rewards[:, k:k + 1] - rewards[:, k + 1:] if scored else torch.ones_like(s[:, k + 1:])  # (B, n-k-1)
+        # (B, n-k-1)
+        temp = torch.ones_like(s[:, k + 1:]) if rewards is None else rewards[:, k:k + 1] - rewards[:, k + 1:]
         top = temp.masked_fill(~rest, low).amax(dim=1).masked_fill(~active, 0.0)  # (B,)
         logits = torch.cat([(s[:, k] * top)[:, None], s[:, k + 1:] * temp], dim=1)  # (B, n-k)
         valid = torch.cat([active[:, None], rest & active[:, None]], dim=1)  # (B, n-k)
@@ -547,7 +556,7 @@ def apo_extrapolate(new_logps: Tensor, prev_logps: Tensor, alpha: float = 0.3) -
 
 
 # ----------------------------------------------------------------------------------------------- tables
-PreferenceLoss = Callable[..., tuple[Tensor, dict]]
+PreferenceLoss = Callable[..., LossOut]
 
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
     "dpo": dpo_loss,

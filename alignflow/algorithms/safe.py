@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -68,7 +68,7 @@ class LagrangeMultiplier:
         self.lr = float(lr)
         self.log_max = None if max_value is None else math.log(max_value)
         self.threshold = float(threshold)
-        self.costs: deque = deque(maxlen=int(window))
+        self.costs: deque[float] = deque(maxlen=int(window))
 
     @property
     def value(self) -> float:
@@ -90,10 +90,10 @@ class LagrangeMultiplier:
             self.log_lambda = min(self.log_lambda, self.log_max)
         return self.value
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"log_lambda": self.log_lambda, "costs": list(self.costs)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.log_lambda = float(state["log_lambda"])
         self.costs.clear()
         self.costs.extend(float(c) for c in state["costs"])
