@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cls, target, _ = COMMANDS[args.command]
+    from alignflow.trainers.run_dir import disarm_interrupt, disk_error, interrupted_message
+
+    cfg = None
     try:
         cfg = load_config(cls, args.config, args.overrides)
         module, fn = target.split(":")
@@ -72,6 +75,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"alignflow {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line saying where the checkpoint is and how to resume
+        if args.debug:
+            raise
+        print(f"alignflow {args.command}: {interrupted_message(argv, cfg, e)}", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk or a read-only directory is the machine's state, not a bug
+        if args.debug or disk_error(e) is None:
+            raise
+        print(f"alignflow {args.command}: error: {disk_error(e)}", file=sys.stderr)
+        return 2
+    finally:
+        disarm_interrupt(reset=True)
     return 0
 
 

@@ -147,8 +147,14 @@ class TrainConfig:
     device: str = field("auto", doc="Device: auto = cuda when available, else cpu.", check=check_device)
     log_every: int = field(10, doc="Log metrics every N optimiser steps.", range=(1, None))
     eval_every: int = field(0, doc="Evaluate every N steps; 0 evaluates at the end only.", range=(0, None))
-    save_every: int = field(0, doc="Checkpoint every N steps; 0 saves at the end only.", range=(0, None))
+    save_every: int = field(500, doc="Checkpoint (checkpoints/step-N) every N steps and after the last step; 0 "
+                                     "saves after the last step only. Ctrl-C also checkpoints.", range=(0, None))
+    save_total_limit: int = field(0, doc="Keep only the newest N checkpoints (older ones are deleted after each "
+                                         "save); 0 keeps all.", range=(0, None))
     resume: bool = field(False, doc="Resume from the latest checkpoint in output_dir when there is one.")
+    overwrite: bool = field(False, doc="Let this run replace an earlier run's results in output_dir (model/, "
+                                       "metrics.jsonl, checkpoints/); without it such a directory is refused "
+                                       "unless resume finds a checkpoint to go on from.")
     on_nonfinite: str = field("error", doc="Non-finite loss or gradient: stop with a diagnostic, or skip the step.",
                               choices=("error", "skip"))
     progress: bool = field(True, doc="Show a progress bar.")

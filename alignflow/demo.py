@@ -91,8 +91,9 @@ def bar(path: Path, values: dict, title: str) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from alignflow.trainers.run_dir import check_output_dir
+
+    out = check_output_dir(cfg.output_dir, "output_dir")  # a re-run replaces the demo's stages (overwrite below)
     times, t = {}, time.perf_counter()
     art = build_task("reviews", cfg.task, out / "task")
     times["task"] = time.perf_counter() - t
@@ -102,7 +103,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "model": {"name_or_path": str(art.model_dir), "tokenizer": str(art.tokenizer_dir)},
         "data": {"path": str(art.sft_path), "max_len": 128, "eval_fraction": 0.05},
         "optim": {"lr": cfg.sft_lr, "warmup_ratio": 0.05},
-        "train": {"output_dir": str(out / "sft"), "batch_size": cfg.sft_batch_size, "max_steps": cfg.sft_steps,
+        "train": {"output_dir": str(out / "sft"), "overwrite": True, "batch_size": cfg.sft_batch_size,
+                  "max_steps": cfg.sft_steps,
                   "seed": cfg.seed, "progress": cfg.progress, "log_every": 5}}))
     times["sft"] = time.perf_counter() - t
     # ---- 2. pairs from SFT samples, labelled by the gold reward
@@ -121,7 +123,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "model": {"name_or_path": str(out / "sft" / "model")},
         "data": {"path": str(out / "pairs_train.jsonl"), "eval_path": str(out / "pairs_eval.jsonl"), "max_len": 128},
         "optim": {"lr": cfg.rm_lr, "warmup_ratio": 0.05},
-        "train": {"output_dir": str(out / "rm"), "batch_size": cfg.rm_batch_size, "max_steps": cfg.rm_steps,
+        "train": {"output_dir": str(out / "rm"), "overwrite": True, "batch_size": cfg.rm_batch_size,
+                  "max_steps": cfg.rm_steps,
                   "seed": cfg.seed, "progress": cfg.progress, "log_every": 5}}))
     times["rm"] = time.perf_counter() - t
     gold_agreement = agreement_with_gold(rm.models[0], sft.tokenizer, pairs[:n_eval], art.gold_reward)
@@ -191,7 +194,7 @@ def run_rl(cfg: DemoConfig, out: Path, art):
         "reward": {"models": [str(out / "rm" / "model")], "task": {"gold": 0.0}},
         "optim": {"lr": cfg.rl_lr, "scheduler": "constant"},
         "critic": {"optim": {"lr": 1e-3, "scheduler": "constant"}},  # initialised from the reward model
-        "train": {"output_dir": str(out / "rl"), "batch_size": prompts * n // (2 if critic else 1),
+        "train": {"output_dir": str(out / "rl"), "overwrite": True, "batch_size": prompts * n // (2 if critic else 1),
                   "max_steps": cfg.rl_steps,
                   "eval_every": cfg.rl_eval_every, "seed": cfg.seed, "progress": cfg.progress, "log_every": 1}}))
 

@@ -44,6 +44,7 @@ def test_skip_mode_reports_and_trains(reviews_task, tmp_path):
 
 
 def test_missing_model_path_is_a_clean_error(tmp_path, capsys):
-    code = main(["sft", f"model.name_or_path={tmp_path / 'nope'}", f"data.path={tmp_path / 'x.jsonl'}"])
+    code = main(["sft", f"model.name_or_path={tmp_path / 'nope'}", f"data.path={tmp_path / 'x.jsonl'}",
+                 f"train.output_dir={tmp_path / 'run'}"])  # not runs/run inside the repository
     assert code == 2
     assert "Traceback" not in capsys.readouterr().err

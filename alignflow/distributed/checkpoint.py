@@ -8,8 +8,9 @@ Layout of ``<output_dir>/checkpoints/step-<N>/`` for a model in one process (or 
     rng.safetensors        torch (and CUDA) RNG states
     trainer_state.json     step, data position, scheduler state, python/numpy RNG, anything the trainer adds
 
-A checkpoint directory is written to ``step-<N>.tmp-<pid>`` and renamed into place only when complete,
-so a crash never leaves a half-written checkpoint that resume would pick up.
+A checkpoint directory is written to ``step-<N>.tmp-<pid>``, flushed to disk (every file and the directory) and
+renamed into place only when complete, so a crash never leaves a half-written checkpoint that resume would pick
+up; the leftovers of a killed writer are removed when the next run starts (``alignflow.trainers.run_dir``).
 
 **Sharded layout** (the model is FSDP2-sharded, :func:`alignflow.distributed.shard.is_sharded`). ``save_checkpoint``
 and ``load_checkpoint`` are then *collective*: every rank of the process group calls them. Each rank writes its own
@@ -68,19 +69,74 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        io = _os_error(e, final)
+        if io is not None:
+            raise io from e
         raise
     _replace_dir(tmp, final)
 
 
+def _os_error(e: BaseException, path: Path) -> OSError | None:
+    """safetensors reports a failed write (a full disk) as ``SafetensorError('... (os error 28) ...')``: the same
+    as an OSError with that errno, so that callers can tell a disk problem from a bug."""
+    import re
+
+    m = re.search(r"\(os error (\d+)\)", str(e)) if type(e).__name__ == "SafetensorError" else None
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1))), str(path)) if m else None
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first and deleted after."""
-    old = final.with_name(f"{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    """Make ``tmp`` (flushed to disk first) ``final``. An existing ``final`` is swapped with ``tmp`` in one atomic
+    rename where the OS can (Linux ``renameat2``), so ``final`` is never missing; elsewhere it is moved aside to
+    ``final.old-<pid>`` first (a kill between the two renames leaves that, which the next run renames back).
+    The replaced directory is deleted after."""
+    _fsync_tree(tmp)
+    if final.exists() and _exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old one
+    else:
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems do not fsync directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root``, then the directories, so a rename never publishes unwritten data."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(folder)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

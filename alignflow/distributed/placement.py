@@ -20,7 +20,7 @@ import torch
 
 from alignflow.config import ConfigError, RLConfig
 from alignflow.distributed.groups import LocalGroup
-from alignflow.distributed.ray_group import WorkerSet, init_ray
+from alignflow.distributed.ray_group import WorkerSet, check_resources, init_ray
 
 
 def worker_device() -> torch.device:
@@ -93,9 +93,13 @@ class RayPlacement:
         self.sets: dict[str, WorkerSet] = {}
         self.local: dict = {}
         layout = _on_workers(cfg, names)
-        for set_name, roles in layout.items():
+        plan = {}  # set name -> (its RoleResources, workers)
+        for set_name in layout:
             res = r.actor if set_name in ("workers", "actor") else getattr(r, set_name)
-            n = workers if set_name in ("workers", "actor") else (res.workers or workers)
+            plan[set_name] = (res, workers if set_name in ("workers", "actor") else (res.workers or workers))
+        check_resources([(s, n, res.cpus_per_worker, res.gpus_per_worker) for s, (res, n) in plan.items()])
+        for set_name, roles in layout.items():
+            res, n = plan[set_name]
             self.sets[set_name] = start_set(cfg, set_name, res, n, build_worker_roles,
                                             (cfg, algo, total_opt_steps, tuple(roles)))
         on_workers = {n for roles in layout.values() for n in roles}

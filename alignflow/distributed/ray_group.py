@@ -68,6 +68,29 @@ def init_ray(address: str = "", namespace: str = "alignflow", num_cpus: int = 0)
         ray.init(num_cpus=num_cpus or None, **kw)
 
 
+def check_resources(demand: list[tuple[str, int, float, float]]) -> None:
+    """Fail at once when the Ray cluster can never hold the worker sets of ``demand`` -- ``(set name, workers,
+    cpus per worker, gpus per worker)`` each -- instead of letting Ray wait for resources that will not come: the
+    cluster's totals must cover the sum, and some live node must fit one worker's bundle."""
+    ray = require_ray()
+    total = ray.cluster_resources()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive", True)]
+    missing = []
+    for kind in ("CPU", "GPU"):
+        col = 2 if kind == "CPU" else 3
+        need, have = sum(d[1] * d[col] for d in demand), total.get(kind, 0.0)
+        if need > have:
+            missing.append(f"{need:g} {kind}s in all, the cluster has {have:g}")
+    for name, _, cpus, gpus in demand:
+        if nodes and not any(n.get("CPU", 0.0) >= cpus and n.get("GPU", 0.0) >= gpus for n in nodes):
+            missing.append(f"no node has {cpus:g} CPUs and {gpus:g} GPUs for one '{name}' worker")
+    if missing:
+        asked = ", ".join(f"'{name}' {w} x ({c:g} CPU, {g:g} GPU)" for name, w, c, g in demand)
+        raise ConfigError(f"the Ray cluster cannot place the workers this run asks for ({asked}): "
+                          f"{'; '.join(missing)}. Lower resources.<role>.workers / cpus_per_worker / gpus_per_worker, "
+                          f"or give Ray more (ray.num_cpus, a cluster via ray.address)")
+
+
 def balanced_partition(costs: list[int], parts: int) -> list[list[int]]:
     """Row indices per rank with near-equal summed ``costs``: longest row first onto the least-loaded rank (ties:
     the lower rank); each rank's rows in ascending order. Deterministic."""
@@ -155,12 +178,18 @@ class WorkerSet:
 
     def _start(self) -> None:
         ray = require_ray()
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        check_resources([(self.name, self.size, self.cpus, self.gpus)])
         bundle = {"CPU": self.cpus} | ({"GPU": self.gpus} if self.gpus else {})
         self.pg = placement_group([bundle] * self.size, strategy="PACK")
-        ray.get(self.pg.ready(), timeout=self.timeout_s)
+        try:  # the cluster could hold the set, but other work holds the resources now
+            ray.get(self.pg.ready(), timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise ConfigError(f"worker set '{self.name}': {self.size} x {bundle} not free after {self.timeout_s:.0f} s "
+                              f"(resources.dist_timeout_s); free now: {ray.available_resources()}") from None
         remote = ray.remote(Worker)
         self.actors = [remote.options(num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=0,
                                       scheduling_strategy=PlacementGroupSchedulingStrategy(

@@ -290,9 +290,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     from alignflow.trainers.loop import resolve_device
 
     frontier = check_config(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    from alignflow.trainers.run_dir import check_output_dir
+
+    out = check_output_dir(cfg.output_dir, "output_dir")
+    device = resolve_device(cfg.device, "device")
     tok = load_tokenizer(cfg.tokenizer or cfg.policy or cfg.reference or cfg.reward_model)
     metrics: dict = {}
     if cfg.policy or frontier:

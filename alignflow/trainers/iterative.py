@@ -448,7 +448,7 @@ def train_online_po(cfg: OnlinePOConfig) -> OnlinePOResult:
     eval_prompts = prompt_batch(held, [10 ** 9 + i for i in range(len(held))], stream.fields)
     gold = _gold(cfg, art)
     start, step = _resume(run, out, stream) if cfg.train.resume else (0, 0)
-    logger = loop.MetricsLogger(out, resume=start > 0)
+    logger = loop.MetricsLogger(out, start=step)
     for rep in data.reports:
         logger.log(step, {"data/report": rep})
     result = OnlinePOResult(run.policy, tok, output_dir=out)
@@ -463,8 +463,8 @@ def train_online_po(cfg: OnlinePOConfig) -> OnlinePOResult:
         result.evals.append((r + 1, ev))
         logger.log(step, m | ev)
         bar.update(0, reward=m.get("online/reward_mean", float("nan")))
-        if cfg.train.save_every and (r + 1) % cfg.train.save_every == 0:
-            _save(run, out, r, step, stream)
+        loop.checkpoint_step(r + 1, cfg.online.rounds, cfg.train, out,
+                             lambda _: _save(run, out, r, step, stream) or out / "checkpoints" / f"step-{step}")
     bar.close()
     result.eval = result.evals[-1][1] if result.evals else {}
     logger.close()
@@ -558,9 +558,10 @@ def train_mpo(cfg: MPOConfig) -> MPOResult:
     from alignflow.trainers.po_data import gold_eval, resolve_po_builtin
     from alignflow.trainers.preference import train_po
 
+    from alignflow.trainers.run_dir import check_output_dir
+
     _check_mpo(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(cfg.output_dir, "output_dir")
     po_cfg = dataclasses.replace(cfg.dpo, model=dataclasses.replace(cfg.model), data=dataclasses.replace(cfg.data),
                                  task=cfg.task, train=dataclasses.replace(cfg.dpo.train, output_dir=str(out)))
     art = resolve_po_builtin(po_cfg)  # SFT model and/or gold-labelled pairs of the built-in task when paths are empty

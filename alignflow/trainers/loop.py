@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from alignflow.config import OptimConfig, TrainConfig
+from alignflow.trainers.run_dir import checkpoint_step  # noqa: F401 -- the trainers' save hook, as loop.checkpoint_step
 
 log = logging.getLogger("alignflow")
 
@@ -34,10 +36,25 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """``name`` (the config value of ``key``) as a torch device; a string torch does not know, or a CUDA device
+    this machine does not have, is a ConfigError naming the key."""
+    from alignflow.config import ConfigError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{key}={name!r} is not a device; use auto, cpu, cuda, cuda:<index> or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{key}={name} but CUDA is not available here (torch {torch.__version__}, no "
+                              f"visible GPU); use {key}=cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{key}={name} but this machine has {count} CUDA device(s) (0..{count - 1})")
+    return device
 
 
 def autocast(device: torch.device, mode: str):
@@ -145,13 +162,18 @@ def guard_loss(step: int, cfg: TrainConfig, terms: dict[str, torch.Tensor]) -> b
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to ``metrics.jsonl``; mirrors to TensorBoard when installed."""
+    """Appends one JSON object per logged step to ``metrics.jsonl``; mirrors to TensorBoard when installed.
 
-    def __init__(self, output_dir: str | Path, resume: bool = False):
+    A new run (``resume`` false, ``start`` 0) starts the file afresh; ``resume`` appends; a run resumed at step
+    ``start`` > 0 first drops the rows logged after that step (the steps it does again), see :meth:`rewind`."""
+
+    def __init__(self, output_dir: str | Path, resume: bool = False, start: int = 0):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
-        if not resume:
+        if start > 0:
+            self.rewind(start)
+        elif not resume:
             self.path.write_text("")
         self._tb = None
         try:
@@ -171,9 +193,27 @@ class MetricsLogger:
                 if isinstance(v, float):
                     self._tb.add_scalar(k, v, step)
 
+    def rewind(self, step: int) -> None:
+        """Keep only the rows up to ``step`` (a resume from the checkpoint of ``step`` does the later ones again)."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and _row_step(line) <= step]
+        if len(kept) != len(lines):
+            tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf  # a torn last line of a killed run: dropped
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -186,9 +226,12 @@ class Progress:
     def __init__(self, total: int, initial: int, enabled: bool, desc: str):
         from tqdm.auto import tqdm
 
+        from alignflow.trainers.run_dir import arm_interrupt
+
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
         self.t0 = time.perf_counter()
         self.tokens = 0
+        arm_interrupt()  # while the bar is open, Ctrl-C ends the step in flight and checkpoints (run_dir)
 
     def update(self, tokens: int, **postfix) -> float:
         self.tokens += tokens
@@ -198,7 +241,10 @@ class Progress:
         return rate
 
     def close(self) -> None:
+        from alignflow.trainers.run_dir import disarm_interrupt
+
         self.bar.close()
+        disarm_interrupt()
 
 
 def batched(items: list, size: int) -> Iterable[list]:
@@ -232,7 +278,7 @@ def open_loop(model: torch.nn.Module, num_rows: int, optim: OptimConfig, train: 
     start = load_checkpoint(ckpt, model, opt, sched)["step"] if ckpt is not None else 0
     if ckpt is not None:
         log.info("resumed from %s at step %d", ckpt, start)
-    logger = MetricsLogger(out, resume=ckpt is not None)
+    logger = MetricsLogger(out, start=start)
     for r in reports:
         logger.log(start, {"data/report": r})
     return TrainingLoop(sampler, total, opt, sched, start, logger)

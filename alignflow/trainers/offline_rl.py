@@ -233,7 +233,7 @@ def train_superhf(cfg: SuperHFConfig) -> OfflineRLResult:
     eval_prompts = _eval_batch(data.eval, cfg.rollout.eval_prompts, stream.fields)
     roles = Roles(rollout=run.rollout, actor=None, reward=run.reward)
     gold = _gold(cfg, art)
-    logger = loop.MetricsLogger(out, resume=start > 0)
+    logger = loop.MetricsLogger(out, start=start)
     for r in data.reports:
         logger.log(start, {"data/report": r})
     bar = loop.Progress(total, start, cfg.train.progress, "superhf")
@@ -246,9 +246,8 @@ def train_superhf(cfg: SuperHFConfig) -> OfflineRLResult:
             logger.log(step + 1, m)
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total:
             logger.log(step + 1, evaluate(roles, eval_prompts, gold))
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-            run.optim.save(out / "checkpoints" / f"step-{step + 1}",
-                           {"step": step + 1, "prompt_position": stream.position})
+        loop.checkpoint_step(step + 1, total, cfg.train, out, lambda path: run.optim.save(
+            path, {"step": step + 1, "prompt_position": stream.position}))
     bar.close()
     result.eval = evaluate(roles, eval_prompts, gold)
     logger.log(total, result.eval)
@@ -522,7 +521,7 @@ def train_alol(cfg: ALoLConfig) -> OfflineRLResult:
     probs = alol_sampling_weights(pre["advantages"][idx]) if cfg.alol.sampling == "good_priority" else None
     optim = Optimised(policy, cfg.optim, cfg.train, total)
     start = int((_resume(optim, out) if cfg.train.resume else {}).get("step", 0))
-    logger = loop.MetricsLogger(out, resume=start > 0)
+    logger = loop.MetricsLogger(out, start=start)
     for r in reports:
         logger.log(start, {"data/report": r})
     logger.log(start, stats)
@@ -537,8 +536,7 @@ def train_alol(cfg: ALoLConfig) -> OfflineRLResult:
         bar.update(0, loss=m["alol/loss"])
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
             logger.log(step + 1, m)
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-            optim.save(out / "checkpoints" / f"step-{step + 1}", {"step": step + 1})
+        loop.checkpoint_step(step + 1, total, cfg.train, out, lambda path: optim.save(path, {"step": step + 1}))
     bar.close()
     result.eval = _alol_eval(cfg, policy, tok, reward, art, device)
     logger.log(total, result.eval)

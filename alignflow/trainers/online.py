@@ -8,7 +8,7 @@ The controller is :func:`rl_step`; it reads like the papers' algorithm box (Hybr
                DAPO: drop groups with equal rewards, generate more, until the batch is full
     batch   += rollout.generate(prompts, greedy)          ReMax only: R(x, ȳ) as the baseline
     batch   += ref.logprobs(batch)                        skipped when the KL coefficient is 0
-    batch   += actor.logprobs(batch)                      lp_old (recomputed), truncated IS weights
+    batch   += actor.logprobs(batch)                      lp_old and truncated IS weights, unless reused (below)
     batch   += critic.values(batch)                       PPO / Safe RLHF only
     batch   += advantages(batch)                          pure function picked by name (rl_algos.py)
     for epoch in ppo_epochs: for mini-batch in shuffled batch:
@@ -19,10 +19,15 @@ Which estimator, loss, aggregation and KL placement each ``algo.name`` uses is t
 the controller branches only on that table's fields, never on the name.
 
 Departures from the papers, on purpose:
-* Old log-probs are recomputed by the trainer (``lp_old``), not taken from the sampler; the PPO ratio uses them
-  and each token's loss is weighted by the truncated importance weight ``min(exp(lp_old − lp_sampling), C)``
-  (``algo.is_correction=tis``, C = ``algo.is_cap``; verl's TIS) so that a sampler that differs numerically from
-  the trainer (kernels, precision, a stale copy) is corrected. With the built-in engine the weights are ~1.
+* Old log-probs ``lp_old`` follow ``algo.old_logprobs``. With ``auto`` (the default) and one update per rollout
+  batch (``ppo_epochs`` 1 and ``train.batch_size`` >= the rollout batch) the built-in sampler's log-probs are
+  reused and the actor's extra forward pass is skipped: at θ = θ_old the ratio is 1 and its gradient does not
+  depend on which copy is used (:func:`reuse_sampling_logprobs`; ``sampling`` always reuses). Otherwise
+  (``recompute``, several epochs or mini-batches, or the vLLM backend) the trainer recomputes them, the PPO ratio
+  uses them, and with ``algo.is_correction=tis`` each token's loss is weighted by the truncated importance weight
+  ``min(exp(lp_old − lp_sampling), C)`` (C = ``algo.is_cap``; verl's TIS) so that a sampler that differs
+  numerically from the trainer (kernels, precision, a stale copy) is corrected. With the built-in engine the
+  weights are ~1.
 * DAPO's dynamic sampling generates whole new batches of ``prompts_per_step`` prompts (at most
   ``dapo.max_sample_rounds`` rounds) and keeps the first full groups; a step still short trains on what it has
   and logs ``rollout/kept_groups``. Groups are filtered on the final reward (rule reward + overlong penalty).
@@ -386,6 +391,7 @@ def recover(roles: Roles, st: RLState, cfg: RLConfig, algo: Resolved, rows: list
     st.prompts, st.kl, st.lagrange, st.reward_norm, st.step = fresh.prompts, fresh.kl, fresh.lagrange, \
         fresh.reward_norm, 0
     step = resume(roles, st, out)
+    logger.rewind(step)  # the steps after the checkpoint are done again
     logger.log(step, {"event/worker_lost": str(err).splitlines()[0], "event/failed_at_step": failed_at,
                       "event/resumed_from_step": step})
     return step
@@ -422,7 +428,7 @@ def _run(cfg: RLConfig, algo: Resolved, roles: Roles, data, total: int, out: Pat
     held_out = data.eval[:cfg.rollout.eval_prompts]
     eval_prompts = prompt_batch(held_out, [10 ** 9 + i for i in range(len(held_out))], st.prompts.fields)
     gold = _gold(cfg, art)
-    logger = loop.MetricsLogger(out, resume=start > 0)
+    logger = loop.MetricsLogger(out, start=start)
     for r in data.reports:
         logger.log(start, {"data/report": r})
     bar = loop.Progress(total, start, cfg.train.progress, f"rl/{cfg.algo.name}")
@@ -444,8 +450,7 @@ def _run(cfg: RLConfig, algo: Resolved, roles: Roles, data, total: int, out: Pat
             st.step = step + 1
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total:
                 run_eval(step + 1)
-            if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-                save_all(roles, st, out)
+            loop.checkpoint_step(step + 1, total, cfg.train, out, lambda _: save_all(roles, st, out))
         except lost as err:
             step = recover(roles, st, cfg, algo, data.train, out, err, logger, restarts)
             restarts += 1

@@ -84,7 +84,7 @@ def builtin_sft(cfg: POConfig, art, out: Path) -> Path:
             "optim": {"lr": b.sft_lr, "warmup_ratio": 0.05},
             "train": {"output_dir": str(out / "sft"), "batch_size": 32, "max_steps": b.sft_steps,
                       "seed": cfg.train.seed, "progress": cfg.train.progress, "device": cfg.train.device,
-                      "num_threads": cfg.train.num_threads}}))
+                      "num_threads": cfg.train.num_threads, "overwrite": True}}))  # a stale cache is replaced
         marker.write_text(key)
     return out / "sft" / "model"
 
@@ -128,8 +128,9 @@ def resolve_po_builtin(cfg: POConfig):
     if cfg.model.name_or_path and cfg.data.path:
         return None
     from alignflow.tasks import build_task
+    from alignflow.trainers.run_dir import check_output_dir
 
-    root = Path(cfg.train.output_dir)
+    root = check_output_dir(cfg.train.output_dir)
     art = build_task(cfg.task.name, cfg.task, root / "task")
     out = root / "builtin"
     out.mkdir(parents=True, exist_ok=True)

@@ -604,8 +604,7 @@ def _steps(policy, cfg: POConfig, kw: dict, train: list, held: list, sampler, st
             logger.log(step + 1, {f"train/{k}" if "/" not in k else k: v for k, v in metrics.items()})
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and held:
             logger.log(step + 1, eval_names(policy.evaluate(row_batch(held), cfg.loss.name, kw)))
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-            policy.save(out / "checkpoints" / f"step-{step + 1}", {"step": step + 1})
+        loop.checkpoint_step(step + 1, total, cfg.train, out, lambda path: policy.save(path, {"step": step + 1}))
     bar.close()
 
 
@@ -640,7 +639,7 @@ def train_po(cfg: POConfig) -> POResult:
     policy, workers = place_learner(cfg, model, total, device)
     try:
         start = _resume(policy, out, cfg)
-        logger = loop.MetricsLogger(out, resume=start > 0)
+        logger = loop.MetricsLogger(out, start=start)
         for r in data.reports:
             logger.log(start, {"data/report": r})
         result = POResult(model, tok, output_dir=out, ref_cache_hit=reused)

@@ -217,8 +217,8 @@ def train_one(cfg: RMConfig, rows: list[dict], seed: int, num_labels: int, out: 
         rate = bar.update(ntok, loss=metrics["loss"])
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
             logger.log(step + 1, {f"train/{k}" if "/" not in k else k: v for k, v in metrics.items()})
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-            save_checkpoint(out / "checkpoints" / f"step-{step + 1}", model, opt, sched, {"step": step + 1})
+        loop.checkpoint_step(step + 1, total, cfg.train, out,
+                             lambda path: save_checkpoint(path, model, opt, sched, {"step": step + 1}))
     bar.close()
     logger.close()
     save_model(model, tokenizer, out / "model")
@@ -301,6 +301,6 @@ def train_rm(cfg: RMConfig) -> RMResult:
         rj = member_scores(models, [p["rejected_ids"] for p in eval_pairs], pad_id, device, per_model)
         result.eval = evaluate_pairs(c, rj, cfg)
     logger = loop.MetricsLogger(out, resume=True)
-    logger.log(len(losses), result.eval)
+    logger.log(loop.StepSampler(len(rows), cfg.train.batch_size, cfg.train.seed).total_steps(cfg.train), result.eval)
     logger.close()
     return result

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 log = logging.getLogger("alignflow")
 
@@ -20,8 +19,9 @@ def resolve_builtin(cfg, command: str):
     if cfg.model.name_or_path and cfg.data.path:
         return None
     from alignflow.tasks import build_task
+    from alignflow.trainers.run_dir import check_output_dir
 
-    art = build_task(cfg.task.name, cfg.task, Path(cfg.train.output_dir) / "task")
+    art = build_task(cfg.task.name, cfg.task, check_output_dir(cfg.train.output_dir) / "task")
     if not cfg.model.name_or_path:
         cfg.model.name_or_path = str(art.model_dir)
         cfg.model.tokenizer = cfg.model.tokenizer or str(art.tokenizer_dir)
@@ -34,7 +34,8 @@ def resolve_builtin(cfg, command: str):
 
 def start_run(cfg, seed: bool = True):
     """The opening every trainer shares: run directory with its config.json, (seed), CPU threads, device and
-    tokenizer. Returns ``(output_dir, device, tokenizer)``. ``seed=False`` leaves seeding to the caller (the
+    tokenizer. Returns ``(output_dir, device, tokenizer)``. The run directory is checked first
+    (:func:`alignflow.trainers.run_dir.prepare_run_dir`). ``seed=False`` leaves seeding to the caller (the
     reward trainer seeds each ensemble member itself)."""
     import json
 
@@ -43,9 +44,9 @@ def start_run(cfg, seed: bool = True):
     from alignflow.config import to_dict
     from alignflow.models import load_tokenizer
     from alignflow.trainers import loop
+    from alignflow.trainers.run_dir import prepare_run_dir
 
-    out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_run_dir(cfg.train)  # refuses to replace an earlier run's results unless told to
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     if seed:
         loop.set_seed(cfg.train.seed)

@@ -152,8 +152,8 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
             logger.log(step + 1, {f"train/{k}" if "/" not in k else k: v for k, v in metrics.items()})
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
             logger.log(step + 1, evaluate_nll(model, data.eval, cfg, pad_id, device))
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-            save_checkpoint(out / "checkpoints" / f"step-{step + 1}", model, opt, sched, {"step": step + 1})
+        loop.checkpoint_step(step + 1, total, cfg.train, out,
+                             lambda path: save_checkpoint(path, model, opt, sched, {"step": step + 1}))
     bar.close()
     result.eval = evaluate_nll(model, data.eval, cfg, pad_id, device)
     logger.log(total, result.eval)
