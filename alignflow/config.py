@@ -669,6 +669,20 @@ class RolloutConfig:
 
 
 @dataclasses.dataclass
+class RemoteRewardConfig:
+    """A reward served over HTTP (docs/remote_rewards.md): POST {"prompts": [...], "responses": [...]} ->
+    {"rewards": [...]}, one finite number per row."""
+    url: str = field("", doc="Endpoint URL, e.g. http://127.0.0.1:8000/score (alignflow serve); empty: no remote "
+                             "reward.")
+    weight: float = field(1.0, doc="Weight of the remote reward term.")
+    batch_size: int = field(64, doc="Rows per request.", range=(1, None))
+    timeout_s: float = field(30.0, doc="Seconds allowed per request (connecting, sending and reading the whole "
+                                       "reply); past it the attempt fails.", range=(1e-3, None))
+    retries: int = field(2, doc="Further attempts after a connection error, a timeout or a 5xx/429 reply (a "
+                                "malformed reply is never retried).", range=(0, None))
+
+
+@dataclasses.dataclass
 class RewardSourceConfig:
     """Reward sources, summed with weights: R = sum_j w_j * r_j."""
     task: dict = field(default_factory=dict, doc="Built-in task rewards by name -> weight, e.g. {gold: 1.0} "
@@ -677,6 +691,7 @@ class RewardSourceConfig:
                                                       "fn(prompts, responses, **row_fields) -> list[float].")
     models: list = field(default_factory=list, doc="Reward-model directories (k of them form an ensemble).")
     model_weight: float = field(1.0, doc="Weight of the reward-model term.")
+    remote: RemoteRewardConfig = field(default_factory=RemoteRewardConfig, doc="A reward served over HTTP.")
     aggregation: str = field("mean", doc="Ensemble aggregation of the reward models (Coste et al. 2024).",
                              choices=("mean", "min", "uwo"))
     uwo_lambda: float = field(0.5, doc="Variance weight of the uwo aggregation.", range=(0.0, None))
@@ -987,3 +1002,18 @@ class MPOConfig:
     output_dir: str = field("runs/mpo", doc="Run directory; the stages write to <output_dir>/dpo and <output_dir>/rl.")
     eval_prompts: int = field(64, doc="Held-out prompts of the built-in task sampled (2 each, temperature 1) after "
                                       "SFT, DPO and RL for eval/gold_reward_*; 0 disables.", range=(0, None))
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """``alignflow serve``: serve trained reward models on POST /score (docs/remote_rewards.md); each model
+    re-renders the texts with its own tokenizer."""
+    models: list = field(default_factory=list, doc="Reward-model directories (k form an ensemble).")
+    aggregation: str = field("mean", doc="Ensemble aggregation.", choices=("mean", "min", "uwo"))
+    uwo_lambda: float = field(0.5, doc="Variance weight of the uwo aggregation.", range=(0.0, None))
+    host: str = field("127.0.0.1", doc="Address to listen on (0.0.0.0: every interface).")
+    port: int = field(8000, doc="Port; 0 picks a free one (printed at start).", range=(0, 65535))
+    device: str = field("auto", doc="Device for the models: auto (cuda when available), cpu, cuda, cuda:N.")
+    max_rows: int = field(1024, doc="Most rows one request may hold (more: HTTP 413).", range=(1, None))
+    budget: int = field(8192, doc="Padded tokens per forward (speed only; scores do not depend on it).",
+                        range=(1, None))
