@@ -1,5 +1,6 @@
 """Math answer extraction and equivalence (sympy), and the math accuracy reward."""
 
+import os
 import sys
 import time
 
@@ -61,15 +62,85 @@ def test_math_accuracy_reward():
         math_accuracy_reward(["a", "b"], ["1"], ["1", "2"])
 
 
-def test_a_slow_comparison_counts_as_not_equal(monkeypatch):
-    def slow(*args):
-        time.sleep(3)
-        return True
+PATHOLOGICAL = "(a+b+c+d+e)^{999}"  # simplify((a+...+e)^999 - 1) expands: about 150 MB more every second
 
-    monkeypatch.setattr(rmath, "_values_equal", slow)
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_runaway_check_is_stopped_at_its_timeout_and_its_memory_is_freed():
+    """Before: the abandoned thread kept expanding the polynomial, the process grew by ~150 MB/s. Now the worker is
+    killed at the timeout: the call returns in ~1 s and neither this process nor the pool grows afterwards."""
+    os_pid = os.getpid()
+    assert math_equal("1/2", "0.5")  # the workers exist
+    before = rmath._pool().replaced
     t0 = time.perf_counter()
-    assert not math_equal("1/2", "0.5", timeout_s=0.2)
-    assert time.perf_counter() - t0 < 2.0
+    assert not math_equal(PATHOLOGICAL, "1", timeout_s=1.0)
+    assert time.perf_counter() - t0 < 4.0  # 1 s, plus a busy machine's delays
+    assert rmath._pool().replaced == before + 1
+    total = lambda: _rss_mb(os_pid) + sum(_rss_mb(p) for p in rmath._pool().pids())  # noqa: E731
+    first = total()
+    time.sleep(1.5)
+    assert total() - first < 50, (first, total())
+    assert math_equal("\\frac{1}{2}", "0.5")  # the replacement worker answers
+
+
+def test_a_check_past_the_memory_limit_is_not_equal():
+    rmath.configure(memory_mb=200)
+    try:
+        t0 = time.perf_counter()
+        assert not math_equal(PATHOLOGICAL, "1", timeout_s=20)
+        assert time.perf_counter() - t0 < 15  # stopped by the memory limit, not by the timeout
+        assert math_equal("2^{10}", "1024")
+    finally:
+        rmath.configure(memory_mb=1024)
+
+
+LONG_TEXTS = {
+    "boxed_open": "\\boxed{" * 8000,       # 64 KB: was 37 s (each \boxed{ scanned to the end)
+    "boxed_dollar": "\\boxed$" * 9000,     # \boxed without a brace: no copy of the rest of the text per match
+    "open_tags": "<answer>" * 8000 + "1",  # unclosed tags: was a non-greedy scan to the end per tag
+    "tags": "<answer>1</answer>" * 4000,
+    "braces": "{" * 60000 + "\\boxed{1}",
+    "numbers": "1," * 30000 + "5 / " * 5000,
+}
+
+
+@pytest.mark.parametrize("name", list(LONG_TEXTS))
+def test_extraction_is_linear(name):
+    """CPU time of this process (robust to a busy machine): extraction well under a second; the reward call
+    (extraction and check in a worker) returns within a few seconds of wall time."""
+    text = LONG_TEXTS[name]
+    t0 = time.process_time()
+    extract_answer(text)
+    assert time.process_time() - t0 < 1.0
+    t0 = time.perf_counter()
+    assert math_accuracy_reward(["q"], [text], ["7"]) == [0.0]
+    assert time.perf_counter() - t0 < 4.0
+
+
+def test_extraction_bounds():
+    assert extract_answer("\\boxed{3}" + " " * rmath.MAX_TEXT_CHARS) is None  # only the end is read
+    assert extract_answer("x" * 200_000 + "\\boxed{3}") == "3"
+    long = "1" * (rmath.MAX_ANSWER_CHARS + 1)
+    assert not math_equal(long, long)
+    assert extract_answer("<answer>a<answer>b</answer>") == "b"
+
+
+def test_rows_are_checked_in_parallel_batches():
+    """One pathological row costs its own timeout and spoils no other row."""
+    rows = [f"\\boxed{{{i}}}" for i in range(50)] + [f"\\boxed{{{PATHOLOGICAL}}}"]
+    before = rmath._pool().replaced
+    out = rmath.check_many("reward", [(r, str(i)) for i, r in enumerate(rows)], timeout_s=1.0)
+    assert out == [True] * 50 + [False]
+    assert rmath._pool().replaced == before + 1
 
 
 def test_missing_sympy_says_how_to_install(monkeypatch):

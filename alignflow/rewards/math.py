@@ -20,24 +20,36 @@ it matches either the number itself or the number / 100, so ``50%`` == ``50`` ==
 competition math accept both). Use the same form on both sides if that is too lenient for you.
 
 sympy's own ``parse_latex`` is not used: it needs a specific antlr4 runtime (4.11; 4.13 fails) or lark.
-sympy is an optional dependency (``pip install 'alignflow[math]'``), imported on first use. Every sympy
-comparison runs with a timeout (``timeout_s``, in a daemon thread); powers with exponents beyond 1000 or
-results beyond 10**10000 are refused before evaluation (a big-integer power cannot be interrupted), and a
-refused or timed-out comparison counts as *not equal*.
+sympy is an optional dependency (``pip install 'alignflow[math]'``), imported on first use.
+
+**Bounds.** :func:`extract_answer` reads the last ``MAX_TEXT_CHARS`` (100,000) characters of a response, in
+one linear pass; an answer (either side) longer than ``MAX_ANSWER_CHARS`` (1,000) is never equal; one longer
+than ``MAX_CHARS`` (300) is compared as a string only. Powers with exponents beyond 1000 or results beyond
+10**10000 are refused before evaluation.
+
+**Where the checks run.** Every check -- extraction included -- runs in a small pool of forked worker
+processes (:mod:`alignflow.rewards.workers`, :data:`SETTINGS`: 2 workers, 5 s per answer, 1 GiB of extra
+memory each; :func:`configure` changes them). A check that overruns its timeout has its worker killed and
+replaced, so it stops computing and allocating; a timeout, an error or a worker killed by its memory limit
+counts as *not equal* and is logged. A batch of rows is spread over the workers (one pipe round trip per
+row, no process start-up).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import os
 import re
-from typing import Optional
 
-from alignflow.rewards.rules import CallTimeout, run_with_timeout
+from alignflow.rewards.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
 MAX_CHARS = 300           # longer answers are compared as strings only
+MAX_ANSWER_CHARS = 1000   # longer answers (either side) are never equal
+MAX_TEXT_CHARS = 100_000  # extract_answer reads only the end of a longer response
 MAX_EXPONENT = 1000       # |exponent| of any power
 MAX_DIGITS = 10000        # log10 of the magnitude of any power
 REL_TOL = 1e-9
@@ -75,40 +87,76 @@ def _matching_brace(s: str, i: int) -> int:
     raise LatexError(f"unbalanced braces in {s!r:.80}")
 
 
-def extract_boxed(text: str) -> Optional[str]:
-    """Content of the LAST ``\\boxed{...}`` (or ``\\fbox{...}``, or ``\\boxed 5``) in ``text``; None if absent."""
-    starts = [m for m in re.finditer(r"\\(?:boxed|fbox)\s*", text)]
-    for m in reversed(starts):
-        i = m.end()
+def _brace_pairs(text: str) -> dict[int, int]:
+    """``{open index: close index}`` of every balanced brace pair in ``text``, in one pass (an unmatched ``}``
+    is ignored, an unmatched ``{`` gets no entry)."""
+    stack, pairs = [], {}
+    for m in _BRACE.finditer(text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            pairs[stack.pop()] = m.start()
+    return pairs
+
+
+_BRACE = re.compile(r"[{}]")
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*")
+_TOKEN = re.compile(r"[^\s$]+")
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the LAST ``\\boxed{...}`` (or ``\\fbox{...}``, or ``\\boxed 5``) in ``text``; None if absent.
+    Linear in ``len(text)``: the braces are matched once for the whole text."""
+    starts = [m.end() for m in _BOX.finditer(text)]
+    pairs = _brace_pairs(text) if starts else {}
+    for i in reversed(starts):
         if i < len(text) and text[i] == "{":
-            try:
-                return text[i + 1:_matching_brace(text, i)].strip()
-            except LatexError:
-                continue
-        token = re.match(r"[^\s$]+", text[i:])
+            if i in pairs:
+                return text[i + 1:pairs[i]].strip()
+            continue
+        token = _TOKEN.match(text, i)
         if token:
             return token.group(0)
     return None
 
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)
+_OPEN_TAG = re.compile(r"<answer>", re.I)
+_CLOSE_TAG = re.compile(r"</answer>", re.I)
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?%?")
 
 
-def extract_answer(text: str) -> Optional[str]:
+def _last_tag(text: str) -> str | None:
+    """Content of the last ``<answer>...</answer>`` (the last closing tag and the nearest opening tag before it)."""
+    close = None
+    for m in _CLOSE_TAG.finditer(text):
+        close = m
+    if close is None:
+        return None
+    opening = None
+    for m in _OPEN_TAG.finditer(text, 0, close.start()):
+        opening = m
+    return None if opening is None else text[opening.end():close.start()]
+
+
+def extract_answer(text: str) -> str | None:
     """The final answer in a response: the last ``\\boxed{}``, else the last ``<answer>...</answer>`` (its boxed
-    content when it has one), else the last number (``1,234``, ``-3.5``, ``3/4``, ``12%``); None when none."""
+    content when it has one), else the last number (``1,234``, ``-3.5``, ``3/4``, ``12%``); None when none.
+
+    Only the last :data:`MAX_TEXT_CHARS` characters of ``text`` are read, and the work is linear in their number.
+    """
     if text is None:
         return None
-    text = str(text)
+    text = str(text)[-MAX_TEXT_CHARS:]
     boxed = extract_boxed(text)
     if boxed is not None:
         return boxed
-    tags = _ANSWER_TAG.findall(text)
-    if tags:
-        return extract_boxed(tags[-1]) or tags[-1].strip()
-    numbers = _NUMBER.findall(text)
-    return numbers[-1].replace(" ", "") if numbers else None
+    tag = _last_tag(text)
+    if tag is not None:
+        return extract_boxed(tag) or tag.strip()
+    last = None
+    for m in _NUMBER.finditer(text):
+        last = m
+    return last.group(0).replace(" ", "") if last else None
 
 
 # ------------------------------------------------------------------------------------------------ normalising
@@ -226,8 +274,12 @@ def _split_tuple(expr: str) -> tuple[str, list[str]]:
 def parse(expr: str):
     """A sympy expression (unevaluated) from the safe infix string ``expr``; ValueError when not parsable."""
     sp = _sympy()
-    from sympy.parsing.sympy_parser import (convert_xor, implicit_application, implicit_multiplication,
-                                            standard_transformations)
+    from sympy.parsing.sympy_parser import (
+        convert_xor,
+        implicit_application,
+        implicit_multiplication,
+        standard_transformations,
+    )
 
     no_numbers = re.sub(r"\d*\.\d+|\d+\.?", "0", expr)
     if len(expr) > MAX_CHARS or not _SAFE_CHARS.match(no_numbers):  # only digits may surround a '.'
@@ -282,7 +334,7 @@ def _values_equal(pred: str, ref: str, pred_pct: bool, ref_pct: bool) -> bool:
     kind_r, parts_r = _split_tuple(latex_to_expr(ref))
     if kind_p != kind_r or len(parts_p) != len(parts_r):
         return False
-    for p, r in zip(parts_p, parts_r):
+    for p, r in zip(parts_p, parts_r, strict=True):
         a, b = parse(p.strip()), parse(r.strip())
         if pred_pct != ref_pct:  # the percentage side may also be read as a fraction
             pct, other = (a, b) if pred_pct else (b, a)
@@ -293,29 +345,93 @@ def _values_equal(pred: str, ref: str, pred_pct: bool, ref_pct: bool) -> bool:
     return True
 
 
-def math_equal(pred: str, ref: str, timeout_s: float = 5.0) -> bool:
-    """True when ``pred`` and ``ref`` denote the same answer (module docstring); False on a timeout."""
-    if pred is None or ref is None:
+def _equal_here(pred, ref) -> bool:
+    """:func:`math_equal`'s verdict computed in this process, without a timeout (run inside a worker)."""
+    if pred is None or ref is None or len(str(pred)) > MAX_ANSWER_CHARS or len(str(ref)) > MAX_ANSWER_CHARS:
         return False
     (p, p_pct), (r, r_pct) = normalise(pred), normalise(ref)
     if re.sub(r"\s+", "", p) == re.sub(r"\s+", "", r) and p_pct == r_pct:
         return True
     if not p or not r:
         return False
-    _sympy()  # a clear ImportError here, not inside the worker thread
     try:
-        return bool(run_with_timeout(_values_equal, (p, r, p_pct, r_pct), timeout=timeout_s))
-    except CallTimeout:
-        log.warning("math_equal(%r, %r) gave no verdict within %s s; counted as not equal", pred[:80], ref[:80],
-                    timeout_s)
-        return False
+        return bool(_values_equal(p, r, p_pct, r_pct))
     except (LatexError, ValueError, TypeError, AttributeError, RecursionError):
         return False  # not something we can evaluate, and the strings differ
 
 
+def _work(task: str, a, b) -> bool:
+    """What a worker runs: ``("equal", pred, ref)`` or ``("reward", response, answer)``."""
+    return _equal_here(extract_answer(a) if task == "reward" else a, b)
+
+
+@dataclasses.dataclass
+class Settings:
+    """How the checks run (change with :func:`configure`): ``workers`` forked processes, ``timeout_s`` seconds
+    per answer, ``memory_mb`` MiB of extra address space per worker."""
+    workers: int = min(2, os.cpu_count() or 1)
+    timeout_s: float = 5.0
+    memory_mb: int = 1024
+
+
+SETTINGS = Settings()
+_POOL: WorkerPool | None = None
+
+
+def configure(workers: int | None = None, timeout_s: float | None = None,
+              memory_mb: int | None = None) -> Settings:
+    """Change the worker settings (the running workers are stopped; the next check forks new ones)."""
+    global _POOL
+    for name, value in (("workers", workers), ("timeout_s", timeout_s), ("memory_mb", memory_mb)):
+        if value is not None:
+            if isinstance(value, bool) or not value > 0:
+                raise ValueError(f"alignflow.rewards.math.configure: {name} must be > 0, got {value!r}")
+            setattr(SETTINGS, name, type(getattr(SETTINGS, name))(value))
+    if _POOL is not None:
+        _POOL.close()
+        _POOL = None
+    return SETTINGS
+
+
+def _pool() -> WorkerPool:
+    """The shared worker pool, forked on first use after sympy is imported here (the workers inherit it)."""
+    global _POOL
+    if _POOL is None:
+        _sympy()
+        import sympy.parsing.sympy_parser  # noqa: F401  (imported once, before the fork)
+
+        _POOL = WorkerPool(_work, SETTINGS.workers, SETTINGS.timeout_s, SETTINGS.memory_mb)
+    return _POOL
+
+
+def check_many(task: str, pairs: list, timeout_s: float | None = None) -> list[bool]:
+    """Verdicts for ``pairs`` on the workers: a timeout, an error or a worker that died counts as not equal
+    (logged)."""
+    _sympy()  # a clear ImportError here, not inside a worker
+    timeout_s = timeout_s or SETTINGS.timeout_s
+    outcomes = _pool().map([(task, a, b) for a, b in pairs], timeout_s=timeout_s)
+    verdicts = []
+    for (a, b), (status, value) in zip(pairs, outcomes, strict=True):
+        if status != "ok":
+            why = {"timeout": f"gave no verdict within {timeout_s} s", "crash": "killed its worker (memory limit?)",
+                   "error": f"raised {value}"}[status]
+            log.warning("math check of %r against %r %s; counted as not equal", str(a)[-80:], str(b)[:80], why)
+        verdicts.append(status == "ok" and bool(value))
+    return verdicts
+
+
+def math_equal(pred: str, ref: str, timeout_s: float | None = None) -> bool:
+    """True when ``pred`` and ``ref`` denote the same answer (module docstring). Runs in a worker process that is
+    killed after ``timeout_s`` seconds (default ``SETTINGS.timeout_s``); a timeout counts as not equal."""
+    if pred is None or ref is None:
+        return False
+    return check_many("equal", [(pred, ref)], timeout_s)[0]
+
+
 def math_accuracy_reward(prompts: list, responses: list, answers: list, **_) -> list:
-    """1.0 where the response's final answer (:func:`extract_answer`) equals the row's answer, else 0.0."""
+    """1.0 where the response's final answer (:func:`extract_answer`) equals the row's answer, else 0.0. The rows
+    are checked in parallel on the workers, each answer with its own timeout (extraction included)."""
     if not (len(prompts) == len(responses) == len(answers)):
         raise ValueError(f"math_accuracy_reward: {len(prompts)} prompts, {len(responses)} responses, "
                          f"{len(answers)} answers")
-    return [float(math_equal(extract_answer(r), str(a))) for r, a in zip(responses, answers)]
+    return [float(v) for v in check_many("reward", [(r, str(a)) for r, a in zip(responses, answers, strict=True)])]
