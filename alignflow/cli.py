@@ -1,6 +1,6 @@
 """``alignflow <command> [--config file.yaml] [section.key=value ...]``
 
-Commands: sft, rm, rl, po, online_po, superhf, alol, mpo, eval, demo. ``alignflow <command> --help`` lists every
+Commands: sft, rm, rl, po, online_po, superhf, alol, mpo, eval, demo, serve. ``alignflow <command> --help`` lists every
 config key with its default and doc.
 User mistakes (a bad config key or value, a malformed data row, a model path that does not load) end with a
 one-paragraph error and exit code 2, never a traceback; ``--debug`` shows the traceback.
@@ -18,6 +18,7 @@ from alignflow.config import (ConfigError, DemoConfig, EvalConfig, RLConfig, RMC
 from alignflow.config import ALoLConfig, SuperHFConfig
 from alignflow.config import POConfig
 from alignflow.config import MPOConfig, OnlinePOConfig
+from alignflow.config import ServeConfig
 
 COMMANDS = {
     "sft": (SFTConfig, "alignflow.trainers.sft:train_sft", "supervised fine-tuning"),
@@ -33,6 +34,7 @@ COMMANDS = {
     "online_po": (OnlinePOConfig, "alignflow.trainers.iterative:train_online_po", "online / iterative preference "
                                                                                   "optimisation: iterative DPO, INPO, "
                                                                                   "APO, Nash-MD"),
+    "serve": (ServeConfig, "alignflow.rewards.serve:serve", "serve trained reward models over HTTP (POST /score)"),
     "mpo": (MPOConfig, "alignflow.trainers.iterative:train_mpo", "MPO: DPO on easy pairs, then RL on the hard "
                                                                  "prompts from the DPO model"),
 }

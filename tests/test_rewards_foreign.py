@@ -86,13 +86,13 @@ def test_heterogeneous_ensemble_scores_each_member_on_its_own_tokens(setup):
     members = scorer.member_scores(batch)  # (3, 2)
     assert torch.allclose(members[:, 0], members[:, 1], atol=1e-5)
     expected = [alone(setup["p"], setup["policy"](p).input_ids + setup["policy"](r, add_special_tokens=False)
-                      .input_ids + [setup["policy"].eos_token_id]) for p, r in zip(PROMPTS, RESPONSES)]
+                      .input_ids + [setup["policy"].eos_token_id]) for p, r in zip(PROMPTS, RESPONSES, strict=True)]
     assert members[:, 0].tolist() == pytest.approx(expected, abs=1e-5)
     assert scorer.score(batch)[1]["rollout/reward_model_member_std"] == pytest.approx(0.0, abs=1e-5)
     naive = [alone(setup["f"], s) for s in (batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()
                                             + batch["response_ids"][i][batch["response_mask"][i].bool()].tolist()
                                             for i in range(3))]
-    assert max(abs(a - b) for a, b in zip(naive, expected)) > 1e-3
+    assert max(abs(a - b) for a, b in zip(naive, expected, strict=True)) > 1e-3
 
 
 def test_a_different_chat_template_alone_makes_a_member_foreign(setup, tmp_path):
@@ -112,7 +112,7 @@ def test_a_different_chat_template_alone_makes_a_member_foreign(setup, tmp_path)
     assert scorer.foreign == [True]
     got = scorer.member_scores(batch)[:, 0].tolist()
     want = []
-    for c, r in zip(chats, batch["response"]):
+    for c, r in zip(chats, batch["response"], strict=True):
         ids = other.apply_chat_template(c + [{"role": "assistant", "content": r}], tokenize=True)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         assert ids[0] != policy.bos_token_id  # the other template has no BOS: really its rendering

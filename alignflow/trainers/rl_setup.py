@@ -73,6 +73,15 @@ def build_sources(section, section_name: str, task_name: str, cfg: RLConfig, dev
                             budget=cfg.train.micro_batch_tokens,
                             tokenizer=cfg.model.tokenizer or cfg.model.name_or_path or None)
         parts.append((scorer.name, scorer, getattr(section, "model_weight", 1.0)))
+    remote = getattr(section, "remote", None)
+    if remote is not None and remote.url:
+        from alignflow.rewards.remote import RemoteReward
+
+        try:
+            fn = RemoteReward(remote.url, remote.batch_size, remote.timeout_s, remote.retries)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        parts.append((fn.name, fn, _weight(remote.weight, f"{section_name}.remote.weight")))
     return CompositeReward(parts) if parts else None
 
 
