@@ -63,11 +63,12 @@ def _read(resp, deadline: float) -> bytes:
         chunks.append(chunk)
 
 
-def post_json(url: str, payload: dict, timeout_s: float) -> Any:
+def post_json(url: str, payload: dict, timeout_s: float, headers: dict | None = None) -> Any:
     """POST ``payload`` as JSON and return the decoded JSON reply; raises _Retryable or _Fatal."""
     body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
     req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"Content-Type": "application/json", "Accept": "application/json"})
+                                 headers={"Content-Type": "application/json", "Accept": "application/json",
+                                          **(headers or {})})
     deadline = time.monotonic() + timeout_s
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 (the user's endpoint)
@@ -106,6 +107,23 @@ def parse_rewards(reply: Any, n: int) -> list[float]:
     return [float(v) for v in values]
 
 
+def post_with_retries(url: str, payload: dict, timeout_s: float, retries: int, backoff_s: float, parse,
+                      where: str, name: str, row: int, headers: dict | None = None) -> tuple[Any, int]:
+    """``parse(post_json(...))`` with the failure policy above: (result, retries used); RewardError prefixed by
+    ``where`` once retries are spent or at once for a permanent failure (``parse`` raises _Fatal)."""
+    for attempt in range(retries + 1):
+        try:
+            return parse(post_json(url, payload, timeout_s, headers)), attempt
+        except _Fatal as e:
+            raise RewardError(f"{where}: {e}", name, row) from None
+        except _Retryable as e:
+            if attempt == retries:
+                raise RewardError(f"{where}: {e} (after {attempt + 1} attempts; the retries setting allows more)",
+                                  name, row) from None
+            time.sleep(backoff_s * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
 class RemoteReward:
     """``reward(batch) -> (B,)``: the batch's meta ``prompt`` and ``response`` scored by an HTTP endpoint.
 
@@ -138,19 +156,11 @@ class RemoteReward:
         for k, lo in enumerate(range(0, len(prompts), self.batch_size)):
             hi = min(lo + self.batch_size, len(prompts))
             payload = {"prompts": list(prompts[lo:hi]), "responses": list(responses[lo:hi])}
-            for attempt in range(self.retries + 1):
-                requests += 1
-                try:
-                    out += parse_rewards(post_json(self.url, payload, self.timeout_s), hi - lo)
-                    break
-                except _Fatal as e:
-                    raise RewardError(f"{self._where(k, lo, hi, nb)}: {e}", self.name, lo) from None
-                except _Retryable as e:
-                    if attempt == self.retries:
-                        raise RewardError(f"{self._where(k, lo, hi, nb)}: {e} (after {attempt + 1} attempts; "
-                                          "reward.remote.retries sets more)", self.name, lo) from None
-                    retried += 1
-                    time.sleep(self.backoff_s * 2 ** attempt)
+            values, used = post_with_retries(self.url, payload, self.timeout_s, self.retries, self.backoff_s,
+                                             lambda r, n=hi - lo: parse_rewards(r, n), self._where(k, lo, hi, nb),
+                                             self.name, lo)
+            out += values
+            requests, retried = requests + used + 1, retried + used
         self.last_metrics = {"rollout/remote_requests": float(requests), "rollout/remote_retries": float(retried)}
         return out
 
