@@ -3,19 +3,25 @@
 Standard library only (it runs before, and outside of, alignflow's imports). Two stages:
 
 ``setup`` (process B, started by the runner in a new session with an empty environment):
-    1. new namespaces: as root ``unshare(NET | PID)``; otherwise ``unshare(USER | NET | PID)`` with the caller's
-       own uid and gid mapped to themselves. A namespace the kernel refuses is left out and reported.
-    2. ``fork``: the child C is process 1 of the new PID namespace, so when it exits the kernel kills every
-       process it left behind (a fork bomb's survivors included). B waits for C and reports how it ended.
-    3. C: dies with B (``PR_SET_PDEATHSIG``); as root switches to the run's own unprivileged uid; sets the
-       resource limits; enters the private directory; sets ``no_new_privs``; Landlock (read and execute
-       everywhere, write only beneath the private directory and to ``/dev/null``; no TCP bind/connect; no signals
-       or abstract unix sockets outside the sandbox); a seccomp filter (``socket()`` of any family and io_uring
-       fail with EACCES, foreign system-call ABIs fail); then ``execve`` of the ``run`` stage with an empty
-       environment.
+    1. as root: join the run's pids cgroup when the runner made one, and switch to the run's own unprivileged
+       uid when the runner chose one (only when the interpreter is readable by other users).
+    2. ``unshare(USER | NET | PID)``: the current uid and gid are seen inside as 1000 (so the program holds no
+       capabilities after ``execve``); the network namespace has no interface but a loopback that is down.
+       When the kernel refuses, the run goes on without namespaces and says so.
+    3. ``fork`` C, process 1 of the new PID namespace: when it exits the kernel kills every process left in
+       the namespace (a fork bomb's copies included). C dies with B (``PR_SET_PDEATHSIG``), starts the program
+       D and reports how D ended. D is not process 1 because the kernel drops signals such as SIGXCPU sent to a
+       namespace's process 1.
+    4. D: resource limits (CPU, address space, processes, open files, file size, no core); the private
+       directory; ``no_new_privs``; Landlock (read and execute only beneath the runner's read paths, everything
+       beneath the private directory, ``/dev/null`` read-write; no TCP bind/connect; no signals or abstract unix
+       sockets outside the sandbox); a seccomp filter (``socket()`` of any family and io_uring fail with
+       EACCES, system calls of another ABI fail with EPERM); then ``execve`` of the ``run`` stage with an
+       empty environment.
 
-``run`` (process C after ``execve``): runs ``main.py`` of the private directory as ``__main__``; an exception
-that escapes it is reported (its type and errno) on the status pipe before the usual traceback on stderr.
+``run`` (D after ``execve``): runs ``main.py`` of the private directory as ``__main__``; an exception that
+escapes it is reported (its type and errno; ``child_exception`` from a forked copy) on the status pipe before the
+usual traceback on stderr.
 
 Every report is one JSON object per line on the status pipe (a file descriptor given by the runner).
 """
@@ -188,7 +194,7 @@ def _wait_and_report(pid: int, fd: int) -> None:
 
 def setup(cfg: dict) -> None:
     """B: namespaces, then C (process 1 of the PID namespace), which starts the program D and reports how D
-    ended. D is not process 1 because the kernel drops signals such as SIGXCPU sent to a namespace's init."""
+    ended."""
     fd = cfg["status_fd"]
     report(fd, layers=enter_namespaces(cfg))
     if os.fork() != 0:
