@@ -698,6 +698,13 @@ class RewardSourceConfig:
     timeout_s: float = field(10.0, doc="Seconds allowed per call of a Python reward.", range=(1e-3, None))
     executor: str = field("thread", doc="Where Python rewards run ('process' can stop a stuck function).",
                           choices=("thread", "process"))
+    per_row: bool = field(False, doc="Call Python rewards once per row, each row with its own timeout (names a slow "
+                                     "row; slower).")
+    on_error: str = field("fail", doc="A Python reward that raises, times out or returns NaN/inf on a row: fail stops "
+                                      "the run naming the function, the row and the cause; score gives the row "
+                                      "reward.error_score and counts it (reward/errors, reward/timeouts, "
+                                      "reward/nonfinite).", choices=("fail", "score"))
+    error_score: float = field(0.0, doc="Reward of a failed row when reward.on_error=score.")
     normalize: str = field("none", doc="Running reward normalisation (PPO-max): (R - mean)/std, R/std, or none.",
                            choices=("none", "running", "running_scale"))
     clip: float = field(0.0, doc="Clip the (normalised) reward to [-clip, clip]; 0 disables (PPO-max: 10).",

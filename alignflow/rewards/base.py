@@ -15,15 +15,23 @@ The batch a reward sees is the rollout engine's (``docs/rollout.md``) joined wit
 Rule rewards read the texts (:mod:`alignflow.rewards.rules`), reward models read the tokens
 (:mod:`alignflow.rewards.model`). :class:`CompositeReward` sums several of them with weights and reports each
 one's batch mean as ``rollout/reward_<name>_mean``.
+
+**Failures.** A reward may also offer ``with_failures(batch) -> (values (B,), {kind: (B,) 0/1})``: which rows it
+scored with a fallback value because the computation failed (kinds: ``errors``, ``timeouts``, ``nonfinite``;
+see ``on_error`` in :mod:`alignflow.rewards.rules`). :meth:`CompositeReward.evaluate` adds those flags up over
+the components; a reward without the method never reports a failure (it raises instead).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from alignflow.batch import Batch
+
+FAILURE_KINDS = ("errors", "timeouts", "nonfinite")  # an exception or a non-number, a timeout, NaN / inf
 
 
 @runtime_checkable
@@ -92,20 +100,36 @@ class CompositeReward:
                                  "(name, fn, weight)")
             self.parts.append((str(name), fn, float(weight)))
 
+    def evaluate(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Each component's validated (B,) float32 values by name, and per failure kind the (B,) number of
+        components that failed on each row (see the module docstring)."""
+        device = output_device(batch)
+        values: dict[str, torch.Tensor] = {}
+        failures = {k: torch.zeros(len(batch), device=device) for k in FAILURE_KINDS}
+        for name, fn, _ in self.parts:
+            if hasattr(fn, "with_failures"):
+                out, flags = fn.with_failures(batch)
+                for k, v in flags.items():
+                    failures[k] = failures[k] + v.to(device).float()
+            else:
+                out = fn(batch)
+            values[name] = check_reward(out, batch, name).to(device)
+        return values, failures
+
     def components(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Each component's validated (B,) float32 values, by name."""
-        device = output_device(batch)
-        return {name: check_reward(fn(batch), batch, name).to(device) for name, fn, _ in self.parts}
+        return self.evaluate(batch)[0]
 
     def score(self, batch: Batch) -> tuple[torch.Tensor, dict]:
-        """(weighted sum (B,), metrics)."""
-        values = self.components(batch)
+        """(weighted sum (B,), metrics); the metrics include the batch's failure counts ``reward/<kind>``."""
+        values, failures = self.evaluate(batch)
         total = torch.zeros(len(batch), device=output_device(batch))
         metrics = {}
         for name, _, weight in self.parts:
             total = total + weight * values[name]
             metrics[f"rollout/reward_{name}_mean"] = values[name].mean().item() if len(batch) else 0.0
         metrics["rollout/reward_mean"] = total.mean().item() if len(batch) else 0.0
+        metrics.update({f"reward/{k}": float(v.sum()) for k, v in failures.items()})
         return total, metrics
 
     def __call__(self, batch: Batch) -> torch.Tensor:

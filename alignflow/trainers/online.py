@@ -102,10 +102,11 @@ class RLResult:
 
 # ----------------------------------------------------------------------------------------------- rollouts
 class _Tally:
-    """Sums over every sampled row of a step (kept or filtered), for the rollout/* metrics."""
+    """Sums over every sampled row of a step (kept or filtered), for the rollout/* metrics; and the counts of rows
+    whose reward (cost) failed and was scored with reward.error_score (reward/errors, reward/timeouts, ...)."""
 
     def __init__(self):
-        self.rows, self.sums = 0, {}
+        self.rows, self.sums, self.counts = 0, {}, {}
 
     def add(self, batch: Batch) -> None:
         self.rows += len(batch)
@@ -119,9 +120,12 @@ class _Tally:
             cols["rollout/cost_mean"] = batch["costs"]
         for k, v in cols.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v.float().sum())
+        for key in [k for k in batch.tensors if k.startswith(("scores_failures/", "costs_failures/"))]:
+            name = ("reward/" if key.startswith("scores") else "cost/") + key.split("/", 1)[1]
+            self.counts[name] = self.counts.get(name, 0.0) + float(batch[key].sum())
 
     def metrics(self) -> dict:
-        return {k: v / max(self.rows, 1) for k, v in self.sums.items()}
+        return {k: v / max(self.rows, 1) for k, v in self.sums.items()} | self.counts
 
 
 def sample_and_score(roles: Roles, prompts: Batch, cfg: RLConfig) -> tuple[Batch, float]:

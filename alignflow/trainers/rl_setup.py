@@ -10,6 +10,7 @@ actor with its adapters disabled; it is not built at all when ``kl.coef`` is 0.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import numbers
 from typing import Optional
@@ -21,8 +22,11 @@ from alignflow.config import ConfigError, ModelConfig, RLConfig
 from alignflow.distributed.groups import LocalGroup
 from alignflow.models import load_causal_lm, load_tokenizer, load_value_model
 from alignflow.rewards import CallableReward, CompositeReward, CostModelScorer, RewardModelScorer
+from alignflow.rewards.rules import reward_options, user_code_files
 from alignflow.trainers.roles import Actor, Critic, Reference, RewardRole, Rollout
 from alignflow.trainers.rl_algos import Resolved
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------- task costs
@@ -59,10 +63,10 @@ def build_sources(section, section_name: str, task_name: str, cfg: RLConfig, dev
         if name not in table:
             raise ConfigError(f"{section_name}.task: task '{task_name}' has no {'cost' if cost else 'reward'} "
                               f"{name!r}; valid: {', '.join(table) or '(none)'} (task.name picks the task)")
-        fn = CallableReward(table[name], name=name, timeout_s=cfg.reward.timeout_s, executor=cfg.reward.executor)
+        fn = CallableReward(table[name], name=name, **reward_options(cfg.reward))
         parts.append((name, fn, _weight(w, f"{section_name}.task.{name}")))
     for spec, w in section.functions.items():
-        fn = CallableReward(spec, timeout_s=cfg.reward.timeout_s, executor=cfg.reward.executor)
+        fn = CallableReward(spec, **reward_options(cfg.reward))
         parts.append((spec.rsplit(":", 1)[-1], fn, _weight(w, f"{section_name}.functions.{spec}")))
     if section.models:
         scorer_cls = CostModelScorer if cost else RewardModelScorer
@@ -82,6 +86,10 @@ def build_sources(section, section_name: str, task_name: str, cfg: RLConfig, dev
         except ValueError as e:
             raise ConfigError(str(e)) from None
         parts.append((fn.name, fn, _weight(remote.weight, f"{section_name}.remote.weight")))
+    user = user_code_files(fn for _, fn, _ in parts if isinstance(fn, CallableReward))
+    if user:
+        log.info("%s.functions: loaded user code %s (it runs with this process's permissions)", section_name,
+                 ", ".join(user))
     return CompositeReward(parts) if parts else None
 
 

@@ -201,10 +201,12 @@ class Rollout:
 
 # ----------------------------------------------------------------------------------------------- rewards
 class RewardRole:
-    """Scores rows with a :class:`~alignflow.rewards.CompositeReward`: ``key`` (B,) and ``key/<source>`` (B,).
+    """Scores rows with a :class:`~alignflow.rewards.CompositeReward`: ``key`` (B,), ``key/<source>`` (B,) and
+    ``key_failures/<kind>`` (B,): on each row, how many sources failed and gave ``reward.error_score`` instead.
 
-    A failing source raises (the reward module's ``RewardError`` names the function, the row and its prompt);
-    nothing is swallowed. The cost role of Safe RLHF is a RewardRole with ``key="costs"``.
+    A failing source raises (the reward module's ``RewardError`` names the function, the row and its prompt)
+    unless ``reward.on_error=score``; nothing is swallowed. The cost role of Safe RLHF is a RewardRole with
+    ``key="costs"``.
     """
 
     def __init__(self, composite, key: str = "scores"):
@@ -212,11 +214,12 @@ class RewardRole:
 
     @dispatch("split")
     def score(self, batch: Batch) -> Batch:
-        parts = self.composite.components(batch)
+        parts, failures = self.composite.evaluate(batch)
         total = torch.zeros(len(batch), device=next(iter(parts.values())).device)
         for name, _, weight in self.composite.parts:
             total = total + weight * parts[name]
-        return Batch({self.key: total, **{f"{self.key}/{name}": v for name, v in parts.items()}})
+        return Batch({self.key: total, **{f"{self.key}/{name}": v for name, v in parts.items()},
+                      **{f"{self.key}_failures/{kind}": v for kind, v in failures.items()}})
 
 
 # ----------------------------------------------------------------------------------------------- reference
