@@ -761,7 +761,7 @@ class RoleResources:
 
 @dataclasses.dataclass
 class ResourcesConfig:
-    """Where the roles run (DESIGN.md section 1). ``actor.workers`` 0 or 1 with ``backend: auto`` runs everything in
+    """Where the roles run (docs/design.md). ``actor.workers`` 0 or 1 with ``backend: auto`` runs everything in
     this process (LocalGroup); more workers (or ``backend: ray``) start Ray workers that form one torch.distributed
     group per worker set, each holding an FSDP2-sharded copy of its roles' models."""
     backend: str = field("auto", doc="auto: Ray when actor.workers > 1, else this process; local; ray.",

@@ -1,4 +1,4 @@
-"""Advantage estimators for online RL (ALGORITHMS.md sections 2.1 and 2.3-2.7).
+"""Advantage estimators for online RL (docs/online_rl.md; per algorithm docs/<algo>.md).
 
 All are pure functions without gradients (advantages are targets, never differentiated). Token-level inputs are
 (B, T) with a (B, T) ``mask`` of response tokens; left, right or interior padding are all handled the same way:

@@ -1,4 +1,4 @@
-"""Masked reductions and loss aggregation shared by every online-RL loss (ALGORITHMS.md section 0).
+"""Masked reductions and loss aggregation shared by every online-RL loss (docs/online_rl.md).
 
 Conventions: ``B`` rows (sequences), ``T`` response tokens. A ``mask`` is a (B, T) tensor of 0/1 or bool; it says which
 positions are real response tokens. Positions outside the mask never contribute, whatever they hold (NaN or inf
@@ -14,10 +14,11 @@ Aggregation modes (the knob that distinguishes GRPO, Dr. GRPO and DAPO) are in :
 
 ``N`` is the number of rows with at least one valid token (an all-padding row is not a sequence).
 
-**Gradient accumulation.** A mini-batch split into micro-batches must give the same gradient as the whole (DESIGN.md
-section 5). Pass ``global_tokens`` (token_mean) or ``global_seqs`` (seq_* modes), the count over the *whole* mini-batch,
-and sum, not average, the micro-batch losses: ``Σ_k aggregate(l_k, m_k, mode, global_tokens=N_tok) ==
-aggregate(l, m, mode)``. Under data parallelism the global count is the all-reduced one and gradients are summed.
+**Gradient accumulation.** A mini-batch split into micro-batches must give the same gradient as the whole
+(docs/design.md, performance principles). Pass ``global_tokens`` (token_mean) or ``global_seqs`` (seq_* modes), the
+count over the *whole* mini-batch, and sum, not average, the micro-batch losses:
+``Σ_k aggregate(l_k, m_k, mode, global_tokens=N_tok) == aggregate(l, m, mode)``. Under data parallelism the global
+count is the all-reduced one and gradients are summed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DAPO's data-side pieces (Yu et al. 2025, "DAPO", arXiv:2503.14476; ALGORITHMS.md 2.8).
+"""DAPO's data-side pieces (Yu et al. 2025, "DAPO", arXiv:2503.14476; docs/dapo.md).
 
 The loss side of DAPO is :func:`alignflow.algorithms.policy.ppo_policy_loss` with ``clip_high=0.28`` and
 ``agg="token_mean"``; here are dynamic sampling and overlong reward shaping.

@@ -1,4 +1,4 @@
-"""KL estimators, KL controllers and KL-shaped rewards (ALGORITHMS.md sections 1 and 2.1).
+"""KL estimators, KL controllers and KL-shaped rewards (docs/online_rl.md, KL; docs/ppo.md).
 
 Per-token estimators of KL(q‖p) from a sample a ~ q (Schulman 2020, "Approximating KL divergence",
 http://joschu.net/blog/kl-approx.html). With ``logp = log q(a)`` (policy, the sampler) and ``ref_logp = log p(a)``
@@ -69,7 +69,7 @@ def kl_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, estimator: str = "k3",
 
 def kl_penalty_rewards(rewards: Tensor, logp_old: Tensor, ref_logp: Tensor, mask: Tensor, beta: float,
                        estimator: str = "k1") -> Tensor:
-    """KL-shaped per-token reward (InstructGPT; ALGORITHMS.md 2.1): ``r_t = −β·k_t + 1[t = last]·R``.
+    """KL-shaped per-token reward (InstructGPT; docs/ppo.md): ``r_t = −β·k_t + 1[t = last]·R``.
 
     Args:
         rewards: (B,) sequence score R (reward model or verifier).

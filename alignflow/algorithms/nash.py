@@ -1,11 +1,11 @@
-"""Nash-MD (Munos et al. 2023, "Nash Learning from Human Feedback"; ALGORITHMS.md 2.17) as pure tensor functions.
+"""Nash-MD (Munos et al. 2023, "Nash Learning from Human Feedback"; docs/online_po.md) as pure tensor functions.
 
 Two pieces: the geometric mixture of the current policy and the reference that Nash-MD plays against, and the
 Nash-MD-PG policy-gradient loss (the paper's practical algorithm, section 7; TRL's ``NashMDTrainer`` implements the
 same estimator). The sampling loop that draws from the mixture is ``alignflow.rollout.mixture``; the controller that
 plays the rounds is ``alignflow.trainers.iterative``.
 
-Notation (ALGORITHMS.md 0): ``lp_θ[t]``, ``lp_ref[t]`` token log-probs of a response y ~ π_θ, ``LP`` their sums over
+Notation (docs/online_po.md): ``lp_θ[t]``, ``lp_ref[t]`` token log-probs of a response y ~ π_θ, ``LP`` their sums over
 the response, ``p = P(y ≻ y')`` the preference model's probability that y beats the opponent y' ~ π_mix.
 """
 
@@ -58,7 +58,7 @@ def nash_md_pg_loss(policy_token_logps: Tensor, ref_token_logps: Tensor, mask: T
 
         l = β·Σ_t sg(lp_θ[t] - lp_ref[t])·lp_θ[t]  -  (p - ½)·Σ_t lp_θ[t]
 
-    The KL term's gradient ``Σ_t (lp_θ[t] - lp_ref[t])·∇lp_θ[t]`` is the per-token k2 gradient (ALGORITHMS.md 1: its
+    The KL term's gradient ``Σ_t (lp_θ[t] - lp_ref[t])·∇lp_θ[t]`` is the per-token k2 gradient (docs/online_rl.md: its
     expectation is ∇KL(π_θ ‖ π_ref) at each prefix); TRL uses the same estimator. The loss VALUE is not an objective
     (it is a surrogate whose gradient is the estimate); only the gradient and the metrics mean anything.
     β = 0.1 (TRL default). Derivation check: one row, lp_θ = (-1, -2), lp_ref = (-1.5, -1), p = 0.8, β = 0.1 gives

@@ -1,9 +1,9 @@
 """Offline and "supervised" RL pieces that are pure maths: A-LoL, SuperHF's loss and MPO's easy/hard split.
 
-Formulas follow ``ALGORITHMS.md`` section 4. Losses return ``(loss, metrics)`` like the preference losses
-(metrics are detached 0-d tensors); the dataflow around them (sampling, value fitting, the PPO stage of MPO) lives in
-trainers and recipes. ``OFFLINE_LOSSES`` at the end lists the losses; their call conventions differ (documented per
-function) because their inputs do.
+Formulas and defaults: docs/alol.md, docs/superhf.md, docs/mpo.md. Losses return ``(loss, metrics)`` like the
+preference losses (metrics are detached 0-d tensors); the dataflow around them (sampling, value fitting, the PPO stage
+of MPO) lives in trainers and recipes. ``OFFLINE_LOSSES`` at the end lists the losses; their call conventions differ
+(documented per function) because their inputs do.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Policy, value and entropy losses for online RL (ALGORITHMS.md sections 2.1, 2.6-2.9).
+"""Policy, value and entropy losses for online RL (docs/online_rl.md; per algorithm docs/<algo>.md).
 
 Every loss is a pure function: (B, T) tensors in, ``(loss, metrics)`` out. Losses are *minimised* (the negated
 objective). ``agg`` picks the aggregation mode (:data:`alignflow.algorithms.core.AGG_MODES`); ``norm_len``,
@@ -57,7 +57,7 @@ def ppo_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Te
                     clip_high: float = 0.2, dual_clip: Optional[float] = None, agg: str = "token_mean",
                     norm_len: Optional[float] = None, global_tokens: Optional[float] = None,
                     global_seqs: Optional[float] = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate (Schulman et al. 2017, arXiv:1707.06347; InstructGPT; ALGORITHMS.md 2.1).
+    """PPO clipped surrogate (Schulman et al. 2017, arXiv:1707.06347; InstructGPT; docs/ppo.md).
 
     ``ρ_t = exp(lp_θ − lp_old)``, ``L = agg_t max(−Â_t·ρ_t, −Â_t·clip(ρ_t, 1−ε_low, 1+ε_high))``.
     ``clip_high > clip_low`` is DAPO's clip-higher (Yu et al. 2025, arXiv:2503.14476: 0.2 / 0.28).
@@ -90,7 +90,7 @@ def gspo_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: T
                      clip_high: float = 4e-4, agg: str = "seq_mean_token_mean", norm_len: Optional[float] = None,
                      global_tokens: Optional[float] = None,
                      global_seqs: Optional[float] = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """GSPO, sequence-level clipped surrogate (Zheng et al. 2025, arXiv:2507.18071; ALGORITHMS.md 2.9).
+    """GSPO, sequence-level clipped surrogate (Zheng et al. 2025, arXiv:2507.18071; docs/gspo.md).
 
     ``s_i = exp(mean_{t valid}(lp_θ − lp_old))`` (the length-normalised sequence ratio), GSPO-token form
     ``s_{i,t} = sg[s_i]·exp(lp_θ[t] − sg[lp_θ[t]])`` (value s_i, gradient ``s_i·∇lp_θ[t]``), and
@@ -139,7 +139,7 @@ def vanilla_pg_loss(logp: Tensor, advantages: Tensor, mask: Tensor, agg: str = "
 def value_loss(values: Tensor, values_old: Tensor, returns: Tensor, mask: Tensor, clip: Optional[float] = 0.2,
                agg: str = "token_mean", norm_len: Optional[float] = None, global_tokens: Optional[float] = None,
                global_seqs: Optional[float] = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped value loss (PPO as in InstructGPT / PPO-max; ALGORITHMS.md 2.1).
+    """Clipped value loss (PPO as in InstructGPT / PPO-max; docs/ppo.md).
 
     ``V^c = clip(V, V_old − ε_v, V_old + ε_v)``, ``L_V = ½·agg_t max((V − G)², (V^c − G)²)``; ``clip=None`` gives
     the plain ``½·agg (V − G)²``. Shapes: values (B, T) with gradient; values_old, returns, mask (B, T).

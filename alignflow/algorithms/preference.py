@@ -1,7 +1,7 @@
 """Preference losses (DPO and its family) as pure tensor functions.
 
-Formulas follow ``ALGORITHMS.md`` section 4 (notation of section 0): ``LP(y)`` is a response's summed token
-log-prob, ``LP̄(y) = LP(y)/|y|``, ``ℓ(z) = -log σ(z) = softplus(-z)`` and
+Each loss's formula, defaults and their sources are on its page, docs/<loss>.md. Notation as in docs/preference.md:
+``LP(y)`` is a response's summed token log-prob, ``LP̄(y) = LP(y)/|y|``, ``ℓ(z) = -log σ(z) = softplus(-z)`` and
 ``h = [LP_θ(y_w) - LP_ref(y_w)] - [LP_θ(y_l) - LP_ref(y_l)]``.
 
 Uniform call convention (one trainer can call any loss by name)::
@@ -285,7 +285,7 @@ def hinge_loss(inputs: PrefInputs, *, beta: float = 0.1,
                reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
     """SLiC-style hinge on the DPO margin: ``l_i = max(0, 1 - βh_i)`` (β = 1/δ, δ the hinge margin).
 
-    Not in ALGORITHMS.md; the calibration loss of SLiC-HF (Zhao et al. 2023) applied to the reference-relative
+    The calibration loss of SLiC-HF (Zhao et al. 2023) applied to the reference-relative
     margin, the form TRL calls ``hinge``. β = 0.1. At init the loss is 1. Shapes and metrics as DPO.
     """
     chosen, rejected = _log_ratios(inputs, "hinge_loss")  # (B,), (B,)
@@ -345,8 +345,8 @@ def inpo_loss(inputs: PrefInputs, *, eta: float = 1.0, tau: float = 0.1,
     """INPO (Zhang et al. 2024), one online-mirror-descent step on the preference game: ``l_i = (h_t - η/2)²``.
 
     ``h_t = log[π(y_w)/π(y_l)] - ητ·log[π_ref(y_w)/π_ref(y_l)] - (1 - ητ)·log[π_t(y_w)/π_t(y_l)]`` with π_t the
-    previous iterate (``prev_*_logps``). η, τ values are **unverified** in ALGORITHMS.md (defaults 1.0, 0.1). ητ = 1
-    is IPO (summed log-probs) against π_ref with 1/(2τ_IPO) = η/2. Margin metric: h_t.
+    previous iterate (``prev_*_logps``). η, τ values are **unverified** (not confirmed from the paper; defaults 1.0,
+    0.1). ητ = 1 is IPO (summed log-probs) against π_ref with 1/(2τ_IPO) = η/2. Margin metric: h_t.
     """
     pc, pr, rc, rr, tc, tr = inputs.need("inpo_loss", "policy_chosen_logps", "policy_rejected_logps",
                                          "ref_chosen_logps", "ref_rejected_logps",

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
             reduction: str = "mean") -> tuple[torch.Tensor, dict[str, float]]:
-    """Bradley-Terry loss with an optional margin (Llama 2, ALGORITHMS.md 3.1).
+    """Bradley-Terry loss with an optional margin (Llama 2; docs/reward_models.md).
 
         L = -log sigma(r_c - r_r - m) = softplus(-(r_c - r_r - m))
 

@@ -1,4 +1,4 @@
-"""Safe RLHF, PPO-Lagrangian (Dai et al. 2023, "Safe RLHF", arXiv:2310.12773; ALGORITHMS.md 2.12).
+"""Safe RLHF, PPO-Lagrangian (Dai et al. 2023, "Safe RLHF", arXiv:2310.12773; docs/safe_rlhf.md).
 
 ``max_θ min_{λ≥0} E[R] − λ·(E[C] − d)``: a reward critic and a cost critic each get GAE on their own shaped
 per-token signal (:func:`safe_shaped_rewards`); the actor uses the combined advantage

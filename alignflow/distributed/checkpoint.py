@@ -38,7 +38,7 @@ tensors and keeps its shard (the optimiser's parameters are matched by position,
 does, so the optimiser must be built the same way).
 
 Departure from DCP's default: its ``FileSystemWriter`` stores a pickled ``.metadata`` file (and ``torch.save``
-blobs), which breaks the no-pickle rule of DESIGN.md section 6; the safetensors storage writer of DCP
+blobs), which breaks the no-pickle rule (docs/design.md, reliability); the safetensors storage writer of DCP
 (``HuggingFaceStorageWriter(save_distributed=True)``) keeps the offsets in each file's safetensors header instead,
 and the few non-tensor values go to JSON. Torch RNG: each rank's state is kept; on a rank that has no saved state
 (more ranks than at save) it is derived from rank 0's and the rank, so ranks never share a sampling stream.

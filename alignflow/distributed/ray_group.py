@@ -1,4 +1,4 @@
-"""RayGroup: a role on N Ray actors that form one torch.distributed process group (DESIGN.md section 1).
+"""RayGroup: a role on N Ray actors that form one torch.distributed process group (docs/design.md).
 
 A :class:`WorkerSet` is N Ray actors (``Worker``), placed with a Ray placement group (one bundle of
 ``cpus``/``gpus`` per worker, packed), that join one process group (gloo on CPU, NCCL on GPU) and then BUILD their

@@ -1,5 +1,5 @@
 """Sharding is a transform: :func:`shard` applies torch's FSDP2 (``fully_shard``) to a model, and the model and
-loss code run unchanged on the result (DESIGN.md section 1).
+loss code run unchanged on the result (docs/design.md).
 
 What ``shard`` does: every decoder layer becomes one FSDP unit (its parameters all-gathered just before its
 forward and freed after), then the root module becomes the unit that owns the rest (embeddings, final norm, LM

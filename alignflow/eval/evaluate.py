@@ -127,7 +127,7 @@ def policy_logprobs(model, batch: Batch, temperature: float) -> torch.Tensor:
 
 
 def kl_metrics(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> dict:
-    """KL(π‖π_ref) estimates from samples y ~ π (Schulman's estimators, ALGORITHMS.md 1; ``algorithms/kl.py``).
+    """KL(π‖π_ref) estimates from samples y ~ π (Schulman's estimators, docs/online_rl.md; ``algorithms/kl.py``).
 
     ``eval/kl`` = mean_i Σ_t m·k1 with k1 = lp − lp_ref: the sequence-level KL (the same quantity as the RL
     trainer's ``policy/kl``); ``eval/kl_k3`` = Σ_{i,t} m·k3 / Σ_{i,t} m with k3 = exp(lp_ref − lp) − (lp_ref − lp)

@@ -8,7 +8,7 @@ models and returns one reward per row:
 * **k models** (``reward.ensemble_mode=models``, the ``member-i/model`` directories) -> k members; a member with
   several outputs (a multi-objective head) contributes the mean of its outputs, as in the reward trainer.
 
-Members combine with :func:`alignflow.algorithms.reward.aggregate` (Coste et al. 2024, ALGORITHMS.md 3.3)::
+Members combine with :func:`alignflow.algorithms.reward.aggregate` (Coste et al. 2024; docs/reward_models.md)::
 
     mean:  R = (1/k) sum_i R_i
     min:   R = min_i R_i                                  (worst-case optimisation, WCO)
@@ -23,7 +23,7 @@ reward-model directory holds its own) scores the decoded texts re-rendered with 
 (:mod:`alignflow.rewards.foreign`), so an ensemble may mix tokenizers. A batch with texts and no token ids
 (``alignflow serve``) is scored by every member from the texts.
 
-:class:`CostModelScorer` is the same scorer for a *cost* model (Safe RLHF, Dai et al. 2023, ALGORITHMS.md 2.12).
+:class:`CostModelScorer` is the same scorer for a *cost* model (Safe RLHF, Dai et al. 2023; docs/safe_rlhf.md).
 Sign convention, as in Safe RLHF: **cost > 0 means unsafe**, cost <= 0 safe; the constraint is
 ``E[C] <= threshold`` and the reward of the Lagrangian objective is ``R - lambda_lag * C``. Its ensemble
 aggregation is pessimistic for a cost: ``min`` becomes the largest member cost and ``uwo`` ADDS the variance

@@ -11,7 +11,7 @@ responses to the same prompt (from the SFT / reference policy, pre-computed), or
     lsc(r, r_ref, q)   = log sigmoid(r - quantile_q(r_ref))       q = 0.85 (the 85th percentile)
     RunningNorm        (r - running mean) / running std           statistics over every reward seen so far
 
-PAR (ALGORITHMS.md 3.4): the RL reward is the reward model's own Bradley-Terry probability that the sampled
+PAR (docs/rewards.md): the RL reward is the reward model's own Bradley-Terry probability that the sampled
 response beats the reference responses. It is bounded in (0, 1), equals 0.5 when r matches the references,
 grows fastest near them and saturates far above them (the paper's design principles: bounded, fast initial
 growth then slow convergence, a function of the centred reward); M = 1 already works, the authors' code caps M

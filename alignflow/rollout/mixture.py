@@ -1,6 +1,6 @@
 """Sampling from the per-token geometric mixture of two causal LMs: ``π_mix(y_t|·) ∝ π_θ(y_t|·)^(1-β)·π_ref(y_t|·)^β``.
 
-Nash-MD's opponent (ALGORITHMS.md 2.17). At every step both models run one forward with their own KV cache, their
+Nash-MD's opponent (docs/online_po.md). At every step both models run one forward with their own KV cache, their
 next-token log-softmaxes are mixed by :func:`alignflow.algorithms.nash.mixture_logits`, and the token is drawn by the
 built-in engine's sampler (:func:`alignflow.rollout.sampling.sample_tokens`: temperature, top-k, top-p, min-p of
 ``SamplingParams`` apply to the mixture). Like TRL's NashMD this is a token-level mixture: the product of

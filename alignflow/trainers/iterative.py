@@ -1,6 +1,6 @@
 """Online / iterative preference optimisation (``alignflow online_po``) and MPO (``alignflow mpo``).
 
-**Iterative DPO** (RLHF Workflow, Dong et al. 2024; ALGORITHMS.md 4), one round::
+**Iterative DPO** (RLHF Workflow, Dong et al. 2024; docs/online_po.md), one round::
 
     prompts = next online.prompts_per_round fresh prompts
     y_1..y_n ~ π_θ(·|x)                       rollout.n = 8 (RLHF Workflow), the built-in engine
@@ -21,7 +21,7 @@ round-start policies π̂_t (the current weights) and π̂_{t-1} (a snapshot of 
 ``LP_ref = (1 + α)·LP_{π̂_t} - α·LP_{π̂_{t-1}}`` (:func:`~alignflow.algorithms.preference.apo_extrapolate`); the
 extrapolation's constant cancels in DPO's margin. α = 0 is iterative DPO with ``ref_update=previous`` (tested).
 
-**Nash-MD** (Munos et al. 2023; ALGORITHMS.md 2.17), one round: y ~ π_θ (rollout.n per prompt) and an opponent
+**Nash-MD** (Munos et al. 2023; docs/online_po.md), one round: y ~ π_θ (rollout.n per prompt) and an opponent
 y' ~ π_mix ∝ π_θ^(1-β)·π_ref^β per token (:mod:`alignflow.rollout.mixture`, β = online.mixture_coef), the
 preference p = P(y ≻ y') = σ((r(y) - r(y'))/scale) (a Bradley-Terry model on the reward sources), then
 **Nash-MD-PG** steps (:func:`~alignflow.algorithms.nash.nash_md_pg_loss`). We train Nash-MD-PG rather than an
@@ -33,7 +33,7 @@ round (the preset) every step is on-policy, as in the paper.
 Departures, on purpose:
 * Every round builds a fresh optimiser and schedule (the papers run each iteration as a separate DPO training).
 * APO samples from π̂_t, the trained network, not from the extrapolated π_t (which exists only as a pair of
-  checkpoints; the paper's practical sampling recipe is unverified in ALGORITHMS.md).
+  checkpoints; we could not confirm the paper's practical sampling recipe).
 * Dropout is off during training (``model.eval()``), as in ``alignflow po``.
 * Evaluation samples (temperature ``rollout.temperature``, a fixed seed, ``online.eval_samples`` per prompt): greedy
   decoding of small models loops and says little about the policy.

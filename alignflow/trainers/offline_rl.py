@@ -1,4 +1,4 @@
-"""SuperHF and A-LoL: RL from rewards with supervised-style updates (ALGORITHMS.md section 4).
+"""SuperHF and A-LoL: RL from rewards with supervised-style updates (docs/superhf.md, docs/alol.md).
 
 **SuperHF** (Mukobi et al. 2023, "Superhuman feedback"; ``alignflow superhf``), one step::
 

@@ -1,6 +1,6 @@
 """The policy of offline preference optimisation as a role: ``step`` (one optimiser step on preference rows) and
 ``evaluate`` (the loss and metrics on held-out rows), so ``alignflow po`` runs in this process or on Ray workers
-with the same loop (DESIGN.md section 1; placement from ``resources``, as for online RL).
+with the same loop (docs/design.md, roles and worker groups; placement from ``resources``, as for online RL).
 
 Rows travel as ``Batch(meta={"row": [...]})``: a RayGroup splits them across the data-parallel ranks by token
 count; :func:`~alignflow.trainers.preference.po_step` then divides by the step's row count over ALL ranks and

@@ -1,4 +1,4 @@
-"""The roles of online RL: objects with a handful of batch-in, batch-out methods (DESIGN.md section 1).
+"""The roles of online RL: objects with a handful of batch-in, batch-out methods (docs/design.md).
 
 ==========  =====================================================  ===========================================
 role        methods                                                adds to the batch
