@@ -683,6 +683,33 @@ class RemoteRewardConfig:
 
 
 @dataclasses.dataclass
+class JudgeConfig:
+    """An LLM judge as a reward (docs/judges.md): a local causal LM (model) or an OpenAI-compatible endpoint (url)."""
+    model: str = field("", doc="Local judge: causal-LM directory or hub id, generating through the rollout engine.")
+    url: str = field("", doc="Endpoint judge: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
+    endpoint_model: str = field("", doc="Model name sent to the endpoint; its key is read from $OPENAI_API_KEY.")
+    template: str = field("pointwise", doc="pointwise: Score 1-10 -> (N-1)/9; pairwise: Verdict A/B against the "
+                                           "row's anchor_field; principle: Answer Yes/No per principle (RLBFF).",
+                          choices=("pointwise", "pairwise", "principle"))
+    principles: list = field(default_factory=list, doc="template=principle: the principles (a row's 'principles' "
+                                                       "or 'principle' field replaces them).")
+    anchor_field: str = field("reference", doc="template=pairwise: the row field holding the response to beat.")
+    both_orders: bool = field(True, doc="template=pairwise: judge (response, anchor) and (anchor, response).")
+    weight: float = field(1.0, doc="Weight of the judge term.")
+    max_new_tokens: int = field(256, doc="Most tokens of a judge's answer.", range=(1, None))
+    batch_size: int = field(32, doc="Questions per backend call.", range=(1, None))
+    on_parse_failure: str = field("error", doc="No verdict after the retries: error stops the run naming the row; "
+                                               "fallback scores the verdict judge.fallback (counted in "
+                                               "reward/errors).", choices=("error", "fallback"))
+    fallback: float = field(0.0, doc="Value of an unparsed verdict with on_parse_failure=fallback.")
+    parse_retries: int = field(0, doc="Times an unparsed question is asked again, sampled.", range=(0, None))
+    retry_temperature: float = field(0.7, doc="Sampling temperature of those retries.", range=(0.0, None))
+    timeout_s: float = field(60.0, doc="Endpoint: seconds per request attempt.", range=(1e-3, None))
+    retries: int = field(2, doc="Endpoint: further attempts after a connection error, timeout or 5xx.",
+                         range=(0, None))
+
+
+@dataclasses.dataclass
 class RewardSourceConfig:
     """Reward sources, summed with weights: R = sum_j w_j * r_j."""
     task: dict = field(default_factory=dict, doc="Built-in task rewards by name -> weight, e.g. {gold: 1.0} "
@@ -692,6 +719,7 @@ class RewardSourceConfig:
     models: list = field(default_factory=list, doc="Reward-model directories (k of them form an ensemble).")
     model_weight: float = field(1.0, doc="Weight of the reward-model term.")
     remote: RemoteRewardConfig = field(default_factory=RemoteRewardConfig, doc="A reward served over HTTP.")
+    judge: JudgeConfig = field(default_factory=JudgeConfig, doc="An LLM judge as a reward.")
     aggregation: str = field("mean", doc="Ensemble aggregation of the reward models (Coste et al. 2024).",
                              choices=("mean", "min", "uwo"))
     uwo_lambda: float = field(0.5, doc="Variance weight of the uwo aggregation.", range=(0.0, None))

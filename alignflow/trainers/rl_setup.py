@@ -86,6 +86,12 @@ def build_sources(section, section_name: str, task_name: str, cfg: RLConfig, dev
         except ValueError as e:
             raise ConfigError(str(e)) from None
         parts.append((fn.name, fn, _weight(remote.weight, f"{section_name}.remote.weight")))
+    judge = getattr(section, "judge", None)
+    if judge is not None and (judge.model or judge.url):
+        from alignflow.rewards.judge import build_judge
+
+        parts.append(("judge", build_judge(judge, device, cfg.train.seed, f"{section_name}.judge"),
+                      _weight(judge.weight, f"{section_name}.judge.weight")))
     user = user_code_files(fn for _, fn, _ in parts if isinstance(fn, CallableReward))
     if user:
         log.info("%s.functions: loaded user code %s (it runs with this process's permissions)", section_name,

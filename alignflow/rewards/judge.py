@@ -1,0 +1,351 @@
+"""LLM judges as rewards: a causal LM reads the prompt and the response and writes a verdict (``docs/judges.md``).
+
+Three templates, each a question whose answer ends with a fixed verdict line; the judge may reason first:
+
+* ``pointwise`` -- "rate the response 1..10", verdict ``Score: N``; reward ``(N - lo) / (hi - lo)`` in [0, 1];
+* ``pairwise`` -- "which of A and B is better", verdict ``Verdict: A`` or ``Verdict: B``; the response is
+  compared with the row's anchor (meta ``anchor_field``, e.g. a reference answer), in both orders when
+  ``both_orders`` (position bias cancels); reward = the fraction of comparisons it wins;
+* ``principle`` (binary, principle-conditioned feedback as in RLBFF) -- "does the response satisfy principle
+  P", verdict ``Answer: Yes`` / ``Answer: No``; reward = the fraction of the principles satisfied (the row's
+  ``principles`` / ``principle`` field when present, else the configured list).
+
+**Parsing.** The LAST verdict line in the output counts (reasoning before it may mention the format); markers
+are case-insensitive and tolerate spaces (``score : 7``, ``**Verdict:** B``). A pointwise score outside
+``[lo, hi]`` is a parse failure.
+
+**Parse failures.** An unparsed query is asked again ``parse_retries`` times with sampling
+(``retry_temperature``); what still fails is handled by ``on_parse_failure``: ``error`` (default) raises
+:class:`~alignflow.rewards.rules.RewardError` naming the row, the template and the end of the judge's output;
+``fallback`` gives that verdict the value ``fallback`` and flags the row, which the RL metrics count under
+``reward/errors`` (the failure flags of :mod:`alignflow.rewards.base`: ``with_failures``). Every call also
+reports ``rollout/<name>_parse_failures`` in ``last_metrics``. Failures are never cached.
+
+**Batching and caching.** Every query of a batch (rows x comparisons x principles) whose key is not cached
+goes to the backend in chunks of ``batch_size``; verdicts are cached per (template, prompt, response, anchor or
+principle, order), so a response judged again (a repeated sample, the greedy evaluation) costs nothing.
+
+Backends: :class:`LocalJudge` (a Hugging Face causal LM through :class:`alignflow.rollout.HFEngine`, greedy by
+default) and :class:`EndpointJudge` (an OpenAI-compatible ``/v1/chat/completions`` server, e.g. vLLM's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from alignflow.batch import Batch
+from alignflow.rewards.base import output_device
+from alignflow.rewards.rules import RewardError
+
+TEMPLATES = {
+    "pointwise": (
+        "Read the prompt and the response, and judge how helpful, correct and well written the response is.\n\n"
+        "Prompt:\n{prompt}\n\nResponse:\n{response}\n\n"
+        "Explain your judgement briefly, then end with one line 'Score: N', N a whole number from {lo} to {hi}."),
+    "pairwise": (
+        "Read the prompt and two responses, and decide which one answers it better.\n\n"
+        "Prompt:\n{prompt}\n\nResponse A:\n{a}\n\nResponse B:\n{b}\n\n"
+        "Compare them briefly, then end with one line 'Verdict: A' or 'Verdict: B'."),
+    "principle": (
+        "Read the prompt and the response, and check one principle.\n\n"
+        "Prompt:\n{prompt}\n\nResponse:\n{response}\n\nPrinciple: {principle}\n\n"
+        "Does the response satisfy the principle? Reason briefly, then end with one line 'Answer: Yes' or "
+        "'Answer: No'."),
+}
+_MARK = r"[\*_\s]*"  # markdown emphasis and spaces around a marker
+PATTERNS = {
+    "pointwise": re.compile(rf"score{_MARK}[:=]{_MARK}(-?\d+(?:\s*\.\s*\d+)?)", re.IGNORECASE),
+    "pairwise": re.compile(rf"verdict{_MARK}[:=]{_MARK}\[?\s*(A|B)\b", re.IGNORECASE),
+    "principle": re.compile(rf"answer{_MARK}[:=]{_MARK}(yes|no)\b", re.IGNORECASE),
+}
+FAILURE_POLICIES = ("error", "fallback")
+
+
+def parse_verdict(template: str, text: str, lo: float = 1, hi: float = 10) -> float | None:
+    """The value of the LAST verdict in ``text``: pointwise (N - lo)/(hi - lo); pairwise 1.0 for A, 0.0 for B;
+    principle 1.0 for yes, 0.0 for no. None when there is no verdict (or a score outside [lo, hi])."""
+    found = PATTERNS[template].findall(text)
+    if not found:
+        return None
+    v = found[-1]
+    if template == "pointwise":
+        n = float(re.sub(r"\s", "", v))
+        return (n - lo) / (hi - lo) if lo <= n <= hi else None
+    if template == "pairwise":
+        return 1.0 if v.upper() == "A" else 0.0
+    return 1.0 if v.lower() == "yes" else 0.0
+
+
+def prompt_text(prompt: Any) -> str:
+    """A prompt as plain text: a string as it is, a message list as 'role: content' lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in prompt)
+
+
+# ----------------------------------------------------------------------------------------------- backends
+class LocalJudge:
+    """A local causal LM as the judge, generating through :class:`alignflow.rollout.HFEngine`.
+
+    The question is one user message, rendered with the tokenizer's chat template (plain text when it has
+    none); prompts longer than the model's positions minus ``max_new_tokens`` keep their last tokens.
+    """
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 256, seed: int = 0):
+        from alignflow.rollout import HFEngine
+
+        self.model, self.tokenizer, self.max_new_tokens, self.seed = model, tokenizer, int(max_new_tokens), seed
+        self.engine = HFEngine(model, tokenizer)
+        self.limit = int(getattr(model.config, "max_position_embeddings", 4096)) - self.max_new_tokens
+        if self.limit < 1:
+            raise ValueError(f"judge max_new_tokens={max_new_tokens} leaves no room for the question in the model's "
+                             f"{self.limit + self.max_new_tokens} positions")
+
+    @classmethod
+    def from_path(cls, path: str, device="cpu", max_new_tokens: int = 256, seed: int = 0) -> LocalJudge:
+        from alignflow.config import ModelConfig
+        from alignflow.models import load_causal_lm, load_tokenizer
+
+        model = load_causal_lm(ModelConfig(name_or_path=path), device)
+        model.requires_grad_(False)
+        return cls(model.eval(), load_tokenizer(path), max_new_tokens, seed)
+
+    def _ids(self, question: str) -> list[int]:
+        from alignflow.data.render import chat_ids
+
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            ids = chat_ids(tok, [{"role": "user", "content": question}], add_generation_prompt=True)
+        else:
+            ids = tok(question).input_ids
+        return ids[-self.limit:]
+
+    def complete(self, questions: list[str], temperature: float = 0.0, attempt: int = 0) -> list[str]:
+        from alignflow.rollout import SamplingParams
+
+        params = SamplingParams(temperature=temperature, max_new_tokens=self.max_new_tokens,
+                                seed=self.seed * 1_000_003 + attempt)
+        out = self.engine.generate([self._ids(q) for q in questions], params)
+        ids, mask = out["response_ids"], out["response_mask"]
+        return self.tokenizer.batch_decode([r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)],
+                                           skip_special_tokens=True)
+
+
+class EndpointJudge:
+    """A judge behind an OpenAI-compatible chat-completions endpoint (vLLM, TGI, llama.cpp server, a hosted API).
+
+    url: the base (``http://host:8000/v1``) or the full ``.../chat/completions`` URL; model: the served model's
+    name; the API key, when needed, is read from the environment variable ``api_key_env`` (never from a
+    config file). One request per question, ``concurrency`` at a time; timeouts, retries and malformed replies
+    follow the remote-reward policy (:mod:`alignflow.rewards.remote`).
+    """
+
+    def __init__(self, url: str, model: str, max_tokens: int = 512, timeout_s: float = 60.0, retries: int = 2,
+                 concurrency: int = 8, api_key_env: str = "OPENAI_API_KEY", backoff_s: float = 0.5):
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"judge url must start with http:// or https://, got {url!r}")
+        self.url = url if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
+        self.model, self.max_tokens, self.timeout_s, self.retries = model, int(max_tokens), timeout_s, int(retries)
+        self.concurrency, self.backoff_s, self.api_key_env = max(1, int(concurrency)), backoff_s, api_key_env
+
+    @staticmethod
+    def _content(reply: Any) -> str:
+        from alignflow.rewards.remote import _Fatal
+
+        try:
+            content = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise _Fatal(f"malformed reply: no choices[0].message.content in {str(reply)[:200]}") from None
+        if not isinstance(content, str):
+            raise _Fatal(f"malformed reply: message content is {type(content).__name__}, not a string")
+        return content
+
+    def complete(self, questions: list[str], temperature: float = 0.0, attempt: int = 0) -> list[str]:
+        from alignflow.rewards.remote import post_with_retries
+
+        key = os.environ.get(self.api_key_env, "")
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+
+        def one(i: int) -> str:
+            payload = {"model": self.model, "messages": [{"role": "user", "content": questions[i]}],
+                       "max_tokens": self.max_tokens, "temperature": temperature}
+            return post_with_retries(self.url, payload, self.timeout_s, self.retries, self.backoff_s, self._content,
+                                     f"judge endpoint {self.url}: question {i}", "judge", i, headers)[0]
+
+        with ThreadPoolExecutor(min(self.concurrency, max(1, len(questions)))) as pool:
+            return list(pool.map(one, range(len(questions))))
+
+
+# ----------------------------------------------------------------------------------------------- the reward
+class _Query:
+    __slots__ = ("row", "key", "question", "flip")
+
+    def __init__(self, row: int, key: tuple, question: str, flip: bool):
+        self.row, self.key, self.question, self.flip = row, key, question, flip
+
+
+class JudgeReward:
+    """``reward(batch) -> (B,)`` from an LLM judge's verdicts (see the module docstring for the templates, the
+    parse-failure policy and the cache).
+
+    backend: a :class:`LocalJudge` or :class:`EndpointJudge` (anything with ``complete(questions, temperature,
+    attempt) -> list[str]``). ``last_metrics`` holds the last call's ``rollout/<name>_queries``, ``_cache_hits``,
+    ``_parse_failures`` and ``_retries``; ``totals`` the counts since creation. :meth:`with_failures` also
+    returns the rows scored with the fallback (``{"errors": (B,) 0/1}``), which the RL metrics count.
+    """
+
+    name = "judge"
+
+    def __init__(self, backend, template: str = "pointwise", *, principles: Sequence[str] = (),
+                 anchor_field: str = "reference", both_orders: bool = True, score_range: tuple = (1, 10),
+                 on_parse_failure: str = "error", fallback: float = 0.0, parse_retries: int = 0,
+                 retry_temperature: float = 0.7, batch_size: int = 32, name: str = "judge"):
+        if template not in TEMPLATES:
+            raise ValueError(f"judge template {template!r} is not one of {', '.join(TEMPLATES)}")
+        if on_parse_failure not in FAILURE_POLICIES:
+            raise ValueError(f"judge on_parse_failure {on_parse_failure!r} is not one of {', '.join(FAILURE_POLICIES)}")
+        lo, hi = score_range
+        if not lo < hi:
+            raise ValueError(f"judge score_range must be (lo, hi) with lo < hi, got {score_range}")
+        if batch_size < 1 or parse_retries < 0:
+            raise ValueError(f"judge batch_size must be >= 1 and parse_retries >= 0, got {batch_size}, {parse_retries}")
+        self.backend, self.template, self.principles = backend, template, [str(p) for p in principles]
+        self.anchor_field, self.both_orders, self.lo, self.hi = anchor_field, both_orders, lo, hi
+        self.on_parse_failure, self.fallback, self.parse_retries = on_parse_failure, float(fallback), parse_retries
+        self.retry_temperature, self.batch_size, self.name = retry_temperature, int(batch_size), name
+        self.cache: dict = {}
+        self.totals = {"queries": 0, "cache_hits": 0, "parse_failures": 0, "retries": 0}
+        self.last_metrics: dict = {}
+        self.last_failed: torch.Tensor = torch.zeros(0)
+
+    def _row_principles(self, batch: Batch, i: int) -> list[str]:
+        for field in ("principles", "principle"):
+            value = batch.meta.get(field, [None] * len(batch))[i] if field in batch.meta else None
+            if value:
+                return [value] if isinstance(value, str) else [str(v) for v in value]
+        if not self.principles:
+            raise RewardError(f"judge {self.name!r}: row {i} has no 'principles' field and no principles are "
+                              "configured (judge.principles)", self.name, i)
+        return self.principles
+
+    def _queries(self, batch: Batch) -> list[_Query]:
+        prompts, responses = batch.meta["prompt"], batch.meta["response"]
+        out, t = [], self.template
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            ptext, pkey = prompt_text(p), json.dumps(p, sort_keys=True)
+            if t == "pointwise":
+                q = TEMPLATES[t].format(prompt=ptext, response=r, lo=self.lo, hi=self.hi)
+                out.append(_Query(i, (t, pkey, r, self.lo, self.hi), q, False))
+            elif t == "pairwise":
+                anchors = batch.meta.get(self.anchor_field) if self.anchor_field in batch.meta else None
+                anchor = anchors[i] if anchors is not None else None
+                if not isinstance(anchor, str):
+                    raise RewardError(f"judge {self.name!r}: row {i} has no {self.anchor_field!r} response to compare "
+                                      f"with (judge.anchor_field; got {anchor!r:.60})", self.name, i)
+                out.append(_Query(i, (t, pkey, r, anchor, "A"), TEMPLATES[t].format(prompt=ptext, a=r, b=anchor),
+                                  False))
+                if self.both_orders:
+                    q = TEMPLATES[t].format(prompt=ptext, a=anchor, b=r)
+                    out.append(_Query(i, (t, pkey, r, anchor, "B"), q, True))
+            else:
+                for pr in self._row_principles(batch, i):
+                    q = TEMPLATES[t].format(prompt=ptext, response=r, principle=pr)
+                    out.append(_Query(i, (t, pkey, r, pr), q, False))
+        return out
+
+    def _ask(self, questions: list[str], temperature: float, attempt: int) -> list[str]:
+        outs: list[str] = []
+        for lo in range(0, len(questions), self.batch_size):
+            outs += self.backend.complete(questions[lo:lo + self.batch_size], temperature, attempt)
+        if len(outs) != len(questions):
+            raise RewardError(f"judge {self.name!r}: the backend returned {len(outs)} outputs for {len(questions)} "
+                              "questions", self.name)
+        return outs
+
+    def _judge(self, todo: list[_Query]) -> dict:
+        """Ask every query in ``todo`` (retrying unparsed ones); returns {key: value or None}, fills the cache."""
+        got, pending, outputs = {}, list(todo), {}
+        for attempt in range(self.parse_retries + 1):
+            if not pending:
+                break
+            temp = 0.0 if attempt == 0 else self.retry_temperature
+            self.last_metrics[f"rollout/{self.name}_retries"] += len(pending) if attempt else 0
+            for q, text in zip(pending, self._ask([q.question for q in pending], temp, attempt), strict=True):
+                outputs[q.key] = text
+                got[q.key] = parse_verdict(self.template, text, self.lo, self.hi)
+            pending = [q for q in pending if got[q.key] is None]
+        for q in todo:
+            if got[q.key] is not None:
+                self.cache[q.key] = got[q.key]
+        for q in pending:
+            if self.on_parse_failure == "error":
+                raise RewardError(f"judge {self.name!r}: row {q.row}: no {self.template} verdict in the judge's "
+                                  f"output (after {self.parse_retries + 1} attempts; judge.on_parse_failure=fallback "
+                                  f"scores it judge.fallback instead): ...{outputs[q.key][-200:]!r}", self.name, q.row)
+        return got
+
+    def score(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """(rewards (B,), metrics)."""
+        missing = [k for k in ("prompt", "response") if k not in batch.meta]
+        if missing:
+            raise KeyError(f"judge {self.name!r}: the batch has no meta {', '.join(missing)}")
+        queries = self._queries(batch)
+        n = self.name
+        self.last_metrics = {f"rollout/{n}_queries": float(len(queries)), f"rollout/{n}_retries": 0.0}
+        todo = list({q.key: q for q in queries if q.key not in self.cache}.values())
+        got = self._judge(todo) if todo else {}
+        sums, counts, failed = [0.0] * len(batch), [0] * len(batch), [0.0] * len(batch)
+        for q in queries:
+            v = self.cache.get(q.key, got.get(q.key))
+            if v is None:
+                v, failed[q.row] = self.fallback, 1.0
+            elif q.flip:
+                v = 1.0 - v
+            sums[q.row] += v
+            counts[q.row] += 1
+        fails = sum(1 for q in todo if got.get(q.key) is None)
+        self.last_metrics.update({f"rollout/{n}_cache_hits": float(len(queries) - len(todo)),
+                                  f"rollout/{n}_parse_failures": float(fails)})
+        for k in self.totals:
+            self.totals[k] += int(self.last_metrics[f"rollout/{n}_{k}"])
+        device = output_device(batch)
+        self.last_failed = torch.tensor(failed, device=device)  # (B,) 1 where a verdict fell back
+        out = torch.tensor([s / c for s, c in zip(sums, counts, strict=True)], dtype=torch.float32, device=device)
+        return out, dict(self.last_metrics)
+
+    def with_failures(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """(rewards (B,), {"errors": (B,) 1 on rows with a verdict that fell back to ``fallback``})."""
+        out = self.score(batch)[0]
+        return out, {"errors": self.last_failed}
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        return self.score(batch)[0]
+
+
+def build_judge(cfg, device="cpu", seed: int = 0, key: str = "reward.judge") -> JudgeReward:
+    """A :class:`JudgeReward` from a :class:`~alignflow.config.JudgeConfig`; ConfigError naming ``key``."""
+    from alignflow.config import ConfigError
+
+    if bool(cfg.model) == bool(cfg.url):
+        raise ConfigError(f"{key}: set exactly one of model (a local causal LM) and url (an OpenAI-compatible "
+                          f"endpoint); got model={cfg.model!r}, url={cfg.url!r}")
+    if cfg.url and not cfg.endpoint_model:
+        raise ConfigError(f"{key}.endpoint_model: name the model the endpoint serves")
+    try:
+        if cfg.url:
+            backend = EndpointJudge(cfg.url, cfg.endpoint_model, cfg.max_new_tokens, cfg.timeout_s, cfg.retries)
+        else:
+            backend = LocalJudge.from_path(cfg.model, device, cfg.max_new_tokens, seed)
+        return JudgeReward(backend, cfg.template, principles=cfg.principles, anchor_field=cfg.anchor_field,
+                           both_orders=cfg.both_orders, on_parse_failure=cfg.on_parse_failure,
+                           fallback=cfg.fallback, parse_retries=cfg.parse_retries,
+                           retry_temperature=cfg.retry_temperature, batch_size=cfg.batch_size)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
