@@ -1,6 +1,6 @@
 """Masked helpers, loss aggregation and KL estimators/controllers (alignflow.algorithms.core / kl).
 
-ALGORITHMS.md sections 0 and 1. Every expected number is derived by hand in the test's docstring.
+docs/online_rl.md (aggregation, KL). Every expected number is derived by hand in the test's docstring.
 """
 
 import math

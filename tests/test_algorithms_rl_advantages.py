@@ -1,6 +1,6 @@
 """Advantage estimators and DAPO data-side shaping (alignflow.algorithms.advantages / dapo).
 
-ALGORITHMS.md sections 2.1, 2.3-2.8. Expected numbers are derived in the docstrings; vectorised code is checked
+docs/online_rl.md and the algorithms' pages. Expected numbers are derived in the docstrings; vectorised code is checked
 against explicit Python loops.
 """
 

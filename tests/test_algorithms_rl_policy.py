@@ -1,6 +1,6 @@
 """Policy / value / entropy losses and Safe RLHF pieces (alignflow.algorithms.policy / safe).
 
-ALGORITHMS.md sections 2.1, 2.6-2.9, 2.12 and 5. Expected numbers are derived in the docstrings.
+docs/online_rl.md, docs/ppo.md, docs/gspo.md, docs/safe_rlhf.md. Expected numbers are derived in the docstrings.
 """
 
 import math

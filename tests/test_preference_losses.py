@@ -1,6 +1,6 @@
 """Preference losses (alignflow.algorithms.preference) against hand-derived values and limiting cases.
 
-Notation as in ALGORITHMS.md: ℓ(z) = softplus(-z) = log(1 + e^{-z}), h = (LP_θ(y_w) - LP_ref(y_w)) -
+Notation as in docs/preference.md: ℓ(z) = softplus(-z) = log(1 + e^{-z}), h = (LP_θ(y_w) - LP_ref(y_w)) -
 (LP_θ(y_l) - LP_ref(y_l)). Expected numbers are written out from the formulas with ``math``.
 """
 

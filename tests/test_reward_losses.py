@@ -1,4 +1,4 @@
-"""Reward-model maths against hand-derived values (ALGORITHMS.md 3.1 and 3.3)."""
+"""Reward-model maths against hand-derived values (docs/reward_models.md)."""
 
 import math
 
@@ -48,7 +48,7 @@ def test_bt_reduction_none_sums_to_mean_times_b():
 
 def test_ensemble_aggregations_match_the_paper_example():
     """Scores (1.0, 1.2, 2.6): mean 1.6; population variance ((-.6)^2 + (-.4)^2 + 1^2)/3 = 1.52/3 = 0.50667;
-    UWO with lambda 0.5 = 1.6 - 0.25333 = 1.34667; WCO = min = 1.0 (Coste et al., ALGORITHMS.md 3.3)."""
+    UWO with lambda 0.5 = 1.6 - 0.25333 = 1.34667; WCO = min = 1.0 (Coste et al.; docs/reward_models.md)."""
     s = torch.tensor([[1.0, 1.2, 2.6]])
     assert aggregate(s, "mean").item() == pytest.approx(1.6)
     assert aggregate(s, "min").item() == pytest.approx(1.0)

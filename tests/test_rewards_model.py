@@ -109,7 +109,7 @@ def test_models_ensemble_has_one_member_per_model(tmp_path):
 
 
 def test_cost_aggregation_is_pessimistic(three_heads):
-    """Costs (1.0, 1.2, 2.6), lambda 0.5 (ALGORITHMS.md 3.3 numbers): mean 1.6, population variance
+    """Costs (1.0, 1.2, 2.6), lambda 0.5 (the example of docs/reward_models.md): mean 1.6, population variance
     ((-0.6)^2 + (-0.4)^2 + 1.0^2) / 3 = 1.52 / 3 = 0.5066667. Reward side: min 1.0, uwo 1.6 - 0.2533 = 1.3466667.
     Cost side: worst case is the LARGEST cost 2.6 and uwo ADDS the penalty: 1.6 + 0.2533333 = 1.8533333."""
     c = torch.tensor([[1.0, 1.2, 2.6]])

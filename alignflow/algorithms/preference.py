@@ -1,6 +1,7 @@
 """Preference losses (DPO and its family) as pure tensor functions.
 
-Each loss's formula, defaults and their sources are on its page, docs/<loss>.md. Notation as in docs/preference.md:
+Each loss's formula, defaults and their sources are on its page, docs/<loss>.md (INPO, REFUEL and APO: in
+docs/preference.md and docs/online_po.md). Notation as in docs/preference.md:
 ``LP(y)`` is a response's summed token log-prob, ``LP̄(y) = LP(y)/|y|``, ``ℓ(z) = -log σ(z) = softplus(-z)`` and
 ``h = [LP_θ(y_w) - LP_ref(y_w)] - [LP_θ(y_l) - LP_ref(y_l)]``.
 
