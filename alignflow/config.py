@@ -539,6 +539,16 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class MergeConfig:
+    """``alignflow merge adapter=DIR output=DIR``: fold a LoRA adapter (a directory with adapter_config.json, e.g.
+    the model/ of a run with model.lora.enabled=true) into its base model and save the plain merged model."""
+    adapter: str = field("", doc="LoRA adapter directory; its adapter_config.json names the base model.")
+    output: str = field("", doc="Directory for the merged model and the tokenizer (replaced if it exists).")
+    dtype: str = field("float32", doc="dtype the base model is loaded and the merged model saved in.",
+                       choices=("float32", "bfloat16", "float16", "auto"))
+
+
+@dataclasses.dataclass
 class DemoConfig:
     """``alignflow demo``: the whole pipeline on the built-in ``reviews`` task in a few minutes on a CPU."""
     output_dir: str = field("runs/demo", doc="Run directory (report.md, plots, models).")

@@ -4,10 +4,18 @@ A local directory and a hub id go through the same ``from_pretrained`` call, so 
 models and ``Qwen/Qwen2.5-0.5B-Instruct`` load the same way. LoRA adapters come from peft. Weights are
 written in safetensors only (transformers 5 has no pickle option) and atomically: a temporary directory is
 filled, then renamed over the target, so a crash never leaves a half-written model behind.
+
+A LoRA output (a directory with ``adapter_config.json``, as ``save_model`` writes for a peft model) loads as its
+base model with the adapter merged in, so one stage's LoRA output is the next stage's model. A run directory
+(one holding ``model/``) is refused with the path to use, and a directory without tokenizer files is named as such.
+Transformers' table of newly initialised weights becomes one line naming the new head.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -40,10 +48,48 @@ def _load_error(what: str, name_or_path: str, err: Exception) -> ModelLoadError:
                           f"{os.getcwd()}) and it could not be loaded as a Hugging Face hub id ({hint}). Cause: {err}")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def _check_not_run_dir(name_or_path: str) -> None:
+    """An alignflow run directory holds the model in ``model/``; say so instead of transformers' puzzling error."""
+    path = Path(name_or_path)
+    if not (path.is_dir() and (path / "model").is_dir()) or (path / "adapter_config.json").exists():
+        return
+    try:  # a run's config.json holds its sections (train, data, ...), a model's its model_type
+        is_model = "model_type" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        is_model = False
+    if not is_model:
+        raise ModelLoadError(f"{name_or_path} is a run directory, not a model: its model is in {path / 'model'}; "
+                             f"use model.name_or_path={path / 'model'}")
+
+
+def adapter_base(name_or_path: str) -> Optional[str]:
+    """The base model of a LoRA adapter directory (``adapter_config.json``), None for anything else."""
+    config = Path(name_or_path) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{config}: no base_model_name_or_path, so the adapter's base model is unknown")
+    return base
+
+
 def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code: bool = False):
-    """``AutoTokenizer.from_pretrained`` with a pad token (eos when the tokenizer has none) and right padding."""
+    """``AutoTokenizer.from_pretrained`` with a pad token (eos when the tokenizer has none) and right padding.
+
+    A LoRA adapter directory without tokenizer files uses its base model's tokenizer."""
     if not name_or_path:
         raise ModelLoadError("no tokenizer given: set model.tokenizer or model.name_or_path")
+    _check_not_run_dir(name_or_path)
+    local = Path(name_or_path)
+    if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
+        base = adapter_base(name_or_path)
+        if base is not None:
+            return load_tokenizer(base, revision, trust_remote_code)
+        raise ModelLoadError(f"no tokenizer in {name_or_path}: it has none of {', '.join(TOKENIZER_FILES)}; set "
+                             "model.tokenizer to a directory or hub id that has one")
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as e:
@@ -58,16 +104,108 @@ def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code:
     return tok
 
 
-def _from_pretrained(auto_cls, cfg: ModelConfig, what: str, config_overrides: Optional[dict] = None, **extra):
+_TASK_TYPES = {AutoModelForCausalLM: "CAUSAL_LM", AutoModelForSequenceClassification: "SEQ_CLS",
+               AutoModelForTokenClassification: "TOKEN_CLS"}
+
+
+class _HeldReport(logging.Filter):
+    """Holds back transformers' load-report table (a warning of ``transformers.modeling_utils``) while a model
+    loads, so that the caller can replace the expected case (a new head) by one line and replay anything else."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _held_load_report():
+    target = logging.getLogger("transformers.modeling_utils")
+    held = _HeldReport()
+    target.addFilter(held)
+    try:
+        yield held
+    finally:
+        target.removeFilter(held)
+
+
+def _report_loading(model: nn.Module, info: dict, held: _HeldReport, head: bool) -> None:
+    """Replay the held report unless the only difference from the checkpoint is a new score head (``head``)."""
+    missing = list(info.get("missing_keys", ()))
+    expected = False
+    if head and missing and not info.get("unexpected_keys") and not info.get("mismatched_keys"):
+        name = next(n for n, m in model.named_modules() if m is get_score_head(model))
+        expected = all(k.startswith(name + ".") for k in missing)
+    if not expected:
+        for record in held.records:
+            logging.getLogger("transformers.modeling_utils").handle(record)
+
+
+def _adapter_head_rows(adapter_dir: str) -> Optional[int]:
+    """Outputs of the score head saved with a SEQ_CLS/TOKEN_CLS adapter (None when it saved none)."""
+    from safetensors import safe_open
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            if key.endswith((".score.weight", ".classifier.weight")):
+                return f.get_slice(key).get_shape()[0]
+    return None
+
+
+def _load_adapter(auto_cls, cfg: ModelConfig, what: str, base: str, **kwargs):
+    """Base model + the LoRA adapter in ``cfg.name_or_path``, merged: (model, loading_info).
+
+    An adapter saved for the same kind of model (peft task SEQ_CLS/TOKEN_CLS) carries its trained head, which
+    is then not new."""
+    from peft import PeftConfig, PeftModel
+
+    logger.info("%s: %s is a LoRA adapter on %s; loading the base model and merging the adapter into it", what,
+                cfg.name_or_path, base)
+    try:
+        config = PeftConfig.from_pretrained(cfg.name_or_path)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"{cfg.name_or_path}/adapter_config.json: not a peft adapter config: {e}") from e
+    same_kind = config.task_type == _TASK_TYPES.get(auto_cls)
+    if same_kind and config.task_type != "CAUSAL_LM" and kwargs.get("num_labels") is None:
+        kwargs["num_labels"] = _adapter_head_rows(cfg.name_or_path)  # the trained head's outputs
+    model, info = _from_pretrained(auto_cls, dataclasses.replace(cfg, name_or_path=base), what, **kwargs)
+    try:
+        if not same_kind:  # e.g. a policy's adapter under a reward model: plain LoRA layers, no task wrapper
+            config.task_type = None
+        model = PeftModel.from_pretrained(model, cfg.name_or_path, config=config).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError, AttributeError, TypeError) as e:
+        raise ModelLoadError(f"could not apply the LoRA adapter {cfg.name_or_path!r} to {base!r}: {e}") from e
+    for p in model.parameters():  # peft froze the base; the merged model is an ordinary model again
+        p.requires_grad_(True)
+    if same_kind and config.task_type in ("SEQ_CLS", "TOKEN_CLS"):
+        info = {**info, "missing_keys": []}
+    return model, info
+
+
+def _from_pretrained(auto_cls, cfg: ModelConfig, what: str, config_overrides: Optional[dict] = None,
+                     head: bool = False, **extra):
     """``auto_cls.from_pretrained`` with the config's dtype/attention/revision; returns (model, loading_info).
 
     ``config_overrides`` are set on the model config before the model is built (for attributes such as
-    ``classifier_dropout`` that ``from_pretrained`` would otherwise pass to the model constructor).
+    ``classifier_dropout`` that ``from_pretrained`` would otherwise pass to the model constructor). ``head``: the
+    class adds a score head, whose being new is reported by the caller in one line instead of transformers' table.
     """
     if not cfg.name_or_path:
         raise ModelLoadError(f"no {what} given: set model.name_or_path (a local directory or a hub id)")
     if cfg.dtype not in DTYPES:
         raise ModelLoadError(f"model.dtype: {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
+    _check_not_run_dir(cfg.name_or_path)
+    base = adapter_base(cfg.name_or_path)
+    if base is not None:
+        return _load_adapter(auto_cls, cfg, what, base, config_overrides=config_overrides, head=head, **extra)
     hub = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
         if config_overrides:
@@ -75,12 +213,15 @@ def _from_pretrained(auto_cls, cfg: ModelConfig, what: str, config_overrides: Op
             for key, value in config_overrides.items():
                 setattr(config, key, value)
             extra = {"config": config}
-        return auto_cls.from_pretrained(cfg.name_or_path, dtype=DTYPES[cfg.dtype], output_loading_info=True,
-                                        attn_implementation=cfg.attn_implementation, **hub, **extra)
+        with _held_load_report() as held:
+            model, info = auto_cls.from_pretrained(cfg.name_or_path, dtype=DTYPES[cfg.dtype], output_loading_info=True,
+                                                   attn_implementation=cfg.attn_implementation, **hub, **extra)
     except OSError as e:
         raise _load_error(what, cfg.name_or_path, e) from e
     except ValueError as e:  # e.g. an architecture with no class for this task
         raise ModelLoadError(f"could not load {what} from {cfg.name_or_path!r}: {e}") from e
+    _report_loading(model, info, held, head)
+    return model, info
 
 
 def _finish(model: nn.Module, cfg: ModelConfig, task_type: str, device) -> nn.Module:
@@ -128,13 +269,20 @@ def seed_head_rows(head: nn.Linear, seed: int) -> None:
 
 
 def _init_new_head(model: nn.Module, info: dict, seed: Optional[int], what: str) -> None:
+    """Seed a head the checkpoint did not have, and say so in one line."""
     head = get_score_head(model)
     name = next(n for n, m in model.named_modules() if m is head)
     new = any(k.startswith(name + ".") for k in info.get("missing_keys", ()))
-    if new and seed is not None:
+    if not new:
+        return
+    shape = " x ".join(map(str, head.weight.shape))
+    if seed is not None:
         seed_head_rows(head, seed)
-    elif new:
-        logger.info("%s: new %s head initialised from the global RNG (pass seed= for a reproducible one)", what, name)
+        how = f"seeded from seed {seed}" if head.weight.shape[0] == 1 else f"row i seeded from seed {seed} + i"
+    else:
+        how = "initialised from the global RNG (pass seed= for a reproducible one)"
+    logger.info("%s: new %s head (%s) on %s, %s; every other weight comes from the checkpoint", what, name, shape,
+                model.config._name_or_path or "the base model", how)
 
 
 def _pad_id(pad_token_id: Optional[int], what: str) -> dict:
@@ -159,7 +307,7 @@ def load_reward_model(cfg: ModelConfig, num_labels: Optional[int] = None, device
     if num_labels is not None and num_labels < 1:
         raise ModelLoadError(f"num_labels must be >= 1, got {num_labels}")
     labels = {} if num_labels is None else {"num_labels": num_labels}
-    model, info = _from_pretrained(AutoModelForSequenceClassification, cfg, "a reward model", **labels,
+    model, info = _from_pretrained(AutoModelForSequenceClassification, cfg, "a reward model", head=True, **labels,
                                    **_pad_id(pad_token_id, "reward model"))
     if model.config.pad_token_id is None:
         raise ModelLoadError(f"reward model {cfg.name_or_path!r}: its config has no pad_token_id; pass "
@@ -175,7 +323,7 @@ def load_value_model(cfg: ModelConfig, device="cpu", pad_token_id: Optional[int]
     Dropout before the head is switched off (``classifier_dropout=0``) so values do not depend on
     train/eval mode. Read values with :func:`alignflow.models.heads.token_values`.
     """
-    model, info = _from_pretrained(AutoModelForTokenClassification, cfg, "a value model", num_labels=1,
+    model, info = _from_pretrained(AutoModelForTokenClassification, cfg, "a value model", num_labels=1, head=True,
                                    config_overrides={"classifier_dropout": 0.0},
                                    **_pad_id(pad_token_id, "value model"))
     _init_new_head(model, info, seed, "value model")
@@ -208,3 +356,31 @@ def save_model(model: nn.Module, tokenizer, out_dir, merge_lora: bool = False) -
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return model
+
+
+def merge_adapter(cfg) -> Path:
+    """``alignflow merge``: load ``cfg.adapter``'s base model, fold the LoRA adapter into its weights and save
+    the plain model with the tokenizer to ``cfg.output`` (a ``MergeConfig``). Returns the output directory.
+
+    The adapter's peft task decides the model class: a policy (CAUSAL_LM), a reward model (SEQ_CLS, with its
+    trained head) or a value model (TOKEN_CLS)."""
+    if not cfg.adapter or not cfg.output:
+        raise ModelLoadError("alignflow merge needs adapter=DIR (a LoRA adapter directory) and output=DIR")
+    base = adapter_base(cfg.adapter)
+    if base is None:
+        what = "does not exist" if not Path(cfg.adapter).exists() else "has no adapter_config.json"
+        raise ModelLoadError(f"adapter={cfg.adapter}: {what}, so it is not a LoRA adapter directory")
+    if Path(cfg.output).resolve() == Path(cfg.adapter).resolve():
+        raise ModelLoadError(f"output={cfg.output} is the adapter directory itself; choose another directory")
+    task = json.loads((Path(cfg.adapter) / "adapter_config.json").read_text()).get("task_type")
+    tokenizer = load_tokenizer(cfg.adapter)
+    model_cfg = ModelConfig(name_or_path=cfg.adapter, dtype=cfg.dtype)
+    if task == "SEQ_CLS":
+        model = load_reward_model(model_cfg, pad_token_id=tokenizer.pad_token_id)
+    elif task == "TOKEN_CLS":
+        model = load_value_model(model_cfg, pad_token_id=tokenizer.pad_token_id)
+    else:
+        model = load_causal_lm(model_cfg)
+    save_model(model, tokenizer, cfg.output)
+    logger.info("merged the LoRA adapter %s into %s: %s", cfg.adapter, base, cfg.output)
+    return Path(cfg.output)
