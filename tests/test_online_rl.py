@@ -205,8 +205,10 @@ def test_updates_do_not_depend_on_the_micro_batch_budget(reviews_task, tmp_path,
         assert metrics[0][key] == pytest.approx(metrics[1][key], rel=1e-5, abs=1e-7), key
     assert metrics[0]["critic/value_loss"] == pytest.approx(metrics[1]["critic/value_loss"], rel=1e-5)
     assert metrics[0]["policy/grad_norm"] > 0
+    # One Adam step moves a weight by ~lr * g / (|g| + eps): for gradients near eps (1e-8) float-summation noise
+    # of the split shows up as ~1e-6 in the weight, while a real error of the split moves it by ~lr (1e-3).
     for a, b in zip(*weights):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
 
 
 def test_kl_coefficient_zero_skips_the_reference(reviews_task, tmp_path, monkeypatch):

@@ -75,10 +75,21 @@ def _starts(seq_lens, T: int, device) -> torch.Tensor:
     return first
 
 
-def _plan_chunks(positions: int, vocab: int, chunk_size: Optional[int]) -> tuple[Optional[int], bool]:
+def logits_budget(device) -> int:
+    """Bytes of fp32 logits computed in one piece (no recompute): :data:`LOGITS_BUDGET_BYTES` on a CPU; on a GPU
+    1/16 of its memory (8.7 GB on an H200: a 16k-token micro-batch at a 150k vocabulary), where recomputing the
+    LM head in the backward costs more than the memory is worth."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        return max(LOGITS_BUDGET_BYTES, torch.cuda.get_device_properties(device).total_memory // 16)
+    return LOGITS_BUDGET_BYTES
+
+
+def _plan_chunks(positions: int, vocab: int, chunk_size: Optional[int],
+                 device=None) -> tuple[Optional[int], bool]:
     """(chunk size or None for one piece, whether to checkpoint) for ``positions`` x ``vocab`` fp32 logits."""
     if chunk_size is None:
-        if positions * vocab * 4 <= LOGITS_BUDGET_BYTES:
+        if positions * vocab * 4 <= logits_budget(device):
             return None, False
         chunk_size = DEFAULT_CHUNK
     if chunk_size < 1:
@@ -118,7 +129,7 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: Op
         ignored = ignored | _starts(seq_lens, T, input_ids.device)[:, 1:]  # (1, T-1)
     targets = targets.masked_fill(ignored, 0)
     head = get_lm_head(model)
-    size, use_ckpt = _plan_chunks(B * max(T - 1, 0), head.weight.shape[0], chunk_size)
+    size, use_ckpt = _plan_chunks(B * max(T - 1, 0), head.weight.shape[0], chunk_size, input_ids.device)
     size = size or max(T - 1, 1)  # positions of T per chunk
     h = _hidden(model, input_ids, attention_mask, position_ids, seq_lens)[:, :-1]  # (B, T-1, H)
     softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
@@ -136,6 +147,44 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: Op
     return logp, entropy
 
 
+def selected_logprobs(model: nn.Module, input_ids: torch.Tensor, where: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                      seq_lens=None, chunk_size: Optional[int] = None, with_entropy: bool = False,
+                      temperature: float = 1.0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(logp, entropy)`` (M,) float32 at the M positions where ``where`` (B, T) is True, in row-major order:
+    ``logp = log p(x_t | x_<t)`` and the entropy of that distribution, with the LM head run ONLY on the hidden
+    states that predict those tokens. A response-only RL loss or completion-only SFT never pays for the
+    prompt's logits: with a 150k vocabulary the head is the largest matmul of a small model.
+
+    ``where`` is aligned with the input tokens (position 0 of a row, and of each sequence of a padding-free row,
+    predicts nothing and counts as False). Equals ``token_logprobs(...)[where]`` (tests check values and grads).
+    """
+    if where.shape != input_ids.shape:
+        raise ValueError(f"the position mask {tuple(where.shape)} must have the shape of input_ids "
+                         f"{tuple(input_ids.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    h = _hidden(model, input_ids, attention_mask, position_ids, seq_lens)  # (B, T, H)
+    sel = where[:, 1:].bool()  # (B, T-1): position t predicts token t+1
+    if seq_lens is not None:
+        sel = sel & ~_starts(seq_lens, input_ids.shape[1], input_ids.device)[:, 1:]
+    hs = h[:, :-1][sel]  # (M, H): only the positions in the loss
+    targets = input_ids[:, 1:][sel]  # (M,)
+    head = get_lm_head(model)
+    softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
+    size, use_ckpt = _plan_chunks(hs.shape[0], head.weight.shape[0], chunk_size, hs.device)
+    size = size or max(hs.shape[0], 1)
+    use_ckpt = use_ckpt and torch.is_grad_enabled() and (hs.requires_grad or
+                                                         any(p.requires_grad for p in head.parameters()))
+    pieces = []
+    for s in range(0, hs.shape[0], size):
+        args = (head, hs[None, s:s + size], targets[None, s:s + size], temperature, softcap, with_entropy)
+        pieces.append(checkpoint(_chunk_stats, *args, use_reentrant=False) if use_ckpt else _chunk_stats(*args))
+    k = 2 if with_entropy else 1
+    stats = torch.cat(pieces, dim=1)[0] if pieces else h.new_zeros(0, k, dtype=torch.float32)  # (M, k)
+    return stats[:, 0], (stats[:, 1] if with_entropy else None)
+
+
 def masked_nll_sum(model: nn.Module, input_ids: torch.Tensor, loss_mask: torch.Tensor,
                    attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
                    seq_lens=None, chunk_size: Optional[int] = None) -> torch.Tensor:
@@ -149,21 +198,5 @@ def masked_nll_sum(model: nn.Module, input_ids: torch.Tensor, loss_mask: torch.T
     if loss_mask.shape != input_ids.shape:
         raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have the shape of input_ids "
                          f"{tuple(input_ids.shape)}")
-    h = _hidden(model, input_ids, attention_mask, position_ids, seq_lens)  # (B, T, H)
-    where = loss_mask[:, 1:].bool()  # (B, T-1): position t predicts token t+1
-    if seq_lens is not None:
-        where = where & ~_starts(seq_lens, input_ids.shape[1], input_ids.device)[:, 1:]
-    hs = h[:, :-1][where]  # (M, H): only the positions in the loss
-    targets = input_ids[:, 1:][where]  # (M,)
-    head = get_lm_head(model)
-    softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
-    size, use_ckpt = _plan_chunks(hs.shape[0], head.weight.shape[0], chunk_size)
-    size = size or max(hs.shape[0], 1)
-    use_ckpt = use_ckpt and torch.is_grad_enabled() and (hs.requires_grad or
-                                                         any(p.requires_grad for p in head.parameters()))
-    total = h.new_zeros((), dtype=torch.float32)
-    for s in range(0, hs.shape[0], size):
-        args = (head, hs[None, s:s + size], targets[None, s:s + size], 1.0, softcap, False)
-        stats = checkpoint(_chunk_stats, *args, use_reentrant=False) if use_ckpt else _chunk_stats(*args)
-        total = total - stats.sum()  # stats: (1, c, 1) log-probs
-    return total
+    logp, _ = selected_logprobs(model, input_ids, loss_mask, attention_mask, position_ids, seq_lens, chunk_size)
+    return -logp.sum()

@@ -23,6 +23,7 @@ sliding-window layers get a banded causal mask per sequence.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Optional, Sequence
 
 import torch
@@ -36,6 +37,8 @@ VARLEN = "alignflow_varlen"
 # attention dispatched through ALL_ATTENTION_FUNCTIONS: the per-sequence kernel below computes it exactly.
 VARLEN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 _REGISTERED = False
+USE_FLASH = True  # False forces the per-sequence SDPA path on CUDA too (the reference in tests/test_gpu.py)
+_FLASH_API: Optional[dict] = None
 
 
 def _band_mask(n: int, window: int, device) -> torch.Tensor:
@@ -45,23 +48,84 @@ def _band_mask(n: int, window: int, device) -> torch.Tensor:
     return (diff >= 0) & (diff < window)
 
 
+def _flash_api() -> Optional[dict]:
+    """The parameters of ``torch.nn.attention.varlen.varlen_attn`` in this torch (None when it is absent).
+
+    Two API shapes exist: torch 2.9 took ``is_causal`` (no GQA, no scale, no window); later releases take
+    ``window_size=(left, right)``, ``enable_gqa`` and ``scale``. :func:`flash_varlen` speaks both."""
+    global _FLASH_API
+    if _FLASH_API is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            _FLASH_API = {}
+        else:
+            _FLASH_API = {"fn": varlen_attn, "params": set(inspect.signature(varlen_attn).parameters)}
+    return _FLASH_API or None
+
+
+def flash_usable(query: torch.Tensor, dropout: float = 0.0, window: Optional[int] = None) -> bool:
+    """True when :func:`flash_varlen` can run ``query``: CUDA, half precision, no dropout, head dim <= 256, the
+    kernel present in this torch (and a sliding window only where its API takes one). :data:`USE_FLASH` off
+    forces the per-sequence path (the reference the GPU tests compare against)."""
+    api = _flash_api() if USE_FLASH else None
+    return bool(api) and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0 \
+        and query.shape[-1] <= 256 and query.shape[-1] % 8 == 0 \
+        and (window is None or "window_size" in api["params"])
+
+
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                 max_q: int, max_k: int, *, causal: bool, window: Optional[int] = None,
+                 scale: Optional[float] = None) -> torch.Tensor:
+    """Flash attention over sequences laid end to end: q (Nq, Hq, D), k/v (Nk, Hkv, D) -> (Nq, Hq, D).
+
+    ``cu_q`` / ``cu_k`` (n + 1,) int32 cumulative lengths. ``causal``: query i of a sequence sees keys up to its
+    own position (aligned at the end when a sequence has fewer queries than keys); ``window``: HF's
+    ``sliding_window`` W (keys at most W - 1 positions back). GQA is native where the API has ``enable_gqa``,
+    else the KV heads are repeated; a scale the API cannot take is folded into q.
+    """
+    api = _flash_api()
+    params, kwargs = api["params"], {}
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    if "window_size" in params:
+        kwargs["window_size"] = ((window - 1) if window else -1, 0) if causal else (-1, -1)
+    else:
+        kwargs["is_causal"] = causal
+    if scale is not None:
+        if "scale" in params:
+            kwargs["scale"] = scale
+        else:
+            q = q * (scale * q.shape[-1] ** 0.5)  # the kernel divides by sqrt(D)
+    return api["fn"](q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+
 def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                      seq_lens: Optional[Sequence[int]] = None, last_query_layer: Optional[int] = None,
-                     **kwargs) -> tuple[torch.Tensor, None]:
+                     cu_seq_lens: Optional[torch.Tensor] = None, **kwargs) -> tuple[torch.Tensor, None]:
     """Causal attention of each sequence of a flat row: q (1, h, N, d), k/v (1, h_kv, N, d) -> (1, N, h, d).
 
-    In layer ``last_query_layer`` only each sequence's LAST query is computed (the other rows are 0: the caller
-    never reads them, see :func:`flat_last_hidden`).
+    On CUDA in half precision one flash kernel runs every sequence (:func:`flash_varlen`, with ``cu_seq_lens``
+    built once per forward by :func:`flat_hidden_states`); elsewhere one SDPA call per sequence (the CPU path and
+    the reference). In layer ``last_query_layer`` only each sequence's LAST query is computed (the other rows
+    are 0: the caller never reads them, see :func:`flat_last_hidden`).
     """
     if seq_lens is None or attention_mask is not None:
         raise RuntimeError(f"the {VARLEN} attention needs seq_lens and no attention mask; run the model through "
                            "alignflow.models.varlen.flat_hidden_states")
     if query.shape[0] != 1 or sum(seq_lens) != query.shape[2]:
         raise RuntimeError(f"flat row of {tuple(query.shape)} does not hold sequences of {sum(seq_lens)} tokens")
-    gqa = query.shape[1] != key.shape[1]
     window = getattr(module, "sliding_window", None)
     last_only = last_query_layer is not None and getattr(module, "layer_idx", None) == last_query_layer
+    if cu_seq_lens is not None and flash_usable(query, dropout, window if not last_only else None) \
+            and not (last_only and window):
+        return _flash_layer(query, key, value, seq_lens, cu_seq_lens, scaling, window, last_only), None
+    gqa = query.shape[1] != key.shape[1]
     # torch.split (not slicing) so that autograd joins the gradients with one cat instead of n zero-padded adds
     qs, ks, vs = query.split(list(seq_lens), 2), key.split(list(seq_lens), 2), value.split(list(seq_lens), 2)
     outs = []
@@ -78,6 +142,18 @@ def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         last = torch.cat(outs, 2).transpose(1, 2)  # (1, n, h, d)
         return last.new_zeros(1, query.shape[2], *last.shape[2:]).index_copy(1, rows, last), None  # (1, N, h, d)
     return torch.cat(outs, 2).transpose(1, 2), None  # (1, N, h, d)
+
+
+def _flash_layer(query, key, value, seq_lens, cu, scaling, window, last_only) -> torch.Tensor:
+    """:func:`varlen_attention` through one flash kernel: q (1, h, N, d), k/v (1, h_kv, N, d) -> (1, N, h, d)."""
+    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # (N, h, d) views
+    longest = max(seq_lens)
+    if not last_only:
+        return flash_varlen(q, k, v, cu, cu, longest, longest, causal=True, window=window, scale=scaling)[None]
+    rows = cu[1:].long() - 1  # (n,) each sequence's last token
+    one = torch.arange(len(seq_lens) + 1, device=cu.device, dtype=cu.dtype)  # one query per sequence
+    last = flash_varlen(q[rows], k, v, one, cu, 1, longest, causal=False, scale=scaling)  # (n, h, d)
+    return last.new_zeros(1, query.shape[2], *last.shape[1:]).index_copy(1, rows, last[None])  # (1, N, h, d)
 
 
 def register() -> None:
@@ -127,7 +203,9 @@ def flat_hidden_states(model: nn.Module, input_ids: torch.Tensor, seq_lens: Sequ
         raise ValueError(f"input_ids {tuple(input_ids.shape)} must be (1, N) with N = sum(seq_lens) = {sum(lens)} "
                          "and every length >= 1")
     if position_ids is None:
-        position_ids = torch.cat([torch.arange(n, device=input_ids.device) for n in lens])[None]  # (1, N)
+        position_ids = flat_positions(lens).to(input_ids.device, non_blocking=True)[None]  # (1, N)
+    if input_ids.is_cuda:  # cumulative lengths for the flash kernel, built once per forward (not per layer)
+        kwargs["cu_seq_lens"] = cumulative(lens).to(input_ids.device, non_blocking=True)
     register()
     with _attention_implementation(unwrap(model).config, VARLEN):
         out = get_backbone(model)(input_ids=input_ids, attention_mask=None, position_ids=position_ids,
@@ -170,3 +248,17 @@ def flat_last_hidden(model: nn.Module, input_ids: torch.Tensor, seq_lens: Sequen
 def last_positions(seq_lens: Sequence[int], device=None) -> torch.Tensor:
     """Index (n,) of each sequence's last token in the flat row."""
     return torch.tensor(list(seq_lens), device=device).cumsum(0) - 1
+
+
+def cumulative(seq_lens: Sequence[int]) -> torch.Tensor:
+    """(n + 1,) int32 on the host: 0, then the running sum of ``seq_lens`` (flash's ``cu_seqlens``)."""
+    out = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
+    out[1:] = torch.tensor(list(seq_lens), dtype=torch.int32).cumsum(0)
+    return out
+
+
+def flat_positions(seq_lens: Sequence[int]) -> torch.Tensor:
+    """(N,) int64 on the host: 0 .. n_i - 1 for every sequence, laid end to end (one op, not one per sequence)."""
+    lens = torch.tensor(list(seq_lens), dtype=torch.long)
+    starts = lens.cumsum(0) - lens  # (n,)
+    return torch.arange(int(lens.sum())) - starts.repeat_interleave(lens)

@@ -141,7 +141,7 @@ def _head_logps(model, hs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     checkpointed chunks when the fp32 logits would be large (``alignflow.models.logprobs``)."""
     head = get_lm_head(model)
     softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
-    size, use_ckpt = _plan_chunks(hs.shape[0], head.weight.shape[0], None)
+    size, use_ckpt = _plan_chunks(hs.shape[0], head.weight.shape[0], None, hs.device)
     size = size or max(hs.shape[0], 1)
     use_ckpt = use_ckpt and torch.is_grad_enabled()
     pieces = []
@@ -168,8 +168,9 @@ def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], device, flat:
         ids = torch.tensor([t for s, _ in seqs for t in s], dtype=torch.long, device=device)[None]  # (1, N)
         mask = torch.tensor([m for _, ms in seqs for m in ms], dtype=torch.bool, device=device)[None]  # (1, N)
         start = torch.zeros_like(mask)
-        start[0, torch.tensor([0] + lens[:-1], device=device).cumsum(0)] = True  # first token of each: predicts nothing
-        row_of = torch.repeat_interleave(torch.arange(n, device=device), torch.tensor(lens, device=device))[None]
+        start[0, torch.tensor([0] + lens[:-1]).cumsum(0).to(device)] = True  # first token of each: predicts nothing
+        # built on the host: repeat_interleave with device repeats would wait for the device
+        row_of = torch.repeat_interleave(torch.arange(n), torch.tensor(lens)).to(device)[None]
         h = flat_hidden_states(model, ids, lens)  # (1, N, H)
         where = mask[:, 1:] & ~start[:, 1:]  # (1, N-1): position t predicts token t+1
     else:

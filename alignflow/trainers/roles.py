@@ -45,7 +45,7 @@ from alignflow.distributed.shard import full_state_dict, gathered, through_root
 from alignflow.models.backbone import get_score_head
 from alignflow.models.heads import token_values
 from alignflow.models.varlen import flat_hidden_states, supports_varlen
-from alignflow.models.logprobs import token_logprobs
+from alignflow.models.logprobs import selected_logprobs, token_logprobs
 from alignflow.rollout import HFEngine, SamplingParams
 from alignflow.rollout.vllm_engine import VLLMEngine, actor_weights
 from alignflow.trainers import loop
@@ -65,8 +65,9 @@ def micro_batches(batch: Batch, budget: int) -> list[tuple[torch.Tensor, Batch, 
     padding micro-batch comes with an EMPTY row index, which the callers run and then ignore (their loss counts 0
     and their outputs are not written).
     """
-    p_len = batch["prompt_mask"].sum(-1)  # (B,)
-    r_len = batch["response_mask"].sum(-1).clamp(min=1)  # (B,)
+    p_len = batch["prompt_mask"].sum(-1).cpu()  # (B,) on the host: group sizes and widths need no device sync
+    true_r = batch["response_mask"].sum(-1).cpu()  # (B,)
+    r_len = true_r.clamp(min=1)
     Tp = batch["prompt_mask"].shape[1]
     groups = dp_equal_groups(token_budget_groups((p_len + r_len).tolist(), budget))
     if not len(batch) and groups:
@@ -85,7 +86,8 @@ def micro_batches(batch: Batch, budget: int) -> list[tuple[torch.Tensor, Batch, 
                 sub[k] = v[:, :rw]  # (b, rw)
             elif v.dim() == 1:
                 sub[k] = v  # (b,)
-        out.append((idx if weight else idx[:0], Batch(sub), pw))
+        lens = (p_len[idx] + true_r[idx]).tolist()  # real tokens per row (the padding-free lengths)
+        out.append((idx if weight else idx[:0], Batch(sub, {"seq_lens": lens}), pw))
     return out
 
 
@@ -101,9 +103,11 @@ def scatter_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], rows: int, widt
 
 def _flat(mb: Batch) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """The micro-batch's real tokens laid end to end: ((1, N) ids, (b, pw + rw) bool mask of where they sit in
-    the padded layout, per-row lengths). Row i's tokens are its prompt then its response, as in the padded row."""
+    the padded layout, per-row lengths). Row i's tokens are its prompt then its response, as in the padded row.
+    The lengths come from the host copy :func:`micro_batches` keeps (``seq_lens`` meta), so no device sync."""
     keep = mb["attention_mask"].bool()  # (b, pw + rw): left-padded prompt, right-padded response
-    return mb["input_ids"][keep][None], keep, keep.sum(-1).tolist()
+    lens = mb.meta.get("seq_lens") or keep.sum(-1).tolist()
+    return mb["input_ids"][keep][None], keep, lens
 
 
 def _unflat(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -119,17 +123,26 @@ def response_logprobs(model, mb: Batch, pw: int, temperature: float,
 
     Padding-free when the model supports it (``alignflow.models.varlen``): the linear layers then run over the
     real tokens only instead of the padded (b, pw + rw) rectangle -- RL rows vary a lot in length, and a padded
-    micro-batch computed 2.5x as many positions as real tokens in the GRPO benchmark. Same values either way.
+    micro-batch computed 2.5x as many positions as real tokens in the GRPO benchmark -- and the LM head runs
+    over the response tokens only (:func:`~alignflow.models.logprobs.selected_logprobs`). Same values either way.
     """
     if supports_varlen(model):
         ids, keep, lens = _flat(mb)
-        lp, ent = through_root(model, lambda: token_logprobs(model, ids, with_entropy=with_entropy,
-                                                            temperature=temperature, seq_lens=lens))
-        lp, ent = _unflat(lp, keep), (_unflat(ent, keep) if ent is not None else None)  # (b, pw + rw)
-    else:
-        lp, ent = through_root(model, lambda: token_logprobs(model, mb["input_ids"], mb["attention_mask"],
-                                                            mb["position_ids"], with_entropy=with_entropy,
-                                                            temperature=temperature))  # (b, pw + rw)
+        response = keep.clone()
+        response[:, :pw] = False  # (b, pw + rw): the response tokens
+        where = response[keep][None]  # (1, N)
+        lp, ent = through_root(model, lambda: selected_logprobs(model, ids, where, seq_lens=lens,
+                                                               with_entropy=with_entropy, temperature=temperature))
+        out_lp = lp.new_zeros(keep.shape)
+        out_lp[response] = lp  # (b, pw + rw)
+        out_ent = None
+        if ent is not None:
+            out_ent = ent.new_zeros(keep.shape)
+            out_ent[response] = ent
+        return out_lp[:, pw:], (out_ent[:, pw:] if out_ent is not None else None)
+    lp, ent = through_root(model, lambda: token_logprobs(model, mb["input_ids"], mb["attention_mask"],
+                                                        mb["position_ids"], with_entropy=with_entropy,
+                                                        temperature=temperature))  # (b, pw + rw)
     return lp[:, pw:], (ent[:, pw:] if ent is not None else None)
 
 
@@ -312,6 +325,17 @@ class TrainedRole:
         save_model(self.model, tokenizer, path)
 
 
+def host_floats(values: dict) -> dict:
+    """Metrics that may be device tensors, as Python floats with ONE device-to-host copy for all of them (a
+    ``float()`` per metric would wait for the device once each)."""
+    keys = [k for k, v in values.items() if torch.is_tensor(v)]
+    out = {k: float(v) for k, v in values.items() if not torch.is_tensor(v)}
+    if keys:
+        stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys]).tolist()
+        out |= dict(zip(keys, stacked))
+    return out
+
+
 def _counts(mask: torch.Tensor, agg: str) -> dict:
     """The mini-batch-wide denominator of ``agg`` (all-reduced under data parallelism)."""
     if agg == "token_mean":
@@ -403,13 +427,14 @@ class Actor(TrainedRole):
             with loop.autocast(self.device, self.train_cfg.mixed_precision):
                 terms, coefs, m = self._loss_terms(mb, pw, kw)
             (sum(coefs[k] * v for k, v in terms.items()) * (scale * real)).backward()
-            share = real * int(mb["response_mask"].sum()) / n_tok  # token-weighted mean of micro-batch token means
+            # token-weighted mean of micro-batch token means; a device tensor: no host sync in this loop
+            share = mb["response_mask"].sum() * (real / n_tok)
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v.detach() * real
             for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + float(v) * share
+                metrics[k] = metrics.get(k, 0.0) + v * share
         step = self.optim.step(totals, self.label)
-        metrics |= {f"policy/{k}": float(v) for k, v in totals.items()}
+        metrics = host_floats(metrics) | host_floats({f"policy/{k}": v for k, v in totals.items()})
         return dp_sum_dict(metrics) | {f"policy/{k}": v for k, v in step.items()}
 
 
@@ -451,13 +476,13 @@ class Critic(TrainedRole):
                 loss, m = value_loss(v, mb[self.key], mb[self.returns_key], mb["response_mask"], clip, **kw)
             (self.algo_cfg.vf_coef * loss * (scale * real)).backward()
             total = loss.detach() * real if total is None else total + loss.detach() * real
-            share = real * int(mb["response_mask"].sum()) / n_tok
+            share = mb["response_mask"].sum() * (real / n_tok)  # device tensor (see Actor.update)
             for k, val in m.items():
                 if k != "critic/value_loss":
-                    metrics[k] = metrics.get(k, 0.0) + float(val) * share
+                    metrics[k] = metrics.get(k, 0.0) + val * share
         step = self.optim.step({f"{self.prefix}_value_loss": total}, self.label)
         out = {k.replace("critic/", f"{self.prefix}/"): v for k, v in metrics.items()}
-        out = dp_sum_dict(out | {f"{self.prefix}/value_loss": float(total)})
+        out = dp_sum_dict(host_floats(out | {f"{self.prefix}/value_loss": total}))
         return out | {f"{self.prefix}/{k}": v for k, v in step.items()}
 
 
