@@ -181,7 +181,9 @@ class RewardConfig:
     loss: str = field("bt", doc="Reward loss: Bradley-Terry on pairs, or regression on rated attributes.",
                       choices=("bt", "regression"))
     use_margin: bool = field(True, doc="Subtract the row's 'margin' inside the BT sigmoid (Llama 2) when present.")
-    num_objectives: int = field(1, doc="Attributes scored (multi-objective head, ArmoRM stage 1).", range=(1, None))
+    num_objectives: int = field(1, doc="Attributes scored (multi-objective head, ArmoRM stage 1): 1 = as many as the "
+                                       "rated data has; more needs rated data with that many attributes.",
+                                range=(1, None))
     gating: bool = field(False, doc="Learn a prompt-conditioned gate over objectives (ArmoRM stage 2).")
     ensemble_size: int = field(1, doc="k reward models trained from different seeds (Coste et al.).",
                                range=(1, None))
@@ -536,6 +538,16 @@ class EvalConfig:
     output_dir: str = field("runs/eval", doc="Where eval.json, samples.jsonl and the frontier files are written.")
     seed: int = field(0, doc="Sampling seed (every frontier policy gets the same prompts and seed).")
     device: str = field("auto", doc="Device: auto = cuda when available, else cpu.", check=check_device)
+
+
+@dataclasses.dataclass
+class MergeConfig:
+    """``alignflow merge adapter=DIR output=DIR``: fold a LoRA adapter (a directory with adapter_config.json, e.g.
+    the model/ of a run with model.lora.enabled=true) into its base model and save the plain merged model."""
+    adapter: str = field("", doc="LoRA adapter directory; its adapter_config.json names the base model.")
+    output: str = field("", doc="Directory for the merged model and the tokenizer (replaced if it exists).")
+    dtype: str = field("float32", doc="dtype the base model is loaded and the merged model saved in.",
+                       choices=("float32", "bfloat16", "float16", "auto"))
 
 
 @dataclasses.dataclass

@@ -301,3 +301,32 @@ def test_rl_train_batch_larger_than_the_rollout_batch_is_refused():
     assert load_config(RLConfig, None, ["train.batch_size=64"]).train.batch_size == 64
     with pytest.raises(ConfigError, match=r"^rl\.train\.batch_size=8 is larger than the rollout batch"):
         from_dict(MPOConfig, {"rl": {"train": {"batch_size": 8}, "rollout": {"prompts_per_step": 2, "n": 2}}})
+
+
+# ----------------------------------------------------------------------------------------------- reward objectives
+def test_num_objectives_on_preference_data_is_refused_before_training(reviews_task, tmp_path):
+    from alignflow.config import RMConfig, from_dict
+    from alignflow.trainers.reward import train_rm
+
+    cfg = from_dict(RMConfig, {
+        "model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir)},
+        "data": {"path": str(reviews_task.pairs_path), "max_len": 32},
+        "reward": {"num_objectives": 3},
+        "train": {"output_dir": str(tmp_path), "max_steps": 1, "progress": False}})
+    with pytest.raises(ConfigError, match=rf"^reward\.num_objectives=3 needs rated rows .*; {reviews_task.pairs_path} "
+                                          r"holds preference rows"):
+        train_rm(cfg)
+    assert not (tmp_path / "model").exists()
+
+
+def test_num_objectives_must_match_the_rated_attributes():
+    from alignflow.data.pipeline import PreparedData, check_objectives
+
+    rated = PreparedData("rated", [{"attributes": ["helpfulness", "honesty"]}], [])
+    check_objectives(rated, 1, "regression", "r.jsonl")  # 1: as the data says
+    check_objectives(rated, 2, "regression", "r.jsonl")
+    with pytest.raises(ConfigError, match=r"^reward\.num_objectives=3, but r\.jsonl rates 2 attributes "
+                                          r"\(helpfulness, honesty\); set reward\.num_objectives=2"):
+        check_objectives(rated, 3, "regression", "r.jsonl")
+    with pytest.raises(ConfigError, match=r"^reward\.loss=regression needs rated rows"):
+        check_objectives(PreparedData("preference", [{}], []), 1, "regression", "p.jsonl")

@@ -10,7 +10,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 
-from alignflow.config import DataConfig
+from alignflow.config import ConfigError, DataConfig
 from alignflow.data.formats import DataError, check_label_balance, validate
 from alignflow.data.loading import load_records
 from alignflow.data.render import encode_rows, set_chat_template
@@ -61,3 +61,22 @@ def prepare_data(cfg: DataConfig, tokenizer, expect: tuple[str, ...] = (), seed:
     held = set(order[:n_eval])
     return PreparedData(fmt, [r for i, r in enumerate(rows) if i not in held],
                         [r for i, r in enumerate(rows) if i in held], reports)
+
+
+def check_objectives(data: PreparedData, num_objectives: int, loss: str, source: str) -> None:
+    """``reward.num_objectives`` / ``reward.loss`` against the data: several objectives, or a regression, need
+    ``rated`` rows, and ``num_objectives`` > 1 must equal the number of rated attributes (1 means: as the data
+    says). ConfigError naming the keys and the file."""
+    if data.format != "rated":
+        if num_objectives > 1 or loss == "regression":
+            key = f"reward.num_objectives={num_objectives}" if num_objectives > 1 else "reward.loss=regression"
+            raise ConfigError(f"{key} needs rated rows (prompt, completions, ratings: one number per attribute); "
+                              f"{source} holds {data.format} rows, which give one objective: use "
+                              "reward.num_objectives=1 and reward.loss=bt, or rated data")
+        return
+    rows = data.train or data.eval
+    attributes = rows[0]["attributes"] if rows else []
+    if num_objectives > 1 and num_objectives != len(attributes):
+        raise ConfigError(f"reward.num_objectives={num_objectives}, but {source} rates {len(attributes)} attributes "
+                          f"({', '.join(attributes)}); set reward.num_objectives={len(attributes)} (or 1: as the "
+                          "data says)")

@@ -162,12 +162,13 @@ def guard_loss(step: int, cfg: TrainConfig, terms: dict[str, torch.Tensor]) -> b
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to ``metrics.jsonl``; mirrors to TensorBoard when installed.
+    """Appends one JSON object per logged step to ``metrics.jsonl``; mirrors it to the trackers of
+    ``train.report_to`` (``alignflow.trainers.trackers``; default TensorBoard when installed).
 
     A new run (``resume`` false, ``start`` 0) starts the file afresh; ``resume`` appends; a run resumed at step
     ``start`` > 0 first drops the rows logged after that step (the steps it does again), see :meth:`rewind`."""
 
-    def __init__(self, output_dir: str | Path, resume: bool = False, start: int = 0):
+    def __init__(self, output_dir: str | Path, resume: bool = False, start: int = 0, report_to: list | None = None):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
@@ -175,23 +176,18 @@ class MetricsLogger:
             self.rewind(start)
         elif not resume:
             self.path.write_text("")
-        self._tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        from alignflow.trainers.trackers import open_trackers  # train.report_to (default: TensorBoard)
 
-            self._tb = SummaryWriter(str(self.dir / "tb"))
-        except Exception:  # tensorboard is optional
-            self._tb = None
+        self._trackers = open_trackers(self.dir, resume=resume or start > 0, report_to=report_to)
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
                                 for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for k, v in row.items():
-                if isinstance(v, float):
-                    self._tb.add_scalar(k, v, step)
+        scalars = {k: v for k, v in row.items() if isinstance(v, float) and k != "step"}
+        for tracker in self._trackers if scalars else ():
+            tracker.log(step, scalars)
 
     def rewind(self, step: int) -> None:
         """Keep only the rows up to ``step`` (a resume from the checkpoint of ``step`` does the later ones again)."""
@@ -205,8 +201,9 @@ class MetricsLogger:
             os.replace(tmp, self.path)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
 
 def _row_step(line: str) -> float:

@@ -30,7 +30,7 @@ import torch
 from alignflow.algorithms.reward import aggregate, bt_loss, calibration_error, regression_loss
 from alignflow.config import RMConfig
 from alignflow.data.collate import pad_right, token_budget_groups, token_groups
-from alignflow.data.pipeline import prepare_data
+from alignflow.data.pipeline import check_objectives, prepare_data
 from alignflow.distributed.checkpoint import save_checkpoint
 from alignflow.models import GatingNetwork, load_reward_model, save_model, sequence_scores
 from alignflow.models.heads import last_token_hidden
@@ -269,6 +269,7 @@ def train_rm(cfg: RMConfig) -> RMResult:
     out, device, tokenizer = start_run(cfg, seed=False)
     pad_id = tokenizer.pad_token_id
     data = prepare_data(cfg.data, tokenizer, expect=("preference", "rated"), seed=cfg.train.seed)
+    check_objectives(data, cfg.reward.num_objectives, cfg.reward.loss, cfg.data.path)
     r, k = cfg.reward, cfg.reward.ensemble_size
     if data.format == "rated":
         n_obj = len(data.train[0]["attributes"])

@@ -16,6 +16,9 @@ def resolve_builtin(cfg, command: str):
     Returns the task artefacts (or None when the user gave both paths). Mutates ``cfg`` in place so the
     saved run config records the paths that were actually used.
     """
+    from alignflow.tasks.builtin_sft import resolve_model
+
+    resolve_model(cfg)  # model.name_or_path=builtin:sft: the task's SFT model, built on first use
     if cfg.model.name_or_path and cfg.data.path:
         return None
     from alignflow.tasks import build_task
@@ -27,7 +30,8 @@ def resolve_builtin(cfg, command: str):
         cfg.model.tokenizer = cfg.model.tokenizer or str(art.tokenizer_dir)
         log.info("using the built-in '%s' task's tiny model at %s", cfg.task.name, art.model_dir)
     if not cfg.data.path:
-        cfg.data.path = str(getattr(art, TASK_DATA[command]))
+        rated = command == "rm" and (cfg.data.format == "rated" or cfg.reward.loss == "regression")
+        cfg.data.path = str(art.rated_path if rated else getattr(art, TASK_DATA[command]))
         log.info("using the built-in '%s' task's data at %s", cfg.task.name, cfg.data.path)
     return art
 
