@@ -132,7 +132,7 @@ def alignflow_side(args, wl: dict, mode: str) -> dict:
         "optim": {"lr": LR, "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1.0, "weight_decay": 0.0},
         "loss": {"name": "dpo", "beta": BETA},
         "ref_cache": False,
-        "train": {"output_dir": str(Path(args.work) / "alignflow-dpo"), "batch_size": args.batch,
+        "train": {"overwrite": True, "output_dir": str(Path(args.work) / "alignflow-dpo"), "batch_size": args.batch,
                   "max_steps": args.warmup + args.steps, "progress": False, "log_every": 10 ** 6,
                   "mixed_precision": "none", "device": "cpu", "num_threads": args.threads, "seed": 0,
                   "packing": mode == "packed", "micro_batch_tokens": MICRO_BATCH_TOKENS}})

@@ -93,7 +93,8 @@ def prepare_workload(work: Path, threads: int, no_kl: bool) -> dict:
             "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
             "data": {"path": str(task.sft_path), "eval_fraction": 0.0},
             "optim": {"lr": SFT_LR, "scheduler": "cosine", "warmup_ratio": 0.05},
-            "train": {"output_dir": str(policy), "batch_size": 32, "max_steps": SFT_STEPS, "progress": False,
+            "train": {"overwrite": True,
+                      "output_dir": str(policy), "batch_size": 32, "max_steps": SFT_STEPS, "progress": False,
                       "log_every": SFT_STEPS, "device": "cpu", "mixed_precision": "none", "num_threads": threads,
                       "seed": 0}}))
         done.write_text(json.dumps(stamp))
@@ -124,7 +125,8 @@ def alignflow_config(args, wl: dict, algo: str, micro_batch_tokens: int = 0):
                     "max_new_tokens": NEW_TOKENS, "eval_prompts": 0},
         "reward": {"task": {"gold": 1.0}},
         "optim": {"lr": LR, "scheduler": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0},
-        "train": {"output_dir": str(Path(args.work) / f"alignflow-{algo}"), "batch_size": args.batch * GROUP,
+        "train": {"overwrite": True,
+                  "output_dir": str(Path(args.work) / f"alignflow-{algo}"), "batch_size": args.batch * GROUP,
                   "max_steps": args.warmup + args.steps, "progress": False, "log_every": 1, "seed": 0,
                   "mixed_precision": "none", "device": "cpu", "num_threads": args.threads, **budget}})
 

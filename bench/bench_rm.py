@@ -59,7 +59,7 @@ def alignflow_side(args, wl: dict, mode: str) -> dict:
         "data": {"path": wl["pairs_path"], "max_len": MAX_LEN_DATA, "eval_fraction": 0.0},
         "optim": {"lr": 1e-4, "scheduler": "constant", "max_grad_norm": 1.0, "weight_decay": 0.0},
         "reward": {"loss": "bt"},
-        "train": {"output_dir": str(Path(args.work) / "alignflow-rm"), "batch_size": args.batch,
+        "train": {"overwrite": True, "output_dir": str(Path(args.work) / "alignflow-rm"), "batch_size": args.batch,
                   "max_steps": args.warmup + args.steps, "progress": False, "log_every": 10 ** 6,
                   "mixed_precision": "none", "device": "cpu", "num_threads": args.threads, "seed": 0,
                   "packing": mode == "packed"}})

@@ -123,7 +123,8 @@ def run(args) -> dict:
         "rollout": {"prompts_per_step": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens,
                     "eval_prompts": 0, "backend": args.backend},
         "optim": {"lr": 1e-6},
-        "train": {"output_dir": str(work / "run"), "batch_size": args.prompts * args.n, "max_steps": args.steps,
+        "train": {"overwrite": True,
+                  "output_dir": str(work / "run"), "batch_size": args.prompts * args.n, "max_steps": args.steps,
                   "progress": False, "micro_batch_tokens": args.micro_batch_tokens},
     })
     t0 = time.perf_counter()

@@ -61,7 +61,7 @@ def alignflow_side(args, wl: dict, mode: str) -> dict:
         "model": {"name_or_path": wl["model_dir"], "tokenizer": wl["tokenizer_dir"]},
         "data": {"path": wl["sft_path"], "max_len": MAX_LEN_DATA, "eval_fraction": 0.0, "completion_only": True},
         "optim": {"lr": 1e-4, "scheduler": "constant", "max_grad_norm": 1.0, "weight_decay": 0.0},
-        "train": {"output_dir": str(Path(args.work) / "alignflow-sft"), "batch_size": args.batch,
+        "train": {"overwrite": True, "output_dir": str(Path(args.work) / "alignflow-sft"), "batch_size": args.batch,
                   "max_steps": args.warmup + args.steps, "progress": False, "log_every": 10 ** 6,
                   "mixed_precision": "none", "device": "cpu", "num_threads": args.threads, "seed": 0,
                   "packing": mode == "packed"}})

@@ -42,7 +42,8 @@ def sft_model(task, root: Path, steps: int, seed: int) -> Path:
             "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
             "data": {"path": str(task.sft_path), "max_len": 64, "eval_fraction": 0.0},
             "optim": {"lr": 3e-3, "scheduler": "constant"},
-            "train": {"output_dir": str(out), "batch_size": 32, "max_steps": steps, "seed": seed, "progress": False}}))
+            "train": {"overwrite": True,
+                      "output_dir": str(out), "batch_size": 32, "max_steps": steps, "seed": seed, "progress": False}}))
     return out / "model"
 
 
@@ -56,7 +57,8 @@ def run(task, sft: Path, out: Path, args, rounds: int, prompts: int, steps: int,
         "rollout": {"n": args.n, "max_new_tokens": args.max_new_tokens, "eval_prompts": args.eval_prompts,
                     "prompts_per_step": 64},
         "optim": {"lr": args.lr, "scheduler": "constant"},
-        "train": {"output_dir": str(out), "batch_size": args.batch_size, "seed": seed, "progress": False}})
+        "train": {"overwrite": True,
+                  "output_dir": str(out), "batch_size": args.batch_size, "seed": seed, "progress": False}})
     t0 = time.perf_counter()
     res = train_online_po(cfg)
     return {"gold_init": res.evals[0][1]["eval/gold_reward"], "gold": res.eval["eval/gold_reward"],
