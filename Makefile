@@ -16,9 +16,12 @@ bench:
 	PYTHON=$(PY) bash scripts/setup.sh dev,bench
 	$(PY) bench/run_all.py
 
-# ruff (lint and format check), mypy (strict where pyproject.toml says) and the docs link check; changes nothing
-lint:
-	$(PY) -m ruff check .
-	$(PY) -m ruff format --check .
-	$(PY) -m mypy
-	$(PY) scripts/check_links.py
+# ruff (lint and format check), mypy (strict where pyproject.toml says) and the docs link check; changes nothing.
+# Every check runs, so one call reports all findings; the target fails if any check failed.
+lint: setup
+	@status=0; \
+	$(PY) -m ruff check . || status=1; \
+	$(PY) -m ruff format --check . || status=1; \
+	$(PY) -m mypy || status=1; \
+	$(PY) scripts/check_links.py || status=1; \
+	exit $$status
