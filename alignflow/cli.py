@@ -12,6 +12,7 @@ import argparse
 import importlib
 import logging
 import sys
+import time
 
 from alignflow.config import (ConfigError, DemoConfig, EvalConfig, RLConfig, RMConfig, SFTConfig, describe,
                               load_config)
@@ -53,9 +54,11 @@ def _user_errors() -> tuple[type, ...]:
     from alignflow.data.formats import DataError
     from alignflow.models.loading import ModelLoadError
     from alignflow.rewards import RewardError, RewardLoadError
+    from alignflow.trainers.finish import HubPushError
     from alignflow.trainers.loop import NonFiniteError
 
-    return ConfigError, DataError, ModelLoadError, NonFiniteError, FileNotFoundError, RewardError, RewardLoadError
+    return (ConfigError, DataError, ModelLoadError, NonFiniteError, FileNotFoundError, RewardError, RewardLoadError,
+            HubPushError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(cls, args.config, args.overrides)
         module, fn = target.split(":")
+        from alignflow.trainers.finish import finish, preflight
+
+        preflight(cfg)
+        t0 = time.perf_counter()
         getattr(importlib.import_module(module), fn)(cfg)
+        summary = finish(args.command, cfg, time.perf_counter() - t0)  # hub.push, then the one-line summary
+        if summary:
+            print(summary)
     except _user_errors() as e:
         if args.debug:
             raise

@@ -159,6 +159,10 @@ class TrainConfig:
                               choices=("error", "skip"))
     progress: bool = field(True, doc="Show a progress bar.")
     num_threads: int = field(0, doc="torch CPU threads; 0 keeps torch's default.", range=(0, None))
+    report_to: list = field(default_factory=lambda: ["tensorboard"],
+                            doc="Experiment trackers fed with the logged metrics: tensorboard, wandb, mlflow (any of "
+                                "them; [] for metrics.jsonl only). wandb and mlflow are the extras "
+                                "alignflow[wandb] / alignflow[mlflow].")
 
 
 @dataclasses.dataclass
@@ -174,6 +178,8 @@ class TaskConfig:
     num_layers: int = field(2, doc="Tiny Llama layers.", range=(1, None))
     num_heads: int = field(4, doc="Tiny Llama attention heads.", range=(1, None))
     intermediate_size: int = field(512, doc="Tiny Llama MLP width.", range=(8, None))
+    sft_steps: int = field(0, doc="model.name_or_path=builtin:sft: SFT steps of the task's tiny model (built once, "
+                                  "cached beside the run directory); 0 = the task's own default.", range=(0, None))
 
 
 @dataclasses.dataclass
@@ -197,6 +203,15 @@ class RewardConfig:
 
 
 @dataclasses.dataclass
+class HubConfig:
+    push: bool = field(False, doc="Upload the run's final model/ directory to the Hub when the run ends (token from "
+                                  "HF_TOKEN or `huggingface-cli login`).")
+    repo_id: str = field("", doc="Hub repository, e.g. my-name/my-model (created when missing); needed with push.")
+    private: bool = field(False, doc="Create the repository as private.")
+    revision: str = field("", doc="Branch to upload to; empty: the repository's default branch.")
+
+
+@dataclasses.dataclass
 class SFTConfig:
     """``alignflow sft``: supervised fine-tuning."""
     model: ModelConfig = field(default_factory=ModelConfig, doc="Policy model.")
@@ -204,6 +219,7 @@ class SFTConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4), doc="Optimiser.")
     train: TrainConfig = field(default_factory=TrainConfig, doc="Loop settings.")
     task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
+    hub: HubConfig = field(default_factory=lambda: HubConfig(), doc="Push the trained model to the Hugging Face Hub.")
 
 
 @dataclasses.dataclass
@@ -215,6 +231,7 @@ class RMConfig:
     train: TrainConfig = field(default_factory=TrainConfig, doc="Loop settings.")
     reward: RewardConfig = field(default_factory=RewardConfig, doc="Reward-model options.")
     task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
+    hub: HubConfig = field(default_factory=lambda: HubConfig(), doc="Push the trained model to the Hugging Face Hub.")
 
 
 # ----------------------------------------------------------------------------------------------- offline preference
@@ -299,6 +316,7 @@ class POConfig:
     loss: POLossConfig = field(default_factory=POLossConfig, doc="Preference loss.")
     builtin: POBuiltinConfig = field(default_factory=POBuiltinConfig, doc="Built-in data (when data.path is empty).")
     task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
+    hub: HubConfig = field(default_factory=lambda: HubConfig(), doc="Push the trained model to the Hugging Face Hub.")
     resources: "ResourcesConfig" = field(default_factory=lambda: ResourcesConfig(),
                                          doc="Placement: resources.actor.workers data-parallel FSDP2 workers for the "
                                              "policy (Ray); the reference log-probs are computed in this process.")
@@ -450,6 +468,7 @@ def load_config(cls: type, path: Optional[str | Path] = None, overrides: Optiona
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        check_preset_command(cls, data.pop("command", None), path)
         try:
             _apply(cfg, data)
         except ConfigError as e:
@@ -461,6 +480,16 @@ def load_config(cls: type, path: Optional[str | Path] = None, overrides: Optiona
             raise ConfigError(f"command line: {e}") from None
     check_sections(cfg)
     return cfg
+
+
+def check_preset_command(cls: type, named: Any, path: Path) -> None:
+    """A preset's ``command:`` key must name the command it is loaded for: the ``alignflow <command>`` its config
+    class's docstring opens with."""
+    match = re.match(r"\s*``alignflow (\w+)", cls.__doc__ or "")
+    if named is None or match is None or named == match.group(1):
+        return
+    raise ConfigError(f"{path} is a preset for `alignflow {named}` (its command: key), not `alignflow "
+                      f"{match.group(1)}`; run: alignflow {named} --config {path}")
 
 
 def from_dict(cls: type, sections: dict):
@@ -868,6 +897,7 @@ class RLConfig:
     dapo: DapoConfig = field(default_factory=DapoConfig, doc="Dynamic sampling and overlong shaping.")
     cost: CostConfig = field(default_factory=CostConfig, doc="Safe RLHF cost and Lagrange multiplier.")
     task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
+    hub: HubConfig = field(default_factory=lambda: HubConfig(), doc="Push the trained model to the Hugging Face Hub.")
     resources: ResourcesConfig = field(default_factory=ResourcesConfig, doc="Placement: workers per role, devices.")
     ray: RayConfig = field(default_factory=RayConfig, doc="Ray cluster (used when resources place roles on workers).")
 
@@ -903,6 +933,7 @@ class SuperHFConfig:
                                                                                "samples.")
     superhf: SuperHFOptions = field(default_factory=SuperHFOptions, doc="SuperHF loss and filtering.")
     task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
+    hub: HubConfig = field(default_factory=lambda: HubConfig(), doc="Push the trained model to the Hugging Face Hub.")
 
 
 @dataclasses.dataclass
@@ -955,6 +986,7 @@ class ALoLConfig:
     alol: ALoLOptions = field(default_factory=ALoLOptions, doc="A-LoL loss and sampling.")
     value: ValueFitConfig = field(default_factory=ValueFitConfig, doc="The reference value estimate V_ref(x).")
     task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
+    hub: HubConfig = field(default_factory=lambda: HubConfig(), doc="Push the trained model to the Hugging Face Hub.")
 
 
 # ----------------------------------------------------------------------------------------------- online / iterative PO
@@ -1027,6 +1059,7 @@ class OnlinePOConfig:
                                        doc="Reward sources that rank the answers (reward models, task rewards, Python "
                                            "functions).")
     task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
+    hub: HubConfig = field(default_factory=lambda: HubConfig(), doc="Push the trained model to the Hugging Face Hub.")
 
 
 @dataclasses.dataclass
@@ -1056,6 +1089,7 @@ class MPOConfig:
     rl: RLConfig = field(default_factory=lambda: RLConfig(algo=AlgoConfig(name="ppo")),
                          doc="Stage 2 (algo, kl, rollout, optim, train, critic, dapo).")
     task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
+    hub: HubConfig = field(default_factory=lambda: HubConfig(), doc="Push the trained model to the Hugging Face Hub.")
     output_dir: str = field("runs/mpo", doc="Run directory; the stages write to <output_dir>/dpo and <output_dir>/rl.")
     eval_prompts: int = field(64, doc="Held-out prompts of the built-in task sampled (2 each, temperature 1) after "
                                       "SFT, DPO and RL for eval/gold_reward_*; 0 disables.", range=(0, None))

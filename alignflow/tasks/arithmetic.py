@@ -15,7 +15,9 @@ Rewards (all ``f(prompts, responses, ...) -> list[float]``, deterministic)::
 
 The SFT corpus has ``WRONG_FRACTION`` of rows with a wrong (near-miss) answer, so RL has headroom above
 imitation. Preference pairs compare two responses from a mix of correct, near-miss and malformed answers,
-labelled by a Bradley-Terry draw on the gold reward.
+labelled by a Bradley-Terry draw on the gold reward. Rated rows (``rated.jsonl``) give ``RATED_COMPLETIONS`` such
+responses per prompt with K = 2 attribute ratings: ``correct`` (accuracy_reward) and ``well_formed``
+(format_reward).
 """
 
 from __future__ import annotations
@@ -135,6 +137,27 @@ def _sample_split(rng: random.Random, split: str, seed: int) -> dict:
             return row
 
 
+RATED_COMPLETIONS = 4
+
+
+def _rated_rows(cfg: TaskConfig) -> list:
+    """``num_pairs // 2`` rated rows: the answer (probability 1/2) among distinct wrong or malformed responses."""
+    rng, rows = task_rng(NAME, cfg.seed, "rated"), []
+    for _ in range(max(1, cfg.num_pairs // 2)):
+        row = _sample_split(rng, "train", cfg.seed)
+        completions = [row["answer"]] if rng.random() < 0.5 else []
+        while len(completions) < RATED_COMPLETIONS:
+            c = _wrong(rng, row["answer"])
+            if c not in completions:
+                completions.append(c)
+        rng.shuffle(completions)
+        prompts = [row["prompt"]] * len(completions)
+        ratings = [{"correct": a, "well_formed": f} for a, f in zip(accuracy_reward(prompts, completions),
+                                                                     format_reward(prompts, completions))]
+        rows.append({"prompt": row["prompt"], "completions": completions, "ratings": ratings})
+    return rows
+
+
 def make_rows(cfg: TaskConfig) -> dict:
     """The task's data: {"sft_path": rows, "prompts_path": rows, "eval_prompts_path": rows, "pairs_path": rows}."""
     rng = task_rng(NAME, cfg.seed, "sft")
@@ -154,7 +177,7 @@ def make_rows(cfg: TaskConfig) -> dict:
         a, b = _pair_responses(rng, row["answer"])
         ga, gb = gold_reward([row["prompt"]] * 2, [a, b])
         pairs.append(make_pair(rng, row["prompt"], a, b, ga, gb, cfg.label_noise))
-    return {"sft_path": sft, **prompts, "pairs_path": pairs}
+    return {"sft_path": sft, **prompts, "pairs_path": pairs, "rated_path": _rated_rows(cfg)}
 
 
 TASK = TaskSpec(name=NAME, vocab=VOCAB, join="", make_rows=make_rows, gold_reward=gold_reward,

@@ -43,7 +43,8 @@ CHAT_TEMPLATE = (
 )
 
 FILES = {"tokenizer_dir": "tokenizer", "model_dir": "model", "sft_path": "sft.jsonl",
-         "prompts_path": "prompts.jsonl", "eval_prompts_path": "eval_prompts.jsonl", "pairs_path": "pairs.jsonl"}
+         "prompts_path": "prompts.jsonl", "eval_prompts_path": "eval_prompts.jsonl", "pairs_path": "pairs.jsonl",
+         "rated_path": "rated.jsonl"}
 MANIFEST = "task.json"
 MAX_POSITIONS = 512
 
@@ -61,6 +62,7 @@ class TaskArtifacts:
     prompts_path: Path
     eval_prompts_path: Path
     pairs_path: Path
+    rated_path: Path                   # rated rows: prompt, completions, ratings of the task's attributes
     gold_reward: Reward
     rewards: dict = dataclasses.field(default_factory=dict)  # other named rewards, e.g. arithmetic's "format"
 
@@ -72,9 +74,11 @@ class TaskSpec:
     vocab: tuple                       # ordinary tokens (specials are added by build_tokenizer)
     join: str                          # decoder separator: " " for words, "" for digit strings
     make_rows: Callable[[TaskConfig], dict]  # {"sft_path": [...], "prompts_path": ..., "eval_prompts_path": ...,
-    #                                          "pairs_path": ...}: the jsonl rows, keyed like FILES
+    #                                          "pairs_path": ..., "rated_path": ...}: the jsonl rows, keyed like FILES
     gold_reward: Reward
     rewards: dict = dataclasses.field(default_factory=dict)
+    sft_steps: int = 400               # steps of the built-in SFT model (model.name_or_path=builtin:sft)
+    sft_lr: float = 3e-3               # and its peak learning rate (cosine schedule, 5% warm-up, 32 rows per step)
 
 
 # ------------------------------------------------------------------------------------------------ randomness
@@ -203,7 +207,8 @@ def init_model(cfg: TaskConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForC
 
 
 def manifest(spec: TaskSpec, cfg: TaskConfig, source_hash: str) -> dict:
-    return {"name": spec.name, "config": dataclasses.asdict(cfg), "source": source_hash, "files": FILES}
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "sft_steps"}  # not a property of the files
+    return {"name": spec.name, "config": config, "source": source_hash, "files": FILES}
 
 
 def artifacts(spec: TaskSpec, out_dir: Path) -> TaskArtifacts:
@@ -224,7 +229,7 @@ def write_task(spec: TaskSpec, cfg: TaskConfig, tmp_dir: Path, meta: dict) -> No
         if bars:
             hf_logging.enable_progress_bar()
     rows = spec.make_rows(cfg)
-    for key in ("sft_path", "prompts_path", "eval_prompts_path", "pairs_path"):
+    for key in ("sft_path", "prompts_path", "eval_prompts_path", "pairs_path", "rated_path"):
         write_jsonl(tmp_dir / FILES[key], rows[key])
     (tmp_dir / MANIFEST).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 

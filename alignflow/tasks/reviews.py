@@ -33,6 +33,12 @@ where "negated" means a ``not`` earlier in the same clause (up to the next "," "
 positive adjective is therefore worth nothing the second time and costs 0.5: the degenerate
 ``great great great great great`` has five positive words but scores far below a fluent, mildly positive
 review. Scores are a pure function of the text. ``docs/tasks.md`` explains the task for users.
+
+Rated data (``rated.jsonl``, for multi-objective reward models): each row holds ``RATED_COMPLETIONS`` responses to
+one prompt and, for each, K = 4 attribute ratings that are the gold reward's own terms, so they sum to ``gold``::
+
+    sentiment = the bounded sentiment term           fluency = -(1.0 * bad_sentences + 0.5 * no_final_punct)
+    variety   = -0.5 * repeats                       length  = -0.1 * length_excess
 """
 
 from __future__ import annotations
@@ -340,6 +346,32 @@ def _prompt_rows(seed: int, split: str, n: int) -> list:
                          f"{split} prompts")
 
 
+RATED_COMPLETIONS = 4
+
+
+def attribute_ratings(prompt: str, response: str) -> dict:
+    """The K = 4 attribute ratings of one response (module docstring); their sum is the gold reward."""
+    c = gold_components(prompt, response)
+    return {"sentiment": c["sentiment"],
+            "fluency": -(BAD_SENTENCE_COST * c["bad_sentences"] + NO_PUNCT_COST * c["no_final_punct"]),
+            "variety": -REPEAT_COST * c["repeats"], "length": -LENGTH_COST * c["length_excess"]}
+
+
+def _rated_rows(cfg: TaskConfig) -> list:
+    """``num_pairs // 2`` rated rows of RATED_COMPLETIONS distinct responses each (the pairs' response mix)."""
+    rng, rows = task_rng(NAME, cfg.seed, "rated"), []
+    for _ in range(max(1, cfg.num_pairs // 2)):
+        opening = _opening(rng, "train", cfg.seed, full=False)[0]
+        prompt, completions = as_prompt(opening), []
+        while len(completions) < RATED_COMPLETIONS:
+            c = _pair_response(rng, opening)
+            if c not in completions:
+                completions.append(c)
+        rows.append({"prompt": prompt, "completions": completions,
+                     "ratings": [attribute_ratings(prompt, c) for c in completions]})
+    return rows
+
+
 def make_rows(cfg: TaskConfig) -> dict:
     """The task's data: {"sft_path": rows, "prompts_path": rows, "eval_prompts_path": rows, "pairs_path": rows}."""
     rng = task_rng(NAME, cfg.seed, "sft")
@@ -358,7 +390,8 @@ def make_rows(cfg: TaskConfig) -> dict:
         ga, gb = gold_reward([prompt, prompt], [a, b])
         pairs.append(make_pair(rng, prompt, a, b, ga, gb, cfg.label_noise))
     return {"sft_path": sft, "prompts_path": _prompt_rows(cfg.seed, "train", NUM_PROMPTS),
-            "eval_prompts_path": _prompt_rows(cfg.seed, "eval", NUM_EVAL_PROMPTS), "pairs_path": pairs}
+            "eval_prompts_path": _prompt_rows(cfg.seed, "eval", NUM_EVAL_PROMPTS), "pairs_path": pairs,
+            "rated_path": _rated_rows(cfg)}
 
 
 TASK = TaskSpec(name=NAME, vocab=VOCAB, join=" ", make_rows=make_rows, gold_reward=gold_reward,
