@@ -68,6 +68,13 @@ def test_finished_run_is_not_replaced_without_overwrite(reviews_task, tmp_path, 
     assert main(_sft_args(reviews_task, out, "train.max_steps=1", "train.overwrite=true")) == 0
     assert _train_rows(out) == [1]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
+    capsys.readouterr()
+    assert main(_sft_args(reviews_task, out, "train.max_steps=1", "train.resume=true")) == 0  # at its end: no-op
+    assert _train_rows(out) == [1]
+    assert main(_sft_args(reviews_task, out, "train.max_steps=3", "train.resume=true")) == 0  # trains on
+    assert _train_rows(out) == [1, 2, 3]
+    assert main(_sft_args(reviews_task, out, "train.max_steps=2", "train.resume=true")) == 2  # checkpoint past it
+    assert "the checkpoint resumed from is at step 3, past this run's last step 2" in capsys.readouterr().err
 
 
 def test_old_checkpoints_without_resume_are_refused(tmp_path):

@@ -223,8 +223,12 @@ class Progress:
     def __init__(self, total: int, initial: int, enabled: bool, desc: str):
         from tqdm.auto import tqdm
 
+        from alignflow.config import ConfigError
         from alignflow.trainers.run_dir import arm_interrupt
 
+        if initial > total:  # resumed from a checkpoint past the configured end: nothing would be trained
+            raise ConfigError(f"the checkpoint resumed from is at step {initial}, past this run's last step {total} "
+                              f"(train.max_steps / train.epochs); raise it to train on, or use a new train.output_dir")
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
         self.t0 = time.perf_counter()
         self.tokens = 0
