@@ -20,8 +20,6 @@ from alignflow.config import ALoLConfig, SuperHFConfig
 from alignflow.config import POConfig
 from alignflow.config import MPOConfig, OnlinePOConfig
 from alignflow.config import MergeConfig
-from alignflow.config import MergeConfig
-from alignflow.config import MergeConfig
 from alignflow.config import ServeConfig
 
 COMMANDS = {
@@ -41,10 +39,6 @@ COMMANDS = {
     "serve": (ServeConfig, "alignflow.rewards.serve:serve", "serve trained reward models over HTTP (POST /score)"),
     "mpo": (MPOConfig, "alignflow.trainers.iterative:train_mpo", "MPO: DPO on easy pairs, then RL on the hard "
                                                                  "prompts from the DPO model"),
-    "merge": (MergeConfig, "alignflow.models.loading:merge_adapter", "fold a LoRA adapter into its base model: "
-                                                                     "merge adapter=DIR output=DIR"),
-    "merge": (MergeConfig, "alignflow.models.loading:merge_adapter", "fold a LoRA adapter into its base model: "
-                                                                     "merge adapter=DIR output=DIR"),
     "merge": (MergeConfig, "alignflow.models.loading:merge_adapter", "fold a LoRA adapter into its base model: "
                                                                      "merge adapter=DIR output=DIR"),
 }

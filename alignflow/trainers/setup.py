@@ -19,9 +19,6 @@ def resolve_builtin(cfg, command: str):
     from alignflow.tasks.builtin_sft import resolve_model
 
     resolve_model(cfg)  # model.name_or_path=builtin:sft: the task's SFT model, built on first use
-    from alignflow.tasks.builtin_sft import resolve_model
-
-    resolve_model(cfg)  # model.name_or_path=builtin:sft: the task's SFT model, built on first use
     if cfg.model.name_or_path and cfg.data.path:
         return None
     from alignflow.tasks import build_task
