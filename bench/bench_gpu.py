@@ -334,6 +334,10 @@ def run(args) -> dict:
             "micro_batch_tokens": args.micro_batch_tokens}
     print(f"bench_gpu: device {device}, work {work}, children by {method}", flush=True)
     machine = run_job(base | {"workload": "model", "side": "build"}, max(args.job_timeout, 300), method)
+    if "error" in machine and method == "fork":  # the first child to touch the GPU: if a fork cannot, spawn
+        print("bench_gpu: the forked build child failed; retrying with fresh interpreters (--spawn)", flush=True)
+        method = "spawn"
+        machine = run_job(base | {"workload": "model", "side": "build"}, max(args.job_timeout, 300), method)
     if "error" in machine:
         raise SystemExit(f"building the model failed: {machine['error']}")
     base |= {k: machine[k] for k in ("model_dir", "n_params", "prompts_path", "sft_path", "pairs_path")}
