@@ -1,5 +1,7 @@
 """The calculator (tool) and code (sandboxed unit tests) tasks."""
 
+import json
+
 import pytest
 
 from alignflow.envs import ToolBox
@@ -28,7 +30,8 @@ def test_calculator_env_rewards_the_tool_path():
         env = calc.make_env()
         first = env.reset(row)
         assert first[0]["role"] == "system" and first[1]["content"] == row["prompt"]
-        call = '<tool_call>{"name": "calculator", "arguments": {"expression": "%s"}}</tool_call>' % row["expression"]
+        payload = json.dumps({"name": "calculator", "arguments": {"expression": row["expression"]}})
+        call = f"<tool_call>{payload}</tool_call>"
         obs, reward, done, _ = env.step({"role": "assistant", "content": call})
         assert (obs[0]["content"], reward, done) == (row["answer"], 0.0, False)
         assert env.step({"role": "assistant", "content": obs[0]["content"]}).reward == 1.0
