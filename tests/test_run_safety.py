@@ -232,6 +232,23 @@ def test_ray_resources_are_checked_before_placing(monkeypatch):
         ray_group.check_resources([("workers", 2, 4.0, 0.0)])  # 8 in all, but one worker needs 4 on one node
 
 
+def test_the_run_checks_its_worker_sets_before_any_work(monkeypatch):
+    """``alignflow po`` / ``rl`` check the whole plan (every worker set) first: the po policy set, and the RL sets
+    of a split placement summed (2 actor + 2 ref + 1 critic workers = 5 CPUs on a 4-CPU cluster)."""
+    from alignflow.config import POConfig, RLConfig
+    from alignflow.distributed import placement, ray_group
+
+    monkeypatch.setattr(ray_group, "require_ray", lambda: _FakeRay(4.0))
+    monkeypatch.setattr(placement, "init_ray", lambda *a: None)
+    po = from_dict(POConfig, {"resources": {"actor": {"workers": 8}}})
+    with pytest.raises(ConfigError, match=r"'policy' 8 x \(1 CPU, 0 GPU\)\): 8 CPUs in all, the cluster has 4"):
+        placement.check_placement(po)
+    rl = from_dict(RLConfig, {"resources": {"placement": "split", "actor": {"workers": 2}, "critic": {"workers": 1}}})
+    with pytest.raises(ConfigError, match=r"'actor' 2 x .*'ref' 2 x .*'critic' 1 x .*5 CPUs in all, the cluster has 4"):
+        placement.check_placement(rl, ("actor", "rollout", "reward", "ref", "critic"))
+    placement.check_placement(from_dict(POConfig, {}))  # one process: nothing to check
+
+
 def test_a_worker_set_larger_than_the_local_cluster_fails_at_once():
     """Real Ray, 2 CPUs: a 4-worker set used to wait forever for its placement group."""
     pytest.importorskip("ray")

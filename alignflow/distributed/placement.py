@@ -77,6 +77,29 @@ def start_set(cfg, name: str, res, workers: int, builder, args: tuple) -> Worker
                      timeout_s=cfg.resources.dist_timeout_s, threads=cfg.train.num_threads)
 
 
+def _plan(cfg, layout: dict) -> dict:
+    """Worker-set name -> (its RoleResources, number of workers)."""
+    r, workers, plan = cfg.resources, max(cfg.resources.actor.workers, 1), {}
+    for set_name in layout:
+        own = set_name in ("workers", "actor", "policy")  # the actor's (or po policy's) set
+        res = r.actor if own else getattr(r, set_name)
+        plan[set_name] = (res, workers if own else (res.workers or workers))
+    return plan
+
+
+def check_placement(cfg, names: tuple[str, ...] | None = None) -> None:
+    """Before any costly work (a built-in SFT, reference log-probs, loading models): when ``cfg.resources`` puts
+    roles on Ray, start (or attach to) Ray and check that the cluster can hold the worker sets -- the RL roles'
+    sets for ``names``, or the one policy set of ``alignflow po`` when ``names`` is None."""
+    from alignflow.distributed.ray_group import maybe_ray
+
+    if not maybe_ray(cfg.resources):
+        return
+    init_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus)
+    plan = _plan(cfg, {"policy": None}) if names is None else _plan(cfg, _on_workers(cfg, names))
+    check_resources([(s, n, res.cpus_per_worker, res.gpus_per_worker) for s, (res, n) in plan.items()])
+
+
 class RayPlacement:
     """The worker sets of one RL run and the role groups over them; ``restart()`` rebuilds every set."""
 
@@ -93,10 +116,7 @@ class RayPlacement:
         self.sets: dict[str, WorkerSet] = {}
         self.local: dict = {}
         layout = _on_workers(cfg, names)
-        plan = {}  # set name -> (its RoleResources, workers)
-        for set_name in layout:
-            res = r.actor if set_name in ("workers", "actor") else getattr(r, set_name)
-            plan[set_name] = (res, workers if set_name in ("workers", "actor") else (res.workers or workers))
+        plan = _plan(cfg, layout)
         check_resources([(s, n, res.cpus_per_worker, res.gpus_per_worker) for s, (res, n) in plan.items()])
         for set_name, roles in layout.items():
             res, n = plan[set_name]

@@ -59,7 +59,7 @@ from alignflow.rewards import RunningNorm
 from alignflow.trainers import loop
 from alignflow.trainers.rl_algos import (AdvContext, Resolved, advantage_metrics, compute_advantages, resolve,
                                          truncated_is_weights)
-from alignflow.trainers.rl_setup import PromptStream, Roles, build_roles, prompt_batch
+from alignflow.trainers.rl_setup import PromptStream, Roles, build_roles, needed_roles, prompt_batch
 from alignflow.trainers.roles import cat_rollouts
 from alignflow.trainers.setup import resolve_builtin, start_run
 
@@ -408,8 +408,10 @@ def train_rl(cfg: RLConfig) -> RLResult:
     goes on from the last checkpoint (:func:`recover`); ``RLResult.model`` is then None and the trained model is
     the Hugging Face directory ``<output_dir>/model``.
     """
+    from alignflow.distributed.placement import check_placement
     from alignflow.distributed.ray_group import WorkerLost
 
+    check_placement(cfg, needed_roles(cfg, resolve(cfg)))  # a too small Ray cluster fails before any work
     art = resolve_builtin(cfg, "rl")
     if art is not None and not cfg.data.eval_path:
         cfg.data.eval_path = str(art.eval_prompts_path)

@@ -611,12 +611,14 @@ def _steps(policy, cfg: POConfig, kw: dict, train: list, held: list, sampler, st
 
 def train_po(cfg: POConfig) -> POResult:
     """Run offline preference optimisation as configured; returns the trained policy and its metrics."""
+    from alignflow.distributed.placement import check_placement
     from alignflow.trainers.po_data import gold_eval, resolve_po_builtin
 
     kw = loss_kwargs(cfg.loss)
     if cfg.loss.bc_steps and cfg.loss.name != "cpl":
         raise ConfigError(f"loss.bc_steps={cfg.loss.bc_steps} is CPL-BC's pre-training phase; it needs loss.name=cpl "
                           f"(got {cfg.loss.name!r})")
+    check_placement(cfg)  # a Ray cluster too small for resources.actor fails now, not after the built-in SFT
     art = resolve_po_builtin(cfg)
     out, device, tok = start_run(cfg)
     expect = EXPECT.get(cfg.loss.name, ("preference",))
