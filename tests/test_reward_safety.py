@@ -16,8 +16,8 @@ from alignflow.config import ConfigError, RLConfig, from_dict, load_config
 from alignflow.rewards import CallableReward, CompositeReward, RewardError
 from alignflow.rewards.rules import reward_options, user_code_files
 from alignflow.trainers import online
-from alignflow.trainers.roles import RewardRole
 from alignflow.trainers.rl_setup import build_sources
+from alignflow.trainers.roles import RewardRole
 
 
 def text_batch(prompts, responses, **fields) -> Batch:
@@ -146,9 +146,9 @@ def test_config_keys_and_their_errors(tmp_path):
 def test_the_run_logs_which_user_code_it_loads(tmp_path, caplog):
     mine = tmp_path / "my_rewards.py"
     mine.write_text("def shout(prompts, responses, **_):\n    return [float(r.isupper()) for r in responses]\n")
+    functions = {f"{mine}:shout": 1.0, "tests.test_reward_safety:picky": 1.0}
     cfg = from_dict(RLConfig, {"task": {"name": "arithmetic"},
-                               "reward": {"task": {"accuracy": 1.0}, "functions": {f"{mine}:shout": 1.0,
-                                                                                  "tests.test_reward_safety:picky": 1.0}}})
+                               "reward": {"task": {"accuracy": 1.0}, "functions": functions}})
     with caplog.at_level(logging.INFO, logger="alignflow.trainers.rl_setup"):
         build_sources(cfg.reward, "reward", "arithmetic", cfg, "cpu", 0)
     lines = [r.getMessage() for r in caplog.records if "user code" in r.getMessage()]
@@ -178,3 +178,57 @@ def test_a_run_survives_a_reward_that_always_fails_and_logs_the_counts(reviews_t
     base["train"]["output_dir"] = str(tmp_path / "fail")
     with pytest.raises(RewardError, match="the grader is down"):
         online.train_rl(from_dict(RLConfig, base))
+
+
+# ------------------------------------------------------------------------------------------------ worker pool
+def _job(x):
+    """A worker-pool job: "sleep" overruns, "boom" raises, "mem" allocates 3 GiB, "die" kills its worker."""
+    import os
+
+    if x == "sleep":
+        time.sleep(30)
+    if x == "boom":
+        raise ValueError("bad")
+    if x == "mem":
+        return len(bytearray(3 * 2 ** 30))
+    if x == "die":
+        os._exit(3)
+    return x * 2
+
+
+def test_worker_pool_outcomes_and_replacement():
+    """Every kind of outcome in one batch; the items queued behind an overrunning or dying one are not lost."""
+    from alignflow.rewards.workers import WorkerPool
+
+    pool = WorkerPool(_job, size=2, timeout_s=1.0, memory_mb=256)
+    try:
+        items = [(1,), ("sleep",), (2,), ("boom",), ("mem",), ("die",)] + [(i,) for i in range(3, 20)]
+        out = pool.map(items)
+        assert out[:6] == [("ok", 2), ("timeout", None), ("ok", 4), ("error", "ValueError: bad"),
+                           ("error", "MemoryError: "), ("crash", None)]
+        assert out[6:] == [("ok", 2 * i) for i in range(3, 20)]
+        assert pool.replaced == 2 and len(pool.pids()) == 2
+    finally:
+        pool.close()
+    assert pool.pids() == []
+
+
+def test_workers_exit_when_their_parent_dies(tmp_path):
+    """A parent killed without cleanup (kill -9) leaves no orphaned workers: they notice within ~1 s."""
+    import os
+    import subprocess
+    import sys
+
+    from alignflow.rewards import workers
+
+    script = ("import importlib.util, os\n"  # workers.py alone: no torch import in the child (seconds on CI)
+              f"spec = importlib.util.spec_from_file_location('workers', {workers.__file__!r})\n"
+              "w = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(w)\n"
+              "p = w.WorkerPool(abs, size=2)\np.map([(-1,), (-2,)])\nprint(*p.pids(), flush=True)\nos._exit(0)\n")
+    pids = [int(x) for x in subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                           check=True, timeout=60).stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+        time.sleep(0.2)
+    assert not any(os.path.exists(f"/proc/{p}") for p in pids)

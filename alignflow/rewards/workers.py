@@ -8,8 +8,9 @@ allocating) in the background. :class:`WorkerPool` runs each call in a forked ch
 * **memory**: each worker's address space may grow by at most ``memory_mb`` MiB beyond what it inherited at the
   fork (``resource.setrlimit(RLIMIT_AS)``); an allocation past that fails inside the worker (a ``MemoryError``,
   outcome ``"error"``), or kills it (outcome ``"crash"``, and a fresh worker takes its place);
-* **batching**: :meth:`WorkerPool.map` hands a list of items to ``size`` workers over pipes, one item at a
-  time per worker, so a batch pays one pipe round trip per item and no process start-up.
+* **batching**: :meth:`WorkerPool.map` spreads a list of items over ``size`` workers through pipes, a few
+  queued on each worker at a time (so it never waits for the parent between items), with no process start-up;
+  an item's clock starts when the worker finishes the previous one.
 
 Workers are forked lazily on the first call and kept for the next; :meth:`close` (also at interpreter exit)
 stops them. A worker ignores Ctrl-C (the parent stops it) and exits by itself when its parent dies. The work
@@ -20,6 +21,7 @@ pickled. Linux/macOS only (``fork`` and ``resource``).
 from __future__ import annotations
 
 import atexit
+import collections
 import multiprocessing
 import os
 import signal
@@ -31,6 +33,8 @@ from multiprocessing.connection import wait
 from typing import Any
 
 _POOLS: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
+DEPTH = 8                 # items queued on one worker at a time
+PIPELINED_CHARS = 32_000  # text queued on a worker beyond its running item (well below a pipe's buffer)
 
 
 def _address_space() -> int:
@@ -92,8 +96,9 @@ class _Worker:
                                 daemon=True, name="alignflow-reward-worker")
         self.proc.start()
         child.close()
-        self.index: int | None = None
-        self.deadline = 0.0
+        self.queue: collections.deque = collections.deque()  # (index, chars) sent, not answered; the first runs
+        self.queued_chars = 0
+        self.deadline = 0.0  # when the running item times out
 
     def stop(self, kill: bool = False) -> None:
         try:
@@ -145,44 +150,57 @@ class WorkerPool:
 
     def _map(self, items: list[tuple], timeout_s: float) -> list[tuple[str, Any]]:
         results: list = [None] * len(items)
-        todo = list(range(len(items)))[::-1]
+        todo = collections.deque(range(len(items)))
         while len(self.workers) < min(self.size, len(items)):
             self.workers.append(self._fork())
-        busy: dict = {}
-        while todo or busy:
+        while todo or any(w.queue for w in self.workers):
             for w in self.workers:
-                if todo and w.index is None:
-                    self._give(w, todo.pop(), items, busy, timeout_s)
-            self._collect(busy, results)
+                self._fill(w, todo, items, timeout_s)
+            self._collect(results, todo, timeout_s)
         return results
 
-    def _give(self, w: _Worker, index: int, items: list, busy: dict, timeout_s: float) -> None:
-        w.index, w.deadline = index, time.monotonic() + timeout_s
-        busy[w.conn] = w
-        try:
-            w.conn.send((index, items[index]))
-        except (OSError, ValueError):  # the worker died since its last item
-            pass
+    def _fill(self, w: _Worker, todo: collections.deque, items: list, timeout_s: float) -> None:
+        """Queue items on ``w`` (up to DEPTH, and PIPELINED_CHARS of text beyond the first) so that it never
+        waits for the parent between items; the first item's clock starts now."""
+        while todo and len(w.queue) < DEPTH:
+            size = sum(len(str(x)) for x in items[todo[0]])
+            if w.queue and w.queued_chars + size > PIPELINED_CHARS:
+                return  # a send could block on a full pipe while the worker computes
+            index = todo.popleft()
+            if not w.queue:
+                w.deadline = time.monotonic() + timeout_s
+            w.queue.append((index, size))
+            w.queued_chars += size
+            try:
+                w.conn.send((index, items[index]))
+            except (OSError, ValueError):  # the worker died since its last item: _collect finds out
+                return
 
-    def _collect(self, busy: dict, results: list) -> None:
-        """Wait for the next answer or deadline; record outcomes and replace dead or overdue workers."""
-        now = time.monotonic()
+    def _collect(self, results: list, todo: collections.deque, timeout_s: float) -> None:
+        """Wait for the next answer or deadline; record outcomes and replace dead or overdue workers (their
+        queued items go back to ``todo``)."""
+        busy = {w.conn: w for w in self.workers if w.queue}
         first = min(w.deadline for w in busy.values())
-        for conn in wait(list(busy), timeout=max(0.0, first - now)):
-            w = busy.pop(conn)
+        for conn in wait(list(busy), timeout=max(0.0, first - time.monotonic())):
+            w = busy[conn]
             try:
                 index, out = conn.recv()
             except (EOFError, OSError):  # died mid-item (e.g. killed by the memory limit)
-                results[w.index] = ("crash", None)
-                self._replace(w)
+                self._give_up(w, "crash", results, todo)
                 continue
-            results[index], w.index = out, None
+            w.queued_chars -= w.queue.popleft()[1]
+            results[index] = out
+            w.deadline = time.monotonic() + timeout_s  # the next queued item starts now
         now = time.monotonic()
-        for conn, w in list(busy.items()):
-            if w.deadline <= now:
-                busy.pop(conn)
-                results[w.index] = ("timeout", None)
-                self._replace(w)
+        for w in busy.values():
+            if w.queue and w.deadline <= now:
+                self._give_up(w, "timeout", results, todo)
+
+    def _give_up(self, w: _Worker, status: str, results: list, todo: collections.deque) -> None:
+        """The item ``w`` is running gets ``status``; its other queued items are retried; ``w`` is replaced."""
+        results[w.queue.popleft()[0]] = (status, None)
+        todo.extendleft(index for index, _ in reversed(w.queue))
+        self._replace(w)
 
     def _replace(self, w: _Worker) -> None:
         w.stop(kill=True)
