@@ -355,3 +355,16 @@ def test_a_second_ctrl_c_stops_at_once(reviews_task, tmp_path, monkeypatch, caps
     assert main(_sft_args(reviews_task, tmp_path / "run")) == 130
     err = _cli_lines(capsys.readouterr().err)
     assert err == ["alignflow sft: interrupted; no checkpoint was written, so there is nothing to resume from"]
+
+
+def test_ctrl_c_after_a_loop_that_failed_is_a_plain_keyboard_interrupt():
+    """A training loop that ended with an error never closed its bar; once the bar is gone, Ctrl-C is not deferred
+    to a step that will not come."""
+    from alignflow.trainers.loop import Progress
+
+    bar = Progress(3, 0, False, "t")
+    assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # deferred while the loop runs
+    del bar  # the loop's frame is gone (an exception was raised and handled)
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

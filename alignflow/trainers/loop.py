@@ -232,7 +232,7 @@ class Progress:
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
         self.t0 = time.perf_counter()
         self.tokens = 0
-        arm_interrupt()  # while the bar is open, Ctrl-C ends the step in flight and checkpoints (run_dir)
+        arm_interrupt(self)  # while the bar is open, Ctrl-C ends the step in flight and checkpoints (run_dir)
 
     def update(self, tokens: int, **postfix) -> float:
         self.tokens += tokens
@@ -245,7 +245,7 @@ class Progress:
         from alignflow.trainers.run_dir import disarm_interrupt
 
         self.bar.close()
-        disarm_interrupt()
+        disarm_interrupt(self)
 
 
 def batched(items: list, size: int) -> Iterable[list]:

@@ -29,6 +29,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -197,13 +198,17 @@ def checkpoint_step(done: int, total: int, train, out: Path, save: Callable[[Pat
 # ----------------------------------------------------------------------------------------------- Ctrl-C
 class _InterruptState:
     def __init__(self):
-        self.requested, self.depth, self.previous = False, 0, None
+        self.requested, self.previous = False, None
+        self.owners: list[weakref.ref] = []  # the open progress bars of training loops
 
 
 _STATE = _InterruptState()
 
 
 def _on_sigint(signum, frame) -> None:
+    if not any(ref() is not None for ref in _STATE.owners):  # the loop that armed it ended with an error
+        disarm_interrupt(reset=True)
+        raise KeyboardInterrupt
     if _STATE.requested:
         raise KeyboardInterrupt  # the second Ctrl-C: stop now
     _STATE.requested = True
@@ -211,22 +216,24 @@ def _on_sigint(signum, frame) -> None:
                 "without one)")
 
 
-def arm_interrupt() -> None:
-    """Defer the first SIGINT to the end of the current step (main thread only; nests)."""
+def arm_interrupt(owner) -> None:
+    """Defer the first SIGINT to the end of the current step while ``owner`` (a training loop's progress bar) is
+    alive and has not disarmed (main thread only; nests)."""
     if threading.current_thread() is not threading.main_thread():
         return
-    if _STATE.depth == 0:
+    if not _STATE.owners:
         _STATE.previous = signal.signal(signal.SIGINT, _on_sigint)
         _STATE.requested = False
-    _STATE.depth += 1
+    _STATE.owners.append(weakref.ref(owner))
 
 
-def disarm_interrupt(reset: bool = False) -> None:
-    """Undo one :func:`arm_interrupt` (all of them with ``reset``); the previous SIGINT handler is back."""
-    if _STATE.depth == 0 or threading.current_thread() is not threading.main_thread():
+def disarm_interrupt(owner=None, reset: bool = False) -> None:
+    """Undo :func:`arm_interrupt` of ``owner`` (of every owner with ``reset``); with none left, the previous SIGINT
+    handler is back."""
+    if not _STATE.owners or threading.current_thread() is not threading.main_thread():
         return
-    _STATE.depth = 0 if reset else _STATE.depth - 1
-    if _STATE.depth == 0:
+    _STATE.owners = [] if reset else [r for r in _STATE.owners if r() is not None and r() is not owner]
+    if not _STATE.owners:
         signal.signal(signal.SIGINT, _STATE.previous or signal.default_int_handler)
         _STATE.requested = False
 
