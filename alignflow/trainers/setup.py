@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 log = logging.getLogger("alignflow")
 
@@ -17,14 +18,15 @@ def resolve_builtin(cfg, command: str):
     saved run config records the paths that were actually used.
     """
     from alignflow.tasks.builtin_sft import resolve_model
+    from alignflow.trainers.run_dir import check_output_dir
 
+    check_output_dir(cfg.train.output_dir)  # before anything is written next to or into it
     resolve_model(cfg)  # model.name_or_path=builtin:sft: the task's SFT model, built on first use
     if cfg.model.name_or_path and cfg.data.path:
         return None
     from alignflow.tasks import build_task
-    from alignflow.trainers.run_dir import check_output_dir
 
-    art = build_task(cfg.task.name, cfg.task, check_output_dir(cfg.train.output_dir) / "task")
+    art = build_task(cfg.task.name, cfg.task, Path(cfg.train.output_dir) / "task")
     if not cfg.model.name_or_path:
         cfg.model.name_or_path = str(art.model_dir)
         cfg.model.tokenizer = cfg.model.tokenizer or str(art.tokenizer_dir)
