@@ -15,7 +15,7 @@ allocating) in the background. :class:`WorkerPool` runs each call in a forked ch
 Workers are forked lazily on the first call and kept for the next; :meth:`close` (also at interpreter exit)
 stops them. A worker ignores Ctrl-C (the parent stops it) and exits by itself when its parent dies. The work
 function must be defined before the pool forks (it is inherited, not pickled); items and results travel
-pickled. Linux/macOS only (``fork`` and ``resource``).
+pickled. Linux (``fork``, ``resource`` and ``/proc`` for the memory limit).
 """
 
 from __future__ import annotations
@@ -50,11 +50,12 @@ def _address_space() -> int:
 
 
 def _limit_memory(memory_mb: int | None) -> None:
-    if not memory_mb:
+    inherited = _address_space()
+    if not memory_mb or not inherited:  # no /proc: the inherited size is unknown, so no limit
         return
     import resource
 
-    limit = _address_space() + memory_mb * 2 ** 20
+    limit = inherited + memory_mb * 2 ** 20
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
