@@ -17,10 +17,10 @@ warm-up step or call first, then the timed ones):
   (k3 estimator as a loss term), lr 1e-6, one optimiser step per generation batch, bench_scale's
   distinct-word rule reward. alignflow ``train_rl`` (built-in engine) vs TRL ``GRPOTrainer`` at per-device 64
   x gradient accumulation 4 (= the 256-completion batch, one optimiser step), ``loss_type="grpo"``, prompts in
-  alignflow's order, ``cache_implementation="static"`` (``--trl-cache``; bench_rl.py found it TRL's fastest
-  generation setting). Reported: completions/s, step time, generation share (generation seconds / step
-  seconds), update seconds (alignflow: its ``online.update``; TRL: step time minus ``_generate_and_score_
-  completions``, i.e. forward, backward and optimiser step on both) and update-phase MFU.
+  alignflow's order, ``cache_implementation="static"`` (``--trl-cache``: static, dynamic or paged; bench_rl.py
+  found static TRL's fastest generation setting on CPU). Reported: completions/s, step time, generation share
+  (generation seconds / step seconds), update seconds (alignflow: its ``online.update``; TRL: step time minus
+  ``_generate_and_score_completions``, i.e. forward, backward and optimiser step on both) and update-phase MFU.
 * ``gen``: generation alone, the first 32 prompts x 8 samples (batch 256), 256 new tokens, temperature 1, no
   top-k / top-p: ``HFEngine.generate`` vs transformers ``model.generate`` (``num_return_sequences=8``, default
   cache), and vLLM ``LLM.generate`` when vLLM is importable (otherwise a note). tokens/s counts the tokens
@@ -247,7 +247,8 @@ def side_cell(res: dict, key: str, spec: str) -> str:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"# alignflow vs TRL on one GPU: {m['device_name']}", "",
+    where = "CPU smoke run (tiny shape; the numbers mean nothing)" if report["smoke"] else m["device_name"]
+    lines = [f"# alignflow vs TRL on one GPU: {where}", "",
              f"torch {m['torch']}, transformers {m['transformers']}, TRL {m['trl']}, Python {m['python']}; "
              f"{report['date']}; model {report['model']}; peak {report['peak_tflops']:g} TFLOP/s for MFU; "
              f"whole run {report['wall_s']:.0f} s. Workloads, settings and formulas: the docstring of "
@@ -295,8 +296,9 @@ def parser() -> argparse.ArgumentParser:
                    help="output prefix: writes OUT.json and OUT.md")
     p.add_argument("--work", default="", help="scratch directory (default: a new temporary one)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (dense bf16 H100/H200)")
-    p.add_argument("--trl-cache", default="static", choices=("static", "dynamic"),
-                   help="TRL GRPO generation cache (static: cache_implementation='static')")
+    p.add_argument("--trl-cache", default="static", choices=("static", "dynamic", "paged"),
+                   help="TRL GRPO generation: cache_implementation='static', the default dynamic cache, or "
+                        "use_transformers_continuous_batching=True (paged)")
     p.add_argument("--micro-batch-tokens", type=int, default=0, help="alignflow train.micro_batch_tokens (0: its "
                                                                       "default)")
     p.add_argument("--budget", type=float, default=360.0, help="seconds for the whole run; jobs that would start "

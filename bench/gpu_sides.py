@@ -181,6 +181,8 @@ def grpo_trl(job: dict) -> dict:
                 "beta": g["beta"], "loss_type": "grpo", "shuffle_dataset": False, "log_completions": False}
     if g["trl_cache"] == "static":
         settings["cache_implementation"] = "static"
+    elif g["trl_cache"] == "paged":
+        settings["use_transformers_continuous_batching"] = True
     targs = GRPOConfig(learning_rate=g["lr"], **trl_common(job, GRPOConfig, "grpo", w + n), **settings)
     tally, prep_s, train_tokens = bench_rl.Tally(w, n), [], []
     trainer = GRPOTrainer(model=load_hf_model(job), reward_funcs=trl_reward, args=targs, train_dataset=ds,
