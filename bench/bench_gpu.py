@@ -66,22 +66,34 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
 WORKLOADS = ("grpo", "gen", "sft", "dpo")
-SIDE_ORDER = {"grpo": ("trl", "alignflow"), "gen": ("generate", "alignflow", "vllm"), "sft": ("trl", "alignflow"),
-              "dpo": ("trl", "alignflow")}
+SIDE_ORDER = {
+    "grpo": ("trl", "alignflow"),
+    "gen": ("generate", "alignflow", "vllm"),
+    "sft": ("trl", "alignflow"),
+    "dpo": ("trl", "alignflow"),
+}
 BASELINE = {"grpo": "trl", "gen": "generate", "sft": "trl", "dpo": "trl"}
-HEADLINE = {"grpo": ("completions_per_s", "completions/s"), "gen": ("tokens_per_s", "tokens/s"),
-            "sft": ("tokens_per_s", "tokens/s"), "dpo": ("units_per_s", "pairs/s")}
+HEADLINE = {
+    "grpo": ("completions_per_s", "completions/s"),
+    "gen": ("tokens_per_s", "tokens/s"),
+    "sft": ("tokens_per_s", "tokens/s"),
+    "dpo": ("units_per_s", "pairs/s"),
+}
 TARGET = {"grpo": 2.0, "gen": 5.0, "sft": 1.5, "dpo": 1.5}
 SIZES = {
-    "full": {"grpo": {"prompts": 32, "n": 8, "new_tokens": 256, "beta": 0.04, "lr": 1e-6, "warmup": 1, "steps": 2},
-             "gen": {"prompts": 32, "n": 8, "new_tokens": 256, "runs": 2},
-             "sft": {"batch": 32, "length": (128, 512), "prompt": (16, 64), "max_len": 1024, "warmup": 2, "steps": 5},
-             "dpo": {"batch": 16, "prompt": (64, 128), "response": (128, 256), "max_len": 1024, "warmup": 1,
-                     "steps": 4}},
-    "smoke": {"grpo": {"prompts": 4, "n": 4, "new_tokens": 16, "beta": 0.04, "lr": 1e-6, "warmup": 1, "steps": 1},
-              "gen": {"prompts": 4, "n": 4, "new_tokens": 16, "runs": 1},
-              "sft": {"batch": 8, "length": (16, 64), "prompt": (4, 12), "max_len": 128, "warmup": 1, "steps": 2},
-              "dpo": {"batch": 4, "prompt": (8, 16), "response": (8, 32), "max_len": 128, "warmup": 1, "steps": 2}}}
+    "full": {
+        "grpo": {"prompts": 32, "n": 8, "new_tokens": 256, "beta": 0.04, "lr": 1e-6, "warmup": 1, "steps": 2},
+        "gen": {"prompts": 32, "n": 8, "new_tokens": 256, "runs": 2},
+        "sft": {"batch": 32, "length": (128, 512), "prompt": (16, 64), "max_len": 1024, "warmup": 2, "steps": 5},
+        "dpo": {"batch": 16, "prompt": (64, 128), "response": (128, 256), "max_len": 1024, "warmup": 1, "steps": 4},
+    },
+    "smoke": {
+        "grpo": {"prompts": 4, "n": 4, "new_tokens": 16, "beta": 0.04, "lr": 1e-6, "warmup": 1, "steps": 1},
+        "gen": {"prompts": 4, "n": 4, "new_tokens": 16, "runs": 1},
+        "sft": {"batch": 8, "length": (16, 64), "prompt": (4, 12), "max_len": 128, "warmup": 1, "steps": 2},
+        "dpo": {"batch": 4, "prompt": (8, 16), "response": (8, 32), "max_len": 128, "warmup": 1, "steps": 2},
+    },
+}
 
 
 # ------------------------------------------------------------------------------------------ workload files
@@ -97,20 +109,36 @@ def write_data(work: Path, sizes: dict, vocab: int, seed: int = 0) -> dict:
 
     g, s, d = sizes["grpo"], sizes["sft"], sizes["dpo"]
     n_prompts = max(g["prompts"] * (g["warmup"] + g["steps"]), sizes["gen"]["prompts"])
-    paths = {"prompts_path": str(bench_scale.write_prompts(work, vocab, n_prompts, seed)),
-             "sft_path": str(work / "sft.jsonl"), "pairs_path": str(work / "pairs.jsonl")}
+    paths = {
+        "prompts_path": str(bench_scale.write_prompts(work, vocab, n_prompts, seed)),
+        "sft_path": str(work / "sft.jsonl"),
+        "pairs_path": str(work / "pairs.jsonl"),
+    }
     rng = random.Random(seed + 1)
     with open(paths["sft_path"], "w") as f:
         for _ in range(s["batch"] * (s["warmup"] + s["steps"])):
             total, n_prompt = rng.randint(*s["length"]), rng.randint(*s["prompt"])
-            f.write(json.dumps({"prompt": words(rng, vocab, n_prompt, n_prompt),
-                                "completion": " " + words(rng, vocab, total - n_prompt - 2, total - n_prompt - 2)})
-                    + "\n")  # BOS + prompt + completion + EOS = total tokens
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": words(rng, vocab, n_prompt, n_prompt),
+                        "completion": " " + words(rng, vocab, total - n_prompt - 2, total - n_prompt - 2),
+                    }
+                )
+                + "\n"
+            )  # BOS + prompt + completion + EOS = total tokens
     with open(paths["pairs_path"], "w") as f:
         for _ in range(d["batch"] * (d["warmup"] + d["steps"])):
-            f.write(json.dumps({"prompt": words(rng, vocab, *d["prompt"]),
-                                "chosen": " " + words(rng, vocab, *d["response"]),
-                                "rejected": " " + words(rng, vocab, *d["response"])}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": words(rng, vocab, *d["prompt"]),
+                        "chosen": " " + words(rng, vocab, *d["response"]),
+                        "rejected": " " + words(rng, vocab, *d["response"]),
+                    }
+                )
+                + "\n"
+            )
     return paths
 
 
@@ -126,14 +154,21 @@ def build(job: dict) -> dict:
         model_dir = bench_scale.build_model(work, shape)
     try:
         import trl
+
         trl_version = trl.__version__
     except ImportError as err:
         trl_version = f"not importable ({err})"
     device = torch.cuda.get_device_name(0) if job["device"] == "cuda" else platform.processor() or "cpu"
-    return {"model_dir": str(model_dir), "n_params": bench_scale.params_without_embedding(model_dir),
-            "device_name": device, "torch": torch.__version__, "transformers": transformers.__version__,
-            "trl": trl_version, "python": platform.python_version(),
-            **write_data(work, SIZES["smoke" if job["smoke"] else "full"], shape["vocab_size"])}
+    return {
+        "model_dir": str(model_dir),
+        "n_params": bench_scale.params_without_embedding(model_dir),
+        "device_name": device,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl_version,
+        "python": platform.python_version(),
+        **write_data(work, SIZES["smoke" if job["smoke"] else "full"], shape["vocab_size"]),
+    }
 
 
 # ------------------------------------------------------------------------------------------ child processes
@@ -153,6 +188,7 @@ def child_main(job_path: str) -> None:
             res = build(job)
         else:
             import gpu_sides
+
             res = gpu_sides.SIDES[job["workload"]][job["side"]](job)
     except BaseException as err:  # noqa: BLE001 -- reported in the results, never fatal to the driver
         traceback.print_exc()
@@ -172,6 +208,7 @@ def preload() -> str:
 
     from alignflow.rollout import HFEngine  # noqa: F401
     from alignflow.trainers import online, preference, sft  # noqa: F401
+
     try:
         import datasets  # noqa: F401
         import trl  # noqa: F401
@@ -224,8 +261,14 @@ def summarise(results: dict) -> dict:
     for w, sides in results.items():
         key, unit = HEADLINE[w]
         base, af = sides.get(BASELINE[w], {}), sides.get("alignflow", {})
-        rec = {"unit": unit, "metric": key, "baseline": BASELINE[w], "target": TARGET[w], "sides": sides,
-               "ratio": af[key] / base[key] if key in af and key in base else None}
+        rec = {
+            "unit": unit,
+            "metric": key,
+            "baseline": BASELINE[w],
+            "target": TARGET[w],
+            "sides": sides,
+            "ratio": af[key] / base[key] if key in af and key in base else None,
+        }
         vllm = sides.get("vllm", {})
         if key in vllm and key in af:
             rec["ratio_vs_vllm"] = af[key] / vllm[key]
@@ -248,14 +291,18 @@ def side_cell(res: dict, key: str, spec: str) -> str:
 def markdown(report: dict) -> str:
     m = report["machine"]
     where = "CPU smoke run (tiny shape; the numbers mean nothing)" if report["smoke"] else m["device_name"]
-    lines = [f"# alignflow vs TRL on one GPU: {where}", "",
-             f"torch {m['torch']}, transformers {m['transformers']}, TRL {m['trl']}, Python {m['python']}; "
-             f"{report['date']}; model {report['model']}; peak {report['peak_tflops']:g} TFLOP/s for MFU; "
-             f"whole run {report['wall_s']:.0f} s. Workloads, settings and formulas: the docstring of "
-             "`bench/bench_gpu.py` and `docs/benchmarks.md`. Regenerate with `python bench/bench_gpu.py`.", "",
-             "| workload | unit | alignflow | baseline | baseline rate | ratio | target | MFU alignflow / baseline "
-             "| generation share alignflow / baseline | peak memory MB alignflow / baseline |",
-             "|---|---|---:|---|---:|---:|---:|---|---|---|"]
+    lines = [
+        f"# alignflow vs TRL on one GPU: {where}",
+        "",
+        f"torch {m['torch']}, transformers {m['transformers']}, TRL {m['trl']}, Python {m['python']}; "
+        f"{report['date']}; model {report['model']}; peak {report['peak_tflops']:g} TFLOP/s for MFU; "
+        f"whole run {report['wall_s']:.0f} s. Workloads, settings and formulas: the docstring of "
+        "`bench/bench_gpu.py` and `docs/benchmarks.md`. Regenerate with `python bench/bench_gpu.py`.",
+        "",
+        "| workload | unit | alignflow | baseline | baseline rate | ratio | target | MFU alignflow / baseline "
+        "| generation share alignflow / baseline | peak memory MB alignflow / baseline |",
+        "|---|---|---:|---|---:|---:|---:|---|---|---|",
+    ]
     for w, r in report["workloads"].items():
         af, base = r["sides"].get("alignflow", {}), r["sides"].get(r["baseline"], {})
         mfu_key = "update_mfu" if w == "grpo" else "mfu"
@@ -265,21 +312,33 @@ def markdown(report: dict) -> str:
             f"{side_cell(base, r['metric'], '.1f')} | {ratio} | >= {r['target']:g}x | "
             f"{side_cell(af, mfu_key, '.1%')} / {side_cell(base, mfu_key, '.1%')} | "
             f"{side_cell(af, 'gen_share', '.0%')} / {side_cell(base, 'gen_share', '.0%')} | "
-            f"{side_cell(af, 'peak_mem_mb', '.0f')} / {side_cell(base, 'peak_mem_mb', '.0f')} |")
+            f"{side_cell(af, 'peak_mem_mb', '.0f')} / {side_cell(base, 'peak_mem_mb', '.0f')} |"
+        )
     grpo = report["workloads"].get("grpo")
     if grpo:
-        lines += ["", "| GRPO side | step s (mean) | generation s | update s | prompt + response tokens |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| GRPO side | step s (mean) | generation s | update s | prompt + response tokens |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for side in ("alignflow", "trl"):
             s = grpo["sides"].get(side, {})
-            lines.append(f"| {side} | {side_cell(s, 'step_s_mean', '.2f')} | {side_cell(s, 'gen_seconds', '.2f')} | "
-                         f"{side_cell(s, 'update_s', '.2f')} | {side_cell(s, 'train_tokens', '.0f')} |")
+            lines.append(
+                f"| {side} | {side_cell(s, 'step_s_mean', '.2f')} | {side_cell(s, 'gen_seconds', '.2f')} | "
+                f"{side_cell(s, 'update_s', '.2f')} | {side_cell(s, 'train_tokens', '.0f')} |"
+            )
     gen = report["workloads"].get("gen")
     if gen:
         v = gen["sides"].get("vllm", {"skipped": "not run (--smoke)"})
-        lines += ["", "vLLM (generation): " + (v.get("skipped") or v.get("error") or
-                                               f"{v['tokens_per_s']:.0f} tokens/s; alignflow / vLLM "
-                                               f"{fmt(gen.get('ratio_vs_vllm'), '.2f')}x")]
+        lines += [
+            "",
+            "vLLM (generation): "
+            + (
+                v.get("skipped")
+                or v.get("error")
+                or f"{v['tokens_per_s']:.0f} tokens/s; alignflow / vLLM {fmt(gen.get('ratio_vs_vllm'), '.2f')}x"
+            ),
+        ]
     lines += ["", "Settings and failures:", ""]
     for w, r in report["workloads"].items():
         for side, res in r["sides"].items():
@@ -292,17 +351,27 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny shape on CPU, fp32, small batches (< 1 min)")
     p.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu"),
-                   help="output prefix: writes OUT.json and OUT.md")
+    p.add_argument(
+        "--out", default=str(ROOT / "bench" / "results" / "gpu"), help="output prefix: writes OUT.json and OUT.md"
+    )
     p.add_argument("--work", default="", help="scratch directory (default: a new temporary one)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (dense bf16 H100/H200)")
-    p.add_argument("--trl-cache", default="static", choices=("static", "dynamic", "paged"),
-                   help="TRL GRPO generation: cache_implementation='static', the default dynamic cache, or "
-                        "use_transformers_continuous_batching=True (paged)")
-    p.add_argument("--micro-batch-tokens", type=int, default=0, help="alignflow train.micro_batch_tokens (0: its "
-                                                                      "default)")
-    p.add_argument("--budget", type=float, default=360.0, help="seconds for the whole run; jobs that would start "
-                                                               "after it are skipped (reported)")
+    p.add_argument(
+        "--trl-cache",
+        default="static",
+        choices=("static", "dynamic", "paged"),
+        help="TRL GRPO generation: cache_implementation='static', the default dynamic cache, or "
+        "use_transformers_continuous_batching=True (paged)",
+    )
+    p.add_argument(
+        "--micro-batch-tokens", type=int, default=0, help="alignflow train.micro_batch_tokens (0: its default)"
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=360.0,
+        help="seconds for the whole run; jobs that would start after it are skipped (reported)",
+    )
     p.add_argument("--job-timeout", type=float, default=170.0, help="seconds per child process")
     p.add_argument("--spawn", action="store_true", help="start children as fresh interpreters instead of forks")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -312,8 +381,41 @@ def parser() -> argparse.ArgumentParser:
 def jobs_for(args, only: list[str], base: dict) -> list[dict]:
     sizes = SIZES["smoke" if args.smoke else "full"]
     sizes = {**sizes, "grpo": {**sizes["grpo"], "trl_cache": args.trl_cache}}
-    return [base | sizes | {"workload": w, "side": side} for w in only for side in SIDE_ORDER[w]
-            if not (args.smoke and side == "vllm")]
+    return [
+        base | sizes | {"workload": w, "side": side}
+        for w in only
+        for side in SIDE_ORDER[w]
+        if not (args.smoke and side == "vllm")
+    ]
+
+
+def build_machine(args, base: dict, method: str) -> tuple[dict, str]:
+    """Build the model and data in a child; the first child to touch the GPU, so if a forked one fails, retry
+    with a fresh interpreter and use those from then on. Returns the build record and the start method."""
+    machine = run_job(base | {"workload": "model", "side": "build"}, max(args.job_timeout, 300), method)
+    if "error" in machine and method == "fork":
+        print("bench_gpu: the forked build child failed; retrying with fresh interpreters (--spawn)", flush=True)
+        method = "spawn"
+        machine = run_job(base | {"workload": "model", "side": "build"}, max(args.job_timeout, 300), method)
+    if "error" in machine:
+        raise SystemExit(f"building the model failed: {machine['error']}")
+    return machine, method
+
+
+def run_jobs(jobs: list[dict], args, method: str, t0: float) -> dict:
+    """Each job in its child, in order, within the time budget; {workload: {side: result}}."""
+    results: dict = {}
+    for job in jobs:
+        w, side = job["workload"], job["side"]
+        left = args.budget - (time.perf_counter() - t0)
+        if left < 20:
+            results.setdefault(w, {})[side] = {"skipped": f"time budget of {args.budget:.0f} s spent"}
+            continue
+        res = results.setdefault(w, {})[side] = run_job(job, min(args.job_timeout, left), method)
+        key, unit = HEADLINE[w]
+        shown = f"{res[key]:10.1f} {unit}" if key in res else f"({res.get('skipped') or res.get('error')})"
+        print(f"  {w:4s} {side:9s} {shown}  [{res['process_s']:.0f} s]", flush=True)
+    return results
 
 
 def run(args) -> dict:
@@ -329,36 +431,34 @@ def run(args) -> dict:
 
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.smoke:
-        raise SystemExit("bench_gpu: no CUDA device visible; the full benchmark needs one (0.5B shape). "
-                         "Use --smoke for the CPU run of the same code on a tiny shape.")
-    base = {"work": str(work), "smoke": args.smoke, "device": device, "threads": 1 if args.smoke else 0,
-            "dtype": "float32" if device == "cpu" else "bfloat16", "peak_tflops": args.peak_tflops,
-            "micro_batch_tokens": args.micro_batch_tokens}
+        raise SystemExit(
+            "bench_gpu: no CUDA device visible; the full benchmark needs one (0.5B shape). "
+            "Use --smoke for the CPU run of the same code on a tiny shape."
+        )
+    base = {
+        "work": str(work),
+        "smoke": args.smoke,
+        "device": device,
+        "threads": 1 if args.smoke else 0,
+        "dtype": "float32" if device == "cpu" else "bfloat16",
+        "peak_tflops": args.peak_tflops,
+        "micro_batch_tokens": args.micro_batch_tokens,
+    }
     print(f"bench_gpu: device {device}, work {work}, children by {method}", flush=True)
-    machine = run_job(base | {"workload": "model", "side": "build"}, max(args.job_timeout, 300), method)
-    if "error" in machine and method == "fork":  # the first child to touch the GPU: if a fork cannot, spawn
-        print("bench_gpu: the forked build child failed; retrying with fresh interpreters (--spawn)", flush=True)
-        method = "spawn"
-        machine = run_job(base | {"workload": "model", "side": "build"}, max(args.job_timeout, 300), method)
-    if "error" in machine:
-        raise SystemExit(f"building the model failed: {machine['error']}")
+    machine, method = build_machine(args, base, method)
     base |= {k: machine[k] for k in ("model_dir", "n_params", "prompts_path", "sft_path", "pairs_path")}
-    results: dict = {w: {} for w in only}
-    for job in jobs_for(args, only, base):
-        left = args.budget - (time.perf_counter() - t0)
-        if left < 20:
-            results[job["workload"]][job["side"]] = {"skipped": f"time budget of {args.budget:.0f} s spent"}
-            continue
-        res = run_job(job, min(args.job_timeout, left), method)
-        results[job["workload"]][job["side"]] = res
-        key = HEADLINE[job["workload"]][0]
-        print(f"  {job['workload']:4s} {job['side']:9s} " + (f"{res[key]:10.1f} {HEADLINE[job['workload']][1]}"
-              if key in res else "(" + str(res.get("skipped") or res.get("error")) + ")") +
-              f"  [{res['process_s']:.0f} s]", flush=True)
-    return {"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M"), "smoke": args.smoke,
-            "model": "tiny (smoke)" if args.smoke else "Qwen2.5-0.5B shape, random weights",
-            "peak_tflops": args.peak_tflops, "device": device, "children": method,
-            "workloads": summarise(results), "wall_s": time.perf_counter() - t0}
+    results = run_jobs(jobs_for(args, only, base), args, method, t0)
+    return {
+        "machine": machine,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "smoke": args.smoke,
+        "model": "tiny (smoke)" if args.smoke else "Qwen2.5-0.5B shape, random weights",
+        "peak_tflops": args.peak_tflops,
+        "device": device,
+        "children": method,
+        "workloads": summarise(results),
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def main() -> None:

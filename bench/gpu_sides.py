@@ -34,10 +34,14 @@ def peak_mem(job: dict) -> dict:
     import torch
 
     if job["device"] == "cuda":
-        return {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20,
-                "peak_mem_kind": "torch.cuda.max_memory_allocated"}
-    return {"peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_mem_kind": "process peak RSS (CPU)"}
+        return {
+            "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20,
+            "peak_mem_kind": "torch.cuda.max_memory_allocated",
+        }
+    return {
+        "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mem_kind": "process peak RSS (CPU)",
+    }
 
 
 def mfu(job: dict, tokens: float, seconds: float, passes: int = 3) -> float:
@@ -64,10 +68,26 @@ def trl_common(job: dict, config_cls, name: str, steps: int) -> dict:
     """TrainingArguments shared by the TRL sides: no checkpointing of activations, no logging/saving/eval,
     bf16 on a GPU (the model is loaded in bf16 too: pure bf16 on both sides), fp32 on CPU."""
     gpu = job["device"] == "cuda"
-    kw = dict(output_dir=str(Path(job["work"]) / f"trl-{name}"), max_steps=steps, lr_scheduler_type="constant",
-              warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=gpu, fp16=False, use_cpu=not gpu,
-              gradient_checkpointing=False, logging_steps=10 ** 6, report_to="none", save_strategy="no",
-              eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False, seed=0)
+    kw = dict(
+        output_dir=str(Path(job["work"]) / f"trl-{name}"),
+        max_steps=steps,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=gpu,
+        fp16=False,
+        use_cpu=not gpu,
+        gradient_checkpointing=False,
+        logging_steps=10**6,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        seed=0,
+    )
     if "activation_checkpointing" in config_cls.__dataclass_fields__:
         kw["activation_checkpointing"] = False
     return kw
@@ -86,9 +106,16 @@ def clock_callback(job: dict, mark):
 
 def alignflow_common(job: dict, name: str, steps: int) -> dict:
     gpu = job["device"] == "cuda"
-    train = {"output_dir": str(Path(job["work"]) / f"alignflow-{name}"), "max_steps": steps, "progress": False,
-             "log_every": 10 ** 6, "seed": 0, "overwrite": True, "device": job["device"],
-             "mixed_precision": "auto" if gpu else "none"}
+    train = {
+        "output_dir": str(Path(job["work"]) / f"alignflow-{name}"),
+        "max_steps": steps,
+        "progress": False,
+        "log_every": 10**6,
+        "seed": 0,
+        "overwrite": True,
+        "device": job["device"],
+        "mixed_precision": "auto" if gpu else "none",
+    }
     if job.get("micro_batch_tokens"):
         train["micro_batch_tokens"] = job["micro_batch_tokens"]
     return {"model": {"name_or_path": job["model_dir"], "dtype": job["dtype"]}, "train": train}
@@ -98,9 +125,18 @@ def alignflow_common(job: dict, name: str, steps: int) -> dict:
 def grpo_result(job: dict, tally, update_s: list, train_tokens: list) -> dict:
     w, n = job["grpo"]["warmup"], job["grpo"]["steps"]
     res = tally.result()
-    upd, tokens = sum(update_s[w:w + n]), sum(train_tokens[w:w + n])
-    return res | {"step_s_mean": res["seconds"] / n, "update_s": upd, "train_tokens": tokens,
-                  "update_mfu": mfu(job, tokens, upd), "rate": res["completions_per_s"]} | peak_mem(job)
+    upd, tokens = sum(update_s[w : w + n]), sum(train_tokens[w : w + n])
+    return (
+        res
+        | {
+            "step_s_mean": res["seconds"] / n,
+            "update_s": upd,
+            "train_tokens": tokens,
+            "update_mfu": mfu(job, tokens, upd),
+            "rate": res["completions_per_s"],
+        }
+        | peak_mem(job)
+    )
 
 
 def grpo_alignflow(job: dict) -> dict:
@@ -110,14 +146,27 @@ def grpo_alignflow(job: dict) -> dict:
     g = job["grpo"]
     base = alignflow_common(job, "grpo", g["warmup"] + g["steps"])
     rows = g["prompts"] * g["n"]
-    cfg = from_dict(RLConfig, base | {
-        "data": {"path": job["prompts_path"], "max_prompt_len": MAX_PROMPT_LEN, "eval_fraction": 0.0},
-        "algo": {"name": "grpo"}, "kl": {"coef": g["beta"]},
-        "reward": {"functions": {"bench.bench_scale:distinct_reward": 1.0}},
-        "rollout": {"prompts_per_step": g["prompts"], "n": g["n"], "max_new_tokens": g["new_tokens"],
-                    "temperature": 1.0, "top_p": 1.0, "top_k": 0, "eval_prompts": 0},
-        "optim": {"lr": g["lr"], "scheduler": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0},
-        "train": base["train"] | {"batch_size": rows}})
+    cfg = from_dict(
+        RLConfig,
+        base
+        | {
+            "data": {"path": job["prompts_path"], "max_prompt_len": MAX_PROMPT_LEN, "eval_fraction": 0.0},
+            "algo": {"name": "grpo"},
+            "kl": {"coef": g["beta"]},
+            "reward": {"functions": {"bench.bench_scale:distinct_reward": 1.0}},
+            "rollout": {
+                "prompts_per_step": g["prompts"],
+                "n": g["n"],
+                "max_new_tokens": g["new_tokens"],
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "top_k": 0,
+                "eval_prompts": 0,
+            },
+            "optim": {"lr": g["lr"], "scheduler": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0},
+            "train": base["train"] | {"batch_size": rows},
+        },
+    )
     tally, update_s, train_tokens = bench_rl.Tally(g["warmup"], g["steps"]), [], []
     real_step, real_update = online.rl_step, online.update
 
@@ -142,8 +191,13 @@ def grpo_alignflow(job: dict) -> dict:
     online.rl_step, online.update = timed_step, timed_update
     online.train_rl(cfg)
     return grpo_result(job, tally, update_s, train_tokens) | {
-        "settings": {"train.micro_batch_tokens": cfg.train.micro_batch_tokens, "model.dtype": job["dtype"],
-                     "train.mixed_precision": cfg.train.mixed_precision, "rollout.backend": cfg.rollout.backend}}
+        "settings": {
+            "train.micro_batch_tokens": cfg.train.micro_batch_tokens,
+            "model.dtype": job["dtype"],
+            "train.mixed_precision": cfg.train.mixed_precision,
+            "rollout.backend": cfg.rollout.backend,
+        }
+    }
 
 
 def trl_reward(prompts, completions, **_):
@@ -158,8 +212,13 @@ def prompt_order(job: dict, tok, count: int) -> list[str]:
     from alignflow.data.pipeline import prepare_data
     from alignflow.trainers.rl_setup import PromptStream
 
-    cfg = from_dict(RLConfig, {"data": {"path": job["prompts_path"], "eval_fraction": 0.0,
-                                        "max_prompt_len": MAX_PROMPT_LEN}, "train": {"seed": 0}})
+    cfg = from_dict(
+        RLConfig,
+        {
+            "data": {"path": job["prompts_path"], "eval_fraction": 0.0, "max_prompt_len": MAX_PROMPT_LEN},
+            "train": {"seed": 0},
+        },
+    )
     rows = prepare_data(cfg.data, tok, expect=("prompt",), seed=cfg.train.seed).train
     taken = PromptStream(rows, cfg.train.seed).take(count)
     if tok(text=taken["prompt"])["input_ids"] != [list(i) for i in taken["prompt_token_ids"]]:
@@ -167,26 +226,31 @@ def prompt_order(job: dict, tok, count: int) -> list[str]:
     return taken["prompt"]
 
 
-def grpo_trl(job: dict) -> dict:
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    g = job["grpo"]
-    w, n = g["warmup"], g["steps"]
-    tok = tokenizer(job)
-    ds = Dataset.from_dict({"prompt": prompt_order(job, tok, g["prompts"] * (w + n))})
-    rows = g["prompts"] * g["n"]
-    settings = {"num_generations": g["n"], "per_device_train_batch_size": rows // 4, "gradient_accumulation_steps": 4,
-                "max_completion_length": g["new_tokens"], "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-                "beta": g["beta"], "loss_type": "grpo", "shuffle_dataset": False, "log_completions": False}
+def trl_grpo_settings(g: dict) -> dict:
+    """GRPOConfig keywords of the GRPO workload: 4 micro-batches of a quarter of the completions, one step."""
+    settings = {
+        "num_generations": g["n"],
+        "per_device_train_batch_size": g["prompts"] * g["n"] // 4,
+        "gradient_accumulation_steps": 4,
+        "max_completion_length": g["new_tokens"],
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "beta": g["beta"],
+        "loss_type": "grpo",
+        "shuffle_dataset": False,
+        "log_completions": False,
+    }
     if g["trl_cache"] == "static":
         settings["cache_implementation"] = "static"
     elif g["trl_cache"] == "paged":
         settings["use_transformers_continuous_batching"] = True
-    targs = GRPOConfig(learning_rate=g["lr"], **trl_common(job, GRPOConfig, "grpo", w + n), **settings)
-    tally, prep_s, train_tokens = bench_rl.Tally(w, n), [], []
-    trainer = GRPOTrainer(model=load_hf_model(job), reward_funcs=trl_reward, args=targs, train_dataset=ds,
-                          processing_class=tok, callbacks=[clock_callback(job, tally.clock.mark)])
+    return settings
+
+
+def instrument_grpo(job: dict, trainer, tally, prep_s: list, train_tokens: list) -> None:
+    """Time the trainer's generation (``_generate``: tokenising, ``generate``, decoding) and its whole
+    generate-and-score phase; count completions, generated tokens and prompt + response tokens per step."""
     real_generate, real_prepare = trainer._generate, trainer._generate_and_score_completions
 
     def timed_generate(*a, **k):
@@ -209,11 +273,38 @@ def grpo_trl(job: dict) -> dict:
         return out
 
     trainer._generate, trainer._generate_and_score_completions = timed_generate, timed_prepare
+
+
+def grpo_trl(job: dict) -> dict:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    g = job["grpo"]
+    w, n = g["warmup"], g["steps"]
+    tok = tokenizer(job)
+    ds = Dataset.from_dict({"prompt": prompt_order(job, tok, g["prompts"] * (w + n))})
+    settings = trl_grpo_settings(g)
+    targs = GRPOConfig(learning_rate=g["lr"], **trl_common(job, GRPOConfig, "grpo", w + n), **settings)
+    tally, prep_s, train_tokens = bench_rl.Tally(w, n), [], []
+    trainer = GRPOTrainer(
+        model=load_hf_model(job),
+        reward_funcs=trl_reward,
+        args=targs,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[clock_callback(job, tally.clock.mark)],
+    )
+    instrument_grpo(job, trainer, tally, prep_s, train_tokens)
     trainer.train()
     ends = tally.clock.ends  # step i's update = its wall time - its generation/scoring time (step 0: not timed)
     update_s = [0.0] + [ends[i] - ends[i - 1] - prep_s[i] for i in range(1, len(ends))]
-    shown = settings | {"gradient_checkpointing": False, "bf16": targs.bf16, "model dtype": job["dtype"],
-                        "optim": getattr(targs.optim, "value", str(targs.optim))}
+    optim = getattr(targs.optim, "value", str(targs.optim))
+    shown = settings | {
+        "gradient_checkpointing": False,
+        "bf16": targs.bf16,
+        "model dtype": job["dtype"],
+        "optim": optim,
+    }
     return grpo_result(job, tally, update_s, train_tokens) | {"settings": shown}
 
 
@@ -236,9 +327,15 @@ def timed_runs(job: dict, run) -> dict:
         sync(job)
         seconds.append(time.perf_counter() - t0)
     rows = job["gen"]["prompts"] * job["gen"]["n"]
-    return {"seconds": sum(seconds), "tokens": sum(tokens), "rate": sum(tokens) / sum(seconds),
-            "tokens_per_s": sum(tokens) / sum(seconds), "run_s": seconds, "rows": rows,
-            "mean_tokens_per_row": sum(tokens) / (rows * len(tokens))} | peak_mem(job)
+    return {
+        "seconds": sum(seconds),
+        "tokens": sum(tokens),
+        "rate": sum(tokens) / sum(seconds),
+        "tokens_per_s": sum(tokens) / sum(seconds),
+        "run_s": seconds,
+        "rows": rows,
+        "mean_tokens_per_row": sum(tokens) / (rows * len(tokens)),
+    } | peak_mem(job)
 
 
 def gen_alignflow(job: dict) -> dict:
@@ -249,13 +346,15 @@ def gen_alignflow(job: dict) -> dict:
     engine = HFEngine(model, tok)
 
     def run(seed: int) -> int:
-        params = SamplingParams(n=g["n"], temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=g["new_tokens"],
-                                seed=seed)
+        params = SamplingParams(
+            n=g["n"], temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=g["new_tokens"], seed=seed
+        )
         return int(engine.generate(prompts, params)["response_mask"].sum())
 
     res = timed_runs(job, run)
-    return res | {"settings": {"engine": "HFEngine", "path": engine.last_path,
-                               "fallback_reason": engine.fallback_reason}}
+    return res | {
+        "settings": {"engine": "HFEngine", "path": engine.last_path, "fallback_reason": engine.fallback_reason}
+    }
 
 
 def gen_generate(job: dict) -> dict:
@@ -271,17 +370,27 @@ def gen_generate(job: dict) -> dict:
     def run(seed: int) -> int:
         torch.manual_seed(seed)
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
-                                 top_k=0, max_new_tokens=g["new_tokens"], num_return_sequences=g["n"],
-                                 eos_token_id=eos, pad_token_id=pad)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=g["new_tokens"],
+                num_return_sequences=g["n"],
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
         new = out[:, width:]
         is_eos = new == eos
         ended = is_eos.any(dim=1)
         length = torch.where(ended, is_eos.float().argmax(dim=1) + 1, new.shape[1])  # tokens up to EOS
         return int(length.sum())
 
-    return timed_runs(job, run) | {"settings": {"generate": "transformers model.generate, default (dynamic) cache",
-                                                "num_return_sequences": g["n"]}}
+    return timed_runs(job, run) | {
+        "settings": {"generate": "transformers model.generate, default (dynamic) cache", "num_return_sequences": g["n"]}
+    }
 
 
 def gen_vllm(job: dict) -> dict:
@@ -297,21 +406,29 @@ def gen_vllm(job: dict) -> dict:
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
 
     def run(seed: int) -> int:
-        params = SamplingParams(n=g["n"], temperature=1.0, top_p=1.0, top_k=-1, max_tokens=g["new_tokens"],
-                                seed=seed)
+        params = SamplingParams(n=g["n"], temperature=1.0, top_p=1.0, top_k=-1, max_tokens=g["new_tokens"], seed=seed)
         outs = llm.generate(inputs, params, use_tqdm=False)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
     res = timed_runs(job, run)
-    return res | {"settings": {"vllm": "LLM.generate, gpu_memory_utilization 0.5"},
-                  "peak_mem_kind": "n/a (vLLM allocates its own pool)"}
+    return res | {
+        "settings": {"vllm": "LLM.generate, gpu_memory_utilization 0.5"},
+        "peak_mem_kind": "n/a (vLLM allocates its own pool)",
+    }
 
 
 # ------------------------------------------------------------------------------------------ c. SFT
 def rate_result(job: dict, clock, unit_per_step: int, passes: int = 3) -> dict:
     res = clock.result()
-    return res | {"rate": res["tokens_per_s"], "units_per_s": unit_per_step * clock.timed / res["seconds"],
-                  "mfu": mfu(job, res["tokens"], res["seconds"], passes)} | peak_mem(job)
+    return (
+        res
+        | {
+            "rate": res["tokens_per_s"],
+            "units_per_s": unit_per_step * clock.timed / res["seconds"],
+            "mfu": mfu(job, res["tokens"], res["seconds"], passes),
+        }
+        | peak_mem(job)
+    )
 
 
 def sft_alignflow(job: dict) -> dict:
@@ -335,14 +452,24 @@ def sft_alignflow(job: dict) -> dict:
 
     sft.train_step, loop.optimizer_step = counted_step, timed_opt
     base = alignflow_common(job, "sft", s["warmup"] + s["steps"])
-    cfg = from_dict(SFTConfig, base | {
-        "data": {"path": job["sft_path"], "max_len": s["max_len"], "eval_fraction": 0.0, "completion_only": True},
-        "optim": {"lr": 1e-5, "scheduler": "constant", "max_grad_norm": 1.0, "weight_decay": 0.0},
-        "train": base["train"] | {"batch_size": s["batch"]}})
+    cfg = from_dict(
+        SFTConfig,
+        base
+        | {
+            "data": {"path": job["sft_path"], "max_len": s["max_len"], "eval_fraction": 0.0, "completion_only": True},
+            "optim": {"lr": 1e-5, "scheduler": "constant", "max_grad_norm": 1.0, "weight_decay": 0.0},
+            "train": base["train"] | {"batch_size": s["batch"]},
+        },
+    )
     sft.train_sft(cfg)
-    return rate_result(job, clock, s["batch"]) | {"settings": {
-        "train.packing": cfg.train.packing, "data.completion_only": True, "model.dtype": job["dtype"],
-        "train.micro_batch_tokens": cfg.train.micro_batch_tokens}}
+    return rate_result(job, clock, s["batch"]) | {
+        "settings": {
+            "train.packing": cfg.train.packing,
+            "data.completion_only": True,
+            "model.dtype": job["dtype"],
+            "train.micro_batch_tokens": cfg.train.micro_batch_tokens,
+        }
+    }
 
 
 def sft_trl(job: dict) -> dict:
@@ -352,20 +479,33 @@ def sft_trl(job: dict) -> dict:
     from alignflow.config import SFTConfig as AFSFTConfig
 
     s, tok = job["sft"], tokenizer(job)
-    rows = common.encoded_rows(AFSFTConfig, {"path": job["sft_path"], "max_len": s["max_len"],
-                                             "eval_fraction": 0.0}, tok)
-    ds = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
-                            "completion_mask": [r["loss_mask"] for r in rows]})
+    rows = common.encoded_rows(
+        AFSFTConfig, {"path": job["sft_path"], "max_len": s["max_len"], "eval_fraction": 0.0}, tok
+    )
+    ds = Dataset.from_dict(
+        {"input_ids": [r["input_ids"] for r in rows], "completion_mask": [r["loss_mask"] for r in rows]}
+    )
     settings = {"per_device_train_batch_size": s["batch"], "max_length": s["max_len"], "completion_only_loss": True}
     targs = SFTConfig(learning_rate=1e-5, **trl_common(job, SFTConfig, "sft", s["warmup"] + s["steps"]), **settings)
     clock = common.StepClock(s["warmup"], s["steps"])
-    trainer = SFTTrainer(model=load_hf_model(job), args=targs, train_dataset=ds, processing_class=tok,
-                         callbacks=[clock_callback(job, clock.mark)])
+    trainer = SFTTrainer(
+        model=load_hf_model(job),
+        args=targs,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[clock_callback(job, clock.mark)],
+    )
     clock.count_batches(trainer, 1)
     trainer.train()
-    return rate_result(job, clock, s["batch"]) | {"settings": settings | {
-        "padding": "padded to the longest row", "gradient_checkpointing": False, "bf16": targs.bf16,
-        "optim": getattr(targs.optim, "value", str(targs.optim))}}
+    return rate_result(job, clock, s["batch"]) | {
+        "settings": settings
+        | {
+            "padding": "padded to the longest row",
+            "gradient_checkpointing": False,
+            "bf16": targs.bf16,
+            "optim": getattr(targs.optim, "value", str(targs.optim)),
+        }
+    }
 
 
 # ------------------------------------------------------------------------------------------ d. DPO
@@ -390,17 +530,37 @@ def dpo_alignflow(job: dict) -> dict:
 
     po.po_step, loop.optimizer_step = counted_step, timed_opt
     base = alignflow_common(job, "dpo", d["warmup"] + d["steps"])
-    cfg = from_dict(POConfig, base | {
-        "data": {"path": job["pairs_path"], "max_len": d["max_len"], "max_prompt_len": d["max_len"],
-                 "eval_fraction": 0.0},
-        "optim": {"lr": 1e-6, "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1.0,
-                  "weight_decay": 0.0},
-        "loss": {"name": "dpo", "beta": 0.1}, "ref_cache": False,
-        "train": base["train"] | {"batch_size": d["batch"]}})
+    cfg = from_dict(
+        POConfig,
+        base
+        | {
+            "data": {
+                "path": job["pairs_path"],
+                "max_len": d["max_len"],
+                "max_prompt_len": d["max_len"],
+                "eval_fraction": 0.0,
+            },
+            "optim": {
+                "lr": 1e-6,
+                "scheduler": "constant",
+                "warmup_ratio": 0.0,
+                "max_grad_norm": 1.0,
+                "weight_decay": 0.0,
+            },
+            "loss": {"name": "dpo", "beta": 0.1},
+            "ref_cache": False,
+            "train": base["train"] | {"batch_size": d["batch"]},
+        },
+    )
     po.train_po(cfg)
-    return rate_result(job, clock, d["batch"]) | {"settings": {
-        "reference": "log-probs computed once before the timed steps", "train.packing": cfg.train.packing,
-        "model.dtype": job["dtype"], "train.micro_batch_tokens": cfg.train.micro_batch_tokens}}
+    return rate_result(job, clock, d["batch"]) | {
+        "settings": {
+            "reference": "log-probs computed once before the timed steps",
+            "train.packing": cfg.train.packing,
+            "model.dtype": job["dtype"],
+            "train.micro_batch_tokens": cfg.train.micro_batch_tokens,
+        }
+    }
 
 
 def dpo_trl(job: dict) -> dict:
@@ -414,26 +574,51 @@ def dpo_trl(job: dict) -> dict:
             return dataset
 
     d, tok = job["dpo"], tokenizer(job)
-    rows = common.encoded_rows(POConfig, {"path": job["pairs_path"], "max_len": d["max_len"],
-                                          "max_prompt_len": d["max_len"], "eval_fraction": 0.0}, tok)
-    ds = Dataset.from_dict({"prompt_ids": [r["chosen_ids"][:r["prompt_len"]] for r in rows],
-                            "chosen_ids": [r["chosen_ids"][r["prompt_len"]:] for r in rows],
-                            "rejected_ids": [r["rejected_ids"][r["prompt_len"]:] for r in rows]})
-    settings = {"per_device_train_batch_size": d["batch"], "precompute_ref_log_probs": True,
-                "precompute_ref_batch_size": d["batch"], "max_length": d["max_len"], "beta": 0.1,
-                "loss_type": ["sigmoid"]}
+    rows = common.encoded_rows(
+        POConfig,
+        {"path": job["pairs_path"], "max_len": d["max_len"], "max_prompt_len": d["max_len"], "eval_fraction": 0.0},
+        tok,
+    )
+    ds = Dataset.from_dict(
+        {
+            "prompt_ids": [r["chosen_ids"][: r["prompt_len"]] for r in rows],
+            "chosen_ids": [r["chosen_ids"][r["prompt_len"] :] for r in rows],
+            "rejected_ids": [r["rejected_ids"][r["prompt_len"] :] for r in rows],
+        }
+    )
+    settings = {
+        "per_device_train_batch_size": d["batch"],
+        "precompute_ref_log_probs": True,
+        "precompute_ref_batch_size": d["batch"],
+        "max_length": d["max_len"],
+        "beta": 0.1,
+        "loss_type": ["sigmoid"],
+    }
     targs = DPOConfig(learning_rate=1e-6, **trl_common(job, DPOConfig, "dpo", d["warmup"] + d["steps"]), **settings)
     clock = common.StepClock(d["warmup"], d["steps"])
-    trainer = PreTokenised(model=load_hf_model(job), args=targs, train_dataset=ds, processing_class=tok,
-                           callbacks=[clock_callback(job, clock.mark)])
+    trainer = PreTokenised(
+        model=load_hf_model(job),
+        args=targs,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[clock_callback(job, clock.mark)],
+    )
     clock.count_batches(trainer, 1)
     trainer.train()
-    return rate_result(job, clock, d["batch"]) | {"settings": settings | {
-        "reference": "precompute_ref_log_probs (before the timed steps)", "gradient_checkpointing": False,
-        "bf16": targs.bf16, "optim": getattr(targs.optim, "value", str(targs.optim))}}
+    return rate_result(job, clock, d["batch"]) | {
+        "settings": settings
+        | {
+            "reference": "precompute_ref_log_probs (before the timed steps)",
+            "gradient_checkpointing": False,
+            "bf16": targs.bf16,
+            "optim": getattr(targs.optim, "value", str(targs.optim)),
+        }
+    }
 
 
-SIDES = {"grpo": {"alignflow": grpo_alignflow, "trl": grpo_trl},
-         "gen": {"alignflow": gen_alignflow, "generate": gen_generate, "vllm": gen_vllm},
-         "sft": {"alignflow": sft_alignflow, "trl": sft_trl},
-         "dpo": {"alignflow": dpo_alignflow, "trl": dpo_trl}}
+SIDES = {
+    "grpo": {"alignflow": grpo_alignflow, "trl": grpo_trl},
+    "gen": {"alignflow": gen_alignflow, "generate": gen_generate, "vllm": gen_vllm},
+    "sft": {"alignflow": sft_alignflow, "trl": sft_trl},
+    "dpo": {"alignflow": dpo_alignflow, "trl": dpo_trl},
+}

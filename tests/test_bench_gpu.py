@@ -11,8 +11,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_smoke_run_reports_every_workload(tmp_path):
     out = tmp_path / "gpu"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--smoke", "--out", str(out),
-                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench_gpu.py"),
+            "--smoke",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert set(report["workloads"]) == {"grpo", "gen", "sft", "dpo"}
