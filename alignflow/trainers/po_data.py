@@ -128,9 +128,9 @@ def resolve_po_builtin(cfg: POConfig):
     if cfg.model.name_or_path and cfg.data.path:
         return None
     from alignflow.tasks import build_task
-    from alignflow.trainers.run_dir import check_output_dir
+    from alignflow.trainers.run_dir import prepare_run_dir
 
-    root = check_output_dir(cfg.train.output_dir)
+    root = prepare_run_dir(cfg.train, check_only=True)  # refused before the built-in SFT and samples
     art = build_task(cfg.task.name, cfg.task, root / "task")
     out = root / "builtin"
     out.mkdir(parents=True, exist_ok=True)

@@ -94,15 +94,17 @@ def existing_results(out: Path) -> list[str]:
     return found
 
 
-def prepare_run_dir(train) -> Path:
+def prepare_run_dir(train, check_only: bool = False) -> Path:
     """Check ``train.output_dir`` (a ``TrainConfig``), remove dead writers' leftovers and refuse to replace an
-    earlier run's results unless told to (module docstring). Returns the directory."""
+    earlier run's results unless told to (module docstring). Returns the directory. ``check_only``: only the
+    checks (the trainers run them before costly preparation too), nothing is removed."""
     out = check_output_dir(train.output_dir)
-    remove_stale_temps(out)
+    if not check_only:
+        remove_stale_temps(out)
     if train.resume and _has_checkpoint(out):
         return out
     found = existing_results(out)
-    if not found:
+    if not found or (check_only and train.overwrite):
         return out
     if not train.overwrite:
         why = "train.resume=true found no checkpoint to go on from" if train.resume else "train.resume is false"

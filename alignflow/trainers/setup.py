@@ -18,9 +18,9 @@ def resolve_builtin(cfg, command: str):
     saved run config records the paths that were actually used.
     """
     from alignflow.tasks.builtin_sft import resolve_model
-    from alignflow.trainers.run_dir import check_output_dir
+    from alignflow.trainers.run_dir import prepare_run_dir
 
-    check_output_dir(cfg.train.output_dir)  # before anything is written next to or into it
+    prepare_run_dir(cfg.train, check_only=True)  # refused before the built-in task or SFT model is made
     resolve_model(cfg)  # model.name_or_path=builtin:sft: the task's SFT model, built on first use
     if cfg.model.name_or_path and cfg.data.path:
         return None
