@@ -86,6 +86,7 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.
     """
     api = _flash_api()
     params, kwargs = api["params"], {}
+    q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         if "enable_gqa" in params:

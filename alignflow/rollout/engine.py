@@ -31,6 +31,7 @@ from transformers import DynamicCache
 
 from alignflow.batch import Batch
 from alignflow.rollout.kv_cache import preallocated_cache, select_rows
+from alignflow.rollout.graphs import GraphedLeanRunner, graphs_supported
 from alignflow.rollout.lean import LeanRunner, unsupported_reason
 from alignflow.rollout.sampling import SamplingParams, chosen_logprobs, presence_mask, sample_keys, sample_tokens
 
@@ -160,6 +161,8 @@ class HFEngine:
         self.fast_path = fast_path
         self.last_path: Optional[str] = None
         self.fallback_reason: Optional[str] = None
+        self.graph_reason: Optional[str] = None  # why the lean decode step is not CUDA-graphed (None if it is)
+        self._prompt_lengths: list[int] = []
         self.tokenizer = tokenizer
         gen_cfg = getattr(model, "generation_config", None)
         eos = eos_token_id
@@ -206,6 +209,7 @@ class HFEngine:
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("HFEngine.generate: stop_strings need a tokenizer; build HFEngine(model, tokenizer)")
         prompt, prompt_mask = self._left_pad(prompt_ids)  # (P, Tp)
+        self._prompt_lengths = [len(row) for row in prompt_ids]
         params.check_seeds(len(prompt_ids), "HFEngine.generate")
         was_training = self.model.training
         self.model.eval()
@@ -235,7 +239,10 @@ class HFEngine:
         self.fallback_reason = reason
         self.last_path = "hf" if reason else "lean"
         if reason is None:
-            return LeanRunner(self.model, width, max_new)
+            self.graph_reason = graphs_supported(self.model)
+            runner_cls = LeanRunner if self.graph_reason else GraphedLeanRunner
+            self.last_path = "lean" if self.graph_reason else "lean+graphs"
+            return runner_cls(self.model, width, max_new)
         return _HFRunner(self.model, width, max_new, self.preallocate, self._logits_to_keep)
 
     def _run(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams) -> _Out:
@@ -243,6 +250,7 @@ class HFEngine:
         device, n, max_new = prompt.device, params.n, params.max_new_tokens
         rows, width = prompt.shape[0] * n, prompt.shape[1]
         runner = self._runner(width, max_new)
+        runner.prompt_lengths = self._prompt_lengths  # host copy: no device sync for the prefill's lengths
         position = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)  # (P, Tp)
         logits = runner.prefill(prompt, prompt_mask, position)  # (P, V)
         runner.repeat(n)  # rows i*n .. i*n+n-1 share prompt i's cache rows: one prefill per distinct prompt

@@ -33,6 +33,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from alignflow.models.varlen import cumulative, flash_usable, flash_varlen
+
 # model_type -> the causal-LM class this module was written against (transformers 5.x).
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
              "qwen3": "Qwen3ForCausalLM"}
@@ -204,6 +206,7 @@ class LeanRunner:
         self.width, self.capacity = width, width + max_new
         self.allowed: Optional[torch.Tensor] = None  # (b, capacity) additive mask: 0 where a live row attends
         self.n = 1  # samples per prompt (set by `repeat`)
+        self.prompt_lengths: list[int] = []  # real tokens per prompt, set by the engine (host copy)
 
     # ------------------------------------------------------------------------------------------- prefill
     def prefill(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -220,6 +223,10 @@ class LeanRunner:
         causal = torch.ones(width, width, dtype=torch.bool, device=prompt.device).tril()
         diagonal = torch.eye(width, dtype=torch.bool, device=prompt.device)
         mask = (causal & (real[:, None, :] | diagonal))[:, None]
+        cu = longest = None
+        if prompt.is_cuda:  # cumulative prompt lengths for the flash kernel, from the engine's host copy
+            lengths = self.prompt_lengths or prompt_mask.sum(-1).tolist()
+            cu, longest = cumulative(lengths).to(prompt.device, non_blocking=True), max(lengths)
         for i, layer in enumerate(self.layers):
             x = _rms_norm(h, layer.norm1, layer.eps1)
             q, k, v = layer.qkv(x, self.heads, self.kv_heads, self.dim, cos, sin)  # (N, H, D)
@@ -230,6 +237,12 @@ class LeanRunner:
             values = layer.values = v.new_zeros(rows, self.kv_heads, width, self.dim)
             keys[row_of, :, col_of] = k
             values[row_of, :, col_of] = v
+            if cu is not None and flash_usable(q):  # one flash kernel over every prompt's real tokens
+                out = flash_varlen(q, k, v, cu, cu, longest, longest, causal=True, scale=self.scaling)  # (N, H, D)
+                out = out if i + 1 < len(self.layers) else out[last]  # last layer: each prompt's last token
+                h = h if i + 1 < len(self.layers) else h[last]
+                h = layer.mlp(h + F.linear(out.reshape(out.shape[0], -1), layer.w_o, layer.b_o))
+                continue
             q_pad = q.new_zeros(rows, width, self.heads, self.dim)
             q_pad[row_of, col_of] = q
             if self.groups > 1:  # transformers repeats the KV heads at prefill; so do we
