@@ -86,6 +86,16 @@ def test_old_checkpoints_without_resume_are_refused(tmp_path):
     assert run_dir.prepare_run_dir(TrainConfig(output_dir=str(tmp_path), resume=True)) == tmp_path
 
 
+def test_what_counts_as_an_earlier_run(tmp_path):
+    """The built-in task's cache (task/model) and an empty metrics file are not results; an ensemble member's
+    model is."""
+    (tmp_path / "task" / "model").mkdir(parents=True)
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert run_dir.existing_results(tmp_path) == []
+    (tmp_path / "member-1" / "model").mkdir(parents=True)
+    assert run_dir.existing_results(tmp_path) == ["model/"]
+
+
 # ----------------------------------------------------------------------------------------------- 2. total limit
 def test_save_total_limit_keeps_the_newest_and_their_companions(tmp_path):
     root = tmp_path / "checkpoints"

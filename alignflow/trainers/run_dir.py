@@ -74,7 +74,7 @@ def check_output_dir(path: str, key: str = "train.output_dir") -> Path:
 
 def _checkpoint_roots(out: Path) -> list[Path]:
     """``checkpoints/`` of the run and of its sub-runs (reward-model ensemble members ``member-i/``)."""
-    return [p for p in [out / "checkpoints", *sorted(out.glob("*/checkpoints"))] if p.is_dir()]
+    return [p for p in [out / "checkpoints", *sorted(out.glob("member-*/checkpoints"))] if p.is_dir()]
 
 
 def _has_checkpoint(out: Path) -> bool:
@@ -84,7 +84,7 @@ def _has_checkpoint(out: Path) -> bool:
 def existing_results(out: Path) -> list[str]:
     """What in ``out`` a new run would replace: ``model/``, a non-empty ``metrics.jsonl``, ``checkpoints/``."""
     found = []
-    if (out / "model").exists() or any(out.glob("*/model")):
+    if (out / "model").exists() or any(out.glob("member-*/model")):  # (task/model is the built-in task's)
         found.append("model/")
     metrics = out / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size > 0:
