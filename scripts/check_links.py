@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Check that every relative link in README.md and docs/**/*.md resolves.
+"""Check that every relative link in README.md and docs/**/*.md resolves, and every docs page the code names exists.
 
 A link is ``[text](target)``, ``![alt](target)`` or a reference definition ``[label]: target``. Links with a scheme
 (``https:``, ``mailto:``) are not followed. A relative target must name an existing file or directory, resolved
@@ -7,8 +7,11 @@ from the directory of the page that holds the link; a ``#fragment`` on a Markdow
 must match a heading of that page, slugged the way GitHub slugs headings. Text inside fenced code blocks and inline
 code spans is not a link.
 
+Docstrings, comments and presets point readers to the project's pages as ``docs/<page>.md``: every such mention in
+the Python, YAML and shell files under alignflow/, configs/, bench/, scripts/ and tests/ must name an existing file.
+
 Usage: ``python scripts/check_links.py [ROOT]`` (ROOT defaults to the repository root). Prints one line per broken
-link, ``path:line: target -> reason``, and exits 1 when there is any, 0 otherwise.
+link or mention, ``path:line: target -> reason``, and exits 1 when there is any, 0 otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 FENCE = re.compile(r"^\s*(```|~~~)")
 CODE_SPAN = re.compile(r"(`+)(?:(?!\1).)+?\1")
 HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$")
+DOCS_MENTION = re.compile(r"(?<![\w/.-])docs/[\w./-]*\w\.md")
+SOURCE_DIRS = ("alignflow", "configs", "bench", "scripts", "tests")
+SOURCE_SUFFIXES = {".py", ".yaml", ".yml", ".sh", ".toml"}
 
 
 def pages(root: Path) -> list[Path]:
@@ -94,14 +100,28 @@ def problem(page: Path, target: str, root: Path) -> str | None:
     return None
 
 
+def source_files(root: Path) -> list[Path]:
+    """The code, preset and script files whose docs mentions are checked, in a stable order."""
+    found: list[Path] = []
+    for name in SOURCE_DIRS:
+        if (root / name).is_dir():
+            found += sorted(p for p in (root / name).rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file())
+    return found
+
+
 def check(root: Path) -> list[str]:
-    """One message per broken relative link under ``root``."""
+    """One message per broken relative link or docs mention under ``root``."""
     errors = []
     for page in pages(root):
         for number, target in targets(page.read_text(encoding="utf-8")):
             reason = problem(page, target, root)
             if reason:
                 errors.append(f"{page.relative_to(root)}:{number}: {target} -> {reason}")
+    for path in source_files(root):
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+            for mention in DOCS_MENTION.findall(line):
+                if not (root / mention).is_file():
+                    errors.append(f"{path.relative_to(root)}:{number}: {mention} -> no such page")
     return errors
 
 
@@ -110,8 +130,8 @@ def main(argv: list[str]) -> int:
     errors = check(root)
     for line in errors:
         print(line)
-    checked = len(pages(root))
-    print(f"check_links: {checked} pages, {len(errors)} broken link(s)", file=sys.stderr)
+    checked = len(pages(root)), len(source_files(root))
+    print(f"check_links: {checked[0]} pages, {checked[1]} source files, {len(errors)} broken", file=sys.stderr)
     return 1 if errors else 0
 
 
