@@ -189,7 +189,7 @@ def child_main(job_path: str) -> None:
         else:
             import gpu_sides
 
-            res = gpu_sides.SIDES[job["workload"]][job["side"]](job)
+            res = gpu_sides.side(job["workload"], job["side"])(job)
     except BaseException as err:  # noqa: BLE001 -- reported in the results, never fatal to the driver
         traceback.print_exc()
         res, code = {"error": f"{type(err).__name__}: {err}"[:2000]}, 1
@@ -202,6 +202,7 @@ def child_main(job_path: str) -> None:
 def preload() -> str:
     """Import the heavy modules once in the driver (each forked child inherits them); the driver never touches
     CUDA, so children can. Returns the start method: "fork", or "spawn" when CUDA got initialised anyway."""
+    import gpu_gen  # noqa: F401
     import gpu_sides  # noqa: F401
     import torch
     import transformers  # noqa: F401
