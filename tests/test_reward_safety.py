@@ -232,3 +232,25 @@ def test_workers_exit_when_their_parent_dies(tmp_path):
     while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
         time.sleep(0.2)
     assert not any(os.path.exists(f"/proc/{p}") for p in pids)
+
+
+def _pool_in_daemon(queue):
+    from alignflow.rewards.workers import WorkerPool
+
+    try:
+        queue.put(WorkerPool(abs, size=1).map([(-3,)]))
+    except BaseException as e:  # noqa: B036 -- reported to the test
+        queue.put(repr(e))
+
+
+def test_a_pool_works_inside_a_daemonic_process():
+    """reward.executor=process runs the reward in a multiprocessing pool worker, a daemonic process; before,
+    the math checker's pool failed there with "daemonic processes are not allowed to have children"."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_pool_in_daemon, args=(queue,), daemon=True)
+    proc.start()
+    assert queue.get(timeout=60) == [("ok", 3)]
+    proc.join(10)

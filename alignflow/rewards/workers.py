@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import atexit
 import collections
-import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 _POOLS: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
@@ -91,28 +91,58 @@ def _serve(conn, fn: Callable, memory_mb: int | None, close_fds: list, parent: i
 
 
 class _Worker:
-    def __init__(self, ctx, fn: Callable, memory_mb: int | None, others: list):
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, fn, memory_mb, others + [self.conn], os.getpid()),
-                                daemon=True, name="alignflow-reward-worker")
-        self.proc.start()
-        child.close()
+    """One forked child and the parent's end of its socket. ``os.fork`` directly, not ``multiprocessing``: that
+    also works inside a daemonic process (a ``multiprocessing`` pool worker may not start children)."""
+
+    def __init__(self, fn: Callable, memory_mb: int | None, others: list):
+        ours, theirs = socket.socketpair()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the child: serve, and never return into the parent's code
+            code = 0
+            try:
+                ours.close()
+                _serve(Connection(theirs.detach()), fn, memory_mb, others, parent)
+            except BaseException:  # noqa: B036 -- whatever happens, the child must end here
+                code = 1
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.pid: int | None = pid
+        self.conn = Connection(ours.detach())
         self.queue: collections.deque = collections.deque()  # (index, chars) sent, not answered; the first runs
         self.queued_chars = 0
         self.deadline = 0.0  # when the running item times out
 
-    def stop(self, kill: bool = False) -> None:
+    def alive(self) -> bool:
+        """Whether the child still runs (a child that ended is reaped here)."""
+        if self.pid is None:
+            return False
         try:
-            if kill:
-                self.proc.kill()
-            else:
+            done = os.waitpid(self.pid, os.WNOHANG)[0]
+        except ChildProcessError:
+            done = self.pid
+        if done:
+            self.pid = None
+        return not done
+
+    def stop(self, kill: bool = False) -> None:
+        """Ask the child to exit (or SIGKILL it at once), wait for it, close the socket."""
+        if not kill:
+            try:
                 self.conn.send(None)
-        except (OSError, ValueError):
-            pass
-        self.proc.join(1.0 if not kill else None)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
+            except (OSError, ValueError):
+                pass
+            end = time.monotonic() + 1.0
+            while self.alive() and time.monotonic() < end:
+                time.sleep(0.01)
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.pid = None
         self.conn.close()
 
 
@@ -133,15 +163,14 @@ class WorkerPool:
         self.workers: list[_Worker] = []
         self.lock = threading.Lock()
         self.replaced = 0  # workers killed on a timeout or found dead, and replaced
-        self._ctx = multiprocessing.get_context("fork")
         _POOLS.add(self)
 
     def _fork(self) -> _Worker:
-        return _Worker(self._ctx, self.fn, self.memory_mb, [w.conn for w in self.workers])
+        return _Worker(self.fn, self.memory_mb, [w.conn for w in self.workers])
 
     def pids(self) -> list[int]:
         """Process ids of the live workers."""
-        return [w.proc.pid for w in self.workers if w.proc.is_alive()]
+        return [w.pid for w in self.workers if w.alive()]
 
     def map(self, items: list[tuple], timeout_s: float | None = None) -> list[tuple[str, Any]]:
         """Run ``fn(*item)`` for every item on the workers; one ``(status, value)`` per item, in order.
