@@ -214,8 +214,8 @@ def preload() -> str:
         import datasets  # noqa: F401
         import trl  # noqa: F401
         from trl import DPOTrainer, GRPOTrainer, SFTTrainer  # noqa: F401
-    except ImportError:
-        pass  # the TRL children report it
+    except Exception:  # noqa: BLE001 -- not installed or broken: the TRL children report it
+        pass
     return "spawn" if torch.cuda.is_initialized() else "fork"
 
 
@@ -315,6 +315,12 @@ def markdown(report: dict) -> str:
             f"{side_cell(af, 'gen_share', '.0%')} / {side_cell(base, 'gen_share', '.0%')} | "
             f"{side_cell(af, 'peak_mem_mb', '.0f')} / {side_cell(base, 'peak_mem_mb', '.0f')} |"
         )
+    return "\n".join(lines + details(report)) + "\n"
+
+
+def details(report: dict) -> list[str]:
+    """The GRPO step breakdown, the vLLM line, seconds per child, each side's settings or failure."""
+    lines: list[str] = []
     grpo = report["workloads"].get("grpo")
     if grpo:
         lines += [
@@ -340,12 +346,19 @@ def markdown(report: dict) -> str:
                 or f"{v['tokens_per_s']:.0f} tokens/s; alignflow / vLLM {fmt(gen.get('ratio_vs_vllm'), '.2f')}x"
             ),
         ]
+    took = [
+        f"{w}/{side} {res['process_s']:.0f}"
+        for w, r in report["workloads"].items()
+        for side, res in r["sides"].items()
+        if "process_s" in res
+    ]
+    lines += ["", "Seconds per child process (loading included): " + ", ".join(took) + "."]
     lines += ["", "Settings and failures:", ""]
     for w, r in report["workloads"].items():
         for side, res in r["sides"].items():
             what = res.get("error") or res.get("skipped") or json.dumps(res.get("settings", {}))
             lines.append(f"- {w} / {side}: {what}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def parser() -> argparse.ArgumentParser:
