@@ -19,8 +19,9 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import yaml
 
@@ -45,7 +46,7 @@ def field(default: Any = dataclasses.MISSING, *, doc: str, choices: Optional[tup
 
 
 # ----------------------------------------------------------------------------------------------- field checks
-def check_betas(value: Any, key: str) -> list:
+def check_betas(value: Any, key: str) -> list[float]:
     """AdamW's (beta1, beta2): two numbers, each in [0, 1)."""
     try:
         betas = [float(b) for b in value]
@@ -61,9 +62,10 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 
 def check_device(value: Any, key: str) -> str:
     """The device string's form (whether such a device exists is checked when the run starts)."""
-    if not DEVICE_PATTERN.fullmatch(value):
-        raise ConfigError(f"{key}: {value!r} is not a device; use auto, cpu, cuda, cuda:<index>, mps or xpu")
-    return value
+    text = str(value)
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise ConfigError(f"{key}: {text!r} is not a device; use auto, cpu, cuda, cuda:<index>, mps or xpu")
+    return text
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -505,8 +507,8 @@ def _check_rl_batch(cfg: Any, prefix: str) -> None:
     if cfg.train.batch_size > rows:
         raise ConfigError(f"{prefix}train.batch_size={cfg.train.batch_size} is larger than the rollout batch "
                           f"{prefix}rollout.prompts_per_step x {prefix}rollout.n = {cfg.rollout.prompts_per_step} x "
-                          f"{cfg.rollout.n} = {rows} rows; use a {prefix}train.batch_size in [1, {rows}] (a mini-batch of "
-                          "one RL step)")
+                          f"{cfg.rollout.n} = {rows} rows; use a {prefix}train.batch_size in [1, {rows}] (a "
+                          "mini-batch of one RL step)")
 
 
 def check_sections(cfg: Any, prefix: str = "") -> None:

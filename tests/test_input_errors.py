@@ -107,7 +107,8 @@ def test_duplicate_keys_name_the_line_and_the_key(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [
         '{"prompt": "Q:", "chosen": "good", "rejected": "bad"}',
         '{"prompt": "Q:", "chosen": "good", "rejected": "bad", "chosen": "dog"}',
-        '{"messages": [{"role": "user", "content": "hi", "content": "hello"}, {"role": "assistant", "content": "A:"}]}'])
+        '{"messages": [{"role": "user", "content": "hi", "content": "hello"}, '
+        '{"role": "assistant", "content": "A:"}]}'])
     records = load_records(path)
     assert records[1].row == Unparseable("duplicate key 'chosen' in one object (JSON would keep only its last value)")
     assert records[2].row == Unparseable("duplicate key 'content' in one object (JSON would keep only its last value)")

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from alignflow.cli import main
 from alignflow.config import ModelConfig, SFTConfig, from_dict
-from alignflow.models.loading import (ModelLoadError, load_causal_lm, load_reward_model, load_tokenizer, save_model)
+from alignflow.models.loading import ModelLoadError, load_causal_lm, load_reward_model, load_tokenizer, save_model
 
 
 @pytest.fixture(scope="module")
