@@ -211,6 +211,8 @@ def sample_from_logits(logits: torch.Tensor, generator: Optional[torch.Generator
     :func:`keyed_exponential` of (row key, ``step``, column id), a function of the row's own key only.
     ``columns`` gives the ids that key the columns, (V,) or (B, V); default ``arange(V)``.
     """
+    if keys is not None and columns is None and _fused_ok(logits):
+        return _fused_keyed_draw(logits, keys, step)
     probs = logits.softmax(dim=-1)  # (B, V)
     if keys is not None:
         if columns is None:
@@ -338,6 +340,50 @@ def keyed_exponential(keys: torch.Tensor, step: Union[int, torch.Tensor], column
     [6e-8, 16.6], on the device of ``keys``. See the section comment for the construction."""
     u = keyed_uniform_bits(keys, step, columns).bitwise_right_shift_(9).float()  # (B, C) integers < 2**23
     return u.add_(0.5).mul_(2.0 ** -23).log_().neg_()
+
+
+# ----------------------------------------------------------------------------------------------- fused draw
+# On a GPU the keyed draw above is ~20 elementwise passes over a (B, V) int64 tensor: at B = 256 and V = 152k
+# that is ~8 GB of memory traffic per decode step, more than the model's own step. torch.compile fuses the whole
+# draw (softmax, the (B, V) half of the hash, the exponential race and the argmax) into a few kernels that read
+# the logits once and write (B,) ids; the (B,) and (V,) halves of the hash stay eager (cheap). Same function,
+# same numbers up to the rounding of `log` inside the fused kernel. Used for large CUDA batches only (compiling
+# costs seconds once per process); any compile failure falls back to the eager draw with one warning.
+USE_COMPILE = True
+FUSE_MIN_ELEMENTS = 1 << 22  # B * V from which the fused draw pays for its compilation
+_FUSED: dict = {}
+
+
+def _fused_ok(logits: torch.Tensor) -> bool:
+    return USE_COMPILE and logits.is_cuda and logits.numel() >= FUSE_MIN_ELEMENTS and _FUSED.get("broken") is None
+
+
+def _race_argmax(logits: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """argmax_v softmax(logits)_v / E_v with E = keyed_exponential's noise: h (B,) row-step states, c (V,) mixed
+    column ids (see keyed_uniform_bits). (B, V) -> (B,)."""
+    probs = logits.softmax(dim=-1)  # (B, V)
+    u = mix32(c[None, :].bitwise_xor(h[:, None])).bitwise_right_shift(9).float()  # (B, V) integers < 2**23
+    race = u.add(0.5).mul(2.0 ** -23).log().neg()
+    return (probs.float() / race).argmax(dim=-1)
+
+
+def _fused_keyed_draw(logits: torch.Tensor, keys: torch.Tensor, step: Union[int, torch.Tensor]) -> torch.Tensor:
+    h = mix32(mix32(keys[:, 0]).bitwise_xor_(keys[:, 1]))  # (B,)
+    h = mix32(h.bitwise_xor_(step))  # (B,) as in keyed_uniform_bits
+    V = logits.shape[-1]
+    key = (V, logits.device)
+    if key not in _FUSED:  # the (V,) half of the hash, once per vocabulary and device
+        _FUSED[key] = mix32(torch.arange(V, device=logits.device).bitwise_xor(_COLUMN_SALT))
+    if "fn" not in _FUSED:
+        _FUSED["fn"] = torch.compile(_race_argmax, dynamic=True)
+    try:
+        return _FUSED["fn"](logits, h, _FUSED[key])
+    except Exception as err:  # noqa: BLE001 - any compiler failure: the eager draw is the same function
+        import warnings
+
+        warnings.warn(f"fused sampling could not be compiled ({type(err).__name__}: {err}); using the eager draw")
+        _FUSED["broken"] = True
+        return _race_argmax(logits, h, _FUSED[key])
 
 
 def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
