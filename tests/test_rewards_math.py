@@ -143,6 +143,23 @@ def test_rows_are_checked_in_parallel_batches():
     assert rmath._pool().replaced == before + 1
 
 
+def test_a_timed_out_batch_frees_the_workers_for_the_next_call():
+    """reward.timeout_s = 1 s on 6 answers that each take the full 5 s on 2 workers (15 s of work): the abandoned
+    call gives up within a fraction of a second, so the next batch is scored at once instead of ~14 s later."""
+    from alignflow.batch import Batch
+    from alignflow.rewards import CallableReward, RewardError
+
+    def batch(responses, answers):
+        return Batch(meta={"prompt": ["q"] * len(responses), "response": responses, "answer": answers})
+
+    with pytest.raises(RewardError, match="timed out"):
+        CallableReward(math_accuracy_reward, timeout_s=1.0)(batch([f"\\boxed{{{PATHOLOGICAL}}}"] * 6, ["1"] * 6))
+    t0 = time.perf_counter()
+    out = CallableReward(math_accuracy_reward, timeout_s=60)(batch(["\\boxed{0.5}", "7"], ["1/2", "8"]))
+    assert out.tolist() == [1.0, 0.0]
+    assert time.perf_counter() - t0 < 6.0
+
+
 def test_missing_sympy_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sympy", None)  # makes `import sympy` raise ImportError
     with pytest.raises(ImportError, match=r"pip install 'alignflow\[math\]'"):

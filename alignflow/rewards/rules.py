@@ -187,7 +187,9 @@ def run_with_timeout(fn: Callable, args: tuple = (), kwargs: dict | None = None,
     """Call ``fn`` in a daemon thread and wait at most ``timeout`` s; :class:`CallTimeout` after that.
 
     A Python thread cannot be stopped: a call that times out runs on in the background (as a daemon thread it
-    does not keep the interpreter alive). The function's own exceptions are re-raised here.
+    does not keep the interpreter alive). On a timeout the thread's ``alignflow_cancel`` event is set, so code
+    that checks it (:class:`~alignflow.rewards.workers.WorkerPool`) can give up early. The function's own
+    exceptions are re-raised here.
     """
     kwargs = kwargs or {}
     fut: Future = Future()
@@ -199,11 +201,14 @@ def run_with_timeout(fn: Callable, args: tuple = (), kwargs: dict | None = None,
             except BaseException as e:  # delivered to the caller through the future
                 fut.set_exception(e)
 
-    threading.Thread(target=target, daemon=True, name="alignflow-reward").start()
+    thread = threading.Thread(target=target, daemon=True, name="alignflow-reward")
+    thread.alignflow_cancel = threading.Event()  # type: ignore[attr-defined]
+    thread.start()
     try:
         return fut.result(timeout)
     except FuturesTimeout:
         if not fut.done():
+            thread.alignflow_cancel.set()  # type: ignore[attr-defined]
             raise CallTimeout(f"no result after {timeout} s") from None
     return fut.result()  # finished: its result, or the TimeoutError the function raised itself
 

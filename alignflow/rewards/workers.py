@@ -10,7 +10,11 @@ allocating) in the background. :class:`WorkerPool` runs each call in a forked ch
   outcome ``"error"``), or kills it (outcome ``"crash"``, and a fresh worker takes its place);
 * **batching**: :meth:`WorkerPool.map` spreads a list of items over ``size`` workers through pipes, a few
   queued on each worker at a time (so it never waits for the parent between items), with no process start-up;
-  an item's clock starts when the worker finishes the previous one.
+  an item's clock starts when the worker finishes the previous one;
+* **abandoned calls**: a map running in a thread whose caller stopped waiting (``run_with_timeout`` of
+  :mod:`alignflow.rewards.rules` sets the thread's ``alignflow_cancel`` event) kills its busy workers and
+  returns within ``POLL_S``, marking the unfinished items ``"cancelled"``, so the next call finds the pool
+  free instead of waiting behind work nobody will read.
 
 Workers are forked lazily on the first call and kept for the next; :meth:`close` (also at interpreter exit)
 stops them. A worker ignores Ctrl-C (the parent stops it) and exits by itself when its parent dies. The work
@@ -35,6 +39,7 @@ from typing import Any
 _POOLS: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 DEPTH = 8                 # items queued on one worker at a time
 PIPELINED_CHARS = 32_000  # text queued on a worker beyond its running item (well below a pipe's buffer)
+POLL_S = 0.25             # how often a waiting map looks whether its caller gave up
 
 
 def _address_space() -> int:
@@ -151,7 +156,8 @@ class WorkerPool:
 
     fn: the function each item is passed to as ``fn(*item)``. timeout_s: seconds per item. memory_mb: extra
     address space each worker may take (None: no limit). :meth:`map` returns one ``(status, value)`` per item:
-    ``("ok", result)``, ``("error", "Type: message")``, ``("timeout", None)`` or ``("crash", None)``.
+    ``("ok", result)``, ``("error", "Type: message")``, ``("timeout", None)``, ``("crash", None)`` or
+    ``("cancelled", None)``.
     """
 
     def __init__(self, fn: Callable, size: int = 2, timeout_s: float = 5.0, memory_mb: int | None = 1024):
@@ -183,10 +189,23 @@ class WorkerPool:
         todo = collections.deque(range(len(items)))
         while len(self.workers) < min(self.size, len(items)):
             self.workers.append(self._fork())
+        cancel = getattr(threading.current_thread(), "alignflow_cancel", None)
         while todo or any(w.queue for w in self.workers):
+            if cancel is not None and cancel.is_set():
+                return self._cancel(results, todo)
             for w in self.workers:
                 self._fill(w, todo, items, timeout_s)
             self._collect(results, todo, timeout_s)
+        return results
+
+    def _cancel(self, results: list, todo: collections.deque) -> list:
+        """The caller gave up on this call (its thread timed out): stop the work, mark what is left."""
+        for w in [w for w in self.workers if w.queue]:
+            todo.extend(index for index, _ in w.queue)
+            w.queue.clear()
+            self._replace(w)
+        for index in todo:
+            results[index] = ("cancelled", None)
         return results
 
     def _fill(self, w: _Worker, todo: collections.deque, items: list, timeout_s: float) -> None:
@@ -211,7 +230,7 @@ class WorkerPool:
         queued items go back to ``todo``)."""
         busy = {w.conn: w for w in self.workers if w.queue}
         first = min(w.deadline for w in busy.values())
-        for conn in wait(list(busy), timeout=max(0.0, first - time.monotonic())):
+        for conn in wait(list(busy), timeout=min(POLL_S, max(0.0, first - time.monotonic()))):
             w = busy[conn]
             try:
                 index, out = conn.recv()
