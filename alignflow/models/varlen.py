@@ -38,6 +38,7 @@ VARLEN = "alignflow_varlen"
 VARLEN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 _REGISTERED = False
 USE_FLASH = True  # False forces the per-sequence SDPA path on CUDA too (the reference in tests/test_gpu.py)
+FLASH_DEVICES = ("cuda",)  # where the flash kernel runs; CPU tests add "cpu" with a stand-in kernel
 _FLASH_API: Optional[dict] = None
 
 
@@ -69,7 +70,8 @@ def flash_usable(query: torch.Tensor, dropout: float = 0.0, window: Optional[int
     kernel present in this torch (and a sliding window only where its API takes one). :data:`USE_FLASH` off
     forces the per-sequence path (the reference the GPU tests compare against)."""
     api = _flash_api() if USE_FLASH else None
-    return bool(api) and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0 \
+    return bool(api) and query.device.type in FLASH_DEVICES and query.dtype in (torch.float16, torch.bfloat16) \
+        and dropout == 0.0 \
         and query.shape[-1] <= 256 and query.shape[-1] % 8 == 0 \
         and (window is None or "window_size" in api["params"])
 
@@ -205,7 +207,7 @@ def flat_hidden_states(model: nn.Module, input_ids: torch.Tensor, seq_lens: Sequ
                          "and every length >= 1")
     if position_ids is None:
         position_ids = flat_positions(lens).to(input_ids.device, non_blocking=True)[None]  # (1, N)
-    if input_ids.is_cuda:  # cumulative lengths for the flash kernel, built once per forward (not per layer)
+    if input_ids.device.type in FLASH_DEVICES:  # cumulative lengths for the flash kernel, once per forward
         kwargs["cu_seq_lens"] = cumulative(lens).to(input_ids.device, non_blocking=True)
     register()
     with _attention_implementation(unwrap(model).config, VARLEN):

@@ -63,12 +63,17 @@ class GraphedLeanRunner(LeanRunner):
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.rows = 0
+        self.capture = True
 
     def start(self, prompt_mask: torch.Tensor) -> None:
         super().start(prompt_mask)
         rows, device = prompt_mask.shape[0], prompt_mask.device
         self.rows = rows
+        self.capture = prompt_mask.is_cuda  # elsewhere (CPU tests) the same static step runs eagerly
         self.allowed[:, self.width:] = float("-inf")  # columns are opened one per step, inside the graph
+        for layer in self.layers:  # unwritten columns are attended with weight 0: they must hold no NaN
+            layer.keys[:, :, self.width:].zero_()
+            layer.values[:, :, self.width:].zero_()
         self.token = torch.zeros(rows, dtype=torch.long, device=device)  # static inputs of every graph
         self.position = torch.zeros(rows, dtype=torch.long, device=device)
         self.column = torch.zeros(1, dtype=torch.long, device=device)
@@ -115,6 +120,8 @@ class GraphedLeanRunner(LeanRunner):
         self.token[:b].copy_(token)
         self.position[:b].copy_(position)
         self.column.fill_(self.width + t)
+        if not self.capture:
+            return self._graph_step(size)[:b]
         if size not in self.graphs:
             self.graphs[size] = self._capture(size)
         graph, out = self.graphs[size]

@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from alignflow.models import varlen
 from alignflow.models.varlen import cumulative, flash_usable, flash_varlen
 
 # model_type -> the causal-LM class this module was written against (transformers 5.x).
@@ -224,7 +225,7 @@ class LeanRunner:
         diagonal = torch.eye(width, dtype=torch.bool, device=prompt.device)
         mask = (causal & (real[:, None, :] | diagonal))[:, None]
         cu = longest = None
-        if prompt.is_cuda:  # cumulative prompt lengths for the flash kernel, from the engine's host copy
+        if prompt.device.type in varlen.FLASH_DEVICES:  # cumulative prompt lengths, from the engine's host copy
             lengths = self.prompt_lengths or prompt_mask.sum(-1).tolist()
             cu, longest = cumulative(lengths).to(prompt.device, non_blocking=True), max(lengths)
         for i, layer in enumerate(self.layers):

@@ -351,11 +351,13 @@ def keyed_exponential(keys: torch.Tensor, step: Union[int, torch.Tensor], column
 # costs seconds once per process); any compile failure falls back to the eager draw with one warning.
 USE_COMPILE = True
 FUSE_MIN_ELEMENTS = 1 << 22  # B * V from which the fused draw pays for its compilation
+FUSE_DEVICES = ("cuda",)  # tests add "cpu" to run the fused draw where no GPU is
 _FUSED: dict = {}
 
 
 def _fused_ok(logits: torch.Tensor) -> bool:
-    return USE_COMPILE and logits.is_cuda and logits.numel() >= FUSE_MIN_ELEMENTS and _FUSED.get("broken") is None
+    return USE_COMPILE and logits.device.type in FUSE_DEVICES and logits.numel() >= FUSE_MIN_ELEMENTS \
+        and _FUSED.get("broken") is None
 
 
 def _race_argmax(logits: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
