@@ -169,7 +169,8 @@ def test_ref_cache_is_reused_then_invalidated_when_the_data_change(setup, tmp_pa
     calls = []
     real = po.compute_ref_logps
     monkeypatch.setattr(po, "compute_ref_logps", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
-    cfg = lambda data: _cfg(setup, tmp_path, data=data, train={"max_steps": 1})  # noqa: E731
+    # the same run directory each time (it holds the cache): each run replaces the previous one
+    cfg = lambda data: _cfg(setup, tmp_path, data=data, train={"max_steps": 1, "overwrite": True})  # noqa: E731
     first = po.train_po(cfg(setup["paths"]["preference"]))
     cache = tmp_path / po.CACHE_FILE
     stamp = cache.stat().st_mtime_ns
