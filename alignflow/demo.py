@@ -97,6 +97,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     times, t = {}, time.perf_counter()
     art = build_task("reviews", cfg.task, out / "task")
     times["task"] = time.perf_counter() - t
+    stage("task", times["task"], f"built the reviews task at {out / 'task'}")
     # ---- 1. SFT
     t = time.perf_counter()
     sft = train_sft(from_dict(SFTConfig, {
@@ -107,6 +108,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                   "max_steps": cfg.sft_steps,
                   "seed": cfg.seed, "progress": cfg.progress, "log_every": 5}}))
     times["sft"] = time.perf_counter() - t
+    stage("sft", times["sft"], f"{len(sft.losses)} steps, loss {sft.losses[0]:.3f} -> {sft.losses[-1]:.3f}")
     # ---- 2. pairs from SFT samples, labelled by the gold reward
     t = time.perf_counter()
     prompts = [r["prompt"] for r in read_jsonl(art.prompts_path)[:cfg.num_prompts]]
@@ -117,6 +119,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     write_jsonl(out / "pairs_train.jsonl", pairs[n_eval:])
     write_jsonl(out / "pairs_eval.jsonl", pairs[:n_eval])
     times["sample+label"] = time.perf_counter() - t
+    stage("pairs", times["sample+label"], f"{len(pairs)} pairs from SFT samples, "
+          f"{sft_metrics['eval/grammatical']:.0%} grammatical")
     # ---- 3. reward model
     t = time.perf_counter()
     rm = train_rm(from_dict(RMConfig, {
@@ -127,6 +131,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                   "max_steps": cfg.rm_steps,
                   "seed": cfg.seed, "progress": cfg.progress, "log_every": 5}}))
     times["rm"] = time.perf_counter() - t
+    stage("rm", times["rm"], f"held-out accuracy {rm.eval.get('eval/accuracy', float('nan')):.3f}")
     gold_agreement = agreement_with_gold(rm.models[0], sft.tokenizer, pairs[:n_eval], art.gold_reward)
     # ---- 4. online RL against the learned reward model
     rl = None
@@ -134,6 +139,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         t = time.perf_counter()
         rl = run_rl(cfg, out, art)
         times["rl"] = time.perf_counter() - t
+        stage(cfg.rl_algo, times["rl"], f"{len(rl.history)} steps, proxy reward "
+              f"{(rl.history or [{}])[-1].get('rollout/reward_mean', float('nan')):.3f}")
     # ---- 5. evaluation: untrained, SFT and RL policies sampled on the same held-out prompts; report
     from alignflow.config import ModelConfig
     from alignflow.models import load_causal_lm
@@ -149,6 +156,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         compare[name] = policy_metrics(held_out, ss, ll, art.gold_reward, grammatical=reviews_grammatical)
         examples[name] = [s[0] for s in ss[:6]]
     times["eval"] = time.perf_counter() - t
+    stage("eval", times["eval"], ", ".join(f"{name} gold {m['eval/gold_reward']:.2f}" for name, m in compare.items()))
     summary = {"times_s": times, "sft": {"final_loss": sft.losses[-1], **sft.eval}, "sft_samples": sft_metrics,
                "policies": compare, "pairs": {"train": len(pairs) - n_eval, "eval": n_eval},
                "rm": rm.eval | {"eval/gold_agreement": gold_agreement}, "rm_ceiling": ceiling(pairs[:n_eval]),
@@ -170,6 +178,11 @@ def run_demo(cfg: DemoConfig) -> dict:
                 f"{compare['SFT model']['eval/gold_reward']:.3f} (SFT) -> {pol:.3f}, KL to SFT {r['kl_end']:.2f}")
     print(msg + f". Report: {out / 'report.md'}")
     return summary
+
+
+def stage(name: str, seconds: float, headline: str) -> None:
+    """One line per finished stage (also with progress bars off): stage, time, headline number."""
+    print(f"demo | {name:<6} | {seconds:6.1f} s | {headline}", flush=True)
 
 
 def run_rl(cfg: DemoConfig, out: Path, art):

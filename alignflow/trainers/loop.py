@@ -57,6 +57,13 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     return device
 
 
+def default_micro_batch_tokens(device: torch.device) -> int:
+    """``train.micro_batch_tokens=0``: 8192 tokens per forward/backward on a CPU (cache-sized pieces), 16384 on a
+    GPU (enough rows to fill it at the 0.5B scale; at a 150k vocabulary the LM head's fp32 logits of ~12k response
+    positions fit ``models.logprobs.logits_budget`` of an H200 without recompute, and are chunked on smaller cards)."""
+    return 16384 if torch.device(device).type == "cuda" else 8192
+
+
 def autocast(device: torch.device, mode: str):
     """Autocast context for ``train.mixed_precision`` (auto = bf16 on a CUDA device that supports it)."""
     if mode == "auto":
@@ -74,7 +81,13 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         if p.requires_grad:
             (no_decay if p.dim() < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    # The fused kernel (one launch for every parameter) where all parameters are plain CUDA tensors; FSDP2's
+    # DTensors and CPU tensors take the default (foreach) implementation.
+    params = decay + no_decay
+    fused = bool(params) and all(type(p) is torch.nn.Parameter and p.is_cuda and p.is_floating_point()
+                                 for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             **({"fused": True} if fused else {}))
 
 
 def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:

@@ -65,6 +65,7 @@ def micro_batches(batch: Batch, budget: int) -> list[tuple[torch.Tensor, Batch, 
     padding micro-batch comes with an EMPTY row index, which the callers run and then ignore (their loss counts 0
     and their outputs are not written).
     """
+    budget = budget or loop.default_micro_batch_tokens(batch["prompt_mask"].device)  # 0: by device
     p_len = batch["prompt_mask"].sum(-1).cpu()  # (B,) on the host: group sizes and widths need no device sync
     true_r = batch["response_mask"].sum(-1).cpu()  # (B,)
     r_len = true_r.clamp(min=1)
@@ -372,6 +373,7 @@ class Actor(TrainedRole):
         self.algo, self.algo_cfg, self.temperature = algo, algo_cfg, temperature
         self.kl_coef = 0.0  # beta of the KL loss term (set by the controller each step)
         self.label = "?"  # the RL step being trained, named in a non-finite diagnostic
+        self.ptx = None  # PTXStream when algo.ptx_coef > 0 (trainers/ptx.py)
 
     @dispatch("all")
     def set_kl_coef(self, beta: float, label: str = "?") -> None:
@@ -403,7 +405,8 @@ class Actor(TrainedRole):
             terms["kl_loss"], _ = kl_loss(lp, mb["ref_logprobs"], mb["response_mask"], self.algo.kl_estimator, **kw)
             coefs["kl_loss"] = self.kl_coef
         if bonus:
-            terms["entropy_loss"], _ = entropy_bonus(ent, mb["response_mask"], **kw)  # −H, aggregated
+            target = self.algo_cfg.entropy_target or None  # PPO-max entropy clip |H − target|
+            terms["entropy_loss"], _ = entropy_bonus(ent, mb["response_mask"], target=target, **kw)  # −H, aggregated
             coefs["entropy_loss"] = self.algo_cfg.entropy_coef
         if "entropy" not in mb:
             metrics["policy/entropy"] = masked_mean(ent.detach(), mb["response_mask"])  # token mean of this micro-batch
@@ -433,9 +436,23 @@ class Actor(TrainedRole):
                 totals[k] = totals.get(k, 0.0) + v.detach() * real
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v * share
+        if self.ptx is not None:
+            totals["ptx_loss"] = self._ptx_backward()
         step = self.optim.step(totals, self.label)
         metrics = host_floats(metrics) | host_floats({f"policy/{k}": v for k, v in totals.items()})
         return dp_sum_dict(metrics) | {f"policy/{k}": v for k, v in step.items()}
+
+    def _ptx_backward(self) -> torch.Tensor:
+        """PPO-ptx (trainers/ptx.py): backpropagate ptx_coef · the token-mean NLL of the next SFT rows into this
+        optimiser step. Every rank computes the same rows (FSDP's gradient mean keeps the term); the NLL is
+        returned divided by the ranks because the update's metrics are summed over them."""
+        from alignflow.trainers.ptx import ptx_loss
+
+        k = self.algo_cfg.ptx_batch_size
+        with loop.autocast(self.device, self.train_cfg.mixed_precision):
+            loss, _ = ptx_loss(self.model, self.ptx.at(self.optim.steps * k, k), self.device)
+        (self.algo_cfg.ptx_coef * loss).backward()
+        return loss.detach() / dp_world_size()
 
 
 class Critic(TrainedRole):
