@@ -208,8 +208,6 @@ class RewardConfig:
     aggregation: str = field("mean", doc="How ensemble scores combine: mean, worst-case (min), uncertainty-weighted "
                                          "(mean - lambda * variance).", choices=("mean", "min", "uwo"))
     uwo_lambda: float = field(0.5, doc="Variance weight of the uncertainty-weighted aggregation.", range=(0.0, None))
-    lm_loss_coef: float = field(0.0, doc="Auxiliary LM loss on the chosen response (Secrets of RLHF).",
-                                range=(0.0, None))
 
 
 @dataclasses.dataclass
@@ -548,7 +546,8 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
-RL_ALGORITHMS = ("ppo", "grpo", "dr_grpo", "dapo", "rloo", "remax", "reinforce_pp", "safe_ppo", "gspo")
+RL_ALGORITHMS = ("ppo", "grpo", "dr_grpo", "dapo", "rloo", "remax", "reinforce_pp", "safe_ppo", "gspo",
+                 "pf_ppo")
 
 
 @dataclasses.dataclass
@@ -650,6 +649,20 @@ class AlgoConfig:
                                    "seq_mean_token_sum_norm"))
     norm_len: int = field(0, doc="Constant L of seq_mean_token_sum_norm (Dr. GRPO); 0 means rollout.max_new_tokens.",
                           range=(0, None))
+    entropy_target: float = field(0.0, doc="PPO-max entropy clip: the entropy term becomes c_H * token_mean "
+                                           "|H - entropy_target| (pulls H towards the target; needs entropy_coef "
+                                           "> 0); 0 keeps the plain bonus -H.", range=(0.0, None))
+    ptx_coef: float = field(0.0, doc="Weight of the pre-training (PTX) NLL mixed into every actor update "
+                                     "(InstructGPT PPO-ptx, PPO-max; docs/ppo_max.md); 0 disables.", range=(0.0, None))
+    ptx_path: str = field("", doc="PTX data: SFT rows (text or prompt+completion); empty: the built-in task's SFT "
+                                  "corpus.")
+    ptx_batch_size: int = field(8, doc="PTX rows per actor optimiser step.", range=(1, None))
+    sample_filter: str = field("auto", doc="PF-PPO policy filtration of each prompt's samples by reward (docs/"
+                                           "pf_ppo.md): none, best_worst, best_random, range; auto = the algorithm's.",
+                               choices=("auto", "none", "best_worst", "best_random", "range"))
+    filter_range: list = field(default_factory=lambda: [0.25, 0.75], doc="sample_filter=range: drop the rows whose "
+                               "reward lies strictly between these quantiles of the batch's rewards (the middle, "
+                               "where a reward model is least reliable).")
     clip_low: float = field(0.2, doc="PPO ratio clip below 1 (epsilon_low). GSPO's paper value is 3e-4.",
                             range=(0.0, 1.0))
     clip_high: float = field(0.2, doc="PPO ratio clip above 1 (epsilon_high); 0.28 is DAPO's clip-higher.",
@@ -785,6 +798,15 @@ class RewardSourceConfig:
                              choices=("mean", "min", "uwo"))
     uwo_lambda: float = field(0.5, doc="Variance weight of the uwo aggregation.", range=(0.0, None))
     timeout_s: float = field(10.0, doc="Seconds allowed per call of a Python reward.", range=(1e-3, None))
+    shaping: str = field("none", doc="Shape R against the rewards r_ref of the reference policy's responses to the "
+                                     "same prompt (docs/par.md): par = mean_m sigmoid(R - r_ref_m) (Preference As "
+                                     "Reward), centered = R - mean_m r_ref_m, lsc = log sigmoid(R - 85th "
+                                     "percentile of r_ref); none.", choices=("none", "par", "centered", "lsc"))
+    reference_samples: int = field(1, doc="shaping: M reference responses per prompt, sampled from the reference "
+                                          "policy at rollout.temperature (scored once per prompt and cached).",
+                                   range=(1, None))
+    reference_greedy: bool = field(False, doc="shaping: one greedy reference response per prompt instead of "
+                                              "reference_samples sampled ones.")
     executor: str = field("thread", doc="Where Python rewards run ('process' can stop a stuck function).",
                           choices=("thread", "process"))
     per_row: bool = field(False, doc="Call Python rewards once per row, each row with its own timeout (names a slow "
@@ -825,6 +847,9 @@ class CostConfig:
                              choices=("mean", "min", "uwo"))
     threshold: float = field(0.0, doc="Constraint E[C] <= threshold (d).")
     lambda_init: float = field(1.0, doc="Initial Lagrange multiplier.", range=(1e-8, None))
+    pretrain_steps: int = field(0, doc="PPO-max critic pre-training: the first N RL steps train the critic only, "
+                                       "on rollouts of the frozen policy (they count in train.max_steps).",
+                                range=(0, None))
     lambda_lr: float = field(0.1, doc="Learning rate of log(lambda).", range=(1e-8, None))
     lambda_max: float = field(5.0, doc="Upper bound of lambda.", range=(1e-8, None))
     window: int = field(128, doc="Episode costs in the sliding window of the multiplier update.", range=(1, None))

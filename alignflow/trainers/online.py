@@ -7,6 +7,8 @@ The controller is :func:`rl_step`; it reads like the papers' algorithm box (Hybr
     batch   += reward.score(batch)  (+ cost.score)        R(x, y) per row (+ DAPO overlong penalty)
                DAPO: drop groups with equal rewards, generate more, until the batch is full
     batch   += rollout.generate(prompts, greedy)          ReMax only: R(x, ȳ) as the baseline
+    scores   = shaping(scores, r_ref)                     reward.shaping (PAR): against reference answers
+    batch    = filter(batch)                              PF-PPO: algo.sample_filter keeps reliable samples
     batch   += ref.logprobs(batch)                        skipped when the KL coefficient is 0
     batch   += actor.logprobs(batch)                      lp_old and truncated IS weights, unless reused (below)
     batch   += critic.values(batch)                       PPO / Safe RLHF only
@@ -56,9 +58,11 @@ from alignflow.config import RLConfig
 from alignflow.data.pipeline import prepare_data
 from alignflow.distributed.checkpoint import latest_checkpoint
 from alignflow.rewards import RunningNorm
-from alignflow.trainers import loop
+from alignflow.trainers import loop, multiturn_rl
 from alignflow.trainers.rl_algos import (AdvContext, Resolved, advantage_metrics, compute_advantages, resolve,
                                          truncated_is_weights)
+from alignflow.trainers.rl_filter import filter_rollouts
+from alignflow.trainers.rl_par import ReferenceScores, shape_with_references
 from alignflow.trainers.rl_setup import PromptStream, Roles, build_roles, needed_roles, prompt_batch
 from alignflow.trainers.roles import cat_rollouts
 from alignflow.trainers.setup import resolve_builtin, start_run
@@ -74,6 +78,8 @@ class RLState:
     lagrange: object = None  # LagrangeMultiplier (Safe RLHF)
     reward_norm: object = None  # RunningNorm
     step: int = 0
+    gold: object = None  # the built-in task's gold reward (PF-PPO's reliability metrics), not checkpointed
+    refs: object = None  # rl_par.ReferenceScores (reward.shaping), a cache rebuilt after a resume
 
     def state_dict(self) -> dict:
         return {"step": self.step, "prompt_position": self.prompts.position, "kl": self.kl.state_dict(),
@@ -254,7 +260,8 @@ def update(roles: Roles, batch: Batch, st: RLState, cfg: RLConfig) -> dict:
         for i, mb in enumerate(batch.select(order).split(cfg.train.batch_size)):
             label = f"{st.step} (epoch {epoch}, mini-batch {i})"
             roles.actor.set_kl_coef(st.kl.value, label)
-            m = roles.actor.update(mb)
+            # PPO-max critic pre-training: the first critic.pretrain_steps steps leave the policy frozen
+            m = roles.actor.update(mb) if st.step >= cfg.critic.pretrain_steps else {"critic/pretraining": 1.0}
             for critic in (roles.critic, roles.cost_critic):
                 if critic is not None:
                     critic.set_label(label)
@@ -281,7 +288,7 @@ def rl_step(roles: Roles, st: RLState, cfg: RLConfig, algo: Resolved) -> dict:
     """One RL step (the algorithm box of the module docstring); returns its metrics."""
     t0 = time.perf_counter()
     tally = _Tally()
-    batch, m = collect_rollouts(roles, st, cfg, tally)
+    batch, m = ROLLOUT_SOURCES[multiturn_rl.mode(cfg)](roles, st, cfg, tally)
     m |= tally.metrics()
     if batch is None:
         return m | {"train/skipped_step": 1.0}
@@ -289,6 +296,11 @@ def rl_step(roles: Roles, st: RLState, cfg: RLConfig, algo: Resolved) -> dict:
         greedy, secs = greedy_baseline(roles, batch, cfg)
         batch, m["perf/gen_s"] = batch.union(greedy), m["perf/gen_s"] + secs
         m["rollout/greedy_reward_mean"] = float(greedy["greedy_scores"].mean())
+    if st.refs is not None:
+        m |= shape_with_references(roles, batch, cfg, st.refs)
+    batch, filtered = filter_rollouts(batch, algo.sample_filter, cfg.algo.filter_range, cfg.train.seed, st.step,
+                                      st.gold)
+    m |= filtered
     shape_rewards(batch, st, cfg)
     batch = prepare(roles, batch, st, cfg, algo)
     m |= update(roles, batch, st, cfg)
@@ -333,6 +345,12 @@ def evaluate(roles: Roles, prompts: Batch, gold=None, chunk: int = 64) -> dict:
     return m
 
 
+# rollout source and evaluation per mode: single-turn generation, or multi-turn episodes (env.*, multiturn_rl.py)
+ROLLOUT_SOURCES = {"single": collect_rollouts, "episodes": multiturn_rl.collect_episodes}
+EVALUATIONS = {"single": lambda roles, prompts, gold, cfg: evaluate(roles, prompts, gold),
+               "episodes": multiturn_rl.evaluate_episodes}
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 def save_all(roles: Roles, st: RLState, out: Path) -> None:
     """Critics first, then the actor with the run state: the actor's ``step-N`` is what resume looks for, so a
@@ -370,7 +388,8 @@ def _state(cfg: RLConfig, algo: Resolved, rows: list) -> RLState:
     lagrange = LagrangeMultiplier(cfg.cost.lambda_init, cfg.cost.lambda_lr, cfg.cost.lambda_max, cfg.cost.threshold,
                                   cfg.cost.window) if algo.cost else None
     norm = RunningNorm() if cfg.reward.normalize != "none" else None
-    return RLState(PromptStream(rows, cfg.train.seed), kl, lagrange, norm)
+    refs = ReferenceScores(cfg.reward.reference_greedy) if cfg.reward.shaping != "none" else None
+    return RLState(PromptStream(rows, cfg.train.seed), kl, lagrange, norm, refs=refs)
 
 
 def _gold(cfg: RLConfig, art):
@@ -412,6 +431,7 @@ def train_rl(cfg: RLConfig) -> RLResult:
     from alignflow.distributed.ray_group import WorkerLost
 
     check_placement(cfg, needed_roles(cfg, resolve(cfg)))  # a too small Ray cluster fails before any work
+    multiturn_rl.check(cfg)
     art = resolve_builtin(cfg, "rl")
     if art is not None and not cfg.data.eval_path:
         cfg.data.eval_path = str(art.eval_prompts_path)
@@ -433,7 +453,7 @@ def _run(cfg: RLConfig, algo: Resolved, roles: Roles, data, total: int, out: Pat
     start = resume(roles, st, out) if cfg.train.resume else 0
     held_out = data.eval[:cfg.rollout.eval_prompts]
     eval_prompts = prompt_batch(held_out, [10 ** 9 + i for i in range(len(held_out))], st.prompts.fields)
-    gold = _gold(cfg, art)
+    gold = st.gold = _gold(cfg, art)
     logger = loop.MetricsLogger(out, start=start)
     for r in data.reports:
         logger.log(start, {"data/report": r})
@@ -441,7 +461,7 @@ def _run(cfg: RLConfig, algo: Resolved, roles: Roles, data, total: int, out: Pat
     result = RLResult(roles.actor.model if roles.placement is None else None, tok, output_dir=out, roles=roles)
 
     def run_eval(step: int) -> dict:
-        m = evaluate(roles, eval_prompts, gold)
+        m = EVALUATIONS[multiturn_rl.mode(cfg)](roles, eval_prompts, gold, cfg)
         logger.log(step, m)
         result.evals.append((step, m))
         return m

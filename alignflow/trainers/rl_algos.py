@@ -17,6 +17,7 @@ remax           remax           vanilla_pg   seq_mean_token_sum         reward  
 reinforce_pp    reinforce_pp    ppo          token_mean                 reward
 safe_ppo        gae (R and C)   ppo          token_mean                 reward    critic, cost critic
 gspo            grpo            gspo         seq_mean_token_mean        loss (k3)
+pf_ppo          gae             ppo          token_mean                 reward    critic; best_random filter
 ==============  ==============  ===========  =========================  ========  ======================
 
 The presets in ``configs/`` set the papers' values (e.g. ``kl.coef: 0`` for Dr. GRPO, DAPO and GSPO).
@@ -40,6 +41,7 @@ from alignflow.algorithms.kl import kl_penalty_rewards
 from alignflow.algorithms.safe import safe_combined_advantages, safe_shaped_rewards
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, RLConfig
+from alignflow.trainers.rl_par import check_shaping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,7 @@ class AlgoSpec:
     cost: bool = False  # Safe RLHF: cost sources, cost critic, Lagrange multiplier
     greedy_baseline: bool = False  # ReMax
     min_group: int = 1  # smallest rollout.n that makes sense
+    sample_filter: str = "none"  # PF-PPO: which samples of a prompt are trained on (algorithms/filtration.py)
 
 
 ALGORITHMS = {
@@ -64,6 +67,7 @@ ALGORITHMS = {
     "reinforce_pp": AlgoSpec("reinforce_pp", "ppo", "token_mean", "reward"),
     "safe_ppo": AlgoSpec("gae", "ppo", "token_mean", "reward", critic=True, cost=True),
     "gspo": AlgoSpec("grpo", "gspo", "seq_mean_token_mean", "loss", min_group=2),
+    "pf_ppo": AlgoSpec("gae", "ppo", "token_mean", "reward", critic=True, min_group=2, sample_filter="best_random"),
 }
 
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
@@ -82,6 +86,7 @@ class Resolved:
     cost: bool
     greedy_baseline: bool
     norm_len: Optional[int]
+    sample_filter: str = "none"
 
 
 def resolve(cfg: RLConfig) -> Resolved:
@@ -111,12 +116,34 @@ def resolve(cfg: RLConfig) -> Resolved:
         raise ConfigError("dapo.dynamic_sampling keeps groups with unequal rewards: rollout.n must be >= 2")
     if cfg.algo.dual_clip and cfg.algo.dual_clip <= 1.0:
         raise ConfigError(f"algo.dual_clip must be > 1 (or 0 to disable), got {cfg.algo.dual_clip}")
+    check_shaping(cfg)
+    if cfg.critic.pretrain_steps and not spec.critic:
+        raise ConfigError(f"critic.pretrain_steps: algo.name={cfg.algo.name} has no critic to pre-train (ppo, "
+                          "pf_ppo and safe_ppo have one)")
+    if cfg.algo.entropy_target and not cfg.algo.entropy_coef:
+        raise ConfigError("algo.entropy_target clips the entropy term, which is off: set algo.entropy_coef > 0")
     if cfg.train.packing:
         raise ConfigError("train.packing: alignflow rl uses token-budget micro-batches and does not pack; "
                           "set train.packing=false")
     norm_len = (cfg.algo.norm_len or cfg.rollout.max_new_tokens) if agg == "seq_mean_token_sum_norm" else None
     return Resolved(cfg.algo.name, advantage, pick(cfg.algo.policy_loss, spec.policy_loss), agg, placement,
-                    estimator, spec.critic, spec.cost, spec.greedy_baseline, norm_len)
+                    estimator, spec.critic, spec.cost, spec.greedy_baseline, norm_len,
+                    check_filter(cfg, pick(cfg.algo.sample_filter, spec.sample_filter)))
+
+
+def check_filter(cfg: RLConfig, mode: str) -> str:
+    """The PF-PPO filter mode, checked against rollout.n and algo.filter_range; ConfigError names the keys."""
+    if mode in ("best_worst", "best_random") and cfg.rollout.n < 2:
+        raise ConfigError(f"algo.sample_filter={mode} keeps two of each prompt's samples: rollout.n must be >= 2, "
+                          f"got {cfg.rollout.n}")
+    if mode == "range":
+        rng = cfg.algo.filter_range
+        ok = isinstance(rng, (list, tuple)) and len(rng) == 2 and all(
+            isinstance(q, (int, float)) and not isinstance(q, bool) for q in rng)
+        if not ok or not 0.0 <= rng[0] <= rng[1] <= 1.0:
+            raise ConfigError(f"algo.filter_range: {rng!r} must be two quantiles [low, high] with "
+                              "0 <= low <= high <= 1, e.g. [0.25, 0.75]")
+    return mode
 
 
 # ----------------------------------------------------------------------------------------------- pure helpers

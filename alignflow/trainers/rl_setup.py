@@ -23,6 +23,7 @@ from alignflow.distributed.groups import LocalGroup
 from alignflow.models import load_causal_lm, load_tokenizer, load_value_model
 from alignflow.rewards import CallableReward, CompositeReward, CostModelScorer, RewardModelScorer
 from alignflow.rewards.rules import reward_options, user_code_files
+from alignflow.trainers.ptx import build_ptx
 from alignflow.trainers.roles import Actor, Critic, Reference, RewardRole, Rollout
 from alignflow.trainers.rl_algos import Resolved
 
@@ -147,6 +148,7 @@ class Roles:
     critic: Optional[LocalGroup] = None
     cost: Optional[LocalGroup] = None
     cost_critic: Optional[LocalGroup] = None
+    ref_rollout: Optional[LocalGroup] = None  # reward.shaping: the reference policy answering prompts (rl_par.py)
     tokenizer: object = None
     placement: object = None  # RayPlacement when the roles run on Ray workers (None: this process)
 
@@ -176,6 +178,7 @@ def role_objects(cfg: RLConfig, algo: Resolved, device, total_opt_steps: int, to
         policy.train()
         out["actor"] = Actor(policy, cfg.optim, cfg.train, algo, cfg.algo, cfg.rollout.temperature,
                              total_opt_steps, device)
+        out["actor"].ptx = build_ptx(cfg, tok)  # None unless algo.ptx_coef > 0
         if "rollout" in names:
             out["rollout"] = Rollout(policy, tok, cfg.rollout, device, cfg.train.mixed_precision, cfg.train.seed)
     if "ref" in names:
@@ -186,6 +189,10 @@ def role_objects(cfg: RLConfig, algo: Resolved, device, total_opt_steps: int, to
         else:
             out["ref"] = Reference(model=wrap(load_causal_lm(_frozen_cfg(cfg, cfg.ref_model or
                                                                          cfg.model.name_or_path), device)), **common)
+        if cfg.reward.shaping != "none":  # the reference policy answers prompts (builtin engine, M samples each)
+            ref_cfg = dataclasses.replace(cfg.rollout, backend="builtin", n=cfg.reward.reference_samples)
+            out["ref_rollout"] = Rollout(out["ref"].model, tok, ref_cfg, device, cfg.train.mixed_precision,
+                                         cfg.train.seed)
     if "critic" in names:
         init = cfg.critic.name_or_path or (cfg.reward.models[0] if cfg.reward.models else cfg.model.name_or_path)
         out["critic"] = _critic(cfg, init, tok, total_opt_steps, device, "values", "returns", "critic", wrap)
@@ -210,8 +217,8 @@ def role_objects(cfg: RLConfig, algo: Resolved, device, total_opt_steps: int, to
 
 def needed_roles(cfg: RLConfig, algo: Resolved) -> tuple[str, ...]:
     """The roles the algorithm's dataflow uses (the reference only with a KL term, critics only for PPO/Safe RLHF)."""
-    names = ["actor", "rollout", "reward"]
-    names += ["ref"] if cfg.kl.coef > 0 else []
+    names = ["actor", "rollout"] + ([] if cfg.env.task or cfg.env.path else ["reward"])  # episodes: env rewards
+    names += ["ref"] if cfg.kl.coef > 0 or cfg.reward.shaping != "none" else []
     names += ["critic"] if algo.critic else []
     names += ["cost", "cost_critic"] if algo.cost else []
     return tuple(names)
