@@ -206,3 +206,20 @@ def test_selected_logprobs_equal_the_full_computation_values_and_grads():
     for a, p in zip(g, model.parameters()):
         torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-4)
     assert math.isclose(float(sel.sum()), lp.shape[0])
+
+
+def test_fp32_model_under_autocast_takes_the_flash_path(flash):
+    """mixed_precision=bf16 on an fp32 model (the demo on a GPU): RoPE hands the attention fp32 q/k; they are cast
+    to the autocast dtype (as SDPA would) and go through the flash kernel, not the per-sequence loop."""
+    model = tiny_model()
+    lens = [5, 9, 1, 6]
+    ids = torch.randint(3, 64, (1, sum(lens)), generator=torch.Generator().manual_seed(0))
+    calls = []
+    fn = varlen._FLASH_API["fn"]
+    varlen._FLASH_API["fn"] = lambda *a, **k: calls.append(a[0].dtype) or fn(*a, **k)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = varlen.flat_hidden_states(model, ids, lens)
+        varlen.FLASH_DEVICES = ("cuda",)
+        ref = varlen.flat_hidden_states(model, ids, lens)
+    assert calls and set(calls) == {torch.bfloat16}
+    torch.testing.assert_close(got.float(), ref.float(), atol=3e-2, rtol=3e-2)

@@ -125,6 +125,12 @@ def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         raise RuntimeError(f"flat row of {tuple(query.shape)} does not hold sequences of {sum(seq_lens)} tokens")
     window = getattr(module, "sliding_window", None)
     last_only = last_query_layer is not None and getattr(module, "layer_idx", None) == last_query_layer
+    if cu_seq_lens is not None and query.dtype == torch.float32 and query.device.type in FLASH_DEVICES \
+            and torch.is_autocast_enabled(query.device.type):
+        # an fp32 model under autocast: RoPE promoted q/k back to fp32, and SDPA would run in the autocast dtype
+        # anyway (it is on autocast's lower-precision list); cast for the flash kernel the same way
+        low = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(low), key.to(low), value.to(low)
     if cu_seq_lens is not None and flash_usable(query, dropout, window if not last_only else None) \
             and not (last_only and window):
         return _flash_layer(query, key, value, seq_lens, cu_seq_lens, scaling, window, last_only), None
