@@ -287,8 +287,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     """``alignflow eval``: writes eval.json and samples.jsonl (and frontier.json/.png) into ``cfg.output_dir``;
     returns the metrics of ``policy`` (or of ``reward_model`` on pairs)."""
     from alignflow.models import load_causal_lm, load_tokenizer
-    from alignflow.trainers.loop import resolve_device
+    from alignflow.tasks.builtin_sft import resolve_eval_models
+    from alignflow.trainers.loop import Progress, resolve_device
 
+    resolve_eval_models(cfg)  # policy / reference / frontier = builtin:sft: the built-in task's SFT model
     frontier = check_config(cfg)
     from alignflow.trainers.run_dir import check_output_dir
 
@@ -298,15 +300,19 @@ def run_eval(cfg: EvalConfig) -> dict:
     metrics: dict = {}
     if cfg.policy or frontier:
         ctx = build_context(cfg, tok, device, out)
+        bar = Progress(int(bool(cfg.policy)) + len(frontier), 0, None, "eval", unit="policy", interrupt=False)
         if cfg.policy:
             policy = load_causal_lm(ModelConfig(name_or_path=cfg.policy), device)
             metrics, rows = evaluate_policy(policy, ctx, cfg)
             _write_samples(out / "samples.jsonl", rows)
             del policy
+            bar.update(0)
         if frontier:
             from alignflow.eval.frontier import run_frontier
 
             run_frontier(frontier, ctx, cfg, out)
+            bar.bar.update(len(frontier))
+        bar.close()
     else:
         metrics = reward_model_metrics(cfg, tok, device)
     (out / "eval.json").write_text(json.dumps(metrics, indent=1))

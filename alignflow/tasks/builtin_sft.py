@@ -68,6 +68,17 @@ def builtin_sft_model(task: TaskConfig, output_dir: str | Path, seed: int = 0, d
     return out / "model"
 
 
+def resolve_eval_models(cfg) -> None:
+    """``alignflow eval``: ``policy``, ``reference`` or a ``frontier`` entry equal to ``builtin:sft`` becomes the
+    built-in SFT model of ``cfg.task`` (seed 0, as the presets build it; in place)."""
+    names = [cfg.policy, cfg.reference, *cfg.frontier]
+    if BUILTIN_SFT not in names:
+        return
+    model = str(builtin_sft_model(cfg.task, cfg.output_dir, 0, cfg.device))
+    cfg.policy, cfg.reference = (model if n == BUILTIN_SFT else n for n in names[:2])
+    cfg.frontier = [model if n == BUILTIN_SFT else n for n in cfg.frontier]
+
+
 def resolve_model(cfg) -> None:
     """Replace ``model.name_or_path: builtin:sft`` of a training config by the built model's directory (in place)."""
     if cfg.model.name_or_path != BUILTIN_SFT:

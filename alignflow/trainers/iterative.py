@@ -550,6 +550,7 @@ def mpo_split_pairs(cfg: MPOConfig, po_cfg: POConfig, tok, device) -> tuple[list
     return [rows[i] for i in easy.nonzero().flatten().tolist()], list(hard_prompts.values()), stats
 
 
+@loop.bar_command("mpo")
 def train_mpo(cfg: MPOConfig) -> MPOResult:
     """Run MPO as configured (``alignflow mpo``): split by reward gap, DPO on the easy pairs, RL on the hard prompts."""
     from alignflow.models import load_tokenizer

@@ -230,27 +230,75 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-class Progress:
-    """tqdm bar showing step, loss and throughput; ETA comes from tqdm."""
+# Every command's progress bar reads "<label> step n/total |bar| [elapsed<remaining, loss=..., tok/s=...]"; the
+# label is the command, then what it runs: sft, rm/bt, rm/bt/member-1, pm, rl/grpo, po/dpo, online_po/inpo,
+# superhf, alol/seq, mpo/dpo then mpo/ppo, eval (one unit per policy evaluated).
+BAR_COMMANDS = ("sft", "rm", "pm", "rl", "po", "online_po", "superhf", "alol", "mpo", "eval")
+BAR_FORMAT = "{desc} {unit} {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}{postfix}]"
 
-    def __init__(self, total: int, initial: int, enabled: bool, desc: str):
+
+def bar_label(command: str, *detail: str) -> str:
+    """A progress bar's label: ``command`` (one of :data:`BAR_COMMANDS`) then each non-empty ``detail``, joined
+    by ``/``: ``bar_label("rl", "grpo") == "rl/grpo"``."""
+    if command not in BAR_COMMANDS:
+        raise ValueError(f"progress bar label: {command!r} is not one of {', '.join(BAR_COMMANDS)}")
+    return "/".join([command, *(d for d in detail if d)])
+
+
+_OUTER: list = []  # commands whose stages are other commands' trainers (bar_command)
+
+
+def bar_command(command: str):
+    """Decorator for a command that runs other commands' trainers as its stages (``mpo`` runs ``po`` then ``rl``):
+    their bars take its name, ``mpo/dpo`` then ``mpo/ppo``."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            _OUTER.append(bar_label(command))
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _OUTER.pop()
+        return run
+    return wrap
+
+
+class Progress:
+    """tqdm bar showing step n/total, loss and throughput under a :func:`bar_label` label; ETA comes from tqdm.
+
+    ``enabled=None`` shows the bar only on a terminal; ``interrupt=False`` leaves Ctrl-C alone (loops that
+    write no checkpoint, such as evaluation)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool | None, desc: str, unit: str = "step",
+                 interrupt: bool = True):
         from tqdm.auto import tqdm
 
         from alignflow.config import ConfigError
         from alignflow.trainers.run_dir import arm_interrupt
 
+        if desc != bar_label(*desc.split("/")):
+            raise ValueError(f"progress bar label {desc!r}: build it with bar_label()")
+        if _OUTER:  # a stage of another command (bar_command)
+            desc = bar_label(_OUTER[-1], *desc.split("/")[1:])
+        self.label = desc
         if initial > total:  # resumed from a checkpoint past the configured end: nothing would be trained
             raise ConfigError(f"the checkpoint resumed from is at step {initial}, past this run's last step {total} "
                               f"(train.max_steps / train.epochs); raise it to train on, or use a new train.output_dir")
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=initial, disable=None if enabled is None else not enabled, desc=desc,
+                        unit=unit, bar_format=BAR_FORMAT, dynamic_ncols=True)
         self.t0 = time.perf_counter()
         self.tokens = 0
-        arm_interrupt(self)  # while the bar is open, Ctrl-C ends the step in flight and checkpoints (run_dir)
+        self.interrupt = interrupt
+        if interrupt:
+            arm_interrupt(self)  # while the bar is open, Ctrl-C ends the step in flight and checkpoints (run_dir)
 
     def update(self, tokens: int, **postfix) -> float:
         self.tokens += tokens
         rate = self.tokens / max(1e-9, time.perf_counter() - self.t0)
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()} | {"tok/s": f"{rate:.0f}"})
+        shown = {k: f"{v:.4g}" for k, v in postfix.items()}
+        self.bar.set_postfix(shown | ({"tok/s": f"{rate:.0f}"} if tokens else {}))
         self.bar.update(1)
         return rate
 
@@ -258,7 +306,8 @@ class Progress:
         from alignflow.trainers.run_dir import disarm_interrupt
 
         self.bar.close()
-        disarm_interrupt(self)
+        if self.interrupt:
+            disarm_interrupt(self)
 
 
 def batched(items: list, size: int) -> Iterable[list]:

@@ -589,7 +589,7 @@ def _steps(policy, cfg: POConfig, kw: dict, train: list, held: list, sampler, st
            logger, result: POResult) -> None:
     """The optimiser steps of :func:`train_po` (CPL-BC's behaviour-cloning phase first), with logging, held-out
     evaluation and checkpoints."""
-    bar = loop.Progress(total, start, cfg.train.progress, f"po {cfg.loss.name}")
+    bar = loop.Progress(total, start, cfg.train.progress, loop.bar_label("po", cfg.loss.name))
     for step in range(start, total):
         t0 = time.perf_counter()
         loss, loss_kw = cfg.loss.name, kw

@@ -203,7 +203,8 @@ def train_one(cfg: RMConfig, rows: list[dict], seed: int, num_labels: int, out: 
     model.train()
     run = loop.open_loop(model, len(rows), cfg.optim, cfg.train, out, seed)
     sampler, total, opt, sched, start, logger = run.sampler, run.total, run.opt, run.sched, run.start, run.logger
-    bar = loop.Progress(total, start, cfg.train.progress, f"rm {out.name}")
+    bar = loop.Progress(total, start, cfg.train.progress, loop.bar_label(
+        "rm", cfg.reward.loss, out.name if out.name.startswith("member-") else ""))
     step_fn, losses, rate = STEPS[cfg.reward.loss], [], 0.0
     for step in range(start, total):
         t0 = time.perf_counter()
