@@ -69,8 +69,8 @@ class ReferenceScores:
 def shape_with_references(roles, batch: Batch, cfg: RLConfig, refs: ReferenceScores) -> dict:
     """Replace ``scores`` (and ReMax's ``greedy_scores``) in place by ``reward.shaping`` of them against the
     reference responses' scores; returns ``shaping/raw_reward_mean``, ``shaping/ref_reward_mean``,
-    ``shaping/win_rate`` (fraction of (sample, reference) pairs the sample out-scores) and
-    ``shaping/reference_responses`` (generated so far)."""
+    ``shaping/win_rate`` (fraction of (sample, reference) pairs the sample out-scores),
+    ``shaping/shaped_reward_mean`` and ``shaping/reference_responses`` (generated so far)."""
     r_ref = refs.for_batch(roles, batch)  # (B, M)
     raw = batch["scores"].float()
     ref = r_ref.to(raw.device)
@@ -80,4 +80,4 @@ def shape_with_references(roles, batch: Batch, cfg: RLConfig, refs: ReferenceSco
     for key in ("scores", "greedy_scores"):
         if key in batch:
             batch[key] = apply_shaping(cfg.reward.shaping, batch[key].float(), ref)
-    return m
+    return m | {"shaping/shaped_reward_mean": float(batch["scores"].mean())}
