@@ -93,7 +93,7 @@ def test_a_runaway_check_is_stopped_at_its_timeout_and_its_memory_is_freed():
 
 
 def test_a_check_past_the_memory_limit_is_not_equal():
-    rmath.configure(memory_mb=200)
+    rmath.configure(memory_mb=100)
     try:
         t0 = time.perf_counter()
         assert not math_equal(PATHOLOGICAL, "1", timeout_s=20)
