@@ -21,18 +21,20 @@ import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import yaml
+
+_Config = TypeVar("_Config")  # a config dataclass: load_config(SFTConfig, ...) -> SFTConfig
 
 
 class ConfigError(ValueError):
     """A configuration mistake; the message says which key and what is allowed."""
 
 
-def field(default: Any = dataclasses.MISSING, *, doc: str, choices: Optional[tuple] = None,
-          range: Optional[tuple] = None, default_factory: Any = dataclasses.MISSING,  # noqa: A002
-          check: Optional[Callable[[Any, str], Any]] = None, allow_inf: bool = False):
+def field(default: Any = dataclasses.MISSING, *, doc: str, choices: Optional[tuple[Any, ...]] = None,
+          range: Optional[tuple[Any, Any]] = None, default_factory: Any = dataclasses.MISSING,  # noqa: A002
+          check: Optional[Callable[[Any, str], Any]] = None, allow_inf: bool = False) -> Any:
     """A dataclass field with its documentation and validation rules.
 
     ``range`` is ``(low, high)`` inclusive; either end may be ``None``. ``check(value, key)`` returns the
@@ -72,7 +74,7 @@ def check_micro_batch_tokens(value: Any, key: str) -> int:
     """0 (by device) or a budget of at least 16 tokens."""
     if isinstance(value, bool) or not isinstance(value, int) or (value != 0 and value < 16):
         raise ConfigError(f"{key}: {value!r} must be 0 (chosen for the device) or an integer >= 16")
-    return value
+    return int(value)
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -82,7 +84,7 @@ class LoraConfig:
     r: int = field(16, doc="LoRA rank.", range=(1, None))
     alpha: int = field(32, doc="LoRA scaling numerator (alpha / r scales the update).", range=(1, None))
     dropout: float = field(0.0, doc="Dropout on the LoRA input.", range=(0.0, 1.0))
-    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
                                  doc="Module names that get adapters ('all-linear' as one item for every linear layer).")
 
 
@@ -127,7 +129,7 @@ class DataConfig:
 class OptimConfig:
     lr: float = field(1e-5, doc="Peak learning rate.", range=(0.0, None))
     weight_decay: float = field(0.0, doc="AdamW decoupled weight decay.", range=(0.0, None))
-    betas: list = field(default_factory=lambda: [0.9, 0.999], doc="AdamW (beta1, beta2), each in [0, 1).",
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], doc="AdamW (beta1, beta2), each in [0, 1).",
                         check=check_betas)
     eps: float = field(1e-8, doc="AdamW epsilon.", range=(0.0, None))
     scheduler: str = field("cosine", doc="Learning-rate schedule after warm-up.",
@@ -169,7 +171,7 @@ class TrainConfig:
                               choices=("error", "skip"))
     progress: bool = field(True, doc="Show a progress bar.")
     num_threads: int = field(0, doc="torch CPU threads; 0 keeps torch's default.", range=(0, None))
-    report_to: list = field(default_factory=lambda: ["tensorboard"],
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"],
                             doc="Experiment trackers fed with the logged metrics: tensorboard, wandb, mlflow (any of "
                                 "them; [] for metrics.jsonl only). wandb and mlflow are the extras "
                                 "alignflow[wandb] / alignflow[mlflow].")
@@ -337,7 +339,7 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _field_types(cls: type) -> dict:
+def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
@@ -411,7 +413,7 @@ def _nonfinite(value: Any, allow_inf: bool) -> Optional[float]:
     return None
 
 
-def _check(f: dataclasses.Field, value: Any, key: str) -> Any:
+def _check(f: dataclasses.Field[Any], value: Any, key: str) -> Any:
     """Validate a coerced value against the field's rules; returns it (normalised by the field's ``check``)."""
     bad = _nonfinite(value, f.metadata.get("allow_inf", False))
     if bad is not None:
@@ -429,7 +431,7 @@ def _check(f: dataclasses.Field, value: Any, key: str) -> Any:
     return value
 
 
-def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
+def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
     """Apply a nested dict of updates to a dataclass instance, validating every key and value."""
     fields = {f.name: f for f in dataclasses.fields(obj)}
     hints = _field_types(type(obj))
@@ -446,9 +448,9 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
         setattr(obj, name, _check(fields[name], _coerce(value, tp, key), key))
 
 
-def parse_overrides(overrides: list[str]) -> dict:
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["optim.lr=3e-4", "train.seed=1"]`` -> ``{"optim": {"lr": "3e-4"}, "train": {"seed": "1"}}``."""
-    out: dict = {}
+    out: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
@@ -463,7 +465,8 @@ def parse_overrides(overrides: list[str]) -> dict:
     return out
 
 
-def load_config(cls: type, path: Optional[str | Path] = None, overrides: Optional[list[str]] = None):
+def load_config(cls: type[_Config], path: Optional[str | Path] = None, overrides: Optional[list[str]] = None
+                ) -> _Config:
     """Build ``cls`` from defaults, then the YAML file at ``path``, then dotted ``overrides``."""
     cfg = cls()
     if path:
@@ -500,7 +503,7 @@ def check_preset_command(cls: type, named: Any, path: Path) -> None:
                       f"{match.group(1)}`; run: alignflow {named} --config {path}")
 
 
-def from_dict(cls: type, sections: dict):
+def from_dict(cls: type[_Config], sections: dict[str, Any]) -> _Config:
     """Programmatic construction with the same validation as YAML: ``from_dict(SFTConfig, {"train": {...}})``."""
     cfg = cls()
     _apply(cfg, sections)
@@ -527,7 +530,7 @@ def check_sections(cfg: Any, prefix: str = "") -> None:
             check_sections(value, f"{prefix}{f.name}.")
 
 
-def to_dict(cfg: Any) -> dict:
+def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
@@ -560,8 +563,8 @@ class EvalConfig:
     tokenizer: str = field("", doc="Tokenizer; empty means the policy's (or the reward model's) directory.")
     reference: str = field("", doc="Reference policy (the SFT model in practice, same tokenizer) for eval/kl and "
                                    "the frontier's x axis; empty skips the KL metrics.")
-    frontier: list = field(default_factory=list, doc="Policies for the reward-KL frontier (needs reference): model "
-                                                      "directories, alignflow checkpoints (checkpoints/step-N, "
+    frontier: list[str] = field(default_factory=list, doc="Policies for the reward-KL frontier (needs reference): "
+                                                      "model directories, alignflow checkpoints (checkpoints/step-N, "
                                                       "loaded on the reference's architecture) or run directories "
                                                       "(each checkpoint, then model/). Writes frontier.json/.png.")
     data: DataConfig = field(default_factory=lambda: DataConfig(format="auto", eval_fraction=0.0),
@@ -660,8 +663,8 @@ class AlgoConfig:
     sample_filter: str = field("auto", doc="PF-PPO policy filtration of each prompt's samples by reward (docs/"
                                            "pf_ppo.md): none, best_worst, best_random, range; auto = the algorithm's.",
                                choices=("auto", "none", "best_worst", "best_random", "range"))
-    filter_range: list = field(default_factory=lambda: [0.25, 0.75], doc="sample_filter=range: drop the rows whose "
-                               "reward lies strictly between these quantiles of the batch's rewards (the middle, "
+    filter_range: list[float] = field(default_factory=lambda: [0.25, 0.75], doc="sample_filter=range: drop the rows "
+                               "whose reward lies strictly between these quantiles of the batch's rewards (the middle, "
                                "where a reward model is least reliable).")
     clip_low: float = field(0.2, doc="PPO ratio clip below 1 (epsilon_low). GSPO's paper value is 3e-4.",
                             range=(0.0, 1.0))
@@ -722,7 +725,7 @@ class RolloutConfig:
     top_k: int = field(0, doc="Top-k sampling (0 disables).", range=(0, None))
     max_new_tokens: int = field(64, doc="Generation budget per response (L_max of DAPO, L of Dr. GRPO).",
                                 range=(1, None))
-    stop_strings: list = field(default_factory=list, doc="Strings that end a response (besides EOS).")
+    stop_strings: list[str] = field(default_factory=list, doc="Strings that end a response (besides EOS).")
     eval_prompts: int = field(64, doc="Held-out prompts decoded greedily at each evaluation (eval/reward_mean); "
                                       "0 disables evaluation.", range=(0, None))
     backend: str = field("builtin", doc="Rollout engine: builtin (HFEngine on the actor's weights in place, CPU or "
@@ -765,7 +768,7 @@ class JudgeConfig:
     template: str = field("pointwise", doc="pointwise: Score 1-10 -> (N-1)/9; pairwise: Verdict A/B against the "
                                            "row's anchor_field; principle: Answer Yes/No per principle (RLBFF).",
                           choices=("pointwise", "pairwise", "principle"))
-    principles: list = field(default_factory=list, doc="template=principle: the principles (a row's 'principles' "
+    principles: list[str] = field(default_factory=list, doc="template=principle: the principles (a row's 'principles' "
                                                        "or 'principle' field replaces them).")
     anchor_field: str = field("reference", doc="template=pairwise: the row field holding the response to beat.")
     both_orders: bool = field(True, doc="template=pairwise: judge (response, anchor) and (anchor, response).")
@@ -786,11 +789,11 @@ class JudgeConfig:
 @dataclasses.dataclass
 class RewardSourceConfig:
     """Reward sources, summed with weights: R = sum_j w_j * r_j."""
-    task: dict = field(default_factory=dict, doc="Built-in task rewards by name -> weight, e.g. {gold: 1.0} "
-                                                 "(reviews) or {accuracy: 1.0, format: 0.1} (arithmetic).")
-    functions: dict = field(default_factory=dict, doc="Python rewards 'pkg.module:fn' or 'file.py:fn' -> weight; "
-                                                      "fn(prompts, responses, **row_fields) -> list[float].")
-    models: list = field(default_factory=list, doc="Reward-model directories (k of them form an ensemble).")
+    task: dict[str, float] = field(default_factory=dict, doc="Built-in task rewards by name -> weight, e.g. "
+                                                 "{gold: 1.0} (reviews) or {accuracy: 1.0, format: 0.1} (arithmetic).")
+    functions: dict[str, float] = field(default_factory=dict, doc="Python rewards 'pkg.module:fn' or 'file.py:fn' -> "
+                                                      "weight; fn(prompts, responses, **row_fields) -> list[float].")
+    models: list[str] = field(default_factory=list, doc="Reward-model directories (k of them form an ensemble).")
     model_weight: float = field(1.0, doc="Weight of the reward-model term.")
     remote: RemoteRewardConfig = field(default_factory=RemoteRewardConfig, doc="A reward served over HTTP.")
     judge: JudgeConfig = field(default_factory=JudgeConfig, doc="An LLM judge as a reward.")
@@ -838,11 +841,11 @@ class DapoConfig:
 @dataclasses.dataclass
 class CostConfig:
     """Safe RLHF (algo.name=safe_ppo): cost sources (cost > 0 = unsafe) and the Lagrange multiplier."""
-    task: dict = field(default_factory=dict, doc="Built-in task costs by name -> weight (reviews: "
+    task: dict[str, float] = field(default_factory=dict, doc="Built-in task costs by name -> weight (reviews: "
                                                  "{ungrammatical: 1.0}).")
-    functions: dict = field(default_factory=dict, doc="Python cost functions 'pkg.module:fn' -> weight (run with "
-                                                      "reward.timeout_s and reward.executor).")
-    models: list = field(default_factory=list, doc="Cost-model directories (k form a pessimistic ensemble).")
+    functions: dict[str, float] = field(default_factory=dict, doc="Python cost functions 'pkg.module:fn' -> weight "
+                                                      "(run with reward.timeout_s and reward.executor).")
+    models: list[str] = field(default_factory=list, doc="Cost-model directories (k form a pessimistic ensemble).")
     aggregation: str = field("mean", doc="Cost-model ensemble aggregation (min/uwo are pessimistic for a cost).",
                              choices=("mean", "min", "uwo"))
     threshold: float = field(0.0, doc="Constraint E[C] <= threshold (d).")
@@ -1134,7 +1137,7 @@ class MPOConfig:
 class ServeConfig:
     """``alignflow serve``: serve trained reward models on POST /score (docs/remote_rewards.md); each model
     re-renders the texts with its own tokenizer."""
-    models: list = field(default_factory=list, doc="Reward-model directories (k form an ensemble).")
+    models: list[str] = field(default_factory=list, doc="Reward-model directories (k form an ensemble).")
     aggregation: str = field("mean", doc="Ensemble aggregation.", choices=("mean", "min", "uwo"))
     uwo_lambda: float = field(0.5, doc="Variance weight of the uwo aggregation.", range=(0.0, None))
     host: str = field("127.0.0.1", doc="Address to listen on (0.0.0.0: every interface).")
