@@ -137,4 +137,6 @@ def test_scorer_composes_with_rule_rewards(three_heads):
     scorer = RewardModelScorer(three_heads, name="rm")
     total, metrics = CompositeReward([(scorer, 2.0), ("bonus", lambda b: torch.ones(len(b)), 1.0)]).score(batch)
     assert torch.allclose(total, 2 * scorer(batch) + 1)
-    assert set(metrics) == {"rollout/reward_rm_mean", "rollout/reward_bonus_mean", "rollout/reward_mean"}
+    assert set(metrics) == {"rollout/reward_rm_mean", "rollout/reward_bonus_mean", "rollout/reward_mean",
+                            "reward/errors", "reward/timeouts", "reward/nonfinite"}
+    assert metrics["reward/errors"] == metrics["reward/timeouts"] == metrics["reward/nonfinite"] == 0.0
