@@ -1,6 +1,6 @@
 """``alignflow <command> [--config file.yaml] [section.key=value ...]``
 
-Commands: sft, rm, rl, po, online_po, superhf, alol, mpo, eval, demo, serve. ``alignflow <command> --help`` lists every
+Commands: sft, rm, pm, rl, po, online_po, superhf, alol, mpo, eval, demo, serve. ``alignflow <command> --help`` lists every
 config key with its default and doc.
 User mistakes (a bad config key or value, a malformed data row, a model path that does not load) end with a
 one-paragraph error and exit code 2, never a traceback; ``--debug`` shows the traceback.
@@ -20,7 +20,7 @@ from alignflow.config import ALoLConfig, SuperHFConfig
 from alignflow.config import POConfig
 from alignflow.config import MPOConfig, OnlinePOConfig
 from alignflow.config import MergeConfig
-from alignflow.config import ServeConfig
+from alignflow.config import PMConfig, ServeConfig
 
 COMMANDS = {
     "sft": (SFTConfig, "alignflow.trainers.sft:train_sft", "supervised fine-tuning"),
@@ -36,6 +36,8 @@ COMMANDS = {
     "online_po": (OnlinePOConfig, "alignflow.trainers.iterative:train_online_po", "online / iterative preference "
                                                                                   "optimisation: iterative DPO, INPO, "
                                                                                   "APO, Nash-MD"),
+    "pm": (PMConfig, "alignflow.trainers.pairwise_pm:train_pm", "pairwise preference model P(y > y' | x) on pairs "
+                                                               "in both orders"),
     "serve": (ServeConfig, "alignflow.rewards.serve:serve", "serve trained reward models over HTTP (POST /score)"),
     "mpo": (MPOConfig, "alignflow.trainers.iterative:train_mpo", "MPO: DPO on easy pairs, then RL on the hard "
                                                                  "prompts from the DPO model"),

@@ -1061,6 +1061,8 @@ class OnlinePOOptions:
                            range=(0.0, None))
     preference_scale: float = field(1.0, doc="Nash-MD: P(y beats y') = sigmoid((r(y) - r(y')) / scale) from the "
                                              "reward sources (a Bradley-Terry preference model).", range=(1e-6, None))
+    preference_model: str = field("", doc="Nash-MD: a pairwise preference model directory (alignflow pm); P(y beats "
+                                          "y') is read from it instead of sigmoid of a reward difference.")
     eval_samples: int = field(2, doc="Samples per held-out prompt (rollout.eval_prompts of them, temperature "
                                      "rollout.temperature, a fixed seed) for eval/* after every round.",
                               range=(1, None))
@@ -1146,3 +1148,22 @@ class ServeConfig:
     max_rows: int = field(1024, doc="Most rows one request may hold (more: HTTP 413).", range=(1, None))
     budget: int = field(8192, doc="Padded tokens per forward (speed only; scores do not depend on it).",
                         range=(1, None))
+
+
+
+@dataclasses.dataclass
+class PMOptions:
+    symmetric: bool = field(False, doc="Enforce P(y>y') + P(y'>y) = 1: P = sigmoid((z(x,y,y') - z(x,y',y))/2); "
+                                       "false: P = sigmoid(z(x,y,y')), its asymmetry measured (pm/symmetry_gap).")
+
+
+@dataclasses.dataclass
+class PMConfig:
+    """``alignflow pm``: a pairwise preference model P(y > y' | x) trained on pairs shown in both orders
+    (docs/pairwise_rm.md)."""
+    model: ModelConfig = field(default_factory=ModelConfig, doc="Backbone (a causal LM; a new one-logit head).")
+    data: DataConfig = field(default_factory=lambda: DataConfig(format="preference"), doc="Preference pairs.")
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4), doc="Optimiser.")
+    train: TrainConfig = field(default_factory=TrainConfig, doc="Loop settings.")
+    pm: PMOptions = field(default_factory=PMOptions, doc="Preference-model options.")
+    task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")

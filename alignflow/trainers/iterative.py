@@ -145,6 +145,7 @@ class OnlineRun:
     kw: dict
     fixed_ref: Optional[torch.nn.Module] = None  # ref_model, or a frozen copy of the initial policy (loaded lazily)
     prev: Optional[dict] = None  # APO: the previous round-start policy's trainable weights
+    pm: object = None  # Nash-MD: a PreferenceModel (online.preference_model) giving P(y ≻ y') instead of BT
 
     def initial_reference(self, r: int):
         """(module, context) computing π_ref: ``ref_model``; the LoRA policy with adapters disabled; the policy itself
@@ -186,6 +187,8 @@ def _check(cfg: OnlinePOConfig) -> None:
     if cfg.train.max_steps:
         raise ConfigError("train.max_steps is not used by online_po: set online.rounds and online.steps_per_round "
                           "(or online.epochs_per_round)")
+    if o.preference_model and o.method != "nash_md":
+        raise ConfigError(f"online.preference_model is read by online.method=nash_md only (method is {o.method})")
     if o.method == "nash_md":
         if cfg.loss != POLossConfig():
             raise ConfigError("online.method=nash_md trains the Nash-MD-PG objective: leave loss.* unset (its KL "
@@ -214,7 +217,12 @@ def build_run(cfg: OnlinePOConfig, device, tok) -> OnlineRun:
                           "are ranked by the raw reward)")
     kw = {} if cfg.online.method == "nash_md" else loss_kwargs(cfg.loss)
     rollout = Rollout(policy, tok, cfg.rollout, device, cfg.train.mixed_precision, cfg.train.seed)
-    return OnlineRun(cfg, policy, tok, device, rollout, RewardRole(reward), kw)
+    pm = None
+    if cfg.online.preference_model:
+        from alignflow.rewards.preference_model import PreferenceModel
+
+        pm = PreferenceModel(cfg.online.preference_model, device, budget=cfg.train.micro_batch_tokens)
+    return OnlineRun(cfg, policy, tok, device, rollout, RewardRole(reward), kw, pm=pm)
 
 
 def generate(run: OnlineRun, prompts: Batch) -> Batch:
@@ -283,7 +291,11 @@ def nash_rows(run: OnlineRun, prompts: Batch, r: int) -> tuple[list[dict], dict]
     theirs = cat_rollouts(parts)
     theirs = theirs.union(run.reward.score(theirs))
     gen_s = time.perf_counter() - t0
-    p = bt_win_probability(ours["scores"].float().cpu(), theirs["scores"].float().cpu(), cfg.online.preference_scale)
+    if run.pm is not None:  # a pairwise preference model reads both responses
+        p = run.pm.win_prob(ours["prompt"], ours["response"], theirs["response"])
+    else:
+        p = bt_win_probability(ours["scores"].float().cpu(), theirs["scores"].float().cpu(),
+                               cfg.online.preference_scale)
     prompt_ids, responses = _sequences(ours)
     seqs = [(x + y, [0] * len(x) + [1] * len(y)) for x, y in zip(prompt_ids, responses)]
     ref_lp = []
