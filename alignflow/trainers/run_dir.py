@@ -1,8 +1,8 @@
 """The run directory's safety rules, shared by every trainer.
 
 * :func:`check_output_dir`: ``train.output_dir`` must be a non-empty path to a directory this process can write
-  (an empty value would write into the current directory; a file, a read-only place or a full disk end with one
-  line naming the key).
+  (an empty value would write into the current directory; a file or a place that cannot be written is one line
+  naming the key; a disk that fills up during the run is one line from the CLI, :func:`disk_error`).
 * :func:`prepare_run_dir`: a directory that already holds a run's results (``model/``, a non-empty
   ``metrics.jsonl``, checkpoints) is only reused when ``train.resume`` finds a checkpoint to go on from, or when
   ``train.overwrite=true`` says to replace it (its old checkpoints are then deleted, so that a later resume cannot
