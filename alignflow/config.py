@@ -179,8 +179,9 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class TaskConfig:
-    name: str = field("reviews", doc="Built-in task used when model/data paths are empty.",
-                      choices=("reviews", "arithmetic"))
+    name: str = field("reviews", doc="Built-in task used when model/data paths are empty (calculator: multi-turn "
+                                     "with a tool, see env.task).", choices=("reviews", "arithmetic", "calculator",
+                                                                             "code"))
     seed: int = field(0, doc="Seed for the task's grammar, data and model initialisation.")
     num_sft: int = field(4000, doc="Rows of SFT corpus generated.", range=(1, None))
     num_pairs: int = field(2000, doc="Preference pairs generated.", range=(1, None))
@@ -896,6 +897,21 @@ class ResourcesConfig:
                                          "(GPU workers only).")
     reshard_after_forward: bool = field(True, doc="Free each layer's gathered weights after its forward (ZeRO-3); "
                                                   "False keeps them until the backward.")
+@dataclasses.dataclass
+class EnvConfig:
+    task: bool = field(False, doc="Multi-turn episodes against the built-in task's environment (task.name: "
+                                  "calculator); rewards then come from the environment (docs/multiturn_rl.md).")
+    path: str = field("", doc="Multi-turn episodes against this environment: 'pkg.module:Factory' or "
+                              "'file.py:make_env' (docs/environments.md); empty with env.task=false: single-turn.")
+    kwargs: dict[str, Any] = field(default_factory=dict, doc="Keyword arguments of the environment factory "
+                                                             "(env.path).")
+    max_turns: int = field(4, doc="Assistant turns per episode at most.", range=(1, None))
+    max_tokens: int = field(512, doc="Tokens per episode at most (first prompt, model turns, observations); each "
+                                     "turn also stops at rollout.max_new_tokens.", range=(2, None))
+    save_trajectories: int = field(8, doc="Episodes per RL step appended to <output_dir>/trajectories.jsonl "
+                                          "(0: none, -1: all).", range=(-1, None))
+
+
     dist_timeout_s: float = field(600.0, doc="torch.distributed collective timeout; a hung rank fails after this.",
                                   range=(1.0, None))
     max_restarts: int = field(3, doc="Times the run recreates its workers after one dies, resuming from the last "
@@ -924,6 +940,8 @@ class RLConfig:
     critic: CriticConfig = field(default_factory=CriticConfig, doc="Critic (PPO, Safe RLHF).")
     data: DataConfig = field(default_factory=lambda: DataConfig(format="prompt", eval_fraction=0.0),
                              doc="Prompts (rows with 'prompt' and any fields the rewards read).")
+    env: EnvConfig = field(default_factory=EnvConfig, doc="Multi-turn episodes against an environment (off: "
+                                                          "single-turn rollouts).")
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, scheduler="constant"),
                                doc="Actor optimiser.")
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64, packing=False, max_steps=100,

@@ -62,6 +62,7 @@ class Trajectory:
     finish: str = ""
     tool_calls: int = 0
     tool_errors: int = 0
+    info: dict = dataclasses.field(default_factory=dict)  # sums of the other numbers in the steps' info dicts
 
     @property
     def turns(self) -> int:
@@ -134,6 +135,9 @@ def _step_episode(traj: Trajectory, env, ids, lps, reason, turns: ChatTurns, tok
     traj.turn_rewards.append(reward)
     traj.tool_calls += int(info.get("tool_calls", 0))
     traj.tool_errors += int(info.get("tool_errors", 0))
+    for key, value in info.items():
+        if key not in ("tool_calls", "tool_errors") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            traj.info[key] = traj.info.get(key, 0.0) + float(value)
     if done or reason == "length" or traj.turns >= limits.max_turns:
         traj.finish = "done" if done else "length" if reason == "length" else "max_turns"
         return False
@@ -213,7 +217,8 @@ def trajectories_to_batch(trajs: list[Trajectory], pad_id: int) -> Batch:
 def episode_metrics(trajs: list[Trajectory]) -> dict[str, float]:
     """``episode/turns_mean``, ``episode/return_mean``, ``episode/model_tokens_mean``, ``episode/finish_<f>``
     (share of episodes), ``tools/calls_per_episode`` and ``tools/call_success`` (good calls / calls; absent
-    without calls)."""
+    without calls). Other numbers the environment put in ``info``: keys with a ``/`` (``sandbox/failures_timeout``)
+    are summed over the episodes, the others averaged per episode as ``env/<key>``."""
     n = max(len(trajs), 1)
     out = {"episode/turns_mean": sum(t.turns for t in trajs) / n,
            "episode/return_mean": sum(t.reward for t in trajs) / n,
@@ -224,6 +229,9 @@ def episode_metrics(trajs: list[Trajectory]) -> dict[str, float]:
     out["tools/calls_per_episode"] = calls / n
     if calls:
         out["tools/call_success"] = 1.0 - sum(t.tool_errors for t in trajs) / calls
+    for key in sorted({k for t in trajs for k in t.info}):
+        total = sum(t.info.get(key, 0.0) for t in trajs)
+        out[key if "/" in key else f"env/{key}"] = total if "/" in key else total / n
     return out
 
 

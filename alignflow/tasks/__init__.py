@@ -20,10 +20,10 @@ import uuid
 from pathlib import Path
 
 from alignflow.config import ConfigError, TaskConfig
-from alignflow.tasks import arithmetic, common, reviews
+from alignflow.tasks import arithmetic, calculator, code, common, reviews
 from alignflow.tasks.common import FILES, MANIFEST, TaskArtifacts, TaskSpec
 
-TASKS = {"reviews": reviews.TASK, "arithmetic": arithmetic.TASK}
+TASKS = {"reviews": reviews.TASK, "arithmetic": arithmetic.TASK, "calculator": calculator.TASK, "code": code.TASK}
 
 __all__ = ["TASKS", "TaskArtifacts", "TaskSpec", "build_task", "get_task"]
 

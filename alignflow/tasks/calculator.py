@@ -12,6 +12,16 @@ digits: a guess is practically never right, a tool call then a copy of its resul
 
 The calculator evaluates integer arithmetic only (``+ - * // % ( )`` and unary minus) from the expression's
 syntax tree; anything else, or an operand or result over ``MAX_DIGITS`` digits, is an error message.
+
+As a built-in task (``task.name: calculator``, :data:`TASK`: products only) it has its own tokenizer and chat template: digits
+and operators are single tokens and decode with no separator, the tool-call opener ``CALL_OPEN`` and closer
+``CALL_CLOSE`` are one token each (so a call is ``CALL_OPEN``, the expression's tokens, ``CALL_CLOSE``), every
+message ends with ``<eos>`` (which also ends a sampled turn) and tool results come as ``<|tool|>`` messages.
+The template does not print the tool schemas: the tiny model learns the one tool from its SFT corpus, where
+``TOOL_FRACTION`` of the conversations call it and copy its result, and the rest answer at once with a guess
+of the right length (practically always wrong). RL with the environment's reward (``env.task: true``) then has
+a reason to call the tool more often. The task's environment has no system message (its words are not in the
+vocabulary); ``make_env()`` keeps :data:`SYSTEM` for real chat models.
 """
 
 from __future__ import annotations
@@ -19,8 +29,9 @@ from __future__ import annotations
 import ast
 import operator
 
+from alignflow.config import TaskConfig
 from alignflow.envs import ToolEnv
-from alignflow.tasks.common import task_rng
+from alignflow.tasks.common import TaskSpec, make_pair, split_of, task_rng
 
 NAME = "calculator"
 DIGITS = 6
@@ -67,21 +78,109 @@ def reward(row: dict, text: str) -> float:
     return float(text.strip() == str(row["answer"]))
 
 
-def make_env() -> ToolEnv:
+def make_env(system: str = SYSTEM) -> ToolEnv:
     """A fresh calculator environment (load it as ``alignflow.tasks.calculator:make_env``)."""
-    return ToolEnv([calculator], reward_fn=reward, system=SYSTEM)
+    return ToolEnv([calculator], reward_fn=reward, system=system)
 
 
-def make_rows(seed: int = 0, n: int = 256, digits: int = DIGITS) -> list[dict]:
-    """``n`` distinct problems ``{"prompt", "answer", "expression"}``; the same seed gives the same rows."""
+def make_rows(seed: int = 0, n: int = 256, digits: int = DIGITS, ops: str = "+-*") -> list[dict]:
+    """``n`` distinct problems ``{"prompt", "answer", "expression"}`` with operators from ``ops``; the same seed
+    gives the same rows."""
     rng = task_rng(NAME, seed, "problems")
     rows, seen = [], set()
     while len(rows) < n:
         a, b = rng.randrange(10 ** (digits - 1), 10 ** digits), rng.randrange(10 ** (digits - 1), 10 ** digits)
-        op = rng.choice("+-*")
+        op = rng.choice(ops)
         expression = f"{a} {op} {b}"
         if expression not in seen:
             seen.add(expression)
             rows.append({"prompt": f"What is {expression}?", "answer": calculator(expression),
                          "expression": expression})
     return rows
+
+
+# ------------------------------------------------------------------------------------------------ built-in task
+CALL_OPEN = '<tool_call>{"name": "calculator", "arguments": {"expression": "'
+CALL_CLOSE = '"}}</tool_call>'
+TOOL_MARKER = "<|tool|>"
+TOOL_FRACTION = 0.5           # SFT conversations that call the tool (the rest guess)
+OPS = "*"                     # the built-in task asks for products only (11-12 digit answers)
+NUM_PROMPTS = 1024
+NUM_EVAL_PROMPTS = 128
+VOCAB = tuple("0123456789") + ("+", "-", "*", "What", "is", "?")
+# Like the shared template, with a tool role and <eos> closing every message (the sampled turn's end token).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('chat role must be system, user, assistant or tool, got ' + m['role']) }}"
+    "{% endif %}"
+    "<|{{ m['role'] }}|> {{ m['content'] }} {{ eos_token }} "
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def call_text(expression: str) -> str:
+    """The assistant message that calls the calculator on ``expression`` in the built-in task's format."""
+    return f"{CALL_OPEN}{expression.replace(' ', '')}{CALL_CLOSE}"
+
+
+def task_env() -> ToolEnv:
+    """The built-in task's environment: the calculator without a system message."""
+    return make_env(system="")
+
+
+def _answer_of(prompt: str) -> str:
+    expression = prompt.strip().removeprefix("What is").removesuffix("?").strip()
+    return calculator(expression)
+
+
+def gold_reward(prompts: list, responses: list) -> list:
+    """Single-turn view of the task: 1.0 where the response is exactly the prompt's answer."""
+    return [float(str(r).strip() == _answer_of(p)) for p, r in zip(prompts, responses, strict=True)]
+
+
+def _guess(rng, answer: str) -> str:
+    """A wrong number with as many digits as the answer (a guess without the tool)."""
+    sign, digits = ("-", answer[1:]) if answer.startswith("-") else ("", answer)
+    while True:
+        wrong = sign + str(rng.randrange(10 ** (len(digits) - 1), 10 ** len(digits)))
+        if wrong != answer:
+            return wrong
+
+
+def _conversation(rng, row: dict) -> list:
+    user = {"role": "user", "content": row["prompt"]}
+    if rng.random() < TOOL_FRACTION:
+        return [user, {"role": "assistant", "content": call_text(row["expression"])},
+                {"role": "tool", "name": "calculator", "content": row["answer"]},
+                {"role": "assistant", "content": row["answer"]}]
+    return [user, {"role": "assistant", "content": _guess(rng, row["answer"])}]
+
+
+def _task_rows(cfg: TaskConfig) -> dict:
+    """SFT conversations, train / eval prompts (disjoint by :func:`split_of`), answer pairs and rated answers."""
+    pool = make_rows(cfg.seed, max(NUM_PROMPTS + NUM_EVAL_PROMPTS, cfg.num_sft) * 2, ops=OPS)
+    split = {"train": [], "eval": []}
+    for row in pool:
+        split[split_of(row["prompt"], cfg.seed)].append(row)
+    rng = task_rng(NAME, cfg.seed, "sft")
+    train = split["train"]
+    sft = [{"messages": _conversation(rng, train[i % len(train)])} for i in range(cfg.num_sft)]
+    rng = task_rng(NAME, cfg.seed, "pairs")
+    pairs, rated = [], []
+    for i in range(cfg.num_pairs):
+        row = train[i % len(train)]
+        wrong = _guess(rng, row["answer"])
+        pairs.append(make_pair(rng, row["prompt"], row["answer"], wrong, 1.0, 0.0, cfg.label_noise))
+        if i < max(1, cfg.num_pairs // 2):
+            rated.append({"prompt": row["prompt"], "completions": [row["answer"], wrong],
+                          "ratings": [{"correct": 1.0}, {"correct": 0.0}]})
+    return {"sft_path": sft, "prompts_path": train[:NUM_PROMPTS], "eval_prompts_path": split["eval"][:NUM_EVAL_PROMPTS],
+            "pairs_path": pairs, "rated_path": rated}
+
+
+TASK = TaskSpec(name=NAME, vocab=VOCAB, join="", make_rows=_task_rows, gold_reward=gold_reward,
+                rewards={"gold": gold_reward}, chat_template=CHAT_TEMPLATE, special=(TOOL_MARKER,),
+                added=(CALL_OPEN, CALL_CLOSE), make_env=task_env)

@@ -79,6 +79,10 @@ class TaskSpec:
     rewards: dict = dataclasses.field(default_factory=dict)
     sft_steps: int = 400               # steps of the built-in SFT model (model.name_or_path=builtin:sft)
     sft_lr: float = 3e-3               # and its peak learning rate (cosine schedule, 5% warm-up, 32 rows per step)
+    chat_template: str = ""            # the task's own chat template ("" = CHAT_TEMPLATE)
+    special: tuple = ()                # extra special tokens (e.g. a role marker), dropped when decoding
+    added: tuple = ()                  # extra ordinary tokens matched whole before splitting (e.g. a tool-call opener)
+    make_env: Optional[Callable] = None  # multi-turn tasks: a factory of fresh environments (alignflow.envs)
 
 
 # ------------------------------------------------------------------------------------------------ randomness
@@ -148,20 +152,25 @@ def read_jsonl(path: Path) -> list:
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
-def build_tokenizer(vocab: Iterable[str], join: str = " ") -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab: Iterable[str], join: str = " ", special: tuple = (), added: tuple = (),
+                    chat_template: str = "") -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer over ``vocab`` plus the special and chat-marker tokens.
 
     Pre-tokenisation splits on whitespace, isolates punctuation and splits digits one by one, so
     ``"37+58="`` -> ``3 7 + 5 8 =`` and ``"slow."`` -> ``slow .``. Decoding joins tokens with ``join``: with
     ``" "`` the canonical text (tokens separated by single spaces) round-trips exactly; with ``""`` digit
     strings do. A ``<bos>`` is prepended by the post-processor; no ``<eos>`` is appended (trainers add it).
+    ``special`` tokens join the specials; ``added`` tokens are ordinary tokens matched whole in the raw text
+    (before the split), so a long fixed string such as a tool-call opener is one token that decodes to itself.
     """
     if join not in (" ", ""):
         raise ValueError(f"join must be ' ' or '', got {join!r}")
     words = [w for w in dict.fromkeys(vocab) if w not in SPECIAL_TOKENS]
-    table = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + words)}
+    specials = SPECIAL_TOKENS + tuple(special)
+    table = {tok: i for i, tok in enumerate(list(specials) + words + list(added))}
     tok = Tokenizer(models.WordLevel(table, unk_token=UNK))
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in added])
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated"),
         pre_tokenizers.Digits(individual_digits=True)])
@@ -172,7 +181,7 @@ def build_tokenizer(vocab: Iterable[str], join: str = " ") -> PreTrainedTokenize
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    unk_token=UNK, clean_up_tokenization_spaces=False,
                                    model_max_length=MAX_POSITIONS)
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template or CHAT_TEMPLATE
     return fast
 
 
@@ -219,7 +228,7 @@ def artifacts(spec: TaskSpec, out_dir: Path) -> TaskArtifacts:
 
 def write_task(spec: TaskSpec, cfg: TaskConfig, tmp_dir: Path, meta: dict) -> None:
     """Write every file of the task into ``tmp_dir`` (a fresh directory)."""
-    tokenizer = build_tokenizer(spec.vocab, spec.join)
+    tokenizer = build_tokenizer(spec.vocab, spec.join, spec.special, spec.added, spec.chat_template)
     tokenizer.save_pretrained(tmp_dir / FILES["tokenizer_dir"])
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()          # a one-shard "Writing model shards" bar is noise here

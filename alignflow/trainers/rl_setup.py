@@ -143,7 +143,7 @@ def prompt_batch(rows: list[dict], uids: list[int], fields: list[str]) -> Batch:
 class Roles:
     rollout: LocalGroup
     actor: LocalGroup
-    reward: LocalGroup
+    reward: Optional[LocalGroup] = None  # None with multi-turn episodes (the environment rewards)
     ref: Optional[LocalGroup] = None
     critic: Optional[LocalGroup] = None
     cost: Optional[LocalGroup] = None

@@ -67,7 +67,8 @@ def micro_batches(batch: Batch, budget: int) -> list[tuple[torch.Tensor, Batch, 
     """
     budget = budget or loop.default_micro_batch_tokens(batch["prompt_mask"].device)  # 0: by device
     p_len = batch["prompt_mask"].sum(-1).cpu()  # (B,) on the host: group sizes and widths need no device sync
-    true_r = batch["response_mask"].sum(-1).cpu()  # (B,)
+    # (B,) response tokens; multi-turn episodes attend to observation tokens outside the loss mask too
+    true_r = batch["response_attention" if "response_attention" in batch else "response_mask"].sum(-1).cpu()
     r_len = true_r.clamp(min=1)
     Tp = batch["prompt_mask"].shape[1]
     groups = dp_equal_groups(token_budget_groups((p_len + r_len).tolist(), budget))
