@@ -21,13 +21,17 @@ def calc_task(tmp_path_factory):
 
 
 def env_cfg(task, out, model_dir=None, **sections) -> RLConfig:
-    base = {"model": {"name_or_path": str(model_dir or task.model_dir), "tokenizer": str(task.tokenizer_dir)},
-            "data": {"path": str(task.prompts_path), "eval_path": str(task.eval_prompts_path)},
-            "task": {"name": "calculator"}, "env": {"task": True, "max_turns": 2, "max_tokens": 64},
-            "algo": {"name": "grpo"}, "kl": {"coef": 0.0},
-            "rollout": {"prompts_per_step": 2, "n": 2, "max_new_tokens": 8, "eval_prompts": 2},
-            "optim": {"lr": 1e-3},
-            "train": {"output_dir": str(out), "batch_size": 4, "max_steps": 2, "progress": False, "eval_every": 1}}
+    base = {
+        "model": {"name_or_path": str(model_dir or task.model_dir), "tokenizer": str(task.tokenizer_dir)},
+        "data": {"path": str(task.prompts_path), "eval_path": str(task.eval_prompts_path)},
+        "task": {"name": "calculator"},
+        "env": {"task": True, "max_turns": 2, "max_tokens": 64},
+        "algo": {"name": "grpo"},
+        "kl": {"coef": 0.0},
+        "rollout": {"prompts_per_step": 2, "n": 2, "max_new_tokens": 8, "eval_prompts": 2},
+        "optim": {"lr": 1e-3},
+        "train": {"output_dir": str(out), "batch_size": 4, "max_steps": 2, "progress": False, "eval_every": 1},
+    }
     for k, v in sections.items():
         base[k] = base.get(k, {}) | v
     return from_dict(RLConfig, base)
@@ -36,10 +40,17 @@ def env_cfg(task, out, model_dir=None, **sections) -> RLConfig:
 def test_micro_batches_keep_the_observation_tokens():
     """A row whose loss mask is [1, 0, 0, 1] (a model token, two observation tokens, a model token) keeps all four
     response columns and its real length is prompt 2 + 4, not 2 + 2 (the loss mask's count)."""
-    b = Batch({"prompt_mask": torch.tensor([[1, 1]]), "response_mask": torch.tensor([[1, 0, 0, 1, 0]]),
-               "response_attention": torch.tensor([[1, 1, 1, 1, 0]]),
-               "input_ids": torch.arange(7)[None], "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1, 0]]),
-               "position_ids": torch.arange(7)[None], "response_ids": torch.arange(2, 7)[None]})
+    b = Batch(
+        {
+            "prompt_mask": torch.tensor([[1, 1]]),
+            "response_mask": torch.tensor([[1, 0, 0, 1, 0]]),
+            "response_attention": torch.tensor([[1, 1, 1, 1, 0]]),
+            "input_ids": torch.arange(7)[None],
+            "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1, 0]]),
+            "position_ids": torch.arange(7)[None],
+            "response_ids": torch.arange(2, 7)[None],
+        }
+    )
     [(idx, mb, pw)] = micro_batches(b, 1000)
     assert pw == 2 and mb["response_mask"].tolist() == [[1, 0, 0, 1]] and mb.meta["seq_lens"] == [6]
 
@@ -63,8 +74,12 @@ def test_rl_runs_episodes_and_stores_trajectories(calc_task, tmp_path):
 
 def test_env_path_and_refusals(calc_task, tmp_path):
     """env.path loads an environment factory by dotted path (with env.kwargs); one line names what is wrong."""
-    cfg = env_cfg(calc_task, tmp_path / "a", env={"task": False, "path": "alignflow.tasks.calculator:make_env",
-                                                  "kwargs": {"system": ""}}, train={"max_steps": 1, "eval_every": 0})
+    cfg = env_cfg(
+        calc_task,
+        tmp_path / "a",
+        env={"task": False, "path": "alignflow.tasks.calculator:make_env", "kwargs": {"system": ""}},
+        train={"max_steps": 1, "eval_every": 0},
+    )
     assert len(train_rl(cfg).history) == 1
     with pytest.raises(ConfigError, match="env.task and env.path"):
         train_rl(env_cfg(calc_task, tmp_path / "b", env={"path": "alignflow.tasks.calculator:make_env"}))

@@ -42,7 +42,7 @@ def test_calculator_sft_conversation_tokens_and_tool_round_trip(calc_task):
     tool = next(r["messages"] for r in rows if len(r["messages"]) == 4)
     assert any(len(r["messages"]) == 2 for r in rows)  # guesses too
     enc = encode_lm(tok, tool, max_len=128)
-    trained = [i for i, m in zip(enc.input_ids, enc.loss_mask) if m]
+    trained = [i for i, m in zip(enc.input_ids, enc.loss_mask, strict=True) if m]
     call_ids = tok(tool[1]["content"], add_special_tokens=False)["input_ids"]
     answer_ids = tok(tool[3]["content"], add_special_tokens=False)["input_ids"]
     assert trained == call_ids + [tok.eos_token_id] + answer_ids + [tok.eos_token_id]
@@ -90,6 +90,7 @@ def test_tasks_without_environment_are_refused_for_env_task():
     with pytest.raises(ConfigError, match="task 'reviews' has no environment.*calculator"):
         check(from_dict(RLConfig, {"env": {"task": True}, "task": {"name": "reviews"}}))
     with pytest.raises(ConfigError, match="rollout.backend"):
-        check(from_dict(RLConfig, {"env": {"task": True}, "task": {"name": "calculator"},
-                                   "rollout": {"backend": "vllm"}}))
+        check(
+            from_dict(RLConfig, {"env": {"task": True}, "task": {"name": "calculator"}, "rollout": {"backend": "vllm"}})
+        )
     check(from_dict(RLConfig, {"env": {"task": True}, "task": TaskConfig(name="calculator").__dict__}))

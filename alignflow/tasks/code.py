@@ -140,9 +140,11 @@ def _task_rows(cfg: TaskConfig) -> dict:
     rng = task_rng(NAME, cfg.seed, "pairs")
     pairs = [make_pair(rng, r["prompt"], r["reference"], BUGS[r["function"]], 1.0, 0.0, cfg.label_noise)
              for r in (rows[i % len(rows)] for i in range(cfg.num_pairs))]
-    rated = [{"prompt": p["prompt"], "completions": [p["chosen"], p["rejected"]],
-              "ratings": [{"correct": float(p["chosen"] == r)}, {"correct": float(p["rejected"] == r)}]}
-             for p, r in ((p, rows[i % len(rows)]["reference"]) for i, p in enumerate(pairs[: max(1, len(pairs) // 2)]))]
+    rated = []
+    for i, p in enumerate(pairs[: max(1, len(pairs) // 2)]):
+        ref = rows[i % len(rows)]["reference"]
+        rated.append({"prompt": p["prompt"], "completions": [p["chosen"], p["rejected"]],
+                      "ratings": [{"correct": float(p["chosen"] == ref)}, {"correct": float(p["rejected"] == ref)}]})
     return {"sft_path": sft, "prompts_path": prompts[:96], "eval_prompts_path": prompts[96:],
             "pairs_path": pairs, "rated_path": rated}
 

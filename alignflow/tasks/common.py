@@ -82,7 +82,7 @@ class TaskSpec:
     chat_template: str = ""            # the task's own chat template ("" = CHAT_TEMPLATE)
     special: tuple = ()                # extra special tokens (e.g. a role marker), dropped when decoding
     added: tuple = ()                  # extra ordinary tokens matched whole before splitting (e.g. a tool-call opener)
-    make_env: Optional[Callable] = None  # multi-turn tasks: a factory of fresh environments (alignflow.envs)
+    make_env: Callable | None = None  # multi-turn tasks: a factory of fresh environments (alignflow.envs)
 
 
 # ------------------------------------------------------------------------------------------------ randomness

@@ -33,8 +33,13 @@ import torch
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, RLConfig
 from alignflow.envs.base import load_env_factory
-from alignflow.envs.multiturn import MultiTurnLimits, episode_metrics, rollout_episodes, trajectories_to_batch, \
-    write_trajectories
+from alignflow.envs.multiturn import (
+    MultiTurnLimits,
+    episode_metrics,
+    rollout_episodes,
+    trajectories_to_batch,
+    write_trajectories,
+)
 from alignflow.rollout.sampling import SamplingParams
 from alignflow.trainers import loop
 
@@ -59,20 +64,26 @@ def check(cfg: RLConfig) -> None:
 
         if get_task(cfg.task.name).make_env is None:
             with_env = [n for n, spec in TASKS.items() if spec.make_env is not None]
-            raise ConfigError(f"env.task: task '{cfg.task.name}' has no environment; task.name must be one of "
-                              f"{', '.join(with_env)} (or give env.path)")
-    refused = [("rollout.backend", cfg.rollout.backend != "builtin", "builtin"),
-               ("algo.name", cfg.algo.name == "remax", "an algorithm without ReMax's greedy baseline"),
-               ("dapo.dynamic_sampling", cfg.dapo.dynamic_sampling, "false"),
-               ("dapo.overlong_penalty", cfg.dapo.overlong_penalty, "false")]
+            raise ConfigError(
+                f"env.task: task '{cfg.task.name}' has no environment; task.name must be one of "
+                f"{', '.join(with_env)} (or give env.path)"
+            )
+    refused = [
+        ("rollout.backend", cfg.rollout.backend != "builtin", "builtin"),
+        ("algo.name", cfg.algo.name == "remax", "an algorithm without ReMax's greedy baseline"),
+        ("dapo.dynamic_sampling", cfg.dapo.dynamic_sampling, "false"),
+        ("dapo.overlong_penalty", cfg.dapo.overlong_penalty, "false"),
+    ]
     for key, bad, valid in refused:
         if bad:
             raise ConfigError(f"{key}: multi-turn episodes (env.*) need {key}={valid}")
     from alignflow.distributed.ray_group import maybe_ray
 
     if maybe_ray(cfg.resources):
-        raise ConfigError("resources: multi-turn episodes (env.*) run in this process, not on Ray worker sets; "
-                          "use resources.actor.workers=1 and resources.backend=auto or local")
+        raise ConfigError(
+            "resources: multi-turn episodes (env.*) run in this process, not on Ray worker sets; "
+            "use resources.actor.workers=1 and resources.backend=auto or local"
+        )
 
 
 def env_factory(cfg: RLConfig):
@@ -99,8 +110,15 @@ def run_episodes(roles, prompts: Batch, cfg: RLConfig, n: int, greedy: bool, see
     make = env_factory(cfg)
     envs = [make() for _ in rows]
     r = cfg.rollout
-    params = SamplingParams(n=1, temperature=0.0 if greedy else r.temperature, top_p=r.top_p, top_k=r.top_k,
-                            max_new_tokens=r.max_new_tokens, logprobs=True, seed=seed)
+    params = SamplingParams(
+        n=1,
+        temperature=0.0 if greedy else r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_new_tokens=r.max_new_tokens,
+        logprobs=True,
+        seed=seed,
+    )
     limits = MultiTurnLimits(max_turns=cfg.env.max_turns, max_total_tokens=cfg.env.max_tokens)
     t0 = time.perf_counter()
     with loop.autocast(rollout.device, rollout.mp):
@@ -108,9 +126,16 @@ def run_episodes(roles, prompts: Batch, cfg: RLConfig, n: int, greedy: bool, see
     secs = time.perf_counter() - t0
     batch = trajectories_to_batch(trajs, rollout.tokenizer.pad_token_id)
     last = [next((m["content"] for m in reversed(t.messages) if m["role"] == "assistant"), "") for t in trajs]
-    batch = batch.union(Batch({"scores": torch.tensor([t.reward for t in trajs], dtype=torch.float32)},
-                              {"group": [g for g in prompts["group"] for _ in range(n)],
-                               "prompt": [row.get("prompt") for row in rows], "response": last}))
+    batch = batch.union(
+        Batch(
+            {"scores": torch.tensor([t.reward for t in trajs], dtype=torch.float32)},
+            {
+                "group": [g for g in prompts["group"] for _ in range(n)],
+                "prompt": [row.get("prompt") for row in rows],
+                "response": last,
+            },
+        )
+    )
     return trajs, batch, secs
 
 
@@ -128,15 +153,17 @@ def turn_metrics(trajs) -> dict:
 def collect_episodes(roles, st, cfg: RLConfig, tally=None) -> tuple[Batch, dict]:
     """The rollout source of ``"episodes"`` mode (same contract as ``online.collect_rollouts``)."""
     prompts = st.prompts.take(cfg.rollout.prompts_per_step)
-    trajs, batch, secs = run_episodes(roles, prompts, cfg, cfg.rollout.n, False,
-                                      cfg.train.seed * 1_000_003 + st.step)
+    trajs, batch, secs = run_episodes(roles, prompts, cfg, cfg.rollout.n, False, cfg.train.seed * 1_000_003 + st.step)
     keep = len(trajs) if cfg.env.save_trajectories < 0 else cfg.env.save_trajectories
     if keep:
         write_trajectories(Path(cfg.train.output_dir) / TRAJECTORIES, trajs[:keep], step=st.step)
     m = episode_metrics(trajs) | turn_metrics(trajs)
-    m |= {"perf/gen_s": secs, "rollout/reward_mean": float(batch["scores"].mean()),
-          "rollout/response_len": float(batch["response_mask"].sum(-1).float().mean()),
-          "rollout/truncated_frac": sum(t.finish in ("length", "max_tokens") for t in trajs) / len(trajs)}
+    m |= {
+        "perf/gen_s": secs,
+        "rollout/reward_mean": float(batch["scores"].mean()),
+        "rollout/response_len": float(batch["response_mask"].sum(-1).float().mean()),
+        "rollout/truncated_frac": sum(t.finish in ("length", "max_tokens") for t in trajs) / len(trajs),
+    }
     return batch, m
 
 
@@ -147,6 +174,8 @@ def evaluate_episodes(roles, prompts: Batch, gold, cfg: RLConfig) -> dict:
     if not len(prompts):
         return {}
     trajs, batch, _ = run_episodes(roles, prompts, cfg, 1, True, None)
-    m = {"eval/reward_mean": float(batch["scores"].mean()),
-         "eval/response_len": float(batch["response_mask"].sum(-1).float().mean())}
+    m = {
+        "eval/reward_mean": float(batch["scores"].mean()),
+        "eval/response_len": float(batch["response_mask"].sum(-1).float().mean()),
+    }
     return m | {f"eval/{k}": v for k, v in (episode_metrics(trajs) | turn_metrics(trajs)).items()}
