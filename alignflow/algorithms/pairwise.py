@@ -38,7 +38,7 @@ def win_logit(z_ab: Tensor, z_ba: Tensor | None = None, symmetric: bool = False)
     return 0.5 * (z_ab - z_ba)
 
 
-def pairwise_preference_loss(z_ab: Tensor, z_ba: Tensor, symmetric: bool = False) -> tuple[Tensor, dict]:
+def pairwise_preference_loss(z_ab: Tensor, z_ba: Tensor, symmetric: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss (mean over pairs) of a pairwise preference model on pairs shown in both orders.
 
     z_ab: (B,) logits of (x, chosen, rejected); z_ba: (B,) logits of (x, rejected, chosen). Metrics (tensors):
