@@ -132,3 +132,20 @@ def test_texts_only_batch_and_errors(setup):
     del tokens_only.meta["response"]
     with pytest.raises(KeyError, match="re-renders the texts.*no meta response"):
         RewardModelScorer(str(root / "f"), tokenizer=setup["policy"]).member_scores(tokens_only)
+
+
+def test_rl_reward_sources_pass_the_policy_tokenizer(setup, tmp_path):
+    """build_sources (the RL trainers' reward wiring) gives the scorer the policy's tokenizer from
+    model.tokenizer, so a foreign member in reward.models re-renders: the two members score alike."""
+    from alignflow.config import RLConfig, from_dict
+    from alignflow.trainers.rl_setup import build_sources
+
+    root = setup["root"]
+    setup["policy"].save_pretrained(tmp_path / "policy-tok")
+    cfg = from_dict(RLConfig, {"model": {"name_or_path": str(root / "p"), "tokenizer": str(tmp_path / "policy-tok")},
+                               "reward": {"models": [str(root / "p"), str(root / "f")]}})
+    composite = build_sources(cfg.reward, "reward", "reviews", cfg, "cpu", setup["policy"].pad_token_id)
+    scorer = composite.parts[0][1]
+    assert scorer.foreign == [False, True]
+    members = scorer.member_scores(policy_batch(setup["policy"]))
+    assert torch.allclose(members[:, 0], members[:, 1], atol=1e-5)
