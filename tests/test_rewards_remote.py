@@ -212,3 +212,48 @@ def test_serve_cli_round_trip(rm_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def serving(cfg_dict):
+    server, url = make_server(from_dict(ServeConfig, {"port": 0, "device": "cpu", **cfg_dict}))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server, url
+
+
+def test_serve_a_preference_model_against_the_rows_anchor(tmp_path):
+    """preference_model=<dir>: reward = P(response beats the row's 'reference'), sent by reward.remote.fields;
+    equal to the local PreferenceReward, ½ for a response against itself; a field of the wrong length is 400."""
+    from alignflow.rewards.preference_model import PreferenceModel, PreferenceReward, write_meta
+
+    tok = build_tokenizer(VOCAB)
+    tiny_rm(len(tok), tok.pad_token_id, seed=5).save_pretrained(tmp_path / "pm")
+    tok.save_pretrained(tmp_path / "pm")
+    write_meta(tmp_path / "pm", symmetric=True)
+    server, url = serving({"preference_model": str(tmp_path / "pm")})
+    try:
+        batch = Batch(meta={"prompt": PROMPTS, "response": RESPONSES, "reference": [RESPONSES[1]] * 3})
+        got = RemoteReward(url, batch_size=2, timeout_s=30, fields=["reference"])(batch)
+        local = PreferenceReward(PreferenceModel(str(tmp_path / "pm")))(batch)
+        assert torch.allclose(got, local, atol=1e-5) and got[1].item() == pytest.approx(0.5, abs=1e-6)
+        status, reply = post(url, {"prompts": ["a"], "responses": ["b"], "reference": ["c", "d"]})
+        assert status == 400 and "'reference' must be a list of 1 values" in reply["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ConfigError, match="give exactly one of models"):
+        make_server(from_dict(ServeConfig, {"port": 0, "models": ["x"], "preference_model": "y"}))
+
+
+def test_serve_an_llm_judge():
+    """judge.url=<OpenAI-compatible endpoint>, template principle: the row's 'principle' field rides along."""
+    from tests.test_rewards_judge import FakeChat
+
+    chat = FakeChat(lambda q, t: "Answer: Yes" if "short" in q and len(q) < 400 else "Answer: No")
+    server, url = serving({"judge": {"url": chat.url, "endpoint_model": "m", "template": "principle"}})
+    try:
+        batch = Batch(meta={"prompt": ["p", "p"], "response": ["ok", "ok"], "principle": ["is short", "is long"]})
+        assert RemoteReward(url, timeout_s=30, fields=["principle"])(batch).tolist() == [1.0, 0.0]
+    finally:
+        for s in (server, chat.server):
+            s.shutdown()
+            s.server_close()

@@ -133,3 +133,25 @@ class PreferenceModel:
             a.append(ya)
             b.append(self.encode(p, o)[1])
         return self.win_prob_ids(xs, a, b)
+
+
+class PreferenceReward:
+    """A preference model as a reward against an anchor: ``r(x, y) = P(y ≻ y_anchor | x)`` (pairwise RLHF with
+    an anchor response), the anchor being the row field ``anchor_field`` (e.g. a reference answer)."""
+
+    name = "preference"
+
+    def __init__(self, model: PreferenceModel, anchor_field: str = "reference"):
+        self.model, self.anchor_field = model, anchor_field
+
+    def __call__(self, batch) -> torch.Tensor:
+        from alignflow.rewards.base import output_device
+        from alignflow.rewards.rules import RewardError
+
+        anchors = batch.meta.get(self.anchor_field) if self.anchor_field in batch.meta else None
+        for i in range(len(batch)):
+            if anchors is None or not isinstance(anchors[i], str):
+                raise RewardError(f"preference reward: row {i} has no {self.anchor_field!r} response to compare "
+                                  "with (the anchor field)", self.name, i)
+        p = self.model.win_prob(list(batch.meta["prompt"]), list(batch.meta["response"]), list(anchors))
+        return p.to(output_device(batch))

@@ -135,7 +135,7 @@ class RemoteReward:
     name = "remote"
 
     def __init__(self, url: str, batch_size: int = 64, timeout_s: float = 30.0, retries: int = 2,
-                 backoff_s: float = 0.5, name: str = "remote"):
+                 backoff_s: float = 0.5, name: str = "remote", fields: tuple | list = ()):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"reward.remote.url must start with http:// or https://, got {url!r}")
         if batch_size < 1 or timeout_s <= 0 or retries < 0:
@@ -143,19 +143,24 @@ class RemoteReward:
                              f"{batch_size}, {timeout_s}, {retries}")
         self.url, self.batch_size, self.timeout_s = url, int(batch_size), float(timeout_s)
         self.retries, self.backoff_s, self.name = int(retries), float(backoff_s), name
+        self.fields = [str(f) for f in fields]
+        if set(self.fields) & {"prompts", "responses"}:
+            raise ValueError("reward.remote.fields: 'prompts' and 'responses' are always sent")
         self.last_metrics: dict = {}
 
     def _where(self, k: int, lo: int, hi: int, nb: int) -> str:
         return f"remote reward {self.url}: batch {k + 1} of {nb} (rows {lo}-{hi - 1})"
 
-    def score_texts(self, prompts: list, responses: list) -> list[float]:
-        """Rewards for the texts, in order: one request per ``batch_size`` rows."""
+    def score_texts(self, prompts: list, responses: list, fields: dict | None = None) -> list[float]:
+        """Rewards for the texts, in order: one request per ``batch_size`` rows (``fields``: name -> one value per
+        row, sent alongside)."""
         out: list[float] = []
         nb = max(1, math.ceil(len(prompts) / self.batch_size))
         requests = retried = 0
         for k, lo in enumerate(range(0, len(prompts), self.batch_size)):
             hi = min(lo + self.batch_size, len(prompts))
-            payload = {"prompts": list(prompts[lo:hi]), "responses": list(responses[lo:hi])}
+            payload = {"prompts": list(prompts[lo:hi]), "responses": list(responses[lo:hi]),
+                       **{k: list(v[lo:hi]) for k, v in (fields or {}).items()}}
             values, used = post_with_retries(self.url, payload, self.timeout_s, self.retries, self.backoff_s,
                                              lambda r, n=hi - lo: parse_rewards(r, n), self._where(k, lo, hi, nb),
                                              self.name, lo)
@@ -165,8 +170,9 @@ class RemoteReward:
         return out
 
     def __call__(self, batch: Batch) -> torch.Tensor:
-        missing = [k for k in ("prompt", "response") if k not in batch.meta]
+        missing = [k for k in ("prompt", "response", *self.fields) if k not in batch.meta]
         if missing:
             raise KeyError(f"remote reward {self.url}: the batch has no meta {', '.join(missing)}")
-        values = self.score_texts(list(batch.meta["prompt"]), list(batch.meta["response"]))
+        values = self.score_texts(list(batch.meta["prompt"]), list(batch.meta["response"]),
+                                  {k: list(batch.meta[k]) for k in self.fields})
         return torch.tensor(values, dtype=torch.float32, device=output_device(batch))

@@ -36,8 +36,9 @@ class BadRequest(ValueError):
         self.status = status
 
 
-def parse_request(body: bytes, max_rows: int) -> tuple[list, list]:
-    """(prompts, responses) from a request body; BadRequest naming the field and row otherwise."""
+def parse_request(body: bytes, max_rows: int) -> tuple[list, list, dict]:
+    """(prompts, responses, row fields) from a request body; BadRequest naming the field and row otherwise. Any
+    other key holding a list of one value per row (e.g. "reference", "principle") is a row field."""
     try:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
@@ -59,24 +60,31 @@ def parse_request(body: bytes, max_rows: int) -> tuple[list, list]:
                                            and isinstance(m.get("content"), str) for m in p)
         if not (isinstance(p, str) or chat):
             raise BadRequest(f"prompts[{i}] must be a string or a list of {{'role', 'content'}} messages")
-    return prompts, responses
+    fields = {k: v for k, v in data.items() if k not in ("prompts", "responses")}
+    for k, v in fields.items():
+        if not isinstance(v, list) or len(v) != len(prompts):
+            raise BadRequest(f"'{k}' must be a list of {len(prompts)} values (one per row), like 'prompts'")
+    return prompts, responses, fields
 
 
 class RewardService:
-    """Scores texts with a :class:`~alignflow.rewards.model.RewardModelScorer`; one call at a time."""
+    """Scores texts with a reward-model scorer (rewards and member scores) or any other reward -- an LLM judge, a
+    preference model against an anchor -- (rewards); one call at a time."""
 
     def __init__(self, scorer, max_rows: int, models: list):
         self.scorer, self.max_rows, self.models = scorer, max_rows, [str(m) for m in models]
         self.lock = threading.Lock()
 
-    def score(self, prompts: list, responses: list) -> dict:
+    def score(self, prompts: list, responses: list, fields: dict | None = None) -> dict:
         if not prompts:
             return {"rewards": [], "members": []}
-        batch = Batch(meta={"prompt": prompts, "response": responses})
+        batch = Batch(meta={**(fields or {}), "prompt": prompts, "response": responses})
         with self.lock:
-            members = self.scorer.member_scores(batch)  # (B, k)
-            rewards = self.scorer.aggregate(members)  # (B,)
-        out = {"rewards": rewards.tolist(), "members": members.tolist()}
+            if hasattr(self.scorer, "member_scores"):
+                members = self.scorer.member_scores(batch)  # (B, k)
+                out = {"rewards": self.scorer.aggregate(members).tolist(), "members": members.tolist()}
+            else:
+                out = {"rewards": self.scorer(batch).tolist()}
         if not all(math.isfinite(v) for v in out["rewards"]):
             raise RuntimeError("the reward model produced a non-finite score")
         return out
@@ -96,7 +104,8 @@ def make_handler(service: RewardService) -> type:
 
         def do_GET(self):  # noqa: N802 (http.server's naming)
             if self.path.rstrip("/") == "/health":
-                self._send(200, {"status": "ok", "members": service.scorer.num_members, "models": service.models})
+                self._send(200, {"status": "ok", "members": getattr(service.scorer, "num_members", 1),
+                                 "models": service.models})
             else:
                 self._send(404, {"error": f"no such path {self.path!r}; use POST /score or GET /health"})
 
@@ -108,8 +117,7 @@ def make_handler(service: RewardService) -> type:
                 length = int(self.headers.get("Content-Length", "0"))
                 if length > MAX_BODY:
                     raise BadRequest(f"the body has {length} bytes; at most {MAX_BODY}", 413)
-                prompts, responses = parse_request(self.rfile.read(length), service.max_rows)
-                self._send(200, service.score(prompts, responses))
+                self._send(200, service.score(*parse_request(self.rfile.read(length), service.max_rows)))
             except BadRequest as e:
                 self._send(e.status, {"error": str(e)})
             except Exception as e:  # a scoring failure goes back to the client, named, and the server lives on
@@ -127,17 +135,30 @@ def make_server(cfg: ServeConfig) -> tuple[ThreadingHTTPServer, str]:
     from alignflow.rewards.model import RewardModelScorer
     from alignflow.trainers.loop import resolve_device
 
-    if not cfg.models:
-        raise ConfigError("models: give the reward-model directories to serve, e.g. models=[runs/rm/model]")
-    scorer = RewardModelScorer(list(cfg.models), cfg.aggregation, cfg.uwo_lambda, resolve_device(cfg.device),
-                               budget=cfg.budget)
-    missing = [str(m) for m, r in zip(cfg.models, scorer.renderers, strict=True) if r is None]
-    if missing:
-        raise ConfigError(f"models: {', '.join(missing)} hold no tokenizer to render texts with (alignflow rm saves "
-                          "one next to the model)")
+    served = [k for k, on in (("models", cfg.models), ("preference_model", cfg.preference_model),
+                              ("judge", cfg.judge.model or cfg.judge.url)) if on]
+    if len(served) != 1:
+        raise ConfigError("give exactly one of models=[<reward-model dirs>], preference_model=<dir> and judge.model "
+                          f"/ judge.url to serve; got {', '.join(served) or 'none'}")
+    device = resolve_device(cfg.device)
+    if cfg.judge.model or cfg.judge.url:
+        from alignflow.rewards.judge import build_judge
+
+        scorer, names = build_judge(cfg.judge, device, 0, "judge"), [cfg.judge.model or cfg.judge.url]
+    elif cfg.preference_model:
+        from alignflow.rewards.preference_model import PreferenceModel, PreferenceReward
+
+        pm = PreferenceModel(cfg.preference_model, device, budget=cfg.budget)
+        scorer, names = PreferenceReward(pm, cfg.anchor_field), [cfg.preference_model]
+    else:
+        scorer, names = RewardModelScorer(list(cfg.models), cfg.aggregation, cfg.uwo_lambda, device,
+                                          budget=cfg.budget), list(cfg.models)
+        missing = [str(m) for m, r in zip(cfg.models, scorer.renderers, strict=True) if r is None]
+        if missing:
+            raise ConfigError(f"models: {', '.join(missing)} hold no tokenizer to render texts with (alignflow rm "
+                              "saves one next to the model)")
     try:
-        server = ThreadingHTTPServer((cfg.host, cfg.port), make_handler(RewardService(scorer, cfg.max_rows,
-                                                                                     cfg.models)))
+        server = ThreadingHTTPServer((cfg.host, cfg.port), make_handler(RewardService(scorer, cfg.max_rows, names)))
     except OSError as e:
         raise ConfigError(f"host/port: cannot listen on {cfg.host}:{cfg.port}: {e}") from None
     server.daemon_threads = True
@@ -148,7 +169,9 @@ def make_server(cfg: ServeConfig) -> tuple[ThreadingHTTPServer, str]:
 def serve(cfg: ServeConfig) -> None:
     """Serve until interrupted (Ctrl-C)."""
     server, url = make_server(cfg)
-    print(f"alignflow serve: {len(cfg.models)} reward model(s) on POST {url} (GET {url[:-len('/score')]}/health)",
+    what = f"{len(cfg.models)} reward model(s)" if cfg.models else ("a judge" if cfg.judge.model or cfg.judge.url
+                                                                    else "a preference model")
+    print(f"alignflow serve: {what} on POST {url} (GET {url[:-len('/score')]}/health)",
           flush=True)
     try:
         server.serve_forever()

@@ -83,7 +83,8 @@ def build_sources(section, section_name: str, task_name: str, cfg: RLConfig, dev
         from alignflow.rewards.remote import RemoteReward
 
         try:
-            fn = RemoteReward(remote.url, remote.batch_size, remote.timeout_s, remote.retries)
+            fn = RemoteReward(remote.url, remote.batch_size, remote.timeout_s, remote.retries,
+                              fields=list(remote.fields))
         except ValueError as e:
             raise ConfigError(str(e)) from None
         parts.append((fn.name, fn, _weight(remote.weight, f"{section_name}.remote.weight")))
