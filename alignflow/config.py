@@ -191,6 +191,9 @@ class TaskConfig:
     num_layers: int = field(2, doc="Tiny Llama layers.", range=(1, None))
     num_heads: int = field(4, doc="Tiny Llama attention heads.", range=(1, None))
     intermediate_size: int = field(512, doc="Tiny Llama MLP width.", range=(8, None))
+    max_operand: int = field(0, doc="arithmetic: largest operand of + and - and of the first factor of * (the second "
+                                    "is at most 9); 0 = 99. 9 (255 problems) is a range the tiny model learns.",
+                             range=(0, None))
     sft_steps: int = field(0, doc="model.name_or_path=builtin:sft: SFT steps of the task's tiny model (built once, "
                                   "cached beside the run directory); 0 = the task's own default.", range=(0, None))
 
@@ -758,9 +761,6 @@ class RemoteRewardConfig:
                                        "reply); past it the attempt fails.", range=(1e-3, None))
     retries: int = field(2, doc="Further attempts after a connection error, a timeout or a 5xx/429 reply (a "
                                 "malformed reply is never retried).", range=(0, None))
-    fields: list[str] = field(default_factory=list, doc="Row fields sent with each batch, one list per field "
-                                                        "(e.g. [reference] for a served preference model or "
-                                                        "pairwise judge).")
 
 
 @dataclasses.dataclass
@@ -1158,13 +1158,9 @@ class MPOConfig:
 
 @dataclasses.dataclass
 class ServeConfig:
-    """``alignflow serve``: serve trained reward models, a pairwise preference model or an LLM judge on POST /score
-    (docs/remote_rewards.md); each model re-renders the texts with its own tokenizer."""
+    """``alignflow serve``: serve trained reward models on POST /score (docs/remote_rewards.md); each model
+    re-renders the texts with its own tokenizer."""
     models: list[str] = field(default_factory=list, doc="Reward-model directories (k form an ensemble).")
-    preference_model: str = field("", doc="Instead: a pairwise preference model (alignflow pm); reward = P(response "
-                                          "beats the row's anchor_field response).")
-    anchor_field: str = field("reference", doc="preference_model: the request key holding the anchor responses.")
-    judge: JudgeConfig = field(default_factory=JudgeConfig, doc="Instead: an LLM judge (judge.model or judge.url).")
     aggregation: str = field("mean", doc="Ensemble aggregation.", choices=("mean", "min", "uwo"))
     uwo_lambda: float = field(0.5, doc="Variance weight of the uwo aggregation.", range=(0.0, None))
     host: str = field("127.0.0.1", doc="Address to listen on (0.0.0.0: every interface).")

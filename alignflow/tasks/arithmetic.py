@@ -83,15 +83,45 @@ def gold_reward(prompts: list, responses: list) -> list:
 
 
 # ------------------------------------------------------------------------------------------------ generator
-def sample_problem(rng: random.Random) -> dict:
-    """``{"prompt": "37+58=", "answer": "95"}``."""
+def operand_limits(cfg: TaskConfig | None = None) -> tuple[int, int]:
+    """(largest operand of + and -, largest second factor of *): ``task.max_operand`` (0: ``10**DIGITS - 1``) and
+    the smaller of it and ``10**MUL_DIGITS - 1``."""
+    top = (cfg.max_operand if cfg is not None else 0) or 10 ** DIGITS - 1
+    return top, min(top, 10 ** MUL_DIGITS - 1)
+
+
+def sample_problem(rng: random.Random, limits: tuple[int, int] = (10 ** DIGITS - 1, 10 ** MUL_DIGITS - 1)) -> dict:
+    """``{"prompt": "37+58=", "answer": "95"}`` with operands up to ``limits`` (:func:`operand_limits`)."""
     op = rng.choices(OPERATORS, weights=OPERATOR_WEIGHTS)[0]
-    a = rng.randrange(10 ** DIGITS)
-    b = rng.randrange(10 ** (MUL_DIGITS if op == "*" else DIGITS))
+    a = rng.randrange(limits[0] + 1)
+    b = rng.randrange((limits[1] if op == "*" else limits[0]) + 1)
     if op == "-" and b > a:
         a, b = b, a
     prompt = f"{a}{op}{b}="
     return {"prompt": prompt, "answer": solve(prompt)}
+
+
+def all_problems(limits: tuple[int, int]) -> list:
+    """Every distinct problem within ``limits``: (top+1)^2 sums, (top+1)(top+2)/2 differences (a >= b) and
+    (top+1)(mul+1) products."""
+    top, mul = limits
+    pairs = {"+": [(a, b) for a in range(top + 1) for b in range(top + 1)],
+             "-": [(a, b) for a in range(top + 1) for b in range(a + 1)],
+             "*": [(a, b) for a in range(top + 1) for b in range(mul + 1)]}
+    return [{"prompt": f"{a}{op}{b}=", "answer": solve(f"{a}{op}{b}=")} for op in OPERATORS for a, b in pairs[op]]
+
+
+def _prompt_rows(cfg: TaskConfig, split: str, n: int) -> list:
+    """``n`` distinct prompts of ``split``; when the problem space is small (``task.max_operand``), all of the
+    split's problems in a seeded order, at most ``n``."""
+    limits = operand_limits(cfg)
+    rng = task_rng(NAME, cfg.seed, split + "_prompts")
+    problems = all_problems(limits) if limits[0] < 50 else None
+    if problems is None or len(problems) >= 4 * (NUM_PROMPTS + NUM_EVAL_PROMPTS):
+        return sample_unique(lambda: _sample_split(rng, split, cfg.seed, limits), n, f"{split} prompts")
+    rows = [p for p in problems if split_of(p["prompt"], cfg.seed) == split]
+    rng.shuffle(rows)
+    return rows[:n]
 
 
 def near_miss(rng: random.Random, answer: str) -> str:
@@ -130,9 +160,9 @@ def _pair_responses(rng: random.Random, answer: str) -> tuple:
     return a, b
 
 
-def _sample_split(rng: random.Random, split: str, seed: int) -> dict:
+def _sample_split(rng: random.Random, split: str, seed: int, limits: tuple[int, int]) -> dict:
     while True:
-        row = sample_problem(rng)
+        row = sample_problem(rng, limits)
         if split_of(row["prompt"], seed) == split:
             return row
 
@@ -144,7 +174,7 @@ def _rated_rows(cfg: TaskConfig) -> list:
     """``num_pairs // 2`` rated rows: the answer (probability 1/2) among distinct wrong or malformed responses."""
     rng, rows = task_rng(NAME, cfg.seed, "rated"), []
     for _ in range(max(1, cfg.num_pairs // 2)):
-        row = _sample_split(rng, "train", cfg.seed)
+        row = _sample_split(rng, "train", cfg.seed, operand_limits(cfg))
         completions = [row["answer"]] if rng.random() < 0.5 else []
         while len(completions) < RATED_COMPLETIONS:
             c = _wrong(rng, row["answer"])
@@ -163,17 +193,16 @@ def make_rows(cfg: TaskConfig) -> dict:
     rng = task_rng(NAME, cfg.seed, "sft")
     sft = []
     for _ in range(cfg.num_sft):
-        row = _sample_split(rng, "train", cfg.seed)
+        row = _sample_split(rng, "train", cfg.seed, operand_limits(cfg))
         wrong = rng.random() < WRONG_FRACTION
         sft.append({"prompt": row["prompt"], "completion": near_miss(rng, row["answer"]) if wrong else row["answer"]})
-    prompts = {}
-    for key, split, n in (("prompts_path", "train", NUM_PROMPTS), ("eval_prompts_path", "eval", NUM_EVAL_PROMPTS)):
-        rng = task_rng(NAME, cfg.seed, split + "_prompts")
-        prompts[key] = sample_unique(lambda: _sample_split(rng, split, cfg.seed), n, f"{split} prompts")
+    prompts = {key: _prompt_rows(cfg, split, n)
+               for key, split, n in (("prompts_path", "train", NUM_PROMPTS), ("eval_prompts_path", "eval",
+                                                                               NUM_EVAL_PROMPTS))}
     rng = task_rng(NAME, cfg.seed, "pairs")
     pairs = []
     for _ in range(cfg.num_pairs):
-        row = _sample_split(rng, "train", cfg.seed)
+        row = _sample_split(rng, "train", cfg.seed, operand_limits(cfg))
         a, b = _pair_responses(rng, row["answer"])
         ga, gb = gold_reward([row["prompt"]] * 2, [a, b])
         pairs.append(make_pair(rng, row["prompt"], a, b, ga, gb, cfg.label_noise))
