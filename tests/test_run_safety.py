@@ -18,7 +18,8 @@ from alignflow.cli import main
 from alignflow.config import ConfigError, RMConfig, TrainConfig, from_dict
 from alignflow.distributed import checkpoint as ckpt_mod
 from alignflow.trainers import run_dir
-from alignflow.trainers.loop import read_metrics, resolve_device
+from alignflow.models.device import resolve_device
+from alignflow.trainers.loop import read_metrics
 
 
 def _sft_args(task, out, *extra):
@@ -372,7 +373,7 @@ def test_ctrl_c_after_a_loop_that_failed_is_a_plain_keyboard_interrupt():
     to a step that will not come."""
     from alignflow.trainers.loop import Progress
 
-    bar = Progress(3, 0, False, "t")
+    bar = Progress(3, 0, False, "sft")
     assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # deferred while the loop runs
     del bar  # the loop's frame is gone (an exception was raised and handled)
     with pytest.raises(KeyboardInterrupt):
