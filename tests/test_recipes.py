@@ -113,10 +113,10 @@ def test_a_recipe_killed_in_its_second_stage_resumes_there(reviews_task, tmp_pat
     written again), resumes stage 2 from its checkpoint, and finishes it; a third run skips both; changing a
     finished stage's key is refused until rerun names it."""
     path = _recipe(tmp_path, [_sft_stage(reviews_task, "first", 2),
-                              {**_sft_stage(reviews_task, "second", 40), "overrides": {
-                                  **_sft_stage(reviews_task, "second", 40)["overrides"],
+                              {**_sft_stage(reviews_task, "second", 24), "overrides": {
+                                  **_sft_stage(reviews_task, "second", 24)["overrides"],
                                   "model": {"name_or_path": "${stages.first.output}/model"},
-                                  "train": {"batch_size": 16, "max_steps": 40, "save_every": 2,
+                                  "train": {"batch_size": 16, "max_steps": 24, "save_every": 2,
                                             "progress": False}}}])
     out = tmp_path / "out"
     proc = _recipe_proc(path)
@@ -144,7 +144,7 @@ def test_a_recipe_killed_in_its_second_stage_resumes_there(reviews_task, tmp_pat
     assert (out / "second" / "model").is_dir()
     steps = [json.loads(line)["step"] for line in (out / "second" / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]
-    assert steps[-1] == 40 and steps == sorted(set(steps))  # each step logged once across the two processes
+    assert steps[-1] == 24 and steps == sorted(set(steps))  # each step logged once across the two processes
 
     assert main(["recipe", "--config", str(path)]) == 0
     assert "0 stage(s) run, 2 skipped" in capsys.readouterr().out

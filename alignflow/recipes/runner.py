@@ -159,10 +159,15 @@ def run_stage(p: Planned, resume: bool) -> tuple[float, str]:
     """Run one stage as its command would (pre-flight checks, the entry point, Hub push); (seconds, summary)."""
     from alignflow.trainers.finish import finish, preflight
 
+    from alignflow.data.formats import DataError
+
     _set_train_flags(p.cfg, resume)
-    preflight(p.cfg)
     t0 = time.perf_counter()
-    _import(STAGE_COMMANDS[p.stage.command][1])(p.cfg)
+    try:
+        preflight(p.cfg)
+        _import(STAGE_COMMANDS[p.stage.command][1])(p.cfg)
+    except (ConfigError, DataError) as e:  # one line that also names the stage
+        raise type(e)(f"stage '{p.stage.name}' ({p.stage.command}): {e}") from None
     seconds = time.perf_counter() - t0
     return seconds, finish(p.stage.command, p.cfg, seconds) or f"done in {seconds:.0f} s; output at {p.output}"
 

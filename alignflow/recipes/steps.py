@@ -1,8 +1,9 @@
 """The recipe's own data steps: stages that move data between commands and train nothing.
 
-* ``select`` (:func:`select_rows`): the rows of a JSONL file whose fields match regular expressions, written to
-  ``<output_dir>/rows.jsonl`` -- e.g. the ``*`` problems of the arithmetic task's prompts, for an RL stage on one
-  domain (Nemotron-Cascade's domain-wise stages).
+* ``select`` (:func:`select_rows`): the rows of a JSONL file whose fields match regular expressions, optionally
+  with their fields renamed, written to ``<output_dir>/rows.jsonl`` -- e.g. the ``*`` problems of the arithmetic
+  task's prompts, for an RL stage on one domain (Nemotron-Cascade's domain-wise stages), or the chosen answers of
+  preference pairs as SFT rows (``fields: {prompt: prompt, completion: chosen}``).
 * ``annotate`` (:func:`annotate`): UltraFeedback-style annotation. Several policies have answered the same prompts
   (each an ``alignflow eval`` stage with ``data.path`` set to the prompts; its ``samples.jsonl``), a judge rates every
   answer, and each prompt's answers become one ``rated`` row (``rated.jsonl``) and at most one preference pair
@@ -12,7 +13,8 @@
   model the eval stages were given as ``reward_model``). Binarisation: ``best_random`` (the best-rated answer is
   chosen, one of the strictly lower-rated ones drawn at random is rejected: how Zephyr binarised UltraFeedback) or
   ``best_worst`` (the lowest-rated one is rejected: ``alignflow.data.formats.rated_to_pairs``). Identical answers
-  from two policies count once; a prompt whose answers all score within ``min_gap`` gives no pair and is counted.
+  from two policies count once and empty answers are left out (counted); a prompt whose answers all score within
+  ``min_gap`` gives no pair and is counted.
   ``annotate.json`` holds the counts, each policy's mean score and how often its answer was chosen.
 """
 
@@ -35,6 +37,8 @@ class SelectConfig:
     with re.search), written to ``<output_dir>/rows.jsonl``."""
     input: str = field("", doc="JSONL file to read (e.g. ${stages.sft.output}/task/prompts.jsonl).")
     where: dict[str, str] = field(default_factory=dict, doc="field -> regular expression, e.g. {prompt: '[*]'}.")
+    fields: dict[str, str] = field(default_factory=dict, doc="Output field -> input field, e.g. {prompt: prompt, "
+                                                             "completion: chosen}; empty keeps every field.")
     output_dir: str = field("runs/select", doc="Where rows.jsonl is written (set by the recipe).")
 
 
@@ -93,10 +97,12 @@ def select_rows(cfg: SelectConfig) -> dict[str, int]:
         raise ConfigError(f"where: not a valid regular expression ({e})") from None
     rows = _read_jsonl(Path(cfg.input), "input")
     for i, row in enumerate(rows, 1):
-        missing = [k for k in patterns if k not in row]
+        missing = [k for k in [*patterns, *cfg.fields.values()] if k not in row]
         if missing:
-            raise DataError(f"{cfg.input}, row {i}: no field {missing[0]!r} (where: selects on it)")
+            raise DataError(f"{cfg.input}, row {i}: no field {missing[0]!r} (named in where or fields)")
     kept = [r for r in rows if all(p.search(str(r[k])) for k, p in patterns.items())]
+    if cfg.fields:
+        kept = [{new: r[old] for new, old in cfg.fields.items()} for r in kept]
     if not kept:
         raise DataError(f"{cfg.input}: no row matches where={cfg.where} ({len(rows)} rows read)")
     _write_jsonl(Path(cfg.output_dir) / "rows.jsonl", kept)
@@ -135,8 +141,9 @@ def _judge(cfg: AnnotateConfig) -> Callable[[str, list[str], list[dict]], list[d
     return lambda prompt, answers, recs: [{"gold": float(g)} for g in gold([prompt] * len(answers), answers)]
 
 
-def gather(cfg: AnnotateConfig) -> dict[str, list[dict]]:
-    """prompt -> its distinct answers across the policies, each ``{"text", "policy", "rm_score"?}``."""
+def gather(cfg: AnnotateConfig, empty: list[int]) -> dict[str, list[dict]]:
+    """prompt -> its distinct non-empty answers across the policies, each ``{"text", "policy", "rm_score"?}``;
+    ``empty[0]`` counts the empty answers left out."""
     if len(cfg.samples) < 2:
         raise ConfigError(f"samples: annotation compares several policies; give at least two eval stages' "
                           f"directories, got {len(cfg.samples)}")
@@ -150,7 +157,9 @@ def gather(cfg: AnnotateConfig) -> dict[str, list[dict]]:
                                   "reward_model")
             answers = by_prompt.setdefault(row["prompt"], [])
             for j, text in enumerate(row["samples"]):
-                if all(a["text"] != text for a in answers):
+                if not str(text).strip():  # an empty answer cannot be a side of a pair; counted in annotate.json
+                    empty[0] += 1
+                elif all(a["text"] != text for a in answers):
                     answers.append({"text": text, "policy": k, **({"rm_score": row["rm_score"][j]}
                                                                   if "rm_score" in row else {})})
     return by_prompt
@@ -173,9 +182,12 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     from alignflow.data.formats import DataError
 
     judge, rng = _judge(cfg), random.Random(cfg.seed)
-    rated, pairs, no_pair = [], [], 0
+    rated, pairs, no_pair, empty = [], [], 0, [0]
     score_sum, score_n, chosen_of = [0.0] * len(cfg.samples), [0] * len(cfg.samples), [0] * len(cfg.samples)
-    for prompt, answers in gather(cfg).items():
+    for prompt, answers in gather(cfg, empty).items():
+        if not answers:
+            no_pair += 1
+            continue
         ratings = judge(prompt, [a["text"] for a in answers], answers)
         scores = [sum(r.values()) / len(r) for r in ratings]
         rated.append({"prompt": prompt, "completions": [a["text"] for a in answers], "ratings": ratings,
@@ -196,7 +208,8 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     _write_jsonl(out / "rated.jsonl", rated)
     _write_jsonl(out / "pairs.jsonl", pairs)
-    summary = {"prompts": len(rated), "pairs": len(pairs), "prompts_without_pair": no_pair, "judge": cfg.judge,
+    summary = {"prompts": len(rated), "pairs": len(pairs), "prompts_without_pair": no_pair,
+               "empty_answers": empty[0], "judge": cfg.judge,
                "policy_mean_score": [s / max(1, n) for s, n in zip(score_sum, score_n, strict=True)],
                "policy_chosen_fraction": [c / len(pairs) for c in chosen_of]}
     (out / "annotate.json").write_text(json.dumps(summary, indent=1))
