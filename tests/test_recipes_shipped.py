@@ -75,7 +75,8 @@ def test_nemotron_cascade(tmp_path, monkeypatch):
 @pytest.mark.parametrize("judge", ["attributes", "rm_score"])
 def test_ultrafeedback(tmp_path, monkeypatch, judge):
     monkeypatch.chdir(ROOT)
-    out = _run("ultrafeedback", tmp_path, *SMALL_PO, *[f"stage.{s}.{k}" for s in ("sample_sft", "sample_early") for k in ("num_prompts=8", "max_new_tokens=12")],
+    small = [f"stage.{s}.{k}" for s in ("sample_sft", "sample_early") for k in ("num_prompts=8", "max_new_tokens=12")]
+    out = _run("ultrafeedback", tmp_path, *SMALL_PO, *small,
                f"stage.annotate.judge={judge}", *steps(2, "sft", "sft_early", "rm", "dpo"))
     summary = json.loads((out / "annotate" / "annotate.json").read_text())
     rated = [json.loads(line) for line in (out / "annotate" / "rated.jsonl").read_text().splitlines()]

@@ -157,9 +157,8 @@ def decide(p: Planned, record: dict[str, Any] | None, forced: bool) -> str:
 
 def run_stage(p: Planned, resume: bool) -> tuple[float, str]:
     """Run one stage as its command would (pre-flight checks, the entry point, Hub push); (seconds, summary)."""
-    from alignflow.trainers.finish import finish, preflight
-
     from alignflow.data.formats import DataError
+    from alignflow.trainers.finish import finish, preflight
 
     _set_train_flags(p.cfg, resume)
     t0 = time.perf_counter()
