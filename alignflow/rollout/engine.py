@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import numbers
-from typing import Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 from transformers import DynamicCache
@@ -46,7 +46,7 @@ class RolloutEngine(Protocol):
         ...
 
 
-def validate_prompt_ids(prompt_ids, engine: str, vocab_size: Optional[int] = None) -> None:
+def validate_prompt_ids(prompt_ids: object, engine: str, vocab_size: Optional[int] = None) -> None:
     """ValueError naming the prompt and position unless ``prompt_ids`` is a non-empty list of non-empty lists of
     token ids (in ``[0, vocab_size)`` when it is given). Every engine checks its input with this."""
     if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
@@ -57,7 +57,7 @@ def validate_prompt_ids(prompt_ids, engine: str, vocab_size: Optional[int] = Non
             raise ValueError(f"{engine}.generate: prompt_ids[{i}] must be a non-empty list of token ids, "
                              f"got {row!r:.80}")
         for j, tok in enumerate(row):
-            if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or not 0 <= tok < high:
+            if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or not 0 <= int(tok) < high:
                 where = f" in [0, {vocab_size}) (the model's vocabulary)" if vocab_size is not None else ""
                 raise ValueError(f"{engine}.generate: prompt_ids[{i}][{j}] = {tok!r} is not a token id{where}")
 
@@ -100,13 +100,32 @@ class _Out:
         self.length[rows] = live.length[which]
         self.reason[rows] = live.reason[which]
         if self.logprobs is not None:
+            assert live.logprobs is not None  # both exist when params.logprobs
             self.logprobs[rows] = live.logprobs[which]
+
+
+class _Runner(Protocol):
+    """What the decode loop drives: ``lean.LeanRunner`` (and its CUDA-graph subclass) or :class:`_HFRunner`."""
+
+    prompt_lengths: list[int]  # real tokens per prompt, set by the engine (host copy)
+
+    def prefill(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, position: torch.Tensor) -> torch.Tensor: ...
+
+    def repeat(self, n: int) -> None: ...
+
+    def start(self, prompt_mask: torch.Tensor) -> None: ...
+
+    def step(self, token: torch.Tensor, position: torch.Tensor, t: int) -> torch.Tensor: ...
+
+    def select(self, order: torch.Tensor) -> None: ...
 
 
 class _HFRunner:
     """The model's own forward with a (preallocated) ``DynamicCache``; the interface of ``lean.LeanRunner``."""
 
-    def __init__(self, model, width: int, max_new: int, preallocate: bool, logits_to_keep: bool):
+    prompt_lengths: list[int]  # set by the engine; the HF forward does not need it
+
+    def __init__(self, model: Any, width: int, max_new: int, preallocate: bool, logits_to_keep: bool) -> None:
         self.model, self.width, self.max_new, self.logits_to_keep = model, width, max_new, logits_to_keep
         self.cache = preallocated_cache(model.config, width + max_new) if preallocate else \
             DynamicCache(config=model.config)
@@ -117,7 +136,8 @@ class _HFRunner:
         extra = {"logits_to_keep": 1} if last_only and self.logits_to_keep else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=self.cache,
                          use_cache=True, **extra)
-        return out.logits[:, -1].float()
+        logits: torch.Tensor = out.logits[:, -1].float()
+        return logits
 
     def prefill(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         return self._forward(prompt, prompt_mask, position, last_only=True)
@@ -130,9 +150,11 @@ class _HFRunner:
         self.mask = torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], self.max_new)], dim=1)
 
     def step(self, token: torch.Tensor, position: torch.Tensor, t: int) -> torch.Tensor:
+        assert self.mask is not None  # set by start
         return self._forward(token[:, None], self.mask[:, :self.width + t + 1], position[:, None], last_only=False)
 
     def select(self, order: torch.Tensor) -> None:
+        assert self.mask is not None  # set by start
         self.mask = self.mask[order]
         select_rows(self.cache, order)
 
@@ -153,9 +175,9 @@ class HFEngine:
     writes) instead of a plain ``DynamicCache`` (which copies the whole cache at every step); same outputs.
     """
 
-    def __init__(self, model, tokenizer=None, *, pad_token_id: Optional[int] = None,
+    def __init__(self, model: Any, tokenizer: Any = None, *, pad_token_id: Optional[int] = None,
                  eos_token_id: Optional[int | Sequence[int]] = None, compact_every: Optional[int] = None,
-                 preallocate: bool = True, fast_path: bool = True):
+                 preallocate: bool = True, fast_path: bool = True) -> None:
         self.model = model
         self.preallocate = preallocate
         self.fast_path = fast_path
@@ -185,7 +207,8 @@ class HFEngine:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        device: torch.device = next(self.model.parameters()).device
+        return device
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Batch:
         """Sample ``params.n`` responses per prompt. Rows i*n .. i*n+n-1 belong to prompt i.
@@ -233,7 +256,7 @@ class HFEngine:
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in prompt_ids], dtype=torch.long)
         return ids.to(self.device), mask.to(self.device)
 
-    def _runner(self, width: int, max_new: int):
+    def _runner(self, width: int, max_new: int) -> _Runner:
         """The lean runner when the model is supported (and fast_path is on), else the HF-forward runner."""
         reason = unsupported_reason(self.model, width + max_new) if self.fast_path else "fast_path=False"
         self.fallback_reason = reason
@@ -277,7 +300,7 @@ class HFEngine:
         self._decode(live, out, runner, logits, params)
         return out
 
-    def _decode(self, live: _Live, out: _Out, runner, logits: torch.Tensor, params: SamplingParams) -> None:
+    def _decode(self, live: _Live, out: _Out, runner: _Runner, logits: torch.Tensor, params: SamplingParams) -> None:
         """The decode loop: sample, record, end rows, drop ended rows, feed the sampled tokens."""
         device, max_new = logits.device, params.max_new_tokens
         generator = None
@@ -314,7 +337,7 @@ class HFEngine:
             live.position += 1
         out.store(live, torch.arange(live.rows.shape[0], device=device))
 
-    def _compact(self, live: _Live, out: _Out, runner) -> bool:
+    def _compact(self, live: _Live, out: _Out, runner: _Runner) -> bool:
         """Store ended rows and keep only running ones (state and cache). False when none is left.
 
         The kept rows' new order fills each ended row's slot inside the kept prefix with a running row from
@@ -365,6 +388,6 @@ class HFEngine:
         }
         if out.logprobs is not None:
             tensors["sampling_logprobs"] = out.logprobs[:, :width].clone() * response_mask
-        meta = {"prompt_index": [i // params.n for i in range(prompt.shape[0])],
-                "finish_reason": [FINISH_REASONS[c] for c in out.reason.tolist()]}
+        meta: dict[str, list[Any]] = {"prompt_index": [i // params.n for i in range(prompt.shape[0])],
+                                      "finish_reason": [FINISH_REASONS[c] for c in out.reason.tolist()]}
         return Batch(tensors, meta)

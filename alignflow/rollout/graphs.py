@@ -24,7 +24,7 @@ one ``generate`` call: the cache and the (possibly changed) weights are those of
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ STATIC_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
 USE_GRAPHS = True  # False keeps the eager decode step on CUDA (the reference in tests/test_gpu.py)
 
 
-def graphs_supported(model) -> Optional[str]:
+def graphs_supported(model: Any) -> Optional[str]:
     """Why the decode step cannot be graphed for ``model`` (None when it can)."""
     if not USE_GRAPHS:
         return "CUDA graphs are switched off (alignflow.rollout.graphs.USE_GRAPHS)"
@@ -58,10 +58,10 @@ class GraphedLeanRunner(LeanRunner):
     Same interface; same numbers as the eager step up to the attention kernel's summation over the masked
     columns (tests/test_gpu.py compares them)."""
 
-    def __init__(self, model, width: int, max_new: int, fuse: Optional[bool] = None):
+    def __init__(self, model: Any, width: int, max_new: int, fuse: Optional[bool] = None) -> None:
         super().__init__(model, width, max_new, fuse)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = None
+        self.pool: torch.cuda._POOL_HANDLE | None = None  # memory pool shared by the graphs
         self.rows = 0
         self.capture = True
 
@@ -70,10 +70,11 @@ class GraphedLeanRunner(LeanRunner):
         rows, device = prompt_mask.shape[0], prompt_mask.device
         self.rows = rows
         self.capture = prompt_mask.is_cuda  # elsewhere (CPU tests) the same static step runs eagerly
-        self.allowed[:, self.width:] = float("-inf")  # columns are opened one per step, inside the graph
+        self._allowed()[:, self.width:] = float("-inf")  # columns are opened one per step, inside the graph
         for layer in self.layers:  # unwritten columns are attended with weight 0: they must hold no NaN
-            layer.keys[:, :, self.width:].zero_()
-            layer.values[:, :, self.width:].zero_()
+            keys, values = layer.kv()
+            keys[:, :, self.width:].zero_()
+            values[:, :, self.width:].zero_()
         self.token = torch.zeros(rows, dtype=torch.long, device=device)  # static inputs of every graph
         self.position = torch.zeros(rows, dtype=torch.long, device=device)
         self.column = torch.zeros(1, dtype=torch.long, device=device)
@@ -87,21 +88,23 @@ class GraphedLeanRunner(LeanRunner):
         h = self.embed(self.token[:b])  # (b, hidden)
         pos = self.position[:b]
         cos, sin = self.cos_table[pos][:, None], self.sin_table[pos][:, None]  # (b, 1, D)
-        self.allowed[:b].index_fill_(1, self.column, 0.0)
-        mask = self.allowed[:b, None, None, :]  # (b, 1, 1, capacity)
+        allowed = self._allowed()
+        allowed[:b].index_fill_(1, self.column, 0.0)
+        mask = allowed[:b, None, None, :]  # (b, 1, 1, capacity)
         for layer in self.layers:
             x = _rms_norm(h, layer.norm1, layer.eps1)
             q, k, v = layer.qkv(x, self.heads, self.kv_heads, self.dim, cos, sin)  # (b, H, D)
-            layer.keys[:b].index_copy_(2, self.column, k[:, :, None].to(layer.keys.dtype))
-            layer.values[:b].index_copy_(2, self.column, v[:, :, None].to(layer.values.dtype))
-            out = self._attend(q, layer.keys[:b], layer.values[:b], mask)
+            keys, values = layer.kv()
+            keys[:b].index_copy_(2, self.column, k[:, :, None].to(keys.dtype))
+            values[:b].index_copy_(2, self.column, v[:, :, None].to(values.dtype))
+            out = self._attend(q, keys[:b], values[:b], mask)
             h = layer.mlp(h + F.linear(out, layer.w_o, layer.b_o))
         return self._logits(h)  # (b, V)
 
     def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (as torch's docs require), then record the step of b rows. The warm-up
         runs with the current inputs and writes what the replay writes again (idempotent)."""
-        stream = torch.cuda.Stream()
+        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]  # torch leaves Stream() unannotated
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
@@ -133,6 +136,8 @@ class GraphedLeanRunner(LeanRunner):
         moved = (order != torch.arange(order.shape[0], device=order.device)).nonzero().squeeze(1)
         source = order[moved]
         for layer in self.layers:
-            layer.keys[moved] = layer.keys[source]
-            layer.values[moved] = layer.values[source]
-        self.allowed[moved] = self.allowed[source]
+            keys, values = layer.kv()
+            keys[moved] = keys[source]
+            values[moved] = values[source]
+        allowed = self._allowed()
+        allowed[moved] = allowed[source]

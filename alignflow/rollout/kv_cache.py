@@ -12,6 +12,8 @@ attention, ...) stay transformers' own.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -22,7 +24,7 @@ class PreallocatedLayer(DynamicLayer):
     storage ``(B, H, capacity, D)`` allocated at the first update."""
 
     def __init__(self, capacity: int):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
         self.capacity = capacity
         self.length = 0  # filled positions
         self.rows = 0  # live rows: the first `rows` rows of the storage
@@ -41,21 +43,30 @@ class PreallocatedLayer(DynamicLayer):
     def _set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self._keys, self._values, self.rows = keys, values, keys.shape[0]
 
-    def _expose(self) -> None:
-        self.keys = self._keys[:self.rows, :, :self.length]  # (rows, H, length, D) view, no copy
-        self.values = self._values[:self.rows, :, :self.length]
+    def _storage(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (keys, values) storage; only called once the layer is initialised (it exists from then on)."""
+        assert self._keys is not None and self._values is not None
+        return self._keys, self._values
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def _expose(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Point ``keys``/``values`` at the filled part of the storage; returns them."""
+        keys, values = self._storage()
+        self.keys = keys[:self.rows, :, :self.length]  # (rows, H, length, D) view, no copy
+        self.values = values[:self.rows, :, :self.length]
+        return self.keys, self.values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
             raise RuntimeError(f"PreallocatedLayer: {end} positions exceed the capacity {self.capacity}")
-        self._keys[:self.rows, :, self.length:end] = key_states
-        self._values[:self.rows, :, self.length:end] = value_states
+        keys, values = self._storage()
+        keys[:self.rows, :, self.length:end] = key_states
+        values[:self.rows, :, self.length:end] = value_states
         self.length = end
-        self._expose()
-        return self.keys, self.values
+        return self._expose()
 
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
@@ -75,8 +86,9 @@ class PreallocatedLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep rows ``indices`` (any order, repeats allowed): a gathered copy of the storage."""
         if self.is_initialized:
-            index = indices.to(self._keys.device)
-            self._set(self._keys[:self.rows][index], self._values[:self.rows][index])
+            keys, values = self._storage()
+            index = indices.to(keys.device)
+            self._set(keys[:self.rows][index], values[:self.rows][index])
             self._expose()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -84,8 +96,9 @@ class PreallocatedLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            self._set(self._keys[:self.rows].repeat_interleave(repeats, dim=0),
-                      self._values[:self.rows].repeat_interleave(repeats, dim=0))
+            keys, values = self._storage()
+            self._set(keys[:self.rows].repeat_interleave(repeats, dim=0),
+                      values[:self.rows].repeat_interleave(repeats, dim=0))
             self._expose()
 
     def move_rows(self, order: torch.Tensor, moved: torch.Tensor) -> None:
@@ -93,8 +106,9 @@ class PreallocatedLayer(DynamicLayer):
         ``order[j] >= b'``) are copied, then the live prefix shrinks to b' rows. Same result as
         ``batch_select_indices(order)`` at a cost proportional to the moved rows, not to all kept rows."""
         if self.is_initialized:
-            self._keys[moved] = self._keys[order[moved]]
-            self._values[moved] = self._values[order[moved]]
+            keys, values = self._storage()
+            keys[moved] = keys[order[moved]]
+            values[moved] = values[order[moved]]
             self.rows = order.shape[0]
             self._expose()
 
@@ -108,14 +122,16 @@ def select_rows(cache: DynamicCache, order: torch.Tensor) -> None:
         if isinstance(layer, PreallocatedLayer):
             layer.move_rows(order, moved)
         else:
-            layer.batch_select_indices(order)
+            # every layer kind a DynamicCache builds has it; transformers' base class does not declare it
+            layer.batch_select_indices(order)  # type: ignore[union-attr]
 
 
-def preallocated_cache(config, capacity: int) -> DynamicCache:
+def preallocated_cache(config: Any, capacity: int) -> DynamicCache:
     """``DynamicCache(config=config)`` with its full-attention layers replaced by :class:`PreallocatedLayer`."""
     cache = DynamicCache(config=config)
     if not cache.layers:  # no per-layer types known: layers are created lazily on first use
-        cache.layer_class_to_replicate = lambda: PreallocatedLayer(capacity)
+        # transformers only calls it, so a factory serves where it expects a layer class
+        cache.layer_class_to_replicate = lambda: PreallocatedLayer(capacity)  # type: ignore[assignment]
     for i, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer:
             cache.layers[i] = PreallocatedLayer(capacity)

@@ -28,7 +28,8 @@ Anything this module does not reproduce falls back to the HF forward: see :func:
 
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +48,12 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 FUSE_MAX_BYTES = 64 * 2 ** 20
 
 
-def _is_rms_norm(module) -> bool:
+def _is_rms_norm(module: object) -> bool:
     return module is not None and type(module).__name__.endswith("RMSNorm") and hasattr(module, "weight") \
         and hasattr(module, "variance_epsilon")
 
 
-def unsupported_reason(model, capacity: int) -> Optional[str]:
+def unsupported_reason(model: Any, capacity: int) -> Optional[str]:
     """Why the lean forward cannot run ``model`` for ``capacity`` cache positions, or None when it can.
 
     It runs only the exact classes in :data:`SUPPORTED` (a PEFT wrapper or any other architecture falls back),
@@ -61,7 +62,7 @@ def unsupported_reason(model, capacity: int) -> Optional[str]:
     ``capacity`` positions (a sliding window shorter than that falls back), and in floating point.
     """
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
+    model_type: Any = getattr(config, "model_type", None)
     if SUPPORTED.get(model_type) != type(model).__name__:
         return f"{type(model).__name__} (model_type {model_type!r}) is not one of {sorted(SUPPORTED.values())}"
     base = getattr(model, "model", None)
@@ -117,7 +118,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
     return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
 
 
-def _fuse(linears) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _fuse(linears: Sequence[torch.nn.Linear]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One (weight, bias) for several ``nn.Linear`` on the same input: their outputs side by side (copies)."""
     weight = torch.cat([m.weight for m in linears])
     if all(m.bias is None for m in linears):
@@ -129,14 +130,14 @@ class _Layer:
     """References to one decoder layer's parameters; with ``fuse``, fused Q/K/V and gate/up weights (copies,
     made at every ``generate`` call so they are never stale)."""
 
-    def __init__(self, layer, fuse: bool):
+    def __init__(self, layer: Any, fuse: bool) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
         self.q, self.k, self.v = attn.q_proj, attn.k_proj, attn.v_proj
         self.w_o, self.b_o = attn.o_proj.weight, attn.o_proj.bias
-        self.q_norm = getattr(attn, "q_norm", None)  # qwen3: RMSNorm over each head before RoPE
-        self.k_norm = getattr(attn, "k_norm", None)
+        self.q_norm: Any = getattr(attn, "q_norm", None)  # qwen3: RMSNorm over each head before RoPE
+        self.k_norm: Any = getattr(attn, "k_norm", None)
         self.gate, self.up, self.act = mlp.gate_proj, mlp.up_proj, mlp.act_fn
         self.w_down, self.b_down = mlp.down_proj.weight, mlp.down_proj.bias
         self.inter = self.gate.out_features
@@ -147,7 +148,13 @@ class _Layer:
         self.keys: Optional[torch.Tensor] = None  # (B, Hkv, capacity, D) static cache
         self.values: Optional[torch.Tensor] = None
 
-    def qkv(self, x: torch.Tensor, heads: int, kv_heads: int, dim: int, cos: torch.Tensor, sin: torch.Tensor):
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The static cache (keys, values); it exists from the prefill on."""
+        assert self.keys is not None and self.values is not None
+        return self.keys, self.values
+
+    def qkv(self, x: torch.Tensor, heads: int, kv_heads: int, dim: int, cos: torch.Tensor, sin: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, hidden) -> q (N, Hq, D), k (N, Hkv, D) with norms and RoPE applied, v (N, Hkv, D)."""
         n = x.shape[0]
         if self.w_qkv is not None:
@@ -184,7 +191,7 @@ class LeanRunner:
     ``select(order)`` -> keep rows ``order`` (see ``kv_cache.select_rows`` for its form).
     """
 
-    def __init__(self, model, width: int, max_new: int, fuse: Optional[bool] = None):
+    def __init__(self, model: Any, width: int, max_new: int, fuse: Optional[bool] = None) -> None:
         base = model.model
         config = model.config
         layers = base.layers[:config.num_hidden_layers]
@@ -224,7 +231,8 @@ class LeanRunner:
         causal = torch.ones(width, width, dtype=torch.bool, device=prompt.device).tril()
         diagonal = torch.eye(width, dtype=torch.bool, device=prompt.device)
         mask = (causal & (real[:, None, :] | diagonal))[:, None]
-        cu = longest = None
+        cu: torch.Tensor | None = None
+        longest = 0  # the longest prompt, with cu
         if prompt.device.type in varlen.FLASH_DEVICES:  # cumulative prompt lengths, from the engine's host copy
             lengths = self.prompt_lengths or prompt_mask.sum(-1).tolist()
             cu, longest = cumulative(lengths).to(prompt.device, non_blocking=True), max(lengths)
@@ -267,14 +275,14 @@ class LeanRunner:
         tokens, then all new ones. Columns after Tp are written by :meth:`step` before they are read."""
         rows = prompt_mask.shape[0]
         for layer in self.layers:
-            prompt_keys, prompt_values = layer.keys, layer.values  # (P, Hkv, Tp, D)
+            prompt_keys, prompt_values = layer.kv()  # (P, Hkv, Tp, D)
             shape = (rows, self.kv_heads, self.capacity, self.dim)
             layer.keys, layer.values = prompt_keys.new_empty(shape), prompt_values.new_empty(shape)
             for cache, part in ((layer.keys, prompt_keys), (layer.values, prompt_values)):
                 grouped = cache.view(-1, self.n, *shape[1:])  # (P, n, Hkv, capacity, D): row i*n+j = (i, j)
                 grouped[:, :, :, :self.width] = part[:, None]  # broadcast over the n samples of each prompt
         # Additive float mask (0 / -inf): what SDPA turns a boolean mask into at every call (same results).
-        dtype = self.layers[0].keys.dtype
+        dtype = self.layers[0].kv()[0].dtype
         self.allowed = torch.zeros(rows, self.capacity, dtype=dtype, device=prompt_mask.device)
         self.allowed[:, :self.width].masked_fill_(prompt_mask == 0, float("-inf"))
 
@@ -286,13 +294,14 @@ class LeanRunner:
         h = self.embed(token)  # (b, hidden)
         cos, sin = self.rotary(h, position[:, None])  # (b, 1, D) each
         sin = _signed_sin(sin)
-        mask = self.allowed[:, None, None, :column + 1]  # (b, 1, 1, L) additive
+        mask = self._allowed()[:, None, None, :column + 1]  # (b, 1, 1, L) additive
         for layer in self.layers:
             x = _rms_norm(h, layer.norm1, layer.eps1)
             q, k, v = layer.qkv(x, self.heads, self.kv_heads, self.dim, cos, sin)  # (b, H, D)
-            layer.keys[:b, :, column] = k
-            layer.values[:b, :, column] = v
-            out = self._attend(q, layer.keys[:b, :, :column + 1], layer.values[:b, :, :column + 1], mask)
+            keys, values = layer.kv()
+            keys[:b, :, column] = k
+            values[:b, :, column] = v
+            out = self._attend(q, keys[:b, :, :column + 1], values[:b, :, :column + 1], mask)
             h = layer.mlp(h + F.linear(out, layer.w_o, layer.b_o))
         return self._logits(h)
 
@@ -308,7 +317,13 @@ class LeanRunner:
         return out.reshape(b, self.heads * self.dim)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(_rms_norm(h, self.final_norm, self.final_eps)).float()
+        logits: torch.Tensor = self.lm_head(_rms_norm(h, self.final_norm, self.final_eps)).float()
+        return logits
+
+    def _allowed(self) -> torch.Tensor:
+        """The (b, capacity) additive attention mask; it exists from :meth:`start` on."""
+        assert self.allowed is not None
+        return self.allowed
 
     def select(self, order: torch.Tensor) -> None:
         """Keep rows ``order`` (b',): ``order[j]`` is j or a row at/after b' (ended rows refilled from the
@@ -316,6 +331,7 @@ class LeanRunner:
         moved = (order != torch.arange(order.shape[0], device=order.device)).nonzero().squeeze(1)
         source = order[moved]
         for layer in self.layers:
-            layer.keys[moved] = layer.keys[source]
-            layer.values[moved] = layer.values[source]
-        self.allowed = self.allowed[order]
+            keys, values = layer.kv()
+            keys[moved] = keys[source]
+            values[moved] = values[source]
+        self.allowed = self._allowed()[order]

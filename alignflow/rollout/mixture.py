@@ -16,7 +16,7 @@ caches, one module, no copy).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -25,8 +25,12 @@ from alignflow.algorithms.nash import mixture_logits
 from alignflow.batch import Batch
 from alignflow.rollout.sampling import SamplingParams, chosen_logprobs, sample_keys, sample_tokens
 
+# forward(tokens (B, 1), mask, position (B, 1)) -> (policy logits, reference logits), (B, V) each
+_Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-def _left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+
+def _left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate_mixture: prompt_ids must be a non-empty list of non-empty token-id lists")
     width = max(len(p) for p in prompt_ids)
@@ -35,13 +39,16 @@ def _left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple
     return ids, mask  # (P, Tp) each
 
 
-def _forward(model, cache, ids, mask, position) -> torch.Tensor:
+def _forward(model: Any, cache: DynamicCache, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor
+             ) -> torch.Tensor:
     out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
-    return out.logits[:, -1].float()  # (B, V)
+    logits: torch.Tensor = out.logits[:, -1].float()  # (B, V)
+    return logits
 
 
-def _decode(forward, logits: tuple, mask: torch.Tensor, params: SamplingParams, coef: float, eos: torch.Tensor,
-            pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _decode(forward: _Forward, logits: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+            params: SamplingParams, coef: float, eos: torch.Tensor, pad_id: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The decode loop: mix, sample, record, end rows; ``forward(tokens (B, 1), mask, position (B, 1))`` gives the
     next (policy, reference) logits. Returns tokens and log-probs (B, T), lengths (B,), ended-by-EOS (B,)."""
     B, T, device = mask.shape[0], params.max_new_tokens, mask.device
@@ -75,9 +82,10 @@ def _decode(forward, logits: tuple, mask: torch.Tensor, params: SamplingParams, 
 
 
 @torch.no_grad()
-def generate_mixture(policy, ref, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, coef: float, *,
+def generate_mixture(policy: Any, ref: Any, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, coef: float, *,
                      eos_ids: Sequence[int], pad_id: int,
-                     ref_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Batch:
+                     ref_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+                     ) -> Batch:
     """``params.n`` samples per prompt from the mixture with coefficient β = ``coef`` (rows i*n .. i*n+n-1 are
     prompt i's). Returns the ``HFEngine.generate`` layout: ``prompt_ids``/``prompt_mask`` (B, Tp) left-padded,
     ``response_ids``/``response_mask`` (B, Tr) (the EOS that ends a row included), ``input_ids``,
@@ -96,7 +104,8 @@ def generate_mixture(policy, ref, prompt_ids: Sequence[Sequence[int]], params: S
     prompt, prompt_mask = prompt.repeat_interleave(params.n, 0), prompt_mask.repeat_interleave(params.n, 0)  # (B, Tp)
     caches = [DynamicCache(config=policy.config), DynamicCache(config=ref.config)]
 
-    def forward(ids, mask, position):  # (policy logits, reference logits), (B, V) each
+    def forward(ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (policy logits, reference logits), (B, V) each
         pol = _forward(policy, caches[0], ids, mask, position)
         with ref_context():
             return pol, _forward(ref, caches[1], ids, mask, position)

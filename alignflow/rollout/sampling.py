@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Optional, Sequence, Union
+from collections.abc import Callable
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -40,13 +41,13 @@ class SamplingParams:
                                                "logits are divided by it, negative ones multiplied (1 disables).",
                                       range=(0.0, None))
     max_new_tokens: int = field(128, doc="Most tokens generated per row.", range=(1, None))
-    stop_token_ids: list = field(default_factory=list, doc="Token ids that end a row besides the EOS ids (the "
+    stop_token_ids: list[int] = field(default_factory=list, doc="Token ids that end a row besides the EOS ids (the "
                                                             "stopping token is kept in the response).")
-    stop_strings: list = field(default_factory=list, doc="Strings that end a row when they appear in its decoded "
+    stop_strings: list[str] = field(default_factory=list, doc="Strings that end a row when they appear in its decoded "
                                                           "response (needs a tokenizer).")
     seed: Optional[int] = field(None, doc="Seed of the sampling generator; same seed and inputs give the same output. "
                                           "None draws one from torch's global generator.")
-    seeds: Optional[list] = field(None, doc="One seed per prompt; when set it replaces `seed`. Sample j of prompt i "
+    seeds: list[int] | None = field(None, doc="One seed per prompt; when set it replaces `seed`. Sample j of prompt i "
                                             "draws counter-based noise keyed by (seeds[i], j, decode step, token id), "
                                             "so a prompt's samples do not depend on the other prompts of the call, "
                                             "their order, or how prompts are split between calls or workers.")
@@ -246,6 +247,7 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: Optio
             return processed.argmax(dim=-1)
         return sample_from_logits(processed, generator, keys=keys, step=step)
     if params.repetition_penalty != 1.0:
+        assert seen is not None, "sample_tokens: repetition_penalty != 1 needs the `seen` (B, V) mask"
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature != 1.0:
         logits = apply_temperature(logits, params.temperature)
@@ -311,7 +313,7 @@ def _splitmix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def sample_keys(seeds: Sequence[int], n: int, device=None) -> torch.Tensor:
+def sample_keys(seeds: Sequence[int], n: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Row keys for ``n`` samples of each prompt: row ``i*n + j`` gets the key of the stream ``(seeds[i], j)``.
 
     key = splitmix64(splitmix64(seed mod 2**64) xor j), split into two 32-bit words. Computed once per call on
@@ -352,7 +354,7 @@ def keyed_exponential(keys: torch.Tensor, step: Union[int, torch.Tensor], column
 USE_COMPILE = True
 FUSE_MIN_ELEMENTS = 1 << 22  # B * V from which the fused draw pays for its compilation
 FUSE_DEVICES = ("cuda",)  # tests add "cpu" to run the fused draw where no GPU is
-_FUSED: dict = {}
+_FUSED: dict[Any, Any] = {}  # (V, device): mixed column ids; "fn": the compiled draw; "broken": compiling failed
 
 
 def _fused_ok(logits: torch.Tensor) -> bool:
@@ -379,7 +381,8 @@ def _fused_keyed_draw(logits: torch.Tensor, keys: torch.Tensor, step: Union[int,
     if "fn" not in _FUSED:
         _FUSED["fn"] = torch.compile(_race_argmax, dynamic=True)
     try:
-        return _FUSED["fn"](logits, h, _FUSED[key])
+        draw: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = _FUSED["fn"]
+        return draw(logits, h, _FUSED[key])
     except Exception as err:  # noqa: BLE001 - any compiler failure: the eager draw is the same function
         import warnings
 

@@ -54,7 +54,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -62,6 +62,9 @@ from alignflow.batch import Batch
 from alignflow.config import ConfigError
 from alignflow.models.backbone import unwrap
 from alignflow.rollout.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from alignflow.config import RolloutConfig
 
 VLLM_MISSING = "rollout.backend=vllm needs vLLM: pip install 'alignflow[vllm]' (GPU only)"
 LOGPROBS_MODE = "processed_logprobs"  # see the module docstring
@@ -74,7 +77,7 @@ class VLLMUnavailableError(ConfigError, ImportError):
     """``rollout.backend=vllm`` without an importable vLLM (an ImportError and a ConfigError)."""
 
 
-def import_vllm():
+def import_vllm() -> Any:  # the vllm module (untyped: Any)
     """The ``vllm`` module, or :class:`VLLMUnavailableError` saying how to install it."""
     try:
         import vllm
@@ -109,7 +112,7 @@ def request_seeds(params: SamplingParams, prompts: int) -> list[Optional[int]]:
     return [None] * prompts
 
 
-def vllm_request_kwargs(params: SamplingParams, eos_ids: Sequence[int], seed: Optional[int] = None) -> dict:
+def vllm_request_kwargs(params: SamplingParams, eos_ids: Sequence[int], seed: Optional[int] = None) -> dict[str, Any]:
     """Keyword arguments of ``vllm.SamplingParams`` for one prompt's request under our ``params``.
 
     ``top_k`` 0 (ours: disabled) becomes -1 (vLLM's "disabled", accepted by every version). Every EOS id of ours
@@ -137,7 +140,7 @@ def vllm_request_kwargs(params: SamplingParams, eos_ids: Sequence[int], seed: Op
 
 
 # ----------------------------------------------------------------------------------------------- vLLM outputs -> Batch
-def finish_reason(completion, eos_ids: Sequence[int], stop_ids: Sequence[int], where: str) -> str:
+def finish_reason(completion: Any, eos_ids: Sequence[int], stop_ids: Sequence[int], where: str) -> str:
     """Our finish reason ("eos" | "stop" | "length") of one vLLM ``CompletionOutput``.
 
     vLLM says "stop" with ``stop_reason`` None for the tokenizer's EOS, the token id for a stop token (an extra EOS
@@ -155,7 +158,7 @@ def finish_reason(completion, eos_ids: Sequence[int], stop_ids: Sequence[int], w
                        "the request was aborted or failed")
 
 
-def _chosen_logprobs(completion, tokens: list[int], where: str) -> list[float]:
+def _chosen_logprobs(completion: Any, tokens: list[int], where: str) -> list[float]:
     """The log-prob vLLM reported for each chosen token (``logprobs[t][tokens[t]].logprob``)."""
     entries = completion.logprobs
     if entries is None or len(entries) < len(tokens):
@@ -169,9 +172,9 @@ def _chosen_logprobs(completion, tokens: list[int], where: str) -> list[float]:
     return out
 
 
-def outputs_to_batch(outputs: Sequence, prompt_ids: Sequence[Sequence[int]], n: int, pad_id: int,
+def outputs_to_batch(outputs: Sequence[Any], prompt_ids: Sequence[Sequence[int]], n: int, pad_id: int,
                      eos_ids: Sequence[int], stop_ids: Sequence[int] = (), with_logprobs: bool = True,
-                     device="cpu") -> Batch:
+                     device: torch.device | str = "cpu") -> Batch:
     """vLLM's ``RequestOutput`` list (one per prompt, in prompt order) -> our rollout Batch.
 
     The layout is exactly :meth:`HFEngine.generate`'s (tested against it): rows i*n .. i*n+n-1 are prompt i's
@@ -209,7 +212,7 @@ def outputs_to_batch(outputs: Sequence, prompt_ids: Sequence[Sequence[int]], n: 
         lp = torch.tensor([row + [0.0] * (width_r - len(row)) for row in logprobs], dtype=torch.float32)
         tensors["sampling_logprobs"] = lp.reshape(len(tokens), width_r)
     tensors = {k: v.to(device) for k, v in tensors.items()}
-    meta = {"prompt_index": [r // n for r in range(len(tokens))], "finish_reason": reasons}
+    meta: dict[str, list[Any]] = {"prompt_index": [r // n for r in range(len(tokens))], "finish_reason": reasons}
     return Batch(tensors, meta)
 
 
@@ -224,7 +227,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return full_tensor() if callable(full_tensor) else t
 
 
-def _lora_layers(model: torch.nn.Module) -> dict:
+def _lora_layers(model: torch.nn.Module) -> dict[str, Any]:  # name -> peft LoraLayer
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
@@ -232,7 +235,7 @@ def _lora_layers(model: torch.nn.Module) -> dict:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def _merged(layer, value: torch.Tensor) -> torch.Tensor:
+def _merged(layer: Any, value: torch.Tensor) -> torch.Tensor:
     """``W + sum_a delta_a`` over the layer's active adapters (peft's ``get_delta_weight``: scale * B @ A), computed
     into a new tensor: the actor's own weights are not touched (merge/unmerge in place would drift by rounding)."""
     if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
@@ -268,9 +271,11 @@ def actor_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, value
 
 
-def chunk_by_bytes(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[list]:
+def chunk_by_bytes(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int
+                   ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Consecutive ``(name, tensor)`` pairs grouped into lists of at most ``max_bytes`` (a larger tensor alone)."""
-    chunk, size = [], 0
+    chunk: list[tuple[str, torch.Tensor]] = []
+    size = 0
     for name, t in named:
         nbytes = t.numel() * t.element_size()
         if chunk and size + nbytes > max_bytes:
@@ -282,14 +287,14 @@ def chunk_by_bytes(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int) ->
         yield chunk
 
 
-def export_model_dir(model: torch.nn.Module, tokenizer, path: str | Path) -> Path:
+def export_model_dir(model: torch.nn.Module, tokenizer: Any, path: str | Path) -> Path:
     """Write what vLLM needs to build the actor's architecture -- ``config.json`` (with ``architectures``), the
     generation config and the tokenizer -- without the weights (the engine starts with ``load_format="dummy"``
     and receives the actor's weights through :meth:`VLLMEngine.sync_weights`)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     base = unwrap(model)
-    config = copy.deepcopy(base.config)
+    config: Any = copy.deepcopy(base.config)  # a transformers PretrainedConfig
     if not getattr(config, "architectures", None):
         config.architectures = [type(base).__name__]
     config.save_pretrained(path)
@@ -304,7 +309,9 @@ def export_model_dir(model: torch.nn.Module, tokenizer, path: str | Path) -> Pat
 class VLLMWorkerExtension:
     """Mixed into vLLM's GPU worker (``worker_extension_cls``); reached with ``LLM.collective_rpc``."""
 
-    def alignflow_load_weights(self, weights: list) -> int:
+    model_runner: Any  # the vLLM worker's, once this class is mixed into it
+
+    def alignflow_load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
         """Load ``[(hf_name, tensor), ...]`` into this worker's model (its ``load_weights`` shards them under tensor
         parallelism and casts them to the engine's dtype). Returns how many tensors were given."""
         runner = self.model_runner
@@ -314,13 +321,15 @@ class VLLMWorkerExtension:
 
 
 # ----------------------------------------------------------------------------------------------- the engine
-def _validate_prompts(prompt_ids) -> None:
+def _validate_prompts(prompt_ids: object) -> None:
     from alignflow.rollout.engine import validate_prompt_ids
 
     validate_prompt_ids(prompt_ids, "VLLMEngine")
 
 
-def _special_ids(tokenizer, model=None, eos_token_id=None, pad_token_id=None) -> tuple[list[int], int]:
+def _special_ids(tokenizer: Any, model: torch.nn.Module | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None
+                 ) -> tuple[list[int], int]:
     """(EOS ids, pad id) from the same sources, in the same order, as ``HFEngine``."""
     eos = eos_token_id
     gen_cfg = getattr(model, "generation_config", None) if model is not None else None
@@ -348,11 +357,11 @@ class VLLMEngine:
     to ``vllm.LLM`` as they are (e.g. ``enforce_eager=True``).
     """
 
-    def __init__(self, model_name_or_path: str, tokenizer=None, *, gpu_memory_utilization: float = 0.5,
+    def __init__(self, model_name_or_path: str, tokenizer: Any = None, *, gpu_memory_utilization: float = 0.5,
                  tensor_parallel_size: int = 1, dtype: str = "bfloat16", enable_sleep_mode: bool = False,
                  max_model_len: Optional[int] = None, seed: int = 0, load_format: str = "auto",
                  eos_token_id: Optional[int | Sequence[int]] = None, pad_token_id: Optional[int] = None,
-                 device="cpu", **engine_kwargs):
+                 device: torch.device | str = "cpu", **engine_kwargs: Any) -> None:
         vllm = import_vllm()
         self.eos_ids, self.pad_id = _special_ids(tokenizer, None, eos_token_id, pad_token_id)
         self.tokenizer, self.device, self.enable_sleep_mode = tokenizer, torch.device(device), enable_sleep_mode
@@ -368,7 +377,7 @@ class VLLMEngine:
         self._weights_valid = load_format != "dummy"  # dummy weights are random until the first sync
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, tokenizer, **kwargs) -> "VLLMEngine":
+    def from_model(cls, model: torch.nn.Module, tokenizer: Any, **kwargs: Any) -> "VLLMEngine":
         """An engine with ``model``'s architecture (config and tokenizer exported to a temporary directory, removed
         with the engine), EOS/pad ids found as ``HFEngine`` finds them; weights arrive with :meth:`sync_weights`."""
         import_vllm()  # before writing anything
@@ -380,7 +389,8 @@ class VLLMEngine:
         return engine
 
     @classmethod
-    def from_config(cls, model: torch.nn.Module, tokenizer, cfg, seed: int = 0, device="cpu") -> "VLLMEngine":
+    def from_config(cls, model: torch.nn.Module, tokenizer: Any, cfg: RolloutConfig, seed: int = 0,
+                    device: torch.device | str = "cpu") -> "VLLMEngine":
         """:meth:`from_model` with the vLLM options of a ``RolloutConfig`` (``rollout.*``)."""
         return cls.from_model(model, tokenizer, gpu_memory_utilization=cfg.gpu_memory_utilization,
                               tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.dtype,
