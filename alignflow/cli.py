@@ -1,7 +1,7 @@
 """``alignflow <command> [--config file.yaml] [section.key=value ...]``
 
-Commands: sft, rm, pm, rl, po, online_po, superhf, alol, mpo, eval, demo, serve. ``alignflow <command> --help`` lists every
-config key with its default and doc.
+Commands: sft, rm, pm, rl, po, online_po, superhf, alol, mpo, eval, demo, serve, merge, recipe.
+``alignflow <command> --help`` lists every config key with its default and doc.
 User mistakes (a bad config key or value, a malformed data row, a model path that does not load) end with a
 one-paragraph error and exit code 2, never a traceback; ``--debug`` shows the traceback.
 """
@@ -21,6 +21,7 @@ from alignflow.config import POConfig
 from alignflow.config import MPOConfig, OnlinePOConfig
 from alignflow.config import MergeConfig
 from alignflow.config import PMConfig, ServeConfig
+from alignflow.recipes import RecipeConfig
 
 COMMANDS = {
     "sft": (SFTConfig, "alignflow.trainers.sft:train_sft", "supervised fine-tuning"),
@@ -43,6 +44,8 @@ COMMANDS = {
                                                                  "prompts from the DPO model"),
     "merge": (MergeConfig, "alignflow.models.loading:merge_adapter", "fold a LoRA adapter into its base model: "
                                                                      "merge adapter=DIR output=DIR"),
+    "recipe": (RecipeConfig, "alignflow.recipes.runner:run_recipe", "a multi-stage recipe: stages (commands) whose "
+                                                                    "outputs feed the next, resumable by stage"),
 }
 
 
@@ -95,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C: one line saying where the checkpoint is and how to resume
         if args.debug:
             raise
+        if args.command == "recipe":  # the recipe, not the stage's trainer, is what the user re-runs
+            print("alignflow recipe: interrupted; run the same command again to resume (stages done are skipped, "
+                  "the interrupted one goes on from its last checkpoint)", file=sys.stderr)
+            return 130
         print(f"alignflow {args.command}: {interrupted_message(argv, cfg, e)}", file=sys.stderr)
         return 130
     except OSError as e:  # a full disk or a read-only directory is the machine's state, not a bug
