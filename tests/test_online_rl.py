@@ -289,8 +289,8 @@ def test_failing_reward_reports_the_row(reviews_task, tmp_path, capsys):
     code = main(["rl", f"model.name_or_path={reviews_task.model_dir}", f"data.path={reviews_task.prompts_path}",
                  f"model.tokenizer={reviews_task.tokenizer_dir}", "reward.functions={'tests.test_online_rl:"
                  "exploding_reward': 1.0}", f"train.output_dir={tmp_path / 'cli'}", "train.max_steps=1",
-                 "rollout.prompts_per_step=4", "rollout.n=1", "kl.coef=0", "algo.name=reinforce_pp",
-                 "train.progress=false"])
+                 "rollout.prompts_per_step=4", "rollout.n=1", "train.batch_size=4", "kl.coef=0",
+                 "algo.name=reinforce_pp", "train.progress=false"])
     err = capsys.readouterr().err
     assert code == 2 and "exploding_reward" in err and "row" in err and "Traceback" not in err
 
