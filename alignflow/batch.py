@@ -118,3 +118,21 @@ class Batch:
         if len(self) and len(other) and len(self) != len(other):
             raise ValueError(f"union of batches with {len(self)} and {len(other)} rows")
         return Batch(self.tensors | other.tensors, self.meta | other.meta)
+
+
+PROMPT_SIDE = ("prompt_ids", "prompt_mask", "input_ids", "attention_mask", "position_ids")  # left-padded columns
+
+
+def cat_rollouts(batches: list[Batch]) -> Batch:
+    """Concatenate rollout batches whose prompt widths differ: prompt-side columns are LEFT-padded to the widest
+    prompt first (``Batch.cat`` right-pads, which suits the response side only)."""
+    width = max(b["prompt_ids"].shape[1] for b in batches)
+    fixed = []
+    for b in batches:
+        extra = width - b["prompt_ids"].shape[1]
+        if extra:
+            b = Batch(dict(b.tensors), b.meta)
+            for k in PROMPT_SIDE:
+                b.tensors[k] = torch.nn.functional.pad(b.tensors[k], (extra, 0))  # (B, extra + T) zeros on the left
+        fixed.append(b)
+    return Batch.cat(fixed)

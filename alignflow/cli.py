@@ -30,8 +30,8 @@ COMMANDS = {
                                                            "REINFORCE++, Safe RLHF, GSPO"),
     "eval": (EvalConfig, "alignflow.eval.evaluate:run_eval", "evaluate a policy or a reward model"),
     "demo": (DemoConfig, "alignflow.demo:run_demo", "the whole pipeline on the built-in reviews task"),
-    "po": (POConfig, "alignflow.trainers.preference:train_po", "offline preference optimisation: DPO, cDPO, robust "
-                                                              "DPO, IPO, hinge, SimPO, ORPO, KTO, CPL, PRO, T-REG"),
+    "po": (POConfig, "alignflow.trainers.preference:train_po", lambda: "offline preference optimisation: "
+                                                                      + _loss_titles()),
     "superhf": (SuperHFConfig, "alignflow.trainers.offline_rl:train_superhf", "SuperHF: best-of-n SFT + KL prior"),
     "alol": (ALoLConfig, "alignflow.trainers.offline_rl:train_alol", "A-LoL: advantage-weighted offline RL"),
     "online_po": (OnlinePOConfig, "alignflow.trainers.iterative:train_online_po", "online / iterative preference "
@@ -42,11 +42,19 @@ COMMANDS = {
     "serve": (ServeConfig, "alignflow.rewards.serve:serve", "serve trained reward models over HTTP (POST /score)"),
     "mpo": (MPOConfig, "alignflow.trainers.iterative:train_mpo", "MPO: DPO on easy pairs, then RL on the hard "
                                                                  "prompts from the DPO model"),
-    "merge": (MergeConfig, "alignflow.models.loading:merge_adapter", "fold a LoRA adapter into its base model: "
+    "merge": (MergeConfig, "alignflow.distributed.save:merge_adapter", "fold a LoRA adapter into its base model: "
                                                                      "merge adapter=DIR output=DIR"),
     "recipe": (RecipeConfig, "alignflow.recipes.runner:run_recipe", "a multi-stage recipe: stages (commands) whose "
                                                                     "outputs feed the next, resumable by stage"),
 }
+
+
+def _loss_titles() -> str:
+    """The preference-loss table's losses, for ``alignflow po --help``. A documented lazy load: the table imports
+    torch, which the command line needs only once a command runs."""
+    from alignflow.algorithms.preference_table import PREFERENCE_LOSSES
+
+    return ", ".join(f"{s.title or n} ({n})" for n, s in PREFERENCE_LOSSES.items())
 
 
 def _user_errors() -> tuple[type, ...]:
@@ -70,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     if len(argv) >= 2 and argv[0] in COMMANDS and argv[1] in ("-h", "--help"):
         cls, _, what = COMMANDS[argv[0]]
+        what = what() if callable(what) else what  # a description built from a method table
         print(f"alignflow {argv[0]}: {what}\n\nconfig keys (override with key=value):")
         print("\n".join(describe(cls)))
         return 0

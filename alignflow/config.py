@@ -249,17 +249,13 @@ class RMConfig:
 
 
 # ----------------------------------------------------------------------------------------------- offline preference
-# = the keys of alignflow.algorithms.preference.PREFERENCE_LOSSES (a test checks; kept literal so that loading a
-# config does not import torch)
-PO_LOSSES = ("dpo", "cdpo", "robust_dpo", "ipo", "hinge", "simpo", "orpo", "kto", "cpl", "pro", "treg", "inpo",
-             "refuel")
-
-
 @dataclasses.dataclass
 class POLossConfig:
     """The preference loss and its hyper-parameters. An empty (null) hyper-parameter takes the loss's own default
     (the paper's; ``docs/preference.md``); setting one the chosen loss does not take is an error naming those it does."""
-    name: str = field("dpo", doc="Loss (a key of PREFERENCE_LOSSES).", choices=PO_LOSSES)
+    # checked against the loss table (alignflow.algorithms.preference_table) when the run starts: config sits
+    # below the algorithms layer and does not import it
+    name: str = field("dpo", doc="Loss: a name in the preference-loss table (`alignflow po --help` lists them).")
     beta: Optional[float] = field(None, doc="KL strength beta: DPO/cDPO/robust/hinge/KTO/T-REG 0.1, SimPO 2.0, "
                                             "IPO's tau 0.1.", range=(0.0, None))
     label_smoothing: Optional[float] = field(None, doc="Label smoothing eps (cDPO 0.1, DPO/SimPO 0) or robust DPO's "

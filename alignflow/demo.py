@@ -17,36 +17,18 @@ Everything lands in ``output_dir``: ``report.md``, ``*.png``, ``sft/``, ``rm/``,
 from __future__ import annotations
 
 import json
-import math
-import random
 import time
 from pathlib import Path
 
 from alignflow.config import DemoConfig, RLConfig, RMConfig, SFTConfig, from_dict
-from alignflow.eval.evaluate import policy_metrics, reviews_grammatical, sample
+from alignflow.eval.evaluate import policy_metrics, reviews_grammatical
+from alignflow.models.sequences import score
+from alignflow.rollout.sample import sample
 from alignflow.tasks import build_task
-from alignflow.tasks.common import bt_prefers_first, read_jsonl, write_jsonl
+from alignflow.tasks.common import read_jsonl, write_jsonl
+from alignflow.tasks.labels import label_pairs
 from alignflow.trainers.reward import train_rm
 from alignflow.trainers.sft import train_sft
-
-
-def label_pairs(prompts: list[str], samples: list[list[str]], gold, noise: float, seed: int) -> list[dict]:
-    """Disjoint pairs of distinct samples per prompt (2 pairs from 4 samples), each labelled by a BT draw on the
-    gold reward: P(a preferred to b) = sigmoid((gold(a) - gold(b)) / noise).
-
-    Each row also keeps ``p_gold`` = P(chosen is preferred) under the BT model, for the accuracy ceiling.
-    """
-    rng = random.Random(seed)
-    rows = []
-    for p, ss in zip(prompts, samples):
-        distinct = list(dict.fromkeys(s for s in ss if s.strip()))
-        for a, b in zip(distinct[0::2], distinct[1::2]):
-            ga, gb = gold([p, p], [a, b])
-            first = bt_prefers_first(rng, ga, gb, noise)
-            chosen, rejected, gc, gr = (a, b, ga, gb) if first else (b, a, gb, ga)
-            p_c = float(gc > gr) if noise == 0 else 1 / (1 + math.exp(-(gc - gr) / noise))
-            rows.append({"prompt": p, "chosen": chosen, "rejected": rejected, "p_gold": p_c})
-    return rows
 
 
 def ceiling(rows: list[dict]) -> float:
@@ -57,7 +39,6 @@ def ceiling(rows: list[dict]) -> float:
 def agreement_with_gold(model, tokenizer, rows: list[dict], gold) -> float:
     """Share of held-out pairs that the reward model orders like the noise-free gold reward (ties excluded)."""
     from alignflow.data.render import encode_pair
-    from alignflow.trainers.reward import score
 
     def ids(prompt, completion):
         return encode_pair(tokenizer, prompt, completion, max_prompt_len=256, max_len=128).input_ids

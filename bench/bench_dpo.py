@@ -103,10 +103,11 @@ def _pairs_result(clock: common.StepClock, batch: int, mem: RSSPeak, ref_s: floa
 def alignflow_side(args, wl: dict, mode: str) -> dict:
     from alignflow.config import POConfig, from_dict
     from alignflow.trainers import loop
+    from alignflow.trainers import po_rows
     from alignflow.trainers import preference as po
 
     clock, mem, ref_s = common.StepClock(args.warmup, args.steps), RSSPeak(), [0.0]
-    real_step, real_opt, real_ref = po.po_step, loop.optimizer_step, po.compute_ref_logps
+    real_step, real_opt, real_ref = po_rows.po_step, loop.optimizer_step, po.compute_ref_logps
 
     def counted_step(model, rows, *a, **k):
         mem.start()
@@ -124,7 +125,7 @@ def alignflow_side(args, wl: dict, mode: str) -> dict:
         ref_s[0] += time.perf_counter() - t0
         return out
 
-    po.po_step, loop.optimizer_step, po.compute_ref_logps = counted_step, timed_opt, timed_ref
+    po_rows.po_step, loop.optimizer_step, po.compute_ref_logps = counted_step, timed_opt, timed_ref
     cfg = from_dict(POConfig, {
         "model": {"name_or_path": wl["model_dir"], "tokenizer": wl["tokenizer_dir"]},
         "data": {"path": wl["pairs_path"], "max_len": MAX_LEN_DATA, "max_prompt_len": MAX_LEN_DATA,

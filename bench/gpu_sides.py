@@ -403,11 +403,12 @@ def sft_trl(job: dict) -> dict:
 def dpo_alignflow(job: dict) -> dict:
     from alignflow.config import POConfig, from_dict
     from alignflow.trainers import loop
+    from alignflow.trainers import po_rows
     from alignflow.trainers import preference as po
 
     d = job["dpo"]
     clock = common.StepClock(d["warmup"], d["steps"])
-    real_step, real_opt = po.po_step, loop.optimizer_step
+    real_step, real_opt = po_rows.po_step, loop.optimizer_step
 
     def counted_step(model, rows, *a, **k):
         clock.tokens.append(sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows))
@@ -419,7 +420,7 @@ def dpo_alignflow(job: dict) -> dict:
         clock.mark()
         return out
 
-    po.po_step, loop.optimizer_step = counted_step, timed_opt
+    po_rows.po_step, loop.optimizer_step = counted_step, timed_opt
     base = alignflow_common(job, "dpo", d["warmup"] + d["steps"])
     cfg = from_dict(
         POConfig,

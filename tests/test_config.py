@@ -8,7 +8,8 @@ import pytest
 from alignflow.config import (RL_ALGORITHMS, ConfigError, DemoConfig, EvalConfig, RLConfig, RMConfig, SFTConfig,
                               from_dict, load_config, parse_overrides)
 from alignflow.cli import COMMANDS
-from alignflow.config import PO_LOSSES, POConfig
+from alignflow.algorithms.preference_table import PREFERENCE_LOSSES
+from alignflow.config import POConfig
 from alignflow.config import OnlinePOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +22,7 @@ def _preset_class(path: Path):
         return RLConfig
     if name in ("online_dpo", "inpo", "apo", "nash_md"):  # `alignflow online_po` presets (inpo is also a loss name)
         return OnlinePOConfig
-    if name in PO_LOSSES:  # configs/<loss.name>.yaml are `alignflow po` presets
+    if name in PREFERENCE_LOSSES:  # configs/<loss.name>.yaml are `alignflow po` presets
         return POConfig
     for prefix, cls in (("sft", SFTConfig), ("rm", RMConfig), ("eval", EvalConfig), ("demo", DemoConfig)):
         if name.startswith(prefix):

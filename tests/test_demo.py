@@ -3,7 +3,8 @@
 import json
 
 from alignflow.config import DemoConfig, from_dict
-from alignflow.demo import ceiling, label_pairs, run_demo
+from alignflow.demo import ceiling, run_demo
+from alignflow.tasks.labels import label_pairs
 
 
 def test_label_pairs_and_ceiling_hand_example():

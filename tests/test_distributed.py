@@ -169,7 +169,7 @@ def test_killed_worker_is_recreated_and_the_run_resumes(cluster, reviews_task, t
 def test_checkpoint_moves_between_two_and_one_workers(cluster, reviews_task, tmp_path):
     """A step-1 checkpoint written by 2 workers loads on 1 worker, which saves it again, which 2 workers load:
     the consolidated weights are the same each time."""
-    from alignflow.distributed.placement import build_worker_roles
+    from alignflow.trainers.rl_setup import build_worker_roles
     from alignflow.distributed.ray_group import WorkerSet
     from alignflow.trainers.rl_algos import resolve
 

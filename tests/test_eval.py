@@ -9,11 +9,11 @@ import torch
 
 from alignflow.cli import main
 from alignflow.config import ConfigError, EvalConfig, ModelConfig, RLConfig, from_dict
-from alignflow.eval.evaluate import (distinct_n, kl_metrics, policy_logprobs, policy_metrics, run_eval, sample,
-                                     sample_batch)
+from alignflow.eval.evaluate import distinct_n, kl_metrics, policy_logprobs, policy_metrics, run_eval
 from alignflow.eval.frontier import frontier_from_metrics
 from alignflow.eval.metrics import accuracy_metrics, answer_correct, extracted_answer, self_bleu, sentence_bleu
 from alignflow.models import load_causal_lm, load_tokenizer
+from alignflow.rollout.sample import sample, sample_batch
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 

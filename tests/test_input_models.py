@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from alignflow.cli import main
 from alignflow.config import ModelConfig, SFTConfig, from_dict
-from alignflow.models.loading import ModelLoadError, load_causal_lm, load_reward_model, load_tokenizer, save_model
+from alignflow.distributed.save import save_model
+from alignflow.models.loading import ModelLoadError, load_causal_lm, load_reward_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from alignflow.algorithms.nash import bt_win_probability, mixture_logits, nash_m
 from alignflow.batch import Batch
 from alignflow.cli import COMMANDS, main
 from alignflow.config import (ONLINE_PO_METHODS, ConfigError, ModelConfig, MPOConfig, OnlinePOConfig, from_dict, load_config)
-from alignflow.demo import label_pairs
+from alignflow.tasks.labels import label_pairs
 from alignflow.models import load_causal_lm, load_tokenizer
 from alignflow.rollout.mixture import generate_mixture
 from alignflow.rollout.sampling import SamplingParams

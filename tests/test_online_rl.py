@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignflow.batch import Batch
+from alignflow.batch import Batch, cat_rollouts
 from alignflow.config import ConfigError, RLConfig, SFTConfig, TaskConfig, from_dict, load_config
 from alignflow.data.pipeline import prepare_data
 from alignflow.distributed.groups import LocalGroup
@@ -27,7 +27,7 @@ from alignflow.trainers.loop import NonFiniteError
 from alignflow.trainers.online import train_rl
 from alignflow.trainers.rl_algos import (ADVANTAGE_STEPS, explained_variance, resolve, truncated_is_weights)
 from alignflow.trainers.rl_setup import PromptStream, build_roles
-from alignflow.trainers.roles import Actor, Critic, Reference, cat_rollouts, micro_batches
+from alignflow.trainers.roles import Actor, Critic, Reference, micro_batches
 from alignflow.trainers.sft import train_sft
 from tests.helpers import tiny_task
 

@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from alignflow.algorithms.preference import (LOSS_INPUTS, PREFERENCE_LOSSES, REFERENCE_FREE, PrefInputs,
-                                             apo_extrapolate, cdpo_loss, cpl_loss, dpo_loss, hinge_loss, inpo_loss,
+from alignflow.algorithms.preference import (PrefInputs, apo_extrapolate, cdpo_loss, cpl_loss, dpo_loss, hinge_loss, inpo_loss,
                                              ipo_loss, kto_loss, orpo_loss, pro_loss, refuel_loss, robust_dpo_loss,
                                              simpo_loss, treg_loss, treg_token_rewards)
+from alignflow.algorithms.preference_table import PREFERENCE_LOSSES
 
 D = torch.float64
 
@@ -407,7 +407,7 @@ ALL = sorted(PREFERENCE_LOSSES)
 @pytest.mark.parametrize("name", ALL)
 def test_reductions_and_weights(name):
     """'none' sums to mean·B and equals 'sum'; unit weights change nothing; 0/1 weights equal dropping rows."""
-    fn, B = PREFERENCE_LOSSES[name], 4
+    fn, B = PREFERENCE_LOSSES[name].fn, 4
     inp = full_inputs(B, seed=7)
     mean, metrics = fn(inp)
     per = fn(inp, reduction="none")[0]
@@ -426,7 +426,7 @@ def test_reductions_and_weights(name):
 @pytest.mark.parametrize("name", ALL)
 def test_batch_equals_loop_over_rows(name):
     """The vectorised per-row losses equal calling the loss on each row alone."""
-    fn = PREFERENCE_LOSSES[name]
+    fn = PREFERENCE_LOSSES[name].fn
     inp = full_inputs(4, seed=11)
     per = fn(inp, reduction="none")[0]
     for b in range(4):
@@ -437,7 +437,7 @@ def test_batch_equals_loop_over_rows(name):
 def test_finite_with_all_equal_inputs_and_gradient_signs(name):
     """π = π_ref = π_t, every log-prob equal, chosen scored higher: loss and gradients are finite, raising the chosen
     log-prob lowers the loss and raising the rejected one raises it (KTO: desirable vs undesirable rows)."""
-    fn = PREFERENCE_LOSSES[name]
+    fn = PREFERENCE_LOSSES[name].fn
     inp = full_inputs(4, equal=True)
     loss, metrics = fn(inp)
     loss.backward()
@@ -451,15 +451,16 @@ def test_finite_with_all_equal_inputs_and_gradient_signs(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_loss_inputs_table_is_exact(name):
-    """Each loss runs on exactly the fields LOSS_INPUTS lists, and removing any one names it in the error."""
+    """Each loss runs on exactly the fields its table row's ``inputs`` lists, and removing any one names it in the
+    error; the row needs a reference exactly when those fields include reference log-probs."""
     full = full_inputs(3, seed=2)
-    fields = LOSS_INPUTS[name]
-    only = PrefInputs(**{f: getattr(full, f) for f in fields})
-    PREFERENCE_LOSSES[name](only)
-    for f in fields:
+    spec = PREFERENCE_LOSSES[name]
+    only = PrefInputs(**{f: getattr(full, f) for f in spec.inputs})
+    spec.fn(only)
+    for f in spec.inputs:
         with pytest.raises(ValueError, match=f"PrefInputs.{f}"):
-            PREFERENCE_LOSSES[name](dataclasses.replace(only, **{f: None}))
-    assert (name in REFERENCE_FREE) == ("ref_chosen_logps" not in fields and "ref_logps" not in fields)
+            spec.fn(dataclasses.replace(only, **{f: None}))
+    assert spec.reference == ("ref_chosen_logps" in spec.inputs or "ref_logps" in spec.inputs)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -485,7 +486,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_micro_batch_sums_over_n_give_the_whole_batch_gradient(name):
     """Splitting 4 rows into micro-batches of 1 and 3, each with reduction='sum' divided by N = 4, gives the same
     gradient as the whole-batch mean (the convention trainers use for gradient accumulation)."""
-    fn = PREFERENCE_LOSSES[name]
+    fn = PREFERENCE_LOSSES[name].fn
     field = "policy_logps" if name == "kto" else "policy_chosen_logps"
     whole = full_inputs(4, seed=9)
     fn(whole)[0].backward()

@@ -104,7 +104,7 @@ def _save_on_one(root):
 
 def _on_two(rank, world, root):
     """2 ranks: load the plain and the 1-rank checkpoints, save on 2, export, then a save that fails on rank 0."""
-    from alignflow.models.loading import save_model
+    from alignflow.distributed.save import save_model
 
     out = {"draws": [], "errors": {}}
     for tie in TIES:
@@ -222,7 +222,7 @@ def test_lora_sharded_checkpoint_and_export_hold_the_adapters(tmp_path):
     frozen base, not the frozen tied head -- and reloads them; the export is a peft adapter directory."""
     from peft import PeftModel
 
-    from alignflow.models.loading import save_model
+    from alignflow.distributed.save import save_model
 
     with single_rank_group():
         model, opt, sched = _lora(seed=1, sharded=True)

@@ -5,11 +5,12 @@ docs/preference.md and docs/online_po.md). Notation as in docs/preference.md:
 ``LP(y)`` is a response's summed token log-prob, ``LP̄(y) = LP(y)/|y|``, ``ℓ(z) = -log σ(z) = softplus(-z)`` and
 ``h = [LP_θ(y_w) - LP_ref(y_w)] - [LP_θ(y_l) - LP_ref(y_l)]``.
 
-Uniform call convention (one trainer can call any loss by name)::
+Uniform call convention (one trainer can call any loss by name; the table of losses, one ``LossSpec`` row each,
+is ``PREFERENCE_LOSSES`` in :mod:`alignflow.algorithms.preference_table`)::
 
-    loss, metrics = PREFERENCE_LOSSES[name](inputs, reduction="mean", weights=None, **hyper_params)
+    loss, metrics = PREFERENCE_LOSSES[name].fn(inputs, reduction="mean", weights=None, **hyper_params)
 
-* ``inputs`` is a :class:`PrefInputs`; each loss reads only the fields it needs (``LOSS_INPUTS[name]`` lists them
+* ``inputs`` is a :class:`PrefInputs`; each loss reads only the fields it needs (its row's ``inputs`` lists them
   for the default hyper-parameters) and raises a ``ValueError`` naming the loss and the missing field otherwise.
 * ``hyper_params`` are keyword-only, with the paper defaults quoted in each docstring.
 * ``reduction``: ``"mean"`` (default) is ``Σ_i w_i l_i / Σ_i w_i`` (a plain mean over the B rows when ``weights`` is
@@ -557,44 +558,4 @@ def apo_extrapolate(new_logps: Tensor, prev_logps: Tensor, alpha: float = 0.3) -
 
 
 # ----------------------------------------------------------------------------------------------- tables
-PreferenceLoss = Callable[..., LossOut]
-
-PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
-    "dpo": dpo_loss,
-    "cdpo": cdpo_loss,
-    "robust_dpo": robust_dpo_loss,
-    "ipo": ipo_loss,
-    "hinge": hinge_loss,
-    "simpo": simpo_loss,
-    "orpo": orpo_loss,
-    "kto": kto_loss,
-    "cpl": cpl_loss,
-    "pro": pro_loss,
-    "treg": treg_loss,
-    "inpo": inpo_loss,
-    "refuel": refuel_loss,
-}
-
-_PAIR = ("policy_chosen_logps", "policy_rejected_logps")
-_REF = ("ref_chosen_logps", "ref_rejected_logps")
-_LEN = ("chosen_lengths", "rejected_lengths")
-
-# PrefInputs fields each loss reads with its default hyper-parameters (a trainer computes only these).
-LOSS_INPUTS: dict[str, tuple[str, ...]] = {
-    "dpo": _PAIR + _REF,
-    "cdpo": _PAIR + _REF,
-    "robust_dpo": _PAIR + _REF,
-    "ipo": _PAIR + _REF + _LEN,
-    "hinge": _PAIR + _REF,
-    "simpo": _PAIR + _LEN,
-    "orpo": _PAIR + _LEN,
-    "kto": ("policy_logps", "ref_logps", "desirable", "policy_kl_logps", "ref_kl_logps"),
-    "cpl": _PAIR,
-    "pro": _PAIR + _LEN,
-    "treg": _PAIR + _REF + ("policy_chosen_token_logps", "policy_rejected_token_logps", "chosen_token_rewards",
-                            "rejected_token_rewards", "chosen_mask", "rejected_mask"),
-    "inpo": _PAIR + _REF + ("prev_chosen_logps", "prev_rejected_logps"),
-    "refuel": _PAIR + _REF + ("chosen_rewards", "rejected_rewards"),
-}
-
-REFERENCE_FREE = frozenset({"simpo", "orpo", "cpl", "pro"})
+PreferenceLoss = Callable[..., LossOut]  # the call convention above; the table of losses: preference_table.py

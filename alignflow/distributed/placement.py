@@ -1,4 +1,5 @@
-"""Placement of the online-RL roles on Ray workers: the ``resources:`` section made real.
+"""Placement of roles on Ray workers: the ``resources:`` section made real (the pieces every command shares; the
+online-RL worker sets over them are ``alignflow.trainers.rl_setup.RayPlacement``).
 
 ``colocated`` (the default, the hybrid engine): ONE worker set holds every model role -- actor, rollout (over the
 actor's own sharded module: it gathers the shards for a generate call and frees them after, so there is no second
@@ -18,8 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from alignflow.config import ConfigError, RLConfig
-from alignflow.distributed.groups import LocalGroup
+from alignflow.config import RLConfig
 from alignflow.distributed.ray_group import WorkerSet, check_resources, init_ray
 
 
@@ -39,19 +39,7 @@ def worker_wrap(cfg, device: torch.device):
                                reshard_after_forward=r.reshard_after_forward)
 
 
-def build_worker_roles(cfg: RLConfig, algo, total_opt_steps: int, names: tuple[str, ...]) -> dict:
-    """Runs INSIDE each worker (after it joined the process group): load, shard and wrap the named roles."""
-    from alignflow.models import load_tokenizer
-    from alignflow.trainers.loop import set_seed
-    from alignflow.trainers.rl_setup import role_objects
-
-    device = worker_device()
-    set_seed(cfg.train.seed)  # the same initialisation on every rank (value heads), as in one process
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-    return role_objects(cfg, algo, device, total_opt_steps, tok, names, worker_wrap(cfg, device))
-
-
-def _on_workers(cfg: RLConfig, names: tuple[str, ...]) -> dict[str, list[str]]:
+def roles_on_workers(cfg: RLConfig, names: tuple[str, ...]) -> dict[str, list[str]]:
     """Worker-set name -> the roles it holds; roles left out run in the controller."""
     model_reward = [n for n, models in (("reward", cfg.reward.models), ("cost", cfg.cost.models))
                     if n in names and models]
@@ -77,7 +65,7 @@ def start_set(cfg, name: str, res, workers: int, builder, args: tuple) -> Worker
                      timeout_s=cfg.resources.dist_timeout_s, threads=cfg.train.num_threads)
 
 
-def _plan(cfg, layout: dict) -> dict:
+def set_plan(cfg, layout: dict) -> dict:
     """Worker-set name -> (its RoleResources, number of workers)."""
     r, workers, plan = cfg.resources, max(cfg.resources.actor.workers, 1), {}
     for set_name in layout:
@@ -96,52 +84,5 @@ def check_placement(cfg, names: tuple[str, ...] | None = None) -> None:
     if not maybe_ray(cfg.resources):
         return
     init_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus)
-    plan = _plan(cfg, {"policy": None}) if names is None else _plan(cfg, _on_workers(cfg, names))
+    plan = set_plan(cfg, {"policy": None}) if names is None else set_plan(cfg, roles_on_workers(cfg, names))
     check_resources([(s, n, res.cpus_per_worker, res.gpus_per_worker) for s, (res, n) in plan.items()])
-
-
-class RayPlacement:
-    """The worker sets of one RL run and the role groups over them; ``restart()`` rebuilds every set."""
-
-    def __init__(self, cfg: RLConfig, algo, total_opt_steps: int, names: tuple[str, ...], tok):
-        r = cfg.resources
-        workers = max(r.actor.workers, 1)
-        if cfg.train.batch_size < workers:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is smaller than resources.actor.workers="
-                              f"{workers}: every worker needs at least one row of each mini-batch")
-        if cfg.model.lora.enabled:
-            raise ConfigError("resources: LoRA actors on Ray workers are not supported yet (FSDP2 + peft is "
-                              "untested here); train LoRA in one process (resources.actor.workers=1)")
-        init_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus)
-        self.sets: dict[str, WorkerSet] = {}
-        self.local: dict = {}
-        layout = _on_workers(cfg, names)
-        plan = _plan(cfg, layout)
-        check_resources([(s, n, res.cpus_per_worker, res.gpus_per_worker) for s, (res, n) in plan.items()])
-        for set_name, roles in layout.items():
-            res, n = plan[set_name]
-            self.sets[set_name] = start_set(cfg, set_name, res, n, build_worker_roles,
-                                            (cfg, algo, total_opt_steps, tuple(roles)))
-        on_workers = {n for roles in layout.values() for n in roles}
-        rest = tuple(n for n in names if n not in on_workers)
-        if rest:  # rule-based rewards and costs: in this process
-            from alignflow.trainers.rl_setup import role_objects
-
-            self.local = {n: LocalGroup(o) for n, o in role_objects(cfg, algo, torch.device("cpu"), total_opt_steps,
-                                                                    tok, rest).items()}
-        self.layout = layout
-
-    def groups(self) -> dict:
-        out = dict(self.local)
-        for set_name, roles in self.layout.items():
-            for role in roles:
-                out[role] = self.sets[set_name].group(role)
-        return out
-
-    def restart(self) -> None:
-        for ws in self.sets.values():
-            ws.restart()
-
-    def shutdown(self) -> None:
-        for ws in self.sets.values():
-            ws.shutdown()

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from alignflow.batch import Batch
+from alignflow.batch import Batch, cat_rollouts
 from alignflow.config import ConfigError
 
 
@@ -264,8 +264,7 @@ def _reassemble(parts: list[list[int]], inputs: int, outs: list) -> Batch:
             for s in range(k):
                 order[i * k + s] = pos + j * k + s
         pos += len(o)
-    from alignflow.trainers.roles import cat_rollouts  # prompt-side columns are left-padded: align them
-
+    # prompt-side columns are left-padded: cat_rollouts aligns them
     whole = cat_rollouts([o for _, o in filled]) if "prompt_ids" in filled[0][1] else Batch.cat([o for _, o in filled])
     return whole.select(order)
 

@@ -38,52 +38,15 @@ from alignflow.algorithms.core import masked_mean
 from alignflow.algorithms.kl import kl_k1, kl_k3, sequence_kl
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, EvalConfig, ModelConfig
+from alignflow.eval.frontier import resolve_frontier, run_frontier
 from alignflow.eval.metrics import accuracy_metrics, answer_correct, distinct_n, diversity_metrics, length_metrics
-from alignflow.rollout.engine import HFEngine
-from alignflow.rollout.sampling import SamplingParams
+from alignflow.rollout.sample import sample_batch
 
 __all__ = ["EvalContext", "distinct_n", "evaluate_policy", "kl_metrics", "policy_logprobs", "policy_metrics",
-           "run_eval", "sample", "sample_batch"]
-
-GEN_ROWS = 256  # sampled rows per engine call (a memory knob; the samples depend on it through the seeds only)
-
+           "run_eval"]
 
 def _mean(xs) -> float:
     return sum(xs) / len(xs)
-
-
-# ----------------------------------------------------------------------------------------------- sampling
-def sample_batch(model, tokenizer, prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float,
-                 seed: int, chunk_rows: int = GEN_ROWS) -> Batch:
-    """``n`` samples per prompt with the built-in engine: rows i*n .. i*n+n-1 belong to prompt i.
-
-    The engine's Batch (``prompt_ids``, ``response_ids``, masks, ``input_ids``, ``position_ids``, meta
-    ``finish_reason``) plus meta ``response`` (decoded, special tokens removed). Prompts go through the engine
-    ``chunk_rows // n`` at a time; chunk c samples with seed ``seed * 1_000_003 + c``.
-    """
-    from alignflow.trainers.roles import cat_rollouts
-
-    engine = HFEngine(model, tokenizer)
-    per = max(1, chunk_rows // n)
-    parts = []
-    for c, start in enumerate(range(0, len(prompt_ids), per)):
-        params = SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens,
-                                seed=seed * 1_000_003 + c)
-        parts.append(engine.generate(prompt_ids[start:start + per], params))
-    batch = cat_rollouts(parts)
-    ids, mask = batch["response_ids"], batch["response_mask"]  # (B, Tr) each
-    texts = tokenizer.batch_decode([r[m.bool()].tolist() for r, m in zip(ids, mask)], skip_special_tokens=True)
-    return batch.union(Batch(meta={"response": texts}))
-
-
-def sample(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
-           seed: int) -> tuple[list[list[str]], list[list[int]]]:
-    """Text prompts (tokenised as plain text) -> ``n`` decoded responses per prompt and their token counts."""
-    batch = sample_batch(model, tokenizer, [tokenizer(p)["input_ids"] for p in prompts], n, max_new_tokens,
-                         temperature, seed)
-    texts, lengths = batch["response"], batch["response_mask"].sum(-1).tolist()
-    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))], [lengths[i * n:(i + 1) * n]
-                                                                    for i in range(len(prompts))]
 
 
 def policy_metrics(prompts: list, samples: list[list[str]], lengths: list[list[int]], gold=None,
@@ -244,7 +207,8 @@ def reward_model_metrics(cfg: EvalConfig, tok, device) -> dict:
     """Pairwise accuracy, margin and calibration of a reward model on ``cfg.data.path`` (all rows held out)."""
     from alignflow.data.pipeline import prepare_data
     from alignflow.models import load_reward_model
-    from alignflow.trainers.reward import pair_metrics, score
+    from alignflow.models.sequences import score
+    from alignflow.trainers.reward import pair_metrics
 
     if not cfg.data.path:
         raise ConfigError("alignflow eval: a reward model is evaluated on preference pairs; set data.path=<file>")
@@ -259,7 +223,6 @@ def reward_model_metrics(cfg: EvalConfig, tok, device) -> dict:
 
 def check_config(cfg: EvalConfig) -> list:
     """Fail before any model is loaded; returns the resolved frontier policies."""
-    from alignflow.eval.frontier import resolve_frontier
     from alignflow.tasks import get_task
 
     if not (cfg.policy or cfg.reward_model or cfg.frontier):
@@ -288,7 +251,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     returns the metrics of ``policy`` (or of ``reward_model`` on pairs)."""
     from alignflow.models import load_causal_lm, load_tokenizer
     from alignflow.tasks.builtin_sft import resolve_eval_models
-    from alignflow.trainers.loop import Progress, resolve_device
+    from alignflow.models.device import resolve_device
+    from alignflow.trainers.loop import Progress
 
     resolve_eval_models(cfg)  # policy / reference / frontier = builtin:sft: the built-in task's SFT model
     frontier = check_config(cfg)
@@ -308,9 +272,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             del policy
             bar.update(0)
         if frontier:
-            from alignflow.eval.frontier import run_frontier
-
-            run_frontier(frontier, ctx, cfg, out)
+            run_frontier(frontier, ctx, cfg, out, evaluate_policy, _write_samples)
             bar.bar.update(len(frontier))
         bar.close()
     else:

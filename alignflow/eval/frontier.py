@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from alignflow.config import ConfigError, EvalConfig, ModelConfig
@@ -108,12 +109,13 @@ def load_policy(path: str | Path, reference: str, device):
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-def run_frontier(policies: list[dict], ctx, cfg: EvalConfig, out: Path) -> dict:
+def run_frontier(policies: list[dict], ctx, cfg: EvalConfig, out: Path, evaluate_policy: Callable,
+                 write_samples: Callable) -> dict:
     """Evaluate every resolved policy (:func:`resolve_frontier`) with ``ctx`` (which holds the reference) and write
     ``frontier.json`` then ``frontier.png``. Returns the JSON's content:
-    ``{"reward_key", "kl_key": "eval/kl", "points": [{"label", "path", "group", "kl", "reward", "metrics"}]}``."""
-    from alignflow.eval.evaluate import _write_samples, evaluate_policy
-
+    ``{"reward_key", "kl_key": "eval/kl", "points": [{"label", "path", "group", "kl", "reward", "metrics"}]}``.
+    ``evaluate_policy(policy, ctx, cfg) -> (metrics, rows)`` and ``write_samples(path, rows)`` are ``alignflow
+    eval``'s own (passed in: this module sits below ``alignflow.eval.evaluate``)."""
     reward_key = ctx.reward_key
     if reward_key is None or ctx.reference is None:
         raise ConfigError("frontier: needs reference=<dir> and a reward (the built-in task's gold reward or "
@@ -123,7 +125,7 @@ def run_frontier(policies: list[dict], ctx, cfg: EvalConfig, out: Path) -> dict:
         policy = load_policy(entry["path"], cfg.reference, ctx.device)
         metrics, rows = evaluate_policy(policy, ctx, cfg)
         del policy
-        _write_samples(out / "frontier" / str(i) / "samples.jsonl", rows)
+        write_samples(out / "frontier" / str(i) / "samples.jsonl", rows)
         points.append({**entry, "kl": metrics["eval/kl"], "reward": metrics[reward_key], "metrics": metrics})
         log.info("frontier %s: kl %.4f, %s %.4f", entry["label"], metrics["eval/kl"], reward_key,
                  metrics[reward_key])

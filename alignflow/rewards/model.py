@@ -6,13 +6,18 @@ models and returns one reward per row:
 * **one model with k outputs** (``reward.ensemble_mode=heads``: k independently seeded heads on one backbone)
   -> k members, one per output;
 * **k models** (``reward.ensemble_mode=models``, the ``member-i/model`` directories) -> k members; a member with
-  several outputs (a multi-objective head) contributes the mean of its outputs, as in the reward trainer.
+  several outputs (a multi-objective head) contributes the mean of its outputs, as in the reward trainer;
+* **a gated multi-objective model** (ArmoRM: a directory trained with ``reward.gating=true`` holds
+  ``gating.json``) -> ONE member, ``R = g(x)^T r(x, y)``: the gate reads the prompt's last-token hidden state
+  and weights the K attribute scores, exactly as the trainer evaluates it (the attributes are objectives, not
+  ensemble members, so they are never averaged or aggregated as such).
 
 Members combine with :func:`alignflow.algorithms.reward.aggregate` (Coste et al. 2024; docs/reward_models.md)::
 
     mean:  R = (1/k) sum_i R_i
     min:   R = min_i R_i                                  (worst-case optimisation, WCO)
     uwo:   R = mean - lambda * (1/k) sum_i (R_i - mean)^2  (uncertainty-weighted, population variance)
+    brme:  R = lambda_b * mean + (1 - lambda_b) * min_i R_i  (BRME's nominal plus worst-case objective)
 
 Each row is re-packed before scoring as its real prompt tokens followed by its real response tokens, so no
 padding reaches the reward model wherever it sat (left of the prompt, right of the response, or between the
@@ -33,6 +38,7 @@ aggregation is pessimistic for a cost: ``min`` becomes the largest member cost a
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
@@ -41,10 +47,12 @@ from torch import nn
 from alignflow.algorithms.reward import ENSEMBLE_AGGREGATIONS, aggregate
 from alignflow.batch import Batch
 from alignflow.config import ModelConfig
-from alignflow.models import ModelLoadError, load_reward_model, unwrap
+from alignflow.data.collate import pad_right
+from alignflow.models import GatingNetwork, ModelLoadError, combine, last_token_hidden, load_reward_model, unwrap
+from alignflow.models.heads import GATE_CONFIG
+from alignflow.models.sequences import score as score_sequences
 from alignflow.rewards.base import output_device
 from alignflow.rewards.foreign import TextRenderer, load_rm_tokenizer, max_positions, same_tokenizer, texts_of
-from alignflow.trainers.reward import score as score_sequences
 
 PACK_FIELDS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
 
@@ -97,6 +105,28 @@ def load_members(paths: Sequence[Union[str, nn.Module]], device, model_cfg: Opti
     return models
 
 
+def load_gates(paths: Sequence[Union[str, nn.Module]], device) -> list[Optional[GatingNetwork]]:
+    """The ArmoRM gate saved next to each reward model (``gating.json``), or None for a member without one."""
+    return [GatingNetwork.load(p, device) if isinstance(p, str) and (Path(p) / GATE_CONFIG).is_file() else None
+            for p in paths]
+
+
+@torch.no_grad()
+def prompt_embeddings(model: nn.Module, batch: Batch, pad_id: int, device) -> torch.Tensor:
+    """Last-token hidden state of each row's real prompt tokens (the gate's input, as in training): (B, H)."""
+    if "prompt_ids" not in batch.tensors or "prompt_mask" not in batch.tensors:
+        raise KeyError(f"a gated (ArmoRM) reward model needs the prompt_ids and prompt_mask tensors to find the "
+                       f"prompt; the batch has {sorted(batch.keys())}")
+    ids, mask = batch.tensors["prompt_ids"].cpu(), batch.tensors["prompt_mask"].cpu()  # (B, Tp)
+    prompts = [ids[i][mask[i].bool()].tolist() for i in range(len(batch))]
+    was = model.training
+    model.eval()
+    h = last_token_hidden(model, pad_right(prompts, pad_id).to(device),
+                          pad_right([[1] * len(p) for p in prompts], 0).to(device))  # (B, H)
+    model.train(was)
+    return h.float()
+
+
 def member_tokenizers(paths: Sequence[Union[str, nn.Module]], given: Optional[Sequence], model_cfg) -> list:
     """Each member's own tokenizer: ``given[i]`` when set, else the one saved in its directory (None if none)."""
     cfg = model_cfg or ModelConfig()
@@ -117,6 +147,8 @@ class RewardModelScorer:
     variance weight of ``uwo``. device: where the models run. budget: padded tokens per forward (a
     performance knob; results do not depend on it). model_cfg: dtype / attention / revision for loading.
     pad_token_id: written into a loaded model's config when it has none. name: the metric prefix.
+    brme_lambda: the nominal weight of ``brme`` (1 = mean, 0 = worst case). A directory holding an ArmoRM gate
+    is scored gated (one member); it must share the policy's tokenizer (the gate reads the prompt's tokens).
     tokenizer: the policy's tokenizer (or its path); a member whose own tokenizer differs from it re-renders the
     texts. tokenizers: one tokenizer (or None) per member, overriding those found in the member directories.
 
@@ -131,11 +163,14 @@ class RewardModelScorer:
     def __init__(self, paths: Union[str, nn.Module, Sequence[Union[str, nn.Module]]], aggregation: str = "mean",
                  uwo_lambda: float = 0.5, device="cpu", *, budget: int = 8192,
                  model_cfg: Optional[ModelConfig] = None, pad_token_id: Optional[int] = None,
-                 name: Optional[str] = None, tokenizer=None, tokenizers: Optional[Sequence] = None):
+                 name: Optional[str] = None, tokenizer=None, tokenizers: Optional[Sequence] = None,
+                 brme_lambda: float = 0.5):
         if aggregation not in ENSEMBLE_AGGREGATIONS:
             raise ValueError(f"aggregation={aggregation!r} is not one of {', '.join(ENSEMBLE_AGGREGATIONS)}")
         if uwo_lambda < 0:
             raise ValueError(f"uwo_lambda must be >= 0, got {uwo_lambda}")
+        if not 0.0 <= brme_lambda <= 1.0:
+            raise ValueError(f"brme_lambda must lie in [0, 1], got {brme_lambda}")
         if isinstance(paths, (str, nn.Module)):
             paths = [paths]
         if not paths:
@@ -155,10 +190,16 @@ class RewardModelScorer:
         self.renderers = [None if t is None else TextRenderer(t, max_positions(unwrap(m)), f"{self.name} member {i}")
                           for i, (t, m) in enumerate(zip(toks, self.models))]
         self.aggregation, self.uwo_lambda, self.budget = aggregation, float(uwo_lambda), int(budget)
+        self.brme_lambda = float(brme_lambda)
         self.pad_ids = [unwrap(m).config.pad_token_id or 0 for m in self.models]
+        self.gates = load_gates(list(paths), self.device)
+        for j, (g, f) in enumerate(zip(self.gates, self.foreign)):
+            if g is not None and f:
+                raise ValueError(f"{self.name}: {paths[j]} is a gated (ArmoRM) reward model with its own tokenizer; "
+                                 "the gate reads the prompt's token ids, so it must share the policy's tokenizer")
         first = unwrap(self.models[0]).config
-        # One model: every output is a member. Several models: one member each (outputs averaged).
-        self.per_model = int(first.num_labels) if len(self.models) == 1 else 1
+        # One model: every output is a member (a gated model: one member). Several models: one member each.
+        self.per_model = int(first.num_labels) if len(self.models) == 1 and self.gates[0] is None else 1
         self.vocabs = [m.get_input_embeddings().num_embeddings for m in self.models]
         self.last_member_scores: Optional[torch.Tensor] = None
 
@@ -193,12 +234,21 @@ class RewardModelScorer:
         for j, m in enumerate(self.models):
             seqs = self._member_seqs(batch, j, cache)
             s = score_sequences(m, seqs, self.pad_ids[j], self.device, self.budget)  # (B, per_model * K)
+            if self.gates[j] is not None:  # ArmoRM: R = g(x)^T r(x, y), one member
+                w = self.gates[j](prompt_embeddings(m, batch, self.pad_ids[j], self.device)).float().cpu()  # (B, K)
+                cols.append(combine(s, w)[:, None])  # (B, 1)
+                continue
             cols.append(s.view(s.shape[0], self.per_model, -1).mean(-1))  # (B, per_model)
         return torch.cat(cols, -1).to(output_device(batch))  # (B, k)
 
     def aggregate(self, members: torch.Tensor) -> torch.Tensor:
         """(B, k) -> (B,) with the configured aggregation."""
-        return aggregate(members, self.aggregation, self.uwo_lambda)
+        return aggregate(members, self.aggregation, self.lam)
+
+    @property
+    def lam(self) -> float:
+        """The configured aggregation's parameter: ``brme_lambda`` for brme, else ``uwo_lambda``."""
+        return self.brme_lambda if self.aggregation == "brme" else self.uwo_lambda
 
     def score(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         """(aggregated (B,), metrics)."""
@@ -224,4 +274,4 @@ class CostModelScorer(RewardModelScorer):
     name = "cost_model"
 
     def aggregate(self, members: torch.Tensor) -> torch.Tensor:
-        return -aggregate(-members, self.aggregation, self.uwo_lambda)
+        return -aggregate(-members, self.aggregation, self.lam)

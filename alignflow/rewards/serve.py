@@ -25,6 +25,7 @@ from typing import Any
 
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, ServeConfig
+from alignflow.models.device import resolve_device
 
 log = logging.getLogger("alignflow.serve")
 MAX_BODY = 64 << 20  # bytes
@@ -133,7 +134,6 @@ def make_handler(service: RewardService) -> type:
 def make_server(cfg: ServeConfig) -> tuple[ThreadingHTTPServer, str]:
     """Load the models and bind the server (not yet serving); returns it and its /score URL."""
     from alignflow.rewards.model import RewardModelScorer
-    from alignflow.trainers.loop import resolve_device
 
     served = [k for k, on in (("models", cfg.models), ("preference_model", cfg.preference_model),
                               ("judge", cfg.judge.model or cfg.judge.url)) if on]

@@ -64,27 +64,30 @@ from safetensors.torch import load_file, save_file
 
 from alignflow.algorithms.nash import bt_win_probability, nash_md_pg_loss
 from alignflow.algorithms.offline import mpo_split
-from alignflow.algorithms.preference import REFERENCE_FREE, apo_extrapolate
-from alignflow.batch import Batch
+from alignflow.algorithms.preference import apo_extrapolate
+from alignflow.algorithms.preference_table import loss_spec, names_where
+from alignflow.batch import Batch, cat_rollouts
 from alignflow.config import (ConfigError, MPOConfig, OnlinePOConfig, POConfig, POLossConfig, RLConfig,
                               RewardSourceConfig)
 from alignflow.data.collate import token_groups
 from alignflow.data.pipeline import prepare_data
 from alignflow.distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from alignflow.eval.evaluate import sample_batch
-from alignflow.models import load_causal_lm, save_model
+from alignflow.distributed.save import save_model
+from alignflow.models import load_causal_lm
+from alignflow.models.device import resolve_device
+from alignflow.models.sequences import sequence_logps
 from alignflow.models.varlen import supports_varlen
 from alignflow.rollout.mixture import generate_mixture
+from alignflow.rollout.sample import sample_batch
 from alignflow.rollout.sampling import SamplingParams
 from alignflow.trainers import loop
-from alignflow.trainers.preference import attach_ref, compute_ref_logps, loss_kwargs, po_step, sequence_logps
+from alignflow.trainers.po_rows import loss_kwargs, po_step
+from alignflow.trainers.preference import attach_ref, compute_ref_logps
 from alignflow.trainers.rl_setup import PromptStream, _frozen_cfg, build_sources, prompt_batch
-from alignflow.trainers.roles import RewardRole, Rollout, cat_rollouts
+from alignflow.trainers.roles import RewardRole, Rollout
 from alignflow.trainers.setup import resolve_builtin, start_run
 
 log = logging.getLogger("alignflow.online_po")
-
-PAIR_FREE = ("kto",)  # losses that do not train on (chosen, rejected) pairs
 
 
 @dataclasses.dataclass
@@ -196,13 +199,16 @@ def _check(cfg: OnlinePOConfig) -> None:
         if cfg.rollout.stop_strings:
             raise ConfigError("online.method=nash_md: rollout.stop_strings are not supported by the mixture sampler")
         return
-    if name in PAIR_FREE:
-        raise ConfigError(f"loss.name={name} trains on unpaired rows; online_po builds (chosen, rejected) pairs: use "
-                          "a pairwise loss (dpo, cdpo, robust_dpo, ipo, hinge, simpo, orpo, cpl, pro, treg, refuel)")
-    if (o.method == "inpo") != (name == "inpo"):
-        raise ConfigError(f"online.method={o.method} with loss.name={name}: method inpo trains loss inpo (and loss "
-                          "inpo needs the previous round's policy, i.e. method inpo)")
-    if o.method == "apo" and name in REFERENCE_FREE:
+    spec = loss_spec(name)
+    if not spec.pairwise:
+        raise ConfigError(f"loss.name={name} trains on {spec.data} rows; online_po builds (chosen, rejected) pairs: "
+                          f"use a pairwise loss ({', '.join(names_where(pairwise=True))})")
+    previous = [n for n in names_where(pairwise=True) if "previous" in loss_spec(n).extra]
+    if (o.method == "inpo") != ("previous" in spec.extra):
+        raise ConfigError(f"online.method={o.method} with loss.name={name}: method inpo trains loss "
+                          f"{' or '.join(previous)} (and a loss of the previous iterate needs the previous round's "
+                          "policy, i.e. method inpo)")
+    if o.method == "apo" and not spec.reference:
         raise ConfigError(f"online.method=apo extrapolates the reference, but loss.name={name} uses none")
 
 
@@ -246,10 +252,10 @@ def _treg_ids(run: OnlineRun):
 
 def reference_rows(run: OnlineRun, rows: list[dict], r: int) -> list[dict]:
     """The round's rows with ``ref_*`` (and INPO's ``prev_*``) log-probs, computed once before its updates."""
-    o, name = run.cfg.online, run.cfg.loss.name
-    treg = _treg_ids(run) if name == "treg" else None
+    o, spec = run.cfg.online, loss_spec(run.cfg.loss.name)
+    treg = _treg_ids(run) if "token_rewards" in spec.extra else None
     values: dict = {}
-    if name not in REFERENCE_FREE:
+    if spec.reference:
         previous = r > 0 and (o.method == "apo" or (o.method == "iterative_dpo" and o.ref_update == "previous"))
         if previous:
             values = _logps(run, run.policy, rows)  # π̂_t: the round-start weights
@@ -509,7 +515,7 @@ def _check_mpo(cfg: MPOConfig) -> None:
             top = key.split(".")[-1].replace("ref_model", "model")
             raise ConfigError(f"{key} is set by mpo from the top-level '{top}' (the DPO model is the RL stage's "
                               f"initial policy and reference); remove {key}")
-    if cfg.dpo.loss.name in PAIR_FREE:
+    if not loss_spec(cfg.dpo.loss.name, "dpo.loss.name").pairwise:
         raise ConfigError(f"dpo.loss.name={cfg.dpo.loss.name}: MPO's first stage trains on the easy PAIRS")
 
 
@@ -582,7 +588,7 @@ def train_mpo(cfg: MPOConfig) -> MPOResult:
         art = build_task(cfg.task.name, cfg.task, out / "task")
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     loop.set_seed(cfg.dpo.train.seed)
-    device = loop.resolve_device(cfg.dpo.train.device)
+    device = resolve_device(cfg.dpo.train.device)
     tok = load_tokenizer(po_cfg.model.tokenizer or po_cfg.model.name_or_path, po_cfg.model.revision,
                          po_cfg.model.trust_remote_code)
     easy, hard_prompts, stats = mpo_split_pairs(cfg, po_cfg, tok, device)

@@ -36,27 +36,6 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str, key: str = "train.device") -> torch.device:
-    """``name`` (the config value of ``key``) as a torch device; a string torch does not know, or a CUDA device
-    this machine does not have, is a ConfigError naming the key."""
-    from alignflow.config import ConfigError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"{key}={name!r} is not a device; use auto, cpu, cuda, cuda:<index> or mps") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(f"{key}={name} but CUDA is not available here (torch {torch.__version__}, no "
-                              f"visible GPU); use {key}=cpu or auto")
-        if device.index is not None and device.index >= count:
-            raise ConfigError(f"{key}={name} but this machine has {count} CUDA device(s) (0..{count - 1})")
-    return device
-
-
 def default_micro_batch_tokens(device: torch.device) -> int:
     """``train.micro_batch_tokens=0``: 8192 tokens per forward/backward on a CPU (cache-sized pieces), 16384 on a
     GPU (enough rows to fill it at the 0.5B scale; at a 150k vocabulary the LM head's fp32 logits of ~12k response

@@ -58,7 +58,8 @@ from alignflow.data.loading import load_records
 from alignflow.data.pipeline import prepare_data
 from alignflow.data.render import encode_pair, encode_prompt
 from alignflow.distributed.checkpoint import latest_checkpoint
-from alignflow.models import get_lm_head, hidden_states, load_causal_lm, save_model, unwrap
+from alignflow.distributed.save import save_model
+from alignflow.models import get_lm_head, hidden_states, load_causal_lm, unwrap
 from alignflow.trainers import loop
 from alignflow.trainers.online import evaluate
 from alignflow.trainers.rl_setup import PromptStream, Roles, _frozen_cfg, build_sources, prompt_batch

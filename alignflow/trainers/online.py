@@ -53,7 +53,7 @@ import torch
 from alignflow.algorithms.dapo import dynamic_sampling_filter, overlong_penalty
 from alignflow.algorithms.kl import make_kl_controller, sequence_kl
 from alignflow.algorithms.safe import LagrangeMultiplier
-from alignflow.batch import Batch
+from alignflow.batch import Batch, cat_rollouts
 from alignflow.config import RLConfig
 from alignflow.data.pipeline import prepare_data
 from alignflow.distributed.checkpoint import latest_checkpoint
@@ -64,7 +64,6 @@ from alignflow.trainers.rl_algos import (AdvContext, Resolved, advantage_metrics
 from alignflow.trainers.rl_filter import filter_rollouts
 from alignflow.trainers.rl_par import ReferenceScores, shape_with_references
 from alignflow.trainers.rl_setup import PromptStream, Roles, build_roles, needed_roles, prompt_batch
-from alignflow.trainers.roles import cat_rollouts
 from alignflow.trainers.setup import resolve_builtin, start_run
 
 log = logging.getLogger("alignflow.rl")

@@ -29,7 +29,8 @@ from alignflow.config import PMConfig
 from alignflow.data.collate import token_budget_groups
 from alignflow.data.pipeline import prepare_data
 from alignflow.distributed.checkpoint import save_checkpoint
-from alignflow.models import load_reward_model, save_model
+from alignflow.distributed.save import save_model
+from alignflow.models import load_reward_model
 from alignflow.rewards.preference_model import pair_logits, pair_sequence, score_pairs, write_meta
 from alignflow.trainers import loop
 from alignflow.trainers.setup import resolve_builtin, start_run

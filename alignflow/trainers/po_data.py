@@ -4,7 +4,7 @@ When ``model.name_or_path`` is empty the task's tiny model is first fine-tuned o
 (``builtin.sft_steps``); that SFT model is the policy and the reference. When ``data.path`` is empty the policy
 answers ``builtin.num_prompts`` training prompts ``builtin.samples_per_prompt`` times, and the answers are labelled
 by the task's hidden gold reward through a Bradley-Terry draw with temperature ``task.label_noise``
-(``alignflow.demo.label_pairs``), in the format the loss trains on:
+(``alignflow.tasks.labels.label_pairs``), in the format the loss trains on (its row's ``data`` in the loss table):
 
 * ``preference`` (DPO family): disjoint pairs of distinct samples of a prompt;
 * ``unpaired`` (KTO): each pair's chosen answer desirable, its rejected one undesirable;
@@ -24,11 +24,19 @@ import math
 import random
 from pathlib import Path
 
-from alignflow.config import POConfig, SFTConfig, from_dict, to_dict
+from alignflow.algorithms.preference_table import loss_spec
+from alignflow.config import ModelConfig, POConfig, SFTConfig, from_dict, to_dict
+from alignflow.models import load_causal_lm, load_tokenizer
+from alignflow.models.device import resolve_device
+from alignflow.models.sequences import model_fingerprint
+from alignflow.rollout.sample import sample
+from alignflow.tasks import build_task
+from alignflow.tasks.common import read_jsonl, write_jsonl
+from alignflow.tasks.labels import label_pairs
+from alignflow.trainers.run_dir import prepare_run_dir
+from alignflow.trainers.sft import train_sft
 
 log = logging.getLogger("alignflow.po")
-
-FORMAT_OF = {"kto": "unpaired", "cpl": "ranked", "pro": "ranked"}  # every other loss trains on preference pairs
 
 
 def rank_samples(prompts: list[str], samples: list[list[str]], gold, noise: float, seed: int) -> list[dict]:
@@ -56,8 +64,6 @@ def to_unpaired(pairs: list[dict]) -> list[dict]:
 def sample_texts(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
                  seed: int) -> list[list[str]]:
     """``n`` decoded answers per prompt from the built-in engine (prompts tokenised as plain text, as in SFT)."""
-    from alignflow.eval.evaluate import sample
-
     return sample(model, tokenizer, prompts, n, max_new_tokens, temperature, seed)[0]
 
 
@@ -71,8 +77,6 @@ def _cached(marker: Path, key: str) -> bool:
 
 def builtin_sft(cfg: POConfig, art, out: Path) -> Path:
     """The task's tiny model after ``builtin.sft_steps`` of SFT (cached); returns the model directory."""
-    from alignflow.trainers.sft import train_sft
-
     b = cfg.builtin
     key = _key(to_dict(cfg.task), b.sft_steps, b.sft_lr, cfg.train.seed, cfg.train.device)
     marker = out / "sft.key"
@@ -92,13 +96,6 @@ def builtin_sft(cfg: POConfig, art, out: Path) -> Path:
 def builtin_rows(cfg: POConfig, art, fmt: str, out: Path) -> Path:
     """Answers of the policy to the task's training prompts, gold-labelled in format ``fmt`` (cached); returns
     the jsonl path."""
-    from alignflow.config import ModelConfig
-    from alignflow.demo import label_pairs
-    from alignflow.models import load_causal_lm, load_tokenizer
-    from alignflow.tasks.common import read_jsonl, write_jsonl
-    from alignflow.trainers.loop import resolve_device
-    from alignflow.trainers.preference import model_fingerprint
-
     b = cfg.builtin
     path = out / f"{fmt}.jsonl"
     key = _key(to_dict(cfg.task), to_dict(b), fmt, cfg.train.seed, model_fingerprint(cfg.model.name_or_path))
@@ -127,9 +124,6 @@ def resolve_po_builtin(cfg: POConfig):
     the policy), in place; returns the task artefacts (for ``gold_eval``), or None when both paths were given."""
     if cfg.model.name_or_path and cfg.data.path:
         return None
-    from alignflow.tasks import build_task
-    from alignflow.trainers.run_dir import prepare_run_dir
-
     root = prepare_run_dir(cfg.train, check_only=True)  # refused before the built-in SFT and samples
     art = build_task(cfg.task.name, cfg.task, root / "task")
     out = root / "builtin"
@@ -138,15 +132,13 @@ def resolve_po_builtin(cfg: POConfig):
         cfg.model.name_or_path = str(builtin_sft(cfg, art, out))
         cfg.model.tokenizer = cfg.model.tokenizer or str(art.tokenizer_dir)
     if not cfg.data.path:
-        cfg.data.path = str(builtin_rows(cfg, art, FORMAT_OF.get(cfg.loss.name, "preference"), out))
+        cfg.data.path = str(builtin_rows(cfg, art, loss_spec(cfg.loss.name).data, out))
         cfg.data.format = "auto"
     return art
 
 
 def gold_eval(model, tokenizer, art, num_prompts: int, max_new_tokens: int, seed: int) -> float:
     """Mean gold reward of 2 samples (temperature 1) per held-out prompt of the task."""
-    from alignflow.tasks.common import read_jsonl
-
     prompts = [r["prompt"] for r in read_jsonl(art.eval_prompts_path)[:num_prompts]]
     samples = sample_texts(model, tokenizer, prompts, 2, max_new_tokens, 1.0, seed)
     g = art.gold_reward([p for p, ss in zip(prompts, samples) for _ in ss], [s for ss in samples for s in ss])

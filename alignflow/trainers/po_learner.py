@@ -3,7 +3,7 @@
 with the same loop (docs/design.md, roles and worker groups; placement from ``resources``, as for online RL).
 
 Rows travel as ``Batch(meta={"row": [...]})``: a RayGroup splits them across the data-parallel ranks by token
-count; :func:`~alignflow.trainers.preference.po_step` then divides by the step's row count over ALL ranks and
+count; :func:`~alignflow.trainers.po_rows.po_step` then divides by the step's row count over ALL ranks and
 reduces its metrics, so a step on N workers is the single-process step (tests/test_distributed.py).
 """
 
@@ -13,6 +13,12 @@ import torch
 
 from alignflow.batch import Batch
 from alignflow.distributed.groups import LocalGroup, dispatch
+from alignflow.distributed.placement import start_set, worker_device, worker_wrap
+from alignflow.distributed.ray_group import init_ray, maybe_ray
+from alignflow.models import load_causal_lm
+from alignflow.models.sequences import disable_dropout
+from alignflow.trainers import po_rows
+from alignflow.trainers.loop import set_seed
 from alignflow.trainers.roles import Optimised, TrainedRole
 
 
@@ -29,9 +35,8 @@ class POLearner(TrainedRole):
 
     @dispatch("split")
     def step(self, rows: Batch, loss, loss_kw: dict, label: str) -> dict:
-        from alignflow.trainers import preference as po  # looked up per call: tests and benches wrap po_step
-
-        metrics, ntok = po.po_step(self.model, rows["row"], loss, loss_kw, self.train_cfg, self.device)
+        # looked up per call: tests and benches wrap po_rows.po_step
+        metrics, ntok = po_rows.po_step(self.model, rows["row"], loss, loss_kw, self.train_cfg, self.device)
         name = loss if isinstance(loss, str) else getattr(loss, "__name__", "loss")
         out = self.optim.step({name: torch.tensor(metrics["loss"])}, label)
         return metrics | {"grad_norm": out.get("grad_norm", float("nan")), "lr": self.optim.sched.get_last_lr()[0],
@@ -39,21 +44,14 @@ class POLearner(TrainedRole):
 
     @dispatch("split")
     def evaluate(self, rows: Batch, loss, loss_kw: dict) -> dict:
-        from alignflow.trainers import preference as po
-
         with torch.no_grad():
-            metrics, _ = po.po_step(self.model, rows["row"], loss, loss_kw, self.train_cfg, self.device,
+            metrics, _ = po_rows.po_step(self.model, rows["row"], loss, loss_kw, self.train_cfg, self.device,
                                     backward=False)
         return metrics
 
 
 def build_po_worker(cfg, total_steps: int) -> dict:
     """Runs INSIDE each Ray worker: load the policy, drop dropout, shard it, wrap it in a POLearner."""
-    from alignflow.distributed.placement import worker_device, worker_wrap
-    from alignflow.models import load_causal_lm
-    from alignflow.trainers.loop import set_seed
-    from alignflow.trainers.preference import disable_dropout
-
     device = worker_device()
     set_seed(cfg.train.seed)
     model = worker_wrap(cfg, device)(disable_dropout(load_causal_lm(cfg.model, device)))
@@ -64,9 +62,6 @@ def build_po_worker(cfg, total_steps: int) -> dict:
 def place_learner(cfg, model, total_steps: int, device):
     """(the policy group, the worker set or None): on Ray workers when ``cfg.resources`` says so, else a
     LocalGroup over ``model`` itself."""
-    from alignflow.distributed.placement import start_set
-    from alignflow.distributed.ray_group import init_ray, maybe_ray
-
     if not maybe_ray(cfg.resources):
         return LocalGroup(POLearner(model, cfg.optim, cfg.train, total_steps, device)), None
     init_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus)

@@ -32,8 +32,10 @@ from alignflow.config import RMConfig
 from alignflow.data.collate import pad_right, token_budget_groups, token_groups
 from alignflow.data.pipeline import check_objectives, prepare_data
 from alignflow.distributed.checkpoint import save_checkpoint
-from alignflow.models import GatingNetwork, load_reward_model, save_model, sequence_scores
+from alignflow.distributed.save import save_model
+from alignflow.models import GatingNetwork, load_reward_model
 from alignflow.models.heads import last_token_hidden
+from alignflow.models.sequences import forward_scores, score
 from alignflow.models.varlen import supports_varlen
 from alignflow.trainers import loop
 from alignflow.trainers.setup import resolve_builtin, start_run
@@ -50,32 +52,6 @@ class RMResult:
     output_dir: Path = Path(".")
     tokens_per_s: float = 0.0
     gate: object = None
-
-
-# ------------------------------------------------------------------------------------------ scoring
-def forward_scores(model, seqs: list[list[int]], pad_id: int, device, flat: bool = False) -> torch.Tensor:
-    """Scores of sequences in one forward: (N, num_labels). ``flat``: one padding-free row (no pad tokens, no
-    mask; ``alignflow.models.varlen``) when the model supports it; otherwise right-padded rows."""
-    if flat and supports_varlen(model):
-        ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)[None].to(device)  # (1, N)
-        return sequence_scores(model, ids, None, seq_lens=[len(s) for s in seqs])
-    ids = pad_right(seqs, pad_id).to(device)  # (N, T)
-    mask = pad_right([[1] * len(s) for s in seqs], 0).to(device)  # (N, T)
-    return sequence_scores(model, ids, mask)
-
-
-@torch.no_grad()
-def score(model, seqs: list[list[int]], pad_id: int, device, budget: int = 8192) -> torch.Tensor:
-    """Score many sequences under a token budget; rows come back in input order. (N, num_labels)."""
-    was = model.training
-    model.eval()
-    out = [None] * len(seqs)
-    for g in token_budget_groups([len(s) for s in seqs], budget):
-        s = forward_scores(model, [seqs[i] for i in g], pad_id, device).float().cpu()
-        for j, i in enumerate(g):
-            out[i] = s[j]
-    model.train(was)
-    return torch.stack(out) if out else torch.zeros(0, 1)
 
 
 def pair_groups(pairs: list[dict], budget: int, flat: bool = False) -> list[list[int]]:

@@ -20,9 +20,12 @@ import torch
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, ModelConfig, RLConfig
 from alignflow.distributed.groups import LocalGroup
+from alignflow.distributed.placement import roles_on_workers, set_plan, start_set, worker_device, worker_wrap
+from alignflow.distributed.ray_group import WorkerSet, check_resources, init_ray, maybe_ray
 from alignflow.models import load_causal_lm, load_tokenizer, load_value_model
 from alignflow.rewards import CallableReward, CompositeReward, CostModelScorer, RewardModelScorer
 from alignflow.rewards.rules import reward_options, user_code_files
+from alignflow.trainers.loop import set_seed
 from alignflow.trainers.ptx import build_ptx
 from alignflow.trainers.roles import Actor, Critic, Reference, RewardRole, Rollout
 from alignflow.trainers.rl_algos import Resolved
@@ -76,7 +79,8 @@ def build_sources(section, section_name: str, task_name: str, cfg: RLConfig, dev
         scorer = scorer_cls(list(section.models), section.aggregation,
                             getattr(section, "uwo_lambda", 0.5), device, model_cfg=model_cfg, pad_token_id=pad_id,
                             budget=cfg.train.micro_batch_tokens,
-                            tokenizer=cfg.model.tokenizer or cfg.model.name_or_path or None)
+                            tokenizer=cfg.model.tokenizer or cfg.model.name_or_path or None,
+                            brme_lambda=getattr(section, "brme_lambda", 0.5))
         parts.append((scorer.name, scorer, getattr(section, "model_weight", 1.0)))
     remote = getattr(section, "remote", None)
     if remote is not None and remote.url:
@@ -231,12 +235,62 @@ def build_roles(cfg: RLConfig, algo: Resolved, device, total_opt_steps: int, tok
     if tok is None:
         tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision,
                              cfg.model.trust_remote_code)
-    from alignflow.distributed.ray_group import maybe_ray
-
     if maybe_ray(cfg.resources):
-        from alignflow.distributed.placement import RayPlacement
-
         placement = RayPlacement(cfg, algo, total_opt_steps, needed_roles(cfg, algo), tok)
         return Roles(tokenizer=tok, placement=placement, **placement.groups())
     objs = role_objects(cfg, algo, device, total_opt_steps, tok, needed_roles(cfg, algo))
     return Roles(tokenizer=tok, **{name: LocalGroup(role) for name, role in objs.items()})
+
+
+# ----------------------------------------------------------------------------------------------- Ray placement
+def build_worker_roles(cfg: RLConfig, algo, total_opt_steps: int, names: tuple[str, ...]) -> dict:
+    """Runs INSIDE each worker (after it joined the process group): load, shard and wrap the named roles."""
+    device = worker_device()
+    set_seed(cfg.train.seed)  # the same initialisation on every rank (value heads), as in one process
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    return role_objects(cfg, algo, device, total_opt_steps, tok, names, worker_wrap(cfg, device))
+
+
+class RayPlacement:
+    """The worker sets of one RL run and the role groups over them; ``restart()`` rebuilds every set."""
+
+    def __init__(self, cfg: RLConfig, algo, total_opt_steps: int, names: tuple[str, ...], tok):
+        r = cfg.resources
+        workers = max(r.actor.workers, 1)
+        if cfg.train.batch_size < workers:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is smaller than resources.actor.workers="
+                              f"{workers}: every worker needs at least one row of each mini-batch")
+        if cfg.model.lora.enabled:
+            raise ConfigError("resources: LoRA actors on Ray workers are not supported yet (FSDP2 + peft is "
+                              "untested here); train LoRA in one process (resources.actor.workers=1)")
+        init_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus)
+        self.sets: dict[str, WorkerSet] = {}
+        self.local: dict = {}
+        layout = roles_on_workers(cfg, names)
+        plan = set_plan(cfg, layout)
+        check_resources([(s, n, res.cpus_per_worker, res.gpus_per_worker) for s, (res, n) in plan.items()])
+        for set_name, roles in layout.items():
+            res, n = plan[set_name]
+            self.sets[set_name] = start_set(cfg, set_name, res, n, build_worker_roles,
+                                            (cfg, algo, total_opt_steps, tuple(roles)))
+        on_workers = {n for roles in layout.values() for n in roles}
+        rest = tuple(n for n in names if n not in on_workers)
+        if rest:  # rule-based rewards and costs: in this process
+            self.local = {n: LocalGroup(o) for n, o in role_objects(cfg, algo, torch.device("cpu"), total_opt_steps,
+                                                                    tok, rest).items()}
+        self.layout = layout
+
+    def groups(self) -> dict:
+        out = dict(self.local)
+        for set_name, roles in self.layout.items():
+            for role in roles:
+                out[role] = self.sets[set_name].group(role)
+        return out
+
+    def restart(self) -> None:
+        for ws in self.sets.values():
+            ws.restart()
+
+    def shutdown(self) -> None:
+        for ws in self.sets.values():
+            ws.shutdown()

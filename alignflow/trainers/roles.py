@@ -322,7 +322,7 @@ class TrainedRole:
     @dispatch("one")
     def export(self, path, tokenizer=None) -> None:
         """A Hugging Face model directory of the current weights (consolidated from the shards when sharded)."""
-        from alignflow.models import save_model
+        from alignflow.distributed.save import save_model
 
         save_model(self.model, tokenizer, path)
 
@@ -502,18 +502,3 @@ class Critic(TrainedRole):
         out = {k.replace("critic/", f"{self.prefix}/"): v for k, v in metrics.items()}
         out = dp_sum_dict(host_floats(out | {f"{self.prefix}/value_loss": total}))
         return out | {f"{self.prefix}/{k}": v for k, v in step.items()}
-
-
-def cat_rollouts(batches: list[Batch]) -> Batch:
-    """Concatenate rollout batches whose prompt widths differ: prompt-side columns are LEFT-padded to the widest
-    prompt first (``Batch.cat`` right-pads, which suits the response side only)."""
-    width = max(b["prompt_ids"].shape[1] for b in batches)
-    fixed = []
-    for b in batches:
-        extra = width - b["prompt_ids"].shape[1]
-        if extra:
-            b = Batch(dict(b.tensors), b.meta)
-            for k in ("prompt_ids", "prompt_mask", "input_ids", "attention_mask", "position_ids"):
-                b.tensors[k] = torch.nn.functional.pad(b.tensors[k], (extra, 0))  # (B, extra + T) zeros on the left
-        fixed.append(b)
-    return Batch.cat(fixed)

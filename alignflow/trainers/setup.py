@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from alignflow.models.device import resolve_device
+
 log = logging.getLogger("alignflow")
 
 # Which of the task's files each command trains on when data.path is empty.
@@ -58,7 +60,7 @@ def start_run(cfg, seed: bool = True):
         loop.set_seed(cfg.train.seed)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    device = loop.resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     if not cfg.train.micro_batch_tokens:  # 0: a budget for the device (config.json keeps the 0 the user gave)
         cfg.train.micro_batch_tokens = loop.default_micro_batch_tokens(device)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision,

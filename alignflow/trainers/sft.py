@@ -27,7 +27,8 @@ from alignflow.config import SFTConfig
 from alignflow.data.collate import first_fit_decreasing, flatten, pad_batch, token_budget_groups, unflatten
 from alignflow.data.pipeline import prepare_data
 from alignflow.distributed.checkpoint import save_checkpoint
-from alignflow.models import load_causal_lm, save_model
+from alignflow.distributed.save import save_model
+from alignflow.models import load_causal_lm
 from alignflow.models.logprobs import masked_nll_sum
 from alignflow.models.varlen import supports_varlen
 from alignflow.trainers import loop
