@@ -20,10 +20,11 @@ import uuid
 from pathlib import Path
 
 from alignflow.config import ConfigError, TaskConfig
-from alignflow.tasks import arithmetic, calculator, code, common, reviews
+from alignflow.tasks import arithmetic, calculator, code, common, reviews, reviews_judge
 from alignflow.tasks.common import FILES, MANIFEST, TaskArtifacts, TaskSpec
 
 TASKS = {"reviews": reviews.TASK, "arithmetic": arithmetic.TASK, "calculator": calculator.TASK, "code": code.TASK}
+EXTRA_FILES = {"reviews": reviews_judge}  # task -> module with FILES and write_files(cfg, dir): judge data
 
 __all__ = ["TASKS", "TaskArtifacts", "TaskSpec", "build_task", "get_task"]
 
@@ -37,13 +38,15 @@ def get_task(name: str) -> TaskSpec:
 def _source_hash(spec: TaskSpec) -> str:
     """Hash of the code that writes the task, so a changed generator never reuses stale files."""
     h = hashlib.sha256()
-    for mod in (common, sys.modules[spec.make_rows.__module__]):
+    extra = (EXTRA_FILES[spec.name],) if spec.name in EXTRA_FILES else ()
+    for mod in (common, sys.modules[spec.make_rows.__module__], *extra):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
 
 
-def _is_complete(out_dir: Path) -> bool:
-    return all((out_dir / rel).exists() for rel in FILES.values())
+def _is_complete(out_dir: Path, name: str = "") -> bool:
+    extra = EXTRA_FILES[name].FILES.values() if name in EXTRA_FILES else ()
+    return all((out_dir / rel).exists() for rel in (*FILES.values(), *extra))
 
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:
@@ -65,13 +68,15 @@ def build_task(name: str, cfg: TaskConfig, out_dir: str | Path) -> TaskArtifacts
     spec = get_task(name)
     out_dir = Path(out_dir)
     meta = common.manifest(spec, cfg, _source_hash(spec))
-    if common.read_manifest(out_dir) == meta and _is_complete(out_dir):
+    if common.read_manifest(out_dir) == meta and _is_complete(out_dir, name):
         return common.artifacts(spec, out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir()
         common.write_task(spec, cfg, tmp, meta)
+        if name in EXTRA_FILES:
+            EXTRA_FILES[name].write_files(cfg, tmp)
         _swap_into_place(tmp, out_dir)
     finally:
         if tmp.exists():
