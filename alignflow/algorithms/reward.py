@@ -61,7 +61,19 @@ def ensemble_uwo(scores: torch.Tensor, lam: float = 0.5) -> torch.Tensor:
     return scores.mean(-1) - lam * scores.var(-1, unbiased=False)
 
 
-ENSEMBLE_AGGREGATIONS = {"mean": ensemble_mean, "min": ensemble_min, "uwo": ensemble_uwo}
+def ensemble_brme(scores: torch.Tensor, lam: float = 0.5) -> torch.Tensor:
+    """Reward-robust objective of BRME (Yan et al. 2024): R = lam * nominal + (1 - lam) * worst case.
+
+    (B, k) -> (B,). The nominal reward is the ensemble mean (our members carry no per-head std, so the paper's
+    "most confident head" is not available; docs/reward_models.md), the worst case is min_i R_i. lam = 1 gives
+    ``mean``, lam = 0 gives ``min``; values outside [0, 1] are an error.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"brme lambda must lie in [0, 1] (the weight of the nominal reward), got {lam}")
+    return lam * scores.mean(-1) + (1.0 - lam) * scores.min(-1).values
+
+
+ENSEMBLE_AGGREGATIONS = {"mean": ensemble_mean, "min": ensemble_min, "uwo": ensemble_uwo, "brme": ensemble_brme}
 
 
 def aggregate(scores: torch.Tensor, mode: str = "mean", lam: float = 0.5) -> torch.Tensor:

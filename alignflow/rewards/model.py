@@ -193,7 +193,7 @@ class RewardModelScorer:
         self.brme_lambda = float(brme_lambda)
         self.pad_ids = [unwrap(m).config.pad_token_id or 0 for m in self.models]
         self.gates = load_gates(list(paths), self.device)
-        for j, (g, f) in enumerate(zip(self.gates, self.foreign)):
+        for j, (g, f) in enumerate(zip(self.gates, self.foreign, strict=True)):
             if g is not None and f:
                 raise ValueError(f"{self.name}: {paths[j]} is a gated (ArmoRM) reward model with its own tokenizer; "
                                  "the gate reads the prompt's token ids, so it must share the policy's tokenizer")
