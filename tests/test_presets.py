@@ -36,7 +36,7 @@ def test_wrong_command_is_one_clear_error():
 
 def test_builtin_sft_is_built_once_and_shared(tmp_path):
     """builtin:sft trains the task's tiny model on first use, beside the run directory, and is reused."""
-    from alignflow.tasks.builtin_sft import builtin_sft_model, resolve_model
+    from alignflow.trainers.builtin_sft import builtin_sft_model, resolve_model
 
     task = TaskConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, num_sft=64, num_pairs=8,
                       sft_steps=2)

@@ -250,7 +250,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     """``alignflow eval``: writes eval.json and samples.jsonl (and frontier.json/.png) into ``cfg.output_dir``;
     returns the metrics of ``policy`` (or of ``reward_model`` on pairs)."""
     from alignflow.models import load_causal_lm, load_tokenizer
-    from alignflow.tasks.builtin_sft import resolve_eval_models
+    from alignflow.trainers.builtin_sft import resolve_eval_models
     from alignflow.models.device import resolve_device
     from alignflow.trainers.loop import Progress
 

@@ -69,7 +69,8 @@ class TaskArtifacts:
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    """A task: its vocabulary, how it writes its data files, and its reward functions."""
+    """A task: its vocabulary, how it writes its data files, its reward functions and its costs (``cost.task``
+    of Safe RLHF: named functions of (prompts, responses) whose values a constraint keeps below a threshold)."""
     name: str
     vocab: tuple                       # ordinary tokens (specials are added by build_tokenizer)
     join: str                          # decoder separator: " " for words, "" for digit strings
@@ -77,6 +78,7 @@ class TaskSpec:
     #                                          "pairs_path": ..., "rated_path": ...}: the jsonl rows, keyed like FILES
     gold_reward: Reward
     rewards: dict = dataclasses.field(default_factory=dict)
+    costs: dict = dataclasses.field(default_factory=dict)
     sft_steps: int = 400               # steps of the built-in SFT model (model.name_or_path=builtin:sft)
     sft_lr: float = 3e-3               # and its peak learning rate (cosine schedule, 5% warm-up, 32 rows per step)
     chat_template: str = ""            # the task's own chat template ("" = CHAT_TEMPLATE)

@@ -394,5 +394,15 @@ def make_rows(cfg: TaskConfig) -> dict:
             "rated_path": _rated_rows(cfg)}
 
 
+def ungrammatical_cost(prompts: list, responses: list, **_) -> list:
+    """Cost of a ``reviews`` response (Safe RLHF demo): its sentences that do not parse, plus 1 when the review
+    does not end with "." or "!" (the gold reward's grammar terms, without the weights). 0 = fluent."""
+    out = []
+    for p, r in zip(prompts, responses):
+        c = gold_components(p, r)
+        out.append(c["bad_sentences"] + c["no_final_punct"])
+    return out
+
+
 TASK = TaskSpec(name=NAME, vocab=VOCAB, join=" ", make_rows=make_rows, gold_reward=gold_reward,
-                rewards={"gold": gold_reward})
+                rewards={"gold": gold_reward}, costs={"ungrammatical": ungrammatical_cost})

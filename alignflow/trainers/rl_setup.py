@@ -25,28 +25,13 @@ from alignflow.distributed.ray_group import WorkerSet, check_resources, init_ray
 from alignflow.models import load_causal_lm, load_tokenizer, load_value_model
 from alignflow.rewards import CallableReward, CompositeReward, CostModelScorer, RewardModelScorer
 from alignflow.rewards.rules import reward_options, user_code_files
+from alignflow.tasks import get_task
 from alignflow.trainers.loop import set_seed
 from alignflow.trainers.ptx import build_ptx
 from alignflow.trainers.roles import Actor, Critic, Reference, RewardRole, Rollout
 from alignflow.trainers.rl_algos import Resolved
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------- task costs
-def ungrammatical_cost(prompts: list, responses: list, **_) -> list:
-    """Cost of a ``reviews`` response (Safe RLHF demo): its sentences that do not parse, plus 1 when the review
-    does not end with "." or "!" (the gold reward's grammar terms, without the weights). 0 = fluent."""
-    from alignflow.tasks.reviews import gold_components
-
-    out = []
-    for p, r in zip(prompts, responses):
-        c = gold_components(p, r)
-        out.append(c["bad_sentences"] + c["no_final_punct"])
-    return out
-
-
-TASK_COSTS = {"reviews": {"ungrammatical": ungrammatical_cost}, "arithmetic": {}}
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -59,9 +44,8 @@ def _weight(value, key: str) -> float:
 def build_sources(section, section_name: str, task_name: str, cfg: RLConfig, device, pad_id: int,
                   cost: bool = False) -> Optional[CompositeReward]:
     """A :class:`CompositeReward` of every source configured in ``section`` (``cfg.reward`` or ``cfg.cost``)."""
-    from alignflow.tasks import get_task
-
-    table = TASK_COSTS.get(task_name, {}) if cost else get_task(task_name).rewards
+    task = get_task(task_name)
+    table = task.costs if cost else task.rewards
     parts = []
     for name, w in section.task.items():
         if name not in table:

@@ -32,7 +32,7 @@ from alignflow.models import load_causal_lm
 from alignflow.models.logprobs import masked_nll_sum
 from alignflow.models.varlen import supports_varlen
 from alignflow.trainers import loop
-from alignflow.trainers.setup import resolve_builtin, start_run
+from alignflow.trainers.run_start import resolve_task, start_run
 
 log = logging.getLogger("alignflow.sft")
 
@@ -126,9 +126,10 @@ def train_step(model, examples: list[dict], cfg: SFTConfig, pad_id: int, device)
     return {"loss": total.item()}, sum(len(e["input_ids"]) for e in examples)
 
 
-def train_sft(cfg: SFTConfig) -> SFTResult:
-    """Run SFT as configured; returns the trained model and the per-step losses."""
-    resolve_builtin(cfg, "sft")
+def train_sft(cfg: SFTConfig, step_fn=None) -> SFTResult:
+    """Run SFT as configured; returns the trained model and the per-step losses. ``step_fn`` replaces
+    :func:`train_step` (same signature): another objective on the same data and loop (IFT, trainers/ift.py)."""
+    resolve_task(cfg, "sft")  # (builtin:sft is this command's own output: not resolved here)
     out, device, tokenizer = start_run(cfg)
     data = prepare_data(cfg.data, tokenizer, expect=("lm", "prompt_completion"), seed=cfg.train.seed)
     model = load_causal_lm(cfg.model, device)
@@ -141,7 +142,7 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
     pad_id = tokenizer.pad_token_id
     for step in range(start, total):
         t0 = time.perf_counter()
-        metrics, ntok = train_step(model, [train[i] for i in sampler.rows(step)], cfg, pad_id, device)
+        metrics, ntok = (step_fn or train_step)(model, [train[i] for i in sampler.rows(step)], cfg, pad_id, device)
         if loop.guard_loss(step, cfg.train, {"nll": torch.tensor(metrics["loss"])}):
             metrics["grad_norm"], _ = loop.optimizer_step(model, opt, sched, cfg.train, cfg.optim.max_grad_norm, step)
         else:

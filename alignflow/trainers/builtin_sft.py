@@ -17,7 +17,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from alignflow.config import TaskConfig
+from alignflow.config import SFTConfig, TaskConfig, from_dict
+from alignflow.tasks import _source_hash, build_task, get_task
+from alignflow.trainers.sft import train_sft
 
 log = logging.getLogger("alignflow")
 
@@ -27,15 +29,11 @@ DONE = "builtin_sft.json"
 
 def sft_settings(task: TaskConfig) -> dict:
     """Steps, learning rate, batch size and max length of the built-in SFT of ``task``."""
-    from alignflow.tasks import get_task
-
     spec = get_task(task.name)
     return {"steps": task.sft_steps or spec.sft_steps, "lr": spec.sft_lr, "batch_size": 32, "max_len": 128}
 
 
 def _key(task: TaskConfig, settings: dict, seed: int) -> str:
-    from alignflow.tasks import _source_hash, get_task
-
     conf = {k: v for k, v in dataclasses.asdict(task).items() if k != "sft_steps"}
     blob = json.dumps([conf, settings, seed, _source_hash(get_task(task.name))], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -44,10 +42,6 @@ def _key(task: TaskConfig, settings: dict, seed: int) -> str:
 def builtin_sft_model(task: TaskConfig, output_dir: str | Path, seed: int = 0, device: str = "auto",
                       progress: bool = True) -> Path:
     """The model directory of the built-in SFT model for ``task`` (trained now when not cached)."""
-    from alignflow.config import SFTConfig, from_dict
-    from alignflow.tasks import build_task
-    from alignflow.trainers.sft import train_sft
-
     settings = sft_settings(task)
     root = Path(output_dir).resolve().parent / "builtin-sft"
     out = root / f"{task.name}-{_key(task, settings, seed)}"
