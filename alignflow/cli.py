@@ -1,6 +1,6 @@
 """``alignflow <command> [--config file.yaml] [section.key=value ...]``
 
-Commands: sft, rm, pm, rl, po, online_po, superhf, alol, mpo, eval, demo, serve, merge, recipe.
+Commands: sft, rm, pm, rl, po, online_po, superhf, alol, mpo, eval, demo, serve, merge, merge_models, recipe.
 ``alignflow <command> --help`` lists every config key with its default and doc.
 User mistakes (a bad config key or value, a malformed data row, a model path that does not load) end with a
 one-paragraph error and exit code 2, never a traceback; ``--debug`` shows the traceback.
@@ -19,7 +19,7 @@ from alignflow.config import (ConfigError, DemoConfig, EvalConfig, RLConfig, RMC
 from alignflow.config import ALoLConfig, SuperHFConfig
 from alignflow.config import POConfig
 from alignflow.config import MPOConfig, OnlinePOConfig
-from alignflow.config import MergeConfig
+from alignflow.config import MergeConfig, MergeModelsConfig
 from alignflow.config import PMConfig, ServeConfig
 from alignflow.recipes import RecipeConfig
 
@@ -44,6 +44,8 @@ COMMANDS = {
                                                                  "prompts from the DPO model"),
     "merge": (MergeConfig, "alignflow.distributed.save:merge_adapter", "fold a LoRA adapter into its base model: "
                                                                      "merge adapter=DIR output=DIR"),
+    "merge_models": (MergeModelsConfig, "alignflow.trainers.merge:merge_models", "interpolate the weights of several "
+                     "same-architecture models: merge_models models=[A,B] weights=[0.5,0.5] output=DIR"),
     "recipe": (RecipeConfig, "alignflow.recipes.runner:run_recipe", "a multi-stage recipe: stages (commands) whose "
                                                                     "outputs feed the next, resumable by stage"),
 }
