@@ -390,7 +390,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return list(value)
+        item = typing.get_args(tp)[0] if typing.get_args(tp) else None  # list[float]: each item converted
+        return [_coerce(v, item, f"{key}[{i}]") if item is not None else v for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if isinstance(value, str):
             value = yaml.safe_load(value)

@@ -111,3 +111,14 @@ def test_from_dict_validates():
     with pytest.raises(ConfigError):
         from_dict(RMConfig, {"reward": {"aggregation": "max"}})
     assert from_dict(RMConfig, {"reward": {"aggregation": "min"}}).reward.aggregation == "min"
+
+
+def test_list_items_are_converted_to_their_declared_type():
+    """``list[float]`` fields from the command line hold numbers, not the strings the shell gave; a bad item names
+    its index."""
+    from alignflow.config import ConfigError, RLConfig, load_config
+
+    cfg = load_config(RLConfig, None, ["algo.filter_range=0.2,0.8"])
+    assert cfg.algo.filter_range == [0.2, 0.8] and all(isinstance(v, float) for v in cfg.algo.filter_range)
+    with pytest.raises(ConfigError, match=r"algo.filter_range\[0\]: expected a number"):
+        load_config(RLConfig, None, ["algo.filter_range=a,0.8"])
