@@ -83,13 +83,24 @@ def make_env(system: str = SYSTEM) -> ToolEnv:
     return ToolEnv([calculator], reward_fn=reward, system=system)
 
 
-def make_rows(seed: int = 0, n: int = 256, digits: int = DIGITS, ops: str = "+-*") -> list[dict]:
-    """``n`` distinct problems ``{"prompt", "answer", "expression"}`` with operators from ``ops``; the same seed
-    gives the same rows."""
+def operand_range(digits: int = DIGITS, max_operand: int = 0) -> tuple[int, int]:
+    """(smallest, largest) operand: ``digits``-digit numbers, or, with ``max_operand`` (``task.max_operand``),
+    the numbers with as many digits as ``max_operand`` up to it (99: 10..99)."""
+    if max_operand:
+        return 10 ** (len(str(max_operand)) - 1), max_operand
+    return 10 ** (digits - 1), 10**digits - 1
+
+
+def make_rows(seed: int = 0, n: int = 256, digits: int = DIGITS, ops: str = "+-*", max_operand: int = 0) -> list[dict]:
+    """``n`` distinct problems ``{"prompt", "answer", "expression"}`` with operators from ``ops`` and operands
+    from :func:`operand_range` (at most as many rows as there are distinct problems); the same seed gives the
+    same rows."""
     rng = task_rng(NAME, seed, "problems")
+    lo, hi = operand_range(digits, max_operand)
+    n = min(n, (hi - lo + 1) ** 2 * len(set(ops)))
     rows, seen = [], set()
     while len(rows) < n:
-        a, b = rng.randrange(10 ** (digits - 1), 10 ** digits), rng.randrange(10 ** (digits - 1), 10 ** digits)
+        a, b = rng.randrange(lo, hi + 1), rng.randrange(lo, hi + 1)
         op = rng.choice(ops)
         expression = f"{a} {op} {b}"
         if expression not in seen:
@@ -161,7 +172,8 @@ def _conversation(rng, row: dict) -> list:
 
 def _task_rows(cfg: TaskConfig) -> dict:
     """SFT conversations, train / eval prompts (disjoint by :func:`split_of`), answer pairs and rated answers."""
-    pool = make_rows(cfg.seed, max(NUM_PROMPTS + NUM_EVAL_PROMPTS, cfg.num_sft) * 2, ops=OPS)
+    pool = make_rows(cfg.seed, max(NUM_PROMPTS + NUM_EVAL_PROMPTS, cfg.num_sft) * 2, ops=OPS,
+                     max_operand=cfg.max_operand)
     split = {"train": [], "eval": []}
     for row in pool:
         split[split_of(row["prompt"], cfg.seed)].append(row)
