@@ -150,3 +150,14 @@ def write_files(cfg: TaskConfig, task_dir: Path) -> None:
 def paths(task_dir: str | Path) -> dict:
     """{key: path} of the judge files of a built ``reviews`` task directory."""
     return {key: Path(task_dir) / name for key, name in FILES.items()}
+
+
+def rule_judges(ids: tuple = ("grammatical", "no_repeats", "finished", "length")) -> dict:
+    """Rule judges over the gold features (CGPO constraints): ``id -> fn(prompts, responses) -> [satisfied]``."""
+    def judge(pid: str):
+        holds = PRINCIPLES[pid][1]
+        return lambda prompts, responses: [holds(reviews.gold_components(p, r)) for p, r in zip(prompts, responses)]
+    unknown = [i for i in ids if i not in PRINCIPLES]
+    if unknown:
+        raise ValueError(f"rule judges: {unknown} are not among {', '.join(PRINCIPLES)}")
+    return {pid: judge(pid) for pid in ids}
