@@ -20,9 +20,10 @@ message ends with ``<eos>`` (which also ends a sampled turn) and tool results co
 The template does not print the tool schemas: the tiny model learns the one tool from its SFT corpus, where
 ``TOOL_FRACTION`` of the conversations call it and copy its result, and the rest answer at once with a guess
 of the right length (practically always wrong). ``task.max_operand`` (e.g. 99) sets the operands' range
-(:func:`operand_range`): two-digit products are a size the tiny model learns to copy in a test-sized SFT. RL with the environment's reward (``env.task: true``) then has
-a reason to call the tool more often. The task's environment has no system message (its words are not in the
-vocabulary); ``make_env()`` keeps :data:`SYSTEM` for real chat models.
+(:func:`operand_range`): two-digit products are a size the tiny model learns to copy in a test-sized SFT. RL
+with the environment's reward (``env.task: true``) then has a reason to call the tool more often. The task's
+environment has no system message (its words are not in the vocabulary); ``make_env()`` keeps :data:`SYSTEM`
+for real chat models.
 """
 
 from __future__ import annotations
