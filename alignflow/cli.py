@@ -1,6 +1,6 @@
 """``alignflow <command> [--config file.yaml] [section.key=value ...]``
 
-Commands: sft, rm, pm, rl, po, online_po, superhf, alol, mpo, eval, demo, serve, merge, merge_models, recipe.
+Commands: sft, ift, rm, pm, rl, po, online_po, superhf, alol, mpo, eval, demo, serve, merge, merge_models, recipe.
 ``alignflow <command> --help`` lists every config key with its default and doc.
 User mistakes (a bad config key or value, a malformed data row, a model path that does not load) end with a
 one-paragraph error and exit code 2, never a traceback; ``--debug`` shows the traceback.
@@ -21,6 +21,7 @@ from alignflow.config import POConfig
 from alignflow.config import MPOConfig, OnlinePOConfig
 from alignflow.config import MergeConfig, MergeModelsConfig
 from alignflow.config import PMConfig, ServeConfig
+from alignflow.config import IFTConfig
 from alignflow.recipes import RecipeConfig
 
 COMMANDS = {
@@ -46,6 +47,8 @@ COMMANDS = {
                                                                      "merge adapter=DIR output=DIR"),
     "merge_models": (MergeModelsConfig, "alignflow.trainers.merge:merge_models", "interpolate the weights of several "
                      "same-architecture models: merge_models models=[A,B] weights=[0.5,0.5] output=DIR"),
+    "ift": (IFTConfig, "alignflow.trainers.ift:train_ift", "Intuitive Fine-Tuning: SFT data, the model's own guesses "
+                                                            "mixed into the prefix, one policy"),
     "recipe": (RecipeConfig, "alignflow.recipes.runner:run_recipe", "a multi-stage recipe: stages (commands) whose "
                                                                     "outputs feed the next, resumable by stage"),
 }

@@ -3,7 +3,7 @@
 
 Learning is measured on what each command optimises, within the run:
 
-* supervised-style commands (sft, rm, pm, po, alol): the mean training loss of the last third of the logged steps
+* supervised-style commands (sft, ift, rm, pm, po, alol): the mean training loss of the last third of the logged steps
   is below that of the first third (DPO-family losses start at log 2 exactly, the policy being its own reference);
 * online RL, SuperHF and online preference optimisation (rl, superhf, online_po, mpo): the mean reward of the
   sampled responses in the last third of the steps (or rounds) is above that of the first third.
@@ -29,6 +29,7 @@ COVERED_ELSEWHERE = {"demo": "tests/test_demo.py runs the whole demo on a miniat
 # The step counts cut per command (nothing else of a preset is changed), and per preset where learning needs more.
 SHORT = {
     "sft": ["train.max_steps=24"],
+    "ift": ["train.max_steps=24"],
     "rm": ["train.max_steps=16"],
     "pm": ["train.max_steps=16"],
     "po": ["train.max_steps=12", "builtin.sft_steps=60"],
@@ -43,9 +44,11 @@ SHORT = {
 LONGER = {"grpo": ["train.max_steps=40"], "dapo": ["train.max_steps=24"], "dr_grpo": ["train.max_steps=24"],
           "gspo": ["train.max_steps=24"], "nash_md": ["online.rounds=9"]}
 # Every step logged (train.log_every: how often, not how much is trained).
-LOG_EVERY_STEP = {c: ["train.log_every=1"] for c in ("sft", "rm", "pm", "po", "rl", "online_po", "superhf", "alol")}
+LOG_EVERY_STEP = {c: ["train.log_every=1"] for c in ("sft", "ift", "rm", "pm", "po", "rl", "online_po", "superhf",
+                                                     "alol")}
 LOG_EVERY_STEP["mpo"] = ["rl.train.log_every=1"]
-LOSS = {"sft": "train/loss", "rm": "train/loss", "pm": "train/loss", "po": "train/loss", "alol": "alol/loss"}
+LOSS = {"sft": "train/loss", "ift": "train/loss", "rm": "train/loss", "pm": "train/loss", "po": "train/loss",
+        "alol": "alol/loss"}
 REWARD = {"rl": "rollout/reward_mean", "online_po": "online/reward_mean", "mpo": "rollout/reward_mean",
           "superhf": "superhf/reward_mean"}
 

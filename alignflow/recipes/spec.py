@@ -19,6 +19,7 @@ from alignflow.config import ConfigError, field
 # command -> (config class in alignflow.config or alignflow.recipes.steps, entry point "module:function")
 STAGE_COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("alignflow.config:SFTConfig", "alignflow.trainers.sft:train_sft"),
+    "ift": ("alignflow.config:IFTConfig", "alignflow.trainers.ift:train_ift"),
     "rm": ("alignflow.config:RMConfig", "alignflow.trainers.reward:train_rm"),
     "pm": ("alignflow.config:PMConfig", "alignflow.trainers.pairwise_pm:train_pm"),
     "rl": ("alignflow.config:RLConfig", "alignflow.trainers.online:train_rl"),

@@ -28,7 +28,7 @@ PREFERRED = ("eval/gold_reward", "eval/accuracy", "eval/reward/accuracy", "eval/
              "eval/loss", "eval/gold_reward_mpo", "eval/kl")
 
 
-RESULT_COMMANDS = ("sft", "rm", "rl", "po", "online_po", "superhf", "alol", "mpo", "eval", "demo")
+RESULT_COMMANDS = ("sft", "ift", "rm", "rl", "po", "online_po", "superhf", "alol", "mpo", "eval", "demo")
 
 
 class HubPushError(RuntimeError):
