@@ -56,8 +56,8 @@ def test_ift_temporal_residual_mixes_only_answer_positions():
 def test_ift_step_on_a_model_is_sft_at_lambda_zero(reviews_task):
     """λ = 0: the log-probs are the teacher-forced ones; λ = 1 with a model whose guesses differ from the targets
     changes them (the inputs are the guesses' embeddings)."""
-    from alignflow.models import load_causal_lm
     from alignflow.config import ModelConfig
+    from alignflow.models import load_causal_lm
     from alignflow.trainers.ift_step import ift_token_logps
 
     model = load_causal_lm(ModelConfig(name_or_path=str(reviews_task.model_dir)), torch.device("cpu"))
