@@ -20,14 +20,18 @@ import json
 import time
 from pathlib import Path
 
-from alignflow.config import DemoConfig, RLConfig, RMConfig, SFTConfig, from_dict
+from alignflow.config import DemoConfig, ModelConfig, RLConfig, RMConfig, SFTConfig, from_dict
+from alignflow.data.render import encode_pair
 from alignflow.eval.evaluate import policy_metrics, reviews_grammatical
+from alignflow.models import load_causal_lm
 from alignflow.models.sequences import score
 from alignflow.rollout.sample import sample
 from alignflow.tasks import build_task
 from alignflow.tasks.common import read_jsonl, write_jsonl
 from alignflow.tasks.labels import label_pairs
+from alignflow.trainers.online import train_rl
 from alignflow.trainers.reward import train_rm
+from alignflow.trainers.run_dir import check_output_dir
 from alignflow.trainers.sft import train_sft
 
 
@@ -38,8 +42,6 @@ def ceiling(rows: list[dict]) -> float:
 
 def agreement_with_gold(model, tokenizer, rows: list[dict], gold) -> float:
     """Share of held-out pairs that the reward model orders like the noise-free gold reward (ties excluded)."""
-    from alignflow.data.render import encode_pair
-
     def ids(prompt, completion):
         return encode_pair(tokenizer, prompt, completion, max_prompt_len=256, max_len=128).input_ids
 
@@ -72,8 +74,6 @@ def bar(path: Path, values: dict, title: str) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from alignflow.trainers.run_dir import check_output_dir
-
     out = check_output_dir(cfg.output_dir, "output_dir")  # a re-run replaces the demo's stages (overwrite below)
     times, t = {}, time.perf_counter()
     art = build_task("reviews", cfg.task, out / "task")
@@ -123,8 +123,6 @@ def run_demo(cfg: DemoConfig) -> dict:
         stage(cfg.rl_algo, times["rl"], f"{len(rl.history)} steps, proxy reward "
               f"{(rl.history or [{}])[-1].get('rollout/reward_mean', float('nan')):.3f}")
     # ---- 5. evaluation: untrained, SFT and RL policies sampled on the same held-out prompts; report
-    from alignflow.config import ModelConfig
-    from alignflow.models import load_causal_lm
 
     t = time.perf_counter()
     held_out = [r["prompt"] for r in read_jsonl(art.eval_prompts_path)[:128]]
@@ -170,8 +168,6 @@ def run_rl(cfg: DemoConfig, out: Path, art):
     """The RL stage: the SFT policy optimised against the demo's reward model (the proxy), KL-regularised to the SFT
     policy; the built-in task's held-out prompts are decoded greedily every ``rl_eval_every`` steps and scored by
     both the proxy and the hidden gold reward."""
-    from alignflow.trainers.online import train_rl
-
     critic = cfg.rl_algo in ("ppo", "safe_ppo")
     n = 1 if critic else cfg.rl_n
     prompts = max(1, cfg.rl_rows_per_step // n)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from alignflow.config import RLConfig
-from alignflow.distributed.ray_group import WorkerSet, check_resources, init_ray
+from alignflow.distributed.ray_group import WorkerSet, check_resources, init_ray, maybe_ray
+from alignflow.distributed.shard import shard
 
 
 def worker_device() -> torch.device:
@@ -30,8 +31,6 @@ def worker_device() -> torch.device:
 
 def worker_wrap(cfg, device: torch.device):
     """The transform applied to every trained or reference model in a worker: FSDP2 with the run's precision."""
-    from alignflow.distributed.shard import shard
-
     mp = cfg.train.mixed_precision
     mp = ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none") if mp == "auto" else mp
     r = cfg.resources
@@ -79,8 +78,6 @@ def check_placement(cfg, names: tuple[str, ...] | None = None) -> None:
     """Before any costly work (a built-in SFT, reference log-probs, loading models): when ``cfg.resources`` puts
     roles on Ray, start (or attach to) Ray and check that the cluster can hold the worker sets -- the RL roles'
     sets for ``names``, or the one policy set of ``alignflow po`` when ``names`` is None."""
-    from alignflow.distributed.ray_group import maybe_ray
-
     if not maybe_ray(cfg.resources):
         return
     init_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus)

@@ -38,9 +38,21 @@ from alignflow.algorithms.core import masked_mean
 from alignflow.algorithms.kl import kl_k1, kl_k3, sequence_kl
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, EvalConfig, ModelConfig
+from alignflow.data.pipeline import prepare_data
 from alignflow.eval.frontier import resolve_frontier, run_frontier
 from alignflow.eval.metrics import accuracy_metrics, answer_correct, distinct_n, diversity_metrics, length_metrics
+from alignflow.models import load_causal_lm, load_reward_model, load_tokenizer
+from alignflow.models.device import resolve_device
+from alignflow.models.sequences import score
+from alignflow.rewards.model import RewardModelScorer
 from alignflow.rollout.sample import sample_batch
+from alignflow.tasks import build_task, get_task
+from alignflow.tasks.reviews import gold_components
+from alignflow.trainers.builtin_sft import resolve_eval_models
+from alignflow.trainers.loop import Progress
+from alignflow.trainers.reward import pair_metrics
+from alignflow.trainers.roles import Reference
+from alignflow.trainers.run_dir import check_output_dir
 
 __all__ = ["EvalContext", "distinct_n", "evaluate_policy", "kl_metrics", "policy_logprobs", "policy_metrics",
            "run_eval"]
@@ -76,8 +88,6 @@ def policy_logprobs(model, batch: Batch, temperature: float) -> torch.Tensor:
     and differ from a full forward by rounding (more under reduced precision), which would make the KL of a
     policy to itself nonzero and bias small KLs. One extra forward of the policy costs little next to sampling.
     """
-    from alignflow.trainers.roles import Reference
-
     t = temperature if temperature > 0 else 1.0
     was_training = model.training
     grads = [p.requires_grad for p in model.parameters()]
@@ -121,8 +131,6 @@ class EvalContext:
 
 def reviews_grammatical(prompt: str, response: str) -> bool:
     """A review is grammatical when every sentence parses and it ends with punctuation."""
-    from alignflow.tasks.reviews import gold_components
-
     c = gold_components(prompt, response)
     return c["bad_sentences"] == 0 and c["no_final_punct"] == 0
 
@@ -167,9 +175,6 @@ def evaluate_policy(policy, ctx: EvalContext, cfg: EvalConfig) -> tuple[dict, li
 def load_prompts(cfg: EvalConfig, tok, out: Path) -> tuple[list[dict], Optional[Callable], Optional[Callable]]:
     """(prompt rows, gold reward, grammaticality check): ``data.path``, or the built-in task's held-out prompts
     with its gold reward (the gold reward is defined on the task's prompts only, so a ``data.path`` gets none)."""
-    from alignflow.data.pipeline import prepare_data
-    from alignflow.tasks import build_task
-
     gold = grammatical = None
     path = cfg.data.path
     if not path:
@@ -189,9 +194,6 @@ def _vocab(model) -> int:
 
 def build_context(cfg: EvalConfig, tok, device: torch.device, out: Path) -> EvalContext:
     """Prompts, gold reward, answers, reward-model scorer and reference model for policy evaluation."""
-    from alignflow.models import load_causal_lm
-    from alignflow.rewards.model import RewardModelScorer
-
     rows, gold, grammatical = load_prompts(cfg, tok, out)
     answers = [r["answer"] for r in rows] if all(r.get("answer") is not None for r in rows) else None
     rm = RewardModelScorer(cfg.reward_model, device=device, pad_token_id=tok.pad_token_id) if cfg.reward_model \
@@ -205,11 +207,6 @@ def build_context(cfg: EvalConfig, tok, device: torch.device, out: Path) -> Eval
 
 def reward_model_metrics(cfg: EvalConfig, tok, device) -> dict:
     """Pairwise accuracy, margin and calibration of a reward model on ``cfg.data.path`` (all rows held out)."""
-    from alignflow.data.pipeline import prepare_data
-    from alignflow.models import load_reward_model
-    from alignflow.models.sequences import score
-    from alignflow.trainers.reward import pair_metrics
-
     if not cfg.data.path:
         raise ConfigError("alignflow eval: a reward model is evaluated on preference pairs; set data.path=<file>")
     data = prepare_data(cfg.data, tok, expect=("preference",))
@@ -223,8 +220,6 @@ def reward_model_metrics(cfg: EvalConfig, tok, device) -> dict:
 
 def check_config(cfg: EvalConfig) -> list:
     """Fail before any model is loaded; returns the resolved frontier policies."""
-    from alignflow.tasks import get_task
-
     if not (cfg.policy or cfg.reward_model or cfg.frontier):
         raise ConfigError("alignflow eval: nothing to evaluate; give policy=<dir>, frontier=<dir,...> and/or "
                           "reward_model=<dir>")
@@ -249,14 +244,8 @@ def _write_samples(path: Path, rows: list[dict]) -> None:
 def run_eval(cfg: EvalConfig) -> dict:
     """``alignflow eval``: writes eval.json and samples.jsonl (and frontier.json/.png) into ``cfg.output_dir``;
     returns the metrics of ``policy`` (or of ``reward_model`` on pairs)."""
-    from alignflow.models import load_causal_lm, load_tokenizer
-    from alignflow.trainers.builtin_sft import resolve_eval_models
-    from alignflow.models.device import resolve_device
-    from alignflow.trainers.loop import Progress
-
     resolve_eval_models(cfg)  # policy / reference / frontier = builtin:sft: the built-in task's SFT model
     frontier = check_config(cfg)
-    from alignflow.trainers.run_dir import check_output_dir
 
     out = check_output_dir(cfg.output_dir, "output_dir")
     device = resolve_device(cfg.device, "device")

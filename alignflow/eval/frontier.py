@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alignflow.config import ConfigError, EvalConfig, ModelConfig
+from alignflow.models import load_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,6 @@ def load_policy(path: str | Path, reference: str, device):
     """A model directory as it is; a checkpoint's weights on a fresh copy of the reference model."""
     from safetensors.torch import load_file
 
-    from alignflow.models import load_causal_lm
 
     path = Path(path)
     if _is_model_dir(path):

@@ -70,21 +70,29 @@ from alignflow.batch import Batch, cat_rollouts
 from alignflow.config import (ConfigError, MPOConfig, OnlinePOConfig, POConfig, POLossConfig, RLConfig,
                               RewardSourceConfig)
 from alignflow.data.collate import token_groups
+from alignflow.data.formats import DataError, validate
+from alignflow.data.loading import load_records
 from alignflow.data.pipeline import prepare_data
+from alignflow.data.render import encode_pair
 from alignflow.distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignflow.distributed.save import save_model
-from alignflow.models import load_causal_lm
+from alignflow.models import load_causal_lm, load_tokenizer
 from alignflow.models.device import resolve_device
 from alignflow.models.sequences import sequence_logps
 from alignflow.models.varlen import supports_varlen
 from alignflow.rollout.mixture import generate_mixture
 from alignflow.rollout.sample import sample_batch
 from alignflow.rollout.sampling import SamplingParams
+from alignflow.tasks import build_task, get_task
 from alignflow.trainers import loop
+from alignflow.trainers.offline_rl import rows_batch
+from alignflow.trainers.online import train_rl
+from alignflow.trainers.po_data import gold_eval, resolve_po_builtin
 from alignflow.trainers.po_rows import loss_kwargs, po_step
-from alignflow.trainers.preference import attach_ref, compute_ref_logps
+from alignflow.trainers.preference import attach_ref, compute_ref_logps, train_po
 from alignflow.trainers.rl_setup import PromptStream, _frozen_cfg, build_sources, prompt_batch
 from alignflow.trainers.roles import RewardRole, Rollout
+from alignflow.trainers.run_dir import check_output_dir
 from alignflow.trainers.setup import resolve_builtin, start_run
 
 log = logging.getLogger("alignflow.online_po")
@@ -447,8 +455,6 @@ def _resume(run: OnlineRun, out: Path, stream: PromptStream) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------------- entry point
 def _gold(cfg, art):
-    from alignflow.tasks import get_task
-
     return art.gold_reward if art is not None else (get_task(cfg.task.name).gold_reward if cfg.reward.task else None)
 
 
@@ -521,11 +527,6 @@ def _check_mpo(cfg: MPOConfig) -> None:
 
 def score_pairs(path: str, cfg: MPOConfig, tok, reward: RewardRole) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
     """The preference rows of ``path`` (validated) and the reward of their chosen and rejected responses, (N,) each."""
-    from alignflow.data.formats import DataError, validate
-    from alignflow.data.loading import load_records
-    from alignflow.data.render import encode_pair
-    from alignflow.trainers.offline_rl import rows_batch
-
     d = cfg.data
     checked = validate(load_records(path, d.split), fmt="preference", on_bad_row=d.on_bad_row, source=path)
     seqs = []
@@ -571,14 +572,6 @@ def mpo_split_pairs(cfg: MPOConfig, po_cfg: POConfig, tok, device) -> tuple[list
 @loop.bar_command("mpo")
 def train_mpo(cfg: MPOConfig) -> MPOResult:
     """Run MPO as configured (``alignflow mpo``): split by reward gap, DPO on the easy pairs, RL on the hard prompts."""
-    from alignflow.models import load_tokenizer
-    from alignflow.tasks import build_task
-    from alignflow.trainers.online import train_rl
-    from alignflow.trainers.po_data import gold_eval, resolve_po_builtin
-    from alignflow.trainers.preference import train_po
-
-    from alignflow.trainers.run_dir import check_output_dir
-
     _check_mpo(cfg)
     out = check_output_dir(cfg.output_dir, "output_dir")
     po_cfg = dataclasses.replace(cfg.dpo, model=dataclasses.replace(cfg.model), data=dataclasses.replace(cfg.data),
