@@ -57,3 +57,19 @@ def test_mapl_rows_respect_their_constraints_and_stay_in_the_task_vocabulary(row
     with pytest.raises(ValueError, match="one of short, long, good, bad"):
         satisfies("funny", "Review : the", " plot .")
     assert STYLE == ("short", "long", "good", "bad")
+
+
+def test_heron_recipe_step_relabels_a_pairs_file(rows, tmp_path):
+    import json
+
+    from alignflow.config import ConfigError
+    from alignflow.recipes.steps import HeronConfig, heron
+
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows["pairs_path"][:100]))
+    stats = heron(HeronConfig(input=str(src), output_dir=str(tmp_path / "out")))
+    written = [json.loads(line) for line in (tmp_path / "out" / "pairs.jsonl").read_text().splitlines()]
+    assert len(written) == stats["pairs"] and stats["pairs"] + stats["ties"] == 100
+    assert stats["gold_agreement_after"] == pytest.approx(agreement(written))
+    with pytest.raises(ConfigError, match="margins: give 4 non-negative numbers"):
+        heron(HeronConfig(input=str(src), margins=[0.5], output_dir=str(tmp_path / "bad")))

@@ -32,6 +32,7 @@ STAGE_COMMANDS: dict[str, tuple[str, str]] = {
     # the recipe's own data steps (not commands of their own): alignflow/recipes/steps.py
     "select": ("alignflow.recipes.steps:SelectConfig", "alignflow.recipes.steps:select_rows"),
     "annotate": ("alignflow.recipes.steps:AnnotateConfig", "alignflow.recipes.steps:annotate"),
+    "heron": ("alignflow.recipes.steps:HeronConfig", "alignflow.recipes.steps:heron"),
 }
 STAGE_KEYS = ("name", "command", "config", "overrides", "about")
 _NAME = re.compile(r"[A-Za-z0-9_-]+")

@@ -43,6 +43,17 @@ class SelectConfig:
 
 
 @dataclasses.dataclass
+class HeronConfig:
+    """Recipe step ``heron``: relabel the preference pairs of ``input`` by HERON's hierarchical comparison of the
+    reviews task's weak signals (alignflow/tasks/weak_signals.py); ties are dropped. Writes pairs.jsonl, heron.json."""
+    input: str = field("", doc="Preference pairs of the reviews task (e.g. ${stages.sft.output}/task/pairs.jsonl).")
+    margins: list[float] = field(default_factory=lambda: [0.5, 0.3, 0.5, 0.5],
+                                 doc="Margin per signal (fluency, sentiment, variety, length): smaller differences "
+                                     "do not decide.")
+    output_dir: str = field("runs/heron", doc="Where pairs.jsonl and heron.json are written (set by the recipe).")
+
+
+@dataclasses.dataclass
 class AnnotateConfig:
     """Recipe step ``annotate``: several policies' samples rated by a judge and binarised into preference pairs."""
     samples: list[str] = field(default_factory=list, doc="One entry per policy: an eval stage's directory (or its "
@@ -214,3 +225,26 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
                "policy_chosen_fraction": [c / len(pairs) for c in chosen_of]}
     (out / "annotate.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def heron(cfg: HeronConfig) -> dict[str, Any]:
+    """``heron``: the relabelled pairs and the counts (pairs kept, ties, pairs decided by each signal, agreement of the
+    old and the new labels with the gold reward)."""
+    from alignflow.data.formats import DataError
+    from alignflow.tasks.weak_signals import SIGNALS, agreement, heron_relabel
+
+    if len(cfg.margins) != len(SIGNALS) or any(m < 0 for m in cfg.margins):
+        raise ConfigError(f"margins: give {len(SIGNALS)} non-negative numbers ({', '.join(SIGNALS)}), "
+                          f"got {cfg.margins}")
+    rows = _read_jsonl(Path(cfg.input), "input")
+    for i, row in enumerate(rows, 1):
+        missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row.get(k), str)]
+        if missing:
+            raise DataError(f"{cfg.input}, row {i}: field {missing[0]!r} missing or not a string (heron reads pairs)")
+    pairs, stats = heron_relabel(rows, tuple(cfg.margins))
+    if not pairs:
+        raise DataError(f"{cfg.input}: every pair is a tie under margins={cfg.margins}; no pairs")
+    stats |= {"gold_agreement_before": agreement(rows), "gold_agreement_after": agreement(pairs)}
+    _write_jsonl(Path(cfg.output_dir) / "pairs.jsonl", pairs)
+    (Path(cfg.output_dir) / "heron.json").write_text(json.dumps(stats, indent=1))
+    return stats
