@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from alignflow.algorithms.cgpo import (codpo_loss, codpo_pairs, constraint_satisfaction, crpg_loss, crraft_loss,
-                                       crraft_select, judge_violations)
+from alignflow.algorithms.cgpo import (
+    codpo_loss,
+    codpo_pairs,
+    constraint_satisfaction,
+    crpg_loss,
+    crraft_loss,
+    crraft_select,
+    judge_violations,
+)
 from alignflow.tasks import reviews_judge
 
 S1, S2 = 1 / (1 + math.exp(-1)), 1 / (1 + math.exp(-2))   # sigmoid(1) = 0.731059, sigmoid(2) = 0.880797

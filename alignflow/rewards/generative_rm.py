@@ -66,7 +66,7 @@ def evaluate_generative_rm(model, tokenizer, rows: list, batch_size: int = 32, m
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         texts, gen, scores = _generate(model, tokenizer, [r["prompt"] for r in chunk], max_new_tokens)
-        for i, (row, text) in enumerate(zip(chunk, texts)):
+        for i, (row, text) in enumerate(zip(chunk, texts, strict=True)):
             want, got = label_position(row["label"], start + i), parse_position(text)
             correct += got == want
             failures += got is None

@@ -47,12 +47,13 @@ def verdict_accuracy(prompts: list, responses: list, labels: list) -> list:
     if not (len(prompts) == len(responses) == len(labels)):
         raise ValueError(f"verdict_accuracy: {len(prompts)} prompts, {len(responses)} responses, "
                          f"{len(labels)} labels")
-    return [float(parse_position(r) == label_position(lab, i)) for i, (r, lab) in enumerate(zip(responses, labels))]
+    pairs = enumerate(zip(responses, labels, strict=True))
+    return [float(parse_position(r) == label_position(lab, i)) for i, (r, lab) in pairs]
 
 
 def verdict_metrics(responses: list, labels: list) -> dict:
     """accuracy (a missing verdict counts as wrong), parse_failures (fraction without a verdict) and n."""
     n = len(responses)
     parsed = [parse_position(r) for r in responses]
-    correct = sum(p == label_position(lab, i) for i, (p, lab) in enumerate(zip(parsed, labels)))
+    correct = sum(p == label_position(lab, i) for i, (p, lab) in enumerate(zip(parsed, labels, strict=True)))
     return {"accuracy": correct / max(n, 1), "parse_failures": sum(p is None for p in parsed) / max(n, 1), "n": n}

@@ -156,7 +156,8 @@ def rule_judges(ids: tuple = ("grammatical", "no_repeats", "finished", "length")
     """Rule judges over the gold features (CGPO constraints): ``id -> fn(prompts, responses) -> [satisfied]``."""
     def judge(pid: str):
         holds = PRINCIPLES[pid][1]
-        return lambda prompts, responses: [holds(reviews.gold_components(p, r)) for p, r in zip(prompts, responses)]
+        return lambda prompts, responses: [holds(reviews.gold_components(p, r))
+                                           for p, r in zip(prompts, responses, strict=True)]
     unknown = [i for i in ids if i not in PRINCIPLES]
     if unknown:
         raise ValueError(f"rule judges: {unknown} are not among {', '.join(PRINCIPLES)}")
