@@ -192,7 +192,8 @@ class TaskConfig:
     num_heads: int = field(4, doc="Tiny Llama attention heads.", range=(1, None))
     intermediate_size: int = field(512, doc="Tiny Llama MLP width.", range=(8, None))
     max_operand: int = field(0, doc="arithmetic: largest operand of + and - and of the first factor of * (the second "
-                                    "is at most 9); 0 = 99. 9 (255 problems) is a range the tiny model learns.",
+                                    "is at most 9); 0 = 99. 9 (255 problems) is a range the tiny model learns. "
+                                    "calculator: operands with its digit count up to it (99: 10..99); 0 = 6 digits.",
                              range=(0, None))
     sft_steps: int = field(0, doc="model.name_or_path=builtin:sft: SFT steps of the task's tiny model (built once, "
                                   "cached beside the run directory); 0 = the task's own default.", range=(0, None))
