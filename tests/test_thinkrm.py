@@ -78,3 +78,37 @@ def test_anchor_advantages_and_preference_matrix_hand_derived():
                           torch.tensor([0.1, -0.1, 0.0]), atol=1e-6)
     longer = preference_matrix(lambda a, b: float(len(a) > len(b)), ["aaa", "a", "aa"])
     assert torch.allclose(group_win_rate_advantages(longer), torch.tensor([0.5, -0.5, 0.0]))
+
+
+def test_verdict_reward_reads_the_row_label_through_the_rule_reward_wiring():
+    """As ``reward.functions`` loads it: the prompt row's ``label`` reaches ``labels`` (plural binding), and a
+    bad label fails with the row named."""
+    from alignflow.batch import Batch
+    from alignflow.rewards.rules import CallableReward, RewardError
+
+    reward = CallableReward("alignflow.rewards.verdict:verdict_accuracy")
+    batch = Batch(meta={"prompt": ["p"] * 3, "response": [" overall this .", " overall this .", "none"],
+                        "label": ["this", "that", "that"]})
+    assert reward(batch).tolist() == [1.0, 0.0, 0.0]
+    bad = Batch(meta={"prompt": ["p"], "response": [" overall this ."], "label": ["left"]})
+    with pytest.raises((RewardError, DataError), match="label 'left'"):
+        reward(bad)
+
+
+def test_generative_rm_eval_reads_verdict_probability(reviews_task):
+    """On the untrained fixture model: metrics have the documented keys and ranges; the verdict logit is read
+    at the step after ``overall`` (a hand-made generation: overall, that -> logit(this) - logit(that) = 2 - 5)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignflow.rewards.generative_rm import evaluate_generative_rm, verdict_logit
+
+    tok = AutoTokenizer.from_pretrained(str(reviews_task.tokenizer_dir))
+    ids = tuple(tok.convert_tokens_to_ids(w) for w in ("overall", "this", "that"))
+    scores = torch.zeros(3, len(tok))
+    scores[2, ids[1]], scores[2, ids[2]] = 2.0, 5.0
+    assert verdict_logit(torch.tensor([ids[0], ids[0], ids[2]]), scores, ids) == pytest.approx(-3.0)
+    assert verdict_logit(torch.tensor([ids[1], ids[2], ids[0]]), scores, ids) is None
+    model = AutoModelForCausalLM.from_pretrained(str(reviews_task.model_dir))
+    rows = [json.loads(line) for line in open(reviews_judge.paths(reviews_task.dir)["judge_eval"])][:4]
+    m = evaluate_generative_rm(model, tok, rows, batch_size=4, max_new_tokens=4)
+    assert m["n"] == 4 and 0 <= m["accuracy"] <= 1 and 0 <= m["parse_failures"] <= 1
