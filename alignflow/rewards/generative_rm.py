@@ -25,8 +25,7 @@ import json
 import torch
 
 from alignflow.algorithms.reward import calibration_error
-from alignflow.rewards.verdict import FIRST, label_position, parse_position
-from alignflow.tasks.reviews_judge import POSITIONS, VERDICT_WORD
+from alignflow.rewards.verdict import FIRST, POSITIONS, VERDICT_WORD, label_position, parse_position
 
 
 @torch.no_grad()

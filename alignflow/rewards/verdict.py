@@ -22,6 +22,8 @@ from alignflow.data.formats import DataError
 
 _PATTERN = re.compile(r"\boverall\s+(this|that)\b|verdict[\*_\s]*[:=][\*_\s]*\[?\s*(a|b)\b", re.IGNORECASE)
 FIRST, SECOND = "first", "second"
+POSITIONS = ("this", "that")       # first and second response of a judge prompt; also the verdict words
+VERDICT_WORD = "overall"           # the verdict is "overall this ." / "overall that ."
 _POSITION = {"this": FIRST, "a": FIRST, "that": SECOND, "b": SECOND}
 
 

@@ -29,13 +29,12 @@ import random
 from pathlib import Path
 
 from alignflow.config import TaskConfig
+from alignflow.rewards.verdict import POSITIONS, VERDICT_WORD  # the verdict format the reward reads
 from alignflow.tasks import reviews
 from alignflow.tasks.common import read_jsonl, task_rng, write_jsonl
 
 FILES = {"judge_sft": "judge_sft.jsonl", "judge_pairs": "judge_pairs.jsonl", "judge_eval": "judge_eval.jsonl",
          "principles": "principles.jsonl"}
-POSITIONS = ("this", "that")       # first and second review of a judge prompt; also the verdict words
-VERDICT_WORD = "overall"           # the verdict is "overall this ." / "overall that ."
 PROBLEM_WORDS = {"repeats": "stale", "bad_sentences": "incoherent", "no_final_punct": "sloppy"}
 MAX_PROBLEM_REPEAT = 3
 PRINCIPLES = {  # id -> (text for an LLM judge, the gold features that satisfy it)
