@@ -6,7 +6,8 @@ metadata) kept in ``meta`` as lists of the same length. Every operation keeps th
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -35,7 +36,11 @@ class Batch:
         raise KeyError(f"Batch has no field {key!r}; it has {sorted(self.keys())}")
 
     def __setitem__(self, key: str, value: Any) -> None:
-        if len(self) and (value.shape[0] if torch.is_tensor(value) else len(value)) != len(self) and self.keys() != {key}:
+        if (
+            len(self)
+            and (value.shape[0] if torch.is_tensor(value) else len(value)) != len(self)
+            and self.keys() != {key}
+        ):
             raise ValueError(f"field {key!r} has {len(value)} rows, the batch has {len(self)}")
         if torch.is_tensor(value):
             self.meta.pop(key, None)
@@ -58,23 +63,25 @@ class Batch:
         return f"Batch(rows={len(self)}, tensors={shapes}, meta={sorted(self.meta)})"
 
     # -------------------------------------------------------------- transforms
-    def select(self, index: Sequence[int] | torch.Tensor) -> "Batch":
+    def select(self, index: Sequence[int] | torch.Tensor) -> Batch:
         """Rows at ``index`` (a list of ints, an index tensor, or a boolean mask)."""
         idx = torch.as_tensor(index)
         if idx.dtype == torch.bool:
             idx = idx.nonzero(as_tuple=True)[0]
         idx = idx.long()
         rows = idx.tolist()
-        return Batch({k: v[idx.to(v.device)] for k, v in self.tensors.items()},
-                     {k: [v[i] for i in rows] for k, v in self.meta.items()})
+        return Batch(
+            {k: v[idx.to(v.device)] for k, v in self.tensors.items()},
+            {k: [v[i] for i in rows] for k, v in self.meta.items()},
+        )
 
-    def split(self, size: int) -> list["Batch"]:
+    def split(self, size: int) -> list[Batch]:
         """Consecutive chunks of at most ``size`` rows."""
         if size <= 0:
             raise ValueError("split size must be positive")
         return [self.select(list(range(s, min(s + size, len(self))))) for s in range(0, len(self), size)]
 
-    def chunk(self, n: int) -> list["Batch"]:
+    def chunk(self, n: int) -> list[Batch]:
         """``n`` near-equal consecutive chunks (for data-parallel ranks)."""
         base, extra = divmod(len(self), n)
         out, start = [], 0
@@ -85,7 +92,7 @@ class Batch:
         return out
 
     @staticmethod
-    def cat(batches: Iterable["Batch"]) -> "Batch":
+    def cat(batches: Iterable[Batch]) -> Batch:
         """Concatenate rows. Tensors with a different second dimension are right-padded with 0."""
         batches = [b for b in batches]
         if not batches:
@@ -104,16 +111,16 @@ class Batch:
         meta = {k: [x for b in batches for x in b.meta[k]] for k in batches[0].meta}
         return Batch(tensors, meta)
 
-    def repeat(self, n: int, interleave: bool = True) -> "Batch":
+    def repeat(self, n: int, interleave: bool = True) -> Batch:
         """Each row ``n`` times: ``interleave`` gives a a b b (groups stay together), else a b a b."""
         rows = list(range(len(self)))
         idx = [i for i in rows for _ in range(n)] if interleave else rows * n
         return self.select(idx)
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch({k: v.to(device) for k, v in self.tensors.items()}, self.meta)
 
-    def union(self, other: "Batch") -> "Batch":
+    def union(self, other: Batch) -> Batch:
         """Fields of both (same rows); fields of ``other`` win."""
         if len(self) and len(other) and len(self) != len(other):
             raise ValueError(f"union of batches with {len(self)} and {len(other)} rows")

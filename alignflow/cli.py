@@ -14,43 +14,82 @@ import logging
 import sys
 import time
 
-from alignflow.config import (ConfigError, DemoConfig, EvalConfig, RLConfig, RMConfig, SFTConfig, describe,
-                              load_config)
-from alignflow.config import ALoLConfig, SuperHFConfig
-from alignflow.config import POConfig
-from alignflow.config import MPOConfig, OnlinePOConfig
-from alignflow.config import MergeConfig, MergeModelsConfig
-from alignflow.config import PMConfig, ServeConfig
-from alignflow.config import IFTConfig
+from alignflow.config import (
+    ALoLConfig,
+    ConfigError,
+    DemoConfig,
+    EvalConfig,
+    IFTConfig,
+    MergeConfig,
+    MergeModelsConfig,
+    MPOConfig,
+    OnlinePOConfig,
+    PMConfig,
+    POConfig,
+    RLConfig,
+    RMConfig,
+    ServeConfig,
+    SFTConfig,
+    SuperHFConfig,
+    describe,
+    load_config,
+)
 from alignflow.recipes import RecipeConfig
 
 COMMANDS = {
     "sft": (SFTConfig, "alignflow.trainers.sft:train_sft", "supervised fine-tuning"),
     "rm": (RMConfig, "alignflow.trainers.reward:train_rm", "reward-model training (BT, multi-objective, ensembles)"),
-    "rl": (RLConfig, "alignflow.trainers.online:train_rl", "online RL: PPO, GRPO, Dr. GRPO, DAPO, RLOO, ReMax, "
-                                                           "REINFORCE++, Safe RLHF, GSPO"),
+    "rl": (
+        RLConfig,
+        "alignflow.trainers.online:train_rl",
+        "online RL: PPO, GRPO, Dr. GRPO, DAPO, RLOO, ReMax, REINFORCE++, Safe RLHF, GSPO",
+    ),
     "eval": (EvalConfig, "alignflow.eval.evaluate:run_eval", "evaluate a policy or a reward model"),
     "demo": (DemoConfig, "alignflow.demo:run_demo", "the whole pipeline on the built-in reviews task"),
-    "po": (POConfig, "alignflow.trainers.preference:train_po", lambda: "offline preference optimisation: "
-                                                                      + _loss_titles()),
+    "po": (
+        POConfig,
+        "alignflow.trainers.preference:train_po",
+        lambda: "offline preference optimisation: " + _loss_titles(),
+    ),
     "superhf": (SuperHFConfig, "alignflow.trainers.offline_rl:train_superhf", "SuperHF: best-of-n SFT + KL prior"),
     "alol": (ALoLConfig, "alignflow.trainers.offline_rl:train_alol", "A-LoL: advantage-weighted offline RL"),
-    "online_po": (OnlinePOConfig, "alignflow.trainers.iterative:train_online_po", "online / iterative preference "
-                                                                                  "optimisation: iterative DPO, INPO, "
-                                                                                  "APO, Nash-MD"),
-    "pm": (PMConfig, "alignflow.trainers.pairwise_pm:train_pm", "pairwise preference model P(y > y' | x) on pairs "
-                                                               "in both orders"),
+    "online_po": (
+        OnlinePOConfig,
+        "alignflow.trainers.iterative:train_online_po",
+        "online / iterative preference optimisation: iterative DPO, INPO, APO, Nash-MD",
+    ),
+    "pm": (
+        PMConfig,
+        "alignflow.trainers.pairwise_pm:train_pm",
+        "pairwise preference model P(y > y' | x) on pairs in both orders",
+    ),
     "serve": (ServeConfig, "alignflow.rewards.serve:serve", "serve trained reward models over HTTP (POST /score)"),
-    "mpo": (MPOConfig, "alignflow.trainers.iterative:train_mpo", "MPO: DPO on easy pairs, then RL on the hard "
-                                                                 "prompts from the DPO model"),
-    "merge": (MergeConfig, "alignflow.distributed.save:merge_adapter", "fold a LoRA adapter into its base model: "
-                                                                     "merge adapter=DIR output=DIR"),
-    "merge_models": (MergeModelsConfig, "alignflow.trainers.merge:merge_models", "interpolate the weights of several "
-                     "same-architecture models: merge_models models=[A,B] weights=[0.5,0.5] output=DIR"),
-    "ift": (IFTConfig, "alignflow.trainers.ift:train_ift", "Intuitive Fine-Tuning: SFT data, the model's own guesses "
-                                                            "mixed into the prefix, one policy"),
-    "recipe": (RecipeConfig, "alignflow.recipes.runner:run_recipe", "a multi-stage recipe: stages (commands) whose "
-                                                                    "outputs feed the next, resumable by stage"),
+    "mpo": (
+        MPOConfig,
+        "alignflow.trainers.iterative:train_mpo",
+        "MPO: DPO on easy pairs, then RL on the hard prompts from the DPO model",
+    ),
+    "merge": (
+        MergeConfig,
+        "alignflow.distributed.save:merge_adapter",
+        "fold a LoRA adapter into its base model: merge adapter=DIR output=DIR",
+    ),
+    "merge_models": (
+        MergeModelsConfig,
+        "alignflow.trainers.merge:merge_models",
+        "interpolate the weights of several "
+        "same-architecture models: merge_models models=[A,B] weights=[0.5,0.5] output=DIR",
+    ),
+    "ift": (
+        IFTConfig,
+        "alignflow.trainers.ift:train_ift",
+        "Intuitive Fine-Tuning: SFT data, the model's own guesses mixed into the prefix, one policy",
+    ),
+    "recipe": (
+        RecipeConfig,
+        "alignflow.recipes.runner:run_recipe",
+        "a multi-stage recipe: stages (commands) whose outputs feed the next, resumable by stage",
+    ),
 }
 
 
@@ -69,14 +108,23 @@ def _user_errors() -> tuple[type, ...]:
     from alignflow.trainers.finish import HubPushError
     from alignflow.trainers.loop import NonFiniteError
 
-    return (ConfigError, DataError, ModelLoadError, NonFiniteError, FileNotFoundError, RewardError, RewardLoadError,
-            HubPushError)
+    return (
+        ConfigError,
+        DataError,
+        ModelLoadError,
+        NonFiniteError,
+        FileNotFoundError,
+        RewardError,
+        RewardLoadError,
+        HubPushError,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="alignflow", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="alignflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=sorted(COMMANDS), help="what to run")
     parser.add_argument("--config", help="YAML preset (see configs/)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -113,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         if args.command == "recipe":  # the recipe, not the stage's trainer, is what the user re-runs
-            print("alignflow recipe: interrupted; run the same command again to resume (stages done are skipped, "
-                  "the interrupted one goes on from its last checkpoint)", file=sys.stderr)
+            print(
+                "alignflow recipe: interrupted; run the same command again to resume (stages done are skipped, "
+                "the interrupted one goes on from its last checkpoint)",
+                file=sys.stderr,
+            )
             return 130
         print(f"alignflow {args.command}: {interrupted_message(argv, cfg, e)}", file=sys.stderr)
         return 130

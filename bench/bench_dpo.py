@@ -74,7 +74,7 @@ class RSSPeak:
 
     def rss_mb(self) -> float:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page / 2 ** 20
+            return int(f.read().split()[1]) * self.page / 2**20
 
     def start(self) -> None:
         if self.start_mb:
@@ -89,21 +89,30 @@ class RSSPeak:
     def result(self) -> dict:
         self._stop.set()
         self.peak_mb = max(self.peak_mb, self.rss_mb())
-        return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "train_rss_mb": self.peak_mb - self.start_mb, "rss_at_first_step_mb": self.start_mb}
+        return {
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "train_rss_mb": self.peak_mb - self.start_mb,
+            "rss_at_first_step_mb": self.start_mb,
+        }
 
 
 def _pairs_result(clock: common.StepClock, batch: int, mem: RSSPeak, ref_s: float) -> dict:
     res = clock.result()
-    return res | {"pairs_per_s": batch * clock.timed / res["seconds"], "pairs_per_cpu_s": batch * clock.timed /
-                  res["cpu_seconds"], "ref_precompute_s": ref_s} | mem.result()
+    return (
+        res
+        | {
+            "pairs_per_s": batch * clock.timed / res["seconds"],
+            "pairs_per_cpu_s": batch * clock.timed / res["cpu_seconds"],
+            "ref_precompute_s": ref_s,
+        }
+        | mem.result()
+    )
 
 
 # ------------------------------------------------------------------------------------------ sides
 def alignflow_side(args, wl: dict, mode: str) -> dict:
     from alignflow.config import POConfig, from_dict
-    from alignflow.trainers import loop
-    from alignflow.trainers import po_rows
+    from alignflow.trainers import loop, po_rows
     from alignflow.trainers import preference as po
 
     clock, mem, ref_s = common.StepClock(args.warmup, args.steps), RSSPeak(), [0.0]
@@ -126,21 +135,51 @@ def alignflow_side(args, wl: dict, mode: str) -> dict:
         return out
 
     po_rows.po_step, loop.optimizer_step, po.compute_ref_logps = counted_step, timed_opt, timed_ref
-    cfg = from_dict(POConfig, {
-        "model": {"name_or_path": wl["model_dir"], "tokenizer": wl["tokenizer_dir"]},
-        "data": {"path": wl["pairs_path"], "max_len": MAX_LEN_DATA, "max_prompt_len": MAX_LEN_DATA,
-                 "eval_fraction": 0.0},
-        "optim": {"lr": LR, "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1.0, "weight_decay": 0.0},
-        "loss": {"name": "dpo", "beta": BETA},
-        "ref_cache": False,
-        "train": {"overwrite": True, "output_dir": str(Path(args.work) / "alignflow-dpo"), "batch_size": args.batch,
-                  "max_steps": args.warmup + args.steps, "progress": False, "log_every": 10 ** 6,
-                  "mixed_precision": "none", "device": "cpu", "num_threads": args.threads, "seed": 0,
-                  "packing": mode == "packed", "micro_batch_tokens": MICRO_BATCH_TOKENS}})
+    cfg = from_dict(
+        POConfig,
+        {
+            "model": {"name_or_path": wl["model_dir"], "tokenizer": wl["tokenizer_dir"]},
+            "data": {
+                "path": wl["pairs_path"],
+                "max_len": MAX_LEN_DATA,
+                "max_prompt_len": MAX_LEN_DATA,
+                "eval_fraction": 0.0,
+            },
+            "optim": {
+                "lr": LR,
+                "scheduler": "constant",
+                "warmup_ratio": 0.0,
+                "max_grad_norm": 1.0,
+                "weight_decay": 0.0,
+            },
+            "loss": {"name": "dpo", "beta": BETA},
+            "ref_cache": False,
+            "train": {
+                "overwrite": True,
+                "output_dir": str(Path(args.work) / "alignflow-dpo"),
+                "batch_size": args.batch,
+                "max_steps": args.warmup + args.steps,
+                "progress": False,
+                "log_every": 10**6,
+                "mixed_precision": "none",
+                "device": "cpu",
+                "num_threads": args.threads,
+                "seed": 0,
+                "packing": mode == "packed",
+                "micro_batch_tokens": MICRO_BATCH_TOKENS,
+            },
+        },
+    )
     po.train_po(cfg)
-    return _pairs_result(clock, args.batch, mem, ref_s[0]) | {"settings": {
-        "train.packing": mode == "packed", "loss": "dpo", "beta": BETA,
-        "train.micro_batch_tokens": cfg.train.micro_batch_tokens, "reference": "initial policy, computed once"}}
+    return _pairs_result(clock, args.batch, mem, ref_s[0]) | {
+        "settings": {
+            "train.packing": mode == "packed",
+            "loss": "dpo",
+            "beta": BETA,
+            "train.micro_batch_tokens": cfg.train.micro_batch_tokens,
+            "reference": "initial policy, computed once",
+        }
+    }
 
 
 def _trl_dataset(wl: dict, with_length: bool):
@@ -151,13 +190,18 @@ def _trl_dataset(wl: dict, with_length: bool):
     from alignflow.models import load_tokenizer
 
     tok = load_tokenizer(wl["tokenizer_dir"])
-    rows = common.encoded_rows(POConfig, {"path": wl["pairs_path"], "max_len": MAX_LEN_DATA,
-                                          "max_prompt_len": MAX_LEN_DATA, "eval_fraction": 0.0}, tok)
-    cols = {"prompt_ids": [r["chosen_ids"][:r["prompt_len"]] for r in rows],
-            "chosen_ids": [r["chosen_ids"][r["prompt_len"]:] for r in rows],
-            "rejected_ids": [r["rejected_ids"][r["prompt_len"]:] for r in rows]}
+    rows = common.encoded_rows(
+        POConfig,
+        {"path": wl["pairs_path"], "max_len": MAX_LEN_DATA, "max_prompt_len": MAX_LEN_DATA, "eval_fraction": 0.0},
+        tok,
+    )
+    cols = {
+        "prompt_ids": [r["chosen_ids"][: r["prompt_len"]] for r in rows],
+        "chosen_ids": [r["chosen_ids"][r["prompt_len"] :] for r in rows],
+        "rejected_ids": [r["rejected_ids"][r["prompt_len"] :] for r in rows],
+    }
     for r in rows:  # both sides train on the same sequences
-        assert r["rejected_ids"][:r["prompt_len"]] == r["chosen_ids"][:r["prompt_len"]]
+        assert r["rejected_ids"][: r["prompt_len"]] == r["chosen_ids"][: r["prompt_len"]]
     if with_length:
         cols["length"] = [max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
     return tok, Dataset.from_dict(cols)
@@ -171,11 +215,18 @@ def trl_settings(mode: str, batch: int) -> dict:
     if mode == "precompute":
         return pre | {"per_device_train_batch_size": batch}
     if mode == "precompute_gbl":
-        return pre | {"per_device_train_batch_size": batch, "train_sampling_strategy": "group_by_length",
-                      "remove_unused_columns": False}
+        return pre | {
+            "per_device_train_batch_size": batch,
+            "train_sampling_strategy": "group_by_length",
+            "remove_unused_columns": False,
+        }
     if mode == "precompute_rebalance":
-        return pre | {"per_device_train_batch_size": batch // 4, "gradient_accumulation_steps": 4,
-                      "train_sampling_strategy": "batch_rebalance", "remove_unused_columns": False}
+        return pre | {
+            "per_device_train_batch_size": batch // 4,
+            "gradient_accumulation_steps": 4,
+            "train_sampling_strategy": "batch_rebalance",
+            "remove_unused_columns": False,
+        }
     raise ValueError(f"unknown TRL mode {mode!r}; choose from {', '.join(TRL_MODES)}")
 
 
@@ -199,11 +250,30 @@ def trl_side(args, wl: dict, mode: str) -> dict:
     clock, mem, ref_s = common.StepClock(args.warmup, args.steps), RSSPeak(), [0.0]
     accum = settings.get("gradient_accumulation_steps", 1)
     targs = DPOConfig(
-        output_dir=str(Path(args.work) / f"trl-dpo-{mode}"), max_steps=args.warmup + args.steps, learning_rate=LR,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False,
-        use_cpu=True, activation_checkpointing=False, max_length=MAX_LEN_DATA, beta=BETA, loss_type=["sigmoid"],
-        logging_steps=10 ** 6, report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0, dataloader_pin_memory=False, seed=0, **settings)
+        output_dir=str(Path(args.work) / f"trl-dpo-{mode}"),
+        max_steps=args.warmup + args.steps,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        activation_checkpointing=False,
+        max_length=MAX_LEN_DATA,
+        beta=BETA,
+        loss_type=["sigmoid"],
+        logging_steps=10**6,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        seed=0,
+        **settings,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(wl["model_dir"], dtype=torch.float32)
 
@@ -217,10 +287,17 @@ def trl_side(args, wl: dict, mode: str) -> dict:
     trainer = PreTokenised(model=model, args=targs, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
     computed = clock.count_batches(trainer, accum)
     trainer.train()
-    shown = settings | {"activation_checkpointing": False, "bf16": False, "beta": BETA, "loss_type": "sigmoid",
-                        "optim": getattr(targs.optim, "value", str(targs.optim))}
-    return _pairs_result(clock, args.batch, mem, ref_s[0]) | {"settings": shown,
-                                                              "pad_fraction": 1 - computed[0] / computed[1]}
+    shown = settings | {
+        "activation_checkpointing": False,
+        "bf16": False,
+        "beta": BETA,
+        "loss_type": "sigmoid",
+        "optim": getattr(targs.optim, "value", str(targs.optim)),
+    }
+    return _pairs_result(clock, args.batch, mem, ref_s[0]) | {
+        "settings": shown,
+        "pad_fraction": 1 - computed[0] / computed[1],
+    }
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -243,13 +320,16 @@ def report(r: dict) -> str:
     """bench/results/dpo.md: the headline, every TRL setting of the sweep, the settings of both sides."""
     m, a, t = r["machine"], r["alignflow"], r["trl"]
     lines = [
-        "# alignflow vs TRL: DPO training", "",
+        "# alignflow vs TRL: DPO training",
+        "",
         f"Machine: {m['cpu']}, {m['cores']} cores (shared), torch threads {m['threads']}; torch {m['torch']}, "
         f"transformers {m['transformers']}, trl {m['trl']}; {m['date']}, 1-min load at start "
         f"{m['load_average_1m_at_start']:.2f}. {r['pairs_per_step']} pairs per step, {r['warmup']} warm-up + "
         f"{r['steps']} timed steps, medians of {len(a['runs'])} alternated runs. Regenerate with "
-        "`python bench/bench_dpo.py --sweep`; workload and method in `docs/benchmarks.md`.", "",
-        "| | alignflow | TRL | alignflow / TRL |", "|---|---:|---:|---:|",
+        "`python bench/bench_dpo.py --sweep`; workload and method in `docs/benchmarks.md`.",
+        "",
+        "| | alignflow | TRL | alignflow / TRL |",
+        "|---|---:|---:|---:|",
         f"| setting | `{r['alignflow_mode']}` | `{r['trl_mode']}` | |",
         f"| pairs/s (wall) | {a['median_pairs_per_s']:.2f} | {t['median_pairs_per_s']:.2f} | "
         f"**{r['pairs_ratio']:.2f}x** |",
@@ -261,21 +341,30 @@ def report(r: dict) -> str:
         f"| RSS growth during training (MB) | {a['median_train_rss_mb']:.0f} | {t['median_train_rss_mb']:.0f} | "
         f"{a['median_train_rss_mb'] / max(t['median_train_rss_mb'], 1e-9):.2f}x |",
         f"| reference precompute (s, untimed) | {a['median_ref_precompute_s']:.1f} | "
-        f"{t['median_ref_precompute_s']:.1f} | |"]
+        f"{t['median_ref_precompute_s']:.1f} | |",
+    ]
     pads = [run["pad_fraction"] for run in t["runs"] if "pad_fraction" in run]
     if pads:
         ours = "0 (padding-free)" if r["alignflow_mode"] == "packed" else "n/a"
         lines.append(f"| computed tokens that are padding | {ours} | {statistics.median(pads):.0%} | |")
     if r["trl_sweep"]:
-        lines += ["", f"Every TRL setting ({r['trl_sweep_steps']} timed steps, one run each; ratio = alignflow "
-                      "median / this run):", "",
-                  "| TRL setting | pairs/s | peak RSS (MB) | RSS growth (MB) | alignflow / TRL (pairs/s) |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"Every TRL setting ({r['trl_sweep_steps']} timed steps, one run each; ratio = alignflow "
+            "median / this run):",
+            "",
+            "| TRL setting | pairs/s | peak RSS (MB) | RSS growth (MB) | alignflow / TRL (pairs/s) |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for mode, s in r["trl_sweep"].items():
-            lines.append(f"| {mode} | {s['median_pairs_per_s']:.2f} | {s['median_peak_rss_mb']:.0f} | "
-                         f"{s['median_train_rss_mb']:.0f} | {a['median_pairs_per_s'] / s['median_pairs_per_s']:.2f}x |")
-    lines += ["", f"Settings: alignflow `{json.dumps(a['runs'][0]['settings'])}`; "
-                  f"TRL `{json.dumps(t['runs'][0]['settings'])}`."]
+            lines.append(
+                f"| {mode} | {s['median_pairs_per_s']:.2f} | {s['median_peak_rss_mb']:.0f} | "
+                f"{s['median_train_rss_mb']:.0f} | {a['median_pairs_per_s'] / s['median_pairs_per_s']:.2f}x |"
+            )
+    lines += [
+        "",
+        f"Settings: alignflow `{json.dumps(a['runs'][0]['settings'])}`; TRL `{json.dumps(t['runs'][0]['settings'])}`.",
+    ]
     return "\n".join(lines) + "\n"
 
 

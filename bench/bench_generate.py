@@ -80,11 +80,20 @@ def run_generate(model, prompts, n, args, seed) -> tuple[float, float, int, floa
     torch.manual_seed(seed)
     start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=50,
-                             top_p=0.95, max_new_tokens=args.new, eos_token_id=EOS, pad_token_id=PAD,
-                             num_return_sequences=n)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=1.0,
+            top_k=50,
+            top_p=0.95,
+            max_new_tokens=args.new,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+            num_return_sequences=n,
+        )
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    new = out[:, ids.shape[1]:]  # (B, Tr)
+    new = out[:, ids.shape[1] :]  # (B, Tr)
     is_eos = new == EOS
     ended = is_eos.any(dim=1)  # (B,)
     length = torch.where(ended, is_eos.float().argmax(dim=1) + 1, new.shape[1])  # (B,) tokens up to EOS
@@ -119,8 +128,10 @@ def main() -> None:
     if args.batch % args.group:
         parser.error(f"--batch {args.batch} is not a multiple of --group {args.group}")
     model = build_model()
-    workloads = {"distinct": (build_prompts(args.batch), 1),
-                 "grouped": (build_prompts(args.batch // args.group, seed=2), args.group)}
+    workloads = {
+        "distinct": (build_prompts(args.batch), 1),
+        "grouped": (build_prompts(args.batch // args.group, seed=2), args.group),
+    }
     if args.workload != "both":
         workloads = {args.workload: workloads[args.workload]}
     contenders = {"model.generate": run_generate, "HFEngine": run_engine}
@@ -130,6 +141,7 @@ def main() -> None:
         contenders["HFEngine(plain)"] = lambda *a: run_engine(*a, fast_path=False, preallocate=False)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
+
         for name, (prompts, n) in workloads.items():
             run_engine(model, prompts, n, args, 0)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -151,20 +163,30 @@ def main() -> None:
 
 def report(results: dict, args) -> None:
     """Median tokens/s by wall clock and by process CPU time (less sensitive to other processes)."""
+
     def med(runs, i):
         return statistics.median(r[2] / r[i] for r in runs)
+
     for name, runs in results.items():
-        print(f"{name:16s} wall {med(runs, 0):6.0f} tok/s | cpu {med(runs, 1):6.0f} tok/s | median wall "
-              f"{statistics.median(r[0] for r in runs):6.3f} s | median tokens {statistics.median(r[2] for r in runs):.0f}"
-              f" | rows ended by EOS {statistics.mean(r[3] for r in runs):.0%}")
+        print(
+            f"{name:16s} wall {med(runs, 0):6.0f} tok/s | cpu {med(runs, 1):6.0f} tok/s | median wall "
+            f"{statistics.median(r[0] for r in runs):6.3f} s | median tokens {statistics.median(r[2] for r in runs):.0f}"
+            f" | rows ended by EOS {statistics.mean(r[3] for r in runs):.0%}"
+        )
     hf = results["model.generate"]
     for name, runs in results.items():
         if name != "model.generate":
-            paired = [statistics.median((r[2] / r[i]) / (g[2] / g[i]) for r, g in zip(runs, hf)) for i in (0, 1)]
-            print(f"ratio {name} / generate: wall {med(runs, 0) / med(hf, 0):.2f}x, cpu {med(runs, 1) / med(hf, 1):.2f}x"
-                  f" (median of per-run ratios: wall {paired[0]:.2f}x, cpu {paired[1]:.2f}x)")
-    print(f"(batch {args.batch}, {args.new} new tokens, {torch.get_num_threads()} threads, {args.runs} runs, "
-          f"torch {torch.__version__})")
+            paired = [
+                statistics.median((r[2] / r[i]) / (g[2] / g[i]) for r, g in zip(runs, hf, strict=False)) for i in (0, 1)
+            ]
+            print(
+                f"ratio {name} / generate: wall {med(runs, 0) / med(hf, 0):.2f}x, cpu {med(runs, 1) / med(hf, 1):.2f}x"
+                f" (median of per-run ratios: wall {paired[0]:.2f}x, cpu {paired[1]:.2f}x)"
+            )
+    print(
+        f"(batch {args.batch}, {args.new} new tokens, {torch.get_num_threads()} threads, {args.runs} runs, "
+        f"torch {torch.__version__})"
+    )
 
 
 if __name__ == "__main__":

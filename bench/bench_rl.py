@@ -89,20 +89,37 @@ def prepare_workload(work: Path, threads: int, no_kl: bool) -> dict:
         from alignflow.trainers.sft import train_sft
 
         print(f"SFT of the benchmark policy ({SFT_STEPS} steps, once; cached in {policy})", flush=True)
-        train_sft(from_dict(SFTConfig, {
-            "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
-            "data": {"path": str(task.sft_path), "eval_fraction": 0.0},
-            "optim": {"lr": SFT_LR, "scheduler": "cosine", "warmup_ratio": 0.05},
-            "train": {"overwrite": True,
-                      "output_dir": str(policy), "batch_size": 32, "max_steps": SFT_STEPS, "progress": False,
-                      "log_every": SFT_STEPS, "device": "cpu", "mixed_precision": "none", "num_threads": threads,
-                      "seed": 0}}))
+        train_sft(
+            from_dict(
+                SFTConfig,
+                {
+                    "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
+                    "data": {"path": str(task.sft_path), "eval_fraction": 0.0},
+                    "optim": {"lr": SFT_LR, "scheduler": "cosine", "warmup_ratio": 0.05},
+                    "train": {
+                        "overwrite": True,
+                        "output_dir": str(policy),
+                        "batch_size": 32,
+                        "max_steps": SFT_STEPS,
+                        "progress": False,
+                        "log_every": SFT_STEPS,
+                        "device": "cpu",
+                        "mixed_precision": "none",
+                        "num_threads": threads,
+                        "seed": 0,
+                    },
+                },
+            )
+        )
         done.write_text(json.dumps(stamp))
     presets = {a: yaml.safe_load((common.ROOT / "configs" / f"{a}.yaml").read_text()) for a in ALGOS}
-    wl = {"model_dir": str(policy / "model"), "tokenizer_dir": str(task.tokenizer_dir),
-          "prompts_path": str(task.prompts_path),
-          "algo": {a: presets[a]["algo"] for a in ALGOS},
-          "kl": {a: {**presets[a]["kl"], **({"coef": 0.0} if no_kl else {})} for a in ALGOS}}
+    wl = {
+        "model_dir": str(policy / "model"),
+        "tokenizer_dir": str(task.tokenizer_dir),
+        "prompts_path": str(task.prompts_path),
+        "algo": {a: presets[a]["algo"] for a in ALGOS},
+        "kl": {a: {**presets[a]["kl"], **({"coef": 0.0} if no_kl else {})} for a in ALGOS},
+    }
     (work / "rl_workload.json").write_text(json.dumps(wl))
     return wl
 
@@ -116,19 +133,40 @@ def alignflow_config(args, wl: dict, algo: str, micro_batch_tokens: int = 0):
     from alignflow.config import RLConfig, from_dict
 
     budget = {"micro_batch_tokens": micro_batch_tokens} if micro_batch_tokens else {}
-    return from_dict(RLConfig, {
-        "model": {"name_or_path": wl["model_dir"], "tokenizer": wl["tokenizer_dir"]},
-        "data": {"path": wl["prompts_path"], "eval_fraction": 0.0},
-        "task": {"name": "reviews"},
-        "algo": wl["algo"][algo], "kl": wl["kl"][algo],
-        "rollout": {"prompts_per_step": args.batch, "n": GROUP, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-                    "max_new_tokens": NEW_TOKENS, "eval_prompts": 0},
-        "reward": {"task": {"gold": 1.0}},
-        "optim": {"lr": LR, "scheduler": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0},
-        "train": {"overwrite": True,
-                  "output_dir": str(Path(args.work) / f"alignflow-{algo}"), "batch_size": args.batch * GROUP,
-                  "max_steps": args.warmup + args.steps, "progress": False, "log_every": 1, "seed": 0,
-                  "mixed_precision": "none", "device": "cpu", "num_threads": args.threads, **budget}})
+    return from_dict(
+        RLConfig,
+        {
+            "model": {"name_or_path": wl["model_dir"], "tokenizer": wl["tokenizer_dir"]},
+            "data": {"path": wl["prompts_path"], "eval_fraction": 0.0},
+            "task": {"name": "reviews"},
+            "algo": wl["algo"][algo],
+            "kl": wl["kl"][algo],
+            "rollout": {
+                "prompts_per_step": args.batch,
+                "n": GROUP,
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "top_k": 0,
+                "max_new_tokens": NEW_TOKENS,
+                "eval_prompts": 0,
+            },
+            "reward": {"task": {"gold": 1.0}},
+            "optim": {"lr": LR, "scheduler": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0},
+            "train": {
+                "overwrite": True,
+                "output_dir": str(Path(args.work) / f"alignflow-{algo}"),
+                "batch_size": args.batch * GROUP,
+                "max_steps": args.warmup + args.steps,
+                "progress": False,
+                "log_every": 1,
+                "seed": 0,
+                "mixed_precision": "none",
+                "device": "cpu",
+                "num_threads": args.threads,
+                **budget,
+            },
+        },
+    )
 
 
 class Tally:
@@ -144,11 +182,15 @@ class Tally:
         if len(self.gen_s) < w + n or len(self.completions) < w + n:
             raise RuntimeError(f"{len(self.gen_s)} generations / {len(self.completions)} steps counted; need {w + n}")
         res = self.clock.result()  # tokens = generated tokens (EOS included)
-        completions, gen = sum(self.completions[w:w + n]), sum(self.gen_s[w:w + n])
-        return res | {"completions": completions, "completions_per_s": completions / res["seconds"],
-                      "completions_per_cpu_s": completions / res["cpu_seconds"],
-                      "gen_seconds": gen, "gen_share": gen / res["seconds"],
-                      "mean_completion_len": res["tokens"] / completions}
+        completions, gen = sum(self.completions[w : w + n]), sum(self.gen_s[w : w + n])
+        return res | {
+            "completions": completions,
+            "completions_per_s": completions / res["seconds"],
+            "completions_per_cpu_s": completions / res["cpu_seconds"],
+            "gen_seconds": gen,
+            "gen_share": gen / res["seconds"],
+            "mean_completion_len": res["tokens"] / completions,
+        }
 
 
 # ------------------------------------------------------------------------------------------ alignflow
@@ -174,10 +216,15 @@ def alignflow_side(args, wl: dict, algo: str, mode: str) -> dict:
     online.rl_step = timed_step
     online.train_rl(cfg)
     w = args.warmup
-    return tally.result() | {"logged_gen_share": statistics.mean(shares[w:w + args.steps]),
-                             "settings": {"algo": wl["algo"][algo], "kl": wl["kl"][algo],
-                                          "algo.is_correction": cfg.algo.is_correction,
-                                          "train.micro_batch_tokens": cfg.train.micro_batch_tokens}}
+    return tally.result() | {
+        "logged_gen_share": statistics.mean(shares[w : w + args.steps]),
+        "settings": {
+            "algo": wl["algo"][algo],
+            "kl": wl["kl"][algo],
+            "algo.is_correction": cfg.algo.is_correction,
+            "train.micro_batch_tokens": cfg.train.micro_batch_tokens,
+        },
+    }
 
 
 # ------------------------------------------------------------------------------------------ TRL
@@ -226,19 +273,47 @@ def trl_side(args, wl: dict, algo: str, mode: str) -> dict:
     ds = Dataset.from_dict({"prompt": trl_prompts(args, wl, tok)})
     beta = float(wl["kl"][algo]["coef"])
     algo_cfg = wl["algo"][algo]
-    settings = {"num_generations": GROUP, "per_device_train_batch_size": args.batch * GROUP,
-                "gradient_accumulation_steps": 1, "steps_per_generation": 1, "num_iterations": 1,
-                "max_completion_length": NEW_TOKENS, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "beta": beta,
-                "epsilon": algo_cfg.get("clip_low", 0.2), "shuffle_dataset": False, **trl_settings(mode)}
+    settings = {
+        "num_generations": GROUP,
+        "per_device_train_batch_size": args.batch * GROUP,
+        "gradient_accumulation_steps": 1,
+        "steps_per_generation": 1,
+        "num_iterations": 1,
+        "max_completion_length": NEW_TOKENS,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "beta": beta,
+        "epsilon": algo_cfg.get("clip_low", 0.2),
+        "shuffle_dataset": False,
+        **trl_settings(mode),
+    }
     if algo in TRL_LOSS:
         settings["loss_type"] = TRL_LOSS[algo]
     config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if algo == "grpo" else (RLOOConfig, RLOOTrainer)
     targs = config_cls(
-        output_dir=str(Path(args.work) / f"trl-{algo}-{mode}"), max_steps=args.warmup + args.steps,
-        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, logging_steps=10 ** 6,
-        report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        dataloader_pin_memory=False, log_completions=False, seed=0, **settings)
+        output_dir=str(Path(args.work) / f"trl-{algo}-{mode}"),
+        max_steps=args.warmup + args.steps,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        logging_steps=10**6,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        log_completions=False,
+        seed=0,
+        **settings,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(wl["model_dir"], dtype=torch.float32)
     tally = Tally(args.warmup, args.steps)
@@ -247,8 +322,14 @@ def trl_side(args, wl: dict, algo: str, mode: str) -> dict:
         def on_step_end(self, *_, **__):
             tally.clock.mark()
 
-    trainer = trainer_cls(model=model, reward_funcs=trl_gold_reward, args=targs, train_dataset=ds,
-                          processing_class=tok, callbacks=[Clock()])
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=trl_gold_reward,
+        args=targs,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[Clock()],
+    )
     real_generate = trainer._generate
 
     def timed_generate(*a, **k):
@@ -262,17 +343,25 @@ def trl_side(args, wl: dict, algo: str, mode: str) -> dict:
 
     trainer._generate = timed_generate
     trainer.train()
-    shown = settings | {"gradient_checkpointing": False, "bf16": False,
-                        "optim": getattr(targs.optim, "value", str(targs.optim))}
+    shown = settings | {
+        "gradient_checkpointing": False,
+        "bf16": False,
+        "optim": getattr(targs.optim, "value", str(targs.optim)),
+    }
     return tally.result() | {"settings": shown}
 
 
 # ------------------------------------------------------------------------------------------ comparison
 def summary(runs: list[dict]) -> dict:
     med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
-    return {"median_completions_per_s": med("completions_per_s"), "median_tokens_per_s": med("tokens_per_s"),
-            "median_completions_per_cpu_s": med("completions_per_cpu_s"), "median_gen_share": med("gen_share"),
-            "median_completion_len": med("mean_completion_len"), "runs": runs}
+    return {
+        "median_completions_per_s": med("completions_per_s"),
+        "median_tokens_per_s": med("tokens_per_s"),
+        "median_completions_per_cpu_s": med("completions_per_cpu_s"),
+        "median_gen_share": med("gen_share"),
+        "median_completion_len": med("mean_completion_len"),
+        "runs": runs,
+    }
 
 
 def _commit() -> str:
@@ -292,9 +381,12 @@ def compare(args) -> dict:
     algos = ALGOS if args.algo == "both" else (args.algo,)
     machine = common.machine_info(args.threads)
     prepare_workload(work, args.threads, args.no_kl)
-    print(f"RL bench: {', '.join(algos)}; {args.batch} prompts x {GROUP} completions/step, <= {NEW_TOKENS} new "
-          f"tokens, {args.warmup} warm-up + {args.steps} timed steps, {args.repeats} run(s), {args.threads} thread(s), "
-          f"load {common.load_average():.2f}", flush=True)
+    print(
+        f"RL bench: {', '.join(algos)}; {args.batch} prompts x {GROUP} completions/step, <= {NEW_TOKENS} new "
+        f"tokens, {args.warmup} warm-up + {args.steps} timed steps, {args.repeats} run(s), {args.threads} thread(s), "
+        f"load {common.load_average():.2f}",
+        flush=True,
+    )
     script = Path(__file__).resolve()
     trl_mode, sweep = {a: args.trl_mode for a in algos}, {}
     if args.sweep:
@@ -305,29 +397,48 @@ def compare(args) -> dict:
             trl_mode[a] = max(sweep[a], key=lambda m: sweep[a][m]["median_completions_per_s"])
             print(f"  {a}: fastest TRL setting {trl_mode[a]}", flush=True)
     tuned = f".mbt{args.alignflow_budget}" if args.alignflow_budget else ""
-    sides = [s for a in algos for s in
-             [("trl", f"{a}.{trl_mode[a]}"), ("alignflow", a)] + ([("alignflow", a + tuned)] if tuned else [])]
+    sides = [
+        s
+        for a in algos
+        for s in [("trl", f"{a}.{trl_mode[a]}"), ("alignflow", a)] + ([("alignflow", a + tuned)] if tuned else [])
+    ]
     runs = common.alternate(script, args, work, sides, args.repeats)
-    out = {"bench": NAME, "machine": machine, "alignflow_commit": _commit(), "steps": args.steps, "warmup": args.warmup, "runs": args.repeats,
-           "prompts_per_step": args.batch, "group": GROUP, "max_new_tokens": NEW_TOKENS, "lr": LR,
-           "sft_steps": SFT_STEPS, "kl": "off" if args.no_kl else "presets",
-           "trl_sweep_steps": args.sweep_steps if sweep else 0, "alignflow_budget": args.alignflow_budget,
-           "algos": {}}
+    out = {
+        "bench": NAME,
+        "machine": machine,
+        "alignflow_commit": _commit(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "runs": args.repeats,
+        "prompts_per_step": args.batch,
+        "group": GROUP,
+        "max_new_tokens": NEW_TOKENS,
+        "lr": LR,
+        "sft_steps": SFT_STEPS,
+        "kl": "off" if args.no_kl else "presets",
+        "trl_sweep_steps": args.sweep_steps if sweep else 0,
+        "alignflow_budget": args.alignflow_budget,
+        "algos": {},
+    }
     for a in algos:
         tr = summary(runs[f"trl/{a}.{trl_mode[a]}"])
         rec = {"trl_mode": trl_mode[a], "trl": tr, "trl_sweep": sweep.get(a, {})}
         for key, mode in (("alignflow", a), ("alignflow_tuned", a + tuned)) if tuned else (("alignflow", a),):
             af = summary(runs[f"alignflow/{mode}"])
-            rec[key] = af | {"ratio": af["median_completions_per_s"] / tr["median_completions_per_s"],
-                             "token_ratio": af["median_tokens_per_s"] / tr["median_tokens_per_s"],
-                             "cpu_time_ratio": af["median_completions_per_cpu_s"] /
-                             tr["median_completions_per_cpu_s"]}
-            print(f"{a.upper()} alignflow{'[' + mode.split('.')[1] + ']' if '.' in mode else ''}/TRL[{trl_mode[a]}] "
-                  f"= {rec[key]['ratio']:.2f}x completions/s ({af['median_completions_per_s']:.1f} vs "
-                  f"{tr['median_completions_per_s']:.1f}), {rec[key]['token_ratio']:.2f}x generated tok/s, "
-                  f"{rec[key]['cpu_time_ratio']:.2f}x per CPU second; generation share {af['median_gen_share']:.0%}"
-                  f" vs {tr['median_gen_share']:.0%}; mean completion {af['median_completion_len']:.1f} vs "
-                  f"{tr['median_completion_len']:.1f} tokens", flush=True)
+            rec[key] = af | {
+                "ratio": af["median_completions_per_s"] / tr["median_completions_per_s"],
+                "token_ratio": af["median_tokens_per_s"] / tr["median_tokens_per_s"],
+                "cpu_time_ratio": af["median_completions_per_cpu_s"] / tr["median_completions_per_cpu_s"],
+            }
+            print(
+                f"{a.upper()} alignflow{'[' + mode.split('.')[1] + ']' if '.' in mode else ''}/TRL[{trl_mode[a]}] "
+                f"= {rec[key]['ratio']:.2f}x completions/s ({af['median_completions_per_s']:.1f} vs "
+                f"{tr['median_completions_per_s']:.1f}), {rec[key]['token_ratio']:.2f}x generated tok/s, "
+                f"{rec[key]['cpu_time_ratio']:.2f}x per CPU second; generation share {af['median_gen_share']:.0%}"
+                f" vs {tr['median_gen_share']:.0%}; mean completion {af['median_completion_len']:.1f} vs "
+                f"{tr['median_completion_len']:.1f} tokens",
+                flush=True,
+            )
         out["algos"][a] = rec
     return out
 
@@ -336,10 +447,12 @@ def markdown(res: dict) -> str:
     """The RL section of ``bench/results/README.md``."""
     m = res["machine"]
     lines = [
-        "# alignflow vs TRL: online RL (GRPO, RLOO), no vLLM", "",
+        "# alignflow vs TRL: online RL (GRPO, RLOO), no vLLM",
+        "",
         f"Machine: {m['cpu']}, {m['cores']} cores (shared), torch threads {m['threads']}; torch {m['torch']}, "
         f"transformers {m['transformers']}, trl {m['trl']}; {m['date']}, 1-min load at start "
-        f"{m['load_average_1m_at_start']:.2f}; alignflow {res.get('alignflow_commit', 'commit not recorded')}.", "",
+        f"{m['load_average_1m_at_start']:.2f}; alignflow {res.get('alignflow_commit', 'commit not recorded')}.",
+        "",
         f"{res['prompts_per_step']} prompts x {res['group']} completions per step, <= {res['max_new_tokens']} new "
         f"tokens, KL {res['kl']}, 1 optimiser step per generation batch, lr {res['lr']:g}; {res['warmup']} warm-up "
         f"+ {res['steps']} timed steps, medians of {res['runs']} alternated run(s). completions/s = completions of "
@@ -347,35 +460,52 @@ def markdown(res: dict) -> str:
         "the same per second of process CPU time (steadier on a loaded machine); generation share = generation "
         "seconds / step seconds. Method: `docs/benchmarks.md`. Regenerate with "
         f"`python bench/bench_rl.py --sweep{' --alignflow-budget ' + str(res['alignflow_budget']) if res['alignflow_budget'] else ''}`"
-        ".", "",
+        ".",
+        "",
         "| algorithm | alignflow | TRL | alignflow compl/s | TRL compl/s | ratio (wall) | ratio (CPU time) | "
         "gen. tok/s ratio | gen. share af / TRL | mean completion af / TRL |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
+        "|---|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
     for a, r in res["algos"].items():
         tr = r["trl"]
-        for key, label in (("alignflow", "defaults"), ("alignflow_tuned", f"micro_batch_tokens={res['alignflow_budget']}")):
+        for key, label in (
+            ("alignflow", "defaults"),
+            ("alignflow_tuned", f"micro_batch_tokens={res['alignflow_budget']}"),
+        ):
             if key not in r:
                 continue
             af = r[key]
-            lines.append(f"| {a.upper()} | {label} | {r['trl_mode']} | {af['median_completions_per_s']:.1f} | "
-                         f"{tr['median_completions_per_s']:.1f} | **{af['ratio']:.2f}x** | "
-                         f"{af['cpu_time_ratio']:.2f}x | {af['token_ratio']:.2f}x | "
-                         f"{af['median_gen_share']:.0%} / {tr['median_gen_share']:.0%} | "
-                         f"{af['median_completion_len']:.1f} / {tr['median_completion_len']:.1f} |")
+            lines.append(
+                f"| {a.upper()} | {label} | {r['trl_mode']} | {af['median_completions_per_s']:.1f} | "
+                f"{tr['median_completions_per_s']:.1f} | **{af['ratio']:.2f}x** | "
+                f"{af['cpu_time_ratio']:.2f}x | {af['token_ratio']:.2f}x | "
+                f"{af['median_gen_share']:.0%} / {tr['median_gen_share']:.0%} | "
+                f"{af['median_completion_len']:.1f} / {tr['median_completion_len']:.1f} |"
+            )
     for a, r in res["algos"].items():
         if r["trl_sweep"]:
             af = r["alignflow"]
-            lines += ["", f"{a.upper()}: every TRL generation setting ({res['trl_sweep_steps']} timed steps, one "
-                          "run each; alignflow = its defaults' median)", "",
-                      "| TRL setting | compl/s | compl/CPU-s | gen. share | alignflow / TRL (wall) | "
-                      "alignflow / TRL (CPU time) |", "|---|---:|---:|---:|---:|---:|"]
+            lines += [
+                "",
+                f"{a.upper()}: every TRL generation setting ({res['trl_sweep_steps']} timed steps, one "
+                "run each; alignflow = its defaults' median)",
+                "",
+                "| TRL setting | compl/s | compl/CPU-s | gen. share | alignflow / TRL (wall) | "
+                "alignflow / TRL (CPU time) |",
+                "|---|---:|---:|---:|---:|---:|",
+            ]
             for mode, s in r["trl_sweep"].items():
-                lines.append(f"| {mode} | {s['median_completions_per_s']:.1f} | "
-                             f"{s['median_completions_per_cpu_s']:.1f} | {s['median_gen_share']:.0%} | "
-                             f"{af['median_completions_per_s'] / s['median_completions_per_s']:.2f}x | "
-                             f"{af['median_completions_per_cpu_s'] / s['median_completions_per_cpu_s']:.2f}x |")
-        lines += ["", f"{a.upper()} settings: alignflow `{json.dumps(r['alignflow']['runs'][0]['settings'])}`; "
-                      f"TRL `{json.dumps(r['trl']['runs'][0]['settings'])}`."]
+                lines.append(
+                    f"| {mode} | {s['median_completions_per_s']:.1f} | "
+                    f"{s['median_completions_per_cpu_s']:.1f} | {s['median_gen_share']:.0%} | "
+                    f"{af['median_completions_per_s'] / s['median_completions_per_s']:.2f}x | "
+                    f"{af['median_completions_per_cpu_s'] / s['median_completions_per_cpu_s']:.2f}x |"
+                )
+        lines += [
+            "",
+            f"{a.upper()} settings: alignflow `{json.dumps(r['alignflow']['runs'][0]['settings'])}`; "
+            f"TRL `{json.dumps(r['trl']['runs'][0]['settings'])}`.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -389,26 +519,37 @@ def write_results(res: dict, results: Path) -> None:
     readme = results / "README.md"
     text = readme.read_text() if readme.exists() else ""
     if SECTION in text:
-        text = text[:text.index(SECTION)]
+        text = text[: text.index(SECTION)]
     readme.write_text((text.rstrip() + "\n\n" if text.strip() else "") + markdown(res))
 
 
 def parser() -> argparse.ArgumentParser:
     p = common.common_argparser(__doc__.splitlines()[0])
-    p.set_defaults(steps=6, warmup=1, batch=16, repeats=3, sweep_steps=3,
-                   work=str(Path(common.common_argparser("").get_default("work") + "-rl")))
-    for opt, text in (("--batch", "prompts per RL step (each sampled 8 times)"),
-                      ("--mode", "child run's contender: ALGO (alignflow) or ALGO.TRL_MODE (TRL)"),
-                      ("--steps", "timed RL steps"), ("--warmup", "untimed RL steps first (model loading is never "
-                                                                  "timed)")):
+    p.set_defaults(
+        steps=6,
+        warmup=1,
+        batch=16,
+        repeats=3,
+        sweep_steps=3,
+        work=str(Path(common.common_argparser("").get_default("work") + "-rl")),
+    )
+    for opt, text in (
+        ("--batch", "prompts per RL step (each sampled 8 times)"),
+        ("--mode", "child run's contender: ALGO (alignflow) or ALGO.TRL_MODE (TRL)"),
+        ("--steps", "timed RL steps"),
+        ("--warmup", "untimed RL steps first (model loading is never timed)"),
+    ):
         p._option_string_actions[opt].help = text
     p.add_argument("--runs", dest="repeats", type=int, help="alternations of the contenders (default 3)")
     p.add_argument("--algo", default="both", choices=ALGOS + ("both",))
-    p.add_argument("--trl-mode", default="generate", choices=TRL_MODES, help="TRL generation setting when not "
-                                                                              "sweeping")
+    p.add_argument("--trl-mode", default="generate", choices=TRL_MODES, help="TRL generation setting when not sweeping")
     p.add_argument("--no-kl", action="store_true", help="beta 0 on both sides (no reference model)")
-    p.add_argument("--alignflow-budget", type=int, default=0, help="also time alignflow with "
-                   "train.micro_batch_tokens=N (0: only the trainer's defaults)")
+    p.add_argument(
+        "--alignflow-budget",
+        type=int,
+        default=0,
+        help="also time alignflow with train.micro_batch_tokens=N (0: only the trainer's defaults)",
+    )
     return p
 
 

@@ -54,18 +54,36 @@ def alignflow_side(args, wl: dict, mode: str) -> dict:
         return out
 
     reward.STEPS["bt"], loop.optimizer_step = counted_step, timed_opt
-    cfg = from_dict(RMConfig, {
-        "model": {"name_or_path": wl["model_dir"], "tokenizer": wl["tokenizer_dir"]},
-        "data": {"path": wl["pairs_path"], "max_len": MAX_LEN_DATA, "eval_fraction": 0.0},
-        "optim": {"lr": 1e-4, "scheduler": "constant", "max_grad_norm": 1.0, "weight_decay": 0.0},
-        "reward": {"loss": "bt"},
-        "train": {"overwrite": True, "output_dir": str(Path(args.work) / "alignflow-rm"), "batch_size": args.batch,
-                  "max_steps": args.warmup + args.steps, "progress": False, "log_every": 10 ** 6,
-                  "mixed_precision": "none", "device": "cpu", "num_threads": args.threads, "seed": 0,
-                  "packing": mode == "packed"}})
+    cfg = from_dict(
+        RMConfig,
+        {
+            "model": {"name_or_path": wl["model_dir"], "tokenizer": wl["tokenizer_dir"]},
+            "data": {"path": wl["pairs_path"], "max_len": MAX_LEN_DATA, "eval_fraction": 0.0},
+            "optim": {"lr": 1e-4, "scheduler": "constant", "max_grad_norm": 1.0, "weight_decay": 0.0},
+            "reward": {"loss": "bt"},
+            "train": {
+                "overwrite": True,
+                "output_dir": str(Path(args.work) / "alignflow-rm"),
+                "batch_size": args.batch,
+                "max_steps": args.warmup + args.steps,
+                "progress": False,
+                "log_every": 10**6,
+                "mixed_precision": "none",
+                "device": "cpu",
+                "num_threads": args.threads,
+                "seed": 0,
+                "packing": mode == "packed",
+            },
+        },
+    )
     reward.train_rm(cfg)
-    return clock.result() | {"settings": {"train.packing": mode == "packed", "reward.loss": "bt",
-                                          "train.micro_batch_tokens": cfg.train.micro_batch_tokens}}
+    return clock.result() | {
+        "settings": {
+            "train.packing": mode == "packed",
+            "reward.loss": "bt",
+            "train.micro_batch_tokens": cfg.train.micro_batch_tokens,
+        }
+    }
 
 
 def _trl_dataset(wl: dict, with_length: bool):
@@ -76,8 +94,7 @@ def _trl_dataset(wl: dict, with_length: bool):
     from alignflow.models import load_tokenizer
 
     tok = load_tokenizer(wl["tokenizer_dir"])
-    rows = common.encoded_rows(RMConfig, {"path": wl["pairs_path"], "max_len": MAX_LEN_DATA, "eval_fraction": 0.0},
-                               tok)
+    rows = common.encoded_rows(RMConfig, {"path": wl["pairs_path"], "max_len": MAX_LEN_DATA, "eval_fraction": 0.0}, tok)
     cols = {"chosen_ids": [r["chosen_ids"] for r in rows], "rejected_ids": [r["rejected_ids"] for r in rows]}
     if with_length:
         cols["length"] = [max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
@@ -89,11 +106,18 @@ def trl_settings(mode: str, batch: int) -> dict:
     if mode == "padded":
         return {"per_device_train_batch_size": batch}
     if mode == "group_by_length":
-        return {"per_device_train_batch_size": batch, "train_sampling_strategy": "group_by_length",
-                "remove_unused_columns": False}
+        return {
+            "per_device_train_batch_size": batch,
+            "train_sampling_strategy": "group_by_length",
+            "remove_unused_columns": False,
+        }
     if mode == "rebalance":
-        return {"per_device_train_batch_size": batch // 4, "gradient_accumulation_steps": 4,
-                "train_sampling_strategy": "batch_rebalance", "remove_unused_columns": False}
+        return {
+            "per_device_train_batch_size": batch // 4,
+            "gradient_accumulation_steps": 4,
+            "train_sampling_strategy": "batch_rebalance",
+            "remove_unused_columns": False,
+        }
     raise ValueError(f"unknown TRL mode {mode!r}; choose from {', '.join(TRL_MODES)}")
 
 
@@ -107,11 +131,28 @@ def trl_side(args, wl: dict, mode: str) -> dict:
     clock = common.StepClock(args.warmup, args.steps)
     accum = settings.get("gradient_accumulation_steps", 1)
     targs = RewardConfig(
-        output_dir=str(Path(args.work) / f"trl-rm-{mode}"), max_steps=args.warmup + args.steps, learning_rate=1e-4,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False,
-        use_cpu=True, activation_checkpointing=False, max_length=MAX_LEN_DATA, logging_steps=10 ** 6,
-        report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        dataloader_pin_memory=False, seed=0, **settings)
+        output_dir=str(Path(args.work) / f"trl-rm-{mode}"),
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        activation_checkpointing=False,
+        max_length=MAX_LEN_DATA,
+        logging_steps=10**6,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        seed=0,
+        **settings,
+    )
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(wl["model_dir"], num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
@@ -123,10 +164,12 @@ def trl_side(args, wl: dict, mode: str) -> dict:
     trainer = RewardTrainer(model=model, args=targs, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
     clock.count_batches(trainer, accum)
     trainer.train()
-    shown = settings | {"activation_checkpointing": False, "bf16": False,
-                        "optim": getattr(targs.optim, "value", str(targs.optim))}
+    shown = settings | {
+        "activation_checkpointing": False,
+        "bf16": False,
+        "optim": getattr(targs.optim, "value", str(targs.optim)),
+    }
     return clock.result() | {"settings": shown}
-
 
 
 if __name__ == "__main__":

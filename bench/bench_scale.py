@@ -40,11 +40,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1_000_000.0,
-                 max_position_embeddings=32768)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True, max_position_embeddings=1024)
+QWEN2_05B = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    rope_theta=1_000_000.0,
+    max_position_embeddings=32768,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=2048,
+    tie_word_embeddings=True,
+    max_position_embeddings=1024,
+)
 
 
 def distinct_reward(prompts, responses, **_):
@@ -78,8 +94,9 @@ def build_model(work: Path, shape: dict) -> Path:
     assert len(tok) == shape["vocab_size"], (len(tok), shape["vocab_size"])
     out = work / "model"
     torch.manual_seed(0)
-    config = Qwen2Config(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, **shape)
+    config = Qwen2Config(
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **shape
+    )
     Qwen2ForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -115,22 +132,36 @@ def run(args) -> dict:
     shape = TINY if args.tiny else QWEN2_05B
     model_dir = build_model(work, shape)
     prompts = write_prompts(work, shape["vocab_size"], args.prompts * (args.steps + 1))
-    cfg = from_dict(RLConfig, {
-        "model": {"name_or_path": str(model_dir), "dtype": "float32" if args.tiny else "bfloat16"},
-        "data": {"path": str(prompts), "max_prompt_len": 256},
-        "algo": {"name": "grpo"}, "kl": {"coef": 0.04},
-        "reward": {"functions": {"bench.bench_scale:distinct_reward": 1.0}},
-        "rollout": {"prompts_per_step": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens,
-                    "eval_prompts": 0, "backend": args.backend},
-        "optim": {"lr": 1e-6},
-        "train": {"overwrite": True,
-                  "output_dir": str(work / "run"), "batch_size": args.prompts * args.n, "max_steps": args.steps,
-                  "progress": False, "micro_batch_tokens": args.micro_batch_tokens},
-    })
+    cfg = from_dict(
+        RLConfig,
+        {
+            "model": {"name_or_path": str(model_dir), "dtype": "float32" if args.tiny else "bfloat16"},
+            "data": {"path": str(prompts), "max_prompt_len": 256},
+            "algo": {"name": "grpo"},
+            "kl": {"coef": 0.04},
+            "reward": {"functions": {"bench.bench_scale:distinct_reward": 1.0}},
+            "rollout": {
+                "prompts_per_step": args.prompts,
+                "n": args.n,
+                "max_new_tokens": args.max_new_tokens,
+                "eval_prompts": 0,
+                "backend": args.backend,
+            },
+            "optim": {"lr": 1e-6},
+            "train": {
+                "overwrite": True,
+                "output_dir": str(work / "run"),
+                "batch_size": args.prompts * args.n,
+                "max_steps": args.steps,
+                "progress": False,
+                "micro_batch_tokens": args.micro_batch_tokens,
+            },
+        },
+    )
     t0 = time.perf_counter()
     result = train_rl(cfg)
     wall = time.perf_counter() - t0
-    steps = result.history[args.warmup:] or result.history
+    steps = result.history[args.warmup :] or result.history
     n_params = params_without_embedding(model_dir)
     med = lambda k: statistics.median(h[k] for h in steps)  # noqa: E731
     step_s = med("perf/step_s")
@@ -143,11 +174,23 @@ def run(args) -> dict:
     flops = 2 * n_params * (train_tokens * passes + gen_tokens + (train_tokens - gen_tokens) / args.n)
     peak = args.peak_tflops * 1e12
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {"device": device, "model": "tiny" if args.tiny else "qwen2-0.5b-shape (random weights)",
-            "params_non_embedding_plus_head": n_params, "prompts": args.prompts, "n": args.n,
-            "max_new_tokens": args.max_new_tokens, "steps": len(result.history), "timed_steps": len(steps),
-            "step_s": step_s, "gen_share": med("perf/gen_share"), "tokens_per_s": tokens_per_s,
-            "response_len": resp_len, "mfu": flops / (step_s * peak), "wall_s": wall, "backend": args.backend}
+    return {
+        "device": device,
+        "model": "tiny" if args.tiny else "qwen2-0.5b-shape (random weights)",
+        "params_non_embedding_plus_head": n_params,
+        "prompts": args.prompts,
+        "n": args.n,
+        "max_new_tokens": args.max_new_tokens,
+        "steps": len(result.history),
+        "timed_steps": len(steps),
+        "step_s": step_s,
+        "gen_share": med("perf/gen_share"),
+        "tokens_per_s": tokens_per_s,
+        "response_len": resp_len,
+        "mfu": flops / (step_s * peak),
+        "wall_s": wall,
+        "backend": args.backend,
+    }
 
 
 def main() -> None:
@@ -174,7 +217,8 @@ def main() -> None:
             f"backend {res['backend']}; medians of {res['timed_steps']} steps after warm-up.\n\n"
             "| step time (s) | generation share | tokens/s | mean response length | MFU |\n|---:|---:|---:|---:|---:|\n"
             f"| {res['step_s']:.2f} | {res['gen_share']:.0%} | {res['tokens_per_s']:.0f} | "
-            f"{res['response_len']:.0f} | {res['mfu']:.1%} |\n")
+            f"{res['response_len']:.0f} | {res['mfu']:.1%} |\n"
+        )
 
 
 if __name__ == "__main__":

@@ -57,19 +57,36 @@ def alignflow_side(args, wl: dict, mode: str) -> dict:
         return out
 
     sft.train_step, loop.optimizer_step = counted_step, timed_opt
-    cfg = from_dict(SFTConfig, {
-        "model": {"name_or_path": wl["model_dir"], "tokenizer": wl["tokenizer_dir"]},
-        "data": {"path": wl["sft_path"], "max_len": MAX_LEN_DATA, "eval_fraction": 0.0, "completion_only": True},
-        "optim": {"lr": 1e-4, "scheduler": "constant", "max_grad_norm": 1.0, "weight_decay": 0.0},
-        "train": {"overwrite": True, "output_dir": str(Path(args.work) / "alignflow-sft"), "batch_size": args.batch,
-                  "max_steps": args.warmup + args.steps, "progress": False, "log_every": 10 ** 6,
-                  "mixed_precision": "none", "device": "cpu", "num_threads": args.threads, "seed": 0,
-                  "packing": mode == "packed"}})
+    cfg = from_dict(
+        SFTConfig,
+        {
+            "model": {"name_or_path": wl["model_dir"], "tokenizer": wl["tokenizer_dir"]},
+            "data": {"path": wl["sft_path"], "max_len": MAX_LEN_DATA, "eval_fraction": 0.0, "completion_only": True},
+            "optim": {"lr": 1e-4, "scheduler": "constant", "max_grad_norm": 1.0, "weight_decay": 0.0},
+            "train": {
+                "overwrite": True,
+                "output_dir": str(Path(args.work) / "alignflow-sft"),
+                "batch_size": args.batch,
+                "max_steps": args.warmup + args.steps,
+                "progress": False,
+                "log_every": 10**6,
+                "mixed_precision": "none",
+                "device": "cpu",
+                "num_threads": args.threads,
+                "seed": 0,
+                "packing": mode == "packed",
+            },
+        },
+    )
     sft.train_sft(cfg)
-    return clock.result() | {"settings": {"train.packing": mode == "packed", "data.completion_only": True,
-                                          "train.micro_batch_tokens": cfg.train.micro_batch_tokens,
-                                          "data.max_len": MAX_LEN_DATA}}
-
+    return clock.result() | {
+        "settings": {
+            "train.packing": mode == "packed",
+            "data.completion_only": True,
+            "train.micro_batch_tokens": cfg.train.micro_batch_tokens,
+            "data.max_len": MAX_LEN_DATA,
+        }
+    }
 
 
 def _trl_dataset(wl: dict):
@@ -80,10 +97,10 @@ def _trl_dataset(wl: dict):
     from alignflow.models import load_tokenizer
 
     tok = load_tokenizer(wl["tokenizer_dir"])
-    rows = common.encoded_rows(SFTConfig, {"path": wl["sft_path"], "max_len": MAX_LEN_DATA, "eval_fraction": 0.0},
-                               tok)
-    return tok, Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
-                                   "completion_mask": [r["loss_mask"] for r in rows]})
+    rows = common.encoded_rows(SFTConfig, {"path": wl["sft_path"], "max_len": MAX_LEN_DATA, "eval_fraction": 0.0}, tok)
+    return tok, Dataset.from_dict(
+        {"input_ids": [r["input_ids"] for r in rows], "completion_mask": [r["loss_mask"] for r in rows]}
+    )
 
 
 def trl_settings(mode: str, batch: int, mean_len: float) -> dict:
@@ -93,14 +110,21 @@ def trl_settings(mode: str, batch: int, mean_len: float) -> dict:
     if mode == "group_by_length":
         return {"per_device_train_batch_size": batch, "train_sampling_strategy": "group_by_length"}
     if mode == "rebalance":
-        return {"per_device_train_batch_size": batch // 4, "gradient_accumulation_steps": 4,
-                "train_sampling_strategy": "batch_rebalance"}
+        return {
+            "per_device_train_batch_size": batch // 4,
+            "gradient_accumulation_steps": 4,
+            "train_sampling_strategy": "batch_rebalance",
+        }
     if mode == "padding_free":
         return {"per_device_train_batch_size": batch, "padding_free": True, "max_length": None}
     if mode == "packing_bfd":
         packs = max(1, round(batch * mean_len / PACK_LEN))
-        return {"per_device_train_batch_size": packs, "packing": True, "packing_strategy": "bfd",
-                "max_length": PACK_LEN}
+        return {
+            "per_device_train_batch_size": packs,
+            "packing": True,
+            "packing_strategy": "bfd",
+            "max_length": PACK_LEN,
+        }
     raise ValueError(f"unknown TRL mode {mode!r}; choose from {', '.join(TRL_MODES)}")
 
 
@@ -115,11 +139,28 @@ def trl_side(args, wl: dict, mode: str) -> dict:
     settings = {"max_length": MAX_LEN_DATA, **trl_settings(mode, args.batch, mean_len)}
     accum = settings.get("gradient_accumulation_steps", 1)
     targs = SFTConfig(
-        output_dir=str(Path(args.work) / f"trl-sft-{mode}"), max_steps=args.warmup + args.steps, learning_rate=1e-4,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False,
-        use_cpu=True, activation_checkpointing=False, completion_only_loss=True, logging_steps=10 ** 6,
-        report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        dataloader_pin_memory=False, seed=0, **settings)
+        output_dir=str(Path(args.work) / f"trl-sft-{mode}"),
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        activation_checkpointing=False,
+        completion_only_loss=True,
+        logging_steps=10**6,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        seed=0,
+        **settings,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(wl["model_dir"], dtype=torch.float32)
 
@@ -130,10 +171,13 @@ def trl_side(args, wl: dict, mode: str) -> dict:
     trainer = SFTTrainer(model=model, args=targs, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
     clock.count_batches(trainer, accum)
     trainer.train()
-    shown = settings | {"activation_checkpointing": False, "bf16": False, "completion_only_loss": True,
-                        "optim": getattr(targs.optim, "value", str(targs.optim))}
+    shown = settings | {
+        "activation_checkpointing": False,
+        "bf16": False,
+        "completion_only_loss": True,
+        "optim": getattr(targs.optim, "value", str(targs.optim)),
+    }
     return clock.result() | {"settings": shown}
-
 
 
 if __name__ == "__main__":

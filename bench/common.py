@@ -103,8 +103,13 @@ def prepare_workload(work: Path, n_rows: int) -> dict:
 
     tok = load_tokenizer(str(task.tokenizer_dir))
     paths = write_rows(task, tok, work, n_rows, n_rows)
-    return {"model_dir": str(task.model_dir), "tokenizer_dir": str(task.tokenizer_dir), "vocab_size": len(tok),
-            "sft_path": str(paths["sft"]), "pairs_path": str(paths["pairs"])}
+    return {
+        "model_dir": str(task.model_dir),
+        "tokenizer_dir": str(task.tokenizer_dir),
+        "vocab_size": len(tok),
+        "sft_path": str(paths["sft"]),
+        "pairs_path": str(paths["pairs"]),
+    }
 
 
 def encoded_rows(cfg_cls, data: dict, tokenizer) -> list[dict]:
@@ -158,14 +163,20 @@ class StepClock:
     def result(self) -> dict:
         w, n = self.warmup, self.timed
         if len(self.ends) < w + n or len(self.tokens) < w + n:
-            raise RuntimeError(f"only {len(self.ends)} steps timed and {len(self.tokens)} batches counted; "
-                               f"need {w + n}")
+            raise RuntimeError(
+                f"only {len(self.ends)} steps timed and {len(self.tokens)} batches counted; need {w + n}"
+            )
         seconds = self.ends[w + n - 1] - self.ends[w - 1]
         cpu = self.cpu[w + n - 1] - self.cpu[w - 1]
-        tokens = sum(self.tokens[w:w + n])
-        return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "cpu_seconds": cpu,
-                "tokens_per_cpu_s": tokens / cpu,
-                "step_s": [b - a for a, b in zip(self.ends[w - 1:w + n - 1], self.ends[w:w + n])]}
+        tokens = sum(self.tokens[w : w + n])
+        return {
+            "seconds": seconds,
+            "tokens": tokens,
+            "tokens_per_s": tokens / seconds,
+            "cpu_seconds": cpu,
+            "tokens_per_cpu_s": tokens / cpu,
+            "step_s": [b - a for a, b in zip(self.ends[w - 1 : w + n - 1], self.ends[w : w + n], strict=False)],
+        }
 
 
 def set_threads(n: int) -> None:
@@ -179,18 +190,38 @@ def set_threads(n: int) -> None:
 def run_side(script: Path, side: str, mode: str, args, work: Path, tag: str) -> dict:
     """Run one side in a subprocess (``script --side ... --out ...``) and read its JSON result."""
     out = work / f"{tag}.json"
-    cmd = [sys.executable, str(script), "--side", side, "--mode", mode, "--work", str(work), "--out", str(out),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-           "--batch", str(args.batch)]
+    cmd = [
+        sys.executable,
+        str(script),
+        "--side",
+        side,
+        "--mode",
+        mode,
+        "--work",
+        str(work),
+        "--out",
+        str(out),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--batch",
+        str(args.batch),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{side}/{mode} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     res = json.loads(out.read_text())
     res["wall_s"] = time.perf_counter() - t0
-    print(f"  {side:9s} {mode:16s} {res['tokens_per_s']:7.0f} tok/s {res['tokens_per_cpu_s']:7.0f} tok/cpu-s "
-          f"({res['tokens']} tokens in "
-          f"{res['seconds']:.1f} s, process {res['wall_s']:.0f} s)  load {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"  {side:9s} {mode:16s} {res['tokens_per_s']:7.0f} tok/s {res['tokens_per_cpu_s']:7.0f} tok/cpu-s "
+        f"({res['tokens']} tokens in "
+        f"{res['seconds']:.1f} s, process {res['wall_s']:.0f} s)  load {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     return res
 
 
@@ -211,9 +242,17 @@ def machine_info(threads: int) -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-            "load_average_1m_at_start": load_average(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "load_average_1m_at_start": load_average(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
 
 
 def median_of(runs: list[dict], key: str = "tokens_per_s") -> float:
@@ -233,8 +272,11 @@ def common_argparser(description: str):
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--side", choices=("main", "alignflow", "trl"), default="main")
     p.add_argument("--mode", default="", help="side's setting (alignflow: packed|padded; TRL: see TRL_MODES)")
-    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "alignflow-bench"),
-                   help="scratch directory (task, rows, run outputs); outside the repository")
+    p.add_argument(
+        "--work",
+        default=os.path.join(tempfile.gettempdir(), "alignflow-bench"),
+        help="scratch directory (task, rows, run outputs); outside the repository",
+    )
     p.add_argument("--out", default="")
     p.add_argument("--steps", type=int, default=10, help="timed optimiser steps")
     p.add_argument("--sweep-steps", type=int, default=4, help="timed steps of each TRL mode in the sweep")
@@ -248,16 +290,22 @@ def common_argparser(description: str):
 
 
 def summary(runs: list[dict]) -> dict:
-    return {"median_tokens_per_s": median_of(runs), "median_tokens_per_cpu_s": median_of(runs, "tokens_per_cpu_s"),
-            "runs": runs}
+    return {
+        "median_tokens_per_s": median_of(runs),
+        "median_tokens_per_cpu_s": median_of(runs, "tokens_per_cpu_s"),
+        "runs": runs,
+    }
 
 
 def compare(script: Path, args, work: Path, name: str, trl_modes: tuple, unit: str) -> dict:
     """The whole comparison: optional sweep of TRL's modes, then TRL and alignflow alternated ``args.repeats``
     times; prints the ratio and returns the result record (JSON-able)."""
     machine = machine_info(args.threads)
-    print(f"{name} bench: {args.batch} {unit}/step, {args.warmup} warm-up + {args.steps} timed steps, "
-          f"{args.threads} thread(s), load {load_average():.2f}", flush=True)
+    print(
+        f"{name} bench: {args.batch} {unit}/step, {args.warmup} warm-up + {args.steps} timed steps, "
+        f"{args.threads} thread(s), load {load_average():.2f}",
+        flush=True,
+    )
     sweep, trl_mode = {}, args.trl_mode
     if args.sweep:
         quick = argparse.Namespace(**{**vars(args), "steps": args.sweep_steps})
@@ -268,14 +316,26 @@ def compare(script: Path, args, work: Path, name: str, trl_modes: tuple, unit: s
     af, tr = summary(runs[f"alignflow/{args.alignflow_mode}"]), summary(runs[f"trl/{trl_mode}"])
     ratio = af["median_tokens_per_s"] / tr["median_tokens_per_s"]
     cpu_ratio = af["median_tokens_per_cpu_s"] / tr["median_tokens_per_cpu_s"]
-    print(f"{name} alignflow/TRL = {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU time  (alignflow[{args.alignflow_mode}] "
-          f"{af['median_tokens_per_s']:.0f} tok/s, TRL[{trl_mode}] {tr['median_tokens_per_s']:.0f} tok/s)", flush=True)
-    return {"bench": name.lower(), "machine": machine, "steps": args.steps, "warmup": args.warmup,
-            f"{unit}_per_step": args.batch, "ratio": ratio, "cpu_time_ratio": cpu_ratio, "trl_mode": trl_mode,
-            "alignflow_mode": args.alignflow_mode, "alignflow": af, "trl": tr,
-            "trl_sweep_steps": args.sweep_steps if sweep else 0,
-            "trl_sweep": {k.split("/", 1)[1]: summary(v) for k, v in sweep.items()}}
-
+    print(
+        f"{name} alignflow/TRL = {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU time  (alignflow[{args.alignflow_mode}] "
+        f"{af['median_tokens_per_s']:.0f} tok/s, TRL[{trl_mode}] {tr['median_tokens_per_s']:.0f} tok/s)",
+        flush=True,
+    )
+    return {
+        "bench": name.lower(),
+        "machine": machine,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        f"{unit}_per_step": args.batch,
+        "ratio": ratio,
+        "cpu_time_ratio": cpu_ratio,
+        "trl_mode": trl_mode,
+        "alignflow_mode": args.alignflow_mode,
+        "alignflow": af,
+        "trl": tr,
+        "trl_sweep_steps": args.sweep_steps if sweep else 0,
+        "trl_sweep": {k.split("/", 1)[1]: summary(v) for k, v in sweep.items()},
+    }
 
 
 def bench_parser(doc: str, trl_modes: tuple, alignflow_modes: tuple) -> argparse.ArgumentParser:

@@ -38,33 +38,70 @@ from alignflow.trainers.sft import train_sft  # noqa: E402
 def sft_model(task, root: Path, steps: int, seed: int) -> Path:
     out = root / f"sft-{steps}-seed{seed}"
     if not (out / "model").exists():
-        train_sft(from_dict(SFTConfig, {
-            "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
-            "data": {"path": str(task.sft_path), "max_len": 64, "eval_fraction": 0.0},
-            "optim": {"lr": 3e-3, "scheduler": "constant"},
-            "train": {"overwrite": True,
-                      "output_dir": str(out), "batch_size": 32, "max_steps": steps, "seed": seed, "progress": False}}))
+        train_sft(
+            from_dict(
+                SFTConfig,
+                {
+                    "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
+                    "data": {"path": str(task.sft_path), "max_len": 64, "eval_fraction": 0.0},
+                    "optim": {"lr": 3e-3, "scheduler": "constant"},
+                    "train": {
+                        "overwrite": True,
+                        "output_dir": str(out),
+                        "batch_size": 32,
+                        "max_steps": steps,
+                        "seed": seed,
+                        "progress": False,
+                    },
+                },
+            )
+        )
     return out / "model"
 
 
 def run(task, sft: Path, out: Path, args, rounds: int, prompts: int, steps: int, seed: int) -> dict:
-    cfg = from_dict(OnlinePOConfig, {
-        "model": {"name_or_path": str(sft), "tokenizer": str(task.tokenizer_dir)},
-        "data": {"path": str(task.prompts_path), "eval_path": str(task.eval_prompts_path)},
-        "task": {"name": "reviews"}, "reward": {"task": {"gold": 1.0}}, "loss": {"name": "dpo", "beta": args.beta},
-        "online": {"method": "iterative_dpo", "rounds": rounds, "prompts_per_round": prompts,
-                   "steps_per_round": steps, "eval_samples": args.eval_samples},
-        "rollout": {"n": args.n, "max_new_tokens": args.max_new_tokens, "eval_prompts": args.eval_prompts,
-                    "prompts_per_step": 64},
-        "optim": {"lr": args.lr, "scheduler": "constant"},
-        "train": {"overwrite": True,
-                  "output_dir": str(out), "batch_size": args.batch_size, "seed": seed, "progress": False}})
+    cfg = from_dict(
+        OnlinePOConfig,
+        {
+            "model": {"name_or_path": str(sft), "tokenizer": str(task.tokenizer_dir)},
+            "data": {"path": str(task.prompts_path), "eval_path": str(task.eval_prompts_path)},
+            "task": {"name": "reviews"},
+            "reward": {"task": {"gold": 1.0}},
+            "loss": {"name": "dpo", "beta": args.beta},
+            "online": {
+                "method": "iterative_dpo",
+                "rounds": rounds,
+                "prompts_per_round": prompts,
+                "steps_per_round": steps,
+                "eval_samples": args.eval_samples,
+            },
+            "rollout": {
+                "n": args.n,
+                "max_new_tokens": args.max_new_tokens,
+                "eval_prompts": args.eval_prompts,
+                "prompts_per_step": 64,
+            },
+            "optim": {"lr": args.lr, "scheduler": "constant"},
+            "train": {
+                "overwrite": True,
+                "output_dir": str(out),
+                "batch_size": args.batch_size,
+                "seed": seed,
+                "progress": False,
+            },
+        },
+    )
     t0 = time.perf_counter()
     res = train_online_po(cfg)
-    return {"gold_init": res.evals[0][1]["eval/gold_reward"], "gold": res.eval["eval/gold_reward"],
-            "gold_per_round": [ev["eval/gold_reward"] for _, ev in res.evals],
-            "response_len": res.eval["eval/response_len"], "updates": len(res.history),
-            "pairs": sum(r.get("online/pairs", 0) for r in res.rounds), "seconds": time.perf_counter() - t0}
+    return {
+        "gold_init": res.evals[0][1]["eval/gold_reward"],
+        "gold": res.eval["eval/gold_reward"],
+        "gold_per_round": [ev["eval/gold_reward"] for _, ev in res.evals],
+        "response_len": res.eval["eval/response_len"],
+        "updates": len(res.history),
+        "pairs": sum(r.get("online/pairs", 0) for r in res.rounds),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def main() -> None:
@@ -87,8 +124,17 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "online_vs_offline.json"))
     args = ap.parse_args()
     root = Path(args.root)
-    task = build_task("reviews", TaskConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=2,
-                                            intermediate_size=2 * args.hidden, num_sft=2000), root / "task")
+    task = build_task(
+        "reviews",
+        TaskConfig(
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            num_heads=2,
+            intermediate_size=2 * args.hidden,
+            num_sft=2000,
+        ),
+        root / "task",
+    )
     R, P, S = args.rounds, args.prompts_per_round, args.steps_per_round
     results = []
     for seed in args.seeds:
@@ -98,18 +144,25 @@ def main() -> None:
         results.append({"seed": seed, "online": on, "offline": off})
         print(f"seed {seed}: SFT {on['gold_init']:.3f}  offline {off['gold']:.3f}  online {on['gold']:.3f}", flush=True)
     diffs = [r["online"]["gold"] - r["offline"]["gold"] for r in results]
-    summary = {"online_mean": statistics.mean(r["online"]["gold"] for r in results),
-               "offline_mean": statistics.mean(r["offline"]["gold"] for r in results),
-               "sft_mean": statistics.mean(r["online"]["gold_init"] for r in results),
-               "online_minus_offline": diffs, "online_wins": sum(d > 0 for d in diffs)}
+    summary = {
+        "online_mean": statistics.mean(r["online"]["gold"] for r in results),
+        "offline_mean": statistics.mean(r["offline"]["gold"] for r in results),
+        "sft_mean": statistics.mean(r["online"]["gold_init"] for r in results),
+        "online_minus_offline": diffs,
+        "online_wins": sum(d > 0 for d in diffs),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": results, "summary": summary}, indent=1))
     print("\n| seed | SFT | offline DPO | online iterative DPO | online - offline |\n|---|---:|---:|---:|---:|")
-    for r, d in zip(results, diffs):
-        print(f"| {r['seed']} | {r['online']['gold_init']:.3f} | {r['offline']['gold']:.3f} | "
-              f"{r['online']['gold']:.3f} | {d:+.3f} |")
-    print(f"| mean | {summary['sft_mean']:.3f} | {summary['offline_mean']:.3f} | {summary['online_mean']:.3f} | "
-          f"{statistics.mean(diffs):+.3f} |")
+    for r, d in zip(results, diffs, strict=False):
+        print(
+            f"| {r['seed']} | {r['online']['gold_init']:.3f} | {r['offline']['gold']:.3f} | "
+            f"{r['online']['gold']:.3f} | {d:+.3f} |"
+        )
+    print(
+        f"| mean | {summary['sft_mean']:.3f} | {summary['offline_mean']:.3f} | {summary['online_mean']:.3f} | "
+        f"{statistics.mean(diffs):+.3f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -46,11 +46,16 @@ def generation(model, out: dict) -> None:
     from alignflow.rollout import HFEngine, SamplingParams
 
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 1000, (int(n),), generator=g).tolist() for n in torch.randint(32, 129, (32,), generator=g)]
+    prompts = [
+        torch.randint(3, 1000, (int(n),), generator=g).tolist() for n in torch.randint(32, 129, (32,), generator=g)
+    ]
     engine = HFEngine(model, eos_token_id=2, pad_token_id=0)
     params = SamplingParams(n=8, temperature=1.0, max_new_tokens=256, seeds=list(range(32)), logprobs=True)
-    for name, use_graphs, use_compile in (("graphs+fused", True, True), ("no graphs, fused", False, True),
-                                          ("graphs, eager sampling", True, False)):
+    for name, use_graphs, use_compile in (
+        ("graphs+fused", True, True),
+        ("no graphs, fused", False, True),
+        ("graphs, eager sampling", True, False),
+    ):
         graphs.USE_GRAPHS, sampling.USE_COMPILE = use_graphs, use_compile
         res = {}
 

@@ -402,8 +402,7 @@ def sft_trl(job: dict) -> dict:
 # ------------------------------------------------------------------------------------------ d. DPO
 def dpo_alignflow(job: dict) -> dict:
     from alignflow.config import POConfig, from_dict
-    from alignflow.trainers import loop
-    from alignflow.trainers import po_rows
+    from alignflow.trainers import loop, po_rows
     from alignflow.trainers import preference as po
 
     d = job["dpo"]

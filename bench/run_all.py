@@ -29,43 +29,72 @@ import common  # noqa: E402
 
 def bench_args(module, args) -> argparse.Namespace:
     """The bench's own parser defaults, overridden by run_all's options."""
-    return common.bench_parser(module.__doc__, module.TRL_MODES, module.ALIGNFLOW_MODES).parse_args(["--steps", str(args.steps), "--sweep-steps", str(args.sweep_steps),
-                                       "--repeats", str(args.repeats), "--threads", str(args.threads),
-                                       "--batch", str(args.batch), "--work", args.work, "--sweep"])
+    return common.bench_parser(module.__doc__, module.TRL_MODES, module.ALIGNFLOW_MODES).parse_args(
+        [
+            "--steps",
+            str(args.steps),
+            "--sweep-steps",
+            str(args.sweep_steps),
+            "--repeats",
+            str(args.repeats),
+            "--threads",
+            str(args.threads),
+            "--batch",
+            str(args.batch),
+            "--work",
+            args.work,
+            "--sweep",
+        ]
+    )
 
 
 def table(results: list[dict]) -> str:
     """The markdown report: machine, headline ratios, every TRL setting, settings of both sides."""
     m = results[0]["machine"]
     lines = [
-        "# alignflow vs TRL: SFT and reward-model training throughput", "",
+        "# alignflow vs TRL: SFT and reward-model training throughput",
+        "",
         f"Machine: {m['cpu']}, {m['cores']} cores (shared), torch threads {m['threads']}; python {m['python']}, "
         f"torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}; {m['date']}, 1-min load at start "
-        f"{m.get('load_average_1m_at_start', float('nan')):.2f}.", "",
+        f"{m.get('load_average_1m_at_start', float('nan')):.2f}.",
+        "",
         "tokens/s = real (non-pad) tokens of the timed steps / wall time (CPU time for the tok/cpu-s column), "
         "median of the alternated runs. Workload and settings: `docs/benchmarks.md`. Regenerate with "
-        "`python bench/run_all.py`.", "",
+        "`python bench/run_all.py`.",
+        "",
         "| bench | alignflow | TRL (fastest setting) | alignflow tok/s | TRL tok/s | ratio (wall) | "
         "alignflow tok/cpu-s | TRL tok/cpu-s | ratio (CPU time) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         a, t = r["alignflow"], r["trl"]
-        lines.append(f"| {r['bench'].upper()} | {r['alignflow_mode']} | {r['trl_mode']} | "
-                     f"{a['median_tokens_per_s']:.0f} | {t['median_tokens_per_s']:.0f} | **{r['ratio']:.2f}x** | "
-                     f"{a['median_tokens_per_cpu_s']:.0f} | {t['median_tokens_per_cpu_s']:.0f} | "
-                     f"{r['cpu_time_ratio']:.2f}x |")
+        lines.append(
+            f"| {r['bench'].upper()} | {r['alignflow_mode']} | {r['trl_mode']} | "
+            f"{a['median_tokens_per_s']:.0f} | {t['median_tokens_per_s']:.0f} | **{r['ratio']:.2f}x** | "
+            f"{a['median_tokens_per_cpu_s']:.0f} | {t['median_tokens_per_cpu_s']:.0f} | "
+            f"{r['cpu_time_ratio']:.2f}x |"
+        )
     for r in results:
         a = r["alignflow"]
-        lines += ["", f"## {r['bench'].upper()}: every TRL setting ({r['trl_sweep_steps']} timed steps each, one run; "
-                      f"ratio = alignflow median / this run)", "",
-                  "| TRL setting | tok/s | tok/cpu-s | alignflow / TRL (wall) | alignflow / TRL (CPU time) |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"## {r['bench'].upper()}: every TRL setting ({r['trl_sweep_steps']} timed steps each, one run; "
+            f"ratio = alignflow median / this run)",
+            "",
+            "| TRL setting | tok/s | tok/cpu-s | alignflow / TRL (wall) | alignflow / TRL (CPU time) |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for mode, s in r["trl_sweep"].items():
-            lines.append(f"| {mode} | {s['median_tokens_per_s']:.0f} | {s['median_tokens_per_cpu_s']:.0f} | "
-                         f"{a['median_tokens_per_s'] / s['median_tokens_per_s']:.2f}x | "
-                         f"{a['median_tokens_per_cpu_s'] / s['median_tokens_per_cpu_s']:.2f}x |")
-        lines += ["", f"Settings: alignflow `{json.dumps(a['runs'][0]['settings'])}`; "
-                      f"TRL `{json.dumps(r['trl']['runs'][0]['settings'])}`."]
+            lines.append(
+                f"| {mode} | {s['median_tokens_per_s']:.0f} | {s['median_tokens_per_cpu_s']:.0f} | "
+                f"{a['median_tokens_per_s'] / s['median_tokens_per_s']:.2f}x | "
+                f"{a['median_tokens_per_cpu_s'] / s['median_tokens_per_cpu_s']:.2f}x |"
+            )
+        lines += [
+            "",
+            f"Settings: alignflow `{json.dumps(a['runs'][0]['settings'])}`; "
+            f"TRL `{json.dumps(r['trl']['runs'][0]['settings'])}`.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -90,8 +119,9 @@ def main() -> None:
         (out / f"{module.NAME}.json").write_text(json.dumps(res, indent=1))
         results.append(res)
     (out / "README.md").write_text(table(results))
-    rl_args = bench_rl.parser().parse_args(["--runs", str(args.repeats), "--threads", str(args.threads),
-                                            "--work", args.work, "--sweep"])
+    rl_args = bench_rl.parser().parse_args(
+        ["--runs", str(args.repeats), "--threads", str(args.threads), "--work", args.work, "--sweep"]
+    )
     bench_rl.write_results(bench_rl.compare(rl_args), out)  # rl.json + the RL section of README.md
     print((out / "README.md").read_text())
 

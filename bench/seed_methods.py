@@ -30,14 +30,17 @@ ROOT = Path("runs/bench_seed_methods")
 
 
 def rl_config(task, out: Path, model: Path, **sections) -> RLConfig:
-    base = {"model": {"name_or_path": str(model), "tokenizer": str(task.tokenizer_dir)},
-            "data": {"path": str(task.prompts_path)}, "task": {"name": task.name},
-            "reward": {"task": {"gold": 1.0}}, "kl": {"coef": 0.05},
-            "critic": {"optim": {"lr": 3e-3, "scheduler": "constant"}},
-            "optim": {"lr": 1e-3, "scheduler": "constant"},
-            "rollout": {"prompts_per_step": 32, "n": 1, "max_new_tokens": 24, "eval_prompts": 0},
-            "train": {"output_dir": str(out), "batch_size": 16, "max_steps": 12, "progress": False,
-                      "overwrite": True}}
+    base = {
+        "model": {"name_or_path": str(model), "tokenizer": str(task.tokenizer_dir)},
+        "data": {"path": str(task.prompts_path)},
+        "task": {"name": task.name},
+        "reward": {"task": {"gold": 1.0}},
+        "kl": {"coef": 0.05},
+        "critic": {"optim": {"lr": 3e-3, "scheduler": "constant"}},
+        "optim": {"lr": 1e-3, "scheduler": "constant"},
+        "rollout": {"prompts_per_step": 32, "n": 1, "max_new_tokens": 24, "eval_prompts": 0},
+        "train": {"output_dir": str(out), "batch_size": 16, "max_steps": 12, "progress": False, "overwrite": True},
+    }
     for k, v in sections.items():
         base[k] = base.get(k, {}) | v
     return from_dict(RLConfig, base)
@@ -52,25 +55,42 @@ RUNS = {
 
 
 def main(which: str, seed: int) -> None:
-    task = build_task("reviews", TaskConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                                            num_sft=400, num_pairs=300), ROOT / "task")
+    task = build_task(
+        "reviews",
+        TaskConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, num_sft=400, num_pairs=300),
+        ROOT / "task",
+    )
     sft = ROOT / "sft" / "model"
     if not sft.exists():
-        train_sft(from_dict(SFTConfig, {
-            "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
-            "data": {"path": str(task.sft_path), "max_len": 64, "eval_fraction": 0.0},
-            "optim": {"lr": 3e-3, "scheduler": "constant"},
-            "train": {"output_dir": str(ROOT / "sft"), "batch_size": 32, "max_steps": 60, "progress": False,
-                      "overwrite": True}}))
+        train_sft(
+            from_dict(
+                SFTConfig,
+                {
+                    "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
+                    "data": {"path": str(task.sft_path), "max_len": 64, "eval_fraction": 0.0},
+                    "optim": {"lr": 3e-3, "scheduler": "constant"},
+                    "train": {
+                        "output_dir": str(ROOT / "sft"),
+                        "batch_size": 32,
+                        "max_steps": 60,
+                        "progress": False,
+                        "overwrite": True,
+                    },
+                },
+            )
+        )
     tok = load_tokenizer(str(task.tokenizer_dir))
     prompts = [json.loads(line)["prompt"] for line in open(task.eval_prompts_path)][:48]
     ptx = build_ptx(rl_config(task, ROOT / "ptx_probe", sft, algo={"ptx_coef": 1.0}), tok)
 
     def gold(model) -> float:
-        b = HFEngine(model, tok).generate([tok(p)["input_ids"] for p in prompts],
-                                          SamplingParams(n=4, max_new_tokens=24, seed=7))
-        texts = tok.batch_decode([r[m.bool()].tolist() for r, m in zip(b["response_ids"], b["response_mask"])],
-                                 skip_special_tokens=True)
+        b = HFEngine(model, tok).generate(
+            [tok(p)["input_ids"] for p in prompts], SamplingParams(n=4, max_new_tokens=24, seed=7)
+        )
+        texts = tok.batch_decode(
+            [r[m.bool()].tolist() for r, m in zip(b["response_ids"], b["response_mask"], strict=False)],
+            skip_special_tokens=True,
+        )
         return sum(task.gold_reward([p for p in prompts for _ in range(4)], texts)) / len(texts)
 
     @torch.no_grad()
@@ -86,8 +106,10 @@ def main(which: str, seed: int) -> None:
         cfg = rl_config(task, ROOT / name, sft, **kw)
         cfg.train.seed = seed
         result = train_rl(cfg)
-        print(f"{name}  gold {gold(result.model):.3f}  sft_nll {nll(result.model):.3f}  "
-              f"kl {result.history[-1].get('policy/kl', float('nan')):.2f}  secs {time.time() - t0:.0f}")
+        print(
+            f"{name}  gold {gold(result.model):.3f}  sft_nll {nll(result.model):.3f}  "
+            f"kl {result.history[-1].get('policy/kl', float('nan')):.2f}  secs {time.time() - t0:.0f}"
+        )
 
 
 if __name__ == "__main__":

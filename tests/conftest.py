@@ -21,9 +21,15 @@ def reviews_sft(reviews_task, tmp_path_factory):
     from alignflow.trainers.sft import train_sft
 
     out = tmp_path_factory.mktemp("reviews-sft")
-    train_sft(from_dict(SFTConfig, {
-        "model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir)},
-        "data": {"path": str(reviews_task.sft_path), "max_len": 64, "eval_fraction": 0.0},
-        "optim": {"lr": 3e-3, "scheduler": "constant"},
-        "train": {"output_dir": str(out), "batch_size": 32, "max_steps": 60, "progress": False}}))
+    train_sft(
+        from_dict(
+            SFTConfig,
+            {
+                "model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir)},
+                "data": {"path": str(reviews_task.sft_path), "max_len": 64, "eval_fraction": 0.0},
+                "optim": {"lr": 3e-3, "scheduler": "constant"},
+                "train": {"output_dir": str(out), "batch_size": 32, "max_steps": 60, "progress": False},
+            },
+        )
+    )
     return out / "model"

@@ -21,7 +21,8 @@ import os
 import queue
 import time
 import traceback
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from alignflow.distributed.ray_group import free_port
 
@@ -37,8 +38,9 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple,
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         try:
@@ -59,8 +61,10 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0)
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # read by the children at start-up
     try:
-        procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, results), daemon=True)
-                 for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, results), daemon=True)
+            for r in range(world_size)
+        ]
         for p in procs:
             p.start()
     finally:

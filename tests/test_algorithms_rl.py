@@ -9,8 +9,18 @@ import pytest
 import torch
 
 from alignflow.algorithms.core import AGG_MODES, aggregate, masked_mean, masked_sum, masked_var, masked_whiten
-from alignflow.algorithms.kl import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_k1, kl_k2, kl_k3,
-                                     kl_loss, kl_penalty_rewards, make_kl_controller, sequence_kl)
+from alignflow.algorithms.kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    kl_loss,
+    kl_penalty_rewards,
+    make_kl_controller,
+    sequence_kl,
+)
 
 NAN = float("nan")
 
@@ -76,12 +86,15 @@ LOSS_2x3 = torch.tensor([[1.0, 2.0, NAN], [4.0, 5.0, 6.0]])
 MASK_2x3 = torch.tensor([[1, 1, 0], [1, 1, 1]])
 
 
-@pytest.mark.parametrize("mode,kwargs,expected", [
-    ("token_mean", {}, 18 / 5),
-    ("seq_mean_token_mean", {}, (1.5 + 5.0) / 2),
-    ("seq_mean_token_sum", {}, (3.0 + 15.0) / 2),
-    ("seq_mean_token_sum_norm", {"norm_len": 4}, (3.0 / 4 + 15.0 / 4) / 2),
-])
+@pytest.mark.parametrize(
+    "mode,kwargs,expected",
+    [
+        ("token_mean", {}, 18 / 5),
+        ("seq_mean_token_mean", {}, (1.5 + 5.0) / 2),
+        ("seq_mean_token_sum", {}, (3.0 + 15.0) / 2),
+        ("seq_mean_token_sum_norm", {"norm_len": 4}, (3.0 / 4 + 15.0 / 4) / 2),
+    ],
+)
 def test_aggregation_modes_worked_2x3(mode, kwargs, expected):
     """l = [[1, 2, ·], [4, 5, 6]] (· padded, holding NaN), mask = [[1, 1, 0], [1, 1, 1]].
 
@@ -108,7 +121,9 @@ def test_aggregation_all_masked_row_not_counted_and_all_masked_batch_zero():
     mask = torch.cat([MASK_2x3, torch.zeros(1, 3, dtype=MASK_2x3.dtype)])
     for mode in AGG_MODES:
         kw = {"norm_len": 4} if mode.endswith("norm") else {}
-        assert aggregate(loss, mask, mode, **kw).item() == pytest.approx(aggregate(LOSS_2x3, MASK_2x3, mode, **kw).item())
+        assert aggregate(loss, mask, mode, **kw).item() == pytest.approx(
+            aggregate(LOSS_2x3, MASK_2x3, mode, **kw).item()
+        )
         assert aggregate(loss, torch.zeros_like(mask), mode, **kw).item() == 0.0
 
 
@@ -124,14 +139,14 @@ def test_micro_batch_split_invariance(mode):
     loss = loss.requires_grad_()
     kw = {"norm_len": 6} if mode.endswith("norm") else {}
     whole = aggregate(loss, mask, mode, **kw)
-    g_whole, = torch.autograd.grad(whole, loss)
+    (g_whole,) = torch.autograd.grad(whole, loss)
     glob = {"global_tokens": int(mask.sum())} if mode == "token_mean" else {"global_seqs": 8}
-    parts = sum(aggregate(l_k, m_k, mode, **kw, **glob) for l_k, m_k in zip(loss.split(2), mask.split(2)))
-    g_parts, = torch.autograd.grad(parts, loss)
+    parts = sum(aggregate(l_k, m_k, mode, **kw, **glob) for l_k, m_k in zip(loss.split(2), mask.split(2), strict=False))
+    (g_parts,) = torch.autograd.grad(parts, loss)
     assert parts.item() == pytest.approx(whole.item(), rel=1e-6)
     assert torch.allclose(g_parts, g_whole, atol=1e-7)
     if mode == "token_mean":
-        naive = sum(aggregate(l_k, m_k, mode) for l_k, m_k in zip(loss.split(2), mask.split(2))) / 4
+        naive = sum(aggregate(l_k, m_k, mode) for l_k, m_k in zip(loss.split(2), mask.split(2), strict=False)) / 4
         assert abs(naive.item() - whole.item()) > 1e-3
 
 

@@ -9,9 +9,17 @@ import math
 import pytest
 import torch
 
-from alignflow.algorithms.advantages import (ADVANTAGE_ESTIMATORS, broadcast_to_tokens, dr_grpo_advantages, gae,
-                                             grpo_advantages, reinforce_pp_advantages, remax_advantages,
-                                             returns_to_go, rloo_advantages)
+from alignflow.algorithms.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    broadcast_to_tokens,
+    dr_grpo_advantages,
+    gae,
+    grpo_advantages,
+    reinforce_pp_advantages,
+    remax_advantages,
+    returns_to_go,
+    rloo_advantages,
+)
 from alignflow.algorithms.dapo import dynamic_sampling_filter, overlong_penalty
 from alignflow.algorithms.kl import kl_penalty_rewards
 
@@ -29,7 +37,7 @@ def _to_left_padding(x, lengths):
     out = torch.full_like(x, 123.0) if x.is_floating_point() else torch.zeros_like(x)
     T = x.shape[1]
     for i, n in enumerate(lengths.tolist()):
-        out[i, T - n:] = x[i, :n]
+        out[i, T - n :] = x[i, :n]
     return out
 
 
@@ -78,8 +86,9 @@ def test_gae_left_vs_right_padding_identical():
     """Left-padded rows (garbage 123 in the padding) give the same advantages on their valid tokens."""
     r, v, m, lengths = _right_padded(seed=1)
     adv_r, ret_r = gae(r, v, m, 1.0, 0.95)
-    adv_l, ret_l = gae(_to_left_padding(r, lengths), _to_left_padding(v, lengths), _to_left_padding(m, lengths),
-                       1.0, 0.95)
+    adv_l, ret_l = gae(
+        _to_left_padding(r, lengths), _to_left_padding(v, lengths), _to_left_padding(m, lengths), 1.0, 0.95
+    )
     assert torch.allclose(_to_left_padding(adv_r, lengths).masked_fill(~_to_left_padding(m, lengths), 0), adv_l)
     assert torch.allclose(_to_left_padding(ret_r, lengths).masked_fill(~_to_left_padding(m, lengths), 0), ret_l)
 
@@ -139,8 +148,12 @@ def test_rloo_hand_values_and_loop():
     a = rloo_advantages(torch.tensor([1.0, 2.0, 3.0, 4.0]), group_size=4)
     assert torch.allclose(a, torch.tensor([-2.0, -2 / 3, 2 / 3, 2.0]))
     scores = torch.randn(12, generator=torch.Generator().manual_seed(1))
-    loop = torch.tensor([scores[i].item() - (scores[3 * (i // 3):3 * (i // 3) + 3].sum().item() - scores[i].item()) / 2
-                         for i in range(12)])
+    loop = torch.tensor(
+        [
+            scores[i].item() - (scores[3 * (i // 3) : 3 * (i // 3) + 3].sum().item() - scores[i].item()) / 2
+            for i in range(12)
+        ]
+    )
     assert torch.allclose(rloo_advantages(scores, group_size=3), loop, atol=1e-6)
     with pytest.raises(ValueError, match="at least 2 samples"):
         rloo_advantages(torch.tensor([1.0, 2.0, 3.0]), group_ids=[0, 0, 1])

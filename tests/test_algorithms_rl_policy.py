@@ -11,8 +11,15 @@ import torch
 from alignflow.algorithms.advantages import grpo_advantages
 from alignflow.algorithms.core import AGG_MODES
 from alignflow.algorithms.kl import kl_loss
-from alignflow.algorithms.policy import (POLICY_LOSSES, entropy_bonus, entropy_from_logits, gspo_policy_loss,
-                                         ppo_policy_loss, value_loss, vanilla_pg_loss)
+from alignflow.algorithms.policy import (
+    POLICY_LOSSES,
+    entropy_bonus,
+    entropy_from_logits,
+    gspo_policy_loss,
+    ppo_policy_loss,
+    value_loss,
+    vanilla_pg_loss,
+)
 from alignflow.algorithms.safe import LagrangeMultiplier, safe_combined_advantages, safe_shaped_rewards
 
 ONE = torch.ones(1, 1)
@@ -114,7 +121,7 @@ def test_gspo_paper_ratio_and_clip():
     lp.grad = None
     loss, _ = gspo_policy_loss(lp, torch.zeros(1, 4), adv, mask, clip_low=0.2, clip_high=0.2)
     loss.backward()
-    s = 1.22265 ** 0.25
+    s = 1.22265**0.25
     assert loss.item() == pytest.approx(-s, abs=1e-4) and torch.allclose(lp.grad, torch.full((1, 4), -s / 4), atol=1e-4)
 
 
@@ -128,10 +135,10 @@ def test_gspo_token_form_equals_sequence_objective():
     mask = torch.arange(T)[None] < torch.tensor([5, 3, 1, 4, 2, 5])[:, None]
     adv = torch.randn(B, generator=g)
     loss, _ = gspo_policy_loss(lp, lp_old, adv, mask, clip_low=0.02, clip_high=0.02)
-    grad, = torch.autograd.grad(loss, lp)
+    (grad,) = torch.autograd.grad(loss, lp)
     s = torch.stack([torch.exp((lp[i, mask[i]] - lp_old[i, mask[i]]).mean()) for i in range(B)])
     ref = -torch.minimum(s * adv, s.clamp(0.98, 1.02) * adv).mean()
-    ref_grad, = torch.autograd.grad(ref, lp)
+    (ref_grad,) = torch.autograd.grad(ref, lp)
     assert ((s < 0.98) | (s > 1.02)).any() and ((s > 0.98) & (s < 1.02)).any()  # both branches exercised
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5) and torch.allclose(grad, ref_grad, atol=1e-6)
 
@@ -142,7 +149,7 @@ def _paper_objective(method, lp, lp_old, scores, lengths, G, L_max):
     eps_low, eps_high = 0.2, 0.28 if method == "dapo" else 0.2
     total, n_tok = 0.0, sum(lengths)
     for i, n in enumerate(lengths):
-        grp = scores[(i // G) * G:(i // G + 1) * G].tolist()
+        grp = scores[(i // G) * G : (i // G + 1) * G].tolist()
         mean = sum(grp) / G
         std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (G - 1))
         a = scores[i].item() - mean
@@ -187,7 +194,10 @@ def test_dr_grpo_equal_per_token_weights_across_lengths():
     """Two responses with Â = 1, lengths 10 and 100, ρ = 1. Per-token gradient −Â·w_i:
     Dr. GRPO (Σ/(2·100)): w = 1/200 for both. GRPO (seq_mean_token_mean): w = 1/(2·10) vs 1/(2·100), 10× apart."""
     mask = torch.arange(100)[None] < torch.tensor([10, 100])[:, None]
-    for agg, kw, expected_ratio in [("seq_mean_token_sum_norm", {"norm_len": 100}, 1.0), ("seq_mean_token_mean", {}, 10.0)]:
+    for agg, kw, expected_ratio in [
+        ("seq_mean_token_sum_norm", {"norm_len": 100}, 1.0),
+        ("seq_mean_token_mean", {}, 10.0),
+    ]:
         lp = torch.zeros(2, 100, requires_grad=True)
         ppo_policy_loss(lp, torch.zeros(2, 100), torch.ones(2), mask, agg=agg, **kw)[0].backward()
         assert lp.grad[0, 0].item() / lp.grad[1, 0].item() == pytest.approx(expected_ratio)
@@ -228,15 +238,15 @@ def test_left_vs_right_padding_identical(agg):
     def left(x, fill):
         out = torch.full_like(x, fill) if x.is_floating_point() else torch.zeros_like(x)
         for i, n in enumerate(lengths.tolist()):
-            out[i, T - n:] = x[i, :n]
+            out[i, T - n :] = x[i, :n]
         return out
 
     lp_r, lp_l = lp.clone().requires_grad_(), left(lp, 1e4).requires_grad_()
     right = _losses(lp_r, lp_old, adv, mask, agg)
     lefts = _losses(lp_l, left(lp_old, -1e4), left(adv, 1e4), left(mask, 0), agg)
     for name in right:
-        g_r, = torch.autograd.grad(right[name], lp_r)
-        g_l, = torch.autograd.grad(lefts[name], lp_l)
+        (g_r,) = torch.autograd.grad(right[name], lp_r)
+        (g_l,) = torch.autograd.grad(lefts[name], lp_l)
         assert lefts[name].item() == pytest.approx(right[name].item(), rel=1e-5, abs=1e-7), name
         assert torch.allclose(left(g_r, 0.0), g_l, atol=1e-6), name
 
@@ -254,7 +264,7 @@ def test_all_masked_row_is_finite_and_inert(agg):
     base = _losses(lp, lp_old, adv, mask, agg)
     padded = _losses(lp2, old2, adv2, mask2, agg)
     for name in base:
-        g, = torch.autograd.grad(padded[name], lp2)
+        (g,) = torch.autograd.grad(padded[name], lp2)
         assert torch.isfinite(padded[name]) and torch.isfinite(g).all(), name
         assert padded[name].item() == pytest.approx(base[name].item(), rel=1e-6, abs=1e-7), name
         assert torch.all(g[-1] == 0), name
@@ -296,6 +306,12 @@ def test_lagrange_multiplier_updates():
 def test_safe_shaped_rewards_sign_and_clip():
     """β = 0.1, k1 = [2, 1] (one row, two tokens), R = 3, C = 100:
     r = [−0.2, −0.1 + 3] = [−0.2, 2.9]; c = [0.2, 0.1 + 100] clipped to 50 -> [0.2, 50]."""
-    r, c = safe_shaped_rewards(torch.tensor([3.0]), torch.tensor([100.0]), torch.tensor([[2.0, 1.0]]),
-                               torch.zeros(1, 2), torch.ones(1, 2), beta=0.1)
+    r, c = safe_shaped_rewards(
+        torch.tensor([3.0]),
+        torch.tensor([100.0]),
+        torch.tensor([[2.0, 1.0]]),
+        torch.zeros(1, 2),
+        torch.ones(1, 2),
+        beta=0.1,
+    )
     assert torch.allclose(r, torch.tensor([[-0.2, 2.9]])) and torch.allclose(c, torch.tensor([[0.2, 50.0]]))

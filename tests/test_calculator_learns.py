@@ -25,14 +25,31 @@ def calc_sft(tmp_path_factory):
     """The calculator task (two-digit operands, 2 layers, width 64) after ``SFT_STEPS`` SFT steps on its corpus
     (half tool conversations that copy the result, half wrong guesses)."""
     root = tmp_path_factory.mktemp("calc-learn")
-    task = build_task("calculator", TaskConfig(name="calculator", hidden_size=64, num_layers=2, num_heads=2,
-                                               intermediate_size=128, num_sft=2000, num_pairs=8, max_operand=99),
-                      root / "task")
-    train_sft(from_dict(SFTConfig, {
-        "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
-        "data": {"path": str(task.sft_path), "max_len": 64, "eval_fraction": 0.0},
-        "optim": {"lr": 3e-3, "scheduler": "constant"},
-        "train": {"output_dir": str(root / "sft"), "batch_size": 32, "max_steps": SFT_STEPS, "progress": False}}))
+    task = build_task(
+        "calculator",
+        TaskConfig(
+            name="calculator",
+            hidden_size=64,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=128,
+            num_sft=2000,
+            num_pairs=8,
+            max_operand=99,
+        ),
+        root / "task",
+    )
+    train_sft(
+        from_dict(
+            SFTConfig,
+            {
+                "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
+                "data": {"path": str(task.sft_path), "max_len": 64, "eval_fraction": 0.0},
+                "optim": {"lr": 3e-3, "scheduler": "constant"},
+                "train": {"output_dir": str(root / "sft"), "batch_size": 32, "max_steps": SFT_STEPS, "progress": False},
+            },
+        )
+    )
     return task, root / "sft" / "model"
 
 
@@ -52,16 +69,26 @@ def test_sft_makes_tool_use_correct_and_grpo_calls_the_tool_more(calc_sft, tmp_p
     sampled episodes that call the tool (measured 0.67-0.73 in the first two steps, 0.92-1.0 in the last four)
     and keep the greedy accuracy (measured 0.86 -> 0.83, 0.84 -> 0.84)."""
     task, model = calc_sft
-    cfg = from_dict(RLConfig, {
-        "model": {"name_or_path": str(model), "tokenizer": str(task.tokenizer_dir)},
-        "data": {"path": str(task.prompts_path), "eval_path": str(task.eval_prompts_path)},
-        "task": {"name": "calculator", "max_operand": 99},
-        "env": {"task": True, "max_turns": 2, "max_tokens": 48, "save_trajectories": 0},
-        "algo": {"name": "grpo"}, "kl": {"coef": 0.0},
-        "rollout": {"prompts_per_step": 8, "n": 8, "max_new_tokens": 10, "eval_prompts": 64},
-        "optim": {"lr": 1e-3, "scheduler": "constant"},
-        "train": {"output_dir": str(tmp_path), "batch_size": 64, "max_steps": 12, "progress": False,
-                  "eval_every": 12}})
+    cfg = from_dict(
+        RLConfig,
+        {
+            "model": {"name_or_path": str(model), "tokenizer": str(task.tokenizer_dir)},
+            "data": {"path": str(task.prompts_path), "eval_path": str(task.eval_prompts_path)},
+            "task": {"name": "calculator", "max_operand": 99},
+            "env": {"task": True, "max_turns": 2, "max_tokens": 48, "save_trajectories": 0},
+            "algo": {"name": "grpo"},
+            "kl": {"coef": 0.0},
+            "rollout": {"prompts_per_step": 8, "n": 8, "max_new_tokens": 10, "eval_prompts": 64},
+            "optim": {"lr": 1e-3, "scheduler": "constant"},
+            "train": {
+                "output_dir": str(tmp_path),
+                "batch_size": 64,
+                "max_steps": 12,
+                "progress": False,
+                "eval_every": 12,
+            },
+        },
+    )
     result = train_rl(cfg)
     (_, before), (_, after) = result.evals[0], result.evals[-1]
     assert before["eval/tools/calls_per_episode"] == 1.0 and before["eval/tools/call_success"] == 1.0

@@ -16,15 +16,14 @@ from alignflow.algorithms.cgpo import (
 )
 from alignflow.tasks import reviews_judge
 
-S1, S2 = 1 / (1 + math.exp(-1)), 1 / (1 + math.exp(-2))   # sigmoid(1) = 0.731059, sigmoid(2) = 0.880797
+S1, S2 = 1 / (1 + math.exp(-1)), 1 / (1 + math.exp(-2))  # sigmoid(1) = 0.731059, sigmoid(2) = 0.880797
 
 
 def test_crpg_weights_feasible_samples_by_calibrated_reward():
     """r = (1, 0, 2), anchor 0, sample 3 violates judge 0 -> w = (s(1), s(0), 0) = (0.731059, 0.5, 0);
     log pi = (-1, -2, -3): loss = -(0.731059 * -1 + 0.5 * -2 + 0 * -3) / 3 = 1.731059 / 3 = 0.577020."""
     logp = torch.tensor([-1.0, -2.0, -3.0], requires_grad=True)
-    loss, w = crpg_loss(logp, torch.tensor([1.0, 0.0, 2.0]), torch.zeros(3),
-                        torch.tensor([[0, 0], [0, 0], [1, 0]]))
+    loss, w = crpg_loss(logp, torch.tensor([1.0, 0.0, 2.0]), torch.zeros(3), torch.tensor([[0, 0], [0, 0], [1, 0]]))
     assert torch.allclose(w, torch.tensor([S1, 0.5, 0.0]))
     assert loss.item() == pytest.approx((S1 + 1.0) / 3, abs=1e-6)
     loss.backward()

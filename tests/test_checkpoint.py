@@ -45,8 +45,13 @@ def test_files_are_safetensors_and_json_only(tmp_path):
     _step(model, opt, sched)
     path = save_checkpoint(tmp_path / "step-1", model, opt, sched, {"step": 1})
     names = sorted(p.name for p in path.iterdir())
-    assert names == ["model.safetensors", "optimizer.json", "optimizer.safetensors", "rng.safetensors",
-                     "trainer_state.json"]
+    assert names == [
+        "model.safetensors",
+        "optimizer.json",
+        "optimizer.safetensors",
+        "rng.safetensors",
+        "trainer_state.json",
+    ]
     json.loads((path / "trainer_state.json").read_text())
 
 

@@ -2,7 +2,6 @@
 
 import json
 
-
 from alignflow.cli import main
 
 
@@ -20,11 +19,18 @@ def test_unknown_key_is_a_clean_error(capsys):
 
 def test_bad_data_row_names_file_line_and_field(reviews_task, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    rows = [{"prompt": "Review : the film", "completion": " was great ."}, {"prompt": "Review : the plot"},
-            "not json"]
+    rows = [{"prompt": "Review : the film", "completion": " was great ."}, {"prompt": "Review : the plot"}, "not json"]
     bad.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
-    code = main(["sft", f"model.name_or_path={reviews_task.model_dir}", f"model.tokenizer={reviews_task.tokenizer_dir}",
-                 f"data.path={bad}", f"train.output_dir={tmp_path / 'out'}", "train.max_steps=1"])
+    code = main(
+        [
+            "sft",
+            f"model.name_or_path={reviews_task.model_dir}",
+            f"model.tokenizer={reviews_task.tokenizer_dir}",
+            f"data.path={bad}",
+            f"train.output_dir={tmp_path / 'out'}",
+            "train.max_steps=1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "bad.jsonl:2" in err and "completion" in err
@@ -36,15 +42,34 @@ def test_skip_mode_reports_and_trains(reviews_task, tmp_path):
     good = [json.loads(l) for l in open(reviews_task.sft_path)][:20]
     bad.write_text("\n".join([json.dumps(r) for r in good] + ['{"prompt": "", "completion": " x ."}']) + "\n")
     out = tmp_path / "out"
-    assert main(["sft", f"model.name_or_path={reviews_task.model_dir}", f"model.tokenizer={reviews_task.tokenizer_dir}",
-                 f"data.path={bad}", "data.on_bad_row=skip", f"train.output_dir={out}", "train.max_steps=2",
-                 "train.batch_size=4", "train.progress=false"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                f"model.name_or_path={reviews_task.model_dir}",
+                f"model.tokenizer={reviews_task.tokenizer_dir}",
+                f"data.path={bad}",
+                "data.on_bad_row=skip",
+                f"train.output_dir={out}",
+                "train.max_steps=2",
+                "train.batch_size=4",
+                "train.progress=false",
+            ]
+        )
+        == 0
+    )
     log = (out / "metrics.jsonl").read_text()
     assert "mixed.jsonl:21" in log and "1" in log
 
 
 def test_missing_model_path_is_a_clean_error(tmp_path, capsys):
-    code = main(["sft", f"model.name_or_path={tmp_path / 'nope'}", f"data.path={tmp_path / 'x.jsonl'}",
-                 f"train.output_dir={tmp_path / 'run'}"])  # not runs/run inside the repository
+    code = main(
+        [
+            "sft",
+            f"model.name_or_path={tmp_path / 'nope'}",
+            f"data.path={tmp_path / 'x.jsonl'}",
+            f"train.output_dir={tmp_path / 'run'}",
+        ]
+    )  # not runs/run inside the repository
     assert code == 2
     assert "Traceback" not in capsys.readouterr().err

@@ -36,14 +36,23 @@ def test_token_budget_groups():
 def test_packed_logits_equal_separate_forwards():
     """The decisive packing test: samples packed in one row give the logits they get alone."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=64, attn_implementation="sdpa")).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=40,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            attn_implementation="sdpa",
+        )
+    ).eval()
     seqs = [torch.randint(1, 40, (n,)).tolist() for n in (5, 9, 3, 6)]
     examples = [{"input_ids": s, "loss_mask": [1] * len(s)} for s in seqs]
     packed = pack(examples, capacity=12, pad_id=0)
     with torch.no_grad():
-        logits = model(packed["input_ids"], attention_mask=packed["attention_mask"],
-                       position_ids=packed["position_ids"]).logits  # (B, T, V)
+        logits = model(
+            packed["input_ids"], attention_mask=packed["attention_mask"], position_ids=packed["position_ids"]
+        ).logits  # (B, T, V)
         for row in range(packed["input_ids"].shape[0]):
             for seg in packed["segment_ids"][row].unique().tolist():
                 if seg < 0:

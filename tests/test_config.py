@@ -5,12 +5,22 @@ from pathlib import Path
 
 import pytest
 
-from alignflow.config import (RL_ALGORITHMS, ConfigError, DemoConfig, EvalConfig, RLConfig, RMConfig, SFTConfig,
-                              from_dict, load_config, parse_overrides)
-from alignflow.cli import COMMANDS
 from alignflow.algorithms.preference_table import PREFERENCE_LOSSES
-from alignflow.config import POConfig
-from alignflow.config import OnlinePOConfig
+from alignflow.cli import COMMANDS
+from alignflow.config import (
+    RL_ALGORITHMS,
+    ConfigError,
+    DemoConfig,
+    EvalConfig,
+    OnlinePOConfig,
+    POConfig,
+    RLConfig,
+    RMConfig,
+    SFTConfig,
+    from_dict,
+    load_config,
+    parse_overrides,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,9 +58,17 @@ def test_presets_cover_sft_and_rm():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(SFTConfig, ROOT / "configs/sft.yaml", ["optim.lr=3e-4", "train.packing=false",
-                                                              "model.lora.enabled=true", "model.lora.r=4",
-                                                              "model.lora.target_modules=q_proj,v_proj"])
+    cfg = load_config(
+        SFTConfig,
+        ROOT / "configs/sft.yaml",
+        [
+            "optim.lr=3e-4",
+            "train.packing=false",
+            "model.lora.enabled=true",
+            "model.lora.r=4",
+            "model.lora.target_modules=q_proj,v_proj",
+        ],
+    )
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.train.packing is False
     assert cfg.model.lora.enabled and cfg.model.lora.r == 4
@@ -72,13 +90,16 @@ def test_unknown_section_in_yaml_names_file(tmp_path):
     assert "bad.yaml" in str(e.value) and "optimizer" in str(e.value) and "optim" in str(e.value)
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("data.on_bad_row=ignore", "error, skip"),
-    ("train.batch_size=0", "allowed range"),
-    ("optim.lr=fast", "expected a number"),
-    ("train.packing=maybe", "true/false"),
-    ("data.eval_fraction=0.9", "allowed range"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("data.on_bad_row=ignore", "error, skip"),
+        ("train.batch_size=0", "allowed range"),
+        ("optim.lr=fast", "expected a number"),
+        ("train.packing=maybe", "true/false"),
+        ("data.eval_fraction=0.9", "allowed range"),
+    ],
+)
 def test_bad_values_fail_at_load_time(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(SFTConfig, None, [override])
@@ -95,8 +116,12 @@ def test_every_field_has_a_doc():
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             if dataclasses.is_dataclass(default):
                 walk(type(default))
-    classes = [c for c in vars(config_module).values()
-               if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == config_module.__name__]
+
+    classes = [
+        c
+        for c in vars(config_module).values()
+        if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == config_module.__name__
+    ]
     assert {SFTConfig, RMConfig, EvalConfig, DemoConfig, RLConfig} <= set(classes)
     for cls in classes:
         walk(cls)

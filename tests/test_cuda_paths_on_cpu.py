@@ -40,18 +40,40 @@ def _mask(nq, nk, left, right):
     return ok
 
 
-def fake_new(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
-             enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+def fake_new(
+    q,
+    k,
+    v,
+    cu_q,
+    cu_k,
+    max_q,
+    max_k,
+    *,
+    return_aux=None,
+    scale=None,
+    window_size=(-1, -1),
+    enable_gqa=False,
+    seqused_k=None,
+    block_table=None,
+    num_splits=None,
+):
     """Stand-in for varlen_attn (torch >= 2.10 API) computed per sequence with SDPA."""
     assert q.shape[1] == k.shape[1] or enable_gqa, "GQA needs enable_gqa"
     assert cu_q.dtype == torch.int32 and max_q == int((cu_q[1:] - cu_q[:-1]).max())
     outs = []
     for s in range(len(cu_q) - 1):
-        qs, ks, vs = q[cu_q[s]:cu_q[s + 1]], k[cu_k[s]:cu_k[s + 1]], v[cu_k[s]:cu_k[s + 1]]
+        qs, ks, vs = q[cu_q[s] : cu_q[s + 1]], k[cu_k[s] : cu_k[s + 1]], v[cu_k[s] : cu_k[s + 1]]
         mask = _mask(qs.shape[0], ks.shape[0], *window_size)
-        outs.append(F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
-                                                   vs.transpose(0, 1)[None], attn_mask=mask, scale=scale,
-                                                   enable_gqa=enable_gqa)[0].transpose(0, 1))
+        outs.append(
+            F.scaled_dot_product_attention(
+                qs.transpose(0, 1)[None],
+                ks.transpose(0, 1)[None],
+                vs.transpose(0, 1)[None],
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=enable_gqa,
+            )[0].transpose(0, 1)
+        )
     return torch.cat(outs)
 
 
@@ -65,12 +87,13 @@ def reference(q, k, v, lens, window=None, scale=None, causal=True):
     """One SDPA call per sequence with HF's conventions (window W: at most W - 1 positions back)."""
     outs, start = [], 0
     for n in lens:
-        qs, ks, vs = (t[start:start + n].transpose(0, 1)[None] for t in (q, k, v))
+        qs, ks, vs = (t[start : start + n].transpose(0, 1)[None] for t in (q, k, v))
         mask = torch.ones(n, n, dtype=torch.bool).tril() if causal else torch.ones(n, n, dtype=torch.bool)
         if window:
             mask &= ~torch.ones(n, n, dtype=torch.bool).tril(-window)
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale,
-                                                   enable_gqa=True)[0].transpose(0, 1))
+        outs.append(
+            F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+        )
         start += n
     return torch.cat(outs)
 
@@ -78,11 +101,13 @@ def reference(q, k, v, lens, window=None, scale=None, causal=True):
 @pytest.fixture
 def flash(monkeypatch):
     """Install a stand-in kernel (new API by default) and let the flash path run on the CPU."""
+
     def install(fn=fake_new):
         import inspect
 
         monkeypatch.setattr(varlen, "_FLASH_API", {"fn": fn, "params": set(inspect.signature(fn).parameters)})
         monkeypatch.setattr(varlen, "FLASH_DEVICES", ("cuda", "cpu"))
+
     install()
     return install
 
@@ -147,9 +172,13 @@ def test_buckets():
     assert [bucket(b) for b in (1, 8, 9, 16, 17, 200, 256)] == [8, 8, 16, 16, 32, 256, 256]
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0, max_new_tokens=24, logprobs=True),
-                                    SamplingParams(n=4, temperature=1.0, max_new_tokens=24, logprobs=True,
-                                                   seeds=[11, 12, 13, 14, 15, 16])])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0, max_new_tokens=24, logprobs=True),
+        SamplingParams(n=4, temperature=1.0, max_new_tokens=24, logprobs=True, seeds=[11, 12, 13, 14, 15, 16]),
+    ],
+)
 def test_static_graph_step_equals_the_eager_step(monkeypatch, params):
     """The step a CUDA graph records, run eagerly: same tokens and log-probs as LeanRunner, through live-batch
     buckets (24 rows -> 16 -> 8 as rows end; stale padding rows in each bucket)."""
@@ -182,7 +211,7 @@ def test_fused_keyed_draw_equals_the_eager_draw(monkeypatch):
     assert sampling._FUSED.get("broken") is None and "fn" in sampling._FUSED
     monkeypatch.setattr(sampling, "USE_COMPILE", False)
     eager = [sampling.sample_from_logits(logits, None, keys=keys, step=t) for t in range(3)]
-    for a, b in zip(fused, eager):
+    for a, b in zip(fused, eager, strict=False):
         assert torch.equal(a, b)
 
 
@@ -203,7 +232,7 @@ def test_selected_logprobs_equal_the_full_computation_values_and_grads():
     full[sel].sum().backward()
     torch.testing.assert_close(lp, full[sel], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent, full_ent[sel], atol=1e-5, rtol=1e-5)
-    for a, p in zip(g, model.parameters()):
+    for a, p in zip(g, model.parameters(), strict=False):
         torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-4)
     assert math.isclose(float(sel.sum()), lp.shape[0])
 

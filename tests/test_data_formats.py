@@ -4,8 +4,15 @@ import json
 
 import pytest
 
-from alignflow.data.formats import (FORMAT_FIELDS, DataError, Unparseable, detect_format, rated_to_pairs,
-                                    rated_to_preference, validate)
+from alignflow.data.formats import (
+    FORMAT_FIELDS,
+    DataError,
+    Unparseable,
+    detect_format,
+    rated_to_pairs,
+    rated_to_preference,
+    validate,
+)
 from alignflow.data.loading import Record, load_records
 
 USER = [{"role": "user", "content": "hello"}]
@@ -16,16 +23,26 @@ GOOD_ROWS = {  # format -> (standard row, conversational row)
     "lm": ({"text": "hello world"}, {"messages": USER + ASSISTANT_GOOD}),
     "prompt": ({"prompt": "hello"}, {"prompt": USER}),
     "prompt_completion": ({"prompt": "hello", "completion": "good"}, {"prompt": USER, "completion": ASSISTANT_GOOD}),
-    "preference": ({"prompt": "hello", "chosen": "good", "rejected": "bad", "margin": 1.5},
-                   {"prompt": USER, "chosen": ASSISTANT_GOOD, "rejected": ASSISTANT_BAD}),
-    "ranked": ({"prompt": "hello", "responses": ["good", "fine", "bad"]},
-               {"prompt": USER, "responses": [ASSISTANT_GOOD, ASSISTANT_BAD]}),
-    "unpaired": ({"prompt": "hello", "completion": "good", "label": True},
-                 {"prompt": USER, "completion": ASSISTANT_BAD, "label": False}),
-    "rated": ({"prompt": "hello", "completions": ["good", "bad"],
-               "ratings": [{"helpful": 5, "honest": 4}, {"helpful": 1, "honest": 2}]},
-              {"prompt": USER, "completions": [ASSISTANT_GOOD, ASSISTANT_BAD],
-               "ratings": [{"helpful": 5}, {"helpful": 1}]}),
+    "preference": (
+        {"prompt": "hello", "chosen": "good", "rejected": "bad", "margin": 1.5},
+        {"prompt": USER, "chosen": ASSISTANT_GOOD, "rejected": ASSISTANT_BAD},
+    ),
+    "ranked": (
+        {"prompt": "hello", "responses": ["good", "fine", "bad"]},
+        {"prompt": USER, "responses": [ASSISTANT_GOOD, ASSISTANT_BAD]},
+    ),
+    "unpaired": (
+        {"prompt": "hello", "completion": "good", "label": True},
+        {"prompt": USER, "completion": ASSISTANT_BAD, "label": False},
+    ),
+    "rated": (
+        {
+            "prompt": "hello",
+            "completions": ["good", "bad"],
+            "ratings": [{"helpful": 5, "honest": 4}, {"helpful": 1, "honest": 2}],
+        },
+        {"prompt": USER, "completions": [ASSISTANT_GOOD, ASSISTANT_BAD], "ratings": [{"helpful": 5}, {"helpful": 1}]},
+    ),
 }
 
 
@@ -48,8 +65,11 @@ def test_detect_and_validate_good_rows(fmt, form):
 
 
 def test_detect_format_unknown_fields_lists_the_formats():
-    with pytest.raises(DataError, match=r"(?s)cannot tell the row format from its fields \['question'\].*"
-                                        r"preference: prompt, chosen, rejected \[margin\]"):
+    with pytest.raises(
+        DataError,
+        match=r"(?s)cannot tell the row format from its fields \['question'\].*"
+        r"preference: prompt, chosen, rejected \[margin\]",
+    ):
         detect_format({"question": "hi"})
 
 
@@ -60,41 +80,80 @@ def test_a_row_missing_a_field_is_still_detected_by_its_other_fields():
 
 BAD_ROWS = [  # (format, row, the expected "field '...': reason" text)
     ("preference", {"prompt": "hello", "chosen": "good"}, "field 'rejected': missing"),
-    ("preference", {"prompt": "hello", "chosen": 3, "rejected": "bad"},
-     "field 'chosen': expected a string or a list of messages, got int"),
+    (
+        "preference",
+        {"prompt": "hello", "chosen": 3, "rejected": "bad"},
+        "field 'chosen': expected a string or a list of messages, got int",
+    ),
     ("preference", {"prompt": "hello", "chosen": "  ", "rejected": "bad"}, "field 'chosen': empty string"),
-    ("preference", {"prompt": "hello", "chosen": "good", "rejected": "good"},
-     "field 'rejected': identical to 'chosen'"),
-    ("preference", {"prompt": "hello", "chosen": "good", "rejected": "bad", "margin": "big"},
-     "field 'margin': expected a finite number, got 'big'"),
-    ("preference", {"prompt": "hello", "chosen": "good", "rejected": "bad", "margin": True},
-     "field 'margin': expected a finite number, got True"),
-    ("preference", {"prompt": USER, "chosen": "good", "rejected": ASSISTANT_BAD},
-     "field 'chosen': expected a list of messages like the prompt, got a string"),
-    ("preference", {"prompt": "hello", "chosen": ASSISTANT_GOOD, "rejected": "bad"},
-     "field 'chosen': expected a string like the prompt, got a list"),
+    (
+        "preference",
+        {"prompt": "hello", "chosen": "good", "rejected": "good"},
+        "field 'rejected': identical to 'chosen'",
+    ),
+    (
+        "preference",
+        {"prompt": "hello", "chosen": "good", "rejected": "bad", "margin": "big"},
+        "field 'margin': expected a finite number, got 'big'",
+    ),
+    (
+        "preference",
+        {"prompt": "hello", "chosen": "good", "rejected": "bad", "margin": True},
+        "field 'margin': expected a finite number, got True",
+    ),
+    (
+        "preference",
+        {"prompt": USER, "chosen": "good", "rejected": ASSISTANT_BAD},
+        "field 'chosen': expected a list of messages like the prompt, got a string",
+    ),
+    (
+        "preference",
+        {"prompt": "hello", "chosen": ASSISTANT_GOOD, "rejected": "bad"},
+        "field 'chosen': expected a string like the prompt, got a list",
+    ),
     ("prompt", {"prompt": []}, "field 'prompt': empty message list"),
     ("prompt", {"prompt": [{"role": "user", "content": ""}]}, "field 'prompt': message 1: empty content"),
     ("prompt", {"prompt": [{"role": "user"}]}, "field 'prompt': message 1: missing 'content'"),
-    ("prompt", {"prompt": [{"role": 1, "content": "hello"}]},
-     "field 'prompt': message 1: 'role' must be a string, got int"),
-    ("prompt", {"prompt": ["hello"]},
-     "field 'prompt': message 1: expected an object with 'role' and 'content', got str"),
+    (
+        "prompt",
+        {"prompt": [{"role": 1, "content": "hello"}]},
+        "field 'prompt': message 1: 'role' must be a string, got int",
+    ),
+    (
+        "prompt",
+        {"prompt": ["hello"]},
+        "field 'prompt': message 1: expected an object with 'role' and 'content', got str",
+    ),
     ("lm", {"text": "hello", "messages": USER}, "fields ['text', 'messages']: give exactly one of them"),
     ("lm", {"text": None}, "field 'text' or 'messages': missing"),
     ("ranked", {"prompt": "hello", "responses": ["good"]}, "field 'responses': needs at least 2 responses, got 1"),
     ("ranked", {"prompt": "hello", "responses": ["good", ""]}, "field 'responses': response 2: empty string"),
     ("ranked", {"prompt": "hello", "responses": "good"}, "field 'responses': expected a list of responses, got str"),
-    ("unpaired", {"prompt": "hello", "completion": "good", "label": "maybe"},
-     "field 'label': expected a boolean (true/false or 1/0), got 'maybe'"),
-    ("unpaired", {"prompt": "hello", "completion": "good", "label": 2},
-     "field 'label': expected a boolean (true/false or 1/0), got 2"),
-    ("rated", {"prompt": "hello", "completions": ["good", "bad"], "ratings": [{"helpful": 5}]},
-     "field 'ratings': 1 ratings for 2 completions"),
-    ("rated", {"prompt": "hello", "completions": ["good", "bad"], "ratings": [{"helpful": 5}, {"helpful": "N/A"}]},
-     "field 'ratings': rating 2: attribute 'helpful' is not a finite number: 'N/A'"),
-    ("rated", {"prompt": "hello", "completions": ["good", "bad"], "ratings": [{"helpful": 5}, {"honest": 1}]},
-     "field 'ratings': rating 2 rates ['honest'], rating 1 rates ['helpful']"),
+    (
+        "unpaired",
+        {"prompt": "hello", "completion": "good", "label": "maybe"},
+        "field 'label': expected a boolean (true/false or 1/0), got 'maybe'",
+    ),
+    (
+        "unpaired",
+        {"prompt": "hello", "completion": "good", "label": 2},
+        "field 'label': expected a boolean (true/false or 1/0), got 2",
+    ),
+    (
+        "rated",
+        {"prompt": "hello", "completions": ["good", "bad"], "ratings": [{"helpful": 5}]},
+        "field 'ratings': 1 ratings for 2 completions",
+    ),
+    (
+        "rated",
+        {"prompt": "hello", "completions": ["good", "bad"], "ratings": [{"helpful": 5}, {"helpful": "N/A"}]},
+        "field 'ratings': rating 2: attribute 'helpful' is not a finite number: 'N/A'",
+    ),
+    (
+        "rated",
+        {"prompt": "hello", "completions": ["good", "bad"], "ratings": [{"helpful": 5}, {"honest": 1}]},
+        "field 'ratings': rating 2 rates ['honest'], rating 1 rates ['helpful']",
+    ),
 ]
 
 
@@ -153,15 +212,27 @@ def test_error_mode_lists_the_first_ten_problems_and_the_count():
 
 def test_skip_mode_keeps_good_rows_and_reports_count_and_examples():
     good = GOOD_ROWS["prompt_completion"][0]
-    rows = [good, {"prompt": "hello"}, good, Unparseable("invalid JSON: oops"), {"prompt": 1, "completion": "x"},
-            {"prompt": "a", "completion": ""}, {"prompt": "b", "completion": "  "}, {"prompt": "c"}, good]
+    rows = [
+        good,
+        {"prompt": "hello"},
+        good,
+        Unparseable("invalid JSON: oops"),
+        {"prompt": 1, "completion": "x"},
+        {"prompt": "a", "completion": ""},
+        {"prompt": "b", "completion": "  "},
+        {"prompt": "c"},
+        good,
+    ]
     checked = validate(records(*rows), fmt="prompt_completion", on_bad_row="skip", source="sft.jsonl")
     assert checked.rows == [good] * 3 and checked.where == ["d.jsonl:1", "d.jsonl:3", "d.jsonl:9"]
     assert checked.skipped == 6
-    assert checked.examples == ["d.jsonl:2: field 'completion': missing", "d.jsonl:4: invalid JSON: oops",
-                                "d.jsonl:5: field 'prompt': expected a string or a list of messages, got int",
-                                "d.jsonl:6: field 'completion': empty string",
-                                "d.jsonl:7: field 'completion': empty string"]
+    assert checked.examples == [
+        "d.jsonl:2: field 'completion': missing",
+        "d.jsonl:4: invalid JSON: oops",
+        "d.jsonl:5: field 'prompt': expected a string or a list of messages, got int",
+        "d.jsonl:6: field 'completion': empty string",
+        "d.jsonl:7: field 'completion': empty string",
+    ]
     summary = checked.summary()
     assert summary.startswith("sft.jsonl: 3 prompt_completion rows kept, 6 rows skipped\n")
     assert "d.jsonl:4: invalid JSON: oops" in summary
@@ -169,8 +240,7 @@ def test_skip_mode_keeps_good_rows_and_reports_count_and_examples():
 
 def test_all_rows_bad_is_an_error_even_in_skip_mode():
     with pytest.raises(DataError, match=r"2 of 2 rows are bad.*\n.*\n.*\nevery row is bad"):
-        validate(records({"prompt": "hello", "chosen": "a"}, {"prompt": "hello", "rejected": "b"}),
-                 on_bad_row="skip")
+        validate(records({"prompt": "hello", "chosen": "a"}, {"prompt": "hello", "rejected": "b"}), on_bad_row="skip")
 
 
 def test_only_unparseable_records_are_all_bad():
@@ -179,19 +249,30 @@ def test_only_unparseable_records_are_all_bad():
 
 
 def test_normalisation_of_label_and_margin_keeps_other_columns():
-    rows = validate(records({"prompt": "p", "completion": "c", "label": "True", "id": 7},
-                            {"prompt": "p", "completion": "c", "label": 0, "id": 8}))
+    rows = validate(
+        records(
+            {"prompt": "p", "completion": "c", "label": "True", "id": 7},
+            {"prompt": "p", "completion": "c", "label": 0, "id": 8},
+        )
+    )
     assert [r["label"] for r in rows.rows] == [True, False] and [r["id"] for r in rows.rows] == [7, 8]
-    pairs = validate(records({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "0.5"},
-                             {"prompt": "p", "chosen": "a", "rejected": "b", "margin": None}))
+    pairs = validate(
+        records(
+            {"prompt": "p", "chosen": "a", "rejected": "b", "margin": "0.5"},
+            {"prompt": "p", "chosen": "a", "rejected": "b", "margin": None},
+        )
+    )
     assert pairs.rows[0]["margin"] == 0.5 and pairs.rows[1]["margin"] is None
 
 
 def test_rated_rows_must_all_rate_the_same_attributes():
     first = GOOD_ROWS["rated"][0]
     other = {"prompt": "hi", "completions": ["a", "b"], "ratings": [{"helpful": 1}, {"helpful": 2}]}
-    with pytest.raises(DataError, match=r"d.jsonl:2: field 'ratings': rates \['helpful'\], but d.jsonl:1 rates "
-                                        r"\['helpful', 'honest'\]"):
+    with pytest.raises(
+        DataError,
+        match=r"d.jsonl:2: field 'ratings': rates \['helpful'\], but d.jsonl:1 rates "
+        r"\['helpful', 'honest'\]",
+    ):
         validate(records(first, other))
 
 
@@ -205,9 +286,17 @@ def test_bad_arguments_name_the_choices():
 
 
 # ----------------------------------------------------------------------------------------------- rated -> pairs
-RATED = {"prompt": "hello", "completions": ["a", "b", "c", "d"], "source": "x",
-         "ratings": [{"helpful": 3, "honest": 5}, {"helpful": 5, "honest": 1}, {"helpful": 1, "honest": 2},
-                     {"helpful": 5, "honest": 4}]}
+RATED = {
+    "prompt": "hello",
+    "completions": ["a", "b", "c", "d"],
+    "source": "x",
+    "ratings": [
+        {"helpful": 3, "honest": 5},
+        {"helpful": 5, "honest": 1},
+        {"helpful": 1, "honest": 2},
+        {"helpful": 5, "honest": 4},
+    ],
+}
 
 
 def test_rated_to_pairs_mean_score_best_against_worst():
@@ -219,9 +308,9 @@ def test_rated_to_pairs_mean_score_best_against_worst():
 def test_rated_to_pairs_one_attribute_first_of_equals():
     """helpful: a=3, b=5, c=1, d=5 -> b and d tie for best; the first (b) wins; rejected c; margin 5 - 1 = 4.
     honest: a=5, b=1, c=2, d=4 -> chosen a, rejected b, margin 5 - 1 = 4."""
-    helpful, = rated_to_pairs(RATED, "helpful")
+    (helpful,) = rated_to_pairs(RATED, "helpful")
     assert (helpful["chosen"], helpful["rejected"], helpful["margin"]) == ("b", "c", 4.0)
-    honest, = rated_to_pairs(RATED, "honest")
+    (honest,) = rated_to_pairs(RATED, "honest")
     assert (honest["chosen"], honest["rejected"], honest["margin"]) == ("a", "b", 4.0)
 
 

@@ -70,8 +70,10 @@ def test_json_with_one_object_per_line_is_read_as_json_lines(tmp_path):
 def test_json_non_object_items_are_unparseable(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps([ROWS[0], 3]))
-    assert load_records(str(path)) == [Record(f"{path}[0]", ROWS[0]),
-                                       Record(f"{path}[1]", Unparseable("expected a JSON object, got a number"))]
+    assert load_records(str(path)) == [
+        Record(f"{path}[0]", ROWS[0]),
+        Record(f"{path}[1]", Unparseable("expected a JSON object, got a number")),
+    ]
 
 
 def test_csv_locations_count_the_header_as_line_one(tmp_path):
@@ -88,9 +90,11 @@ def test_csv_json_columns_are_parsed_and_text_columns_kept(tmp_path):
     an empty cell is a missing value (None); numbers stay strings (validation converts known numeric fields)."""
     messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
     path = tmp_path / "d.csv"
-    path.write_text("messages,note,margin\n"
-                    f"\"{json.dumps(messages).replace(chr(34), chr(34) * 2)}\",[INST] hi [/INST],0.5\n"
-                    '"[{""role"": ""user"", ""content"": ""x""}]",,\n')
+    path.write_text(
+        "messages,note,margin\n"
+        f'"{json.dumps(messages).replace(chr(34), chr(34) * 2)}",[INST] hi [/INST],0.5\n'
+        '"[{""role"": ""user"", ""content"": ""x""}]",,\n'
+    )
     records = load_records(str(path))
     assert records[0].row == {"messages": messages, "note": "[INST] hi [/INST]", "margin": "0.5"}
     assert records[1].row == {"messages": [{"role": "user", "content": "x"}], "note": None, "margin": None}
@@ -107,8 +111,10 @@ def test_csv_broken_json_cell_and_ragged_row_are_unparseable(tmp_path):
 
 
 def test_parquet_rows_keep_nested_values(tmp_path):
-    rows = [{"prompt": [{"role": "user", "content": "hello"}], "responses": ["a", "b"]},
-            {"prompt": [{"role": "user", "content": "hi"}], "responses": ["c", "d"]}]
+    rows = [
+        {"prompt": [{"role": "user", "content": "hello"}], "responses": ["a", "b"]},
+        {"prompt": [{"role": "user", "content": "hi"}], "responses": ["c", "d"]},
+    ]
     path = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     assert load_records(str(path)) == [Record(f"{path}[row {i}]", r) for i, r in enumerate(rows)]
@@ -122,10 +128,13 @@ def test_save_to_disk_dataset_directory(tmp_path):
 
 def test_save_to_disk_dataset_dict_picks_the_split(tmp_path):
     path = tmp_path / "saved"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS),
-                          "test": datasets.Dataset.from_list(ROWS[1:])}).save_to_disk(str(path))
-    assert load_records(str(path), split="test") == [Record(f"{path}[test][row 0]", ROWS[1]),
-                                                     Record(f"{path}[test][row 1]", ROWS[2])]
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[1:])}
+    ).save_to_disk(str(path))
+    assert load_records(str(path), split="test") == [
+        Record(f"{path}[test][row 0]", ROWS[1]),
+        Record(f"{path}[test][row 1]", ROWS[2]),
+    ]
     with pytest.raises(DataError, match=r"no split 'validation'; the splits are train, test"):
         load_records(str(path), split="validation")
 
@@ -145,8 +154,11 @@ def test_unsupported_file_type(tmp_path):
 
 def test_unreachable_hub_id_says_what_was_tried():
     """Tests run offline (conftest), so a hub id cannot be reached."""
-    with pytest.raises(DataError, match="'nobody/no-such-data' is neither an existing data file or directory "
-                                        "nor a reachable hub data set with split 'train'"):
+    with pytest.raises(
+        DataError,
+        match="'nobody/no-such-data' is neither an existing data file or directory "
+        "nor a reachable hub data set with split 'train'",
+    ):
         load_records("nobody/no-such-data")
 
 
@@ -156,6 +168,7 @@ def test_directory_of_data_files_goes_through_load_dataset(tmp_path, monkeypatch
     folder.mkdir()
     (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS))
     assert load_records(str(folder)) == [Record(f"{folder}[train][row {i}]", r) for i, r in enumerate(ROWS)]
-    with pytest.raises(DataError, match=f"{folder}: datasets.load_dataset cannot read this directory "
-                                        "with split 'test'"):
+    with pytest.raises(
+        DataError, match=f"{folder}: datasets.load_dataset cannot read this directory with split 'test'"
+    ):
         load_records(str(folder), split="test")

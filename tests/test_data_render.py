@@ -15,11 +15,38 @@ from alignflow.data.loading import Record
 from alignflow.data.render import chat_ids, encode_lm, encode_pair, encode_prompt, encode_rows
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
-WORDS = SPECIALS + ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "hello", "world", "hi", "there", "how",
-                    "are", "you", "good", "bad", "fine", "dog", "cat", "one", "two", "three", "four", "five", "six",
-                    "seven", "eight", "nine", "ten"]
-TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|> {{ m.content }} <|end|> {% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+WORDS = SPECIALS + [
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
+    "<|end|>",
+    "hello",
+    "world",
+    "hi",
+    "there",
+    "how",
+    "are",
+    "you",
+    "good",
+    "bad",
+    "fine",
+    "dog",
+    "cat",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+]
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|> {{ m.content }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
 BOS, EOS = 1, 2
 
 
@@ -32,8 +59,9 @@ def tok():
     model = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     model.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<bos>", eos_token="<eos>",
-                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=model, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     tokenizer.chat_template = TEMPLATE
     return tokenizer
 
@@ -67,16 +95,21 @@ def test_truncation_invariants(tok, max_prompt_len, max_len):
     kept is a prefix of the whole completion, and the mask marks exactly the completion."""
     prompt, completion = [BOS] + ids("one two three four five"), ids("six seven eight nine") + [EOS]
     enc = encode_pair(tok, "one two three four five", "six seven eight nine", max_prompt_len, max_len)
-    kept_prompt, kept_completion = enc.input_ids[:enc.prompt_len], enc.input_ids[enc.prompt_len:]
+    kept_prompt, kept_completion = enc.input_ids[: enc.prompt_len], enc.input_ids[enc.prompt_len :]
     assert len(enc.input_ids) <= max_len and enc.prompt_len == min(len(prompt), max_prompt_len)
-    assert kept_prompt == prompt[len(prompt) - enc.prompt_len:] and kept_completion == completion[:len(kept_completion)]
+    assert (
+        kept_prompt == prompt[len(prompt) - enc.prompt_len :] and kept_completion == completion[: len(kept_completion)]
+    )
     assert enc.loss_mask == [0] * enc.prompt_len + [1] * len(kept_completion) and kept_completion
     assert enc.truncated == (len(enc.input_ids) < len(prompt) + len(completion))
 
 
 def test_completion_truncated_to_nothing_is_an_error(tok):
-    with pytest.raises(DataError, match=r"completion truncated to nothing: the prompt keeps 4 tokens "
-                                        r"\(max_prompt_len=4\) and max_len=4"):
+    with pytest.raises(
+        DataError,
+        match=r"completion truncated to nothing: the prompt keeps 4 tokens "
+        r"\(max_prompt_len=4\) and max_len=4",
+    ):
         encode_pair(tok, "one two three four five", "six", max_prompt_len=4, max_len=4)
 
 
@@ -101,16 +134,24 @@ def test_apply_chat_template_return_types(tok, monkeypatch):
     native = tok.apply_chat_template(user("hello"), add_generation_prompt=True, tokenize=True)
     assert chat_ids(tok, user("hello"), add_generation_prompt=True) == expected
     assert (native["input_ids"] if isinstance(native, BatchEncoding) else native) == expected
-    for shape in (expected, [expected], {"input_ids": expected}, BatchEncoding({"input_ids": expected}),
-                  torch.tensor([expected])):
+    for shape in (
+        expected,
+        [expected],
+        {"input_ids": expected},
+        BatchEncoding({"input_ids": expected}),
+        torch.tensor([expected]),
+    ):
         monkeypatch.setattr(type(tok), "apply_chat_template", lambda self, *a, _out=shape, **k: _out)
         assert chat_ids(tok, user("hello"), add_generation_prompt=True) == expected
 
 
 def test_template_that_is_not_prefix_stable_is_reported(tok, monkeypatch):
     """This template's generation prompt (<|system|>) differs from how it renders the assistant turn."""
-    monkeypatch.setattr(tok, "chat_template", TEMPLATE.replace("{% if add_generation_prompt %}<|assistant|>",
-                                                               "{% if add_generation_prompt %}<|system|>"))
+    monkeypatch.setattr(
+        tok,
+        "chat_template",
+        TEMPLATE.replace("{% if add_generation_prompt %}<|assistant|>", "{% if add_generation_prompt %}<|system|>"),
+    )
     with pytest.raises(DataError, match="chat template is not prefix-stable"):
         encode_pair(tok, user("hello"), assistant("good"), max_prompt_len=10, max_len=20)
 
@@ -142,8 +183,9 @@ def test_lm_messages_loss_only_on_assistant_tokens(tok):
     """<|user|> hello <|end|> <|assistant|> | hi there <|end|> | <|user|> how are you <|end|> <|assistant|> |
     good <|end|>: 1 on the tokens each assistant message adds after its header, 0 elsewhere."""
     enc = encode_lm(tok, CONVERSATION, max_len=50, completion_only=True)
-    assert enc.input_ids == ids("<|user|> hello <|end|> <|assistant|> hi there <|end|> "
-                                "<|user|> how are you <|end|> <|assistant|> good <|end|>")
+    assert enc.input_ids == ids(
+        "<|user|> hello <|end|> <|assistant|> hi there <|end|> <|user|> how are you <|end|> <|assistant|> good <|end|>"
+    )
     assert enc.loss_mask == [0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1] and enc.prompt_len == 4
     everything = encode_lm(tok, CONVERSATION, max_len=50, completion_only=False)
     assert everything.input_ids == enc.input_ids and everything.loss_mask == [1] * 15
@@ -169,12 +211,14 @@ def encoded(tok, rows, fmt, **cfg):
 
 def test_encode_rows_lm_and_prompt_completion(tok):
     lm = encoded(tok, [{"text": "hello"}, {"messages": user("hi") + assistant("good")}], "lm")
-    assert lm.rows == [{"input_ids": [BOS, *ids("hello"), EOS], "loss_mask": [1, 1, 1]},
-                       {"input_ids": ids("<|user|> hi <|end|> <|assistant|> good <|end|>"),
-                        "loss_mask": [0, 0, 0, 0, 1, 1]}]
+    assert lm.rows == [
+        {"input_ids": [BOS, *ids("hello"), EOS], "loss_mask": [1, 1, 1]},
+        {"input_ids": ids("<|user|> hi <|end|> <|assistant|> good <|end|>"), "loss_mask": [0, 0, 0, 0, 1, 1]},
+    ]
     row = [{"prompt": "hello", "completion": "good"}]
     assert encoded(tok, row, "prompt_completion").rows == [
-        {"input_ids": [BOS, *ids("hello good"), EOS], "loss_mask": [0, 0, 1, 1]}]
+        {"input_ids": [BOS, *ids("hello good"), EOS], "loss_mask": [0, 0, 1, 1]}
+    ]
     assert encoded(tok, row, "prompt_completion", completion_only=False).rows[0]["loss_mask"] == [1, 1, 1, 1]
 
 
@@ -184,12 +228,19 @@ def test_encode_rows_prompt_keeps_extra_columns(tok):
 
 
 def test_encode_rows_preference(tok):
-    rows = [{"prompt": "hello", "chosen": "good", "rejected": "bad dog", "margin": 2},
-            {"prompt": user("hi"), "chosen": assistant("fine"), "rejected": assistant("bad")}]
+    rows = [
+        {"prompt": "hello", "chosen": "good", "rejected": "bad dog", "margin": 2},
+        {"prompt": user("hi"), "chosen": assistant("fine"), "rejected": assistant("bad")},
+    ]
     out = encoded(tok, rows, "preference")
-    assert out.rows[0] == {"chosen_ids": [BOS, *ids("hello good"), EOS], "chosen_mask": [0, 0, 1, 1],
-                           "rejected_ids": [BOS, *ids("hello bad dog"), EOS], "rejected_mask": [0, 0, 1, 1, 1],
-                           "prompt_len": 2, "margin": 2.0}
+    assert out.rows[0] == {
+        "chosen_ids": [BOS, *ids("hello good"), EOS],
+        "chosen_mask": [0, 0, 1, 1],
+        "rejected_ids": [BOS, *ids("hello bad dog"), EOS],
+        "rejected_mask": [0, 0, 1, 1, 1],
+        "prompt_len": 2,
+        "margin": 2.0,
+    }
     assert out.rows[1]["chosen_ids"] == ids("<|user|> hi <|end|> <|assistant|> fine <|end|>")
     assert out.rows[1]["prompt_len"] == 4 and out.rows[1]["margin"] == 0.0
 
@@ -200,8 +251,17 @@ def test_encode_rows_ranked_unpaired_rated(tok):
     assert ranked["responses_mask"] == [[0, 0, 1, 1]] * 3
     unpaired = encoded(tok, [{"prompt": "hi", "completion": "bad", "label": "false"}], "unpaired").rows[0]
     assert unpaired == {"input_ids": [BOS, *ids("hi bad"), EOS], "loss_mask": [0, 0, 1, 1], "label": False}
-    rated = encoded(tok, [{"prompt": "hi", "completions": ["good", "bad"],
-                           "ratings": [{"honest": 4, "helpful": 5}, {"helpful": 1, "honest": 2.5}]}], "rated").rows[0]
+    rated = encoded(
+        tok,
+        [
+            {
+                "prompt": "hi",
+                "completions": ["good", "bad"],
+                "ratings": [{"honest": 4, "helpful": 5}, {"helpful": 1, "honest": 2.5}],
+            }
+        ],
+        "rated",
+    ).rows[0]
     assert rated["attributes"] == ["helpful", "honest"] and rated["ratings"] == [[5.0, 4.0], [1.0, 2.5]]
     assert rated["completions_ids"] == [[BOS, *ids("hi good"), EOS], [BOS, *ids("hi bad"), EOS]]
     assert rated["completions_mask"] == [[0, 0, 1, 1]] * 2
@@ -216,12 +276,15 @@ def test_over_long_rows_are_bad_rows_named_by_location_and_field(tok):
     with pytest.raises(DataError) as error:
         encoded(tok, [SHORT, LONG, SHORT], "preference", max_prompt_len=6, max_len=6)
     assert "1 of 3 rows are bad" in str(error.value)
-    assert ("d.jsonl:2: field 'chosen': completion truncated to nothing: the prompt keeps 6 tokens "
-            "(max_prompt_len=6) and max_len=6") in str(error.value)
+    assert (
+        "d.jsonl:2: field 'chosen': completion truncated to nothing: the prompt keeps 6 tokens "
+        "(max_prompt_len=6) and max_len=6"
+    ) in str(error.value)
     out = encoded(tok, [SHORT, LONG, SHORT], "preference", max_prompt_len=6, max_len=6, on_bad_row="skip")
     assert out.where == ["d.jsonl:1", "d.jsonl:3"] and len(out.rows) == 2 and out.skipped == 1
-    assert out.summary().startswith("data: 2 preference rows tokenised, 1 rows skipped, 0 rows truncated\n"
-                                    "  d.jsonl:2: field 'chosen'")
+    assert out.summary().startswith(
+        "data: 2 preference rows tokenised, 1 rows skipped, 0 rows truncated\n  d.jsonl:2: field 'chosen'"
+    )
     with pytest.raises(DataError, match="every row is bad"):
         encoded(tok, [LONG, LONG], "preference", max_prompt_len=6, max_len=6, on_bad_row="skip")
 
@@ -235,7 +298,9 @@ def test_pair_identical_after_truncation_is_a_bad_row(tok):
 
 
 def test_response_in_a_list_is_named_in_the_report(tok):
-    rows = [{"prompt": "one two three four five", "responses": ["good", "bad"]},
-            {"prompt": "hi", "responses": ["fine", "bad"]}]
+    rows = [
+        {"prompt": "one two three four five", "responses": ["good", "bad"]},
+        {"prompt": "hi", "responses": ["fine", "bad"]},
+    ]
     with pytest.raises(DataError, match=r"d.jsonl:1: field 'responses' \(response 1\): completion truncated"):
         encoded(tok, rows, "ranked", max_prompt_len=6, max_len=6)

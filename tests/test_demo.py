@@ -22,11 +22,24 @@ def test_label_pairs_and_ceiling_hand_example():
 def test_demo_runs_end_to_end(tmp_path):
     """Every stage runs on a miniature configuration; the report holds each stage's numbers and plots; SFT beats
     the untrained model on gold reward, and the RL stage raises the proxy (reward-model) score it optimises."""
-    cfg = from_dict(DemoConfig, {"output_dir": str(tmp_path), "progress": False, "sft_steps": 150, "sft_lr": 1e-2,
-                                 "num_prompts": 48, "samples_per_prompt": 4, "rm_steps": 10, "max_new_tokens": 24,
-                                 "rl_steps": 6, "rl_eval_every": 3, "rl_lr": 3e-3, "rl_rows_per_step": 16,
-                                 "task": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
-                                          "num_sft": 600}})
+    cfg = from_dict(
+        DemoConfig,
+        {
+            "output_dir": str(tmp_path),
+            "progress": False,
+            "sft_steps": 150,
+            "sft_lr": 1e-2,
+            "num_prompts": 48,
+            "samples_per_prompt": 4,
+            "rm_steps": 10,
+            "max_new_tokens": 24,
+            "rl_steps": 6,
+            "rl_eval_every": 3,
+            "rl_lr": 3e-3,
+            "rl_rows_per_step": 16,
+            "task": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "num_sft": 600},
+        },
+    )
     summary = run_demo(cfg)
     report = (tmp_path / "report.md").read_text()
     for png in ("sft_loss.png", "rm_loss.png", "rm_accuracy.png", "rl_reward.png", "rl_kl.png", "rl_frontier.png"):

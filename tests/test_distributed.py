@@ -26,7 +26,6 @@ from alignflow.trainers.online import train_rl
 from tests.test_online_rl import rl_cfg
 
 
-
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray cluster for this module (6 logical CPUs: split placement starts 4 worker sets, 5 workers)."""
@@ -49,10 +48,13 @@ def _assert_same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
 
 
 def _cfg(task, out, workers: int, **sections):
-    base = {"algo": {"name": "grpo"}, "kl": {"coef": 0.05},
-            "rollout": {"prompts_per_step": 3, "n": 2, "max_new_tokens": 6, "eval_prompts": 0},
-            "train": {"output_dir": str(out), "batch_size": 6, "max_steps": 1, "progress": False, "num_threads": 1},
-            "resources": {"actor": {"workers": workers}, "backend": "ray" if workers else "auto"}}
+    base = {
+        "algo": {"name": "grpo"},
+        "kl": {"coef": 0.05},
+        "rollout": {"prompts_per_step": 3, "n": 2, "max_new_tokens": 6, "eval_prompts": 0},
+        "train": {"output_dir": str(out), "batch_size": 6, "max_steps": 1, "progress": False, "num_threads": 1},
+        "resources": {"actor": {"workers": workers}, "backend": "ray" if workers else "auto"},
+    }
     for k, v in sections.items():
         base[k] = base.get(k, {}) | v
     return rl_cfg(task, out, **base)
@@ -102,12 +104,20 @@ def test_grpo_step_on_two_workers_equals_one_process(cluster, reviews_task, tmp_
     local = train_rl(cfg)
     preset = tmp_path / "grpo.yaml"
     preset.write_text(yaml.safe_dump(to_dict(cfg)))
-    assert cli.main(["rl", "--config", str(preset), "resources.actor.workers=2",
-                     f"train.output_dir={tmp_path / 'ray'}"]) == 0
+    assert (
+        cli.main(["rl", "--config", str(preset), "resources.actor.workers=2", f"train.output_dir={tmp_path / 'ray'}"])
+        == 0
+    )
     logged = [json.loads(line) for line in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
     a, b = local.history[-1], next(e for e in logged if "policy/policy_loss" in e)
-    for k in ("rollout/reward_mean", "rollout/response_len", "policy/policy_loss", "policy/kl_loss",
-              "policy/grad_norm", "policy/entropy"):
+    for k in (
+        "rollout/reward_mean",
+        "rollout/response_len",
+        "policy/policy_loss",
+        "policy/kl_loss",
+        "policy/grad_norm",
+        "policy/entropy",
+    ):
         assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
     _assert_same_weights(_weights(tmp_path / "local"), _weights(tmp_path / "ray"))
     arch = json.loads((tmp_path / "ray" / "model" / "config.json").read_text())["architectures"]
@@ -126,15 +136,25 @@ def test_ppo_step_split_placement_equals_one_process(cluster, reviews_task, tmp_
     rm.save_pretrained(rm_dir)
     load_tokenizer(str(reviews_task.tokenizer_dir)).save_pretrained(rm_dir)
     common = dict(algo={"name": "ppo"}, reward={"task": {"gold": 1.0}, "models": [str(rm_dir)]})
-    extra = dict(resources={"placement": "split", "actor": {"workers": 2}, "ref": {"workers": 1},
-                            "critic": {"workers": 1}, "reward": {"workers": 1}, "backend": "ray"}, **common)
+    extra = dict(
+        resources={
+            "placement": "split",
+            "actor": {"workers": 2},
+            "ref": {"workers": 1},
+            "critic": {"workers": 1},
+            "reward": {"workers": 1},
+            "backend": "ray",
+        },
+        **common,
+    )
     local = train_rl(_cfg(reviews_task, tmp_path / "local", 0, **common))
     split = train_rl(_cfg(reviews_task, tmp_path / "split", 2, **extra))
-    for k in ("rollout/reward_mean", "policy/policy_loss", "critic/value_loss", "policy/grad_norm",
-              "critic/grad_norm"):
+    for k in ("rollout/reward_mean", "policy/policy_loss", "critic/value_loss", "policy/grad_norm", "critic/grad_norm"):
         assert split.history[-1][k] == pytest.approx(local.history[-1][k], rel=1e-4, abs=1e-6), k
-    assert any(k.startswith("rollout/reward_") and k != "rollout/reward_mean" and k != "rollout/reward_gold_mean"
-               for k in split.history[-1])  # the reward model's own score was logged
+    assert any(
+        k.startswith("rollout/reward_") and k != "rollout/reward_mean" and k != "rollout/reward_gold_mean"
+        for k in split.history[-1]
+    )  # the reward model's own score was logged
     _assert_same_weights(_weights(tmp_path / "local"), _weights(tmp_path / "split"))
 
 
@@ -169,9 +189,9 @@ def test_killed_worker_is_recreated_and_the_run_resumes(cluster, reviews_task, t
 def test_checkpoint_moves_between_two_and_one_workers(cluster, reviews_task, tmp_path):
     """A step-1 checkpoint written by 2 workers loads on 1 worker, which saves it again, which 2 workers load:
     the consolidated weights are the same each time."""
-    from alignflow.trainers.rl_setup import build_worker_roles
     from alignflow.distributed.ray_group import WorkerSet
     from alignflow.trainers.rl_algos import resolve
+    from alignflow.trainers.rl_setup import build_worker_roles
 
     cfg = _cfg(reviews_task, tmp_path / "two", 2, train={"save_every": 1})
     train_rl(cfg)
@@ -179,14 +199,20 @@ def test_checkpoint_moves_between_two_and_one_workers(cluster, reviews_task, tmp
     ckpt = tmp_path / "two" / "checkpoints" / "step-1"
     from alignflow.eval.frontier import load_policy, resolve_frontier
 
-    assert [e["path"] for e in resolve_frontier([str(tmp_path / "two")])] == [str(ckpt), str(tmp_path / "two" /
-                                                                                           "model")]
+    assert [e["path"] for e in resolve_frontier([str(tmp_path / "two")])] == [
+        str(ckpt),
+        str(tmp_path / "two" / "model"),
+    ]
     in_eval = load_policy(ckpt, str(reviews_task.model_dir), "cpu").state_dict()  # sharded -> one process
     _assert_same_weights(saved, {k: v for k, v in in_eval.items() if k in saved}, atol=0)
 
     def load_on(workers: int, path):
-        c = dataclasses.replace(cfg, resources=dataclasses.replace(cfg.resources, actor=dataclasses.replace(
-            cfg.resources.actor, workers=workers)))
+        c = dataclasses.replace(
+            cfg,
+            resources=dataclasses.replace(
+                cfg.resources, actor=dataclasses.replace(cfg.resources.actor, workers=workers)
+            ),
+        )
         ws = WorkerSet("actor", workers, build_worker_roles, (c, resolve(c), 1, ("actor",)))
         try:
             actor = ws.group("actor")
@@ -213,22 +239,40 @@ def test_dpo_step_on_two_workers_equals_one_process(cluster, reviews_task, tmp_p
     from alignflow.trainers.preference import train_po
 
     rows = [json.loads(line) for line in reviews_task.sft_path.read_text().splitlines()[:25]]
-    pairs = [{"prompt": a["prompt"], "chosen": a["completion"], "rejected": b["completion"]}
-             for a, b in zip(rows, rows[1:])]
+    pairs = [
+        {"prompt": a["prompt"], "chosen": a["completion"], "rejected": b["completion"]}
+        for a, b in zip(rows, rows[1:], strict=False)
+    ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
 
     def run(out, workers):
-        return train_po(from_dict(POConfig, {
-            "model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir)},
-            "data": {"path": str(path), "max_len": 64, "eval_fraction": 0.0}, "loss": {"name": "dpo"},
-            "optim": {"lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0}, "ref_cache": False,
-            "train": {"output_dir": str(out), "batch_size": 12, "max_steps": 2, "progress": False,
-                      "micro_batch_tokens": 256},
-            "resources": {"actor": {"workers": workers}}}))
+        return train_po(
+            from_dict(
+                POConfig,
+                {
+                    "model": {
+                        "name_or_path": str(reviews_task.model_dir),
+                        "tokenizer": str(reviews_task.tokenizer_dir),
+                    },
+                    "data": {"path": str(path), "max_len": 64, "eval_fraction": 0.0},
+                    "loss": {"name": "dpo"},
+                    "optim": {"lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0},
+                    "ref_cache": False,
+                    "train": {
+                        "output_dir": str(out),
+                        "batch_size": 12,
+                        "max_steps": 2,
+                        "progress": False,
+                        "micro_batch_tokens": 256,
+                    },
+                    "resources": {"actor": {"workers": workers}},
+                },
+            )
+        )
 
     one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
-    for a, b in zip(one.history, two.history):
+    for a, b in zip(one.history, two.history, strict=False):
         for k in ("loss", "pref/accuracy", "pref/margin", "grad_norm"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
     assert one.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference at step 0
@@ -257,9 +301,14 @@ class Probe:
         start = time.time()
         time.sleep(self.delay)
         n = len(batch)
-        return Batch({"x": batch["x"] * 10, "rank": torch.full((n,), self.rank),
-                      "start": torch.full((n,), start, dtype=torch.float64),
-                      "end": torch.full((n,), time.time(), dtype=torch.float64)})
+        return Batch(
+            {
+                "x": batch["x"] * 10,
+                "rank": torch.full((n,), self.rank),
+                "start": torch.full((n,), start, dtype=torch.float64),
+                "end": torch.full((n,), time.time(), dtype=torch.float64),
+            }
+        )
 
     def rank_sum(self) -> float:
         from alignflow.distributed.groups import dp_sum

@@ -67,8 +67,14 @@ def test_parse_tool_calls():
 
 def test_bad_calls_answered_and_counted_never_raised():
     box = ToolBox([multiply, broken], timeout_s=2)
-    text = (call("multiply", a=6, b=7) + call("divide", a=1, b=2) + call("multiply", a=1) +
-            call("broken", x=1) + "<tool_call>not json</tool_call>" + call("multiply", a=1, b=2, c=3))
+    text = (
+        call("multiply", a=6, b=7)
+        + call("divide", a=1, b=2)
+        + call("multiply", a=1)
+        + call("broken", x=1)
+        + "<tool_call>not json</tool_call>"
+        + call("multiply", a=1, b=2, c=3)
+    )
     messages, stats = box.run(text)
     contents = [m["content"] for m in messages]
     assert contents[0] == "42" and messages[0] == {"role": "tool", "name": "multiply", "content": "42"}
@@ -86,10 +92,15 @@ def test_tool_env_episode():
     assert first == [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "What is 6 * 7?"}]
     assert env.tools[0]["function"]["name"] == "multiply"
     obs, reward, done, info = env.step({"role": "assistant", "content": call("multiply", a=6, b=7)})
-    assert (obs, reward, done, info) == ([{"role": "tool", "name": "multiply", "content": "42"}], 0.0, False,
-                                         {"tool_calls": 1, "tool_errors": 0})
-    assert env.step({"role": "assistant", "content": "42"}) == StepResult([], 1.0, True,
-                                                                          {"tool_calls": 0, "tool_errors": 0})
+    assert (obs, reward, done, info) == (
+        [{"role": "tool", "name": "multiply", "content": "42"}],
+        0.0,
+        False,
+        {"tool_calls": 1, "tool_errors": 0},
+    )
+    assert env.step({"role": "assistant", "content": "42"}) == StepResult(
+        [], 1.0, True, {"tool_calls": 0, "tool_errors": 0}
+    )
 
 
 class CounterEnv:
@@ -174,8 +185,9 @@ def test_trl_style_adapter():
     assert first == [{"role": "user", "content": "Play.\n\nGuess the number with the check tool."}]
     assert env.step({"role": "assistant", "content": call("check", guess=3)}).observations[0]["content"] == "wrong"
     assert env.step({"role": "assistant", "content": call("check", guess=7)}).observations[0]["content"] == "right"
-    assert env.step({"role": "assistant", "content": "done"}) == StepResult([], 0.5, True,
-                                                                            {"tool_calls": 0, "tool_errors": 0})
+    assert env.step({"role": "assistant", "content": "done"}) == StepResult(
+        [], 0.5, True, {"tool_calls": 0, "tool_errors": 0}
+    )
 
 
 def test_openenv_style_adapter():
@@ -183,5 +195,6 @@ def test_openenv_style_adapter():
     assert isinstance(env, OpenEnvAdapter)
     assert env.reset({}) == [{"role": "user", "content": "say hello"}]
     assert env.step({"role": "assistant", "content": "hi"}) == StepResult(
-        [{"role": "user", "content": "you said hi"}], 0.0, False, {})
+        [{"role": "user", "content": "you said hi"}], 0.0, False, {}
+    )
     assert env.step({"role": "assistant", "content": "hello"}) == StepResult([], 1.0, True, {})

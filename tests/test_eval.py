@@ -19,8 +19,14 @@ TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size":
 
 
 def eval_cfg(task, out, **kw) -> EvalConfig:
-    base = {"tokenizer": str(task.tokenizer_dir), "num_prompts": 4, "samples_per_prompt": 2, "max_new_tokens": 8,
-            "output_dir": str(out), "task": {"name": task.name, **TINY}}
+    base = {
+        "tokenizer": str(task.tokenizer_dir),
+        "num_prompts": 4,
+        "samples_per_prompt": 2,
+        "max_new_tokens": 8,
+        "output_dir": str(out),
+        "task": {"name": task.name, **TINY},
+    }
     return from_dict(EvalConfig, base | kw)
 
 
@@ -79,11 +85,23 @@ def test_accuracy_metrics_on_given_strings():
 def test_policy_metrics_of_given_texts():
     """Two copies of 'a b' (2 tokens each): distinct-1 = 2/4, distinct-2 = 1/2, self-BLEU 1; and 'c' alone: no
     self-BLEU, so the mean over prompts is over the first prompt only; lengths (2, 2, 1) average 5/3."""
-    m = policy_metrics(["p", "q"], [["a b", "a b"], ["c"]], [[2, 2], [1]], gold=lambda ps, ss: [len(s) for s in ss],
-                       rm_scores=[1.0, 2.0, 6.0])
-    assert m == pytest.approx({"eval/response_len": 5 / 3, "eval/distinct_1": (0.5 + 1) / 2,
-                               "eval/distinct_2": (0.5 + 0) / 2, "eval/self_bleu": 1.0,
-                               "eval/gold_reward": (3 + 3 + 1) / 3, "eval/rm_score": 3.0})
+    m = policy_metrics(
+        ["p", "q"],
+        [["a b", "a b"], ["c"]],
+        [[2, 2], [1]],
+        gold=lambda ps, ss: [len(s) for s in ss],
+        rm_scores=[1.0, 2.0, 6.0],
+    )
+    assert m == pytest.approx(
+        {
+            "eval/response_len": 5 / 3,
+            "eval/distinct_1": (0.5 + 1) / 2,
+            "eval/distinct_2": (0.5 + 0) / 2,
+            "eval/self_bleu": 1.0,
+            "eval/gold_reward": (3 + 3 + 1) / 3,
+            "eval/rm_score": 3.0,
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------------- KL
@@ -116,8 +134,9 @@ def test_kl_is_zero_to_itself_and_matches_a_direct_computation(reviews_task):
     prompts = [tok(p)["input_ids"] for p in ("Review : the film", "Review : honestly , the plot was", "Review :")]
     batch = sample_batch(policy, tok, prompts, 4, 10, 0.7, 0)  # prompts of different lengths: left padding in play
     mask = batch["response_mask"]
-    texts, lengths = sample(policy, tok, ["Review : the film", "Review : honestly , the plot was", "Review :"], 4, 10,
-                            0.7, 0)  # the text-prompt wrapper samples the same
+    texts, lengths = sample(
+        policy, tok, ["Review : the film", "Review : honestly , the plot was", "Review :"], 4, 10, 0.7, 0
+    )  # the text-prompt wrapper samples the same
     assert [t for ts in texts for t in ts] == batch["response"] and sum(lengths, []) == mask.sum(-1).tolist()
     same = kl_metrics(policy_logprobs(policy, batch, 0.7), policy_logprobs(policy, batch, 0.7), mask)
     assert same == {"eval/kl": 0.0, "eval/kl_k3": 0.0}
@@ -130,10 +149,26 @@ def test_kl_is_zero_to_itself_and_matches_a_direct_computation(reviews_task):
 
 # ----------------------------------------------------------------------------------------------- end to end
 def test_policy_eval_writes_metrics_and_samples(reviews_task, tmp_path):
-    m = run_eval(eval_cfg(reviews_task, tmp_path, policy=str(reviews_task.model_dir), num_prompts=6,
-                          reference=str(reviews_task.model_dir)))
-    keys = ("eval/gold_reward", "eval/grammatical", "eval/response_len", "eval/truncated", "eval/distinct_1",
-            "eval/distinct_2", "eval/self_bleu", "eval/kl", "eval/kl_k3")
+    m = run_eval(
+        eval_cfg(
+            reviews_task,
+            tmp_path,
+            policy=str(reviews_task.model_dir),
+            num_prompts=6,
+            reference=str(reviews_task.model_dir),
+        )
+    )
+    keys = (
+        "eval/gold_reward",
+        "eval/grammatical",
+        "eval/response_len",
+        "eval/truncated",
+        "eval/distinct_1",
+        "eval/distinct_2",
+        "eval/self_bleu",
+        "eval/kl",
+        "eval/kl_k3",
+    )
     assert set(keys) <= set(m) and json.loads((tmp_path / "eval.json").read_text()) == m
     assert 0 < m["eval/response_len"] <= 8 and 0 <= m["eval/truncated"] <= 1
     assert m["eval/kl"] == 0.0 and m["eval/kl_k3"] == 0.0  # the reference is the policy itself
@@ -166,15 +201,26 @@ def test_arithmetic_accuracy_on_real_generations_with_known_answers(tmp_path):
     model.save_pretrained(tmp_path / "digits")
     prompts = [json.loads(line)["prompt"] for line in open(task.eval_prompts_path)][:24]
     greedy = sample_batch(model, tok, [tok(p)["input_ids"] for p in prompts], 1, 6, 0.0, 0)["response"]
-    known = [(p, extracted_answer(r)) for p, r in zip(prompts, greedy) if extracted_answer(r) is not None][:8]
+    known = [
+        (p, extracted_answer(r)) for p, r in zip(prompts, greedy, strict=False) if extracted_answer(r) is not None
+    ][:8]
     assert len(known) >= 4, greedy
-    known = known[:len(known) // 2 * 2]
+    known = known[: len(known) // 2 * 2]
     rows = [{"prompt": p, "answer": a if i % 2 == 0 else str(int(a) + 1)} for i, (p, a) in enumerate(known)]
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert len({a for _, a in known}) > 1  # not one constant output
-    m = run_eval(eval_cfg(task, tmp_path / "ev", policy=str(tmp_path / "digits"), data={"path": str(path)},
-                          temperature=0.0, max_new_tokens=6, num_prompts=len(rows)))
+    m = run_eval(
+        eval_cfg(
+            task,
+            tmp_path / "ev",
+            policy=str(tmp_path / "digits"),
+            data={"path": str(path)},
+            temperature=0.0,
+            max_new_tokens=6,
+            num_prompts=len(rows),
+        )
+    )
     assert m["eval/accuracy"] == m["eval/pass_at_k"] == m["eval/maj_at_k"] == 0.5
     assert "eval/gold_reward" not in m  # the gold reward belongs to the task's own prompts
     out = [json.loads(line) for line in open(tmp_path / "ev" / "samples.jsonl")]
@@ -185,17 +231,36 @@ def test_reward_model_eval_on_pairs(reviews_task, tmp_path):
     from alignflow.config import RMConfig
     from alignflow.trainers.reward import train_rm
 
-    train_rm(from_dict(RMConfig, {
-        "model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir)},
-        "data": {"path": str(reviews_task.pairs_path), "max_len": 96},
-        "train": {"output_dir": str(tmp_path / "rm"), "max_steps": 2, "progress": False}}))
-    m = run_eval(from_dict(EvalConfig, {"reward_model": str(tmp_path / "rm" / "model"),
-                                        "data": {"path": str(reviews_task.pairs_path), "max_len": 96},
-                                        "output_dir": str(tmp_path / "ev")}))
+    train_rm(
+        from_dict(
+            RMConfig,
+            {
+                "model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir)},
+                "data": {"path": str(reviews_task.pairs_path), "max_len": 96},
+                "train": {"output_dir": str(tmp_path / "rm"), "max_steps": 2, "progress": False},
+            },
+        )
+    )
+    m = run_eval(
+        from_dict(
+            EvalConfig,
+            {
+                "reward_model": str(tmp_path / "rm" / "model"),
+                "data": {"path": str(reviews_task.pairs_path), "max_len": 96},
+                "output_dir": str(tmp_path / "ev"),
+            },
+        )
+    )
     assert 0.0 <= m["eval/accuracy"] <= 1.0 and "eval/ece" in m
     # the same reward model scores policy samples: eval/rm_score is the mean of the per-sample scores
-    p = run_eval(eval_cfg(reviews_task, tmp_path / "pol", policy=str(reviews_task.model_dir),
-                          reward_model=str(tmp_path / "rm" / "model")))
+    p = run_eval(
+        eval_cfg(
+            reviews_task,
+            tmp_path / "pol",
+            policy=str(reviews_task.model_dir),
+            reward_model=str(tmp_path / "rm" / "model"),
+        )
+    )
     rows = [json.loads(line) for line in open(tmp_path / "pol" / "samples.jsonl")]
     scores = [s for r in rows for s in r["rm_score"]]
     assert len(scores) == 8 and p["eval/rm_score"] == pytest.approx(sum(scores) / 8)
@@ -208,14 +273,29 @@ def rl_run(reviews_task, tmp_path_factory):
     from alignflow.trainers.online import train_rl
 
     out = tmp_path_factory.mktemp("rl") / "grpo"
-    train_rl(from_dict(RLConfig, {
-        "model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir)},
-        "data": {"path": str(reviews_task.prompts_path), "eval_path": str(reviews_task.eval_prompts_path)},
-        "task": {"name": "reviews"},
-        "reward": {"task": {"gold": 1.0}}, "algo": {"name": "grpo"}, "kl": {"coef": 0.05},
-        "rollout": {"prompts_per_step": 2, "n": 4, "max_new_tokens": 6, "eval_prompts": 4},
-        "optim": {"lr": 3e-2}, "train": {"output_dir": str(out), "batch_size": 8, "max_steps": 2, "save_every": 1,
-                                         "log_every": 1, "progress": False}}))
+    train_rl(
+        from_dict(
+            RLConfig,
+            {
+                "model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir)},
+                "data": {"path": str(reviews_task.prompts_path), "eval_path": str(reviews_task.eval_prompts_path)},
+                "task": {"name": "reviews"},
+                "reward": {"task": {"gold": 1.0}},
+                "algo": {"name": "grpo"},
+                "kl": {"coef": 0.05},
+                "rollout": {"prompts_per_step": 2, "n": 4, "max_new_tokens": 6, "eval_prompts": 4},
+                "optim": {"lr": 3e-2},
+                "train": {
+                    "output_dir": str(out),
+                    "batch_size": 8,
+                    "max_steps": 2,
+                    "save_every": 1,
+                    "log_every": 1,
+                    "progress": False,
+                },
+            },
+        )
+    )
     return out
 
 
@@ -228,8 +308,9 @@ def test_frontier_over_checkpoints_writes_json_and_png(reviews_task, rl_run, tmp
     ref_point, step1, step2, final = res["points"]
     assert ref_point["kl"] == 0.0 and ref_point["metrics"]["eval/kl_k3"] == 0.0
     assert step1["metrics"]["eval/kl_k3"] > 0 and step2["metrics"]["eval/kl_k3"] > 0
-    assert all(p["reward"] == p["metrics"]["eval/gold_reward"] and p["kl"] == p["metrics"]["eval/kl"]
-               for p in res["points"])
+    assert all(
+        p["reward"] == p["metrics"]["eval/gold_reward"] and p["kl"] == p["metrics"]["eval/kl"] for p in res["points"]
+    )
     # the last checkpoint, loaded onto the reference's architecture, is the saved final model
     assert step2["metrics"] == final["metrics"]
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -239,8 +320,11 @@ def test_frontier_over_checkpoints_writes_json_and_png(reviews_task, rl_run, tmp
 def test_frontier_from_rl_metrics(rl_run, tmp_path):
     runs = frontier_from_metrics([rl_run], tmp_path / "rl_frontier.png")
     logged = [json.loads(line) for line in open(rl_run / "metrics.jsonl")]
-    expect = [{"step": r["step"], "kl": r["policy/kl"], "reward": r["rollout/reward_mean"]}
-              for r in logged if "policy/kl" in r]
+    expect = [
+        {"step": r["step"], "kl": r["policy/kl"], "reward": r["rollout/reward_mean"]}
+        for r in logged
+        if "policy/kl" in r
+    ]
     assert runs == {"grpo": expect} and len(expect) == 2
     assert (tmp_path / "rl_frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "rl_frontier.json").read_text())["runs"] == runs

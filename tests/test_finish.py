@@ -31,8 +31,9 @@ def finished_run(tmp_path, *overrides):
     (out / "model").mkdir(parents=True)
     (out / "model" / "model.safetensors").write_bytes(b"x")
     (out / "model" / "config.json").write_text("{}")
-    (out / "metrics.jsonl").write_text(json.dumps({"step": 10, "train/loss": 2.0}) + "\n"
-                                       + json.dumps({"step": 20, "train/loss": 1.25}) + "\n")
+    (out / "metrics.jsonl").write_text(
+        json.dumps({"step": 10, "train/loss": 2.0}) + "\n" + json.dumps({"step": 20, "train/loss": 1.25}) + "\n"
+    )
     return load_config(SFTConfig, None, [f"train.output_dir={out}", *overrides]), out
 
 
@@ -42,9 +43,12 @@ def test_push_uploads_the_final_model_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     cfg, out = finished_run(tmp_path, "hub.push=true", "hub.repo_id=me/tiny", "hub.private=true", "hub.revision=v1")
     line = finish.finish("sft", cfg, 12.0)
-    assert FakeApi.calls == [("init", "hf_secret"), ("create_repo", "me/tiny", True, "model", True),
-                             ("create_branch", "me/tiny", "v1"),
-                             ("upload_folder", "me/tiny", ["config.json", "model.safetensors"], "v1")]
+    assert FakeApi.calls == [
+        ("init", "hf_secret"),
+        ("create_repo", "me/tiny", True, "model", True),
+        ("create_branch", "me/tiny", "v1"),
+        ("upload_folder", "me/tiny", ["config.json", "model.safetensors"], "v1"),
+    ]
     assert "pushed to https://huggingface.co/me/tiny" in line and str(out / "model") in line
 
 
@@ -88,10 +92,19 @@ def test_cli_prints_the_summary_line_last(tmp_path, reviews_task, capsys):
     from alignflow.cli import main
 
     out = tmp_path / "sft"
-    rc = main(["sft", f"model.name_or_path={reviews_task.model_dir}", f"model.tokenizer={reviews_task.tokenizer_dir}",
-               f"data.path={reviews_task.sft_path}",
-               "train.max_steps=2", "train.batch_size=8", "train.progress=false", "train.report_to=[]",
-               f"train.output_dir={out}"])
+    rc = main(
+        [
+            "sft",
+            f"model.name_or_path={reviews_task.model_dir}",
+            f"model.tokenizer={reviews_task.tokenizer_dir}",
+            f"data.path={reviews_task.sft_path}",
+            "train.max_steps=2",
+            "train.batch_size=8",
+            "train.progress=false",
+            "train.report_to=[]",
+            f"train.output_dir={out}",
+        ]
+    )
     assert rc == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("alignflow sft: done in ") and f"model at {out / 'model'}" in last and "loss" in last

@@ -14,8 +14,10 @@ compares a CUDA path with the computation it replaces:
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run with pytest -m gpu on a GPU)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run with pytest -m gpu on a GPU)"),
+]
 
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
@@ -31,11 +33,24 @@ V = 128
 
 def model_of(kind="qwen2", dtype=torch.bfloat16, **kw):
     torch.manual_seed(0)
-    sizes = dict(vocab_size=V, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
-                 num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                 attn_implementation="sdpa")
-    cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
-           "mistral": (MistralConfig, MistralForCausalLM)}[kind]
+    sizes = dict(
+        vocab_size=V,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="sdpa",
+    )
+    cls = {
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+    }[kind]
     return cls[1](cls[0](**(sizes | kw))).to(CUDA, dtype)
 
 
@@ -51,8 +66,9 @@ def hidden_and_grads(model, ids, lens, flash: bool):
         h = varlen.flat_hidden_states(model, ids, lens)  # (1, N, H)
         w = torch.randn(h.shape, generator=torch.Generator(device=CUDA).manual_seed(0), device=CUDA, dtype=h.dtype)
         (h.float() * w.float()).sum().backward()
-        return h.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()
-                                              if p.grad is not None])
+        return h.detach().float(), torch.cat(
+            [p.grad.float().flatten() for p in model.parameters() if p.grad is not None]
+        )
     finally:
         varlen.USE_FLASH = True
 
@@ -63,8 +79,7 @@ def test_flash_kernel_is_available_and_used():
     assert varlen.flash_usable(q), "torch.nn.attention.varlen.varlen_attn is missing or refused bf16 CUDA input"
 
 
-@pytest.mark.parametrize("kind,extra", [("qwen2", {}), ("llama", {}),
-                                        ("mistral", {"sliding_window": 8})])
+@pytest.mark.parametrize("kind,extra", [("qwen2", {}), ("llama", {}), ("mistral", {"sliding_window": 8})])
 def test_varlen_attn_equals_the_per_sequence_loop(kind, extra):
     """Flash varlen (causal, GQA 8/2 heads, sliding window for mistral) vs one SDPA call per sequence: hidden
     states and parameter gradients agree to bf16 precision."""
@@ -89,14 +104,15 @@ def test_flash_varlen_against_sdpa_directly():
         if window and not varlen.flash_usable(q, window=window):
             continue  # this torch's varlen_attn takes no window: the model path keeps the loop (tested above)
         out = varlen.flash_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True, window=window, scale=0.1)
-        for s, m in zip(starts, lens):
-            qs, ks, vs = (t[s:s + m].transpose(0, 1)[None].float() for t in (q, k, v))
+        for s, m in zip(starts, lens, strict=False):
+            qs, ks, vs = (t[s : s + m].transpose(0, 1)[None].float() for t in (q, k, v))
             mask = torch.ones(m, m, dtype=torch.bool, device=CUDA).tril()
             if window:
                 mask &= ~torch.ones(m, m, dtype=torch.bool, device=CUDA).tril(-window)
-            ref = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=0.1,
-                                                                   enable_gqa=True)[0].transpose(0, 1)
-            torch.testing.assert_close(out[s:s + m].float(), ref, atol=2e-2, rtol=2e-2)
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=mask, scale=0.1, enable_gqa=True
+            )[0].transpose(0, 1)
+            torch.testing.assert_close(out[s : s + m].float(), ref, atol=2e-2, rtol=2e-2)
 
 
 def test_last_query_layer_equals_full_forward():
@@ -138,8 +154,7 @@ def run_engine(model, params, graphed: bool):
     try:
         engine = HFEngine(model, eos_token_id=2, pad_token_id=0)
         out = engine.generate(PROMPTS, params)
-        assert engine.last_path == ("lean+graphs" if graphed else "lean"), (engine.fallback_reason,
-                                                                            engine.graph_reason)
+        assert engine.last_path == ("lean+graphs" if graphed else "lean"), (engine.fallback_reason, engine.graph_reason)
         return out
     finally:
         graphs.USE_GRAPHS = True
@@ -158,8 +173,14 @@ def test_graph_decoding_equals_eager_and_generate(dtype):
     same = (a["response_ids"] == b["response_ids"]).float().mean()
     assert same >= 0.99, same
     with torch.no_grad():
-        ref = model.generate(input_ids=a["prompt_ids"], attention_mask=a["prompt_mask"], do_sample=False,
-                             max_new_tokens=48, eos_token_id=2, pad_token_id=0)[:, a["prompt_ids"].shape[1]:]
+        ref = model.generate(
+            input_ids=a["prompt_ids"],
+            attention_mask=a["prompt_mask"],
+            do_sample=False,
+            max_new_tokens=48,
+            eos_token_id=2,
+            pad_token_id=0,
+        )[:, a["prompt_ids"].shape[1] :]
     width = min(ref.shape[1], a["response_ids"].shape[1])
     agree = (ref[:, :width] == a["response_ids"][:, :width]).float().mean()
     assert agree >= 0.95, agree
@@ -180,10 +201,22 @@ def test_sft_learns_on_cuda(reviews_task, tmp_path):
     from alignflow.config import SFTConfig, from_dict
     from alignflow.trainers.sft import train_sft
 
-    res = train_sft(from_dict(SFTConfig, {
-        "model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir)},
-        "data": {"path": str(reviews_task.sft_path), "max_len": 64, "eval_fraction": 0.1},
-        "optim": {"lr": 3e-3, "scheduler": "constant"},
-        "train": {"output_dir": str(tmp_path / "sft"), "batch_size": 32, "max_steps": 40, "progress": False,
-                  "device": "cuda", "mixed_precision": "bf16"}}))
+    res = train_sft(
+        from_dict(
+            SFTConfig,
+            {
+                "model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir)},
+                "data": {"path": str(reviews_task.sft_path), "max_len": 64, "eval_fraction": 0.1},
+                "optim": {"lr": 3e-3, "scheduler": "constant"},
+                "train": {
+                    "output_dir": str(tmp_path / "sft"),
+                    "batch_size": 32,
+                    "max_steps": 40,
+                    "progress": False,
+                    "device": "cuda",
+                    "mixed_precision": "bf16",
+                },
+            },
+        )
+    )
     assert res.losses[-1] < 0.7 * res.losses[0]

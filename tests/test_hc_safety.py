@@ -32,10 +32,15 @@ def test_safety_test_refuses_a_policy_whose_cost_bound_is_violated():
     assert safety_test([1.0] * 20 + [0.0] * 380, 0.15, 0.05, (0.0, 1.0), raise_on_fail=True).passed
 
 
-@pytest.mark.parametrize("costs, delta, rng, message", [([], 0.05, (0, 1), "no costs"),
-                                                        ([0.5], 1.0, (0, 1), "delta"),
-                                                        ([2.0], 0.05, (0, 1), r"cost 2.0 \(row 0\)"),
-                                                        ([0.5], 0.05, (1, 0), "low < high")])
+@pytest.mark.parametrize(
+    "costs, delta, rng, message",
+    [
+        ([], 0.05, (0, 1), "no costs"),
+        ([0.5], 1.0, (0, 1), "delta"),
+        ([2.0], 0.05, (0, 1), r"cost 2.0 \(row 0\)"),
+        ([0.5], 0.05, (1, 0), "low < high"),
+    ],
+)
 def test_bad_inputs_are_errors(costs, delta, rng, message):
     with pytest.raises(ValueError, match=message):
         hoeffding_upper_bound(costs, delta, rng)

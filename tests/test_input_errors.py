@@ -18,15 +18,38 @@ from alignflow.data.loading import MAX_DEPTH, load_records
 from alignflow.data.pipeline import prepare_data
 from alignflow.data.render import encode_rows
 
-WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|tool|>", "<|end|>",
-         "hello", "world", "hi", "there", "good", "bad", "dog", "cat", "Q:", "A:"]
-TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|> {{ m.content }} <|end|> {% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+WORDS = [
+    "<pad>",
+    "<bos>",
+    "<eos>",
+    "<unk>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
+    "<|tool|>",
+    "<|end|>",
+    "hello",
+    "world",
+    "hi",
+    "there",
+    "good",
+    "bad",
+    "dog",
+    "cat",
+    "Q:",
+    "A:",
+]
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|> {{ m.content }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
 # A template like many real ones: it refuses roles other than user/assistant.
-STRICT = ("{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}"
-          "{{ raise_exception('Conversation roles must be user or assistant') }}{% endif %}"
-          "<|{{ m.role }}|> {{ m.content }} <|end|> {% endfor %}"
-          "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+STRICT = (
+    "{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}"
+    "{{ raise_exception('Conversation roles must be user or assistant') }}{% endif %}"
+    "<|{{ m.role }}|> {{ m.content }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
 
 
 @pytest.fixture
@@ -34,8 +57,9 @@ def tok():
     model = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     model.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<bos>", eos_token="<eos>",
-                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=model, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     tokenizer.chat_template = TEMPLATE
     return tokenizer
 
@@ -60,12 +84,15 @@ def row_problems(path, fmt="auto"):
 
 # ----------------------------------------------------------------------------------------------- roles
 def test_validation_reports_an_unknown_role_and_skip_drops_only_that_row(tmp_path):
-    path = write_jsonl(tmp_path / "chat.jsonl", [json.dumps(GOOD),
-                                                 json.dumps({"messages": msgs(("human", "hello"), ("gpt", "hi"))})])
+    path = write_jsonl(
+        tmp_path / "chat.jsonl", [json.dumps(GOOD), json.dumps({"messages": msgs(("human", "hello"), ("gpt", "hi"))})]
+    )
     examples, rows = row_problems(path)
     assert rows == [GOOD]
-    assert examples == [f"{path}:2: field 'messages': message 1: role 'human' is not one of system, developer, "
-                        "user, assistant, tool, function, ipython (use 'user')"]
+    assert examples == [
+        f"{path}:2: field 'messages': message 1: role 'human' is not one of system, developer, "
+        "user, assistant, tool, function, ipython (use 'user')"
+    ]
     with pytest.raises(DataError, match=r"chat\.jsonl:2: field 'messages': message 1: role 'human'"):
         validate(load_records(path), on_bad_row="error", source=path)
 
@@ -74,12 +101,16 @@ def test_a_role_the_template_refuses_is_a_bad_row_not_a_crash(tok, tmp_path):
     """'system' is a valid role, but this template raises on it: the row is reported with the template's own
     message (error) or dropped and counted (skip)."""
     tok.chat_template = STRICT
-    path = write_jsonl(tmp_path / "chat.jsonl", [json.dumps(GOOD),
-                                                 json.dumps({"messages": msgs(("system", "hi"), ("user", "hello"),
-                                                                              ("assistant", "good"))})])
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [json.dumps(GOOD), json.dumps({"messages": msgs(("system", "hi"), ("user", "hello"), ("assistant", "good"))})],
+    )
     checked = validate(load_records(path), source=path)
-    with pytest.raises(DataError, match=r"chat\.jsonl:2: field 'messages': the chat template rejected these "
-                                        r"messages: Conversation roles must be user or assistant"):
+    with pytest.raises(
+        DataError,
+        match=r"chat\.jsonl:2: field 'messages': the chat template rejected these "
+        r"messages: Conversation roles must be user or assistant",
+    ):
         encode_rows(checked, tok, DataConfig(), on_bad_row="error")
     encoded = encode_rows(checked, tok, DataConfig(), on_bad_row="skip")
     assert len(encoded.rows) == 1 and encoded.skipped == 1
@@ -104,18 +135,24 @@ def test_deeply_nested_json_is_a_bad_row(tmp_path, depth):
 
 
 def test_duplicate_keys_name_the_line_and_the_key(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        '{"prompt": "Q:", "chosen": "good", "rejected": "bad"}',
-        '{"prompt": "Q:", "chosen": "good", "rejected": "bad", "chosen": "dog"}',
-        '{"messages": [{"role": "user", "content": "hi", "content": "hello"}, '
-        '{"role": "assistant", "content": "A:"}]}'])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            '{"prompt": "Q:", "chosen": "good", "rejected": "bad"}',
+            '{"prompt": "Q:", "chosen": "good", "rejected": "bad", "chosen": "dog"}',
+            '{"messages": [{"role": "user", "content": "hi", "content": "hello"}, '
+            '{"role": "assistant", "content": "A:"}]}',
+        ],
+    )
     records = load_records(path)
     assert records[1].row == Unparseable("duplicate key 'chosen' in one object (JSON would keep only its last value)")
     assert records[2].row == Unparseable("duplicate key 'content' in one object (JSON would keep only its last value)")
     json_path = tmp_path / "d.json"
     json_path.write_text('[{"text": "hi"}, {"text": "a", "text": "b"}]')
-    assert load_records(str(json_path))[1] == (f"{json_path}[1]", Unparseable(
-        "duplicate key 'text' in one object (JSON would keep only its last value)"))
+    assert load_records(str(json_path))[1] == (
+        f"{json_path}[1]",
+        Unparseable("duplicate key 'text' in one object (JSON would keep only its last value)"),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- bytes and text
@@ -135,8 +172,9 @@ def test_a_byte_that_is_not_utf8_rejects_its_row_only(tmp_path):
         load_records(str(json_path))
 
 
-@pytest.mark.parametrize("name,content", [("d.jsonl", '{"text": "hello"}\n'), ("d.json", '[{"text": "hello"}]'),
-                                          ("d.csv", "text\nhello\n")])
+@pytest.mark.parametrize(
+    "name,content", [("d.jsonl", '{"text": "hello"}\n'), ("d.json", '[{"text": "hello"}]'), ("d.csv", "text\nhello\n")]
+)
 def test_a_utf8_byte_order_mark_is_accepted(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(b"\xef\xbb\xbf" + content.encode())
@@ -145,20 +183,28 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path, name, content):
 
 def test_a_lone_surrogate_is_reported_with_its_field(tmp_path):
     """JSON may escape half of a surrogate pair; the text then has no UTF-8 form and no tokenizer can read it."""
-    path = write_jsonl(tmp_path / "d.jsonl", ['{"prompt": "Q:", "completion": "hi \\ud800 there"}',
-                                              '{"prompt": "Q:", "completion": "good"}',
-                                              '{"prompt": [{"role": "user", "content": "\\udc00"}], '
-                                              '"completion": [{"role": "assistant", "content": "hi"}]}'])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            '{"prompt": "Q:", "completion": "hi \\ud800 there"}',
+            '{"prompt": "Q:", "completion": "good"}',
+            '{"prompt": [{"role": "user", "content": "\\udc00"}], '
+            '"completion": [{"role": "assistant", "content": "hi"}]}',
+        ],
+    )
     examples, rows = row_problems(path)
     assert rows == [{"prompt": "Q:", "completion": "good"}]
     assert examples == [
         f"{path}:1: field 'completion': lone surrogate '\\ud800' at character 4 is not valid Unicode text",
-        f"{path}:3: field 'prompt': message 1: lone surrogate '\\udc00' at character 1 is not valid Unicode text"]
+        f"{path}:3: field 'prompt': message 1: lone surrogate '\\udc00' at character 1 is not valid Unicode text",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- Parquet
-@pytest.mark.parametrize("content,what", [(b"", "an empty file (0 bytes)"),
-                                          (b"PAR1 this is not parquet PAR1", "not a readable Parquet file (29 bytes)")])
+@pytest.mark.parametrize(
+    "content,what",
+    [(b"", "an empty file (0 bytes)"), (b"PAR1 this is not parquet PAR1", "not a readable Parquet file (29 bytes)")],
+)
 def test_empty_or_corrupt_parquet_is_one_line_naming_the_file(tmp_path, content, what):
     path = tmp_path / "d.parquet"
     path.write_bytes(content)
@@ -172,8 +218,11 @@ def test_empty_or_corrupt_parquet_is_one_line_naming_the_file(tmp_path, content,
 def test_unpaired_rows_with_one_label_only_are_refused(tok, tmp_path, label):
     rows = [{"prompt": "Q:", "completion": c, "label": label} for c in ("good", "bad", "dog")]
     path = write_jsonl(tmp_path / "kto.jsonl", [json.dumps(r) for r in rows])
-    with pytest.raises(DataError, match=rf"kto\.jsonl: field 'label': all 3 rows are labelled "
-                                        rf"{str(label).lower()}; KTO needs both"):
+    with pytest.raises(
+        DataError,
+        match=rf"kto\.jsonl: field 'label': all 3 rows are labelled "
+        rf"{str(label).lower()}; KTO needs both",
+    ):
         prepare_data(DataConfig(path=path, eval_fraction=0.0), tok)
     rows[0]["label"] = not label  # one row of the other label is enough
     write_jsonl(tmp_path / "kto.jsonl", [json.dumps(r) for r in rows])
@@ -190,27 +239,38 @@ def test_implicit_prompt_strings_split_where_the_sides_differ():
 
 def test_implicit_prompt_conversations_split_at_the_first_different_message(tok):
     shared = msgs(("system", "hi"), ("user", "hello"))
-    records = [("p.jsonl:1", {"chosen": shared + msgs(("assistant", "good")),
-                              "rejected": shared + msgs(("assistant", "bad"))})]
+    records = [
+        ("p.jsonl:1", {"chosen": shared + msgs(("assistant", "good")), "rejected": shared + msgs(("assistant", "bad"))})
+    ]
     checked = validate(records, on_bad_row="error", source="p.jsonl")
     assert checked.format == "preference"
-    assert checked.rows == [{"prompt": shared, "chosen": msgs(("assistant", "good")),
-                             "rejected": msgs(("assistant", "bad"))}]
+    assert checked.rows == [
+        {"prompt": shared, "chosen": msgs(("assistant", "good")), "rejected": msgs(("assistant", "bad"))}
+    ]
     (example,) = encode_rows(checked, tok, DataConfig()).rows
-    assert tok.decode(example["chosen_ids"]) == ("<|system|> hi <|end|> <|user|> hello <|end|> <|assistant|> "
-                                                 "good <|end|>")
+    assert tok.decode(example["chosen_ids"]) == (
+        "<|system|> hi <|end|> <|user|> hello <|end|> <|assistant|> good <|end|>"
+    )
     assert example["prompt_len"] == 7
 
 
-@pytest.mark.parametrize("chosen,rejected,problem", [
-    ("good dog", "bad dog", "field 'prompt': missing, and 'chosen' and 'rejected' do not start the same way"),
-    ("Q: good", "Q: good dog", "field 'chosen': the whole of it is the prompt shared with the other side"),
-    ("Q: good", "Q: good", "field 'rejected': identical to 'chosen'"),
-    (msgs(("user", "hi")), msgs(("user", "hello")), "field 'prompt': missing, and 'chosen' and 'rejected' do not"),
-])
+@pytest.mark.parametrize(
+    "chosen,rejected,problem",
+    [
+        ("good dog", "bad dog", "field 'prompt': missing, and 'chosen' and 'rejected' do not start the same way"),
+        ("Q: good", "Q: good dog", "field 'chosen': the whole of it is the prompt shared with the other side"),
+        ("Q: good", "Q: good", "field 'rejected': identical to 'chosen'"),
+        (msgs(("user", "hi")), msgs(("user", "hello")), "field 'prompt': missing, and 'chosen' and 'rejected' do not"),
+    ],
+)
 def test_implicit_prompt_that_cannot_be_split_is_a_bad_row(chosen, rejected, problem):
-    checked = validate([("p.jsonl:1", {"chosen": chosen, "rejected": rejected}),
-                        ("p.jsonl:2", {"chosen": "Q: good", "rejected": "Q: bad"})], on_bad_row="skip")
+    checked = validate(
+        [
+            ("p.jsonl:1", {"chosen": chosen, "rejected": rejected}),
+            ("p.jsonl:2", {"chosen": "Q: good", "rejected": "Q: bad"}),
+        ],
+        on_bad_row="skip",
+    )
     assert checked.rows == [{"prompt": "Q:", "chosen": " good", "rejected": " bad"}]
     assert checked.examples[0].startswith(f"p.jsonl:1: {problem}")
 
@@ -219,10 +279,14 @@ def test_implicit_prompt_that_cannot_be_split_is_a_bad_row(chosen, rejected, pro
 def test_chat_template_override_from_a_string_or_a_file(tok, tmp_path):
     """The override replaces the tokenizer's template before the rows are rendered: here a template that puts
     'Q:'/'A:' in front of the turns instead of role tags."""
-    plain = ("{% for m in messages %}{{ 'Q:' if m.role == 'user' else 'A:' }} {{ m.content }} {% endfor %}"
-             "{% if add_generation_prompt %}A: {% endif %}")
-    path = write_jsonl(tmp_path / "chat.jsonl", [json.dumps({"prompt": msgs(("user", "hello")),
-                                                             "completion": msgs(("assistant", "hi there"))})])
+    plain = (
+        "{% for m in messages %}{{ 'Q:' if m.role == 'user' else 'A:' }} {{ m.content }} {% endfor %}"
+        "{% if add_generation_prompt %}A: {% endif %}"
+    )
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [json.dumps({"prompt": msgs(("user", "hello")), "completion": msgs(("assistant", "hi there"))})],
+    )
     template_file = tmp_path / "template.jinja"
     template_file.write_text(plain)
     for value in (plain, str(template_file)):
@@ -232,10 +296,16 @@ def test_chat_template_override_from_a_string_or_a_file(tok, tmp_path):
         assert tok.decode(data.train[0]["input_ids"]) == "Q: hello A: hi there"
 
 
-@pytest.mark.parametrize("value,message", [
-    ("no/such/template.jinja", "data.chat_template: 'no/such/template.jinja' is neither a Jinja template"),
-    ("{% for m in messages %}", "data.chat_template: not a valid Jinja template: line 1: Unexpected end of template"),
-])
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("no/such/template.jinja", "data.chat_template: 'no/such/template.jinja' is neither a Jinja template"),
+        (
+            "{% for m in messages %}",
+            "data.chat_template: not a valid Jinja template: line 1: Unexpected end of template",
+        ),
+    ],
+)
 def test_bad_chat_template_is_a_config_error(tok, tmp_path, value, message):
     path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(GOOD)])
     with pytest.raises(ConfigError, match="^" + message.replace(".", r"\.").replace("(", r"\(")):
@@ -243,19 +313,22 @@ def test_bad_chat_template_is_a_config_error(tok, tmp_path, value, message):
 
 
 # ----------------------------------------------------------------------------------------------- config values
-@pytest.mark.parametrize("override,message", [
-    ("optim.betas=[0.9]", "optim.betas: [0.9] must be two numbers (beta1, beta2), each in [0, 1)"),
-    ("optim.betas=[0.9,0.99,0.5]", "optim.betas: [0.9, 0.99, 0.5] must be two numbers"),
-    ("optim.betas=[0.9,1.0]", "optim.betas: [0.9, 1.0] must be two numbers (beta1, beta2), each in [0, 1)"),
-    ("optim.betas=[-0.1,0.9]", "optim.betas: [-0.1, 0.9] must be two numbers"),
-    ("optim.betas=[a,b]", "optim.betas: ['a', 'b'] must be two numbers"),
-    ("optim.max_grad_norm=nan", "optim.max_grad_norm: nan is not allowed; give a finite number"),
-    ("optim.lr=inf", "optim.lr: inf is not allowed; give a finite number"),
-    ("optim.lr=-inf", "optim.lr: -inf is not allowed; give a finite number"),
-    ("task.label_noise=NaN", "task.label_noise: nan is not allowed"),
-    ("train.device=gpu", "train.device: 'gpu' is not a device; use auto, cpu, cuda, cuda:<index>, mps or xpu"),
-    ("train.device=cuda:x", "train.device: 'cuda:x' is not a device"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.betas=[0.9]", "optim.betas: [0.9] must be two numbers (beta1, beta2), each in [0, 1)"),
+        ("optim.betas=[0.9,0.99,0.5]", "optim.betas: [0.9, 0.99, 0.5] must be two numbers"),
+        ("optim.betas=[0.9,1.0]", "optim.betas: [0.9, 1.0] must be two numbers (beta1, beta2), each in [0, 1)"),
+        ("optim.betas=[-0.1,0.9]", "optim.betas: [-0.1, 0.9] must be two numbers"),
+        ("optim.betas=[a,b]", "optim.betas: ['a', 'b'] must be two numbers"),
+        ("optim.max_grad_norm=nan", "optim.max_grad_norm: nan is not allowed; give a finite number"),
+        ("optim.lr=inf", "optim.lr: inf is not allowed; give a finite number"),
+        ("optim.lr=-inf", "optim.lr: -inf is not allowed; give a finite number"),
+        ("task.label_noise=NaN", "task.label_noise: nan is not allowed"),
+        ("train.device=gpu", "train.device: 'gpu' is not a device; use auto, cpu, cuda, cuda:<index>, mps or xpu"),
+        ("train.device=cuda:x", "train.device: 'cuda:x' is not a device"),
+    ],
+)
 def test_bad_config_values_are_one_line_naming_the_key(override, message):
     """Each was accepted before (NaN and inf pass every range check: nan < lo and nan > hi are both false, and
     ``optim.max_grad_norm=nan`` then silently turned clipping off)."""
@@ -295,9 +368,12 @@ def test_minus_inf_stays_allowed_where_it_is_documented():
 def test_rl_train_batch_larger_than_the_rollout_batch_is_refused():
     from alignflow.config import MPOConfig, RLConfig, from_dict, load_config
 
-    with pytest.raises(ConfigError, match=r"^train\.batch_size=65 is larger than the rollout batch "
-                                          r"rollout\.prompts_per_step x rollout\.n = 16 x 4 = 64 rows; use a "
-                                          r"train\.batch_size in \[1, 64\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^train\.batch_size=65 is larger than the rollout batch "
+        r"rollout\.prompts_per_step x rollout\.n = 16 x 4 = 64 rows; use a "
+        r"train\.batch_size in \[1, 64\]",
+    ):
         load_config(RLConfig, None, ["train.batch_size=65"])
     assert load_config(RLConfig, None, ["train.batch_size=64"]).train.batch_size == 64
     with pytest.raises(ConfigError, match=r"^rl\.train\.batch_size=8 is larger than the rollout batch"):
@@ -309,13 +385,20 @@ def test_num_objectives_on_preference_data_is_refused_before_training(reviews_ta
     from alignflow.config import RMConfig, from_dict
     from alignflow.trainers.reward import train_rm
 
-    cfg = from_dict(RMConfig, {
-        "model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir)},
-        "data": {"path": str(reviews_task.pairs_path), "max_len": 32},
-        "reward": {"num_objectives": 3},
-        "train": {"output_dir": str(tmp_path), "max_steps": 1, "progress": False}})
-    with pytest.raises(ConfigError, match=rf"^reward\.num_objectives=3 needs rated rows .*; {reviews_task.pairs_path} "
-                                          r"holds preference rows"):
+    cfg = from_dict(
+        RMConfig,
+        {
+            "model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir)},
+            "data": {"path": str(reviews_task.pairs_path), "max_len": 32},
+            "reward": {"num_objectives": 3},
+            "train": {"output_dir": str(tmp_path), "max_steps": 1, "progress": False},
+        },
+    )
+    with pytest.raises(
+        ConfigError,
+        match=rf"^reward\.num_objectives=3 needs rated rows .*; {reviews_task.pairs_path} "
+        r"holds preference rows",
+    ):
         train_rm(cfg)
     assert not (tmp_path / "model").exists()
 
@@ -326,8 +409,11 @@ def test_num_objectives_must_match_the_rated_attributes():
     rated = PreparedData("rated", [{"attributes": ["helpfulness", "honesty"]}], [])
     check_objectives(rated, 1, "regression", "r.jsonl")  # 1: as the data says
     check_objectives(rated, 2, "regression", "r.jsonl")
-    with pytest.raises(ConfigError, match=r"^reward\.num_objectives=3, but r\.jsonl rates 2 attributes "
-                                          r"\(helpfulness, honesty\); set reward\.num_objectives=2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^reward\.num_objectives=3, but r\.jsonl rates 2 attributes "
+        r"\(helpfulness, honesty\); set reward\.num_objectives=2",
+    ):
         check_objectives(rated, 3, "regression", "r.jsonl")
     with pytest.raises(ConfigError, match=r"^reward\.loss=regression needs rated rows"):
         check_objectives(PreparedData("preference", [{}], []), 1, "regression", "p.jsonl")

@@ -20,12 +20,21 @@ def lora_sft(reviews_task, tmp_path_factory):
     from alignflow.trainers.sft import train_sft
 
     out = tmp_path_factory.mktemp("lora-sft")
-    train_sft(from_dict(SFTConfig, {
-        "model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir),
-                  "lora": {"enabled": True, "r": 4, "alpha": 8}},
-        "data": {"path": str(reviews_task.sft_path), "max_len": 32, "eval_fraction": 0.0},
-        "optim": {"lr": 1e-2, "scheduler": "constant"},
-        "train": {"output_dir": str(out), "batch_size": 8, "max_steps": 2, "progress": False}}))
+    train_sft(
+        from_dict(
+            SFTConfig,
+            {
+                "model": {
+                    "name_or_path": str(reviews_task.model_dir),
+                    "tokenizer": str(reviews_task.tokenizer_dir),
+                    "lora": {"enabled": True, "r": 4, "alpha": 8},
+                },
+                "data": {"path": str(reviews_task.sft_path), "max_len": 32, "eval_fraction": 0.0},
+                "optim": {"lr": 1e-2, "scheduler": "constant"},
+                "train": {"output_dir": str(out), "batch_size": 8, "max_steps": 2, "progress": False},
+            },
+        )
+    )
     return out
 
 
@@ -38,8 +47,10 @@ IDS = torch.tensor([[1, 5, 6, 7, 8, 9]])
 
 
 def test_a_run_directory_names_its_model_dir(lora_sft):
-    message = f"{lora_sft} is a run directory, not a model: its model is in {lora_sft / 'model'}; use " \
-              f"model.name_or_path={lora_sft / 'model'}"
+    message = (
+        f"{lora_sft} is a run directory, not a model: its model is in {lora_sft / 'model'}; use "
+        f"model.name_or_path={lora_sft / 'model'}"
+    )
     with pytest.raises(ModelLoadError, match="^" + message.replace(".", r"\.") + "$"):
         load_causal_lm(ModelConfig(name_or_path=str(lora_sft)))
     with pytest.raises(ModelLoadError, match=r"is a run directory, not a model"):
@@ -48,8 +59,11 @@ def test_a_run_directory_names_its_model_dir(lora_sft):
 
 def test_a_directory_without_tokenizer_files_says_so(reviews_task):
     """The task's model/ has weights but no tokenizer; transformers' own error talks about sentencepiece."""
-    with pytest.raises(ModelLoadError, match=rf"^no tokenizer in {reviews_task.model_dir}: it has none of "
-                                             r"tokenizer\.json, .*; set model\.tokenizer to"):
+    with pytest.raises(
+        ModelLoadError,
+        match=rf"^no tokenizer in {reviews_task.model_dir}: it has none of "
+        r"tokenizer\.json, .*; set model\.tokenizer to",
+    ):
         load_tokenizer(str(reviews_task.model_dir))
 
 
@@ -73,10 +87,16 @@ def test_the_next_stage_trains_from_a_lora_output(lora_sft, reviews_task, tmp_pa
     """Before: 'optimizer got an empty parameter list' (transformers loaded the adapter frozen)."""
     from alignflow.trainers.sft import train_sft
 
-    result = train_sft(from_dict(SFTConfig, {
-        "model": {"name_or_path": str(lora_sft / "model"), "lora": {"enabled": lora, "r": 4}},
-        "data": {"path": str(reviews_task.sft_path), "max_len": 32, "eval_fraction": 0.0},
-        "train": {"output_dir": str(tmp_path), "batch_size": 8, "max_steps": 1, "progress": False}}))
+    result = train_sft(
+        from_dict(
+            SFTConfig,
+            {
+                "model": {"name_or_path": str(lora_sft / "model"), "lora": {"enabled": lora, "r": 4}},
+                "data": {"path": str(reviews_task.sft_path), "max_len": 32, "eval_fraction": 0.0},
+                "train": {"output_dir": str(tmp_path), "batch_size": 8, "max_steps": 1, "progress": False},
+            },
+        )
+    )
     assert (tmp_path / "model").is_dir() and result is not None
 
 
@@ -84,8 +104,9 @@ def test_alignflow_merge_writes_a_plain_model(lora_sft, tmp_path, capsys):
     out = tmp_path / "merged"
     assert main(["merge", f"adapter={lora_sft / 'model'}", f"output={out}"]) == 0
     plain = AutoModelForCausalLM.from_pretrained(out)  # no peft needed to read it
-    torch.testing.assert_close(logits(plain, IDS), logits(load_causal_lm(ModelConfig(name_or_path=str(
-        lora_sft / "model"))), IDS))
+    torch.testing.assert_close(
+        logits(plain, IDS), logits(load_causal_lm(ModelConfig(name_or_path=str(lora_sft / "model"))), IDS)
+    )
     assert (out / "tokenizer.json").exists()
     assert main(["merge", f"adapter={tmp_path}", f"output={tmp_path / 'x'}"]) == 2
     assert "has no adapter_config.json, so it is not a LoRA adapter directory" in capsys.readouterr().err
@@ -105,9 +126,10 @@ def test_a_reward_model_adapter_keeps_its_trained_head(reviews_task, tmp_path):
 
 def test_a_new_head_is_one_line_not_a_table(reviews_task, caplog, capfd):
     with caplog.at_level(logging.INFO, logger="alignflow.models.loading"):
-        load_reward_model(ModelConfig(name_or_path=str(reviews_task.model_dir)), num_labels=2, seed=0,
-                          pad_token_id=0)
+        load_reward_model(ModelConfig(name_or_path=str(reviews_task.model_dir)), num_labels=2, seed=0, pad_token_id=0)
     lines = [r.getMessage() for r in caplog.records if "new score head" in r.getMessage()]
-    assert lines == [f"reward model: new score head (2 x 32) on {reviews_task.model_dir}, row i seeded from seed "
-                     "0 + i; every other weight comes from the checkpoint"]
+    assert lines == [
+        f"reward model: new score head (2 x 32) on {reviews_task.model_dir}, row i seeded from seed "
+        "0 + i; every other weight comes from the checkpoint"
+    ]
     assert "LOAD REPORT" not in capfd.readouterr().err

@@ -17,12 +17,20 @@ import torch
 from alignflow.algorithms.nash import bt_win_probability, mixture_logits, nash_md_pg_loss
 from alignflow.batch import Batch
 from alignflow.cli import COMMANDS, main
-from alignflow.config import (ONLINE_PO_METHODS, ConfigError, ModelConfig, MPOConfig, OnlinePOConfig, from_dict, load_config)
-from alignflow.tasks.labels import label_pairs
+from alignflow.config import (
+    ONLINE_PO_METHODS,
+    ConfigError,
+    ModelConfig,
+    MPOConfig,
+    OnlinePOConfig,
+    from_dict,
+    load_config,
+)
 from alignflow.models import load_causal_lm, load_tokenizer
 from alignflow.rollout.mixture import generate_mixture
 from alignflow.rollout.sampling import SamplingParams
 from alignflow.tasks.common import read_jsonl, write_jsonl
+from alignflow.tasks.labels import label_pairs
 from alignflow.trainers import iterative as it
 from alignflow.trainers.po_data import sample_texts
 from alignflow.trainers.preference import compute_ref_logps
@@ -40,19 +48,25 @@ def setup(reviews_task, reviews_sft, tmp_path_factory):
     tok = load_tokenizer(str(task.tokenizer_dir))
     prompts = [r["prompt"] for r in read_jsonl(task.prompts_path)[:64]]
     sft = load_causal_lm(ModelConfig(name_or_path=str(reviews_sft)))
-    write_jsonl(root / "pairs.jsonl", label_pairs(prompts, sample_texts(sft, tok, prompts, 4, 24, 1.0, 0),
-                                                  task.gold_reward, 0.5, 0))
+    write_jsonl(
+        root / "pairs.jsonl",
+        label_pairs(prompts, sample_texts(sft, tok, prompts, 4, 24, 1.0, 0), task.gold_reward, 0.5, 0),
+    )
     return {"task": task, "tok": tok, "sft": reviews_sft, "pairs": root / "pairs.jsonl", "root": root}
 
 
 def online_cfg(s, out, method="iterative_dpo", **sections) -> OnlinePOConfig:
-    base = {"model": {"name_or_path": str(s["sft"]), "tokenizer": str(s["task"].tokenizer_dir)},
-            "data": {"path": str(s["task"].prompts_path), "eval_path": str(s["task"].eval_prompts_path)},
-            "task": {"name": "reviews"}, "reward": {"task": {"gold": 1.0}},
-            "loss": {"name": "inpo"} if method == "inpo" else {},
-            "online": {"method": method, "rounds": 2, "prompts_per_round": 32, "steps_per_round": 3},
-            "rollout": {"n": 4, "max_new_tokens": 16, "eval_prompts": 0},
-            "optim": {"lr": 1e-3}, "train": {"output_dir": str(out), "batch_size": 16, "progress": False}}
+    base = {
+        "model": {"name_or_path": str(s["sft"]), "tokenizer": str(s["task"].tokenizer_dir)},
+        "data": {"path": str(s["task"].prompts_path), "eval_path": str(s["task"].eval_prompts_path)},
+        "task": {"name": "reviews"},
+        "reward": {"task": {"gold": 1.0}},
+        "loss": {"name": "inpo"} if method == "inpo" else {},
+        "online": {"method": method, "rounds": 2, "prompts_per_round": 32, "steps_per_round": 3},
+        "rollout": {"n": 4, "max_new_tokens": 16, "eval_prompts": 0},
+        "optim": {"lr": 1e-3},
+        "train": {"output_dir": str(out), "batch_size": 16, "progress": False},
+    }
     for key, value in sections.items():
         base[key] = base.get(key, {}) | value
     return from_dict(OnlinePOConfig, base)
@@ -108,7 +122,7 @@ def test_mixture_logits_are_the_normalised_geometric_mixture():
     assert torch.allclose(mixture_logits(a, b, 0.0), a.log_softmax(-1))
     assert torch.allclose(mixture_logits(a, b, 1.0), b.log_softmax(-1))
     p, q = a.softmax(-1), b.softmax(-1)
-    geo = p ** 0.7 * q ** 0.3
+    geo = p**0.7 * q**0.3
     assert torch.allclose(mixture_logits(a, b, 0.3).softmax(-1), geo / geo.sum(-1, keepdim=True), atol=1e-6)
 
 
@@ -121,13 +135,20 @@ def test_mixture_sampler_draws_from_the_token_level_mixture(setup, coef):
     policy = load_causal_lm(ModelConfig(name_or_path=str(setup["sft"])))
     ref = load_causal_lm(ModelConfig(name_or_path=str(setup["task"].model_dir)))
     prompts = [tok(r["prompt"])["input_ids"] for r in read_jsonl(setup["task"].eval_prompts_path)[:4]]
-    out = generate_mixture(policy, ref, prompts, SamplingParams(n=2, max_new_tokens=10, seed=3), coef,
-                           eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    out = generate_mixture(
+        policy,
+        ref,
+        prompts,
+        SamplingParams(n=2, max_new_tokens=10, seed=3),
+        coef,
+        eos_ids=[tok.eos_token_id],
+        pad_id=tok.pad_token_id,
+    )
     ids, am, pos = out["input_ids"], out["attention_mask"], out["position_ids"]  # (8, Tp + Tr)
     Tp, mask = out["prompt_ids"].shape[1], out["response_mask"].bool()
     with torch.no_grad():
-        lp = policy(input_ids=ids, attention_mask=am, position_ids=pos).logits[:, Tp - 1:-1].float()  # (8, Tr, V)
-        lr = ref(input_ids=ids, attention_mask=am, position_ids=pos).logits[:, Tp - 1:-1].float()
+        lp = policy(input_ids=ids, attention_mask=am, position_ids=pos).logits[:, Tp - 1 : -1].float()  # (8, Tr, V)
+        lr = ref(input_ids=ids, attention_mask=am, position_ids=pos).logits[:, Tp - 1 : -1].float()
     mix = mixture_logits(lp.flatten(0, 1), lr.flatten(0, 1), coef).view_as(lp).log_softmax(-1)
     want = mix.gather(-1, out["response_ids"][..., None]).squeeze(-1)  # (8, Tr)
     assert mask.sum() > 8 and torch.allclose(out["sampling_logprobs"][mask], want[mask], atol=1e-4)
@@ -137,7 +158,7 @@ def test_mixture_sampler_draws_from_the_token_level_mixture(setup, coef):
     else:
         assert not torch.allclose(out["sampling_logprobs"][mask], single[mask], atol=1e-2)
     ends = out["response_ids"][torch.arange(8), mask.sum(-1) - 1]
-    assert all(e == tok.eos_token_id for e, f in zip(ends.tolist(), out["finish_reason"]) if f == "eos")
+    assert all(e == tok.eos_token_id for e, f in zip(ends.tolist(), out["finish_reason"], strict=False) if f == "eos")
 
 
 # ----------------------------------------------------------------------------------------------- references
@@ -148,8 +169,14 @@ def test_each_method_trains_against_its_reference(setup, tmp_path):
     cfg = online_cfg(setup, tmp_path)
     run = it.build_run(cfg, torch.device("cpu"), setup["tok"])
     sft = load_causal_lm(ModelConfig(name_or_path=str(setup["sft"])))
-    prompts = it.prompt_batch([{"prompt": p, "prompt_ids": setup["tok"](p)["input_ids"]}
-                               for p in ["Review : the film", "Review : this movie was"]], [0, 1], ["prompt"])
+    prompts = it.prompt_batch(
+        [
+            {"prompt": p, "prompt_ids": setup["tok"](p)["input_ids"]}
+            for p in ["Review : the film", "Review : this movie was"]
+        ],
+        [0, 1],
+        ["prompt"],
+    )
     batch = it.generate(run, prompts)
     rows, _ = it.pair_rows(batch, torch.arange(len(batch), dtype=torch.float), cfg.rollout.n)
     run.prev = it.snapshot(run.policy)  # the SFT weights
@@ -180,8 +207,13 @@ def test_online_iterative_dpo_raises_the_gold_reward(setup, tmp_path):
     """2 rounds x 64 prompts x 4 samples, 8 DPO steps of 32 pairs each at lr 1e-3: the sampled held-out gold reward
     (64 prompts x 2 samples, the same seed before and after) rises; measured +0.69, +0.53, +0.87 over training seeds
     0, 1, 2 from -2.5."""
-    cfg = online_cfg(setup, tmp_path, online={"prompts_per_round": 64, "steps_per_round": 8},
-                     rollout={"max_new_tokens": 24, "eval_prompts": 64}, train={"batch_size": 32})
+    cfg = online_cfg(
+        setup,
+        tmp_path,
+        online={"prompts_per_round": 64, "steps_per_round": 8},
+        rollout={"max_new_tokens": 24, "eval_prompts": 64},
+        train={"batch_size": 32},
+    )
     result = it.train_online_po(cfg)
     before, after = result.evals[0][1]["eval/gold_reward"], result.evals[-1][1]["eval/gold_reward"]
     assert after > before + 0.3, (before, after)
@@ -234,13 +266,23 @@ def test_inpo_and_nash_md_rounds(setup, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- MPO
 def mpo_cfg(s, out, delta, **sections) -> MPOConfig:
-    base = {"model": {"name_or_path": str(s["sft"]), "tokenizer": str(s["task"].tokenizer_dir)},
-            "data": {"path": str(s["pairs"]), "max_len": 64}, "task": {"name": "reviews"},
-            "reward": {"task": {"gold": 1.0}}, "mpo": {"delta": delta}, "output_dir": str(out), "eval_prompts": 0,
-            "dpo": {"optim": {"lr": 1e-3}, "train": {"batch_size": 16, "max_steps": 3, "progress": False}},
-            "rl": {"algo": {"name": "grpo"}, "kl": {"coef": 0.05},
-                   "rollout": {"prompts_per_step": 4, "n": 4, "max_new_tokens": 16, "eval_prompts": 0},
-                   "optim": {"lr": 1e-3}, "train": {"batch_size": 16, "max_steps": 2, "progress": False}}}
+    base = {
+        "model": {"name_or_path": str(s["sft"]), "tokenizer": str(s["task"].tokenizer_dir)},
+        "data": {"path": str(s["pairs"]), "max_len": 64},
+        "task": {"name": "reviews"},
+        "reward": {"task": {"gold": 1.0}},
+        "mpo": {"delta": delta},
+        "output_dir": str(out),
+        "eval_prompts": 0,
+        "dpo": {"optim": {"lr": 1e-3}, "train": {"batch_size": 16, "max_steps": 3, "progress": False}},
+        "rl": {
+            "algo": {"name": "grpo"},
+            "kl": {"coef": 0.05},
+            "rollout": {"prompts_per_step": 4, "n": 4, "max_new_tokens": 16, "eval_prompts": 0},
+            "optim": {"lr": 1e-3},
+            "train": {"batch_size": 16, "max_steps": 2, "progress": False},
+        },
+    }
     for key, value in sections.items():
         base[key] = base.get(key, {}) | value
     return from_dict(MPOConfig, base)
@@ -260,9 +302,16 @@ def test_mpo_runs_rl_on_the_hard_prompts_from_and_against_the_dpo_model(setup, t
     policy and KL reference are both the DPO model (so the first RL step's KL is 0 although DPO moved away from the
     SFT model)."""
     rows = read_jsonl(setup["pairs"])
-    gaps = sorted(abs(a - b) for a, b in zip(*[setup["task"].gold_reward([r["prompt"] for r in rows],
-                                                                          [r[s] for r in rows])
-                                                for s in ("chosen", "rejected")]))
+    gaps = sorted(
+        abs(a - b)
+        for a, b in zip(
+            *[
+                setup["task"].gold_reward([r["prompt"] for r in rows], [r[s] for r in rows])
+                for s in ("chosen", "rejected")
+            ],
+            strict=False,
+        )
+    )
     delta = gaps[len(gaps) // 2]
     result = it.train_mpo(mpo_cfg(setup, tmp_path, delta))
     s = result.stats
@@ -282,14 +331,16 @@ def test_mpo_runs_rl_on_the_hard_prompts_from_and_against_the_dpo_model(setup, t
 def test_config_mistakes_are_clear_errors(setup, tmp_path):
     with pytest.raises(ConfigError, match="online.method.*one of iterative_dpo, inpo, apo, nash_md"):
         from_dict(OnlinePOConfig, {"online": {"method": "spin"}})
-    cases = [("iterative_dpo", {"loss": {"name": "inpo"}}, "method inpo trains loss inpo"),
-             ("inpo", {"loss": {"name": "dpo"}}, "loss.name=dpo"),
-             ("iterative_dpo", {"loss": {"name": "kto"}}, "pairwise loss"),
-             ("nash_md", {"loss": {"beta": 0.2}}, "online.kl_coef"),
-             ("apo", {"loss": {"name": "simpo"}}, "uses none"),
-             ("iterative_dpo", {"train": {"max_steps": 5}}, "online.steps_per_round"),
-             ("iterative_dpo", {"reward": {"task": {}}}, "no reward source"),
-             ("iterative_dpo", {"loss": {"lam": 0.5}}, "loss.lam")]
+    cases = [
+        ("iterative_dpo", {"loss": {"name": "inpo"}}, "method inpo trains loss inpo"),
+        ("inpo", {"loss": {"name": "dpo"}}, "loss.name=dpo"),
+        ("iterative_dpo", {"loss": {"name": "kto"}}, "pairwise loss"),
+        ("nash_md", {"loss": {"beta": 0.2}}, "online.kl_coef"),
+        ("apo", {"loss": {"name": "simpo"}}, "uses none"),
+        ("iterative_dpo", {"train": {"max_steps": 5}}, "online.steps_per_round"),
+        ("iterative_dpo", {"reward": {"task": {}}}, "no reward source"),
+        ("iterative_dpo", {"loss": {"lam": 0.5}}, "loss.lam"),
+    ]
     for method, sections, needle in cases:
         with pytest.raises(ConfigError, match=needle):
             it.train_online_po(online_cfg(setup, tmp_path, method, **sections))

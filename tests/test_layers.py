@@ -10,11 +10,22 @@ ROOT = Path(__file__).resolve().parents[1] / "alignflow"
 
 # docs/design.md, "Layers": a module may import its own layer and the ones below
 LAYERS = {
-    "config": 0, "batch": 0, "__init__": 0,
-    "algorithms": 1, "data": 1, "models": 1, "sandbox": 1,
-    "rollout": 2, "rewards": 2, "distributed": 2, "envs": 2, "tasks": 2,
+    "config": 0,
+    "batch": 0,
+    "__init__": 0,
+    "algorithms": 1,
+    "data": 1,
+    "models": 1,
+    "sandbox": 1,
+    "rollout": 2,
+    "rewards": 2,
+    "distributed": 2,
+    "envs": 2,
+    "tasks": 2,
     "trainers": 3,
-    "recipes": 4, "eval": 4, "demo": 4,
+    "recipes": 4,
+    "eval": 4,
+    "demo": 4,
     "cli": 5,
 }
 # Upward imports allowed for now, as (importer, imported) module pairs: none are left. Keep it empty: move the

@@ -12,8 +12,16 @@ V = 64
 
 def tiny_llama(seed=0, tie=False):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                      pad_token_id=0, tie_word_embeddings=tie, attn_implementation="sdpa")
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        pad_token_id=0,
+        tie_word_embeddings=tie,
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -58,7 +66,7 @@ def test_values_entropy_and_grads_equal_naive(data, chunk):
     ref_lp, ref_ent = naive(model, ids, mask, pos)
     ref_loss = -(ref_lp * mask).sum() - 0.1 * (ref_ent * mask).sum()
     ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
-    for a, b in zip(grads, ref_grads):
+    for a, b in zip(grads, ref_grads, strict=False):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
@@ -163,8 +171,17 @@ def test_packed_rows_equal_separate_forwards():
 def test_final_logit_softcapping_is_applied():
     """Gemma-2 caps logits with c * tanh(z / c); the chunked path must apply it like the model does."""
     torch.manual_seed(0)
-    cfg = Gemma2Config(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=8, intermediate_size=64, final_logit_softcapping=0.5, attn_implementation="eager")
+    cfg = Gemma2Config(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        final_logit_softcapping=0.5,
+        attn_implementation="eager",
+    )
     model = Gemma2ForCausalLM(cfg).eval()
     ids = torch.randint(1, V, (2, 6))
     with torch.no_grad():

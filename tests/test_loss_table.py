@@ -25,18 +25,26 @@ def toy_loss(inputs: PrefInputs, *, beta: float = 1.0, reduction: str = "mean", 
     At the first step the policy is the reference (dropout off), so h_i = 0 and every row's loss is
     log(1 + e) = 1.31326...; the loss falls as h grows (its derivative in h, -β·σ(1 - βh), is negative everywhere).
     """
-    pc, pr, rc, rr = inputs.need("toy_loss", "policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
-                                 "ref_rejected_logps")
+    pc, pr, rc, rr = inputs.need(
+        "toy_loss", "policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"
+    )
     h = (pc - rc) - (pr - rr)  # (B,)
     losses = F.softplus(1.0 - beta * h)
     value = float(reduce_rows(losses.detach(), reduction, weights).sum())
-    CALLS.append({"beta": beta, "reduction": reduction, "value": value,
-                  "fields": sorted(f.name for f in dataclasses.fields(inputs) if getattr(inputs, f.name) is not None)})
+    CALLS.append(
+        {
+            "beta": beta,
+            "reduction": reduction,
+            "value": value,
+            "fields": sorted(f.name for f in dataclasses.fields(inputs) if getattr(inputs, f.name) is not None),
+        }
+    )
     return reduce_rows(losses, reduction, weights), {"pref/margin": F.softplus(h).mean().detach()}
 
 
-TOY = LossSpec(toy_loss, ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"),
-               title="toy")
+TOY = LossSpec(
+    toy_loss, ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"), title="toy"
+)
 
 
 def _po_args(task, out, *extra: str) -> list[str]:
@@ -44,10 +52,22 @@ def _po_args(task, out, *extra: str) -> list[str]:
     so the loss the steps report must fall."""
     data = out.parent / f"{out.name}-pairs.jsonl"
     write_jsonl(data, read_jsonl(task.pairs_path)[:16])
-    return ["po", f"model.name_or_path={task.model_dir}", f"model.tokenizer={task.tokenizer_dir}", f"data.path={data}",
-            "data.max_len=64", "data.eval_fraction=0.0", "optim.lr=1e-3", "optim.scheduler=constant",
-            "optim.warmup_ratio=0.0", f"train.output_dir={out}", "train.batch_size=16", "train.max_steps=6",
-            "train.progress=false", *extra]
+    return [
+        "po",
+        f"model.name_or_path={task.model_dir}",
+        f"model.tokenizer={task.tokenizer_dir}",
+        f"data.path={data}",
+        "data.max_len=64",
+        "data.eval_fraction=0.0",
+        "optim.lr=1e-3",
+        "optim.scheduler=constant",
+        "optim.warmup_ratio=0.0",
+        f"train.output_dir={out}",
+        "train.batch_size=16",
+        "train.max_steps=6",
+        "train.progress=false",
+        *extra,
+    ]
 
 
 def test_a_loss_registered_in_the_table_runs_through_alignflow_po(reviews_task, tmp_path, monkeypatch, capsys):
@@ -63,8 +83,9 @@ def test_a_loss_registered_in_the_table_runs_through_alignflow_po(reviews_task, 
     assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(CALLS[0]["fields"])
     assert main(["po", "--help"]) == 0 and "toy (toy)" in capsys.readouterr().out
     assert main(_po_args(reviews_task, tmp_path / "run2", "loss.name=toy", "loss.gamma=1.0")) == 2
-    assert "loss.gamma=1.0 is not a hyper-parameter of loss 'toy' (its hyper-parameters: beta)" in \
-        capsys.readouterr().err
+    assert (
+        "loss.gamma=1.0 is not a hyper-parameter of loss 'toy' (its hyper-parameters: beta)" in capsys.readouterr().err
+    )
 
 
 def test_an_unknown_loss_name_lists_the_table(reviews_task, tmp_path, capsys):

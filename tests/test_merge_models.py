@@ -16,10 +16,18 @@ def test_interpolation_by_hand():
     """w = (0.25, 0.75):  W = 0.25 [[1, 2], [3, 4]] + 0.75 [[3, 6], [7, 0]] = [[2.5, 5], [6, 1]];
     b = 0.25 (0, 10) + 0.75 (4, -10) = (3, -5). The integer buffer (equal in both) is copied; a bf16 tensor
     0.25 * 1 + 0.75 * 3 = 2.5 stays bf16."""
-    a = {"W": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([0.0, 10.0]),
-         "pos": torch.tensor([0, 1]), "h": torch.tensor([1.0], dtype=torch.bfloat16)}
-    b = {"W": torch.tensor([[3.0, 6.0], [7.0, 0.0]]), "b": torch.tensor([4.0, -10.0]),
-         "pos": torch.tensor([0, 1]), "h": torch.tensor([3.0], dtype=torch.bfloat16)}
+    a = {
+        "W": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+        "b": torch.tensor([0.0, 10.0]),
+        "pos": torch.tensor([0, 1]),
+        "h": torch.tensor([1.0], dtype=torch.bfloat16),
+    }
+    b = {
+        "W": torch.tensor([[3.0, 6.0], [7.0, 0.0]]),
+        "b": torch.tensor([4.0, -10.0]),
+        "pos": torch.tensor([0, 1]),
+        "h": torch.tensor([3.0], dtype=torch.bfloat16),
+    }
     out = interpolate_state_dicts([a, b], [0.25, 0.75])
     assert torch.equal(out["W"], torch.tensor([[2.5, 5.0], [6.0, 1.0]]))
     assert torch.equal(out["b"], torch.tensor([3.0, -5.0]))
@@ -28,8 +36,15 @@ def test_interpolation_by_hand():
     assert torch.equal(interpolate_state_dicts([a, b])["W"], torch.tensor([[2.0, 4.0], [5.0, 2.0]]))  # equal
 
 
-@pytest.mark.parametrize("weights, message", [([0.5], "1 weights given for 2"), ([0.7, 0.7], "sum to 1"),
-                                              ([1.5, -0.5], ">= 0"), ([float("nan"), 1.0], "finite")])
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ([0.5], "1 weights given for 2"),
+        ([0.7, 0.7], "sum to 1"),
+        ([1.5, -0.5], ">= 0"),
+        ([float("nan"), 1.0], "finite"),
+    ],
+)
 def test_bad_weights_are_errors(weights, message):
     with pytest.raises(ValueError, match=message):
         check_merge_weights(weights, 2)
@@ -81,8 +96,9 @@ def test_merge_models_command_and_merged_reference(two_models, tmp_path):
     from alignflow.trainers.rl_algos import resolve
     from alignflow.trainers.rl_setup import role_objects
 
-    cfg = from_dict(RLConfig, {"model": {"name_or_path": two_models[0]}, "ref_model": str(out),
-                               "reward": {"task": {"gold": 1.0}}})
+    cfg = from_dict(
+        RLConfig, {"model": {"name_or_path": two_models[0]}, "ref_model": str(out), "reward": {"task": {"gold": 1.0}}}
+    )
     roles = role_objects(cfg, resolve(cfg), torch.device("cpu"), 1, load_tokenizer(two_models[0]), ("actor", "ref"))
     ref = dict(roles["ref"].model.named_parameters())
     actor = dict(roles["actor"].model.named_parameters())
@@ -93,8 +109,17 @@ def test_merge_models_command_and_merged_reference(two_models, tmp_path):
 def test_merge_models_user_errors_are_one_line(two_models, tmp_path, capsys):
     assert main(["merge_models", f"models=[{two_models[0]}]", f"output={tmp_path / 'x'}"]) == 2
     assert "at least two model directories" in capsys.readouterr().err
-    assert main(["merge_models", f"models=[{two_models[0]},{two_models[1]}]", "weights=[0.6,0.6]",
-                 f"output={tmp_path / 'x'}"]) == 2
+    assert (
+        main(
+            [
+                "merge_models",
+                f"models=[{two_models[0]},{two_models[1]}]",
+                "weights=[0.6,0.6]",
+                f"output={tmp_path / 'x'}",
+            ]
+        )
+        == 2
+    )
     assert "weights=[0.6, 0.6]: merge weights must sum to 1" in capsys.readouterr().err
     assert main(["merge_models", f"models=[{two_models[0]},{two_models[1]}]", f"output={two_models[0]}"]) == 2
     assert "is one of the input models" in capsys.readouterr().err

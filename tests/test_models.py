@@ -10,9 +10,20 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from alignflow.config import LoraConfig, ModelConfig
-from alignflow.models import (GatingNetwork, ModelLoadError, combine, gated_scores, last_token_hidden, load_causal_lm,
-                              load_reward_model, load_tokenizer, load_value_model, save_model, sequence_scores,
-                              token_values)
+from alignflow.models import (
+    GatingNetwork,
+    ModelLoadError,
+    combine,
+    gated_scores,
+    last_token_hidden,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    load_value_model,
+    save_model,
+    sequence_scores,
+    token_values,
+)
 
 V = 64
 
@@ -22,8 +33,16 @@ def tiny_dir(tmp_path_factory):
     """A tiny Llama causal LM and a word-level tokenizer with an eos but NO pad token, saved like a hub repo."""
     d = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
     LlamaForCausalLM(cfg).save_pretrained(d)
     vocab = {"<unk>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, V)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -83,7 +102,7 @@ def test_gradient_checkpointing_keeps_gradients(tiny_dir):
     assert ckpt.is_gradient_checkpointing and not plain.is_gradient_checkpointing
     for m in (plain, ckpt):
         m(IDS, attention_mask=MASK, labels=IDS).loss.backward()
-    for a, b in zip(plain.parameters(), ckpt.parameters()):
+    for a, b in zip(plain.parameters(), ckpt.parameters(), strict=False):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
 
 
@@ -126,7 +145,7 @@ def test_reward_heads_are_seeded_per_row_and_reproducible(tiny_dir):
     assert not torch.allclose(w[0], w[1]) and not torch.allclose(w[1], w[2])
     torch.testing.assert_close(w, b.score.weight, rtol=0, atol=0)
     torch.testing.assert_close(c.score.weight[0], w[1], rtol=0, atol=0)
-    assert 0.5 < w.std().item() * 33 ** 0.5 < 1.5  # N(0, 1/(H+1))
+    assert 0.5 < w.std().item() * 33**0.5 < 1.5  # N(0, 1/(H+1))
 
 
 def test_sequence_scores_pool_the_last_real_token(tiny_dir):
@@ -163,8 +182,9 @@ def test_lora_reward_model_trains_adapters_and_the_new_head(tiny_dir):
 
 
 def test_reward_model_needs_a_pad_id(tmp_path):
-    LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                 intermediate_size=64)).save_pretrained(tmp_path)
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    ).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="pad_token_id"):
         load_reward_model(cfg_for(tmp_path), num_labels=1)
 
@@ -190,8 +210,9 @@ def test_gate_sums_to_beta_and_one_hot_picks_an_attribute():
     torch.testing.assert_close(w.sum(-1), torch.full((4,), 2.5))
     assert (w > 0).all()
     scores = torch.tensor([[1.0, 2.0, 3.0], [4.0, -1.0, 0.5]])
-    torch.testing.assert_close(combine(scores, torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])),
-                               torch.tensor([2.0, 0.5]))
+    torch.testing.assert_close(
+        combine(scores, torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])), torch.tensor([2.0, 0.5])
+    )
     torch.testing.assert_close(combine(scores[:1], torch.tensor([[0.5, 0.25, 0.25]])), torch.tensor([1.75]))
     with pytest.raises(ValueError, match="same shape"):
         combine(scores, w[:2, :2])
@@ -239,8 +260,9 @@ def test_save_is_atomic_and_reloads_identically(tiny_dir, tmp_path):
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     again = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
-        torch.testing.assert_close(again(IDS, attention_mask=MASK).logits, model(IDS, attention_mask=MASK).logits,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            again(IDS, attention_mask=MASK).logits, model(IDS, attention_mask=MASK).logits, rtol=0, atol=0
+        )
     assert load_tokenizer(str(out)).pad_token == "</s>"
 
 

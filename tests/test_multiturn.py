@@ -19,8 +19,10 @@ from alignflow.envs.multiturn import (
 from alignflow.rollout import HFEngine, SamplingParams
 
 # the built-in template with a 'tool' role (rendered under the user marker)
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ 'user' if m['role'] == 'tool' else m['role'] }}|> "
-            "{{ m['content'] }} <|end|> {% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ 'user' if m['role'] == 'tool' else m['role'] }}|> "
+    "{{ m['content'] }} <|end|> {% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +43,14 @@ class ScriptedEngine:
         ids = self.reply[: params.max_new_tokens]
         reason = "stop" if len(ids) == len(self.reply) else "length"
         b = len(prompt_ids)
-        return Batch(tensors={"response_ids": torch.tensor([ids] * b), "response_mask": torch.ones(b, len(ids)),
-                              "sampling_logprobs": torch.full((b, len(ids)), -0.5)},
-                     meta={"finish_reason": [reason] * b})
+        return Batch(
+            tensors={
+                "response_ids": torch.tensor([ids] * b),
+                "response_mask": torch.ones(b, len(ids)),
+                "sampling_logprobs": torch.full((b, len(ids)), -0.5),
+            },
+            meta={"finish_reason": [reason] * b},
+        )
 
 
 class AskTwice:
@@ -68,8 +75,14 @@ def test_sequence_is_the_template_and_the_mask_covers_the_model_tokens(tok):
     end, user, asst = tok.convert_tokens_to_ids(["<|end|>", "<|user|>", "<|assistant|>"])
     reply = ids("good") + [end]
     engine = ScriptedEngine(reply)
-    (traj,) = rollout_episodes(engine, tok, [AskTwice()], [{"prompt": "the food"}], SamplingParams(max_new_tokens=8),
-                               MultiTurnLimits(max_turns=5, max_total_tokens=200))
+    (traj,) = rollout_episodes(
+        engine,
+        tok,
+        [AskTwice()],
+        [{"prompt": "the food"}],
+        SamplingParams(max_new_tokens=8),
+        MultiTurnLimits(max_turns=5, max_total_tokens=200),
+    )
     prompt = [tok.bos_token_id, user] + ids("the food") + [end, asst]
     obs = [user] + ids("again") + [end, asst]
     assert traj.token_ids == prompt + reply + obs + reply + obs + reply
@@ -83,9 +96,14 @@ def test_sequence_is_the_template_and_the_mask_covers_the_model_tokens(tok):
 def test_turn_and_token_limits(tok):
     end = tok.convert_tokens_to_ids("<|end|>")
     reply = tok("good", add_special_tokens=False)["input_ids"] + [end]
-    run = lambda limits, max_new=8: rollout_episodes(ScriptedEngine(reply), tok, [AskTwice()],  # noqa: E731
-                                                     [{"prompt": "the food"}], SamplingParams(max_new_tokens=max_new),
-                                                     limits)[0]
+    run = lambda limits, max_new=8: rollout_episodes(
+        ScriptedEngine(reply),
+        tok,
+        [AskTwice()],  # noqa: E731
+        [{"prompt": "the food"}],
+        SamplingParams(max_new_tokens=max_new),
+        limits,
+    )[0]
     assert (run(MultiTurnLimits(max_turns=1)).finish, run(MultiTurnLimits(max_turns=1)).turns) == ("max_turns", 1)
     t = run(MultiTurnLimits(max_turns=5, max_total_tokens=12))  # prompt 6 + reply 2 + obs 4 = 12: no room
     assert (t.finish, t.turns, len(t.token_ids)) == ("max_tokens", 1, 8)
@@ -103,14 +121,21 @@ def test_real_engine_logprobs_match_a_training_forward(reviews_task, tok, tmp_pa
     engine = HFEngine(model, tok)
     params = SamplingParams(max_new_tokens=6, seed=3, stop_token_ids=[tok.convert_tokens_to_ids("<|end|>")])
     envs = [AskTwice() for _ in range(4)]
-    trajs = rollout_episodes(engine, tok, envs, [{"prompt": p} for p in ["the food", "good", "the", "food"]],
-                             params, MultiTurnLimits(max_turns=3, max_total_tokens=64))
+    trajs = rollout_episodes(
+        engine,
+        tok,
+        envs,
+        [{"prompt": p} for p in ["the food", "good", "the", "food"]],
+        params,
+        MultiTurnLimits(max_turns=3, max_total_tokens=64),
+    )
     batch = trajectories_to_batch(trajs, tok.pad_token_id)
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+        ).logits
     tp = batch["prompt_ids"].shape[1]
-    lp = torch.log_softmax(logits[:, tp - 1:-1].float(), -1).gather(-1, batch["response_ids"].unsqueeze(-1))[..., 0]
+    lp = torch.log_softmax(logits[:, tp - 1 : -1].float(), -1).gather(-1, batch["response_ids"].unsqueeze(-1))[..., 0]
     mask = batch["response_mask"].bool()
     assert mask.sum() == sum(sum(t.loss_mask) for t in trajs) > 0
     assert torch.allclose(lp[mask], batch["sampling_logprobs"][mask], atol=1e-4)
@@ -125,6 +150,7 @@ def test_real_engine_logprobs_match_a_training_forward(reviews_task, tok, tmp_pa
 
 def test_tool_episode_metrics(tok):
     """A model that calls a tool that does not exist, then answers: 1 call, 0 successes."""
+
     def square(x: int) -> int:
         """Square a number.
 
@@ -140,13 +166,20 @@ def test_tool_episode_metrics(tok):
             text = ['<tool_call>{"name": "cube", "arguments": {"x": 2}}</tool_call>', "good"][self.turn]
             self.turn += 1
             ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|end|>")]
-            return Batch(tensors={"response_ids": torch.tensor([ids]), "response_mask": torch.ones(1, len(ids)),
-                                  "sampling_logprobs": torch.zeros(1, len(ids))}, meta={"finish_reason": ["stop"]})
+            return Batch(
+                tensors={
+                    "response_ids": torch.tensor([ids]),
+                    "response_mask": torch.ones(1, len(ids)),
+                    "sampling_logprobs": torch.zeros(1, len(ids)),
+                },
+                meta={"finish_reason": ["stop"]},
+            )
 
     env = ToolEnv([square], reward_fn=lambda row, text: 1.0)
     # the word-level tokenizer cannot spell a tool call, so the model's text is decoded to <unk>s: patch decode
-    trajs = rollout_episodes(Engine(), _Spelling(tok), [env], [{"prompt": "the food"}], SamplingParams(),
-                             MultiTurnLimits(max_turns=4))
+    trajs = rollout_episodes(
+        Engine(), _Spelling(tok), [env], [{"prompt": "the food"}], SamplingParams(), MultiTurnLimits(max_turns=4)
+    )
     m = episode_metrics(trajs)
     assert (m["tools/calls_per_episode"], m["tools/call_success"], m["episode/turns_mean"]) == (1.0, 0.0, 2.0)
     assert trajs[0].messages[2]["role"] == "tool" and trajs[0].messages[2]["content"].startswith("error: no tool")

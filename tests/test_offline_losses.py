@@ -6,8 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignflow.algorithms.offline import (ALOL_VARIANTS, OFFLINE_LOSSES, alol_advantages, alol_keep_mask, alol_loss,
-                                          alol_sampling_weights, mpo_split, superhf_loss, superhf_select)
+from alignflow.algorithms.offline import (
+    ALOL_VARIANTS,
+    OFFLINE_LOSSES,
+    alol_advantages,
+    alol_keep_mask,
+    alol_loss,
+    alol_sampling_weights,
+    mpo_split,
+    superhf_loss,
+    superhf_select,
+)
 
 D = torch.float64
 
@@ -137,12 +146,14 @@ def test_superhf_beta_zero_is_sft_and_aggregation_modes():
     assert loss.item() == pytest.approx(ce.item()) and m["superhf/kl"].item() == pytest.approx(0.0, abs=1e-12)
     tok = -F.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]  # (3, 4)
     seq = torch.stack([tok[b][mask[b]].mean() for b in range(3)]).mean()
-    assert superhf_loss(logits, logits, labels, mask, beta=0.0, agg="seq_mean_token_mean")[0].item() == \
-        pytest.approx(seq.item())
+    assert superhf_loss(logits, logits, labels, mask, beta=0.0, agg="seq_mean_token_mean")[0].item() == pytest.approx(
+        seq.item()
+    )
     ref = torch.randn(3, 4, 7, generator=g, dtype=D)
     whole = superhf_loss(logits, ref, labels, mask)[0]
-    parts = sum(superhf_loss(logits[i], ref[i], labels[i], mask[i], global_tokens=7)[0]
-                for i in (slice(0, 1), slice(1, 3)))
+    parts = sum(
+        superhf_loss(logits[i], ref[i], labels[i], mask[i], global_tokens=7)[0] for i in (slice(0, 1), slice(1, 3))
+    )
     assert parts.item() == pytest.approx(whole.item())
     with pytest.raises(ValueError, match="shapes disagree"):
         superhf_loss(logits, ref[:, :3], labels, mask)

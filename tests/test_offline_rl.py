@@ -15,18 +15,23 @@ import torch
 
 from alignflow.algorithms import offline
 from alignflow.cli import COMMANDS, main
-from alignflow.config import (ALOL_VARIANTS, ALoLConfig, ConfigError, ModelConfig, SFTConfig, SuperHFConfig,
-                              from_dict)
+from alignflow.config import ALOL_VARIANTS, ALoLConfig, ConfigError, ModelConfig, SFTConfig, SuperHFConfig, from_dict
 from alignflow.data.formats import DataError
+from alignflow.data.pipeline import prepare_data
 from alignflow.data.render import encode_pair
 from alignflow.models import load_causal_lm, load_tokenizer, token_logprobs
 from alignflow.rollout import HFEngine, SamplingParams
 from alignflow.trainers import loop
-from alignflow.trainers.offline_rl import (build_superhf_run, sample_and_select, superhf_backward, superhf_step,
-                                          train_alol, train_superhf)
+from alignflow.trainers.offline_rl import (
+    build_superhf_run,
+    sample_and_select,
+    superhf_backward,
+    superhf_step,
+    train_alol,
+    train_superhf,
+)
 from alignflow.trainers.rl_setup import PromptStream
 from alignflow.trainers.sft import train_sft, train_step
-from alignflow.data.pipeline import prepare_data
 
 CPU = torch.device("cpu")
 
@@ -50,32 +55,41 @@ def sampled_gold(task, model) -> float:
     """Mean gold reward of 4 seeded samples (24 tokens) for each of 48 held-out prompts."""
     tok = load_tokenizer(str(task.tokenizer_dir))
     prompts = read_prompts(task.eval_prompts_path, 48)
-    batch = HFEngine(model, tok).generate([tok(p)["input_ids"] for p in prompts],
-                                          SamplingParams(n=4, max_new_tokens=24, seed=7))
-    texts = tok.batch_decode([r[m.bool()].tolist() for r, m in zip(batch["response_ids"], batch["response_mask"])],
-                             skip_special_tokens=True)
+    batch = HFEngine(model, tok).generate(
+        [tok(p)["input_ids"] for p in prompts], SamplingParams(n=4, max_new_tokens=24, seed=7)
+    )
+    texts = tok.batch_decode(
+        [r[m.bool()].tolist() for r, m in zip(batch["response_ids"], batch["response_mask"], strict=False)],
+        skip_special_tokens=True,
+    )
     return sum(task.gold_reward([p for p in prompts for _ in range(4)], texts)) / len(texts)
 
 
 def superhf_cfg(task, model_dir, out, **sections) -> SuperHFConfig:
-    base = {"model": {"name_or_path": str(model_dir), "tokenizer": str(task.tokenizer_dir)},
-            "data": {"path": str(task.prompts_path)}, "task": {"name": "reviews"},
-            "reward": {"task": {"gold": 1.0}},
-            "rollout": {"prompts_per_step": 8, "n": 8, "max_new_tokens": 24, "eval_prompts": 0},
-            "optim": {"lr": 1e-3}, "train": {"output_dir": str(out), "batch_size": 8, "max_steps": 20,
-                                            "progress": False}}
+    base = {
+        "model": {"name_or_path": str(model_dir), "tokenizer": str(task.tokenizer_dir)},
+        "data": {"path": str(task.prompts_path)},
+        "task": {"name": "reviews"},
+        "reward": {"task": {"gold": 1.0}},
+        "rollout": {"prompts_per_step": 8, "n": 8, "max_new_tokens": 24, "eval_prompts": 0},
+        "optim": {"lr": 1e-3},
+        "train": {"output_dir": str(out), "batch_size": 8, "max_steps": 20, "progress": False},
+    }
     for k, v in sections.items():
         base[k] = base.get(k, {}) | v
     return from_dict(SuperHFConfig, base)
 
 
 def alol_cfg(task, model_dir, data, out, **sections) -> ALoLConfig:
-    base = {"model": {"name_or_path": str(model_dir), "tokenizer": str(task.tokenizer_dir)},
-            "data": {"path": str(data), "max_len": 64}, "task": {"name": "reviews"},
-            "reward": {"task": {"gold": 1.0}},
-            "rollout": {"n": 4, "max_new_tokens": 24, "eval_prompts": 0},
-            "optim": {"lr": 1e-3}, "train": {"output_dir": str(out), "batch_size": 16, "max_steps": 30,
-                                            "progress": False}}
+    base = {
+        "model": {"name_or_path": str(model_dir), "tokenizer": str(task.tokenizer_dir)},
+        "data": {"path": str(data), "max_len": 64},
+        "task": {"name": "reviews"},
+        "reward": {"task": {"gold": 1.0}},
+        "rollout": {"n": 4, "max_new_tokens": 24, "eval_prompts": 0},
+        "optim": {"lr": 1e-3},
+        "train": {"output_dir": str(out), "batch_size": 16, "max_steps": 30, "progress": False},
+    }
     for k, v in sections.items():
         base[k] = base.get(k, {}) | v
     return from_dict(ALoLConfig, base)
@@ -85,8 +99,7 @@ def alol_cfg(task, model_dir, data, out, **sections) -> ALoLConfig:
 def test_superhf_beta_zero_one_sample_is_sft_on_self_samples(reviews_task, sft_model, tmp_path):
     """β = 0 and n = 1: the kept completion is the only sample, and the SuperHF gradient equals the gradient of the
     SFT trainer's step (token-mean NLL of the completion, packed padding-free rows) on the same prompt + sample."""
-    cfg = superhf_cfg(reviews_task, sft_model, tmp_path, superhf={"beta": 0.0},
-                      rollout={"prompts_per_step": 4, "n": 1})
+    cfg = superhf_cfg(reviews_task, sft_model, tmp_path, superhf={"beta": 0.0}, rollout={"prompts_per_step": 4, "n": 1})
     tok = load_tokenizer(str(reviews_task.tokenizer_dir))
     run = build_superhf_run(cfg, CPU, tok, 1)
     assert run.prior is None  # β = 0 loads no prior
@@ -97,7 +110,9 @@ def test_superhf_beta_zero_one_sample_is_sft_on_self_samples(reviews_task, sft_m
     grads = {n: p.grad.clone() for n, p in run.policy.named_parameters()}
     run.policy.zero_grad(set_to_none=True)
     examples = []
-    for ids, pm, resp, rm in zip(kept["prompt_ids"], kept["prompt_mask"], kept["response_ids"], kept["response_mask"]):
+    for ids, pm, resp, rm in zip(
+        kept["prompt_ids"], kept["prompt_mask"], kept["response_ids"], kept["response_mask"], strict=False
+    ):
         p, r = ids[pm.bool()].tolist(), resp[rm.bool()].tolist()  # unpadded prompt and sample
         examples.append({"input_ids": p + r, "loss_mask": [0] * len(p) + [1] * len(r)})
     sft = from_dict(SFTConfig, {"data": {"max_len": 128}, "train": {"packing": True}})
@@ -112,9 +127,15 @@ def test_superhf_raises_gold_reward(reviews_task, sft_model, tmp_path):
     """20 SuperHF steps (8 prompts x 8 samples, top-1, β = 0.35, lr 1e-3) raise the mean gold reward of samples on
     held-out prompts (measured: -2.44 -> -1.38, -1.35, -1.44 with seeds 0, 1, 2)."""
     before = sampled_gold(reviews_task, load_causal_lm(superhf_cfg(reviews_task, sft_model, tmp_path).model))
-    result = train_superhf(superhf_cfg(reviews_task, sft_model, tmp_path / "shf",
-                                       rollout={"eval_prompts": 16},
-                                       data={"eval_path": str(reviews_task.eval_prompts_path)}))
+    result = train_superhf(
+        superhf_cfg(
+            reviews_task,
+            sft_model,
+            tmp_path / "shf",
+            rollout={"eval_prompts": 16},
+            data={"eval_path": str(reviews_task.eval_prompts_path)},
+        )
+    )
     after = sampled_gold(reviews_task, result.model)
     assert after > before + 0.5, (before, after)
     h = result.history
@@ -131,8 +152,14 @@ def test_superhf_raises_gold_reward(reviews_task, sft_model, tmp_path):
 def test_superhf_lora_prior_is_the_policy_with_adapters_off(reviews_task, sft_model, tmp_path):
     """Under LoRA the prior is the policy itself (no second model) with adapters disabled: KL = 0 before the first
     update (LoRA's B starts at 0), > 0 after it, and the base weights never change."""
-    cfg = superhf_cfg(reviews_task, sft_model, tmp_path, model={"lora": {"enabled": True, "r": 4}},
-                      rollout={"prompts_per_step": 2, "n": 4}, train={"batch_size": 2})
+    cfg = superhf_cfg(
+        reviews_task,
+        sft_model,
+        tmp_path,
+        model={"lora": {"enabled": True, "r": 4}},
+        rollout={"prompts_per_step": 2, "n": 4},
+        train={"batch_size": 2},
+    )
     tok = load_tokenizer(str(reviews_task.tokenizer_dir))
     run = build_superhf_run(cfg, CPU, tok, 4)
     assert run.prior is run.policy and run.shared_prior
@@ -153,11 +180,20 @@ def test_alol_drops_negative_rows_and_first_loss_is_weighted_nll(reviews_task, s
     are dropped (A < 0), the 8 at +10 kept. With one step over exactly the kept rows, the first loss (π_θ = π_ref:
     w = 1, LP_θ − LP_ref = 0) is mean_i A_i·NLL_sum(y_i), NLL computed here on the unpadded prompt + completion."""
     corpus = [json.loads(line) for line in open(reviews_task.sft_path)][:16]
-    rows = [{"prompt": r["prompt"], "completion": r["completion"], "reward": 10.0 if i % 2 else -10.0}
-            for i, r in enumerate(corpus)]
+    rows = [
+        {"prompt": r["prompt"], "completion": r["completion"], "reward": 10.0 if i % 2 else -10.0}
+        for i, r in enumerate(corpus)
+    ]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
-    cfg = alol_cfg(reviews_task, sft_model, data, tmp_path / "run", alol={"variant": variant},
-                   rollout={"n": 2}, train={"batch_size": 8, "max_steps": 1})
+    cfg = alol_cfg(
+        reviews_task,
+        sft_model,
+        data,
+        tmp_path / "run",
+        alol={"variant": variant},
+        rollout={"n": 2},
+        train={"batch_size": 8, "max_steps": 1},
+    )
     result = train_alol(cfg)
     s = result.stats
     assert (s["alol/kept_rows"], s["alol/dropped_rows"], s["alol/kept_fraction"]) == (8.0, 8.0, 0.5)
@@ -174,7 +210,7 @@ def test_alol_drops_negative_rows_and_first_loss_is_weighted_nll(reviews_task, s
         enc = encode_pair(tok, rows[i]["prompt"], rows[i]["completion"], 256, 64)
         with torch.no_grad():
             lp, _ = token_logprobs(model, torch.tensor([enc.input_ids]))  # (1, T)
-        expected += float(adv[i]) * -float(lp[0, enc.prompt_len:].sum()) / 8
+        expected += float(adv[i]) * -float(lp[0, enc.prompt_len :].sum()) / 8
     first = result.history[0]
     assert first["alol/loss"] == pytest.approx(expected, rel=1e-4)
     assert first["alol/weight_mean"] == pytest.approx(1.0, abs=1e-5)
@@ -189,13 +225,16 @@ def own_samples(reviews_task, sft_model, tmp_path_factory) -> Path:
     tok = load_tokenizer(str(reviews_task.tokenizer_dir))
     prompts = read_prompts(reviews_task.prompts_path, 128)
     model = load_causal_lm(ModelConfig(name_or_path=str(sft_model)))
-    batch = HFEngine(model, tok).generate([tok(p)["input_ids"] for p in prompts],
-                                          SamplingParams(n=4, max_new_tokens=24, seed=3))
-    texts = tok.batch_decode([r[m.bool()].tolist() for r, m in zip(batch["response_ids"], batch["response_mask"])],
-                             skip_special_tokens=True)
+    batch = HFEngine(model, tok).generate(
+        [tok(p)["input_ids"] for p in prompts], SamplingParams(n=4, max_new_tokens=24, seed=3)
+    )
+    texts = tok.batch_decode(
+        [r[m.bool()].tolist() for r, m in zip(batch["response_ids"], batch["response_mask"], strict=False)],
+        skip_special_tokens=True,
+    )
     ps = [p for p in prompts for _ in range(4)]
     gold = reviews_task.gold_reward(ps, texts)
-    rows = [{"prompt": p, "completion": t, "reward": g} for p, t, g in zip(ps, texts, gold) if t.strip()]
+    rows = [{"prompt": p, "completion": t, "reward": g} for p, t, g in zip(ps, texts, gold, strict=False) if t.strip()]
     return write_jsonl(tmp_path_factory.mktemp("own-samples") / "samples.jsonl", rows)
 
 
@@ -206,11 +245,17 @@ def test_alol_raises_gold_reward_on_own_samples(reviews_task, sft_model, own_sam
     before = sampled_gold(reviews_task, load_causal_lm(alol_cfg(reviews_task, sft_model, own_samples, tmp_path).model))
     result = train_alol(alol_cfg(reviews_task, sft_model, own_samples, tmp_path / "alol"))
     after = sampled_gold(reviews_task, result.model)
-    sft = train_sft(from_dict(SFTConfig, {
-        "model": {"name_or_path": str(sft_model), "tokenizer": str(reviews_task.tokenizer_dir)},
-        "data": {"path": str(own_samples), "max_len": 64, "eval_fraction": 0.0},
-        "optim": {"lr": 1e-3, "scheduler": "constant"},
-        "train": {"output_dir": str(tmp_path / "sft"), "batch_size": 16, "max_steps": 30, "progress": False}}))
+    sft = train_sft(
+        from_dict(
+            SFTConfig,
+            {
+                "model": {"name_or_path": str(sft_model), "tokenizer": str(reviews_task.tokenizer_dir)},
+                "data": {"path": str(own_samples), "max_len": 64, "eval_fraction": 0.0},
+                "optim": {"lr": 1e-3, "scheduler": "constant"},
+                "train": {"output_dir": str(tmp_path / "sft"), "batch_size": 16, "max_steps": 30, "progress": False},
+            },
+        )
+    )
     control = sampled_gold(reviews_task, sft.model)
     assert after > before + 0.5 and after > control + 0.3, (before, after, control)
     s = result.stats
@@ -223,25 +268,38 @@ def test_alol_raises_gold_reward_on_own_samples(reviews_task, sft_model, own_sam
 def test_alol_resume_matches_the_uninterrupted_run(reviews_task, sft_model, own_samples, tmp_path):
     """Checkpoints every 2 steps; dropping the last one and resuming redoes steps 3-4 with the same losses and the
     same final weights, from the saved π_ref results (no new value fit)."""
-    cfg = alol_cfg(reviews_task, sft_model, own_samples, tmp_path, alol={"sampling": "good_priority"},
-                   train={"max_steps": 4, "save_every": 2, "batch_size": 8})
+    cfg = alol_cfg(
+        reviews_task,
+        sft_model,
+        own_samples,
+        tmp_path,
+        alol={"sampling": "good_priority"},
+        train={"max_steps": 4, "save_every": 2, "batch_size": 8},
+    )
     full = train_alol(cfg)
     shutil.rmtree(tmp_path / "checkpoints" / "step-4")
-    resumed = train_alol(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True),
-                                             rollout=dataclasses.replace(cfg.rollout, n=1)))
+    resumed = train_alol(
+        dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, resume=True), rollout=dataclasses.replace(cfg.rollout, n=1)
+        )
+    )
     assert len(resumed.history) == 2 and resumed.stats == full.stats  # the saved π_ref results (n=1 would differ)
-    assert [h["alol/loss"] for h in resumed.history] == pytest.approx([h["alol/loss"] for h in full.history[2:]],
-                                                                      rel=1e-6)
-    for (n, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+    assert [h["alol/loss"] for h in resumed.history] == pytest.approx(
+        [h["alol/loss"] for h in full.history[2:]], rel=1e-6
+    )
+    for (n, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=False):
         torch.testing.assert_close(a, b, msg=n)
 
 
 # ----------------------------------------------------------------------------------------------- errors, CLI, config
 def test_bad_reward_value_names_the_row_and_field(reviews_task, sft_model, tmp_path):
-    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Review : the film", "completion": "was great .",
-                                                 "reward": 1.0},
-                                                {"prompt": "Review : the plot", "completion": "was dull .",
-                                                 "reward": "high"}])
+    data = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"prompt": "Review : the film", "completion": "was great .", "reward": 1.0},
+            {"prompt": "Review : the plot", "completion": "was dull .", "reward": "high"},
+        ],
+    )
     with pytest.raises(DataError, match=r"bad\.jsonl:2.*field 'reward'"):
         train_alol(alol_cfg(reviews_task, sft_model, data, tmp_path / "run"))
 

@@ -34,8 +34,9 @@ def test_loss_enforced_by_hand():
     loss, m = pairwise_preference_loss(z_ab, z_ba, symmetric=True)
     loss.backward()
     assert loss.item() == pytest.approx(0.2014133, abs=1e-6)
-    assert z_ab.grad.item() == pytest.approx(-0.0912128, abs=1e-6) and z_ba.grad.item() == pytest.approx(0.0912128,
-                                                                                                          abs=1e-6)
+    assert z_ab.grad.item() == pytest.approx(-0.0912128, abs=1e-6) and z_ba.grad.item() == pytest.approx(
+        0.0912128, abs=1e-6
+    )
     assert m["pm/symmetry_gap"].item() == pytest.approx(0.0, abs=1e-7)
     loss, m = pairwise_preference_loss(torch.tensor([3.0]), torch.tensor([3.0]), symmetric=True)
     assert loss.item() == pytest.approx(math.log(2)) and m["pm/accuracy"].item() == 0.0
@@ -49,11 +50,16 @@ def test_pair_sequence_cuts_responses_then_the_prompt():
 
 
 def pm_cfg(task, out, **pm):
-    return from_dict(PMConfig, {
-        "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
-        "data": {"path": str(task.pairs_path), "max_len": 96, "eval_fraction": 0.15},
-        "optim": {"lr": 3e-3, "scheduler": "constant"}, "pm": pm,
-        "train": {"output_dir": str(out), "batch_size": 32, "max_steps": 20, "progress": False, "log_every": 5}})
+    return from_dict(
+        PMConfig,
+        {
+            "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
+            "data": {"path": str(task.pairs_path), "max_len": 96, "eval_fraction": 0.15},
+            "optim": {"lr": 3e-3, "scheduler": "constant"},
+            "pm": pm,
+            "train": {"output_dir": str(out), "batch_size": 32, "max_steps": 20, "progress": False, "log_every": 5},
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +113,22 @@ def test_nash_md_reads_the_preference_model(trained, reviews_task, reviews_sft, 
 
     _, out = trained
     monkeypatch.setattr(it, "bt_win_probability", lambda *a, **k: pytest.fail("BT used"))
-    cfg = {"model": {"name_or_path": str(reviews_sft), "tokenizer": str(reviews_task.tokenizer_dir)},
-           "data": {"path": str(reviews_task.prompts_path)}, "task": {"name": "reviews"},
-           "reward": {"task": {"gold": 1.0}},
-           "online": {"method": "nash_md", "rounds": 1, "prompts_per_round": 8, "steps_per_round": 2,
-                      "preference_model": str(out / "model")},
-           "rollout": {"n": 2, "max_new_tokens": 12, "eval_prompts": 0},
-           "optim": {"lr": 1e-3}, "train": {"output_dir": str(tmp_path / "nash"), "batch_size": 8, "progress": False}}
+    cfg = {
+        "model": {"name_or_path": str(reviews_sft), "tokenizer": str(reviews_task.tokenizer_dir)},
+        "data": {"path": str(reviews_task.prompts_path)},
+        "task": {"name": "reviews"},
+        "reward": {"task": {"gold": 1.0}},
+        "online": {
+            "method": "nash_md",
+            "rounds": 1,
+            "prompts_per_round": 8,
+            "steps_per_round": 2,
+            "preference_model": str(out / "model"),
+        },
+        "rollout": {"n": 2, "max_new_tokens": 12, "eval_prompts": 0},
+        "optim": {"lr": 1e-3},
+        "train": {"output_dir": str(tmp_path / "nash"), "batch_size": 8, "progress": False},
+    }
     result = it.train_online_po(from_dict(OnlinePOConfig, cfg))
     assert 0.0 < result.history[0]["nash/win_prob"] < 1.0
     cfg["online"]["method"], cfg["train"]["output_dir"] = "iterative_dpo", str(tmp_path / "dpo")

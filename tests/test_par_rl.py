@@ -27,8 +27,12 @@ class _RefRollout:
 
     def generate(self, prompts: Batch, greedy: bool = False) -> Batch:
         self.asked += prompts["prompt"]
-        return Batch(meta={"prompt": [p for p in prompts["prompt"] for _ in "ab"],
-                           "response": [f"{p}/{s}" for p in prompts["prompt"] for s in "ab"]})
+        return Batch(
+            meta={
+                "prompt": [p for p in prompts["prompt"] for _ in "ab"],
+                "response": [f"{p}/{s}" for p in prompts["prompt"] for s in "ab"],
+            }
+        )
 
 
 class _Reward:
@@ -45,8 +49,14 @@ class _Roles:
 
 def _batch(prompts: list[str], scores: list[float]) -> Batch:
     n = len(prompts)
-    return Batch({"scores": torch.tensor(scores), "prompt_ids": torch.ones(n, 2, dtype=torch.long),
-                  "prompt_mask": torch.ones(n, 2, dtype=torch.long)}, {"prompt": prompts})
+    return Batch(
+        {
+            "scores": torch.tensor(scores),
+            "prompt_ids": torch.ones(n, 2, dtype=torch.long),
+            "prompt_mask": torch.ones(n, 2, dtype=torch.long),
+        },
+        {"prompt": prompts},
+    )
 
 
 def test_par_by_hand_and_scored_once_per_prompt(reviews_task, tmp_path):
@@ -80,11 +90,23 @@ def test_shaping_config(reviews_task, tmp_path):
     cfg = rl_cfg(reviews_task, tmp_path, kl={"coef": 0.0}, reward={"task": {"gold": 1.0}, "shaping": "par"})
     assert "ref" in needed_roles(cfg, resolve(cfg))
     with pytest.raises(ConfigError, match="ref_model"):
-        resolve(rl_cfg(reviews_task, tmp_path, model={"lora": {"enabled": True}},
-                       reward={"task": {"gold": 1.0}, "shaping": "par"}))
+        resolve(
+            rl_cfg(
+                reviews_task,
+                tmp_path,
+                model={"lora": {"enabled": True}},
+                reward={"task": {"gold": 1.0}, "shaping": "par"},
+            )
+        )
     with pytest.raises(ConfigError, match="resources.actor.workers"):
-        resolve(rl_cfg(reviews_task, tmp_path, resources={"actor": {"workers": 2}},
-                       reward={"task": {"gold": 1.0}, "shaping": "par"}))
+        resolve(
+            rl_cfg(
+                reviews_task,
+                tmp_path,
+                resources={"actor": {"workers": 2}},
+                reward={"task": {"gold": 1.0}, "shaping": "par"},
+            )
+        )
     with pytest.raises(ConfigError, match="reward.shaping"):
         rl_cfg(reviews_task, tmp_path, reward={"shaping": "softmax"})
 
@@ -92,12 +114,26 @@ def test_shaping_config(reviews_task, tmp_path):
 def test_par_preset_runs_with_a_bounded_reward(reviews_task, tmp_path):
     """configs/rl_par.yaml for two steps on the tiny model: the training reward is PAR, in (0, 1), and the
     reference answers are generated once per prompt text (at most 2 steps x 2 prompts x M = 2 answers)."""
-    cfg = load_config(RLConfig, ROOT / "configs" / "rl_par.yaml", [
-        f"model.name_or_path={reviews_task.model_dir}", f"model.tokenizer={reviews_task.tokenizer_dir}",
-        f"data.path={reviews_task.prompts_path}", "reward.models=[]", "reward.task={gold: 1.0}",
-        "reward.reference_samples=2", "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=6",
-        "rollout.eval_prompts=0", f"train.output_dir={tmp_path}", "train.max_steps=2", "train.batch_size=4",
-        "train.progress=false"])
+    cfg = load_config(
+        RLConfig,
+        ROOT / "configs" / "rl_par.yaml",
+        [
+            f"model.name_or_path={reviews_task.model_dir}",
+            f"model.tokenizer={reviews_task.tokenizer_dir}",
+            f"data.path={reviews_task.prompts_path}",
+            "reward.models=[]",
+            "reward.task={gold: 1.0}",
+            "reward.reference_samples=2",
+            "rollout.prompts_per_step=2",
+            "rollout.n=2",
+            "rollout.max_new_tokens=6",
+            "rollout.eval_prompts=0",
+            f"train.output_dir={tmp_path}",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "train.progress=false",
+        ],
+    )
     history = train_rl(cfg).history
     for m in history:
         assert 0.0 < m["shaping/shaped_reward_mean"] < 1.0

@@ -8,8 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignflow.algorithms.filtration import (bucket_accuracy, filter_best_random, filter_best_worst, filter_range,
-                                             select_rows)
+from alignflow.algorithms.filtration import (
+    bucket_accuracy,
+    filter_best_random,
+    filter_best_worst,
+    filter_range,
+    select_rows,
+)
 from alignflow.config import ConfigError, RLConfig, load_config
 from alignflow.trainers.online import train_rl
 from alignflow.trainers.rl_algos import resolve
@@ -59,25 +64,48 @@ def test_bucket_accuracy_by_hand():
 
 def test_filter_keys_are_checked(reviews_task, tmp_path):
     with pytest.raises(ConfigError, match="rollout.n must be >= 2"):
-        resolve(rl_cfg(reviews_task, tmp_path, algo={"name": "ppo", "sample_filter": "best_worst"},
-                       rollout={"n": 1}, train={"batch_size": 2}))
+        resolve(
+            rl_cfg(
+                reviews_task,
+                tmp_path,
+                algo={"name": "ppo", "sample_filter": "best_worst"},
+                rollout={"n": 1},
+                train={"batch_size": 2},
+            )
+        )
     with pytest.raises(ConfigError, match="algo.filter_range"):
-        resolve(rl_cfg(reviews_task, tmp_path, algo={"name": "ppo", "sample_filter": "range",
-                                                     "filter_range": [0.9, 0.1]}))
-    assert resolve(rl_cfg(reviews_task, tmp_path, algo={"name": "pf_ppo"}, rollout={"n": 4})).sample_filter == \
-        "best_random"
+        resolve(
+            rl_cfg(reviews_task, tmp_path, algo={"name": "ppo", "sample_filter": "range", "filter_range": [0.9, 0.1]})
+        )
+    assert (
+        resolve(rl_cfg(reviews_task, tmp_path, algo={"name": "pf_ppo"}, rollout={"n": 4})).sample_filter
+        == "best_random"
+    )
     assert resolve(rl_cfg(reviews_task, tmp_path, algo={"name": "ppo"})).sample_filter == "none"
 
 
 def test_pf_ppo_preset_trains_on_two_samples_per_prompt(reviews_task, tmp_path):
     """configs/pf_ppo.yaml for one step on the tiny model: 2 of the n = 4 samples per prompt are kept, and with
     the gold reward as the training reward every reliability bucket orders pairs exactly like the gold (1.0)."""
-    cfg = load_config(RLConfig, ROOT / "configs" / "pf_ppo.yaml", [
-        f"model.name_or_path={reviews_task.model_dir}", f"model.tokenizer={reviews_task.tokenizer_dir}",
-        f"data.path={reviews_task.prompts_path}", f"data.eval_path={reviews_task.eval_prompts_path}",
-        "rollout.prompts_per_step=3", "rollout.max_new_tokens=6", "rollout.eval_prompts=2", "reward.models=[]",
-        "reward.task={gold: 1.0}", f"train.output_dir={tmp_path}", "train.max_steps=1", "train.batch_size=6",
-        "train.progress=false"])
+    cfg = load_config(
+        RLConfig,
+        ROOT / "configs" / "pf_ppo.yaml",
+        [
+            f"model.name_or_path={reviews_task.model_dir}",
+            f"model.tokenizer={reviews_task.tokenizer_dir}",
+            f"data.path={reviews_task.prompts_path}",
+            f"data.eval_path={reviews_task.eval_prompts_path}",
+            "rollout.prompts_per_step=3",
+            "rollout.max_new_tokens=6",
+            "rollout.eval_prompts=2",
+            "reward.models=[]",
+            "reward.task={gold: 1.0}",
+            f"train.output_dir={tmp_path}",
+            "train.max_steps=1",
+            "train.batch_size=6",
+            "train.progress=false",
+        ],
+    )
     (m,) = train_rl(cfg).history
     assert m["pf/kept_frac"] == pytest.approx(0.5)
     accs = [m[k] for k in m if k.startswith("pf/rm_acc_bucket")]

@@ -42,8 +42,12 @@ def setup(reviews_task, reviews_sft, tmp_path_factory):
     prompts = [r["prompt"] for r in read_jsonl(task.prompts_path)[:256]]
     samples = sample_texts(sft, tok, prompts, 4, 24, 1.0, 0)
     pairs = label_pairs(prompts, samples, task.gold_reward, 0.5, 0)
-    paths = {"preference": root / "pairs.jsonl", "unpaired": root / "unpaired.jsonl", "ranked": root / "ranked.jsonl",
-             "flipped": root / "flipped.jsonl"}
+    paths = {
+        "preference": root / "pairs.jsonl",
+        "unpaired": root / "unpaired.jsonl",
+        "ranked": root / "ranked.jsonl",
+        "flipped": root / "flipped.jsonl",
+    }
     write_jsonl(paths["preference"], pairs)
     write_jsonl(paths["unpaired"], to_unpaired(pairs))
     write_jsonl(paths["ranked"], rank_samples(prompts, samples, task.gold_reward, 0.5, 0))
@@ -55,16 +59,25 @@ def setup(reviews_task, reviews_sft, tmp_path_factory):
         g = task.gold_reward([p for p in held for _ in range(4)], [x for ss in s for x in ss])
         return sum(g) / len(g)
 
-    return {"task": task, "tok": tok, "sft": reviews_sft, "paths": paths, "gold": gold,
-            "gold_sft": gold(sft), "root": root}
+    return {
+        "task": task,
+        "tok": tok,
+        "sft": reviews_sft,
+        "paths": paths,
+        "gold": gold,
+        "gold_sft": gold(sft),
+        "root": root,
+    }
 
 
 def _cfg(s, out, name="dpo", data=None, **sections) -> POConfig:
-    base = {"model": {"name_or_path": str(s["sft"]), "tokenizer": str(s["task"].tokenizer_dir)},
-            "data": {"path": str(data or s["paths"][FORMAT.get(name, "preference")]), "max_len": 64,
-                     "eval_fraction": 0.0},
-            "loss": {"name": name}, "optim": {"lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0},
-            "train": {"output_dir": str(out), "batch_size": 32, "max_steps": 30, "progress": False, "seed": 0}}
+    base = {
+        "model": {"name_or_path": str(s["sft"]), "tokenizer": str(s["task"].tokenizer_dir)},
+        "data": {"path": str(data or s["paths"][FORMAT.get(name, "preference")]), "max_len": 64, "eval_fraction": 0.0},
+        "loss": {"name": name},
+        "optim": {"lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0},
+        "train": {"output_dir": str(out), "batch_size": 32, "max_steps": 30, "progress": False, "seed": 0},
+    }
     for key, value in sections.items():
         base[key] = base.get(key, {}) | value
     return from_dict(POConfig, base)
@@ -75,15 +88,17 @@ def _cfg(s, out, name="dpo", data=None, **sections) -> POConfig:
 # training seeds 0, 1, 2: dpo +0.83..+1.10, ipo +1.07..+1.18, kto +0.87..+1.14, cpl +0.67..+0.81, pro +0.80..+0.92,
 # simpo +0.79..+0.94; the bar (+0.4) leaves room for noise. KTO runs at beta 0.5 (paper: 0.1, which moves this tiny
 # model too slowly for 30 steps: +0.31).
-@pytest.mark.parametrize("loss,params", [("dpo", {}), ("ipo", {}), ("kto", {"beta": 0.5}), ("cpl", {}), ("pro", {}),
-                                         ("simpo", {})])
+@pytest.mark.parametrize(
+    "loss,params", [("dpo", {}), ("ipo", {}), ("kto", {"beta": 0.5}), ("cpl", {}), ("pro", {}), ("simpo", {})]
+)
 def test_each_loss_raises_the_gold_reward(setup, tmp_path, loss, params):
     result = po.train_po(_cfg(setup, tmp_path, loss, loss=params))
     after = setup["gold"](result.model)
     assert after > setup["gold_sft"] + 0.4, (loss, setup["gold_sft"], after)
     last = result.history[-1]
-    for key in ("loss", "pref/chosen_logp", "pref/rejected_logp") + (("pref/accuracy", "pref/margin")
-                                                                     if loss != "kto" else ()):
+    for key in ("loss", "pref/chosen_logp", "pref/rejected_logp") + (
+        ("pref/accuracy", "pref/margin") if loss != "kto" else ()
+    ):
         assert math.isfinite(last[key]), key
     if loss in ("dpo", "ipo", "kto"):
         assert last["pref/kl"] > 0  # the policy moved away from the reference on the data's responses
@@ -136,9 +151,15 @@ def test_gradients_do_not_depend_on_micro_batches_or_padding(setup, loss):
     fmt = FORMAT.get(loss, "preference")
     model = load_causal_lm(ModelConfig(name_or_path=str(setup["sft"])))
     rows = _rows(setup, fmt, 12, loss)
-    treg = (setup["tok"]("i loved this film !", add_special_tokens=False)["input_ids"],
-            setup["tok"]("i hated this film !", add_special_tokens=False)["input_ids"], setup["tok"].bos_token_id) \
-        if loss == "treg" else None
+    treg = (
+        (
+            setup["tok"]("i loved this film !", add_special_tokens=False)["input_ids"],
+            setup["tok"]("i hated this film !", add_special_tokens=False)["input_ids"],
+            setup["tok"].bos_token_id,
+        )
+        if loss == "treg"
+        else None
+    )
     if loss not in ("pro", "simpo"):
         rows = po.attach_ref(rows, po.compute_ref_logps(model, rows, "cpu", treg=treg))
     if loss == "kto":  # reference values below the policy's on the mismatched pairs: z_0 > 0, off its floor
@@ -147,7 +168,7 @@ def test_gradients_do_not_depend_on_micro_batches_or_padding(setup, loss):
         for p in model.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     results = []
-    for budget, packing in ((10 ** 6, True), (16, True), (10 ** 6, False), (16, False)):
+    for budget, packing in ((10**6, True), (16, True), (10**6, False), (16, False)):
         train = dataclasses.replace(POConfig().train, micro_batch_tokens=budget, packing=packing)
         assert len(po.row_groups(rows, budget, packing)) == (1 if budget > 1000 else 12)
         model.zero_grad()
@@ -214,7 +235,7 @@ def test_resume_reproduces_the_uninterrupted_run(setup, tmp_path):
     po.train_po(_cfg(setup, tmp_path / "b", train={"max_steps": 1, "batch_size": 8, "save_every": 1}))
     resumed = po.train_po(_cfg(setup, tmp_path / "b", train={"max_steps": 2, "batch_size": 8, "resume": True}))
     assert resumed.losses == pytest.approx(straight.losses[1:], rel=1e-5) and resumed.ref_cache_hit
-    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=False):
         assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -222,15 +243,22 @@ def test_resume_reproduces_the_uninterrupted_run(setup, tmp_path):
 def test_bad_preference_rows_name_file_line_and_field(setup, tmp_path):
     """chosen == rejected, an empty response and a missing field are reported with file:line: field, together."""
     good = {"prompt": "Review : the film", "chosen": " was great .", "rejected": " was bad ."}
-    rows = [good, good | {"rejected": good["chosen"]}, good | {"chosen": ""},
-            {"prompt": "Review : it", "chosen": " ok ."}]
+    rows = [
+        good,
+        good | {"rejected": good["chosen"]},
+        good | {"chosen": ""},
+        {"prompt": "Review : it", "chosen": " ok ."},
+    ]
     path = tmp_path / "bad.jsonl"
     write_jsonl(path, rows)
     with pytest.raises(DataError) as err:
         po.train_po(_cfg(setup, tmp_path / "out", data=path))
     text = str(err.value)
-    for line in (f"{path}:2: field 'rejected': identical to 'chosen'", f"{path}:3: field 'chosen': empty string",
-                 f"{path}:4: field 'rejected': missing"):
+    for line in (
+        f"{path}:2: field 'rejected': identical to 'chosen'",
+        f"{path}:3: field 'chosen': empty string",
+        f"{path}:4: field 'rejected': missing",
+    ):
         assert line in text
     ranked = tmp_path / "ranked.jsonl"
     write_jsonl(ranked, [{"prompt": "Review : the film", "responses": [" was great .", " was bad .", " was great ."]}])
@@ -239,8 +267,11 @@ def test_bad_preference_rows_name_file_line_and_field(setup, tmp_path):
 
 
 def test_bad_keys_and_mismatched_data_are_clear_errors(setup, tmp_path):
-    with pytest.raises(ConfigError, match=r"loss.gamma=1.0 is not a hyper-parameter of loss 'dpo' \(its "
-                                          r"hyper-parameters: beta, label_smoothing\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"loss.gamma=1.0 is not a hyper-parameter of loss 'dpo' \(its "
+        r"hyper-parameters: beta, label_smoothing\)",
+    ):
         po.train_po(_cfg(setup, tmp_path, loss={"gamma": 1.0}))
     with pytest.raises(ConfigError, match="loss.name: 'dp' is not one of dpo, cdpo"):
         po.train_po(_cfg(setup, tmp_path, loss={"name": "dp"}))
@@ -253,8 +284,15 @@ def test_bad_keys_and_mismatched_data_are_clear_errors(setup, tmp_path):
 def test_pairs_feed_pro_scores_only_when_they_carry_margins(setup):
     """PRO on preference rows: a 'margin' becomes the score difference r(y_w) - r(y_l) (its temperature); without
     margins the rows carry no scores, so T = 1 -- not T = 0, which would make the ranking loss constant."""
-    rows = [{"chosen_ids": [1, 5, 6], "chosen_mask": [0, 1, 1], "rejected_ids": [1, 7], "rejected_mask": [0, 1],
-             "margin": 0.0}] * 2
+    rows = [
+        {
+            "chosen_ids": [1, 5, 6],
+            "chosen_mask": [0, 1, 1],
+            "rejected_ids": [1, 7],
+            "rejected_mask": [0, 1],
+            "margin": 0.0,
+        }
+    ] * 2
     cfg = _cfg(setup, setup["root"] / "unused", "pro")
     assert "chosen_rewards" not in po._loss_rows(rows, "preference", cfg, 0)[0]
     scored = po._loss_rows([rows[0], rows[1] | {"margin": 2.5}], "preference", cfg, 0)
@@ -268,9 +306,16 @@ def test_every_preset_loads_and_trains_one_step(preset, setup, tmp_path):
     path = ROOT / "configs" / f"{preset}.yaml"
     cfg = load_config(POConfig, path)
     assert cfg.loss.name == preset and po_rows.loss_kwargs(cfg.loss)
-    overrides = [f"model.name_or_path={setup['sft']}", f"model.tokenizer={setup['task'].tokenizer_dir}",
-                 f"data.path={setup['paths'][FORMAT.get(preset, 'preference')]}", "data.max_len=64",
-                 f"train.output_dir={tmp_path}", "train.max_steps=1", "train.batch_size=4", "train.progress=false"]
+    overrides = [
+        f"model.name_or_path={setup['sft']}",
+        f"model.tokenizer={setup['task'].tokenizer_dir}",
+        f"data.path={setup['paths'][FORMAT.get(preset, 'preference')]}",
+        "data.max_len=64",
+        f"train.output_dir={tmp_path}",
+        "train.max_steps=1",
+        "train.batch_size=4",
+        "train.progress=false",
+    ]
     if preset == "dpo":
         assert main(["po", "--config", str(path)] + overrides) == 0
         last = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

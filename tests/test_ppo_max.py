@@ -54,8 +54,11 @@ def test_entropy_clip_and_ptx_reach_the_actor(reviews_task, tmp_path):
     pass, one micro-batch, so both are means over the same tokens). algo.ptx_coef adds policy/ptx_loss."""
     tok = load_tokenizer(str(reviews_task.tokenizer_dir))
     assert math.log(len(tok)) < 7
-    cfg = rl_cfg(reviews_task, tmp_path, algo={"name": "grpo", "entropy_coef": 0.01, "entropy_target": 7.0,
-                                               "ptx_coef": 0.5, "ptx_batch_size": 4})
+    cfg = rl_cfg(
+        reviews_task,
+        tmp_path,
+        algo={"name": "grpo", "entropy_coef": 0.01, "entropy_target": 7.0, "ptx_coef": 0.5, "ptx_batch_size": 4},
+    )
     (m,) = train_rl(cfg).history
     assert m["policy/entropy_loss"] + m["policy/entropy"] == pytest.approx(7.0, abs=1e-4)
     assert 0 < m["policy/ptx_loss"] < math.log(len(tok)) + 1
@@ -63,8 +66,14 @@ def test_entropy_clip_and_ptx_reach_the_actor(reviews_task, tmp_path):
 
 def test_critic_pretraining_leaves_the_policy_frozen(reviews_task, tmp_path):
     """critic.pretrain_steps=2 with 2 RL steps: the actor's weights are unchanged, the critic trained."""
-    cfg = rl_cfg(reviews_task, tmp_path, algo={"name": "ppo"}, critic={"pretrain_steps": 2},
-                 rollout={"n": 1}, train={"batch_size": 2, "max_steps": 2})
+    cfg = rl_cfg(
+        reviews_task,
+        tmp_path,
+        algo={"name": "ppo"},
+        critic={"pretrain_steps": 2},
+        rollout={"n": 1},
+        train={"batch_size": 2, "max_steps": 2},
+    )
     before = {k: v.clone() for k, v in load_causal_lm(cfg.model, "cpu").state_dict().items()}
     result = train_rl(cfg)
     after = result.model.state_dict()
@@ -83,12 +92,24 @@ def test_config_errors_name_the_keys(reviews_task, tmp_path):
 
 
 def test_ppo_max_preset_runs_one_step(reviews_task, tmp_path):
-    cfg = load_config(RLConfig, ROOT / "configs" / "rl_ppo_max.yaml", [
-        f"model.name_or_path={reviews_task.model_dir}", f"model.tokenizer={reviews_task.tokenizer_dir}",
-        f"data.path={reviews_task.prompts_path}", f"algo.ptx_path={reviews_task.sft_path}",
-        "rollout.prompts_per_step=4", "rollout.max_new_tokens=6", "rollout.eval_prompts=0",
-        f"train.output_dir={tmp_path}", "train.max_steps=2", "critic.pretrain_steps=1", "train.batch_size=2",
-        "train.progress=false"])
+    cfg = load_config(
+        RLConfig,
+        ROOT / "configs" / "rl_ppo_max.yaml",
+        [
+            f"model.name_or_path={reviews_task.model_dir}",
+            f"model.tokenizer={reviews_task.tokenizer_dir}",
+            f"data.path={reviews_task.prompts_path}",
+            f"algo.ptx_path={reviews_task.sft_path}",
+            "rollout.prompts_per_step=4",
+            "rollout.max_new_tokens=6",
+            "rollout.eval_prompts=0",
+            f"train.output_dir={tmp_path}",
+            "train.max_steps=2",
+            "critic.pretrain_steps=1",
+            "train.batch_size=2",
+            "train.progress=false",
+        ],
+    )
     first, second = train_rl(cfg).history
     assert first["critic/pretraining"] == 1.0 and "policy/ptx_loss" not in first
     assert math.isfinite(second["policy/ptx_loss"]) and math.isfinite(second["policy/entropy_loss"])

@@ -10,9 +10,24 @@ import math
 import pytest
 import torch
 
-from alignflow.algorithms.preference import (PrefInputs, apo_extrapolate, cdpo_loss, cpl_loss, dpo_loss, hinge_loss, inpo_loss,
-                                             ipo_loss, kto_loss, orpo_loss, pro_loss, refuel_loss, robust_dpo_loss,
-                                             simpo_loss, treg_loss, treg_token_rewards)
+from alignflow.algorithms.preference import (
+    PrefInputs,
+    apo_extrapolate,
+    cdpo_loss,
+    cpl_loss,
+    dpo_loss,
+    hinge_loss,
+    inpo_loss,
+    ipo_loss,
+    kto_loss,
+    orpo_loss,
+    pro_loss,
+    refuel_loss,
+    robust_dpo_loss,
+    simpo_loss,
+    treg_loss,
+    treg_token_rewards,
+)
 from alignflow.algorithms.preference_table import PREFERENCE_LOSSES
 
 D = torch.float64
@@ -30,31 +45,49 @@ def T(*values, grad=False):
 def pair(pc, pr, rc=None, rr=None, lc=None, lr=None, **kw):
     """One-or-more-row pairwise inputs; policy log-probs require grad."""
     f = lambda v, g=False: None if v is None else T(*(v if isinstance(v, (list, tuple)) else [v]), grad=g)
-    return PrefInputs(policy_chosen_logps=f(pc, True), policy_rejected_logps=f(pr, True), ref_chosen_logps=f(rc),
-                      ref_rejected_logps=f(rr), chosen_lengths=f(lc), rejected_lengths=f(lr), **kw)
+    return PrefInputs(
+        policy_chosen_logps=f(pc, True),
+        policy_rejected_logps=f(pr, True),
+        ref_chosen_logps=f(rc),
+        ref_rejected_logps=f(rr),
+        chosen_lengths=f(lc),
+        rejected_lengths=f(lr),
+        **kw,
+    )
 
 
 def full_inputs(B=4, seed=0, equal=False, n_tok=5):
     """Every PrefInputs field for B rows; ``equal``: all log-probs equal (π = π_ref = π_t), chosen scored higher."""
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: (torch.full(s, -2.0, dtype=D) if equal else -3.0 + torch.randn(*s, generator=g, dtype=D))
+    rnd = lambda *s: torch.full(s, -2.0, dtype=D) if equal else -3.0 + torch.randn(*s, generator=g, dtype=D)
     tok_c, tok_r = rnd(B, n_tok) / 2, rnd(B, n_tok) / 2
     mask_c = torch.ones(B, n_tok, dtype=torch.bool)
     mask_r = torch.ones(B, n_tok, dtype=torch.bool)
     mask_r[:, -1] = False
     leaf = lambda t: t.clone().requires_grad_(True)
     return PrefInputs(
-        policy_chosen_logps=leaf(tok_c.sum(1)), policy_rejected_logps=leaf((tok_r * mask_r).sum(1)),
-        ref_chosen_logps=rnd(B), ref_rejected_logps=rnd(B),
-        chosen_lengths=mask_c.sum(1).to(D), rejected_lengths=mask_r.sum(1).to(D),
-        chosen_rewards=torch.ones(B, dtype=D), rejected_rewards=torch.zeros(B, dtype=D),
-        prev_chosen_logps=rnd(B), prev_rejected_logps=rnd(B),
-        policy_chosen_token_logps=leaf(tok_c), policy_rejected_token_logps=leaf(tok_r),
+        policy_chosen_logps=leaf(tok_c.sum(1)),
+        policy_rejected_logps=leaf((tok_r * mask_r).sum(1)),
+        ref_chosen_logps=rnd(B),
+        ref_rejected_logps=rnd(B),
+        chosen_lengths=mask_c.sum(1).to(D),
+        rejected_lengths=mask_r.sum(1).to(D),
+        chosen_rewards=torch.ones(B, dtype=D),
+        rejected_rewards=torch.zeros(B, dtype=D),
+        prev_chosen_logps=rnd(B),
+        prev_rejected_logps=rnd(B),
+        policy_chosen_token_logps=leaf(tok_c),
+        policy_rejected_token_logps=leaf(tok_r),
         chosen_token_rewards=(rnd(B, n_tok) + 3.0).clamp(-0.5, 0.5),
         rejected_token_rewards=-0.1 * torch.ones(B, n_tok, dtype=D),
-        chosen_mask=mask_c, rejected_mask=mask_r,
-        policy_logps=leaf(rnd(B)), ref_logps=rnd(B), desirable=torch.arange(B) % 2 == 0,
-        policy_kl_logps=rnd(B), ref_kl_logps=rnd(B))
+        chosen_mask=mask_c,
+        rejected_mask=mask_r,
+        policy_logps=leaf(rnd(B)),
+        ref_logps=rnd(B),
+        desirable=torch.arange(B) % 2 == 0,
+        policy_kl_logps=rnd(B),
+        ref_kl_logps=rnd(B),
+    )
 
 
 def select_rows(inputs, idx):
@@ -161,8 +194,9 @@ def test_simpo_hand_values_and_gamma_zero_is_reference_free_normalised_dpo():
     inp = full_inputs(seed=3)
     pc, pr = inp.policy_chosen_logps / inp.chosen_lengths, inp.policy_rejected_logps / inp.rejected_lengths
     zeros = torch.zeros_like(pc)
-    ref_free = PrefInputs(policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=zeros,
-                          ref_rejected_logps=zeros)
+    ref_free = PrefInputs(
+        policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=zeros, ref_rejected_logps=zeros
+    )
     a = simpo_loss(inp, beta=2.5, gamma=0.0, reduction="none")[0]
     b = dpo_loss(ref_free, beta=2.5, reduction="none")[0]
     assert torch.allclose(a, b)
@@ -221,27 +255,43 @@ def test_treg_hand_value_and_reductions_to_base():
     """h = 0 (π = π_ref), β = 0.1: w = σ(0) = 0.5. Chosen tokens lp = (-1, -2), r̂ = (0.5, -0.5):
     L_REG(y_w) = -0.1·(0.5·-1 + -0.5·-2) = -0.05; rejected lp = (-1), r̂ = 0.25: L_REG(y_l) = -0.1·(-0.25) = 0.025.
     α = 0.5: loss = log 2 + 0.5·0.5·(-0.05 + 0.025) = 0.693147 - 0.00625 = 0.686897. α = 0 or r̂ ≡ 0 give DPO."""
-    inp = pair(-3.0, -1.0, -3.0, -1.0, policy_chosen_token_logps=T(-1.0, -2.0).view(1, 2),
-               policy_rejected_token_logps=T(-1.0, 7.0).view(1, 2), chosen_token_rewards=T(0.5, -0.5).view(1, 2),
-               rejected_token_rewards=T(0.25, 9.0).view(1, 2), chosen_mask=torch.tensor([[1, 1]]),
-               rejected_mask=torch.tensor([[1, 0]]))
+    inp = pair(
+        -3.0,
+        -1.0,
+        -3.0,
+        -1.0,
+        policy_chosen_token_logps=T(-1.0, -2.0).view(1, 2),
+        policy_rejected_token_logps=T(-1.0, 7.0).view(1, 2),
+        chosen_token_rewards=T(0.5, -0.5).view(1, 2),
+        rejected_token_rewards=T(0.25, 9.0).view(1, 2),
+        chosen_mask=torch.tensor([[1, 1]]),
+        rejected_mask=torch.tensor([[1, 0]]),
+    )
     loss, m = treg_loss(inp, beta=0.1, alpha=0.5)
     assert loss.item() == pytest.approx(math.log(2) - 0.00625, abs=1e-12)
     assert loss.item() == pytest.approx(0.686897, abs=1e-6)
     full = full_inputs(seed=2)
     dpo = dpo_loss(full, reduction="none")[0]
     assert torch.allclose(treg_loss(full, alpha=0.0, reduction="none")[0], dpo)
-    zero_r = dataclasses.replace(full, chosen_token_rewards=torch.zeros(4, 5, dtype=D),
-                                 rejected_token_rewards=torch.zeros(4, 5, dtype=D))
+    zero_r = dataclasses.replace(
+        full, chosen_token_rewards=torch.zeros(4, 5, dtype=D), rejected_token_rewards=torch.zeros(4, 5, dtype=D)
+    )
     assert torch.allclose(treg_loss(zero_r, alpha=0.5, reduction="none")[0], dpo)
-    assert torch.allclose(treg_loss(full, beta=2.0, gamma=1.0, alpha=0.0, base="simpo", reduction="none")[0],
-                          simpo_loss(full, reduction="none")[0])
+    assert torch.allclose(
+        treg_loss(full, beta=2.0, gamma=1.0, alpha=0.0, base="simpo", reduction="none")[0],
+        simpo_loss(full, reduction="none")[0],
+    )
 
 
 # ----------------------------------------------------------------------------------------------- KTO
 def kto_inputs(pol, ref, desirable, kl_pol, kl_ref):
-    return PrefInputs(policy_logps=T(*pol, grad=True), ref_logps=T(*ref), desirable=torch.tensor(desirable),
-                      policy_kl_logps=T(*kl_pol, grad=True), ref_kl_logps=T(*kl_ref))
+    return PrefInputs(
+        policy_logps=T(*pol, grad=True),
+        ref_logps=T(*ref),
+        desirable=torch.tensor(desirable),
+        policy_kl_logps=T(*kl_pol, grad=True),
+        ref_kl_logps=T(*kl_ref),
+    )
 
 
 def test_kto_hand_value_and_detached_reference_point():
@@ -313,8 +363,11 @@ def test_cpl_ranked_equals_explicit_pair_loop():
     want = []
     for b in range(2):
         n = int(mask[b].sum())
-        ls = [math.log1p(math.exp(-(0.2 * logps[b, k].item() - 0.7 * 0.2 * logps[b, i].item())))
-              for k in range(n) for i in range(k + 1, n)]
+        ls = [
+            math.log1p(math.exp(-(0.2 * logps[b, k].item() - 0.7 * 0.2 * logps[b, i].item())))
+            for k in range(n)
+            for i in range(k + 1, n)
+        ]
         want.append(sum(ls) / len(ls))
     assert torch.allclose(got, T(*want))
 
@@ -335,8 +388,11 @@ def test_pro_hand_value_n3():
     k = 1: T = (2, 3), T_1^1 = 3; logits (s1·3, s2·2, s3·3) = (-3, -4, -9): L_1 = log(1 + e^{-1} + e^{-6}) = 0.315072.
     k = 2: T_2^3 = 1 = T_2^2; logits (-2, -3): L_2 = log(1 + e^{-1}) = 0.313262.
     SFT term: 0.05·(3-1)²·NLL_sum(y¹) = 0.05·4·2 = 0.4. Total 1.028334."""
-    inp = PrefInputs(ranked_logps=T(-2.0, -2.0, -6.0, grad=True).view(1, 3), ranked_lengths=T(2.0, 1.0, 2.0).view(1, 3),
-                     ranked_rewards=T(3.0, 1.0, 0.0).view(1, 3))
+    inp = PrefInputs(
+        ranked_logps=T(-2.0, -2.0, -6.0, grad=True).view(1, 3),
+        ranked_lengths=T(2.0, 1.0, 2.0).view(1, 3),
+        ranked_rewards=T(3.0, 1.0, 0.0).view(1, 3),
+    )
     loss, m = pro_loss(inp)
     want = math.log(1 + math.exp(-1) + math.exp(-6)) + math.log(1 + math.exp(-1)) + 0.4
     assert loss.item() == pytest.approx(want) and loss.item() == pytest.approx(1.028334, abs=1e-6)
@@ -349,13 +405,17 @@ def test_pro_two_responses_equals_pairwise_form():
     inp.chosen_rewards = T(2.0, 0.5, 1.0, 3.0)
     inp.rejected_rewards = T(-1.0, 0.0, 0.9, 1.0)
     s1, s2 = inp.policy_chosen_logps / inp.chosen_lengths, inp.policy_rejected_logps / inp.rejected_lengths
-    want = torch.nn.functional.softplus(-(inp.chosen_rewards - inp.rejected_rewards) * (s1 - s2)) \
+    want = (
+        torch.nn.functional.softplus(-(inp.chosen_rewards - inp.rejected_rewards) * (s1 - s2))
         + 0.05 * -inp.policy_chosen_logps
+    )
     got = pro_loss(inp, reduction="none")[0]
     assert torch.allclose(got, want)
-    ranked = PrefInputs(ranked_logps=torch.stack([inp.policy_chosen_logps, inp.policy_rejected_logps], 1),
-                        ranked_lengths=torch.stack([inp.chosen_lengths, inp.rejected_lengths], 1),
-                        ranked_rewards=torch.stack([inp.chosen_rewards, inp.rejected_rewards], 1))
+    ranked = PrefInputs(
+        ranked_logps=torch.stack([inp.policy_chosen_logps, inp.policy_rejected_logps], 1),
+        ranked_lengths=torch.stack([inp.chosen_lengths, inp.rejected_lengths], 1),
+        ranked_rewards=torch.stack([inp.chosen_rewards, inp.rejected_rewards], 1),
+    )
     assert torch.allclose(pro_loss(ranked, reduction="none")[0], want)
 
 
@@ -368,8 +428,9 @@ def test_pro_vectorised_equals_explicit_loop_with_ragged_lists(scored):
     rewards = torch.sort(torch.randn(3, 4, generator=g, dtype=D), dim=1, descending=True).values
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
     logps = logps.masked_fill(~mask, float("nan")).requires_grad_(True)
-    inp = PrefInputs(ranked_logps=logps, ranked_lengths=lengths, ranked_rewards=rewards if scored else None,
-                     ranked_mask=mask)
+    inp = PrefInputs(
+        ranked_logps=logps, ranked_lengths=lengths, ranked_rewards=rewards if scored else None, ranked_mask=mask
+    )
     got = pro_loss(inp, reduction="none")[0]
     for b in range(3):
         n = int(mask[b].sum())

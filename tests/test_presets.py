@@ -30,18 +30,24 @@ def test_no_preset_needs_a_model_that_a_fresh_clone_lacks(path):
 def test_wrong_command_is_one_clear_error():
     with pytest.raises(ConfigError) as e:
         load_config(SFTConfig, ROOT / "configs" / "grpo.yaml")
-    assert str(e.value) == (f"{ROOT / 'configs' / 'grpo.yaml'} is a preset for `alignflow rl` (its command: key), "
-                            f"not `alignflow sft`; run: alignflow rl --config {ROOT / 'configs' / 'grpo.yaml'}")
+    assert str(e.value) == (
+        f"{ROOT / 'configs' / 'grpo.yaml'} is a preset for `alignflow rl` (its command: key), "
+        f"not `alignflow sft`; run: alignflow rl --config {ROOT / 'configs' / 'grpo.yaml'}"
+    )
 
 
 def test_builtin_sft_is_built_once_and_shared(tmp_path):
     """builtin:sft trains the task's tiny model on first use, beside the run directory, and is reused."""
     from alignflow.trainers.builtin_sft import builtin_sft_model, resolve_model
 
-    task = TaskConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, num_sft=64, num_pairs=8,
-                      sft_steps=2)
-    cfg = load_config(RLConfig, None, ["model.name_or_path=builtin:sft", f"train.output_dir={tmp_path / 'ppo'}",
-                                       "train.progress=false"])
+    task = TaskConfig(
+        hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, num_sft=64, num_pairs=8, sft_steps=2
+    )
+    cfg = load_config(
+        RLConfig,
+        None,
+        ["model.name_or_path=builtin:sft", f"train.output_dir={tmp_path / 'ppo'}", "train.progress=false"],
+    )
     cfg.task = task
     resolve_model(cfg)
     model = Path(cfg.model.name_or_path)

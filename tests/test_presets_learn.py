@@ -41,16 +41,32 @@ SHORT = {
     "eval": [],
 }
 # GRPO on arithmetic: 40 steps take the training accuracy from 0.20 to 0.27 (docs/grpo.md); its variants get 24.
-LONGER = {"grpo": ["train.max_steps=40"], "dapo": ["train.max_steps=24"], "dr_grpo": ["train.max_steps=24"],
-          "gspo": ["train.max_steps=24"], "nash_md": ["online.rounds=9"]}
+LONGER = {
+    "grpo": ["train.max_steps=40"],
+    "dapo": ["train.max_steps=24"],
+    "dr_grpo": ["train.max_steps=24"],
+    "gspo": ["train.max_steps=24"],
+    "nash_md": ["online.rounds=9"],
+}
 # Every step logged (train.log_every: how often, not how much is trained).
-LOG_EVERY_STEP = {c: ["train.log_every=1"] for c in ("sft", "ift", "rm", "pm", "po", "rl", "online_po", "superhf",
-                                                     "alol")}
+LOG_EVERY_STEP = {
+    c: ["train.log_every=1"] for c in ("sft", "ift", "rm", "pm", "po", "rl", "online_po", "superhf", "alol")
+}
 LOG_EVERY_STEP["mpo"] = ["rl.train.log_every=1"]
-LOSS = {"sft": "train/loss", "ift": "train/loss", "rm": "train/loss", "pm": "train/loss", "po": "train/loss",
-        "alol": "alol/loss"}
-REWARD = {"rl": "rollout/reward_mean", "online_po": "online/reward_mean", "mpo": "rollout/reward_mean",
-          "superhf": "superhf/reward_mean"}
+LOSS = {
+    "sft": "train/loss",
+    "ift": "train/loss",
+    "rm": "train/loss",
+    "pm": "train/loss",
+    "po": "train/loss",
+    "alol": "alol/loss",
+}
+REWARD = {
+    "rl": "rollout/reward_mean",
+    "online_po": "online/reward_mean",
+    "mpo": "rollout/reward_mean",
+    "superhf": "superhf/reward_mean",
+}
 
 
 @pytest.fixture(scope="session")
@@ -87,8 +103,14 @@ def test_preset_runs_as_written_and_learns(path, runs, monkeypatch, capsys):
 
     monkeypatch.setattr(loop.Progress, "__init__", record)
     out = runs / path.stem
-    argv = [command, "--config", str(path), f"{_output_key(command)}={out}", *LOG_EVERY_STEP.get(command, []),
-            *LONGER.get(path.stem, SHORT[command])]
+    argv = [
+        command,
+        "--config",
+        str(path),
+        f"{_output_key(command)}={out}",
+        *LOG_EVERY_STEP.get(command, []),
+        *LONGER.get(path.stem, SHORT[command]),
+    ]
     assert cli.main(argv) == 0, capsys.readouterr().err[-3000:]
     # the run's own loop is labelled with its command (a built-in SFT run first shows as sft)
     assert labels and labels[-1].split("/")[0] == command, labels

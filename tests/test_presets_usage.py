@@ -30,9 +30,21 @@ def test_readme_python_api_example_runs_as_written(tmp_path, monkeypatch):
     original = config.load_config
 
     def short(cls, path=None, overrides=None):
-        return original(cls, path, [*(overrides or []), "train.max_steps=3", "train.progress=false",
-                                    "task.num_sft=64", "task.num_pairs=64", "task.hidden_size=16",
-                                    "task.intermediate_size=32", "task.num_layers=1", "task.num_heads=2"])
+        return original(
+            cls,
+            path,
+            [
+                *(overrides or []),
+                "train.max_steps=3",
+                "train.progress=false",
+                "task.num_sft=64",
+                "task.num_pairs=64",
+                "task.hidden_size=16",
+                "task.intermediate_size=32",
+                "task.num_layers=1",
+                "task.num_heads=2",
+            ],
+        )
 
     monkeypatch.setattr(config, "load_config", short)
     monkeypatch.chdir(tmp_path)

@@ -49,15 +49,26 @@ def counting_sft(tmp_path_factory):
     """The calculator task's tokenizer and a 64-wide 2-layer model after 150 SFT steps on counting dialogues that
     answer right half of the time."""
     root = tmp_path_factory.mktemp("refuel")
-    task = build_task("calculator", TaskConfig(name="calculator", hidden_size=64, num_layers=2, num_heads=2,
-                                               intermediate_size=128, num_sft=8, num_pairs=8), root / "task")
+    task = build_task(
+        "calculator",
+        TaskConfig(
+            name="calculator", hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, num_sft=8, num_pairs=8
+        ),
+        root / "task",
+    )
     data = root / "sft.jsonl"
     write_jsonl(data, sft_conversations(2000, turns=3, right=0.5))
-    train_sft(from_dict(SFTConfig, {
-        "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
-        "data": {"path": str(data), "max_len": 64, "eval_fraction": 0.0},
-        "optim": {"lr": 3e-3, "scheduler": "constant"},
-        "train": {"output_dir": str(root / "sft"), "batch_size": 32, "max_steps": 150, "progress": False}}))
+    train_sft(
+        from_dict(
+            SFTConfig,
+            {
+                "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
+                "data": {"path": str(data), "max_len": 64, "eval_fraction": 0.0},
+                "optim": {"lr": 3e-3, "scheduler": "constant"},
+                "train": {"output_dir": str(root / "sft"), "batch_size": 32, "max_steps": 150, "progress": False},
+            },
+        )
+    )
     return task, root / "sft" / "model"
 
 
@@ -71,9 +82,14 @@ def _load(task, model_dir):
 def _mean_return(model, tok, n=100) -> float:
     rows = make_rows(n, seed=5)
     with torch.no_grad():
-        trajs = rollout_episodes(HFEngine(model, tok), tok, [make_env() for _ in rows], rows,
-                                 SamplingParams(n=1, max_new_tokens=4, seed=11, logprobs=True),
-                                 MultiTurnLimits(max_turns=3, max_total_tokens=64))
+        trajs = rollout_episodes(
+            HFEngine(model, tok),
+            tok,
+            [make_env() for _ in rows],
+            rows,
+            SamplingParams(n=1, max_new_tokens=4, seed=11, logprobs=True),
+            MultiTurnLimits(max_turns=3, max_total_tokens=64),
+        )
     return sum(t.reward for t in trajs) / len(trajs)
 
 
@@ -83,15 +99,21 @@ def test_branches_share_the_roll_in_and_split_after_it(counting_sft):
     model, tok = _load(*counting_sft)
     rows = make_rows(16)
     with torch.no_grad():
-        pairs, ended = branch_rollouts(HFEngine(model, tok), tok, [make_env() for _ in rows], rows,
-                                       SamplingParams(n=1, max_new_tokens=4, seed=3, logprobs=True), 3,
-                                       random.Random(0))
+        pairs, ended = branch_rollouts(
+            HFEngine(model, tok),
+            tok,
+            [make_env() for _ in rows],
+            rows,
+            SamplingParams(n=1, max_new_tokens=4, seed=3, logprobs=True),
+            3,
+            random.Random(0),
+        )
     assert ended == 0 and len(pairs) == 16
     assert {a.start_turn for a, _ in pairs} == {0, 1, 2}
     for a, b in pairs:
         assert a.start_token == b.start_token and a.traj.token_ids[: a.start_token] == b.traj.token_ids[: b.start_token]
         assert a.traj.turns == b.traj.turns == 3 and not any(a.loss_mask()[: a.start_token])
-        assert a.future_return == sum(a.traj.turn_rewards[a.start_turn:])
+        assert a.future_return == sum(a.traj.turn_rewards[a.start_turn :])
 
 
 def test_refuel_raises_the_return(counting_sft):

@@ -85,8 +85,7 @@ def test_rl_config_reaches_brme_and_the_gate(tmp_path):
     """reward.aggregation=brme with reward.brme_lambda reaches the scorer; a bad value is a config error."""
     model = tiny_rm(3, seed=0)
     model.save_pretrained(tmp_path / "rm")
-    cfg = from_dict(RLConfig, {"reward": {"models": [str(tmp_path / "rm")], "aggregation": "brme",
-                                          "brme_lambda": 0.3}})
+    cfg = from_dict(RLConfig, {"reward": {"models": [str(tmp_path / "rm")], "aggregation": "brme", "brme_lambda": 0.3}})
     comp = build_sources(cfg.reward, "reward", "reviews", cfg, torch.device("cpu"), 0)
     scorer = next(fn for _, fn, _ in comp.parts if isinstance(fn, RewardModelScorer))
     assert scorer.aggregation == "brme" and scorer.lam == 0.3

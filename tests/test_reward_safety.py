@@ -44,12 +44,15 @@ BATCH = text_batch(["p0", "p1", "p2", "p3", "p4"], ["ab", "boom", "nan", "inf", 
 
 
 # ------------------------------------------------------------------------------------------------ fail (default)
-@pytest.mark.parametrize("response, kind, needle", [
-    ("boom", "errors", "raised at row 0 (prompt 'p0'): ValueError: cannot score boom"),
-    ("nan", "nonfinite", "returned nan (not a finite number) at row 0"),
-    ("inf", "nonfinite", "returned inf (not a finite number) at row 0"),
-    ("none", "errors", "returned None (not a finite number) at row 0"),
-])
+@pytest.mark.parametrize(
+    "response, kind, needle",
+    [
+        ("boom", "errors", "raised at row 0 (prompt 'p0'): ValueError: cannot score boom"),
+        ("nan", "nonfinite", "returned nan (not a finite number) at row 0"),
+        ("inf", "nonfinite", "returned inf (not a finite number) at row 0"),
+        ("none", "errors", "returned None (not a finite number) at row 0"),
+    ],
+)
 def test_fail_stops_with_the_row_the_function_and_the_cause(response, kind, needle):
     with pytest.raises(RewardError) as e:
         CallableReward(picky)(text_batch(["p0", "p1"], [response, "ok"]))
@@ -59,6 +62,7 @@ def test_fail_stops_with_the_row_the_function_and_the_cause(response, kind, need
 
 def test_a_batch_timeout_names_the_config_keys_not_a_python_argument():
     """Before: the message said ``use per_row=True``, which no config key sets."""
+
     def slow(prompts, responses, **_):
         time.sleep(3)
         return [0.0] * len(prompts)
@@ -117,8 +121,9 @@ def test_bad_policy_arguments():
 def test_failure_counts_reach_the_composite_the_role_and_the_step_metrics():
     """picky on BATCH fails on 2 rows by error and 2 by NaN/inf; a second source that always fails adds 5
     errors: errors = 2 + 5 = 7, nonfinite = 2, timeouts = 0."""
-    comp = CompositeReward([(CallableReward(picky, on_error="score"), 1.0),
-                            (CallableReward(always_fails, on_error="score"), 1.0)])
+    comp = CompositeReward(
+        [(CallableReward(picky, on_error="score"), 1.0), (CallableReward(always_fails, on_error="score"), 1.0)]
+    )
     _, metrics = comp.score(BATCH)
     assert (metrics["reward/errors"], metrics["reward/nonfinite"], metrics["reward/timeouts"]) == (7, 2, 0)
     out = RewardRole(comp).score(BATCH)
@@ -147,8 +152,9 @@ def test_the_run_logs_which_user_code_it_loads(tmp_path, caplog):
     mine = tmp_path / "my_rewards.py"
     mine.write_text("def shout(prompts, responses, **_):\n    return [float(r.isupper()) for r in responses]\n")
     functions = {f"{mine}:shout": 1.0, "tests.test_reward_safety:picky": 1.0}
-    cfg = from_dict(RLConfig, {"task": {"name": "arithmetic"},
-                               "reward": {"task": {"accuracy": 1.0}, "functions": functions}})
+    cfg = from_dict(
+        RLConfig, {"task": {"name": "arithmetic"}, "reward": {"task": {"accuracy": 1.0}, "functions": functions}}
+    )
     with caplog.at_level(logging.INFO, logger="alignflow.trainers.rl_setup"):
         build_sources(cfg.reward, "reward", "arithmetic", cfg, "cpu", 0)
     lines = [r.getMessage() for r in caplog.records if "user code" in r.getMessage()]
@@ -162,13 +168,20 @@ def test_the_run_logs_which_user_code_it_loads(tmp_path, caplog):
 def test_a_run_survives_a_reward_that_always_fails_and_logs_the_counts(reviews_task, tmp_path):
     """4 rows per step (prompts_per_step 4, n 1), 2 steps, every row fails: reward/errors = 4 per step, and every
     row's reward is error_score = -1, so rollout/reward_mean = -1."""
-    base = {"model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir)},
-            "data": {"path": str(reviews_task.prompts_path)}, "task": {"name": reviews_task.name},
-            "algo": {"name": "reinforce_pp"}, "kl": {"coef": 0.0},
-            "reward": {"functions": {"tests.test_reward_safety:always_fails": 1.0}, "on_error": "score",
-                       "error_score": -1.0},
-            "rollout": {"prompts_per_step": 4, "n": 1, "max_new_tokens": 4, "eval_prompts": 0},
-            "train": {"output_dir": str(tmp_path), "batch_size": 4, "max_steps": 2, "progress": False}}
+    base = {
+        "model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir)},
+        "data": {"path": str(reviews_task.prompts_path)},
+        "task": {"name": reviews_task.name},
+        "algo": {"name": "reinforce_pp"},
+        "kl": {"coef": 0.0},
+        "reward": {
+            "functions": {"tests.test_reward_safety:always_fails": 1.0},
+            "on_error": "score",
+            "error_score": -1.0,
+        },
+        "rollout": {"prompts_per_step": 4, "n": 1, "max_new_tokens": 4, "eval_prompts": 0},
+        "train": {"output_dir": str(tmp_path), "batch_size": 4, "max_steps": 2, "progress": False},
+    }
     result = online.train_rl(from_dict(RLConfig, base))
     assert [h["reward/errors"] for h in result.history] == [4.0, 4.0]
     assert all(h["rollout/reward_mean"] == -1.0 for h in result.history)
@@ -190,7 +203,7 @@ def _job(x):
     if x == "boom":
         raise ValueError("bad")
     if x == "mem":
-        return len(bytearray(3 * 2 ** 30))
+        return len(bytearray(3 * 2**30))
     if x == "die":
         os._exit(3)
     return x * 2
@@ -204,8 +217,14 @@ def test_worker_pool_outcomes_and_replacement():
     try:
         items = [(1,), ("sleep",), (2,), ("boom",), ("mem",), ("die",)] + [(i,) for i in range(3, 20)]
         out = pool.map(items)
-        assert out[:6] == [("ok", 2), ("timeout", None), ("ok", 4), ("error", "ValueError: bad"),
-                           ("error", "MemoryError: "), ("crash", None)]
+        assert out[:6] == [
+            ("ok", 2),
+            ("timeout", None),
+            ("ok", 4),
+            ("error", "ValueError: bad"),
+            ("error", "MemoryError: "),
+            ("crash", None),
+        ]
         assert out[6:] == [("ok", 2 * i) for i in range(3, 20)]
         assert pool.replaced == 2 and len(pool.pids()) == 2
     finally:
@@ -221,12 +240,18 @@ def test_workers_exit_when_their_parent_dies(tmp_path):
 
     from alignflow.rewards import workers
 
-    script = ("import importlib.util, os\n"  # workers.py alone: no torch import in the child (seconds on CI)
-              f"spec = importlib.util.spec_from_file_location('workers', {workers.__file__!r})\n"
-              "w = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(w)\n"
-              "p = w.WorkerPool(abs, size=2)\np.map([(-1,), (-2,)])\nprint(*p.pids(), flush=True)\nos._exit(0)\n")
-    pids = [int(x) for x in subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                                           check=True, timeout=60).stdout.split()]
+    script = (
+        "import importlib.util, os\n"  # workers.py alone: no torch import in the child (seconds on CI)
+        f"spec = importlib.util.spec_from_file_location('workers', {workers.__file__!r})\n"
+        "w = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(w)\n"
+        "p = w.WorkerPool(abs, size=2)\np.map([(-1,), (-2,)])\nprint(*p.pids(), flush=True)\nos._exit(0)\n"
+    )
+    pids = [
+        int(x)
+        for x in subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+        ).stdout.split()
+    ]
     assert len(pids) == 2
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):

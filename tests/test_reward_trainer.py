@@ -11,13 +11,16 @@ from alignflow.trainers.reward import rated_pairs, train_rm
 
 
 def _cfg(task, out, data_path=None, **reward):
-    return from_dict(RMConfig, {
-        "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
-        "data": {"path": str(data_path or task.pairs_path), "max_len": 96, "eval_fraction": 0.15,
-                 "format": "auto"},
-        "optim": {"lr": 3e-3, "scheduler": "constant"},
-        "train": {"output_dir": str(out), "batch_size": 32, "max_steps": 40, "progress": False, "log_every": 5},
-        "reward": reward})
+    return from_dict(
+        RMConfig,
+        {
+            "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
+            "data": {"path": str(data_path or task.pairs_path), "max_len": 96, "eval_fraction": 0.15, "format": "auto"},
+            "optim": {"lr": 3e-3, "scheduler": "constant"},
+            "train": {"output_dir": str(out), "batch_size": 32, "max_steps": 40, "progress": False, "log_every": 5},
+            "reward": reward,
+        },
+    )
 
 
 def test_bt_reward_model_learns_gold_preferences(reviews_task, tmp_path):
@@ -34,8 +37,14 @@ def test_ensemble_of_heads_reports_every_aggregation(reviews_task, tmp_path):
     cfg = _cfg(reviews_task, tmp_path, ensemble_size=3, ensemble_mode="heads", aggregation="uwo")
     cfg.train.max_steps = 10
     result = train_rm(cfg)
-    for key in ("eval/accuracy", "eval/accuracy_mean", "eval/accuracy_min", "eval/accuracy_uwo",
-                "eval/accuracy_member0", "eval/accuracy_member2"):
+    for key in (
+        "eval/accuracy",
+        "eval/accuracy_mean",
+        "eval/accuracy_min",
+        "eval/accuracy_uwo",
+        "eval/accuracy_member0",
+        "eval/accuracy_member2",
+    ):
         assert key in result.eval
     w = result.models[0].score.weight
     assert w.shape[0] == 3 and not torch.allclose(w[0], w[1])
@@ -80,8 +89,11 @@ def test_multi_objective_regression_and_gating(reviews_task, tmp_path):
 
 
 def test_rated_pairs_best_vs_worst():
-    row = {"completions_ids": [[1, 5, 6], [1, 7], [1, 8, 9]], "completions_mask": [[0, 1, 1], [0, 1], [0, 1, 1]],
-           "ratings": [[3.0, 1.0], [1.0, 1.0], [5.0, 5.0]]}
+    row = {
+        "completions_ids": [[1, 5, 6], [1, 7], [1, 8, 9]],
+        "completions_mask": [[0, 1, 1], [0, 1], [0, 1, 1]],
+        "ratings": [[3.0, 1.0], [1.0, 1.0], [5.0, 5.0]],
+    }
     (pair,) = rated_pairs([row])
     assert pair["chosen_ids"] == [1, 8, 9] and pair["rejected_ids"] == [1, 7]
     assert pair["margin"] == pytest.approx(4.0) and pair["prompt_ids"] == [1]

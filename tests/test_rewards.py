@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from alignflow.batch import Batch
-from alignflow.rewards import (CallableReward, CompositeReward, RewardError, RewardLoadError, RunningNorm,
-                               apply_shaping, load_callable)
+from alignflow.rewards import (
+    CallableReward,
+    CompositeReward,
+    RewardError,
+    RewardLoadError,
+    RunningNorm,
+    apply_shaping,
+    load_callable,
+)
 from alignflow.rewards.shaping import centered, clip, lsc, minmax, par, tanh
 from tests import reward_fns
 
@@ -39,8 +46,9 @@ def test_par_is_half_at_the_reference_monotone_and_bounded():
 
 def test_par_matches_an_explicit_loop():
     r, ref = torch.randn(6), torch.randn(6, 5)
-    loop = torch.tensor([sum(1 / (1 + math.exp(-(r[i].item() - ref[i, m].item()))) for m in range(5)) / 5
-                         for i in range(6)])
+    loop = torch.tensor(
+        [sum(1 / (1 + math.exp(-(r[i].item() - ref[i, m].item()))) for m in range(5)) / 5 for i in range(6)]
+    )
     assert torch.allclose(par(r, ref), loop, atol=1e-6)
 
 
@@ -140,12 +148,15 @@ def test_per_row_timeout_names_the_slow_row():
     assert info.value.row == 2
 
 
-@pytest.mark.parametrize("result, message, row", [
-    (lambda n: [1.0] * (n - 1), "returned 2 values for 3 rows", None),
-    (lambda n: [1.0, float("nan"), 0.0], "at row 1", 1),
-    (lambda n: [1.0, 2.0, "high"], "at row 2", 2),
-    (lambda n: None, "expected a list of 3 numbers", None),
-])
+@pytest.mark.parametrize(
+    "result, message, row",
+    [
+        (lambda n: [1.0] * (n - 1), "returned 2 values for 3 rows", None),
+        (lambda n: [1.0, float("nan"), 0.0], "at row 1", 1),
+        (lambda n: [1.0, 2.0, "high"], "at row 2", 2),
+        (lambda n: None, "expected a list of 3 numbers", None),
+    ],
+)
 def test_bad_results_are_reported(result, message, row):
     reward = CallableReward(lambda prompts, responses, **_: result(len(prompts)), name="bad")
     with pytest.raises(RewardError, match=message) as info:
@@ -215,8 +226,7 @@ def test_composite_is_the_weighted_sum_with_per_component_metrics():
     """lengths = (3, 0, 1); constant = (1, 1, 1); total = 1 * lengths + 0.5 * constant = (3.5, 0.5, 1.5);
     metrics: lengths mean 4/3, constant mean 1, total mean 5.5/3."""
     batch = text_batch(["a", "b", "c"], ["xyz", "", "q"])
-    comp = CompositeReward([(CallableReward(reward_fns.lengths), 1.0),
-                            ("constant", lambda b: torch.ones(len(b)), 0.5)])
+    comp = CompositeReward([(CallableReward(reward_fns.lengths), 1.0), ("constant", lambda b: torch.ones(len(b)), 0.5)])
     total, metrics = comp.score(batch)
     assert total.tolist() == [3.5, 0.5, 1.5]
     assert metrics["rollout/reward_lengths_mean"] == pytest.approx(4 / 3)

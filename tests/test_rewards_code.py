@@ -23,8 +23,13 @@ def test_share_of_tests_passed():
     exits before the tests, or prints fake results, passes none; a program that does not load passes none."""
     reward = UnitTestReward(per_test_s=1.0)
     fake = "import sys\nfor i in range(3):\n    print(f'x {i} pass')\nsys.exit(0)"
-    responses = ["```python\ndef add(a, b):\n    return a + b\n```", "def add(a, b):\n    return a - b",
-                 "import os\nos._exit(0)", fake, "def add(a, b) return"]
+    responses = [
+        "```python\ndef add(a, b):\n    return a + b\n```",
+        "def add(a, b):\n    return a - b",
+        "import os\nos._exit(0)",
+        fake,
+        "def add(a, b) return",
+    ]
     values = reward(["p"] * 5, responses, [TESTS] * 5)
     assert values == pytest.approx([1.0, 1 / 3, 0.0, 0.0, 0.0])
     metrics = reward.metrics()
@@ -46,8 +51,11 @@ def test_sandbox_failures_counted_by_cause():
     """A program that exits with status 3 (run cause ``exit``) and one whose second test exhausts memory (the
     harness catches it: that test fails, the third still passes: 2/3)."""
     tests = ["assert add(1, 2) == 3", "x = bytearray(1 << 40)", "assert add(0, 0) == 0"]
-    values = reward(["p", "p"], ["def add(a, b):\n    return a + b\nimport os\nos._exit(3)",
-                                 "def add(a, b):\n    return a + b"], [TESTS, tests])
+    values = reward(
+        ["p", "p"],
+        ["def add(a, b):\n    return a + b\nimport os\nos._exit(3)", "def add(a, b):\n    return a + b"],
+        [TESTS, tests],
+    )
     assert values == pytest.approx([0.0, 2 / 3])
     m = reward.metrics()
     assert m["sandbox/failures_exit"] == 1 and m["sandbox/failures_memory"] == 1
@@ -56,9 +64,13 @@ def test_sandbox_failures_counted_by_cause():
 def test_from_a_batch_through_callable_reward():
     """``return 0`` passes add(0, 0) == 0 and add(-1, 1) == 0 but not add(1, 2) == 3: 2/3."""
     reward = CallableReward("alignflow.rewards.code:unit_test_reward", timeout_s=60)
-    batch = Batch(meta={"prompt": ["write add", "write add"],
-                        "response": ["def add(a, b):\n    return a + b", "def add(a, b):\n    return 0"],
-                        "tests": [TESTS, TESTS]})
+    batch = Batch(
+        meta={
+            "prompt": ["write add", "write add"],
+            "response": ["def add(a, b):\n    return a + b", "def add(a, b):\n    return 0"],
+            "tests": [TESTS, TESTS],
+        }
+    )
     assert torch.allclose(reward(batch), torch.tensor([1.0, 2 / 3]))
     bad = Batch(meta={"prompt": ["write add"], "response": ["def add(a, b): return a + b"], "tests": [[]]})
     with pytest.raises(RewardError, match="row 0.*'tests' must be a non-empty list"):

@@ -17,14 +17,23 @@ PROMPTS = [" ".join(WORDS[0:4]), " ".join(WORDS[10:13]), " ".join(WORDS[20:26])]
 RESPONSES = [" ".join(WORDS[30:33]), " ".join(WORDS[40:45]), " ".join(WORDS[50:51])]
 # Another layout of the same markers: no BOS, the role marker after the content.
 OTHER_TEMPLATE = CHAT_TEMPLATE.replace("{{ bos_token }}", "").replace(
-    "<|{{ m['role'] }}|> {{ m['content'] }} <|end|> ", "{{ m['content'] }} <|{{ m['role'] }}|> <|end|> ")
+    "<|{{ m['role'] }}|> {{ m['content'] }} <|end|> ", "{{ m['content'] }} <|{{ m['role'] }}|> <|end|> "
+)
 
 
 def tiny_rm(vocab: int, pad: int, seed: int = 0) -> LlamaForSequenceClassification:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, num_labels=1,
-                      pad_token_id=pad)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_labels=1,
+        pad_token_id=pad,
+    )
     return LlamaForSequenceClassification(cfg).eval()
 
 
@@ -34,10 +43,12 @@ def policy_batch(tok, prompts=PROMPTS, responses=RESPONSES) -> Batch:
     r = [tok(x, add_special_tokens=False).input_ids + [tok.eos_token_id] for x in responses]
     tp, tr = max(map(len, p)), max(map(len, r))
     pad = tok.pad_token_id
-    t = {"prompt_ids": torch.tensor([[pad] * (tp - len(x)) + x for x in p]),
-         "prompt_mask": torch.tensor([[0] * (tp - len(x)) + [1] * len(x) for x in p]),
-         "response_ids": torch.tensor([x + [pad] * (tr - len(x)) for x in r]),
-         "response_mask": torch.tensor([[1] * len(x) + [0] * (tr - len(x)) for x in r])}
+    t = {
+        "prompt_ids": torch.tensor([[pad] * (tp - len(x)) + x for x in p]),
+        "prompt_mask": torch.tensor([[0] * (tp - len(x)) + [1] * len(x) for x in p]),
+        "response_ids": torch.tensor([x + [pad] * (tr - len(x)) for x in r]),
+        "response_mask": torch.tensor([[1] * len(x) + [0] * (tr - len(x)) for x in r]),
+    }
     texts = tok.batch_decode([x for x in r], skip_special_tokens=True)
     return Batch(t, {"prompt": list(prompts), "response": texts})
 
@@ -85,13 +96,25 @@ def test_heterogeneous_ensemble_scores_each_member_on_its_own_tokens(setup):
     assert scorer.foreign == [False, True]
     members = scorer.member_scores(batch)  # (3, 2)
     assert torch.allclose(members[:, 0], members[:, 1], atol=1e-5)
-    expected = [alone(setup["p"], setup["policy"](p).input_ids + setup["policy"](r, add_special_tokens=False)
-                      .input_ids + [setup["policy"].eos_token_id]) for p, r in zip(PROMPTS, RESPONSES, strict=True)]
+    expected = [
+        alone(
+            setup["p"],
+            setup["policy"](p).input_ids
+            + setup["policy"](r, add_special_tokens=False).input_ids
+            + [setup["policy"].eos_token_id],
+        )
+        for p, r in zip(PROMPTS, RESPONSES, strict=True)
+    ]
     assert members[:, 0].tolist() == pytest.approx(expected, abs=1e-5)
     assert scorer.score(batch)[1]["rollout/reward_model_member_std"] == pytest.approx(0.0, abs=1e-5)
-    naive = [alone(setup["f"], s) for s in (batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()
-                                            + batch["response_ids"][i][batch["response_mask"][i].bool()].tolist()
-                                            for i in range(3))]
+    naive = [
+        alone(setup["f"], s)
+        for s in (
+            batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()
+            + batch["response_ids"][i][batch["response_mask"][i].bool()].tolist()
+            for i in range(3)
+        )
+    ]
     assert max(abs(a - b) for a, b in zip(naive, expected, strict=True)) > 1e-3
 
 
@@ -142,8 +165,13 @@ def test_rl_reward_sources_pass_the_policy_tokenizer(setup, tmp_path):
 
     root = setup["root"]
     setup["policy"].save_pretrained(tmp_path / "policy-tok")
-    cfg = from_dict(RLConfig, {"model": {"name_or_path": str(root / "p"), "tokenizer": str(tmp_path / "policy-tok")},
-                               "reward": {"models": [str(root / "p"), str(root / "f")]}})
+    cfg = from_dict(
+        RLConfig,
+        {
+            "model": {"name_or_path": str(root / "p"), "tokenizer": str(tmp_path / "policy-tok")},
+            "reward": {"models": [str(root / "p"), str(root / "f")]},
+        },
+    )
     composite = build_sources(cfg.reward, "reward", "reviews", cfg, "cpu", setup["policy"].pad_token_id)
     scorer = composite.parts[0][1]
     assert scorer.foreign == [False, True]

@@ -17,17 +17,20 @@ from alignflow.rewards.judge import EndpointJudge, JudgeReward, LocalJudge, pars
 from alignflow.tasks.common import build_tokenizer
 
 
-@pytest.mark.parametrize("template, text, value", [
-    ("pointwise", "Score: 3 would be harsh. It is clear and short.\nScore: 8", 7 / 9),  # the LAST one: (8-1)/9
-    ("pointwise", "score : 1", 0.0),
-    ("pointwise", "**Score:** 10", 1.0),
-    ("pointwise", "Score: 11", None),  # outside [1, 10]
-    ("pointwise", "I like it a lot.", None),
-    ("pairwise", "A is longer, but Verdict: B", 0.0),
-    ("pairwise", "**Verdict**: a", 1.0),
-    ("principle", "The rule says 'Answer: Yes' or 'Answer: No'. It is polite.\nAnswer: yes", 1.0),
-    ("principle", "ANSWER: No.", 0.0),
-])
+@pytest.mark.parametrize(
+    "template, text, value",
+    [
+        ("pointwise", "Score: 3 would be harsh. It is clear and short.\nScore: 8", 7 / 9),  # the LAST one: (8-1)/9
+        ("pointwise", "score : 1", 0.0),
+        ("pointwise", "**Score:** 10", 1.0),
+        ("pointwise", "Score: 11", None),  # outside [1, 10]
+        ("pointwise", "I like it a lot.", None),
+        ("pairwise", "A is longer, but Verdict: B", 0.0),
+        ("pairwise", "**Verdict**: a", 1.0),
+        ("principle", "The rule says 'Answer: Yes' or 'Answer: No'. It is polite.\nAnswer: yes", 1.0),
+        ("principle", "ANSWER: No.", 0.0),
+    ],
+)
 def test_parse_verdict_reads_the_last_verdict(template, text, value):
     got = parse_verdict(template, text)
     assert got == (None if value is None else pytest.approx(value))
@@ -46,8 +49,11 @@ class FakeChat:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append(body)
                 text = answer(body["messages"][0]["content"], body["temperature"])
-                reply = text if isinstance(text, bytes) else json.dumps(
-                    {"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+                reply = (
+                    text
+                    if isinstance(text, bytes)
+                    else json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+                )
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
@@ -102,6 +108,7 @@ def test_pairwise_both_orders_cancel_a_position_bias(chat):
     """A fair judge prefers the longer response: the longer one wins both orders (reward 1), the shorter none
     (0). A judge that always says A (pure position bias) gives 0.5 to every response when both orders are
     asked, and 1.0 when only the response-first order is."""
+
     def fair(q, t):
         return "Verdict: A" if len(section(q, "Response A")) > len(section(q, "Response B")) else "Verdict: B"
 
@@ -117,6 +124,7 @@ def test_pairwise_both_orders_cancel_a_position_bias(chat):
 
 def test_principles_rlbff(chat):
     """Reward = fraction of principles satisfied; a row's own 'principle' field replaces the configured list."""
+
     def judge(q, t):
         principle = re.search(r"Principle: (.*)\n", q).group(1)
         response = section(q, "Response")
@@ -159,9 +167,19 @@ def bigram_judge(chain: list[str]):
     and the untied head maps each token of the chain to the next one (every other token to EOS)."""
     tok = build_tokenizer(("Score", ":", "7", "Verdict", "A", "B", "good"))
     v, h = len(tok), 32
-    cfg = LlamaConfig(vocab_size=v, hidden_size=h, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=v,
+        hidden_size=h,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for layer in model.model.layers:
@@ -192,8 +210,9 @@ def test_tiny_local_model_through_the_rollout_engine():
     assert calls == [2, 1]
     judge(rows(["two", "three"]))
     assert calls == [2, 1]
-    junk = JudgeReward(LocalJudge(*bigram_judge(["good"]), max_new_tokens=6), "pointwise",
-                       on_parse_failure="fallback", fallback=0.0)
+    junk = JudgeReward(
+        LocalJudge(*bigram_judge(["good"]), max_new_tokens=6), "pointwise", on_parse_failure="fallback", fallback=0.0
+    )
     got, m = junk.score(rows(["one"]))
     assert got.tolist() == [0.0] and m["rollout/judge_parse_failures"] == 1.0
 

@@ -10,17 +10,50 @@ from alignflow.rewards import math as rmath
 from alignflow.rewards.math import extract_answer, math_accuracy_reward, math_equal
 
 EQUAL = [
-    ("0.5", "1/2"), ("\\frac{1}{2}", "0.5"), ("\\dfrac12", "1/2"), ("\\tfrac{3}{4}", "0.75"), ("2.0", "2"),
-    ("\\boxed{3}", "3"), ("$\\frac{3}{4}$", "0.75"), ("1,000", "1000"), ("1{,}000", "1000"),
-    ("50\\%", "50"), ("50%", "0.5"), ("\\sqrt{8}", "2\\sqrt{2}"), ("\\sqrt[3]{8}", "2"), ("2^{10}", "1024"),
-    ("x+1", "1+x"), ("x^{2}-1", "(x-1)(x+1)"), ("\\left(1, 2\\right)", "(1,2)"), ("x = 5", "5"),
-    ("5\\text{ cm}", "5"), ("90^\\circ", "90"), ("-\\frac{1}{2}", "-0.5"), ("2\\pi", "\\pi \\cdot 2"),
-    ("\\frac{\\sqrt{3}}{2}", "\\sin(\\pi/3)"), ("\\text{(B)}", "(B)"), ("\\infty", "\\infty"), ("3x", "x*3"),
+    ("0.5", "1/2"),
+    ("\\frac{1}{2}", "0.5"),
+    ("\\dfrac12", "1/2"),
+    ("\\tfrac{3}{4}", "0.75"),
+    ("2.0", "2"),
+    ("\\boxed{3}", "3"),
+    ("$\\frac{3}{4}$", "0.75"),
+    ("1,000", "1000"),
+    ("1{,}000", "1000"),
+    ("50\\%", "50"),
+    ("50%", "0.5"),
+    ("\\sqrt{8}", "2\\sqrt{2}"),
+    ("\\sqrt[3]{8}", "2"),
+    ("2^{10}", "1024"),
+    ("x+1", "1+x"),
+    ("x^{2}-1", "(x-1)(x+1)"),
+    ("\\left(1, 2\\right)", "(1,2)"),
+    ("x = 5", "5"),
+    ("5\\text{ cm}", "5"),
+    ("90^\\circ", "90"),
+    ("-\\frac{1}{2}", "-0.5"),
+    ("2\\pi", "\\pi \\cdot 2"),
+    ("\\frac{\\sqrt{3}}{2}", "\\sin(\\pi/3)"),
+    ("\\text{(B)}", "(B)"),
+    ("\\infty", "\\infty"),
+    ("3x", "x*3"),
 ]
 NOT_EQUAL = [
-    ("0.51", "1/2"), ("0.33", "\\frac13"), ("2", "-2"), ("1/2", "2"), ("x+1", "x+2"), ("(1,2)", "(2,1)"),
-    ("(1,2)", "[1,2]"), ("1,000", "100"), ("10^{30}+1", "10^{30}"), ("\\pi", "3.14159"), ("abc", "abd"),
-    ("", "0"), ("9^{9^{9}}", "1"), ("__import__('os').getcwd()", "1"), ("(1).real", "1"), ("open(1)", "1"),
+    ("0.51", "1/2"),
+    ("0.33", "\\frac13"),
+    ("2", "-2"),
+    ("1/2", "2"),
+    ("x+1", "x+2"),
+    ("(1,2)", "(2,1)"),
+    ("(1,2)", "[1,2]"),
+    ("1,000", "100"),
+    ("10^{30}+1", "10^{30}"),
+    ("\\pi", "3.14159"),
+    ("abc", "abd"),
+    ("", "0"),
+    ("9^{9^{9}}", "1"),
+    ("__import__('os').getcwd()", "1"),
+    ("(1).real", "1"),
+    ("open(1)", "1"),
 ]
 
 
@@ -38,19 +71,22 @@ def test_none_is_never_equal():
     assert not math_equal(None, "1") and not math_equal("1", None)
 
 
-@pytest.mark.parametrize("text, answer", [
-    ("so the result is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
-    ("first \\boxed{1} then \\boxed{2}", "2"),
-    ("\\boxed{\\sqrt{x^{2}}}", "\\sqrt{x^{2}}"),
-    ("<think>2 or 3?</think><answer>3</answer>", "3"),
-    ("<answer>it is \\boxed{7}</answer>", "7"),
-    ("I count 1,234 apples in total.", "1,234"),
-    ("x = 3, then y = -4.5.", "-4.5"),
-    ("the ratio is 3/4", "3/4"),
-    ("a rise of 12%", "12%"),
-    ("no numbers here", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("so the result is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+        ("first \\boxed{1} then \\boxed{2}", "2"),
+        ("\\boxed{\\sqrt{x^{2}}}", "\\sqrt{x^{2}}"),
+        ("<think>2 or 3?</think><answer>3</answer>", "3"),
+        ("<answer>it is \\boxed{7}</answer>", "7"),
+        ("I count 1,234 apples in total.", "1,234"),
+        ("x = 3, then y = -4.5.", "-4.5"),
+        ("the ratio is 3/4", "3/4"),
+        ("a rise of 12%", "12%"),
+        ("no numbers here", None),
+        ("", None),
+    ],
+)
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
 
@@ -104,8 +140,8 @@ def test_a_check_past_the_memory_limit_is_not_equal():
 
 
 LONG_TEXTS = {
-    "boxed_open": "\\boxed{" * 9400,       # 64 KB: was 37 s (each \boxed{ scanned to the end)
-    "boxed_dollar": "\\boxed$" * 9000,     # \boxed without a brace: no copy of the rest of the text per match
+    "boxed_open": "\\boxed{" * 9400,  # 64 KB: was 37 s (each \boxed{ scanned to the end)
+    "boxed_dollar": "\\boxed$" * 9000,  # \boxed without a brace: no copy of the rest of the text per match
     "open_tags": "<answer>" * 8000 + "1",  # unclosed tags: was a non-greedy scan to the end per tag
     "tags": "<answer>1</answer>" * 4000,
     "braces": "{" * 60000 + "\\boxed{1}",

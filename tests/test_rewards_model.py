@@ -16,9 +16,17 @@ RESPONSES = [[13, 14], [15, 16, 17, 18], [19]]
 
 def tiny_rm(num_labels: int, seed: int) -> LlamaForSequenceClassification:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      num_labels=num_labels, pad_token_id=PAD)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pad_token_id=PAD,
+    )
     return LlamaForSequenceClassification(cfg).eval()
 
 
@@ -28,13 +36,22 @@ def rollout_batch(prompts=PROMPTS, responses=RESPONSES, prompt_padding: str = "l
     tp, tr = max(map(len, prompts)), max(map(len, responses))
     left = prompt_padding == "left"
     p_ids = torch.tensor([[PAD] * (tp - len(p)) + p if left else p + [PAD] * (tp - len(p)) for p in prompts])
-    p_mask = torch.tensor([[0] * (tp - len(p)) + [1] * len(p) if left else [1] * len(p) + [0] * (tp - len(p))
-                           for p in prompts])  # (B, Tp)
+    p_mask = torch.tensor(
+        [[0] * (tp - len(p)) + [1] * len(p) if left else [1] * len(p) + [0] * (tp - len(p)) for p in prompts]
+    )  # (B, Tp)
     r_ids = torch.tensor([r + [PAD] * (tr - len(r)) for r in responses])  # (B, Tr)
     r_mask = torch.tensor([[1] * len(r) + [0] * (tr - len(r)) for r in responses])
-    return Batch({"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask,
-                  "input_ids": torch.cat([p_ids, r_ids], 1), "attention_mask": torch.cat([p_mask, r_mask], 1)},
-                 {"prompt": ["p"] * len(prompts), "response": ["r"] * len(prompts)})
+    return Batch(
+        {
+            "prompt_ids": p_ids,
+            "prompt_mask": p_mask,
+            "response_ids": r_ids,
+            "response_mask": r_mask,
+            "input_ids": torch.cat([p_ids, r_ids], 1),
+            "attention_mask": torch.cat([p_mask, r_mask], 1),
+        },
+        {"prompt": ["p"] * len(prompts), "response": ["r"] * len(prompts)},
+    )
 
 
 def alone(model, seq) -> torch.Tensor:
@@ -55,9 +72,9 @@ def test_repacking_removes_the_padding(three_heads, prompt_padding):
     when the prompt is right-padded), each row is packed as exactly prompt + response and scores as that
     unpadded sequence scored alone."""
     batch = rollout_batch(prompt_padding=prompt_padding)
-    assert packed_sequences(batch) == [p + r for p, r in zip(PROMPTS, RESPONSES)]
+    assert packed_sequences(batch) == [p + r for p, r in zip(PROMPTS, RESPONSES, strict=False)]
     members = RewardModelScorer(three_heads).member_scores(batch)  # (B, 3)
-    expected = torch.stack([alone(three_heads, p + r) for p, r in zip(PROMPTS, RESPONSES)])
+    expected = torch.stack([alone(three_heads, p + r) for p, r in zip(PROMPTS, RESPONSES, strict=False)])
     assert members.shape == (3, 3)
     assert torch.allclose(members, expected, atol=1e-5)
 
@@ -103,7 +120,9 @@ def test_models_ensemble_has_one_member_per_model(tmp_path):
     assert scorer.num_members == 3
     batch = rollout_batch()
     members = scorer.member_scores(batch)
-    expected = torch.stack([torch.cat([alone(m, p + r) for m in models]) for p, r in zip(PROMPTS, RESPONSES)])
+    expected = torch.stack(
+        [torch.cat([alone(m, p + r) for m in models]) for p, r in zip(PROMPTS, RESPONSES, strict=False)]
+    )
     assert torch.allclose(members, expected, atol=1e-5)
     assert torch.allclose(scorer(batch), expected.min(-1).values, atol=1e-5)
 
@@ -137,6 +156,12 @@ def test_scorer_composes_with_rule_rewards(three_heads):
     scorer = RewardModelScorer(three_heads, name="rm")
     total, metrics = CompositeReward([(scorer, 2.0), ("bonus", lambda b: torch.ones(len(b)), 1.0)]).score(batch)
     assert torch.allclose(total, 2 * scorer(batch) + 1)
-    assert set(metrics) == {"rollout/reward_rm_mean", "rollout/reward_bonus_mean", "rollout/reward_mean",
-                            "reward/errors", "reward/timeouts", "reward/nonfinite"}
+    assert set(metrics) == {
+        "rollout/reward_rm_mean",
+        "rollout/reward_bonus_mean",
+        "rollout/reward_mean",
+        "reward/errors",
+        "reward/timeouts",
+        "reward/nonfinite",
+    }
     assert metrics["reward/errors"] == metrics["reward/timeouts"] == metrics["reward/nonfinite"] == 0.0

@@ -117,20 +117,26 @@ def test_a_dead_server_is_a_clear_error():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     fn = RemoteReward(f"http://127.0.0.1:{port}/score", batch_size=2, timeout_s=1, retries=2, backoff_s=0.01)
-    with pytest.raises(RewardError, match=rf"127.0.0.1:{port}/score: batch 1 of 2 \(rows 0-1\): cannot connect.*"
-                                          "after 3 attempts"):
+    with pytest.raises(
+        RewardError,
+        match=rf"127.0.0.1:{port}/score: batch 1 of 2 \(rows 0-1\): cannot connect.*"
+        "after 3 attempts",
+    ):
         fn(texts(3))
 
 
-@pytest.mark.parametrize("reply, needle", [
-    (b"<html>oops</html>", "not JSON"),
-    (b'{"scores": [1, 2]}', "expected a JSON object with a 'rewards' list"),
-    (b'{"rewards": [1.0]}', "'rewards' must be a list of 2 numbers .*got 1 values"),
-    (b'{"rewards": [1.0, NaN]}', "reward 1 of the batch is nan"),
-    (b'{"rewards": [1.0, "2"]}', "reward 1 of the batch is '2'"),
-    (b'{"rewards": [true, 1.0]}', "reward 0 of the batch is True"),
-    (b'{"rewards": [1.0, null]}', "reward 1 of the batch is None"),
-])
+@pytest.mark.parametrize(
+    "reply, needle",
+    [
+        (b"<html>oops</html>", "not JSON"),
+        (b'{"scores": [1, 2]}', "expected a JSON object with a 'rewards' list"),
+        (b'{"rewards": [1.0]}', "'rewards' must be a list of 2 numbers .*got 1 values"),
+        (b'{"rewards": [1.0, NaN]}', "reward 1 of the batch is nan"),
+        (b'{"rewards": [1.0, "2"]}', "reward 1 of the batch is '2'"),
+        (b'{"rewards": [true, 1.0]}', "reward 0 of the batch is True"),
+        (b'{"rewards": [1.0, null]}', "reward 1 of the batch is None"),
+    ],
+)
 def test_malformed_replies_are_errors_and_are_not_retried(serve_fake, reply, needle):
     srv = serve_fake(lambda b, h: (200, reply, 0))
     with pytest.raises(RewardError, match=rf"{srv.url}: batch 1 of 1 \(rows 0-1\): malformed reply: {needle}"):
@@ -182,15 +188,18 @@ def post(url, obj):
 def test_serve_round_trip_matches_local_scoring(rm_dir):
     """RemoteReward through make_server gives the local scorer's rewards on the same texts; bad requests are
     400 / 413 naming the field."""
-    server, url = make_server(from_dict(ServeConfig, {"models": [str(rm_dir)], "port": 0, "device": "cpu",
-                                                      "max_rows": 3}))
+    server, url = make_server(
+        from_dict(ServeConfig, {"models": [str(rm_dir)], "port": 0, "device": "cpu", "max_rows": 3})
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         got = RemoteReward(url, batch_size=2, timeout_s=30)(Batch(meta={"prompt": PROMPTS, "response": RESPONSES}))
         local = RewardModelScorer(str(rm_dir))(Batch(meta={"prompt": PROMPTS, "response": RESPONSES}))
         assert torch.allclose(got, local, atol=1e-5) and got.std() > 0
-        assert post(url, {"prompts": ["a"], "responses": [3]}) == (400, {"error": "responses[0] must be a string, "
-                                                                                   "got int"})
+        assert post(url, {"prompts": ["a"], "responses": [3]}) == (
+            400,
+            {"error": "responses[0] must be a string, got int"},
+        )
         assert post(url, {"prompts": ["a"] * 4, "responses": ["b"] * 4})[0] == 413
     finally:
         server.shutdown()
@@ -200,8 +209,13 @@ def test_serve_round_trip_matches_local_scoring(rm_dir):
 def test_serve_cli_round_trip(rm_dir):
     """`alignflow serve models=[dir] port=0` in a subprocess: it prints its URL; a batch round-trips."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "alignflow.cli", "serve", f"models=[{rm_dir}]", "port=0",
-                             "device=cpu"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "alignflow.cli", "serve", f"models=[{rm_dir}]", "port=0", "device=cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("alignflow serve: 1 reward model(s) on POST http://127.0.0.1:"), line

@@ -10,23 +10,49 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
-from transformers import (DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+from transformers import (
+    DynamicCache,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from alignflow.config import ConfigError
 from alignflow.rollout import HFEngine, RolloutEngine, SamplingParams
 from alignflow.rollout.kv_cache import preallocated_cache, select_rows
 from alignflow.rollout.lean import unsupported_reason
-from alignflow.rollout.sampling import (apply_min_p, apply_repetition_penalty, apply_temperature, apply_top_k,
-                                        apply_top_p, chosen_logprobs, presence_mask, process_logits,
-                                        sample_from_logits, sample_tokens)
+from alignflow.rollout.sampling import (
+    apply_min_p,
+    apply_repetition_penalty,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
+    chosen_logprobs,
+    presence_mask,
+    process_logits,
+    sample_from_logits,
+    sample_tokens,
+)
 
 PAD, BOS, EOS = 0, 1, 2
 INF = float("-inf")
 # Prompts of different lengths (left padding matters); with EOS_BIAS the greedy lengths are spread out.
-PROMPTS = [[BOS, 5, 9, 17], [BOS, 33, 12, 40, 41, 7, 8, 22, 19], [BOS, 60], [BOS, 3, 4, 5, 6, 7, 8],
-           [BOS, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 61], [BOS, 11, 13]]
+PROMPTS = [
+    [BOS, 5, 9, 17],
+    [BOS, 33, 12, 40, 41, 7, 8, 22, 19],
+    [BOS, 60],
+    [BOS, 3, 4, 5, 6, 7, 8],
+    [BOS, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 61],
+    [BOS, 11, 13],
+]
 EOS_BIAS = 0.1  # greedy lengths with 24 new tokens: 24, 2, 14, 24, 4, 21
 
 
@@ -35,13 +61,32 @@ def tiny_model(seed: int = 0, eos_bias: float = EOS_BIAS, arch: str = "llama", *
     some rows end early (a random-init model almost never picks EOS on its own). arch: llama | qwen2 (Q/K/V
     biases, given random values: they start at zero) | qwen3 (q/k norms, given random weights) | mistral."""
     torch.manual_seed(seed)
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-               "qwen3": (Qwen3Config, Qwen3ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
+    classes = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+    }
     config_class, model_class = classes[arch]
     extra = {"head_dim": 8} if arch == "qwen3" else {}
-    cfg = config_class(**({"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-                           "pad_token_id": PAD, "bos_token_id": BOS, "eos_token_id": EOS} | extra | config))
+    cfg = config_class(
+        **(
+            {
+                "vocab_size": 64,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 128,
+                "pad_token_id": PAD,
+                "bos_token_id": BOS,
+                "eos_token_id": EOS,
+            }
+            | extra
+            | config
+        )
+    )
     model = model_class(cfg).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -61,9 +106,15 @@ def tiny_model(seed: int = 0, eos_bias: float = EOS_BIAS, arch: str = "llama", *
 def generate_greedy(model, out, max_new=24):
     """transformers' greedy ``generate`` on the engine's left-padded prompts: (B, max_new) new tokens."""
     with torch.no_grad():
-        ref = model.generate(input_ids=out["prompt_ids"], attention_mask=out["prompt_mask"], do_sample=False,
-                             max_new_tokens=max_new, eos_token_id=EOS, pad_token_id=PAD)
-    return ref[:, out["prompt_ids"].shape[1]:]
+        ref = model.generate(
+            input_ids=out["prompt_ids"],
+            attention_mask=out["prompt_mask"],
+            do_sample=False,
+            max_new_tokens=max_new,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+        )
+    return ref[:, out["prompt_ids"].shape[1] :]
 
 
 @pytest.fixture(scope="module")
@@ -181,12 +232,23 @@ def test_sample_from_logits_never_picks_masked_tokens():
     assert set(draws.tolist()) == {1, 3}
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-    ({"n": 0}, "n"), ({"top_k": 1.5}, "top_k"), ({"min_p": 2.0}, "min_p"), ({"max_new_tokens": 0}, "max_new_tokens"),
-    ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"stop_token_ids": ["a"]}, "stop_token_ids"),
-    ({"stop_strings": [""]}, "stop_strings"), ({"seed": "x"}, "seed"), ({"logprobs": "yes"}, "logprobs"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"stop_token_ids": ["a"]}, "stop_token_ids"),
+        ({"stop_strings": [""]}, "stop_strings"),
+        ({"seed": "x"}, "seed"),
+        ({"logprobs": "yes"}, "logprobs"),
+    ],
+)
 def test_sampling_params_validation_names_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=f"SamplingParams.{field}"):
         SamplingParams(**kwargs)
@@ -220,14 +282,14 @@ def test_batch_layout(model):
     rows, tp = len(PROMPTS), max(map(len, PROMPTS))
     assert out["prompt_ids"].shape == (rows, tp)
     for i, p in enumerate(PROMPTS):
-        assert out["prompt_ids"][i, tp - len(p):].tolist() == p
+        assert out["prompt_ids"][i, tp - len(p) :].tolist() == p
         assert out["prompt_mask"][i].tolist() == [0] * (tp - len(p)) + [1] * len(p)
         n = int(out["response_mask"][i].sum())
         assert out["response_mask"][i, :n].all() and not out["response_mask"][i, n:].any()
         assert (out["response_ids"][i, n:] == PAD).all()
         ended_by_eos = out["response_ids"][i, n - 1].item() == EOS
         assert out["finish_reason"][i] == ("eos" if ended_by_eos else "length")
-        assert EOS not in out["response_ids"][i, :n - 1].tolist()
+        assert EOS not in out["response_ids"][i, : n - 1].tolist()
     assert torch.equal(out["input_ids"], torch.cat([out["prompt_ids"], out["response_ids"]], 1))
     assert torch.equal(out["attention_mask"], torch.cat([out["prompt_mask"], out["response_mask"]], 1))
     assert out["prompt_index"] == list(range(rows))
@@ -290,7 +352,7 @@ def test_stop_strings_end_rows(model):
     words = tokenizer.decode(free["response_ids"][0, 4:6].tolist())
     stopped = engine.generate(PROMPTS, greedy(stop_strings=["zzz", words]))
     for i in range(len(PROMPTS)):
-        tokens = free["response_ids"][i, :int(free["response_mask"][i].sum())].tolist()
+        tokens = free["response_ids"][i, : int(free["response_mask"][i].sum())].tolist()
         cut = next((k for k in range(1, len(tokens) + 1) if words in tokenizer.decode(tokens[:k])), None)
         got = int(stopped["response_mask"][i].sum())
         assert got == (cut or len(tokens))
@@ -330,7 +392,7 @@ def test_n_samples_are_grouped(model):
     assert out["prompt_index"] == [i for i in range(len(PROMPTS)) for _ in range(3)]
     tp = out["prompt_ids"].shape[1]
     for row, i in enumerate(out["prompt_index"]):
-        assert out["prompt_ids"][row, tp - len(PROMPTS[i]):].tolist() == PROMPTS[i]
+        assert out["prompt_ids"][row, tp - len(PROMPTS[i]) :].tolist() == PROMPTS[i]
     distinct = {tuple(out["response_ids"][r].tolist()) for r in range(3)}
     assert len(distinct) > 1
     one, two = engine.generate(PROMPTS, greedy()), engine.generate(PROMPTS, greedy(n=2))
@@ -344,13 +406,15 @@ def test_sampling_logprobs_match_a_training_forward(model):
     top-p do not enter). The returned tensors are ordinary (not inference-mode) tensors: backward works."""
     model.train()
     out = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS).generate(
-        PROMPTS, SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=16, seed=3, logprobs=True))
+        PROMPTS, SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=16, seed=3, logprobs=True)
+    )
     assert model.training  # training mode restored
     model.eval()
     tp, tr = out["prompt_ids"].shape[1], out["response_ids"].shape[1]
-    logits = model(input_ids=out["input_ids"], attention_mask=out["attention_mask"],
-                   position_ids=out["position_ids"]).logits  # (B, Tp+Tr, V)
-    predicting = logits[:, tp - 1:tp - 1 + tr] / 0.7  # (B, Tr, V): position Tp-1+t predicts response token t
+    logits = model(
+        input_ids=out["input_ids"], attention_mask=out["attention_mask"], position_ids=out["position_ids"]
+    ).logits  # (B, Tp+Tr, V)
+    predicting = logits[:, tp - 1 : tp - 1 + tr] / 0.7  # (B, Tr, V): position Tp-1+t predicts response token t
     recomputed = predicting.log_softmax(-1).gather(-1, out["response_ids"][..., None]).squeeze(-1)  # (B, Tr)
     mask = out["response_mask"].bool()
     assert torch.allclose(recomputed[mask], out["sampling_logprobs"][mask], atol=1e-5)
@@ -372,11 +436,19 @@ def test_repetition_penalty_matches_generate(model):
     prompts = [[BOS, 5, 9, 17, 5], [BOS, 33, 12, 40, 41], [BOS, 60, 60, 61, 62]]
     out = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS).generate(prompts, greedy(repetition_penalty=1.5))
     with torch.no_grad():
-        ref = model.generate(input_ids=torch.tensor(prompts), do_sample=False, max_new_tokens=24,
-                             repetition_penalty=1.5, eos_token_id=EOS, pad_token_id=PAD)
+        ref = model.generate(
+            input_ids=torch.tensor(prompts),
+            do_sample=False,
+            max_new_tokens=24,
+            repetition_penalty=1.5,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+        )
     assert torch.equal(out["response_ids"], ref[:, 5:])
-    assert not torch.equal(out["response_ids"], HFEngine(model, pad_token_id=PAD, eos_token_id=EOS).generate(
-        prompts, greedy())["response_ids"])
+    assert not torch.equal(
+        out["response_ids"],
+        HFEngine(model, pad_token_id=PAD, eos_token_id=EOS).generate(prompts, greedy())["response_ids"],
+    )
 
 
 def test_select_rows_moves_only_the_refilled_rows():
@@ -391,16 +463,26 @@ def test_select_rows_moves_only_the_refilled_rows():
     order = torch.tensor([0, 4, 2])
     select_rows(ours, order)
     ref.batch_select_indices(order)
-    for a, b in zip(ours.layers, ref.layers):
+    for a, b in zip(ours.layers, ref.layers, strict=False):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
     ours.update(torch.ones(3, 2, 1, 8), torch.ones(3, 2, 1, 8), 0)
     assert ours.layers[0].keys.shape == (3, 2, 4, 8) and ours.get_seq_length() == 4
 
 
 # ----------------------------------------------------------------------------------------------- lean forward
-@pytest.mark.parametrize("arch, seed, eos_bias, attention", [
-    ("llama", 1, 0.05, "sdpa"), ("llama", 2, 0.15, "sdpa"), ("qwen2", 0, 0.2, "sdpa"), ("qwen2", 1, 0.25, "sdpa"),
-    ("qwen3", 0, 0.1, "sdpa"), ("qwen3", 1, 0.1, "sdpa"), ("mistral", 0, 0.1, "sdpa"), ("llama", 1, 0.05, "eager")])
+@pytest.mark.parametrize(
+    "arch, seed, eos_bias, attention",
+    [
+        ("llama", 1, 0.05, "sdpa"),
+        ("llama", 2, 0.15, "sdpa"),
+        ("qwen2", 0, 0.2, "sdpa"),
+        ("qwen2", 1, 0.25, "sdpa"),
+        ("qwen3", 0, 0.1, "sdpa"),
+        ("qwen3", 1, 0.1, "sdpa"),
+        ("mistral", 0, 0.1, "sdpa"),
+        ("llama", 1, 0.05, "eager"),
+    ],
+)
 def test_lean_forward_greedy_matches_generate(arch, seed, eos_bias, attention):
     """The fast path on each supported architecture (GQA 4/2 heads everywhere; qwen2 with random Q/K/V biases,
     qwen3 with random q/k norms), prompts of 2..13 tokens left-padded, rows ending at different steps (the
@@ -419,9 +501,20 @@ def test_lean_forward_greedy_matches_generate(arch, seed, eos_bias, attention):
     assert torch.allclose(out["sampling_logprobs"], hf["sampling_logprobs"], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0}, {"rope_type": "dynamic", "factor": 2.0},
-                                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8}])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "dynamic", "factor": 2.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        },
+    ],
+)
 def test_lean_forward_follows_the_models_rope_scaling(rope):
     """cos/sin come from the model's own rotary module: with scaled RoPE variants (dynamic NTK with positions
     past max_position_embeddings = 16, so its frequencies change during decoding) greedy still equals
@@ -455,7 +548,9 @@ def test_lean_forward_equals_the_hf_forward_when_sampling(arch, autocast):
         lean = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS).generate(PROMPTS, params)
         hf = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS, fast_path=False).generate(PROMPTS, params)
     assert torch.equal(lean["response_ids"], hf["response_ids"])
-    assert torch.allclose(lean["sampling_logprobs"], hf["sampling_logprobs"], rtol=0, atol=1e-5)  # bitwise with 1 thread
+    assert torch.allclose(
+        lean["sampling_logprobs"], hf["sampling_logprobs"], rtol=0, atol=1e-5
+    )  # bitwise with 1 thread
     assert lean["finish_reason"] == hf["finish_reason"]
 
 
@@ -477,7 +572,9 @@ def test_shared_prefix_prefill_equals_repeated_prompts(model, fast_path):
         hook.remove()
     assert (first, sizes[0]) == (len(PROMPTS), 4 * len(PROMPTS))
     assert torch.equal(shared["response_ids"], repeated["response_ids"])
-    assert torch.allclose(shared["sampling_logprobs"], repeated["sampling_logprobs"], rtol=0, atol=1e-5)  # bitwise with 1 thread
+    assert torch.allclose(
+        shared["sampling_logprobs"], repeated["sampling_logprobs"], rtol=0, atol=1e-5
+    )  # bitwise with 1 thread
     assert len({tuple(r) for r in shared["response_ids"][:4].tolist()}) > 1  # the 4 samples do differ
 
 
@@ -505,13 +602,28 @@ def test_unsupported_models_fall_back_to_the_hf_forward():
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                                      pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)).eval()
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            pad_token_id=PAD,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+        )
+    ).eval()
     window = tiny_model(seed=6, arch="mistral", sliding_window=8)
-    lora = get_peft_model(tiny_model(seed=7), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
-                                                         init_lora_weights=False)).eval()
-    cases = [(gpt2, "GPT2LMHeadModel"), (window, "sliding window 8"), (lora, "PeftModel"),
-             (lora.base_model.model, "not a plain nn.Linear")]
+    lora = get_peft_model(
+        tiny_model(seed=7), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    ).eval()
+    cases = [
+        (gpt2, "GPT2LMHeadModel"),
+        (window, "sliding window 8"),
+        (lora, "PeftModel"),
+        (lora.base_model.model, "not a plain nn.Linear"),
+    ]
     for net, why in cases:
         engine = HFEngine(net, pad_token_id=PAD, eos_token_id=EOS)
         out = engine.generate(PROMPTS, greedy())
@@ -536,4 +648,6 @@ def test_lean_forward_without_fusion_is_the_same(model, monkeypatch):
     separate = engine.generate(PROMPTS, params)
     assert engine.last_path == "lean"
     assert torch.equal(fused["response_ids"], separate["response_ids"])
-    assert torch.allclose(fused["sampling_logprobs"], separate["sampling_logprobs"], rtol=0, atol=1e-5)  # bitwise with 1 thread
+    assert torch.allclose(
+        fused["sampling_logprobs"], separate["sampling_logprobs"], rtol=0, atol=1e-5
+    )  # bitwise with 1 thread

@@ -17,15 +17,26 @@ import torch
 from alignflow.cli import main
 from alignflow.config import ConfigError, RMConfig, TrainConfig, from_dict
 from alignflow.distributed import checkpoint as ckpt_mod
-from alignflow.trainers import run_dir
 from alignflow.models.device import resolve_device
+from alignflow.trainers import run_dir
 from alignflow.trainers.loop import read_metrics
 
 
 def _sft_args(task, out, *extra):
-    return ["sft", f"model.name_or_path={task.model_dir}", f"model.tokenizer={task.tokenizer_dir}",
-            f"data.path={task.sft_path}", "data.max_len=64", "data.eval_fraction=0.05", "train.batch_size=8",
-            "train.max_steps=2", "train.progress=false", "train.log_every=1", f"train.output_dir={out}", *extra]
+    return [
+        "sft",
+        f"model.name_or_path={task.model_dir}",
+        f"model.tokenizer={task.tokenizer_dir}",
+        f"data.path={task.sft_path}",
+        "data.max_len=64",
+        "data.eval_fraction=0.05",
+        "train.batch_size=8",
+        "train.max_steps=2",
+        "train.progress=false",
+        "train.log_every=1",
+        f"train.output_dir={out}",
+        *extra,
+    ]
 
 
 def _dead_pid() -> int:
@@ -107,15 +118,23 @@ def test_save_total_limit_keeps_the_newest_and_their_companions(tmp_path):
         (root / f"apo_prev-{n}.safetensors").write_bytes(b"x")
     (root / "step-9").mkdir()  # incomplete (no trainer_state.json): not counted, not touched
     assert run_dir.prune_checkpoints(root, 2) == [2, 4]
-    assert sorted(p.name for p in root.iterdir()) == ["apo_prev-6.safetensors", "apo_prev-8.safetensors",
-                                                      "critic-6", "critic-8", "step-6", "step-8", "step-9"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "apo_prev-6.safetensors",
+        "apo_prev-8.safetensors",
+        "critic-6",
+        "critic-8",
+        "step-6",
+        "step-8",
+        "step-9",
+    ]
     assert run_dir.prune_checkpoints(root, 0) == []  # 0 keeps all
 
 
 def test_save_total_limit_in_a_run(reviews_task, tmp_path):
     out = tmp_path / "run"
-    assert main(_sft_args(reviews_task, out, "train.max_steps=4", "train.save_every=1",
-                          "train.save_total_limit=2")) == 0
+    assert (
+        main(_sft_args(reviews_task, out, "train.max_steps=4", "train.save_every=1", "train.save_total_limit=2")) == 0
+    )
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3", "step-4"]
 
 
@@ -154,9 +173,11 @@ def test_a_kill_during_the_model_export_keeps_the_previous_model(tmp_path):
     the writer's temporary directory."""
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "w").write_text("old")
-    code = ("import sys, time; from alignflow.distributed.checkpoint import atomic_dir\n"
-            f"with atomic_dir({str(tmp_path / 'model')!r}) as tmp:\n"
-            "    (tmp / 'half').write_text('x'); print('writing', flush=True); time.sleep(60)\n")
+    code = (
+        "import sys, time; from alignflow.distributed.checkpoint import atomic_dir\n"
+        f"with atomic_dir({str(tmp_path / 'model')!r}) as tmp:\n"
+        "    (tmp / 'half').write_text('x'); print('writing', flush=True); time.sleep(60)\n"
+    )
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "writing"
     p.kill()
@@ -200,11 +221,22 @@ def test_rm_final_eval_is_logged_at_the_last_step_after_a_resume(reviews_task, t
     from alignflow.trainers.reward import train_rm
 
     def cfg(**train):
-        return from_dict(RMConfig, {
-            "model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir)},
-            "data": {"path": str(reviews_task.pairs_path), "max_len": 64, "eval_fraction": 0.1},
-            "train": {"output_dir": str(tmp_path), "batch_size": 8, "max_steps": 4, "save_every": 2,
-                      "progress": False, "log_every": 1, **train}})
+        return from_dict(
+            RMConfig,
+            {
+                "model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir)},
+                "data": {"path": str(reviews_task.pairs_path), "max_len": 64, "eval_fraction": 0.1},
+                "train": {
+                    "output_dir": str(tmp_path),
+                    "batch_size": 8,
+                    "max_steps": 4,
+                    "save_every": 2,
+                    "progress": False,
+                    "log_every": 1,
+                    **train,
+                },
+            },
+        )
 
     train_rm(cfg())
     import shutil

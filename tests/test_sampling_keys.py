@@ -14,8 +14,15 @@ from alignflow.batch import Batch
 from alignflow.config import ConfigError, RolloutConfig
 from alignflow.rollout import HFEngine, SamplingParams
 from alignflow.rollout.mixture import generate_mixture
-from alignflow.rollout.sampling import (keyed_exponential, keyed_uniform_bits, mix32, process_logits,
-                                        sample_from_logits, sample_keys, sample_tokens)
+from alignflow.rollout.sampling import (
+    keyed_exponential,
+    keyed_uniform_bits,
+    mix32,
+    process_logits,
+    sample_from_logits,
+    sample_keys,
+    sample_tokens,
+)
 from alignflow.trainers.roles import Rollout
 from tests.test_rollout import EOS, PAD, PROMPTS, tiny_model, word_tokenizer
 
@@ -39,11 +46,11 @@ def model():
 def responses(out) -> list[tuple]:
     """Per row: (generated tokens without padding, finish reason); comparable across calls of any width."""
     ids, mask = out["response_ids"], out["response_mask"]
-    return [(tuple(r[m.bool()].tolist()), f) for r, m, f in zip(ids, mask, out["finish_reason"])]
+    return [(tuple(r[m.bool()].tolist()), f) for r, m, f in zip(ids, mask, out["finish_reason"], strict=False)]
 
 
 def logprob_rows(out) -> list[torch.Tensor]:
-    return [lp[m.bool()] for lp, m in zip(out["sampling_logprobs"], out["response_mask"])]
+    return [lp[m.bool()] for lp, m in zip(out["sampling_logprobs"], out["response_mask"], strict=False)]
 
 
 # ----------------------------------------------------------------------------------------------- the hash
@@ -51,7 +58,7 @@ def test_mix32_equals_32_bit_arithmetic():
     """The int64 implementation (masks, the split multiply for the constant >= 2**31) equals lowbias32 computed
     with exact integers, edge values included; and it is a bijection on a sample (no collisions)."""
     rng = random.Random(0)
-    xs = [0, 1, 2, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 0xDEADBEEF] + [rng.getrandbits(32) for _ in range(5000)]
+    xs = [0, 1, 2, 2**31 - 1, 2**31, 2**32 - 1, 0xDEADBEEF] + [rng.getrandbits(32) for _ in range(5000)]
     assert mix32(torch.tensor(xs)).tolist() == [lowbias32(x) for x in xs]
     out = mix32(torch.arange(200_000))
     assert out.unique().numel() == 200_000 and int(out.min()) >= 0 and int(out.max()) <= M32
@@ -63,7 +70,7 @@ def test_sample_keys_layout():
     keys = sample_keys([5, 9, -3], 4)
     assert keys.shape == (12, 2) and keys.dtype == torch.long
     assert int(keys.min()) >= 0 and int(keys.max()) <= M32
-    assert torch.equal(keys[4:8], sample_keys([9], 4)) and torch.equal(keys[8:], sample_keys([-3 + 2 ** 64], 4))
+    assert torch.equal(keys[4:8], sample_keys([9], 4)) and torch.equal(keys[8:], sample_keys([-3 + 2**64], 4))
     assert torch.equal(keys[:2], sample_keys([5], 2))  # sample j's key does not depend on n
     assert len({tuple(k) for k in keys.tolist()}) == 12
 
@@ -94,8 +101,11 @@ def test_keyed_noise_is_uncorrelated_across_rows_steps_columns():
     by_index = sample_keys([7], 65)  # (65, 2): samples j and j+1 of one seed
     for keys in (by_seed, by_index):
         noise = torch.stack([keyed_exponential(keys, t, cols) for t in range(3)]).double()  # (3, 65, 2048)
-        pairs = {"row": (noise[:, :-1], noise[:, 1:]), "step": (noise[:-1], noise[1:]),
-                 "column": (noise[..., :-1], noise[..., 1:])}
+        pairs = {
+            "row": (noise[:, :-1], noise[:, 1:]),
+            "step": (noise[:-1], noise[1:]),
+            "column": (noise[..., :-1], noise[..., 1:]),
+        }
         for axis, (a, b) in pairs.items():
             corr = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
             assert abs(corr) < 4 / math.sqrt(a.numel()), (axis, corr)
@@ -117,12 +127,14 @@ def test_keyed_sampling_matches_softmax(top_k, across):
     target = process_logits(logits, params, seen).softmax(-1)[0].double()  # (V,)
     draws = 20_000
     if across == "rows":
-        tokens = sample_tokens(logits.expand(draws, -1), params, None, seen.expand(draws, -1),
-                               keys=sample_keys(range(draws), 1), step=3)
+        tokens = sample_tokens(
+            logits.expand(draws, -1), params, None, seen.expand(draws, -1), keys=sample_keys(range(draws), 1), step=3
+        )
     else:
         keys = sample_keys([11], 1).expand(draws, -1)
-        tokens = sample_tokens(logits.expand(draws, -1), params, None, seen.expand(draws, -1), keys=keys,
-                               step=torch.arange(draws))
+        tokens = sample_tokens(
+            logits.expand(draws, -1), params, None, seen.expand(draws, -1), keys=keys, step=torch.arange(draws)
+        )
     counts = torch.bincount(tokens, minlength=8).double()
     alive = target > 0
     assert (counts[~alive] == 0).all() and (~alive).any() and alive.sum() >= 4
@@ -156,10 +168,15 @@ def test_seeds_none_uses_the_generator_stream():
 
 
 # ----------------------------------------------------------------------------------------------- params
-@pytest.mark.parametrize("seeds, match", [
-    ([], r"SamplingParams\.seeds: expected a non-empty list"), ("12", r"SamplingParams\.seeds: expected"),
-    ([1, 2.5], r"SamplingParams\.seeds\[1\]: expected an integer"), ([True], r"SamplingParams\.seeds\[0\]"),
-])
+@pytest.mark.parametrize(
+    "seeds, match",
+    [
+        ([], r"SamplingParams\.seeds: expected a non-empty list"),
+        ("12", r"SamplingParams\.seeds: expected"),
+        ([1, 2.5], r"SamplingParams\.seeds\[1\]: expected an integer"),
+        ([True], r"SamplingParams\.seeds\[0\]"),
+    ],
+)
 def test_seeds_validation(seeds, match):
     with pytest.raises(ConfigError, match=match):
         SamplingParams(seeds=seeds)
@@ -195,26 +212,26 @@ def test_a_prompts_samples_do_not_depend_on_its_batch(model, fast_path):
     def check(indices, out):
         got, got_lp = responses(out), logprob_rows(out)
         for k, i in enumerate(indices):
-            assert got[k * n:(k + 1) * n] == rows[i * n:(i + 1) * n], (indices, i)
-            for a, b in zip(got_lp[k * n:(k + 1) * n], lps[i * n:(i + 1) * n]):
+            assert got[k * n : (k + 1) * n] == rows[i * n : (i + 1) * n], (indices, i)
+            for a, b in zip(got_lp[k * n : (k + 1) * n], lps[i * n : (i + 1) * n], strict=False):
                 assert torch.allclose(a, b, rtol=0, atol=1e-5)
 
     for i in range(len(PROMPTS)):
         check([i], engine.generate([PROMPTS[i]], SamplingParams(seeds=[SEEDS[i]], **PARAMS)))
     order = list(reversed(range(len(PROMPTS))))
-    check(order, engine.generate([PROMPTS[i] for i in order], SamplingParams(seeds=[SEEDS[i] for i in order],
-                                                                               **PARAMS)))
+    check(
+        order, engine.generate([PROMPTS[i] for i in order], SamplingParams(seeds=[SEEDS[i] for i in order], **PARAMS))
+    )
     check([0, 1], engine.generate(PROMPTS[:2], SamplingParams(seeds=SEEDS[:2], **PARAMS)))
     check([2, 3, 4, 5], engine.generate(PROMPTS[2:], SamplingParams(seeds=SEEDS[2:], **PARAMS)))
     old_full = responses(engine.generate(PROMPTS, SamplingParams(seed=1, **PARAMS)))
     old_tail = responses(engine.generate(PROMPTS[3:], SamplingParams(seed=1, **PARAMS)))
-    assert old_tail != old_full[3 * n:]
+    assert old_tail != old_full[3 * n :]
 
 
 def test_keyed_sampling_is_the_same_on_the_lean_and_hf_paths(model):
     """Same seeds, top-k/top-p, n=3: the lean forward and the model's own forward give identical tokens."""
-    params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=20, n=3, seeds=SEEDS,
-                            logprobs=True)
+    params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=20, n=3, seeds=SEEDS, logprobs=True)
     lean = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS).generate(PROMPTS, params)
     hf = HFEngine(model, pad_token_id=PAD, eos_token_id=EOS, fast_path=False).generate(PROMPTS, params)
     assert responses(lean) == responses(hf)
@@ -245,12 +262,14 @@ def test_mixture_sampler_with_seeds_does_not_depend_on_the_batch(model):
     """Nash-MD's mixture sampler with seeds: each prompt's samples are the same alone as with the others."""
     ref = tiny_model(seed=5)
     params = {"temperature": 1.0, "top_k": 20, "max_new_tokens": 12, "n": 2}
-    full = responses(generate_mixture(model, ref, PROMPTS, SamplingParams(seeds=SEEDS, **params), 0.3,
-                                      eos_ids=[EOS], pad_id=PAD))
+    full = responses(
+        generate_mixture(model, ref, PROMPTS, SamplingParams(seeds=SEEDS, **params), 0.3, eos_ids=[EOS], pad_id=PAD)
+    )
     for i in (0, 4):
-        alone = generate_mixture(model, ref, [PROMPTS[i]], SamplingParams(seeds=[SEEDS[i]], **params), 0.3,
-                                 eos_ids=[EOS], pad_id=PAD)
-        assert responses(alone) == full[2 * i:2 * i + 2]
+        alone = generate_mixture(
+            model, ref, [PROMPTS[i]], SamplingParams(seeds=[SEEDS[i]], **params), 0.3, eos_ids=[EOS], pad_id=PAD
+        )
+        assert responses(alone) == full[2 * i : 2 * i + 2]
     assert len({r for r, _ in full}) > 6
 
 
@@ -259,8 +278,9 @@ def test_rollout_role_samples_each_prompt_from_its_group_uid(model):
     halves (what two data-parallel workers do) gives the same samples for every prompt; another run seed
     changes them."""
     cfg = RolloutConfig(n=2, temperature=1.0, max_new_tokens=10)
-    prompts = Batch(meta={"prompt": [f"p{i}" for i in range(4)], "prompt_token_ids": PROMPTS[:4],
-                          "group": [17, 18, 19, 20]})
+    prompts = Batch(
+        meta={"prompt": [f"p{i}" for i in range(4)], "prompt_token_ids": PROMPTS[:4], "group": [17, 18, 19, 20]}
+    )
     role = Rollout(model, word_tokenizer(), cfg, "cpu", seed=3)
     whole = role.generate(prompts)
     halves = [role.generate(prompts.select(list(idx))) for idx in (range(2), range(2, 4))]

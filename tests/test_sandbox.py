@@ -13,13 +13,15 @@ from alignflow.config import ConfigError
 from alignflow.sandbox import CAUSES, SandboxLimits, probe, run_python
 from alignflow.sandbox.runner import CHILD
 
-FAST = SandboxLimits(wall_s=10, cpu_s=2, memory_mb=256, processes=16, open_files=32, output_bytes=100_000,
-                     file_bytes=1 << 20)
+FAST = SandboxLimits(
+    wall_s=10, cpu_s=2, memory_mb=256, processes=16, open_files=32, output_bytes=100_000, file_bytes=1 << 20
+)
 
 
 def test_plain_program_runs_with_its_files_and_stdin():
-    res = run_python("import helper, sys\nprint(helper.x + int(sys.stdin.read()))", FAST,
-                     files={"helper.py": "x = 40\n"}, stdin="2")
+    res = run_python(
+        "import helper, sys\nprint(helper.x + int(sys.stdin.read()))", FAST, files={"helper.py": "x = 40\n"}, stdin="2"
+    )
     assert (res.cause, res.stdout, res.returncode) == ("ok", "42\n", 0)
     assert res.ok
 
@@ -56,8 +58,10 @@ def test_fork_bomb_contained_and_no_process_survives():
     res = run_python("import os\nwhile True:\n    os.fork()\n", dataclasses.replace(FAST, wall_s=3))
     assert res.cause == "processes" and res.exception == "BlockingIOError"
     # children that outlive the program are killed with it (PID namespace), even when it exits normally
-    res = run_python("import os, time\nfor _ in range(4):\n    if os.fork() == 0:\n        time.sleep(120)\n"
-                     "print('parent done')", FAST)
+    res = run_python(
+        "import os, time\nfor _ in range(4):\n    if os.fork() == 0:\n        time.sleep(120)\nprint('parent done')",
+        FAST,
+    )
     assert res.cause == "ok"
     time.sleep(0.5)
     assert _leftovers() == []
@@ -70,8 +74,11 @@ def test_memory_bomb():
 
 def test_write_outside_the_directory_denied(tmp_path):
     target = f"/tmp/alignflow-escape-{uuid.uuid4().hex}"
-    res = run_python(f"open('inside.txt', 'w').write('fine')\nprint(open('inside.txt').read())\n"
-                     f"open({target!r}, 'w').write('escaped')", FAST)
+    res = run_python(
+        f"open('inside.txt', 'w').write('fine')\nprint(open('inside.txt').read())\n"
+        f"open({target!r}, 'w').write('escaped')",
+        FAST,
+    )
     assert res.stdout == "fine\n" and res.cause == "denied" and res.exception == "PermissionError"
     assert not os.path.exists(target)
     res = run_python(f"open({str(tmp_path / 'x')!r}, 'w')", FAST)
@@ -80,9 +87,11 @@ def test_write_outside_the_directory_denied(tmp_path):
 
 def test_environment_not_visible(monkeypatch):
     monkeypatch.setenv("ALIGNFLOW_TEST_SECRET", "s3cr3t-value")
-    code = ("import os, glob\nprint(sorted(os.environ))\nfound = []\nfor p in glob.glob('/proc/*/environ'):\n"
-            "    try:\n        found.append(b's3cr3t' in open(p, 'rb').read())\n    except OSError:\n        pass\n"
-            "print(any(found))")
+    code = (
+        "import os, glob\nprint(sorted(os.environ))\nfound = []\nfor p in glob.glob('/proc/*/environ'):\n"
+        "    try:\n        found.append(b's3cr3t' in open(p, 'rb').read())\n    except OSError:\n        pass\n"
+        "print(any(found))"
+    )
     res = run_python(code, FAST)
     assert res.cause == "ok"
     names, leaked = res.stdout.splitlines()

@@ -90,11 +90,11 @@ def test_mapl_terms_by_hand():
     """β = 1. h_resp = [0] -> ℓ(0) = log 2. h_intra = [ln 3] -> ℓ(ln 3) = -log(3/4) = log(4/3).
     h_inter = [-ln 3] -> -log(1/4) = log 4. w_intra = 0.5, w_inter = 2:
     L = log 2 + 0.5·log(4/3) + 2·log 4."""
-    h_intra = margins_from_logps(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-3.0]),
-                                 torch.tensor([-4.0 + math.log(3)]))
+    h_intra = margins_from_logps(
+        torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-3.0]), torch.tensor([-4.0 + math.log(3)])
+    )
     assert h_intra.item() == pytest.approx(math.log(3))  # (−1 + 2) − (−3 + 4 − ln 3)
-    loss, m = mapl_loss(torch.tensor([0.0]), h_intra, torch.tensor([-math.log(3)]), beta=1.0, w_intra=0.5,
-                        w_inter=2.0)
+    loss, m = mapl_loss(torch.tensor([0.0]), h_intra, torch.tensor([-math.log(3)]), beta=1.0, w_intra=0.5, w_inter=2.0)
     assert loss.item() == pytest.approx(math.log(2) + 0.5 * math.log(4 / 3) + 2 * math.log(4))
     assert m["mapl/intra_accuracy"].item() == 1.0 and m["mapl/inter_accuracy"].item() == 0.0
     only_resp, m2 = mapl_loss(torch.tensor([0.0]), torch.tensor([]), torch.tensor([]), beta=1.0)
@@ -110,9 +110,11 @@ def test_ift_step_does_not_depend_on_the_micro_batch_split(reviews_task):
     from alignflow.models import load_causal_lm
     from alignflow.trainers.ift import ift_train_step
 
-    examples = [{"input_ids": [1, 20, 21, 22, 23], "loss_mask": [0, 0, 1, 1, 1]},
-                {"input_ids": [1, 24, 25, 26, 27, 28, 29], "loss_mask": [0, 0, 0, 1, 1, 1, 1]},
-                {"input_ids": [1, 30, 31, 32], "loss_mask": [0, 0, 1, 1]}]
+    examples = [
+        {"input_ids": [1, 20, 21, 22, 23], "loss_mask": [0, 0, 1, 1, 1]},
+        {"input_ids": [1, 24, 25, 26, 27, 28, 29], "loss_mask": [0, 0, 0, 1, 1, 1, 1]},
+        {"input_ids": [1, 30, 31, 32], "loss_mask": [0, 0, 1, 1]},
+    ]
     grads, losses = [], []
     for budget in (64, 16):  # 16 tokens: the rows of 4 and 5 tokens together, the row of 7 alone
         model = load_causal_lm(ModelConfig(name_or_path=str(reviews_task.model_dir)), torch.device("cpu"))
@@ -127,9 +129,23 @@ def test_alignflow_ift_runs_and_saves_a_model(reviews_task, tmp_path, capsys):
     from alignflow.cli import main
 
     out = tmp_path / "ift"
-    assert main(["ift", f"model.name_or_path={reviews_task.model_dir}", f"model.tokenizer={reviews_task.tokenizer_dir}",
-                 f"data.path={reviews_task.sft_path}", "data.max_len=64", f"train.output_dir={out}",
-                 "train.max_steps=3", "train.batch_size=8", "train.progress=false", "train.log_every=1"]) == 0
+    assert (
+        main(
+            [
+                "ift",
+                f"model.name_or_path={reviews_task.model_dir}",
+                f"model.tokenizer={reviews_task.tokenizer_dir}",
+                f"data.path={reviews_task.sft_path}",
+                "data.max_len=64",
+                f"train.output_dir={out}",
+                "train.max_steps=3",
+                "train.batch_size=8",
+                "train.progress=false",
+                "train.log_every=1",
+            ]
+        )
+        == 0
+    )
     assert "alignflow ift: done" in capsys.readouterr().out and (out / "model").is_dir()
     rows = [r for r in (out / "metrics.jsonl").read_text().splitlines() if "ift/nll" in r]
     assert len(rows) == 3

@@ -16,7 +16,7 @@ def test_kept_deleted_replaced_and_inserted_tokens():
 
 
 def test_replacement_then_insertion_on_one_token_adds_up():
-    """"a b" -> "a x y": difflib gives equal(a), replace(b -> x y): b gets -1 only (a replace, not an insert);
+    """ "a b" -> "a x y": difflib gives equal(a), replace(b -> x y): b gets -1 only (a replace, not an insert);
     "a" -> "a z z": equal(a), insert(z z) after a: -0.5 on a."""
     assert edit_token_rewards(["a", "b"], ["a", "x", "y"]) == [0.0, -1.0]
     assert edit_token_rewards(["a"], ["a", "z", "z"]) == [-0.5]

@@ -11,12 +11,22 @@ from alignflow.trainers.sft import micro_batches, sft_examples, train_sft, train
 
 
 def _cfg(task, out, **train):
-    return from_dict(SFTConfig, {
-        "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
-        "data": {"path": str(task.sft_path), "max_len": 96, "eval_fraction": 0.05},
-        "optim": {"lr": 3e-3, "scheduler": "constant"},
-        "train": {"output_dir": str(out), "batch_size": 8, "max_steps": 4, "progress": False, "log_every": 1,
-                  **train}})
+    return from_dict(
+        SFTConfig,
+        {
+            "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
+            "data": {"path": str(task.sft_path), "max_len": 96, "eval_fraction": 0.05},
+            "optim": {"lr": 3e-3, "scheduler": "constant"},
+            "train": {
+                "output_dir": str(out),
+                "batch_size": 8,
+                "max_steps": 4,
+                "progress": False,
+                "log_every": 1,
+                **train,
+            },
+        },
+    )
 
 
 def _examples(task, tok, n=8):

@@ -14,8 +14,15 @@ def _model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     cfg._attn_implementation = "sdpa"
     return LlamaForCausalLM(cfg)
 
@@ -36,7 +43,7 @@ def _grads_on_rank(rank, world, mixed_precision, cpu_offload):
     model = shard(_model(), mixed_precision=mixed_precision, cpu_offload=cpu_offload)
     ids, lens = _data()
     start = sum(lens[:rank])
-    mine = ids[:, start:start + lens[rank]]
+    mine = ids[:, start : start + lens[rank]]
     lp, _ = through_root(model, lambda: token_logprobs(model, mine, seq_lens=[lens[rank]]))
     (lp.float().sum() * world).backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)

@@ -28,8 +28,16 @@ def _model(tie: bool, seed: int, sharded: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, tie_word_embeddings=tie)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
     model = LlamaForCausalLM(cfg)
     if sharded:
         from alignflow.distributed.shard import shard
@@ -51,8 +59,9 @@ def _snapshot(model, opt, sched) -> tuple[dict, dict]:
     """Full (gathered) tensors of model + optimiser, and the non-tensor values (param groups, scheduler)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
-                                                                   flatten_optimizer_state_dict=True))
+    msd, osd = get_state_dict(
+        model, opt, options=StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)
+    )
     flat = {f"model.{k}": v for k, v in msd.items()} | {f"optim.{k}": v for k, v in osd.items()}
     tensors = {k: v.detach().clone().contiguous() for k, v in flat.items() if torch.is_tensor(v)}
     plain = {k: v for k, v in flat.items() if not torch.is_tensor(v)}
@@ -162,9 +171,14 @@ def test_files_are_safetensors_and_json_one_shard_per_rank(chain):
     root, _ = chain
     step = root / "tie1" / "two" / "checkpoints" / "step-1"
     files = sorted(str(p.relative_to(step)) for p in step.rglob("*") if p.is_file())
-    assert files == ["nontensor.json", "rng/rank-0.safetensors", "rng/rank-1.safetensors",
-                     "sharded/shard-00001-model-00001-of-00001.safetensors",
-                     "sharded/shard-00002-model-00001-of-00001.safetensors", "trainer_state.json"]
+    assert files == [
+        "nontensor.json",
+        "rng/rank-0.safetensors",
+        "rng/rank-1.safetensors",
+        "sharded/shard-00001-model-00001-of-00001.safetensors",
+        "sharded/shard-00002-model-00001-of-00001.safetensors",
+        "trainer_state.json",
+    ]
     # the tied output embedding is stored once (under its source name), its optimiser state too
     keys = set().union(*(load_file(str(f)).keys() for f in (step / "sharded").iterdir()))
     assert "model.model.embed_tokens.weight" in keys and not any("lm_head" in k for k in keys)
@@ -207,8 +221,9 @@ def _lora(seed: int, sharded: bool):
 
     model, _, _ = _model(True, seed=0, sharded=False)  # the same frozen base every time
     torch.manual_seed(seed)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                             init_lora_weights=False))  # random A and B: seed-dependent
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )  # random A and B: seed-dependent
     if sharded:
         from alignflow.distributed.shard import shard
 
@@ -237,8 +252,10 @@ def test_lora_sharded_checkpoint_and_export_hold_the_adapters(tmp_path):
         assert before.keys() == after.keys() and [k for k in before if not torch.equal(before[k], after[k])] == []
     keys = set(load_file(str(next((tmp_path / "step-1" / "sharded").iterdir()))))
     assert keys and all("lora_" in k for k in keys), sorted(keys)[:3]
-    assert sorted(p.name for p in (tmp_path / "export").iterdir() if p.suffix != ".md") == \
-        ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir() if p.suffix != ".md") == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     base, _, _ = _model(True, seed=0, sharded=False)
     with torch.no_grad():
         exported = PeftModel.from_pretrained(base, tmp_path / "export").eval()(input_ids=IDS).logits

@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignflow.config import ConfigError, TaskConfig
-from alignflow.tasks import TASKS, build_task, common
-from alignflow.tasks import arithmetic, reviews
+from alignflow.tasks import TASKS, arithmetic, build_task, common, reviews
 from alignflow.tasks.common import read_jsonl
 
 SMALL = dict(num_sft=300, num_pairs=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
@@ -50,8 +49,9 @@ def default_builds(tmp_path_factory, request):
 
 
 def file_hashes(d: Path) -> dict:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()
+    }
 
 
 # ------------------------------------------------------------------------------------------------ determinism
@@ -76,7 +76,7 @@ def test_rebuild_reuses_then_overwrites_atomically(tmp_path):
     cfg = small("arithmetic", num_sft=20, num_pairs=10)
     art = build_task("arithmetic", cfg, tmp_path / "task")
     stamp = art.sft_path.stat().st_mtime_ns
-    build_task("arithmetic", cfg, tmp_path / "task")           # same config and code: reused as is
+    build_task("arithmetic", cfg, tmp_path / "task")  # same config and code: reused as is
     assert art.sft_path.stat().st_mtime_ns == stamp
     art2 = build_task("arithmetic", small("arithmetic", num_sft=30, num_pairs=10), tmp_path / "task")
     assert len(read_jsonl(art2.sft_path)) == 30
@@ -109,8 +109,14 @@ def test_reviews_tokenizer_round_trips_canonical_text(built):
         assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
         assert tok.unk_token_id not in ids and tok.eos_token_id not in ids
         assert tok.decode(ids, skip_special_tokens=True) == text
-    assert tok.convert_ids_to_tokens(tok("the plot felt slow.").input_ids) == ["<bos>", "the", "plot", "felt",
-                                                                               "slow", "."]
+    assert tok.convert_ids_to_tokens(tok("the plot felt slow.").input_ids) == [
+        "<bos>",
+        "the",
+        "plot",
+        "felt",
+        "slow",
+        ".",
+    ]
     assert tok("the zeppelin").input_ids[-1] == tok.unk_token_id
 
 
@@ -131,8 +137,9 @@ def test_chat_template_renders_and_tokenises_to_marker_tokens(built, name):
     assert text == f"<bos><|system|> {content} <|end|> <|user|> {content} <|end|> <|assistant|> "
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
     body = tok.convert_ids_to_tokens(tok(content, add_special_tokens=False).input_ids)
-    assert tok.convert_ids_to_tokens(ids) == (["<bos>", "<|system|>"] + body + ["<|end|>", "<|user|>"] + body
-                                              + ["<|end|>", "<|assistant|>"])
+    assert tok.convert_ids_to_tokens(ids) == (
+        ["<bos>", "<|system|>"] + body + ["<|end|>", "<|user|>"] + body + ["<|end|>", "<|assistant|>"]
+    )
     with pytest.raises(Exception, match="chat role"):
         tok.apply_chat_template([{"role": "tool", "content": content}], tokenize=False)
 
@@ -146,12 +153,12 @@ def test_model_loads_with_auto_class_and_matches_tokenizer(built, name):
     c = model.config
     assert type(model).__name__ == "LlamaForCausalLM" and (art.model_dir / "model.safetensors").exists()
     assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads) == (len(tok), 32, 1, 2)
-    assert (c.pad_token_id, c.bos_token_id, c.eos_token_id) == (tok.pad_token_id, tok.bos_token_id,
-                                                                 tok.eos_token_id)
+    assert (c.pad_token_id, c.bos_token_id, c.eos_token_id) == (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
     assert c.tie_word_embeddings and c.max_position_embeddings == 512 and c._attn_implementation == "sdpa"
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    batch = tok(["37+58=", "1+1="] if name == "arithmetic" else ["the film was", "i loved"],
-                padding=True, return_tensors="pt")
+    batch = tok(
+        ["37+58=", "1+1="] if name == "arithmetic" else ["the film was", "i loved"], padding=True, return_tensors="pt"
+    )
     logits = model(**batch).logits
     assert logits.shape == (2, batch.input_ids.shape[1], len(tok)) and torch.isfinite(logits).all()
 
@@ -161,7 +168,7 @@ def test_model_init_is_seeded_and_leaves_global_rng_alone():
     state = torch.get_rng_state()
     m1, m2 = common.init_model(small("arithmetic"), tok), common.init_model(small("arithmetic"), tok)
     assert torch.equal(torch.get_rng_state(), state)
-    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=False))
 
 
 # ------------------------------------------------------------------------------------------------ gold reward
@@ -182,14 +189,14 @@ def test_reviews_gold_prefers_positive_to_negative_fluent_reviews():
     neg = [" was truly awful , and the plot felt tedious .", " seemed stiff . we really hated the ending ."]
     gp, gn = reviews.gold_reward([prompt] * 2, pos), reviews.gold_reward([prompt] * 2, neg)
     assert all(p > 0.5 for p in gp) and all(n < -0.5 for n in gn)
-    assert all(p > n for p, n in zip(gp, gn))
+    assert all(p > n for p, n in zip(gp, gn, strict=False))
 
 
 def test_reviews_degenerate_positive_spam_scores_below_a_mild_fluent_review():
     spam, mild = "great great great great great", "the film was pretty good , and the soundtrack was fine ."
-    assert reviews.naive_sentiment(spam) > reviews.naive_sentiment(mild)   # the shallow count goes up ...
+    assert reviews.naive_sentiment(spam) > reviews.naive_sentiment(mild)  # the shallow count goes up ...
     (g_spam, g_mild) = reviews.gold_reward(["", ""], [spam, mild])
-    assert 0 < g_mild and g_spam < g_mild - 2                           # ... the gold reward goes down
+    assert 0 < g_mild and g_spam < g_mild - 2  # ... the gold reward goes down
     c = reviews.gold_components("", spam)
     assert (c["repeats"], c["bad_sentences"], c["no_final_punct"]) == (4, 1, 1)
 
@@ -200,11 +207,11 @@ def test_reviews_gold_penalty_terms():
     g = lambda r: reviews.gold_reward([""], [r])[0]  # noqa: E731
     # repeating 'good' instead of neutral 'long': the repeat is worth nothing and costs 0.5
     assert g(base) - g(base.replace("and long", "and good")) == pytest.approx(0.5)
-    assert g(base) - g(base[:-2]) == pytest.approx(0.5)                  # final "." missing (n 12 -> 11)
+    assert g(base) - g(base[:-2]) == pytest.approx(0.5)  # final "." missing (n 12 -> 11)
     swapped = "film the was good and long , but the ending felt slow ."
     assert reviews.gold_components("", swapped)["bad_sentences"] == 1
     assert g(base) - g(swapped) == pytest.approx(1.0)
-    assert g(" ".join(["the film was good ."] * 9)) < g(base)           # too long and repetitive
+    assert g(" ".join(["the film was good ."] * 9)) < g(base)  # too long and repetitive
     assert g("the film was not good .") < g("the film was good .")
     assert g("the film was not bad .") > g("the film was bad .")
 
@@ -232,7 +239,7 @@ def test_reviews_sft_corpus_is_grammatical_and_mixed_in_tone(built):
     rows = read_jsonl(art.sft_path)
     assert len(rows) == 300
     comps = [reviews.gold_components(r["prompt"], r["completion"]) for r in rows]
-    for r, c in zip(rows, comps):
+    for r, c in zip(rows, comps, strict=False):
         assert r["prompt"].startswith("Review : ") and r["completion"].startswith(" ")
         assert (c["bad_sentences"], c["repeats"], c["no_final_punct"], c["length_excess"]) == (0, 0, 0, 0), r
     pos = sum(c["sentiment"] > 0.5 for c in comps) / len(comps)
@@ -243,8 +250,11 @@ def test_reviews_sft_corpus_is_grammatical_and_mixed_in_tone(built):
 @pytest.mark.parametrize("name", list(TASKS))
 def test_eval_prompts_are_disjoint_from_training_prompts(built, name):
     art = built[name]
-    train = ({r["prompt"] for r in read_jsonl(art.sft_path)} | {r["prompt"] for r in read_jsonl(art.prompts_path)}
-             | {r["prompt"] for r in read_jsonl(art.pairs_path)})
+    train = (
+        {r["prompt"] for r in read_jsonl(art.sft_path)}
+        | {r["prompt"] for r in read_jsonl(art.prompts_path)}
+        | {r["prompt"] for r in read_jsonl(art.pairs_path)}
+    )
     evals = [r["prompt"] for r in read_jsonl(art.eval_prompts_path)]
     rl = [r["prompt"] for r in read_jsonl(art.prompts_path)]
     assert len(evals) == len(set(evals)) > 100 and len(rl) == len(set(rl)) > 500
@@ -260,8 +270,10 @@ def test_zero_label_noise_always_chooses_the_higher_gold(built, name):
     prompts = [p["prompt"] for p in pairs]
     gc = art.gold_reward(prompts, [p["chosen"] for p in pairs])
     gr = art.gold_reward(prompts, [p["rejected"] for p in pairs])
-    assert all(c >= r for c, r in zip(gc, gr))
-    assert sum(c > r for c, r in zip(gc, gr)) > 0.6 * len(pairs)   # labels are informative, not mostly ties
+    assert all(c >= r for c, r in zip(gc, gr, strict=False))
+    assert sum(c > r for c, r in zip(gc, gr, strict=False)) > 0.6 * len(
+        pairs
+    )  # labels are informative, not mostly ties
 
 
 def test_label_noise_gives_imperfect_but_informative_labels(default_builds):
@@ -271,7 +283,7 @@ def test_label_noise_gives_imperfect_but_informative_labels(default_builds):
     prompts = [p["prompt"] for p in pairs]
     gc = art.gold_reward(prompts, [p["chosen"] for p in pairs])
     gr = art.gold_reward(prompts, [p["rejected"] for p in pairs])
-    agree = sum(c > r for c, r in zip(gc, gr)) / len(pairs)
+    agree = sum(c > r for c, r in zip(gc, gr, strict=False)) / len(pairs)
     assert 0.65 < agree < 0.95
 
 

@@ -13,9 +13,14 @@ from alignflow.tasks import code
 def test_calculator_tool_is_integer_arithmetic_only():
     assert calc.calculator("12 * (3 + 4)") == "84" and calc.calculator("-7 // 2") == "-4"
     box = ToolBox([calc.calculator])
-    for expr, why in (("__import__('os').system('id')", "only integers"), ("2 ** 10", "only integers"),
-                      ("1.5 * 2", "only integers"), ("5 // 0", "division by zero"), ("12 *", "not an expression"),
-                      ("9" * 30 + " * " + "9" * 30, "over 40 digits")):
+    for expr, why in (
+        ("__import__('os').system('id')", "only integers"),
+        ("2 ** 10", "only integers"),
+        ("1.5 * 2", "only integers"),
+        ("5 // 0", "division by zero"),
+        ("12 *", "not an expression"),
+        ("9" * 30 + " * " + "9" * 30, "over 40 digits"),
+    ):
         content, ok = box.call({"name": "calculator", "arguments": {"expression": expr}})
         assert not ok and why in content, (expr, content)
 
@@ -47,8 +52,9 @@ def test_code_task_rows_are_solvable_and_decide():
     assert [r["function"] for r in rows] == list(code.PROBLEMS)
     reward = UnitTestReward(per_test_s=2.0)
     prompts = [r["prompt"] for r in rows]
-    assert reward(prompts, [f"```python\n{r['reference']}```" for r in rows],
-                  [r["tests"] for r in rows]) == [1.0] * len(rows)
+    assert reward(prompts, [f"```python\n{r['reference']}```" for r in rows], [r["tests"] for r in rows]) == [
+        1.0
+    ] * len(rows)
     wrong = [f"def {r['function']}(*args):\n    return None\n" for r in rows]
     assert reward(prompts, wrong, [r["tests"] for r in rows]) == [0.0] * len(rows)
     assert reward.metrics()["code/tests_passed_frac"] == pytest.approx(0.5)

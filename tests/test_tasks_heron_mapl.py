@@ -15,8 +15,9 @@ def rows():
 
 def test_weak_signals_are_the_gold_reward_terms(rows):
     p = rows["pairs_path"][0]
-    assert sum(weak_signals(p["prompt"], p["chosen"])) == pytest.approx(reviews.gold_reward([p["prompt"]],
-                                                                                            [p["chosen"]])[0])
+    assert sum(weak_signals(p["prompt"], p["chosen"])) == pytest.approx(
+        reviews.gold_reward([p["prompt"]], [p["chosen"]])[0]
+    )
 
 
 def test_heron_labels_from_ranked_weak_signals_agree_with_gold_more_than_the_noisy_labels(rows):

@@ -18,8 +18,9 @@ def test_rationale_lists_gold_features_and_verdict_names_higher_gold():
     text = reviews_judge.rationale(prompt, good, bad, "this")
     # good: one positive word, 6 tokens (< 8: brief); bad: "boring" (negative), one repeat, a sentence that
     # does not parse (two adjectives without "and"), no final ".", 5 tokens (brief)
-    assert text == (" this : wonderful , brief . that : but boring , stale , incoherent , sloppy , brief ."
-                    " overall this .")
+    assert text == (
+        " this : wonderful , brief . that : but boring , stale , incoherent , sloppy , brief . overall this ."
+    )
     row = reviews_judge.judge_row(__import__("random").Random(0), prompt, good, bad)
     better = row["first"] if row["label"] == "this" else row["second"]
     assert better == good and row["prompt"] == reviews_judge.judge_prompt(prompt, row["first"], row["second"])
@@ -48,10 +49,10 @@ def test_verdict_parse_takes_the_last_verdict_in_either_form():
     assert parse_position(" this : great . overall that . overall this .") == "first"
     assert parse_position("reasoning ... **Verdict:** B") == "second"
     assert parse_position(" this : great . that : dull .") is None
-    assert verdict_accuracy(["p"] * 3, [" overall this .", " overall that .", " no verdict"],
-                            ["this", "this", "A"]) == [1.0, 0.0, 0.0]
-    assert verdict_metrics([" overall this .", "x"], ["A", "that"]) == {"accuracy": 0.5, "parse_failures": 0.5,
-                                                                          "n": 2}
+    assert verdict_accuracy(
+        ["p"] * 3, [" overall this .", " overall that .", " no verdict"], ["this", "this", "A"]
+    ) == [1.0, 0.0, 0.0]
+    assert verdict_metrics([" overall this .", "x"], ["A", "that"]) == {"accuracy": 0.5, "parse_failures": 0.5, "n": 2}
     with pytest.raises(DataError, match="row 1: label 'maybe'"):
         verdict_accuracy(["p", "p"], ["overall this", "overall this"], ["this", "maybe"])
 
@@ -74,8 +75,9 @@ def test_anchor_advantages_and_preference_matrix_hand_derived():
     """p = (0.9, 0.5, 0.1) against the anchor: p - 1/2 = (0.4, 0, -0.4); centred on mean 0.5: the same.
     p = (0.9, 0.7, 0.8): mean 0.8, centred (0.1, -0.1, 0)."""
     assert torch.allclose(anchor_advantages(torch.tensor([0.9, 0.5, 0.1])), torch.tensor([0.4, 0.0, -0.4]))
-    assert torch.allclose(anchor_advantages(torch.tensor([0.9, 0.7, 0.8]), center=True),
-                          torch.tensor([0.1, -0.1, 0.0]), atol=1e-6)
+    assert torch.allclose(
+        anchor_advantages(torch.tensor([0.9, 0.7, 0.8]), center=True), torch.tensor([0.1, -0.1, 0.0]), atol=1e-6
+    )
     longer = preference_matrix(lambda a, b: float(len(a) > len(b)), ["aaa", "a", "aa"])
     assert torch.allclose(group_win_rate_advantages(longer), torch.tensor([0.5, -0.5, 0.0]))
 
@@ -87,8 +89,13 @@ def test_verdict_reward_reads_the_row_label_through_the_rule_reward_wiring():
     from alignflow.rewards.rules import CallableReward, RewardError
 
     reward = CallableReward("alignflow.rewards.verdict:verdict_accuracy")
-    batch = Batch(meta={"prompt": ["p"] * 3, "response": [" overall this .", " overall this .", "none"],
-                        "label": ["this", "that", "that"]})
+    batch = Batch(
+        meta={
+            "prompt": ["p"] * 3,
+            "response": [" overall this .", " overall this .", "none"],
+            "label": ["this", "that", "that"],
+        }
+    )
     assert reward(batch).tolist() == [1.0, 0.0, 0.0]
     bad = Batch(meta={"prompt": ["p"], "response": [" overall this ."], "label": ["left"]})
     with pytest.raises((RewardError, DataError), match="label 'left'"):

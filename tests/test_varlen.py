@@ -3,8 +3,15 @@ NLL sums, reward scores and their gradients -- and every fast path equals the pl
 
 import pytest
 import torch
-from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM,
-                          LlamaForSequenceClassification, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from alignflow.data.collate import flatten, pad_right, token_groups, unflatten
 from alignflow.models import hidden_states, sequence_scores, token_logprobs
@@ -17,8 +24,17 @@ LENS = [5, 9, 3, 6]
 
 def llama(cls=LlamaForCausalLM, **kw):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, pad_token_id=0, attn_implementation="sdpa", **kw)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        pad_token_id=0,
+        attn_implementation="sdpa",
+        **kw,
+    )
     return cls(cfg)
 
 
@@ -53,11 +69,19 @@ def test_flat_hidden_states_equal_separate_forwards_values_and_grads():
 
 def test_sliding_window_layers_keep_their_window():
     """Qwen2 with a 3-token window: a 9-token sequence must see only its window, flat or alone."""
-    sizes = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=64, attn_implementation="sdpa")
+    sizes = dict(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, sliding_window=3, max_window_layers=0,
-                                         **sizes)).eval()
+    model = Qwen2ForCausalLM(
+        Qwen2Config(use_sliding_window=True, sliding_window=3, max_window_layers=0, **sizes)
+    ).eval()
     no_window = Qwen2ForCausalLM(Qwen2Config(**sizes)).eval()
     no_window.load_state_dict(model.state_dict())
     ss = seqs()
@@ -74,8 +98,17 @@ def test_supports_varlen_refuses_what_it_cannot_compute_exactly():
     assert supports_varlen(model)
     model.activation_checkpointing_enable()  # recomputation would run after the attention switch-back
     assert not supports_varlen(model)
-    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                           num_key_value_heads=1, intermediate_size=64, head_dim=16))
+    gemma = Gemma2ForCausalLM(
+        Gemma2Config(
+            vocab_size=V,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            head_dim=16,
+        )
+    )
     assert not supports_varlen(gemma)  # soft-capped attention: not in VARLEN_MODEL_TYPES
     with pytest.raises(ValueError, match="padding-free"):
         flat_hidden_states(gemma, flat_ids(seqs()), LENS)
@@ -86,11 +119,11 @@ def test_flat_last_hidden_equals_last_rows_of_full_forward():
     model = llama()
     ids = flat_ids(seqs())
     last = flat_last_hidden(model, ids, LENS)  # (n, H)
-    (last ** 2).sum().backward()
+    (last**2).sum().backward()
     g_last = grads(model)
     model.zero_grad()
     full = flat_hidden_states(model, ids, LENS)[0, last_positions(LENS)]  # (n, H)
-    (full ** 2).sum().backward()
+    (full**2).sum().backward()
     torch.testing.assert_close(last, full, atol=1e-5, rtol=0)
     torch.testing.assert_close(g_last, grads(model), atol=1e-5, rtol=1e-4)
     layer = model.model.layers[-1]
@@ -112,17 +145,27 @@ def test_masked_nll_sum_equals_masked_token_logprobs(chunk):
     model = llama()
     ss = seqs()
     masks = [[0, 0] + [1] * (n - 2) for n in LENS]  # a 2-token "prompt" out of the loss
-    pad = {"input_ids": pad_right(ss, 0), "attention_mask": pad_right([[1] * n for n in LENS], 0),
-           "loss_mask": pad_right(masks, 0)}
+    pad = {
+        "input_ids": pad_right(ss, 0),
+        "attention_mask": pad_right([[1] * n for n in LENS], 0),
+        "loss_mask": pad_right(masks, 0),
+    }
     logp, _ = token_logprobs(model, pad["input_ids"], pad["attention_mask"])
     ref = -(logp * pad["loss_mask"]).sum()
     ref.backward()
     g_ref = grads(model)
-    flat = flatten([{"input_ids": s, "loss_mask": m} for s, m in zip(ss, masks)])
+    flat = flatten([{"input_ids": s, "loss_mask": m} for s, m in zip(ss, masks, strict=False)])
     for mb in (pad, flat):
         model.zero_grad()
-        got = masked_nll_sum(model, mb["input_ids"], mb["loss_mask"], attention_mask=mb.get("attention_mask"),
-                             position_ids=mb.get("position_ids"), seq_lens=mb.get("seq_lens"), chunk_size=chunk)
+        got = masked_nll_sum(
+            model,
+            mb["input_ids"],
+            mb["loss_mask"],
+            attention_mask=mb.get("attention_mask"),
+            position_ids=mb.get("position_ids"),
+            seq_lens=mb.get("seq_lens"),
+            chunk_size=chunk,
+        )
         got.backward()
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-6)
         torch.testing.assert_close(grads(model), g_ref, atol=1e-5, rtol=1e-4)
@@ -168,8 +211,9 @@ def test_bt_step_flat_equals_padded(budget):
     pairs = [{"chosen_ids": ss[i], "rejected_ids": ss[i + 1], "margin": 0.5 * i} for i in (0, 2, 4)]
     out = []
     for packing in (False, True):
-        cfg = from_dict(RMConfig, {"train": {"packing": packing, "micro_batch_tokens": budget,
-                                             "mixed_precision": "none"}})
+        cfg = from_dict(
+            RMConfig, {"train": {"packing": packing, "micro_batch_tokens": budget, "mixed_precision": "none"}}
+        )
         model = llama(LlamaForSequenceClassification, num_labels=1)
         metrics, tokens = bt_step(model, pairs, cfg, 0, torch.device("cpu"))
         out.append((metrics, tokens, grads(model)))

@@ -19,9 +19,20 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, RLConfig, RolloutConfig, from_dict
 from alignflow.rollout import HFEngine, SamplingParams
-from alignflow.rollout.vllm_engine import (EXTENSION, LOGPROBS_MODE, VLLM_MISSING, VLLMEngine, VLLMUnavailableError,
-                                           actor_weights, chunk_by_bytes, export_model_dir, finish_reason,
-                                           outputs_to_batch, request_seeds, vllm_request_kwargs)
+from alignflow.rollout.vllm_engine import (
+    EXTENSION,
+    LOGPROBS_MODE,
+    VLLM_MISSING,
+    VLLMEngine,
+    VLLMUnavailableError,
+    actor_weights,
+    chunk_by_bytes,
+    export_model_dir,
+    finish_reason,
+    outputs_to_batch,
+    request_seeds,
+    vllm_request_kwargs,
+)
 from alignflow.trainers.online import reuse_sampling_logprobs
 from alignflow.trainers.rl_algos import resolve
 from alignflow.trainers.roles import Rollout
@@ -31,17 +42,36 @@ from tests.test_rollout import EOS, PAD, PROMPTS, tiny_model, word_tokenizer
 # The stand-in vllm module generates each prompt on its own (no padding), the reference HFEngine a left-padded
 # batch: the same tokens, log-probs equal to float32 rounding (up to ~1e-4 on the perturbed model).
 LOGPROB_ATOL = 1e-4
-TENSOR_KEYS = ["prompt_ids", "prompt_mask", "response_ids", "response_mask", "input_ids", "attention_mask",
-               "position_ids", "sampling_logprobs"]
+TENSOR_KEYS = [
+    "prompt_ids",
+    "prompt_mask",
+    "response_ids",
+    "response_mask",
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "sampling_logprobs",
+]
 
 
 def llama(seed: int = 0) -> LlamaForCausalLM:
     """A plain random Llama (vocab 64, 2 layers, GQA), the architecture vLLM rebuilds from its config."""
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                        pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS,
-                                        tie_word_embeddings=False)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=PAD,
+            bos_token_id=1,
+            eos_token_id=EOS,
+            tie_word_embeddings=False,
+        )
+    ).eval()
 
 
 def assert_same_batch(got: Batch, want: Batch, logprob_atol: float = 0.0) -> None:
@@ -59,8 +89,9 @@ def assert_same_batch(got: Batch, want: Batch, logprob_atol: float = 0.0) -> Non
 # ----------------------------------------------------------------------------------------------- vLLM-shaped outputs
 def completion(tokens, reason, stop_reason=None, logprobs=None, index=0):
     """A ``vllm.CompletionOutput`` look-alike with the documented attribute names."""
-    return SimpleNamespace(index=index, token_ids=list(tokens), finish_reason=reason, stop_reason=stop_reason,
-                           logprobs=logprobs, text="")
+    return SimpleNamespace(
+        index=index, token_ids=list(tokens), finish_reason=reason, stop_reason=stop_reason, logprobs=logprobs, text=""
+    )
 
 
 def as_vllm_outputs(batch: Batch, n: int, eos: int, max_new: int, reverse: bool = False) -> list:
@@ -75,25 +106,57 @@ def as_vllm_outputs(batch: Batch, n: int, eos: int, max_new: int, reverse: bool 
             r = i * n + j
             length = int(batch["response_mask"][r].sum())
             toks = batch["response_ids"][r, :length].tolist()
-            lps = [{tok: SimpleNamespace(logprob=float(batch["sampling_logprobs"][r, t]), rank=1),
-                    (tok + 1) % 64: SimpleNamespace(logprob=-99.0, rank=2)} for t, tok in enumerate(toks)]
+            lps = [
+                {
+                    tok: SimpleNamespace(logprob=float(batch["sampling_logprobs"][r, t]), rank=1),
+                    (tok + 1) % 64: SimpleNamespace(logprob=-99.0, rank=2),
+                }
+                for t, tok in enumerate(toks)
+            ]
             reason = batch["finish_reason"][r]
             if length == max_new:
                 samples.append(completion(toks, "length", None, lps, j))
             elif reason == "eos":
                 samples.append(completion(toks, "stop", None if toks[-1] == eos else toks[-1], lps, j))
             else:
-                samples.append(completion(toks, "stop" if reason == "stop" else "length",
-                                          toks[-1] if reason == "stop" else None, lps, j))
+                samples.append(
+                    completion(
+                        toks, "stop" if reason == "stop" else "length", toks[-1] if reason == "stop" else None, lps, j
+                    )
+                )
         requests.append(SimpleNamespace(outputs=samples[::-1] if reverse else samples))
     return requests
 
 
 # ----------------------------------------------------------------------------------------------- a stand-in vllm module
-LLM_KWARGS = {"model", "tensor_parallel_size", "dtype", "gpu_memory_utilization", "enable_sleep_mode",
-              "max_model_len", "seed", "load_format", "logprobs_mode", "worker_extension_cls", "enforce_eager"}
-SAMPLING_FIELDS = {"n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "stop",
-                   "stop_token_ids", "detokenize", "skip_special_tokens", "logprobs", "seed"}
+LLM_KWARGS = {
+    "model",
+    "tensor_parallel_size",
+    "dtype",
+    "gpu_memory_utilization",
+    "enable_sleep_mode",
+    "max_model_len",
+    "seed",
+    "load_format",
+    "logprobs_mode",
+    "worker_extension_cls",
+    "enforce_eager",
+}
+SAMPLING_FIELDS = {
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "max_tokens",
+    "stop",
+    "stop_token_ids",
+    "detokenize",
+    "skip_special_tokens",
+    "logprobs",
+    "seed",
+}
 
 
 class FakeSamplingParams:
@@ -157,13 +220,22 @@ class FakeLLM:
 
     def generate(self, prompts, sampling_params=None, use_tqdm=True):
         self.calls.append(("generate", len(prompts)))
-        return [self._one(p["prompt_token_ids"], sp.kw) for p, sp in zip(prompts, sampling_params)]
+        return [self._one(p["prompt_token_ids"], sp.kw) for p, sp in zip(prompts, sampling_params, strict=False)]
 
     def _one(self, prompt, kw):
-        params = SamplingParams(n=kw["n"], temperature=kw["temperature"], top_p=kw["top_p"], top_k=max(kw["top_k"], 0),
-                                min_p=kw["min_p"], repetition_penalty=kw["repetition_penalty"],
-                                max_new_tokens=kw["max_tokens"], stop_token_ids=kw["stop_token_ids"],
-                                stop_strings=kw["stop"] or [], seed=kw["seed"], logprobs=True)
+        params = SamplingParams(
+            n=kw["n"],
+            temperature=kw["temperature"],
+            top_p=kw["top_p"],
+            top_k=max(kw["top_k"], 0),
+            min_p=kw["min_p"],
+            repetition_penalty=kw["repetition_penalty"],
+            max_new_tokens=kw["max_tokens"],
+            stop_token_ids=kw["stop_token_ids"],
+            stop_strings=kw["stop"] or [],
+            seed=kw["seed"],
+            logprobs=True,
+        )
         out = HFEngine(self.model, self.tokenizer).generate([prompt], params)
         return as_vllm_outputs(out, kw["n"], self.tokenizer.eos_token_id, kw["max_tokens"])[0]
 
@@ -196,13 +268,37 @@ def test_missing_vllm_names_the_install_command(monkeypatch):
 # ----------------------------------------------------------------------------------------------- params -> vLLM
 def test_request_kwargs_mapping():
     greedy = vllm_request_kwargs(SamplingParams(temperature=0.0, max_new_tokens=7), eos_ids=[2])
-    assert greedy == {"n": 1, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,
-                      "max_tokens": 7, "stop": None, "stop_token_ids": [2], "detokenize": False,
-                      "skip_special_tokens": False, "logprobs": None, "seed": None}
-    sampled = vllm_request_kwargs(SamplingParams(n=4, temperature=0.7, top_p=0.9, top_k=5, min_p=0.05,
-                                                 repetition_penalty=1.3, max_new_tokens=32, stop_token_ids=[9, 5],
-                                                 stop_strings=["\n\n", "###"], logprobs=True), eos_ids=[2, 7, 9],
-                                  seed=123)
+    assert greedy == {
+        "n": 1,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": -1,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "max_tokens": 7,
+        "stop": None,
+        "stop_token_ids": [2],
+        "detokenize": False,
+        "skip_special_tokens": False,
+        "logprobs": None,
+        "seed": None,
+    }
+    sampled = vllm_request_kwargs(
+        SamplingParams(
+            n=4,
+            temperature=0.7,
+            top_p=0.9,
+            top_k=5,
+            min_p=0.05,
+            repetition_penalty=1.3,
+            max_new_tokens=32,
+            stop_token_ids=[9, 5],
+            stop_strings=["\n\n", "###"],
+            logprobs=True,
+        ),
+        eos_ids=[2, 7, 9],
+        seed=123,
+    )
     assert sampled["n"] == 4 and sampled["temperature"] == 0.7 and sampled["top_p"] == 0.9 and sampled["top_k"] == 5
     assert sampled["min_p"] == 0.05 and sampled["repetition_penalty"] == 1.3 and sampled["max_tokens"] == 32
     assert sampled["stop"] == ["\n\n", "###"] and sampled["detokenize"] is True  # vLLM needs text for stop strings
@@ -216,7 +312,7 @@ def test_request_seeds():
     a = request_seeds(SamplingParams(seeds=[5, 9, 11]), 3)
     assert a[1:] == request_seeds(SamplingParams(seeds=[9, 11]), 2) == request_seeds(SamplingParams(seeds=[9, 11]), 2)
     assert a[0] == request_seeds(SamplingParams(seeds=[5]), 1)[0]
-    assert all(0 <= s < 2 ** 62 for s in a) and min(abs(x - y) for x in a for y in a if x != y) > 1000
+    assert all(0 <= s < 2**62 for s in a) and min(abs(x - y) for x in a for y in a if x != y) > 1000
     b = request_seeds(SamplingParams(seed=5), 3)
     assert len(set(b)) == 3 and b != a and b == request_seeds(SamplingParams(seed=5), 3)
     assert request_seeds(SamplingParams(), 2) == [None, None]
@@ -241,11 +337,20 @@ def test_finish_reasons():
 def test_outputs_to_batch_hand_example():
     """Two prompts of lengths 3 and 1, n=2; responses of lengths 2, 1, 3, 2 (pad 0): the tensors written out."""
     lp = lambda *v: [{t: SimpleNamespace(logprob=x)} for t, x in v]  # noqa: E731
-    outputs = [SimpleNamespace(outputs=[completion([11, 2], "stop", None, lp((11, -0.5), (2, -0.25)), 0),
-                                        completion([12], "length", None, lp((12, -1.0)), 1)]),
-               SimpleNamespace(outputs=[completion([13, 14, 30], "stop", 30, lp((13, -2.0), (14, -0.125), (30, -3.0)),
-                                                   1),
-                                        completion([15, 16], "stop", "w16", lp((15, -0.75), (16, -1.5)), 0)])]
+    outputs = [
+        SimpleNamespace(
+            outputs=[
+                completion([11, 2], "stop", None, lp((11, -0.5), (2, -0.25)), 0),
+                completion([12], "length", None, lp((12, -1.0)), 1),
+            ]
+        ),
+        SimpleNamespace(
+            outputs=[
+                completion([13, 14, 30], "stop", 30, lp((13, -2.0), (14, -0.125), (30, -3.0)), 1),
+                completion([15, 16], "stop", "w16", lp((15, -0.75), (16, -1.5)), 0),
+            ]
+        ),
+    ]
     b = outputs_to_batch(outputs, [[5, 6, 7], [8]], n=2, pad_id=0, eos_ids=[2], stop_ids=[30])
     assert b["prompt_ids"].tolist() == [[5, 6, 7], [5, 6, 7], [0, 0, 8], [0, 0, 8]]
     assert b["prompt_mask"].tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 1], [0, 0, 1]]
@@ -253,17 +358,30 @@ def test_outputs_to_batch_hand_example():
     assert b["response_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1]]
     assert b["input_ids"].tolist()[2] == [0, 0, 8, 15, 16, 0]
     assert b["attention_mask"].tolist()[2] == [0, 0, 1, 1, 1, 0]
-    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 0, 0], [0, 0, 0, 1, 2, 0],
-                                          [0, 0, 0, 1, 2, 3]]
-    assert b["sampling_logprobs"].tolist() == [[-0.5, -0.25, 0.0], [-1.0, 0.0, 0.0], [-0.75, -1.5, 0.0],
-                                               [-2.0, -0.125, -3.0]]
+    assert b["position_ids"].tolist() == [
+        [0, 1, 2, 3, 4, 0],
+        [0, 1, 2, 3, 0, 0],
+        [0, 0, 0, 1, 2, 0],
+        [0, 0, 0, 1, 2, 3],
+    ]
+    assert b["sampling_logprobs"].tolist() == [
+        [-0.5, -0.25, 0.0],
+        [-1.0, 0.0, 0.0],
+        [-0.75, -1.5, 0.0],
+        [-2.0, -0.125, -3.0],
+    ]
     assert b["prompt_index"] == [0, 0, 1, 1] and b["finish_reason"] == ["eos", "length", "stop", "stop"]
     assert all(b[k].dtype == torch.long for k in TENSOR_KEYS[:-1]) and b["sampling_logprobs"].dtype == torch.float32
     with pytest.raises(RuntimeError, match="1 samples for prompt 0, expected n=2"):
         outputs_to_batch([SimpleNamespace(outputs=outputs[0].outputs[:1])], [[5]], n=2, pad_id=0, eos_ids=[2])
     with pytest.raises(RuntimeError, match="lack the chosen token 11"):
-        outputs_to_batch([SimpleNamespace(outputs=[completion([11], "length", None, lp((3, -1.0)))])], [[5]], n=1,
-                         pad_id=0, eos_ids=[2])
+        outputs_to_batch(
+            [SimpleNamespace(outputs=[completion([11], "length", None, lp((3, -1.0)))])],
+            [[5]],
+            n=1,
+            pad_id=0,
+            eos_ids=[2],
+        )
 
 
 def test_outputs_match_hfengine_batch():
@@ -277,8 +395,9 @@ def test_outputs_match_hfengine_batch():
     params = SamplingParams(n=2, temperature=1.0, seed=3, max_new_tokens=24, stop_token_ids=[stop], logprobs=True)
     want = engine.generate(PROMPTS, params)
     assert set(want["finish_reason"]) == {"eos", "stop", "length"}  # every ending is exercised
-    got = outputs_to_batch(as_vllm_outputs(want, 2, EOS, 24, reverse=True), PROMPTS, n=2, pad_id=PAD,
-                           eos_ids=[EOS], stop_ids=[stop])
+    got = outputs_to_batch(
+        as_vllm_outputs(want, 2, EOS, 24, reverse=True), PROMPTS, n=2, pad_id=PAD, eos_ids=[EOS], stop_ids=[stop]
+    )
     assert_same_batch(got, want)
     assert list(got.tensors) == list(want.tensors)  # same field order too
 
@@ -312,8 +431,9 @@ def test_actor_weights_merge_lora_without_touching_the_actor():
     changed = [n for n in sent if not torch.equal(sent[n], reference[n])]
     assert changed and all(("q_proj" in n or "v_proj" in n) and n.endswith("weight") for n in changed)
     now = dict(model.get_base_model().named_parameters())
-    assert torch.equal(now["model.layers.0.self_attn.q_proj.base_layer.weight"],
-                       reference["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(
+        now["model.layers.0.self_attn.q_proj.base_layer.weight"], reference["model.layers.0.self_attn.q_proj.weight"]
+    )
 
 
 def _sharded_weights(rank: int, world: int) -> dict:
@@ -380,9 +500,15 @@ def test_engine_syncs_weights_sleeps_and_matches_hfengine(fake_vllm):
     engine.sleep(level=2)
     out = engine.generate_from(actor_weights(model), PROMPTS, params)
     assert_same_batch(out, HFEngine(model, tok).generate(PROMPTS, params), logprob_atol=LOGPROB_ATOL)
-    assert llm.calls == [("sleep", 2), ("wake_up", ("weights",)), ("rpc", "alignflow_load_weights"),
-                         ("reset_prefix_cache",), ("wake_up", ("kv_cache",)), ("generate", len(PROMPTS)),
-                         ("sleep", 2)]
+    assert llm.calls == [
+        ("sleep", 2),
+        ("wake_up", ("weights",)),
+        ("rpc", "alignflow_load_weights"),
+        ("reset_prefix_cache",),
+        ("wake_up", ("kv_cache",)),
+        ("generate", len(PROMPTS)),
+        ("sleep", 2),
+    ]
     assert llm.runner_model.loaded == [n for n, _ in model.named_parameters()]
     with pytest.raises(RuntimeError, match="call sync_weights first"):  # level 2 discarded the weights
         engine.generate(PROMPTS, params)
@@ -440,6 +566,13 @@ def test_config_backend_and_old_logprobs():
         rl(rollout={"backend": "sglang"})
     with pytest.raises(ConfigError, match="rollout.gpu_memory_utilization"):
         rl(rollout={"gpu_memory_utilization": 1.5})
-    cfg = rl(rollout={"backend": "vllm", "tensor_parallel_size": 2, "max_model_len": 4096, "dtype": "float16",
-                      "enable_sleep_mode": False})
+    cfg = rl(
+        rollout={
+            "backend": "vllm",
+            "tensor_parallel_size": 2,
+            "max_model_len": 4096,
+            "dtype": "float16",
+            "enable_sleep_mode": False,
+        }
+    )
     assert (cfg.rollout.tensor_parallel_size, cfg.rollout.max_model_len, cfg.rollout.dtype) == (2, 4096, "float16")

@@ -12,7 +12,8 @@ The table :data:`ADVANTAGE_ESTIMATORS` maps config names to functions; their sig
 
 from __future__ import annotations
 
-from typing import Hashable, Optional, Sequence, Union
+from collections.abc import Hashable, Sequence
+from typing import Union
 
 import torch
 
@@ -23,8 +24,9 @@ GroupIds = Union[Tensor, Sequence[Hashable]]  # one group id per sample: a (N,) 
 
 
 @torch.no_grad()
-def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[Tensor, Tensor]:
+def gae(
+    token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
     """Generalised Advantage Estimation (Schulman et al. 2016, arXiv:1506.02438), as used by InstructGPT PPO.
 
     ``δ_t = r_t + γ·V_{t+1} − V_t`` (``V`` after the last valid token is 0), ``Â_t = δ_t + γλ·Â_{t+1}``,
@@ -62,8 +64,9 @@ def returns_to_go(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Te
     return advantages
 
 
-def _group_index(n: int, group_ids: Optional[GroupIds], group_size: Optional[int],
-                 device: torch.device) -> tuple[Tensor, int]:
+def _group_index(
+    n: int, group_ids: GroupIds | None, group_size: int | None, device: torch.device
+) -> tuple[Tensor, int]:
     """Map N samples to dense group indices (N,) in [0, num_groups). Exactly one of group_ids / group_size."""
     if (group_ids is None) == (group_size is None):
         raise ValueError("pass exactly one of group_ids (one id per sample) or group_size (samples per prompt)")
@@ -97,8 +100,13 @@ def _group_stats(scores: Tensor, index: Tensor, num_groups: int) -> tuple[Tensor
 
 
 @torch.no_grad()
-def grpo_advantages(scores: Tensor, group_ids: Optional[GroupIds] = None,
-                    group_size: Optional[int] = None, norm_by_std: bool = True, eps: float = 1e-6) -> Tensor:
+def grpo_advantages(
+    scores: Tensor,
+    group_ids: GroupIds | None = None,
+    group_size: int | None = None,
+    norm_by_std: bool = True,
+    eps: float = 1e-6,
+) -> Tensor:
     """GRPO outcome advantage (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300): ``Â_i = (r_i − mean_g r)/(std_g r + ε)``.
 
     ``std`` is unbiased (Bessel, as ``torch.std`` in TRL/verl). ``norm_by_std=False`` gives Dr. GRPO (Liu et al. 2025,
@@ -112,14 +120,13 @@ def grpo_advantages(scores: Tensor, group_ids: Optional[GroupIds] = None,
     return centred / (var.sqrt() + eps) if norm_by_std else centred
 
 
-def dr_grpo_advantages(scores: Tensor, group_ids: Optional[GroupIds] = None,
-                       group_size: Optional[int] = None) -> Tensor:
+def dr_grpo_advantages(scores: Tensor, group_ids: GroupIds | None = None, group_size: int | None = None) -> Tensor:
     """Dr. GRPO advantage ``r_i − mean_g r``: :func:`grpo_advantages` with ``norm_by_std=False``."""
     return grpo_advantages(scores, group_ids, group_size, norm_by_std=False)
 
 
 @torch.no_grad()
-def rloo_advantages(scores: Tensor, group_size: Optional[int] = None, group_ids: Optional[GroupIds] = None) -> Tensor:
+def rloo_advantages(scores: Tensor, group_size: int | None = None, group_ids: GroupIds | None = None) -> Tensor:
     """REINFORCE leave-one-out (Ahmadian et al. 2024, arXiv:2402.14740; Kool et al. 2019).
 
     ``A_i = R_i − (1/(k−1)) Σ_{j≠i} R_j = (k/(k−1))·(R_i − mean_g R)``. ``R`` may already include ``−β·Σ_t k1``.
@@ -135,7 +142,7 @@ def rloo_advantages(scores: Tensor, group_size: Optional[int] = None, group_ids:
 
 
 @torch.no_grad()
-def remax_advantages(scores: Tensor, greedy_scores: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+def remax_advantages(scores: Tensor, greedy_scores: Tensor, mask: Tensor | None = None) -> Tensor:
     """ReMax (Li et al. 2023, arXiv:2310.10505): REINFORCE with the greedy decode's reward as baseline.
 
     Sequence form: ``A_i = R(x_i, y_i) − R(x_i, ȳ_i)``, scores (B,), greedy_scores (B,) -> (B,).
@@ -167,8 +174,9 @@ def broadcast_to_tokens(seq_values: Tensor, mask: Tensor) -> Tensor:
     """Give every valid token of row i the sequence value ``seq_values[i]``: (B,) -> (B, T), 0 outside the mask."""
     if seq_values.shape != mask.shape[:1]:
         raise ValueError(f"sequence values must have shape ({mask.shape[0]},); got {tuple(seq_values.shape)}")
-    return torch.where(mask.bool(), seq_values[:, None], torch.zeros((), dtype=seq_values.dtype,
-                                                                       device=seq_values.device))  # (B, T)
+    return torch.where(
+        mask.bool(), seq_values[:, None], torch.zeros((), dtype=seq_values.dtype, device=seq_values.device)
+    )  # (B, T)
 
 
 ADVANTAGE_ESTIMATORS = {

@@ -60,8 +60,9 @@ def codpo_pairs(rewards: Tensor, violations: Tensor) -> list[tuple[int, int]]:
     return [(chosen, rejected)]
 
 
-def codpo_loss(lp_c: Tensor, ref_c: Tensor, lp_r: Tensor, ref_r: Tensor, len_c: Tensor, beta: float = 0.1,
-               lam: float = 1.0) -> Tensor:
+def codpo_loss(
+    lp_c: Tensor, ref_c: Tensor, lp_r: Tensor, ref_r: Tensor, len_c: Tensor, beta: float = 0.1, lam: float = 1.0
+) -> Tensor:
     """CODPO over P pairs (each argument (P,)): mean of -log sigmoid(beta * margin) - lam * lp_c / len_c."""
     margin = (lp_c - ref_c) - (lp_r - ref_r)
     return (-F.logsigmoid(beta * margin) - lam * lp_c / len_c.float()).mean()
@@ -76,13 +77,19 @@ def crraft_select(rewards: Tensor, violations: Tensor) -> int | None:
     return int(idx[ok][rewards[ok].argmax()])
 
 
-def crraft_loss(logp: Tensor, rewards: Tensor, anchor_rewards: Tensor, violations: Tensor,
-                group_size: int) -> Tensor:
+def crraft_loss(logp: Tensor, rewards: Tensor, anchor_rewards: Tensor, violations: Tensor, group_size: int) -> Tensor:
     """CRRAFT over N = B * group_size samples (grouped consecutively); 0 (with a graph) when nothing is kept."""
     calib = calibrated_reward(rewards, anchor_rewards).detach()
-    kept = [g * group_size + k for g in range(rewards.numel() // group_size)
-            if (k := crraft_select(rewards[g * group_size:(g + 1) * group_size],
-                                   violations[g * group_size:(g + 1) * group_size])) is not None]
+    kept = [
+        g * group_size + k
+        for g in range(rewards.numel() // group_size)
+        if (
+            k := crraft_select(
+                rewards[g * group_size : (g + 1) * group_size], violations[g * group_size : (g + 1) * group_size]
+            )
+        )
+        is not None
+    ]
     if not kept:
         return logp.sum() * 0.0
     sel = torch.tensor(kept)

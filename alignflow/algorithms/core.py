@@ -23,7 +23,7 @@ count is the all-reduced one and gradients are summed.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -33,12 +33,14 @@ Tensor = torch.Tensor
 def _bool_mask(x: Tensor, mask: Tensor) -> Tensor:
     """Check ``mask`` against ``x`` and return it as bool, broadcast to ``x``'s shape."""
     if mask.shape != x.shape:
-        if mask.dim() > x.dim() or any(m not in (1, s) for m, s in zip(reversed(mask.shape), reversed(x.shape))):
+        if mask.dim() > x.dim() or any(
+            m not in (1, s) for m, s in zip(reversed(mask.shape), reversed(x.shape), strict=False)
+        ):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match tensor shape {tuple(x.shape)}")
     return mask.bool().expand_as(x)
 
 
-def masked_sum(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """``Σ x`` over the positions where ``mask`` is true; over all elements (``dim=None``) or along ``dim``.
 
     Shapes: x and mask (B, T) (any shape that matches). Returns a 0-dim tensor or x reduced along ``dim``.
@@ -48,7 +50,7 @@ def masked_sum(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
     return xm.sum() if dim is None else xm.sum(dim)
 
 
-def masked_mean(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """``Σ m·x / max(Σ m, 1)``: the mean over valid positions; 0 where there is none (never NaN).
 
     Shapes: x and mask (B, T). ``dim=None`` reduces everything; ``dim=-1`` gives one mean per row, shape (B,).
@@ -94,40 +96,46 @@ def zero_invalid(x: Tensor, mask: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- aggregation
-def _n_seqs(mask: Tensor, global_seqs: Optional[float], dtype: torch.dtype) -> Tensor | float:
+def _n_seqs(mask: Tensor, global_seqs: float | None, dtype: torch.dtype) -> Tensor | float:
     """Number of rows with at least one valid token, or the caller's global count (a float)."""
     if global_seqs is not None:
         return float(global_seqs)
     return (mask.sum(-1) > 0).sum().clamp(min=1).to(dtype)
 
 
-def _token_mean(loss: Tensor, mask: Tensor, norm_len: Optional[float], global_tokens: Optional[float],
-                global_seqs: Optional[float]) -> Tensor:
+def _token_mean(
+    loss: Tensor, mask: Tensor, norm_len: float | None, global_tokens: float | None, global_seqs: float | None
+) -> Tensor:
     n_tok = mask.sum().clamp(min=1).to(loss.dtype) if global_tokens is None else float(global_tokens)
     return masked_sum(loss, mask) / n_tok
 
 
-def _seq_mean_token_mean(loss: Tensor, mask: Tensor, norm_len: Optional[float], global_tokens: Optional[float],
-                         global_seqs: Optional[float]) -> Tensor:
+def _seq_mean_token_mean(
+    loss: Tensor, mask: Tensor, norm_len: float | None, global_tokens: float | None, global_seqs: float | None
+) -> Tensor:
     per_seq = masked_mean(loss, mask, dim=-1)  # (B,)
     return per_seq.sum() / _n_seqs(mask, global_seqs, loss.dtype)
 
 
-def _seq_mean_token_sum(loss: Tensor, mask: Tensor, norm_len: Optional[float], global_tokens: Optional[float],
-                        global_seqs: Optional[float]) -> Tensor:
+def _seq_mean_token_sum(
+    loss: Tensor, mask: Tensor, norm_len: float | None, global_tokens: float | None, global_seqs: float | None
+) -> Tensor:
     per_seq = masked_sum(loss, mask, dim=-1)  # (B,)
     return per_seq.sum() / _n_seqs(mask, global_seqs, loss.dtype)
 
 
-def _seq_mean_token_sum_norm(loss: Tensor, mask: Tensor, norm_len: Optional[float], global_tokens: Optional[float],
-                             global_seqs: Optional[float]) -> Tensor:
+def _seq_mean_token_sum_norm(
+    loss: Tensor, mask: Tensor, norm_len: float | None, global_tokens: float | None, global_seqs: float | None
+) -> Tensor:
     if norm_len is None or norm_len <= 0:
-        raise ValueError("aggregation mode 'seq_mean_token_sum_norm' needs norm_len > 0 (the fixed length constant L, "
-                         f"e.g. the generation budget max_new_tokens); got norm_len={norm_len!r}")
+        raise ValueError(
+            "aggregation mode 'seq_mean_token_sum_norm' needs norm_len > 0 (the fixed length constant L, "
+            f"e.g. the generation budget max_new_tokens); got norm_len={norm_len!r}"
+        )
     return _seq_mean_token_sum(loss, mask, None, None, global_seqs) / float(norm_len)
 
 
-AGG_MODES: dict[str, Callable[[Tensor, Tensor, Optional[float], Optional[float], Optional[float]], Tensor]] = {
+AGG_MODES: dict[str, Callable[[Tensor, Tensor, float | None, float | None, float | None], Tensor]] = {
     "token_mean": _token_mean,
     "seq_mean_token_mean": _seq_mean_token_mean,
     "seq_mean_token_sum": _seq_mean_token_sum,
@@ -135,8 +143,14 @@ AGG_MODES: dict[str, Callable[[Tensor, Tensor, Optional[float], Optional[float],
 }
 
 
-def aggregate(loss_tokens: Tensor, mask: Tensor, mode: str = "token_mean", norm_len: Optional[float] = None,
-              global_tokens: Optional[float] = None, global_seqs: Optional[float] = None) -> Tensor:
+def aggregate(
+    loss_tokens: Tensor,
+    mask: Tensor,
+    mode: str = "token_mean",
+    norm_len: float | None = None,
+    global_tokens: float | None = None,
+    global_seqs: float | None = None,
+) -> Tensor:
     """Reduce per-token losses (B, T) to a scalar with one of :data:`AGG_MODES` (formulas in the module docstring).
 
     Args:

@@ -20,7 +20,9 @@ def dynamic_sampling_filter(scores: Tensor, group_size: int, atol: float = 0.0) 
     """
     n = scores.shape[0]
     if scores.dim() != 1 or group_size < 1 or n % group_size:
-        raise ValueError(f"scores of shape {tuple(scores.shape)} cannot be split into groups of group_size={group_size}")
+        raise ValueError(
+            f"scores of shape {tuple(scores.shape)} cannot be split into groups of group_size={group_size}"
+        )
     grouped = scores.reshape(n // group_size, group_size)  # (N/G, G)
     spread = grouped.max(dim=1).values - grouped.min(dim=1).values  # (N/G,)
     keep_group = spread > atol  # (N/G,)
@@ -35,7 +37,9 @@ def overlong_penalty(lengths: Tensor, max_len: int, cache_len: int) -> Tensor:
     L_cache = 4096. Shapes: lengths (B,) response lengths in tokens -> (B,) float penalties in [−1, 0].
     """
     if not 0 < cache_len <= max_len:
-        raise ValueError(f"overlong penalty needs 0 < cache_len <= max_len; got cache_len={cache_len}, max_len={max_len}")
+        raise ValueError(
+            f"overlong penalty needs 0 < cache_len <= max_len; got cache_len={cache_len}, max_len={max_len}"
+        )
     lengths = lengths.to(torch.float32)
     soft_start = float(max_len - cache_len)
     linear = (soft_start - lengths) / cache_len  # (B,)

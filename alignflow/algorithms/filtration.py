@@ -23,7 +23,6 @@ other samples of its prompt the way the gold reward does. Index tensors are int6
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -56,7 +55,7 @@ def filter_best_worst(scores: Tensor, group_ids: Tensor) -> Tensor:
     return torch.tensor(sorted(keep), dtype=torch.long)
 
 
-def filter_best_random(scores: Tensor, group_ids: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+def filter_best_random(scores: Tensor, group_ids: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Per group, the best row and one of the group's other rows drawn uniformly (``generator``) -> (K,)."""
     keep: list[int] = []
     for rows in _groups(group_ids):
@@ -78,8 +77,14 @@ def filter_range(scores: Tensor, low: float, high: float) -> Tensor:
     return torch.nonzero((s <= q_low) | (s >= q_high)).flatten()
 
 
-def select_rows(mode: str, scores: Tensor, group_ids: Tensor, low: float = 0.25, high: float = 0.75,
-                generator: Optional[torch.Generator] = None) -> Tensor:
+def select_rows(
+    mode: str,
+    scores: Tensor,
+    group_ids: Tensor,
+    low: float = 0.25,
+    high: float = 0.75,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Dispatch on ``mode`` (:data:`FILTER_MODES`); ``none`` keeps every row."""
     if mode == "none":
         return torch.arange(len(scores))

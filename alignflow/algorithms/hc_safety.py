@@ -46,8 +46,10 @@ def _check(costs: Sequence[float], delta: float, cost_range: tuple[float, float]
         raise ValueError(f"HC-RLHF: cost_range must be (low, high) with low < high, got {cost_range}")
     bad = next((i for i, c in enumerate(values) if not a <= c <= b), None)
     if bad is not None:
-        raise ValueError(f"HC-RLHF: cost {values[bad]} (row {bad}) lies outside cost_range {cost_range}; Hoeffding's "
-                         "bound needs costs in a known range (clip them, or widen the range)")
+        raise ValueError(
+            f"HC-RLHF: cost {values[bad]} (row {bad}) lies outside cost_range {cost_range}; Hoeffding's "
+            "bound needs costs in a known range (clip them, or widen the range)"
+        )
     return values
 
 
@@ -58,8 +60,9 @@ def hoeffding_upper_bound(costs: Sequence[float], delta: float, cost_range: tupl
     return sum(values) / n + (cost_range[1] - cost_range[0]) * math.sqrt(math.log(1.0 / delta) / (2 * n))
 
 
-def pessimistic_cost_bound(costs: Sequence[float], delta: float, cost_range: tuple[float, float],
-                           n_safety: int) -> float:
+def pessimistic_cost_bound(
+    costs: Sequence[float], delta: float, cost_range: tuple[float, float], n_safety: int
+) -> float:
     """Training-time bound: ``mean + 2 (b - a) sqrt(ln(1 / delta) / (2 n_safety))`` (Seldonian inflation)."""
     values = _check(costs, delta, cost_range)
     if n_safety < 1:
@@ -68,15 +71,18 @@ def pessimistic_cost_bound(costs: Sequence[float], delta: float, cost_range: tup
     return sum(values) / len(values) + 2.0 * width
 
 
-def safety_test(costs: Sequence[float], threshold: float, delta: float, cost_range: tuple[float, float],
-                raise_on_fail: bool = False) -> SafetyResult:
+def safety_test(
+    costs: Sequence[float], threshold: float, delta: float, cost_range: tuple[float, float], raise_on_fail: bool = False
+) -> SafetyResult:
     """The held-out test: pass iff the (1 - delta) upper bound of the expected cost is <= ``threshold``.
     ``raise_on_fail``: a refused policy raises :class:`SafetyTestFailed` instead of returning ``passed=False``."""
     bound = hoeffding_upper_bound(costs, delta, cost_range)
     n = len(costs)
     result = SafetyResult(bound <= threshold, bound, sum(float(c) for c in costs) / n, n, float(threshold), delta)
     if raise_on_fail and not result.passed:
-        raise SafetyTestFailed(f"high-confidence safety test failed: the {1 - delta:.0%} upper bound of the expected "
-                               f"cost is {bound:.4f} > threshold {threshold} (mean {result.mean:.4f} over {n} "
-                               "held-out prompts); the policy is not returned")
+        raise SafetyTestFailed(
+            f"high-confidence safety test failed: the {1 - delta:.0%} upper bound of the expected "
+            f"cost is {bound:.4f} > threshold {threshold} (mean {result.mean:.4f} over {n} "
+            "held-out prompts); the policy is not returned"
+        )
     return result

@@ -27,8 +27,9 @@ def heron_preference(signals_a: Tensor, signals_b: Tensor, margins: Tensor) -> t
     index k of the deciding signal, K for a tie.
     """
     if signals_a.shape != signals_b.shape or signals_a.dim() != 2:
-        raise ValueError(f"heron: signals must both be (B, K); got {tuple(signals_a.shape)} and "
-                         f"{tuple(signals_b.shape)}")
+        raise ValueError(
+            f"heron: signals must both be (B, K); got {tuple(signals_a.shape)} and {tuple(signals_b.shape)}"
+        )
     if margins.shape != (signals_a.shape[1],) or bool((margins < 0).any()):
         raise ValueError(f"heron: margins must be ({signals_a.shape[1]},) and non-negative; got {margins.tolist()}")
     diff = signals_a - signals_b  # (B, K)

@@ -71,8 +71,9 @@ def ift_propagation_weights(token_logps: Tensor, mask: Tensor, gamma: float = 0.
     return w * n / w.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
-def ift_loss(token_logps: Tensor, mask: Tensor, *, gamma: float = 0.95, reduction: str = "mean",
-             weights: Tensor | None = None) -> LossOut:
+def ift_loss(
+    token_logps: Tensor, mask: Tensor, *, gamma: float = 0.95, reduction: str = "mean", weights: Tensor | None = None
+) -> LossOut:
     """IFT loss from the target tokens' log-probs on mixed inputs: ``l_i = (1/n_i)·Σ_t w_t·(-lp_t)``.
 
     ``token_logps``, ``mask``: (B, T). Reduction and row ``weights`` as the preference losses

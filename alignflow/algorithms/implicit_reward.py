@@ -12,12 +12,15 @@ from __future__ import annotations
 from torch import Tensor
 
 
-def implicit_token_rewards(policy_token_logps: Tensor, ref_token_logps: Tensor, mask: Tensor,
-                           beta: float = 0.1) -> Tensor:
+def implicit_token_rewards(
+    policy_token_logps: Tensor, ref_token_logps: Tensor, mask: Tensor, beta: float = 0.1
+) -> Tensor:
     """(B, T) ``β·(lp_θ − lp_ref)`` on the response tokens (``mask``), 0 elsewhere."""
     if policy_token_logps.shape != ref_token_logps.shape or policy_token_logps.shape != mask.shape:
-        raise ValueError(f"implicit_token_rewards: shapes differ: {tuple(policy_token_logps.shape)}, "
-                         f"{tuple(ref_token_logps.shape)}, {tuple(mask.shape)}")
+        raise ValueError(
+            f"implicit_token_rewards: shapes differ: {tuple(policy_token_logps.shape)}, "
+            f"{tuple(ref_token_logps.shape)}, {tuple(mask.shape)}"
+        )
     return beta * (policy_token_logps - ref_token_logps) * mask.to(policy_token_logps.dtype)
 
 

@@ -14,7 +14,7 @@ All take (B, T) tensors and return (B, T); masking is the caller's job (see :fun
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -54,8 +54,14 @@ def _estimator(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     return KL_ESTIMATORS[name]
 
 
-def kl_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, estimator: str = "k3", agg: str = "token_mean",
-            **agg_kwargs: Optional[float]) -> tuple[Tensor, dict[str, Tensor]]:
+def kl_loss(
+    logp: Tensor,
+    ref_logp: Tensor,
+    mask: Tensor,
+    estimator: str = "k3",
+    agg: str = "token_mean",
+    **agg_kwargs: float | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """KL penalty *in the loss* (GRPO, Shao et al. 2024): ``agg_t k(lp_θ, lp_ref)``; the caller multiplies by β.
 
     Gradients flow through ``logp`` (current policy); ``ref_logp`` is frozen. Shapes: logp, ref_logp, mask (B, T).
@@ -67,8 +73,9 @@ def kl_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, estimator: str = "k3",
     return loss, {"policy/kl_loss": loss.detach()}
 
 
-def kl_penalty_rewards(rewards: Tensor, logp_old: Tensor, ref_logp: Tensor, mask: Tensor, beta: float,
-                       estimator: str = "k1") -> Tensor:
+def kl_penalty_rewards(
+    rewards: Tensor, logp_old: Tensor, ref_logp: Tensor, mask: Tensor, beta: float, estimator: str = "k1"
+) -> Tensor:
     """KL-shaped per-token reward (InstructGPT; docs/ppo.md): ``r_t = −β·k_t + 1[t = last]·R``.
 
     Args:
@@ -133,8 +140,10 @@ class AdaptiveKLController:
 
     def __init__(self, init: float = 0.2, target: float = 6.0, horizon: float = 10000):
         if init < 0 or target <= 0 or horizon <= 0:
-            raise ValueError(f"AdaptiveKLController needs init >= 0, target > 0, horizon > 0; "
-                             f"got init={init}, target={target}, horizon={horizon}")
+            raise ValueError(
+                f"AdaptiveKLController needs init >= 0, target > 0, horizon > 0; "
+                f"got init={init}, target={target}, horizon={horizon}"
+            )
         self.value = float(init)
         self.target = float(target)
         self.horizon = float(horizon)
@@ -155,8 +164,9 @@ class AdaptiveKLController:
 KL_CONTROLLERS = {"fixed": FixedKLController, "adaptive": AdaptiveKLController}
 
 
-def make_kl_controller(kind: str, init: float, target: Optional[float] = None,
-                       horizon: Optional[float] = None) -> FixedKLController | AdaptiveKLController:
+def make_kl_controller(
+    kind: str, init: float, target: float | None = None, horizon: float | None = None
+) -> FixedKLController | AdaptiveKLController:
     """Build a controller from config values: ``kind`` is a key of :data:`KL_CONTROLLERS`."""
     if kind not in KL_CONTROLLERS:
         raise ValueError(f"unknown KL controller {kind!r}; valid choices: {sorted(KL_CONTROLLERS)}")

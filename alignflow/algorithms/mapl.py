@@ -26,8 +26,9 @@ from torch import Tensor
 from alignflow.algorithms.preference import LossOut
 
 
-def mapl_loss(h_resp: Tensor, h_intra: Tensor, h_inter: Tensor, *, beta: float = 0.1, w_intra: float = 1.0,
-              w_inter: float = 1.0) -> LossOut:
+def mapl_loss(
+    h_resp: Tensor, h_intra: Tensor, h_inter: Tensor, *, beta: float = 0.1, w_intra: float = 1.0, w_inter: float = 1.0
+) -> LossOut:
     """MAPL in the DPO form (module docstring). Each ``h_*`` is a (B_*,) margin of log-ratio differences; an empty
     tensor drops its term. Metrics: ``mapl/<level>_loss`` and ``mapl/<level>_accuracy`` (fraction with h > 0)."""
     terms = {"resp": (h_resp, 1.0), "intra": (h_intra, w_intra), "inter": (h_inter, w_inter)}

@@ -11,8 +11,6 @@ the response, ``p = P(y ≻ y')`` the preference model's probability that y beat
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -40,16 +38,25 @@ def mixture_logits(policy_logits: Tensor, ref_logits: Tensor, coef: float) -> Te
 def bt_win_probability(rewards: Tensor, opponent_rewards: Tensor, scale: float = 1.0) -> Tensor:
     """Bradley-Terry preference ``P(y ≻ y') = σ((r(y) - r(y'))/scale)`` from scalar scores; (B,), (B,) -> (B,)."""
     if rewards.shape != opponent_rewards.shape:
-        raise ValueError(f"bt_win_probability: rewards {tuple(rewards.shape)} and opponent_rewards "
-                         f"{tuple(opponent_rewards.shape)} differ")
+        raise ValueError(
+            f"bt_win_probability: rewards {tuple(rewards.shape)} and opponent_rewards "
+            f"{tuple(opponent_rewards.shape)} differ"
+        )
     if scale <= 0:
         raise ValueError(f"bt_win_probability: scale={scale} must be > 0")
     return torch.sigmoid((rewards - opponent_rewards) / scale)
 
 
-def nash_md_pg_loss(policy_token_logps: Tensor, ref_token_logps: Tensor, mask: Tensor, win_prob: Tensor, *,
-                    beta: float = 0.1, reduction: str = "mean", weights: Optional[Tensor] = None
-                    ) -> tuple[Tensor, dict[str, Tensor]]:
+def nash_md_pg_loss(
+    policy_token_logps: Tensor,
+    ref_token_logps: Tensor,
+    mask: Tensor,
+    win_prob: Tensor,
+    *,
+    beta: float = 0.1,
+    reduction: str = "mean",
+    weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Nash-MD-PG: the policy gradient of Nash-MD's regularised game against the mixture opponent.
 
     For y ~ π_θ, y' ~ π_mix and p = P(y ≻ y'), the paper's gradient estimate is
@@ -69,11 +76,15 @@ def nash_md_pg_loss(policy_token_logps: Tensor, ref_token_logps: Tensor, mask: T
     ``nash/kl`` (mean Σ_t (lp_θ - lp_ref), a k1 estimate of the sequence KL(π_θ ‖ π_ref) on y ~ π_θ).
     """
     if policy_token_logps.shape != ref_token_logps.shape or policy_token_logps.shape != mask.shape:
-        raise ValueError(f"nash_md_pg_loss: policy_token_logps {tuple(policy_token_logps.shape)}, ref_token_logps "
-                         f"{tuple(ref_token_logps.shape)} and mask {tuple(mask.shape)} must have the same (B, T) shape")
+        raise ValueError(
+            f"nash_md_pg_loss: policy_token_logps {tuple(policy_token_logps.shape)}, ref_token_logps "
+            f"{tuple(ref_token_logps.shape)} and mask {tuple(mask.shape)} must have the same (B, T) shape"
+        )
     if win_prob.shape != policy_token_logps.shape[:1]:
-        raise ValueError(f"nash_md_pg_loss: win_prob has shape {tuple(win_prob.shape)}, expected "
-                         f"({policy_token_logps.shape[0]},) (one per row)")
+        raise ValueError(
+            f"nash_md_pg_loss: win_prob has shape {tuple(win_prob.shape)}, expected "
+            f"({policy_token_logps.shape[0]},) (one per row)"
+        )
     if bool(((win_prob < 0) | (win_prob > 1)).any()):
         raise ValueError("nash_md_pg_loss: win_prob must lie in [0, 1]")
     mask = mask.bool()
@@ -82,7 +93,9 @@ def nash_md_pg_loss(policy_token_logps: Tensor, ref_token_logps: Tensor, mask: T
     kl_term = masked_sum(log_ratio * policy_token_logps, mask, dim=-1)  # (B,)
     advantage = win_prob.to(seq_lp.dtype) - 0.5  # (B,)
     losses = beta * kl_term - advantage * seq_lp  # (B,)
-    metrics = {"nash/win_prob": weighted_mean(win_prob, weights),
-               "nash/score": weighted_mean(advantage * seq_lp, weights),
-               "nash/kl": weighted_mean(masked_sum(log_ratio, mask, dim=-1), weights)}
+    metrics = {
+        "nash/win_prob": weighted_mean(win_prob, weights),
+        "nash/score": weighted_mean(advantage * seq_lp, weights),
+        "nash/kl": weighted_mean(masked_sum(log_ratio, mask, dim=-1), weights),
+    }
     return reduce_rows(losses, reduction, weights), metrics

@@ -8,8 +8,6 @@ of MPO) lives in trainers and recipes. ``OFFLINE_LOSSES`` at the end lists the l
 
 from __future__ import annotations
 
-from typing import Optional
-
 import math
 
 import torch
@@ -40,7 +38,7 @@ def alol_keep_mask(advantages: Tensor) -> Tensor:
 
 
 def alol_sampling_weights(advantages: Tensor) -> Tensor:
-    """"good_priority" sampling: probabilities ∝ A⁺ = max(A, 0), (B,) -> (B,) summing to 1."""
+    """ "good_priority" sampling: probabilities ∝ A⁺ = max(A, 0), (B,) -> (B,) summing to 1."""
     pos = advantages.detach().clamp_min(0.0)
     total = pos.sum()
     if not bool(total > 0):
@@ -48,8 +46,9 @@ def alol_sampling_weights(advantages: Tensor) -> Tensor:
     return pos / total
 
 
-def _alol_per_row(logp: Tensor, ref_logp: Optional[Tensor], mask: Tensor, adv: Tensor, variant: str, clip: float,
-                  kl_beta: float) -> tuple[Tensor, Tensor]:
+def _alol_per_row(
+    logp: Tensor, ref_logp: Tensor | None, mask: Tensor, adv: Tensor, variant: str, clip: float, kl_beta: float
+) -> tuple[Tensor, Tensor]:
     """Per-row A-LoL loss (B,) and the importance weights used, (B,) or (B, T), for the metrics."""
     nll = -masked_sum(logp, mask, dim=-1)  # (B,)
     low, high = math.log(1.0 - clip) if clip < 1.0 else -math.inf, math.log(1.0 + clip)
@@ -67,9 +66,19 @@ def _alol_per_row(logp: Tensor, ref_logp: Optional[Tensor], mask: Tensor, adv: T
     return adv * nll + kl_beta * log_ratio.sum(dim=-1), torch.ones_like(nll)
 
 
-def alol_loss(logp: Tensor, ref_logp: Optional[Tensor], mask: Tensor, advantages: Tensor, *,
-              variant: str = "alol", clip: float = 0.9, kl_beta: float = 0.2, filter_negative: bool = True,
-              reduction: str = "mean", weights: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+def alol_loss(
+    logp: Tensor,
+    ref_logp: Tensor | None,
+    mask: Tensor,
+    advantages: Tensor,
+    *,
+    variant: str = "alol",
+    clip: float = 0.9,
+    kl_beta: float = 0.2,
+    filter_negative: bool = True,
+    reduction: str = "mean",
+    weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """A-LoL (Baheti et al. 2023, "Leftover Lunch"): offline policy gradient on fixed data.
 
     Per row with A > 0 (rows with A <= 0 are discarded when ``filter_negative``; the metrics count them):
@@ -107,10 +116,13 @@ def alol_loss(logp: Tensor, ref_logp: Optional[Tensor], mask: Tensor, advantages
     clipped = ((w - 1.0).abs() >= clip - 1e-6) if variant in ("alol", "seq") else torch.zeros_like(w, dtype=torch.bool)
     if w.dim() == 2:  # per-token weights -> per-row means, (B,)
         w, clipped = masked_mean(w, mask, dim=-1), masked_mean(clipped.to(logp.dtype), mask, dim=-1)
-    metrics = {"alol/kept_fraction": weighted_mean(keep.float(), weights),
-               "alol/advantage": weighted_mean(adv, row_w), "alol/importance_weight": weighted_mean(w, row_w),
-               "alol/clipfrac": weighted_mean(clipped.float(), row_w),
-               "alol/nll": weighted_mean(-masked_sum(logp, mask, dim=-1), row_w)}
+    metrics = {
+        "alol/kept_fraction": weighted_mean(keep.float(), weights),
+        "alol/advantage": weighted_mean(adv, row_w),
+        "alol/importance_weight": weighted_mean(w, row_w),
+        "alol/clipfrac": weighted_mean(clipped.float(), row_w),
+        "alol/nll": weighted_mean(-masked_sum(logp, mask, dim=-1), row_w),
+    }
     return reduce_rows(per_row, reduction, row_w if reduction == "mean" else weights), metrics
 
 
@@ -122,9 +134,17 @@ def superhf_select(rewards: Tensor, k: int = 1) -> Tensor:
     return rewards.topk(k, dim=1).indices
 
 
-def superhf_loss(policy_logits: Tensor, ref_logits: Tensor, labels: Tensor, mask: Tensor, *, beta: float = 0.35,
-                 agg: str = "token_mean", global_tokens: Optional[float] = None, global_seqs: Optional[float] = None
-                 ) -> tuple[Tensor, dict[str, Tensor]]:
+def superhf_loss(
+    policy_logits: Tensor,
+    ref_logits: Tensor,
+    labels: Tensor,
+    mask: Tensor,
+    *,
+    beta: float = 0.35,
+    agg: str = "token_mean",
+    global_tokens: float | None = None,
+    global_seqs: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """SuperHF (Mukobi et al. 2023) update on the kept best-of-n completions y*.
 
     ``L = CE(y*) + β·max(0, KL_tok(π_0 ‖ π_θ))`` with the full-vocabulary forward KL per token
@@ -136,8 +156,10 @@ def superhf_loss(policy_logits: Tensor, ref_logits: Tensor, labels: Tensor, mask
     β = 0 is SFT (cross-entropy) on the kept samples. Metrics: ``superhf/ce``, ``superhf/kl`` (token means).
     """
     if policy_logits.shape != ref_logits.shape or policy_logits.shape[:2] != labels.shape or labels.shape != mask.shape:
-        raise ValueError(f"superhf_loss: shapes disagree: policy_logits {tuple(policy_logits.shape)}, ref_logits "
-                         f"{tuple(ref_logits.shape)}, labels {tuple(labels.shape)}, mask {tuple(mask.shape)}")
+        raise ValueError(
+            f"superhf_loss: shapes disagree: policy_logits {tuple(policy_logits.shape)}, ref_logits "
+            f"{tuple(ref_logits.shape)}, labels {tuple(labels.shape)}, mask {tuple(mask.shape)}"
+        )
     mask = mask.bool()
     logp = F.log_softmax(policy_logits.float(), dim=-1)  # (B, T, V)
     logp0 = F.log_softmax(ref_logits.detach().float(), dim=-1)  # (B, T, V)
@@ -159,8 +181,10 @@ def mpo_split(chosen_rewards: Tensor, rejected_rewards: Tensor, delta: float) ->
     (**value unverified**, no default); δ = -inf puts every pair in the easy set (DPO then PPO on nothing).
     """
     if chosen_rewards.shape != rejected_rewards.shape:
-        raise ValueError(f"mpo_split: chosen_rewards {tuple(chosen_rewards.shape)} and rejected_rewards "
-                         f"{tuple(rejected_rewards.shape)} differ")
+        raise ValueError(
+            f"mpo_split: chosen_rewards {tuple(chosen_rewards.shape)} and rejected_rewards "
+            f"{tuple(rejected_rewards.shape)} differ"
+        )
     easy = (chosen_rewards - rejected_rewards).abs() > delta  # (B,)
     return easy, ~easy
 

@@ -46,8 +46,9 @@ def pairwise_preference_loss(z_ab: Tensor, z_ba: Tensor, symmetric: bool = False
     |P(c ≻ r) + P(r ≻ c) - 1|), ``pm/order_agreement`` (fraction of pairs where both orders pick the same side).
     """
     if z_ab.shape != z_ba.shape or z_ab.dim() != 1:
-        raise ValueError(f"pairwise_preference_loss: z_ab {tuple(z_ab.shape)} and z_ba {tuple(z_ba.shape)} must both "
-                         "be (B,)")
+        raise ValueError(
+            f"pairwise_preference_loss: z_ab {tuple(z_ab.shape)} and z_ba {tuple(z_ba.shape)} must both be (B,)"
+        )
     z_ab, z_ba = z_ab.float(), z_ba.float()
     if symmetric:
         s = win_logit(z_ab, z_ba, True)  # (B,)
@@ -57,7 +58,10 @@ def pairwise_preference_loss(z_ab: Tensor, z_ba: Tensor, symmetric: bool = False
         per = 0.5 * (F.softplus(-z_ab) + F.softplus(z_ba))
         p_ab, p_ba = torch.sigmoid(z_ab), torch.sigmoid(z_ba)
     d = p_ab.detach(), p_ba.detach()
-    metrics = {"pm/accuracy": (d[0] > 0.5).float().mean(), "pm/win_prob": d[0].mean(),
-               "pm/symmetry_gap": (d[0] + d[1] - 1).abs().mean(),
-               "pm/order_agreement": ((d[0] > 0.5) == (d[1] < 0.5)).float().mean()}
+    metrics = {
+        "pm/accuracy": (d[0] > 0.5).float().mean(),
+        "pm/win_prob": d[0].mean(),
+        "pm/symmetry_gap": (d[0] + d[1] - 1).abs().mean(),
+        "pm/order_agreement": ((d[0] > 0.5) == (d[1] < 0.5)).float().mean(),
+    }
     return per.mean(), metrics

@@ -18,8 +18,6 @@ Metric values are detached 0-dim tensors (no device sync); call ``.item()`` when
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from alignflow.algorithms.core import aggregate, masked_mean, zero_invalid
@@ -36,8 +34,9 @@ def _check_shapes(mask: Tensor, **tensors: Tensor) -> None:
             raise ValueError(f"{name} has shape {tuple(x.shape)}; expected the mask's shape {tuple(mask.shape)} (B, T)")
 
 
-def _clipped_surrogate(ratio: Tensor, advantages: Tensor, clip_low: float, clip_high: float,
-                       dual_clip: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+def _clipped_surrogate(
+    ratio: Tensor, advantages: Tensor, clip_low: float, clip_high: float, dual_clip: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token ``max(−Â·ρ, −Â·clip(ρ, 1−ε_low, 1+ε_high))`` with the optional dual clip; also the clip indicators."""
     loss_unclipped = -advantages * ratio  # (B, T)
     loss_clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # (B, T)
@@ -53,10 +52,19 @@ def _clipped_surrogate(ratio: Tensor, advantages: Tensor, clip_low: float, clip_
     return loss, clipped, dual
 
 
-def ppo_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor, clip_low: float = 0.2,
-                    clip_high: float = 0.2, dual_clip: Optional[float] = None, agg: str = "token_mean",
-                    norm_len: Optional[float] = None, global_tokens: Optional[float] = None,
-                    global_seqs: Optional[float] = None) -> tuple[Tensor, dict[str, Tensor]]:
+def ppo_policy_loss(
+    logp: Tensor,
+    logp_old: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    agg: str = "token_mean",
+    norm_len: float | None = None,
+    global_tokens: float | None = None,
+    global_seqs: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017, arXiv:1707.06347; InstructGPT; docs/ppo.md).
 
     ``ρ_t = exp(lp_θ − lp_old)``, ``L = agg_t max(−Â_t·ρ_t, −Â_t·clip(ρ_t, 1−ε_low, 1+ε_high))``.
@@ -86,10 +94,18 @@ def ppo_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Te
     return loss, metrics
 
 
-def gspo_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor, clip_low: float = 3e-4,
-                     clip_high: float = 4e-4, agg: str = "seq_mean_token_mean", norm_len: Optional[float] = None,
-                     global_tokens: Optional[float] = None,
-                     global_seqs: Optional[float] = None) -> tuple[Tensor, dict[str, Tensor]]:
+def gspo_policy_loss(
+    logp: Tensor,
+    logp_old: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    agg: str = "seq_mean_token_mean",
+    norm_len: float | None = None,
+    global_tokens: float | None = None,
+    global_seqs: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO, sequence-level clipped surrogate (Zheng et al. 2025, arXiv:2507.18071; docs/gspo.md).
 
     ``s_i = exp(mean_{t valid}(lp_θ − lp_old))`` (the length-normalised sequence ratio), GSPO-token form
@@ -119,9 +135,15 @@ def gspo_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: T
     return loss, metrics
 
 
-def vanilla_pg_loss(logp: Tensor, advantages: Tensor, mask: Tensor, agg: str = "seq_mean_token_sum",
-                    norm_len: Optional[float] = None, global_tokens: Optional[float] = None,
-                    global_seqs: Optional[float] = None) -> tuple[Tensor, dict[str, Tensor]]:
+def vanilla_pg_loss(
+    logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    agg: str = "seq_mean_token_sum",
+    norm_len: float | None = None,
+    global_tokens: float | None = None,
+    global_seqs: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """REINFORCE without clipping (Williams 1992): ``L = −agg_t Â_t·lp_θ[t]``.
 
     With sequence advantages and the default ``seq_mean_token_sum`` this is RLOO's ``−mean_i A_i·LP_θ(y_i)``
@@ -136,9 +158,17 @@ def vanilla_pg_loss(logp: Tensor, advantages: Tensor, mask: Tensor, agg: str = "
     return loss, {"policy/pg_advantage_mean": masked_mean(advantages.detach(), mask)}
 
 
-def value_loss(values: Tensor, values_old: Tensor, returns: Tensor, mask: Tensor, clip: Optional[float] = 0.2,
-               agg: str = "token_mean", norm_len: Optional[float] = None, global_tokens: Optional[float] = None,
-               global_seqs: Optional[float] = None) -> tuple[Tensor, dict[str, Tensor]]:
+def value_loss(
+    values: Tensor,
+    values_old: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip: float | None = 0.2,
+    agg: str = "token_mean",
+    norm_len: float | None = None,
+    global_tokens: float | None = None,
+    global_seqs: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss (PPO as in InstructGPT / PPO-max; docs/ppo.md).
 
     ``V^c = clip(V, V_old − ε_v, V_old + ε_v)``, ``L_V = ½·agg_t max((V − G)², (V^c − G)²)``; ``clip=None`` gives
@@ -157,8 +187,11 @@ def value_loss(values: Tensor, values_old: Tensor, returns: Tensor, mask: Tensor
         err = torch.maximum(err, err_clip)
     loss = 0.5 * aggregate(err, mask, agg, norm_len, global_tokens, global_seqs)
     with torch.no_grad():
-        metrics = {"critic/value_loss": loss.detach(), "critic/clipfrac": masked_mean(clipped.float(), mask),
-                   "critic/value_mean": masked_mean(values, mask)}
+        metrics = {
+            "critic/value_loss": loss.detach(),
+            "critic/clipfrac": masked_mean(clipped.float(), mask),
+            "critic/value_mean": masked_mean(values, mask),
+        }
     return loss, metrics
 
 
@@ -168,9 +201,15 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return entropy
 
 
-def entropy_bonus(entropy: Tensor, mask: Tensor, target: Optional[float] = None, agg: str = "token_mean",
-                  norm_len: Optional[float] = None, global_tokens: Optional[float] = None,
-                  global_seqs: Optional[float] = None) -> tuple[Tensor, dict[str, Tensor]]:
+def entropy_bonus(
+    entropy: Tensor,
+    mask: Tensor,
+    target: float | None = None,
+    agg: str = "token_mean",
+    norm_len: float | None = None,
+    global_tokens: float | None = None,
+    global_seqs: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Entropy term to *add* to the loss with coefficient c_H: ``−agg_t H_t`` (maximises entropy).
 
     With ``target`` set, PPO-max's entropy clip (Zheng et al. 2023, "Secrets of RLHF I"): ``agg_t |H_t − target|``

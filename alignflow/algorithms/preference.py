@@ -29,7 +29,7 @@ APO is not a loss: :func:`apo_extrapolate` builds the next round's reference log
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -80,31 +80,32 @@ class PrefInputs:
     ``desirable`` (+ the mismatched-pair ``*_kl_logps``); PRO and CPL read ``ranked_*`` when present and otherwise
     treat (chosen, rejected) as a ranked list of two (see :meth:`as_ranked`).
     """
-    policy_chosen_logps: Optional[Tensor] = None
-    policy_rejected_logps: Optional[Tensor] = None
-    ref_chosen_logps: Optional[Tensor] = None
-    ref_rejected_logps: Optional[Tensor] = None
-    chosen_lengths: Optional[Tensor] = None
-    rejected_lengths: Optional[Tensor] = None
-    chosen_rewards: Optional[Tensor] = None
-    rejected_rewards: Optional[Tensor] = None
-    prev_chosen_logps: Optional[Tensor] = None
-    prev_rejected_logps: Optional[Tensor] = None
-    policy_chosen_token_logps: Optional[Tensor] = None
-    policy_rejected_token_logps: Optional[Tensor] = None
-    chosen_token_rewards: Optional[Tensor] = None
-    rejected_token_rewards: Optional[Tensor] = None
-    chosen_mask: Optional[Tensor] = None
-    rejected_mask: Optional[Tensor] = None
-    policy_logps: Optional[Tensor] = None
-    ref_logps: Optional[Tensor] = None
-    desirable: Optional[Tensor] = None
-    policy_kl_logps: Optional[Tensor] = None
-    ref_kl_logps: Optional[Tensor] = None
-    ranked_logps: Optional[Tensor] = None
-    ranked_lengths: Optional[Tensor] = None
-    ranked_rewards: Optional[Tensor] = None
-    ranked_mask: Optional[Tensor] = None
+
+    policy_chosen_logps: Tensor | None = None
+    policy_rejected_logps: Tensor | None = None
+    ref_chosen_logps: Tensor | None = None
+    ref_rejected_logps: Tensor | None = None
+    chosen_lengths: Tensor | None = None
+    rejected_lengths: Tensor | None = None
+    chosen_rewards: Tensor | None = None
+    rejected_rewards: Tensor | None = None
+    prev_chosen_logps: Tensor | None = None
+    prev_rejected_logps: Tensor | None = None
+    policy_chosen_token_logps: Tensor | None = None
+    policy_rejected_token_logps: Tensor | None = None
+    chosen_token_rewards: Tensor | None = None
+    rejected_token_rewards: Tensor | None = None
+    chosen_mask: Tensor | None = None
+    rejected_mask: Tensor | None = None
+    policy_logps: Tensor | None = None
+    ref_logps: Tensor | None = None
+    desirable: Tensor | None = None
+    policy_kl_logps: Tensor | None = None
+    ref_kl_logps: Tensor | None = None
+    ranked_logps: Tensor | None = None
+    ranked_lengths: Tensor | None = None
+    ranked_rewards: Tensor | None = None
+    ranked_mask: Tensor | None = None
 
     def need(self, loss: str, *names: str) -> list[Tensor]:
         """Return the named fields, or raise naming the loss, the field and its expected shape."""
@@ -119,31 +120,39 @@ class PrefInputs:
                 raise ValueError(f"{loss}: PrefInputs.{name} should be {doc}; got {got}")
             if aligned:
                 if rows is not None and value.shape[0] != rows[1]:
-                    raise ValueError(f"{loss}: PrefInputs.{name} has {value.shape[0]} rows but "
-                                     f"PrefInputs.{rows[0]} has {rows[1]}")
+                    raise ValueError(
+                        f"{loss}: PrefInputs.{name} has {value.shape[0]} rows but PrefInputs.{rows[0]} has {rows[1]}"
+                    )
                 rows = rows or (name, value.shape[0])
             if name.endswith("lengths"):
-                _check_lengths(loss, name, value, getattr(self, "ranked_mask") if name == "ranked_lengths" else None)
+                _check_lengths(loss, name, value, self.ranked_mask if name == "ranked_lengths" else None)
             out.append(value)
         return out
 
-    def as_ranked(self, loss: str, need_lengths: bool = True
-                  ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor]:
+    def as_ranked(self, loss: str, need_lengths: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
         """(logps (B, n), lengths (B, n) or None, rewards (B, n) or None, mask (B, n) bool).
 
         Uses the ``ranked_*`` fields when ``ranked_logps`` is set, else stacks (chosen, rejected) as n = 2 with
         ``chosen_rewards``/``rejected_rewards`` as scores when both are set.
         """
         if self.ranked_logps is not None:
-            names = ["ranked_logps"] + [n for n, want in (("ranked_mask", self.ranked_mask is not None),
-                                                          ("ranked_lengths", need_lengths),
-                                                          ("ranked_rewards", self.ranked_rewards is not None)) if want]
-            got = dict(zip(names, self.need(loss, *names)))
+            names = ["ranked_logps"] + [
+                n
+                for n, want in (
+                    ("ranked_mask", self.ranked_mask is not None),
+                    ("ranked_lengths", need_lengths),
+                    ("ranked_rewards", self.ranked_rewards is not None),
+                )
+                if want
+            ]
+            got = dict(zip(names, self.need(loss, *names), strict=False))
             logps = got["ranked_logps"]  # (B, n)
             for name, value in got.items():
                 if value.shape != logps.shape:
-                    raise ValueError(f"{loss}: PrefInputs.{name} has shape {tuple(value.shape)} but ranked_logps has "
-                                     f"{tuple(logps.shape)}")
+                    raise ValueError(
+                        f"{loss}: PrefInputs.{name} has shape {tuple(value.shape)} but ranked_logps has "
+                        f"{tuple(logps.shape)}"
+                    )
             mask = got["ranked_mask"].bool() if "ranked_mask" in got else torch.ones_like(logps, dtype=torch.bool)
             _check_ranked_mask(loss, mask)
             return logps, got.get("ranked_lengths"), got.get("ranked_rewards"), mask
@@ -157,14 +166,16 @@ class PrefInputs:
         return logps, lengths, rewards, torch.ones_like(logps, dtype=torch.bool)
 
 
-def _check_lengths(loss: str, name: str, lengths: Tensor, mask: Optional[Tensor]) -> None:
+def _check_lengths(loss: str, name: str, lengths: Tensor, mask: Tensor | None) -> None:
     bad = lengths < 1
     if mask is not None and mask.shape == lengths.shape:
         bad = bad & mask.bool()
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{loss}: PrefInputs.{name} row {row} has a response of length "
-                         f"{lengths[row].tolist()}; every response needs at least one token")
+        raise ValueError(
+            f"{loss}: PrefInputs.{name} row {row} has a response of length "
+            f"{lengths[row].tolist()}; every response needs at least one token"
+        )
 
 
 def _check_ranked_mask(loss: str, mask: Tensor) -> None:
@@ -173,8 +184,10 @@ def _check_ranked_mask(loss: str, mask: Tensor) -> None:
     bad = (counts < 2) | (prefix != mask).any(dim=1)
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{loss}: PrefInputs.ranked_mask row {row} is {mask[row].int().tolist()}; each row needs "
-                         f">= 2 responses, valid ones first")
+        raise ValueError(
+            f"{loss}: PrefInputs.ranked_mask row {row} is {mask[row].int().tolist()}; each row needs "
+            f">= 2 responses, valid ones first"
+        )
 
 
 def _check_range(loss: str, name: str, value: float, low: float, high: float, high_open: bool = False) -> None:
@@ -182,7 +195,7 @@ def _check_range(loss: str, name: str, value: float, low: float, high: float, hi
         raise ValueError(f"{loss}: {name}={value} is outside [{low}, {high}{')' if high_open else ']'}")
 
 
-def reduce_rows(losses: Tensor, reduction: str, weights: Optional[Tensor]) -> Tensor:
+def reduce_rows(losses: Tensor, reduction: str, weights: Tensor | None) -> Tensor:
     """Apply the row weights and the reduction (see the module docstring). ``losses``: (B,)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {', '.join(REDUCTIONS)}")
@@ -198,7 +211,7 @@ def reduce_rows(losses: Tensor, reduction: str, weights: Optional[Tensor]) -> Te
     return losses.sum() / denom
 
 
-def weighted_mean(x: Tensor, weights: Optional[Tensor]) -> Tensor:
+def weighted_mean(x: Tensor, weights: Tensor | None) -> Tensor:
     """Detached (weighted) mean of a (B,) metric."""
     x = x.detach().float()
     if weights is None:
@@ -207,17 +220,20 @@ def weighted_mean(x: Tensor, weights: Optional[Tensor]) -> Tensor:
     return (x * w).sum() / w.sum().clamp_min(1e-12)
 
 
-def _pair_metrics(chosen: Tensor, rejected: Tensor, margin: Tensor, weights: Optional[Tensor]) -> Metrics:
-    return {"pref/accuracy": weighted_mean((chosen > rejected).float(), weights),
-            "pref/margin": weighted_mean(margin, weights),
-            "pref/chosen_reward": weighted_mean(chosen, weights),
-            "pref/rejected_reward": weighted_mean(rejected, weights)}
+def _pair_metrics(chosen: Tensor, rejected: Tensor, margin: Tensor, weights: Tensor | None) -> Metrics:
+    return {
+        "pref/accuracy": weighted_mean((chosen > rejected).float(), weights),
+        "pref/margin": weighted_mean(margin, weights),
+        "pref/chosen_reward": weighted_mean(chosen, weights),
+        "pref/rejected_reward": weighted_mean(rejected, weights),
+    }
 
 
 def _log_ratios(inputs: PrefInputs, loss: str, length_normalize: bool = False) -> tuple[Tensor, Tensor]:
     """(LP_θ(y_w) - LP_ref(y_w), LP_θ(y_l) - LP_ref(y_l)), each (B,), optionally divided by the lengths."""
-    pc, pr, rc, rr = inputs.need(loss, "policy_chosen_logps", "policy_rejected_logps",
-                                 "ref_chosen_logps", "ref_rejected_logps")
+    pc, pr, rc, rr = inputs.need(
+        loss, "policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"
+    )
     chosen, rejected = pc - rc, pr - rr  # (B,), (B,)
     if length_normalize:
         lc, lr = inputs.need(loss, "policy_chosen_logps", "chosen_lengths", "rejected_lengths")[1:]
@@ -231,8 +247,14 @@ def _smoothed(z: Tensor, eps: float) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- pairwise
-def dpo_loss(inputs: PrefInputs, *, beta: float = 0.1, label_smoothing: float = 0.0,
-             reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
+def dpo_loss(
+    inputs: PrefInputs,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    weights: Tensor | None = None,
+) -> LossOut:
     """DPO (Rafailov et al. 2023) and conservative DPO (cDPO, label smoothing ε).
 
     ``l_i = (1 - ε)·ℓ(βh_i) + ε·ℓ(-βh_i)``; ε = 0 is plain DPO. β = 0.1; ε ∈ [0, 0.5] (TRL default 0; ≈ 0.1 in
@@ -247,14 +269,26 @@ def dpo_loss(inputs: PrefInputs, *, beta: float = 0.1, label_smoothing: float = 
     return reduce_rows(losses, reduction, weights), _pair_metrics(beta * chosen, beta * rejected, z, weights)
 
 
-def cdpo_loss(inputs: PrefInputs, *, beta: float = 0.1, label_smoothing: float = 0.1,
-              reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
+def cdpo_loss(
+    inputs: PrefInputs,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.1,
+    reduction: str = "mean",
+    weights: Tensor | None = None,
+) -> LossOut:
     """Conservative DPO: :func:`dpo_loss` with the cDPO default ε = 0.1 (same formula, shapes and metrics)."""
     return dpo_loss(inputs, beta=beta, label_smoothing=label_smoothing, reduction=reduction, weights=weights)
 
 
-def robust_dpo_loss(inputs: PrefInputs, *, beta: float = 0.1, label_smoothing: float = 0.1,
-                    reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
+def robust_dpo_loss(
+    inputs: PrefInputs,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.1,
+    reduction: str = "mean",
+    weights: Tensor | None = None,
+) -> LossOut:
     """Robust DPO (Chowdhury et al. 2024): unbiased under label flips with rate ε.
 
     ``l_i = [(1 - ε)·ℓ(βh_i) - ε·ℓ(-βh_i)] / (1 - 2ε)``, ε ∈ [0, 0.5) the assumed flip rate (default 0.1, an
@@ -268,8 +302,14 @@ def robust_dpo_loss(inputs: PrefInputs, *, beta: float = 0.1, label_smoothing: f
     return reduce_rows(losses, reduction, weights), _pair_metrics(beta * chosen, beta * rejected, z, weights)
 
 
-def ipo_loss(inputs: PrefInputs, *, beta: float = 0.1, length_normalize: bool = True,
-             reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
+def ipo_loss(
+    inputs: PrefInputs,
+    *,
+    beta: float = 0.1,
+    length_normalize: bool = True,
+    reduction: str = "mean",
+    weights: Tensor | None = None,
+) -> LossOut:
     """IPO (Azar et al. 2023, "A general theoretical paradigm..."): ``l_i = (h_i - 1/(2τ))²`` with τ = ``beta``.
 
     τ = 0.1 (so the target margin is 5). With ``length_normalize`` (default, as TRL does) h is built from the
@@ -283,8 +323,9 @@ def ipo_loss(inputs: PrefInputs, *, beta: float = 0.1, length_normalize: bool = 
     return reduce_rows(losses, reduction, weights), _pair_metrics(beta * chosen, beta * rejected, beta * h, weights)
 
 
-def hinge_loss(inputs: PrefInputs, *, beta: float = 0.1,
-               reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
+def hinge_loss(
+    inputs: PrefInputs, *, beta: float = 0.1, reduction: str = "mean", weights: Tensor | None = None
+) -> LossOut:
     """SLiC-style hinge on the DPO margin: ``l_i = max(0, 1 - βh_i)`` (β = 1/δ, δ the hinge margin).
 
     The calibration loss of SLiC-HF (Zhao et al. 2023) applied to the reference-relative
@@ -297,14 +338,22 @@ def hinge_loss(inputs: PrefInputs, *, beta: float = 0.1,
 
 
 def _simpo_terms(inputs: PrefInputs, loss: str, beta: float, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
-    pc, pr, lc, lr = inputs.need(loss, "policy_chosen_logps", "policy_rejected_logps",
-                                 "chosen_lengths", "rejected_lengths")
+    pc, pr, lc, lr = inputs.need(
+        loss, "policy_chosen_logps", "policy_rejected_logps", "chosen_lengths", "rejected_lengths"
+    )
     chosen, rejected = beta * pc / lc, beta * pr / lr  # (B,), (B,)
     return chosen, rejected, chosen - rejected - gamma
 
 
-def simpo_loss(inputs: PrefInputs, *, beta: float = 2.0, gamma: float = 1.0, label_smoothing: float = 0.0,
-               reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
+def simpo_loss(
+    inputs: PrefInputs,
+    *,
+    beta: float = 2.0,
+    gamma: float = 1.0,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    weights: Tensor | None = None,
+) -> LossOut:
     """SimPO (Meng et al. 2024), reference-free: ``l_i = ℓ(β·LP̄_θ(y_w) - β·LP̄_θ(y_l) - γ)``.
 
     β = 2.0-2.5 and γ/β = 0.5 in the paper, so defaults β = 2.0, γ = 1.0 (lr 3e-7 to 1e-6). Optional label
@@ -323,16 +372,18 @@ def _log_odds(mean_logp: Tensor) -> Tensor:
     return m - torch.log(-torch.expm1(m))
 
 
-def orpo_loss(inputs: PrefInputs, *, lam: float = 0.1,
-              reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
+def orpo_loss(
+    inputs: PrefInputs, *, lam: float = 0.1, reduction: str = "mean", weights: Tensor | None = None
+) -> LossOut:
     """ORPO (Hong et al. 2024), no reference: ``l_i = NLL(y_w) + λ·ℓ(log odds(y_w) - log odds(y_l))``.
 
     ``P̄(y) = exp(LP̄_θ(y))``, ``log odds(y) = log P̄ - log(1 - P̄)``, NLL(y_w) = -LP̄_θ(y_w) (the paper's
     token-averaged SFT term, per row). λ = 0.1. With P̄_w = P̄_l the loss is NLL + λ·log 2. Reads policy log-probs
     and lengths, each (B,). Rewards: log odds; margin: the log odds ratio. Extra: ``orpo/nll``.
     """
-    pc, pr, lc, lr = inputs.need("orpo_loss", "policy_chosen_logps", "policy_rejected_logps",
-                                 "chosen_lengths", "rejected_lengths")
+    pc, pr, lc, lr = inputs.need(
+        "orpo_loss", "policy_chosen_logps", "policy_rejected_logps", "chosen_lengths", "rejected_lengths"
+    )
     mean_c, mean_r = pc / lc, pr / lr  # (B,), (B,)
     odds_c, odds_r = _log_odds(mean_c), _log_odds(mean_r)
     z = odds_c - odds_r  # (B,)
@@ -342,17 +393,24 @@ def orpo_loss(inputs: PrefInputs, *, lam: float = 0.1,
     return reduce_rows(losses, reduction, weights), metrics
 
 
-def inpo_loss(inputs: PrefInputs, *, eta: float = 1.0, tau: float = 0.1,
-              reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
+def inpo_loss(
+    inputs: PrefInputs, *, eta: float = 1.0, tau: float = 0.1, reduction: str = "mean", weights: Tensor | None = None
+) -> LossOut:
     """INPO (Zhang et al. 2024), one online-mirror-descent step on the preference game: ``l_i = (h_t - η/2)²``.
 
     ``h_t = log[π(y_w)/π(y_l)] - ητ·log[π_ref(y_w)/π_ref(y_l)] - (1 - ητ)·log[π_t(y_w)/π_t(y_l)]`` with π_t the
     previous iterate (``prev_*_logps``). η, τ values are **unverified** (not confirmed from the paper; defaults 1.0,
     0.1). ητ = 1 is IPO (summed log-probs) against π_ref with 1/(2τ_IPO) = η/2. Margin metric: h_t.
     """
-    pc, pr, rc, rr, tc, tr = inputs.need("inpo_loss", "policy_chosen_logps", "policy_rejected_logps",
-                                         "ref_chosen_logps", "ref_rejected_logps",
-                                         "prev_chosen_logps", "prev_rejected_logps")
+    pc, pr, rc, rr, tc, tr = inputs.need(
+        "inpo_loss",
+        "policy_chosen_logps",
+        "policy_rejected_logps",
+        "ref_chosen_logps",
+        "ref_rejected_logps",
+        "prev_chosen_logps",
+        "prev_rejected_logps",
+    )
     mix = eta * tau
     chosen = pc - mix * rc - (1.0 - mix) * tc  # (B,)
     rejected = pr - mix * rr - (1.0 - mix) * tr  # (B,)
@@ -361,8 +419,9 @@ def inpo_loss(inputs: PrefInputs, *, eta: float = 1.0, tau: float = 0.1,
     return reduce_rows(losses, reduction, weights), _pair_metrics(chosen, rejected, h, weights)
 
 
-def refuel_loss(inputs: PrefInputs, *, eta: float = 1.0,
-                reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
+def refuel_loss(
+    inputs: PrefInputs, *, eta: float = 1.0, reduction: str = "mean", weights: Tensor | None = None
+) -> LossOut:
     """REFUEL (Gao et al. 2024; REBEL for one turn): ``l_i = (h_i - η·(Q̂(y) - Q̂(y')))²``.
 
     The "chosen"/"rejected" fields hold the two continuations y, y' (not ranked); ``ref_*`` hold the log-probs
@@ -387,8 +446,16 @@ def treg_token_rewards(ref_pos_token_logps: Tensor, ref_neg_token_logps: Tensor,
     return torch.where(mask, torch.sigmoid(diff) - 0.5, 0.0).detach()
 
 
-def treg_loss(inputs: PrefInputs, *, beta: float = 0.1, alpha: float = 0.25, base: str = "dpo", gamma: float = 1.0,
-              reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
+def treg_loss(
+    inputs: PrefInputs,
+    *,
+    beta: float = 0.1,
+    alpha: float = 0.25,
+    base: str = "dpo",
+    gamma: float = 1.0,
+    reduction: str = "mean",
+    weights: Tensor | None = None,
+) -> LossOut:
     """T-REG (Zhou et al. 2024): DPO (or SimPO) plus a token-level regulariser weighted by the DPO gradient scale.
 
     ``L_REG(y) = -Σ_t β·r̂_t·lp_θ[t]``, ``w = sg[σ(-z)]`` (σ(-βh) for DPO), and
@@ -405,9 +472,15 @@ def treg_loss(inputs: PrefInputs, *, beta: float = 0.1, alpha: float = 0.25, bas
         chosen, rejected, z = _simpo_terms(inputs, "treg_loss", beta, gamma)
     else:
         raise ValueError(f"treg_loss: base={base!r} is not one of dpo, simpo")
-    lw, ll, rw, rl, mw, ml = inputs.need("treg_loss", "policy_chosen_token_logps", "policy_rejected_token_logps",
-                                         "chosen_token_rewards", "rejected_token_rewards",
-                                         "chosen_mask", "rejected_mask")
+    lw, ll, rw, rl, mw, ml = inputs.need(
+        "treg_loss",
+        "policy_chosen_token_logps",
+        "policy_rejected_token_logps",
+        "chosen_token_rewards",
+        "rejected_token_rewards",
+        "chosen_mask",
+        "rejected_mask",
+    )
     reg_w = -beta * masked_sum(rw * lw, mw, dim=-1)  # (B,)
     reg_l = -beta * masked_sum(rl * ll, ml, dim=-1)  # (B,)
     reg = torch.sigmoid(-z).detach() * (reg_w + reg_l)  # (B,)
@@ -418,8 +491,16 @@ def treg_loss(inputs: PrefInputs, *, beta: float = 0.1, alpha: float = 0.25, bas
 
 
 # ----------------------------------------------------------------------------------------------- unpaired
-def kto_loss(inputs: PrefInputs, *, beta: float = 0.1, lambda_d: float = 1.0, lambda_u: float = 1.0,
-             z0: Optional[float] = None, reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
+def kto_loss(
+    inputs: PrefInputs,
+    *,
+    beta: float = 0.1,
+    lambda_d: float = 1.0,
+    lambda_u: float = 1.0,
+    z0: float | None = None,
+    reduction: str = "mean",
+    weights: Tensor | None = None,
+) -> LossOut:
     """KTO (Ethayarajh et al. 2024) on unpaired (x, y, desirable?) rows.
 
     ``r_θ = LP_θ(y) - LP_ref(y)``; ``z_0 = max(0, mean_j[LP_θ(y'_j|x_j) - LP_ref(y'_j|x_j)])`` over mismatched
@@ -437,8 +518,10 @@ def kto_loss(inputs: PrefInputs, *, beta: float = 0.1, lambda_d: float = 1.0, la
     if z0 is None:
         pk, rk = inputs.need("kto_loss", "policy_kl_logps", "ref_kl_logps")
         if pk.shape != rk.shape or pk.numel() == 0:
-            raise ValueError(f"kto_loss: policy_kl_logps {tuple(pk.shape)} and ref_kl_logps {tuple(rk.shape)} must "
-                             "be non-empty and of equal shape")
+            raise ValueError(
+                f"kto_loss: policy_kl_logps {tuple(pk.shape)} and ref_kl_logps {tuple(rk.shape)} must "
+                "be non-empty and of equal shape"
+            )
         kl = (pk - rk).mean().detach().clamp_min(0.0)
     else:
         kl = torch.tensor(float(z0), dtype=pol.dtype, device=pol.device).clamp_min(0.0)
@@ -446,15 +529,26 @@ def kto_loss(inputs: PrefInputs, *, beta: float = 0.1, lambda_d: float = 1.0, la
     losses = torch.where(d, lambda_d * torch.sigmoid(-beta * (r - kl)), lambda_u * torch.sigmoid(-beta * (kl - r)))
     w = torch.ones_like(r) if weights is None else weights
     wd, wu = w * d, w * (~d)  # (B,), (B,)
-    metrics = {"pref/chosen_reward": weighted_mean(beta * r, wd) if bool(d.any()) else r.new_zeros(()),
-               "pref/rejected_reward": weighted_mean(beta * r, wu) if bool((~d).any()) else r.new_zeros(()),
-               "kto/z0": kl.detach(), "kto/desirable_fraction": weighted_mean(d.float(), weights)}
+    metrics = {
+        "pref/chosen_reward": weighted_mean(beta * r, wd) if bool(d.any()) else r.new_zeros(()),
+        "pref/rejected_reward": weighted_mean(beta * r, wu) if bool((~d).any()) else r.new_zeros(()),
+        "kto/z0": kl.detach(),
+        "kto/desirable_fraction": weighted_mean(d.float(), weights),
+    }
     return reduce_rows(losses, reduction, weights), metrics
 
 
 # ----------------------------------------------------------------------------------------------- ranked
-def cpl_loss(inputs: PrefInputs, *, alpha: float = 0.1, lam: float = 0.5, bc_weight: float = 0.0,
-             bc_data: str = "all", reduction: str = "mean", weights: Optional[Tensor] = None) -> LossOut:
+def cpl_loss(
+    inputs: PrefInputs,
+    *,
+    alpha: float = 0.1,
+    lam: float = 0.5,
+    bc_weight: float = 0.0,
+    bc_data: str = "all",
+    reduction: str = "mean",
+    weights: Tensor | None = None,
+) -> LossOut:
     """CPL (Hejna et al. 2023): contrastive preference learning with advantage A(σ) = α·Σ_t γ^t log π(a_t|s_t).
 
     For LLMs a segment is a response and γ = 1, so A = α·LP_θ(y). Pair σ⁺ ≻ σ⁻: ``ℓ(A⁺ - λ·A⁻)`` with the
@@ -482,7 +576,7 @@ def cpl_loss(inputs: PrefInputs, *, alpha: float = 0.1, lam: float = 0.5, bc_wei
     return reduce_rows(losses, reduction, weights), _pair_metrics(adv[:, 0], adv[:, 1], margin, weights)
 
 
-def _cpl_bc(logps: Tensor, lengths: Optional[Tensor], mask: Tensor, bc_data: str) -> Tensor:
+def _cpl_bc(logps: Tensor, lengths: Tensor | None, mask: Tensor, bc_data: str) -> Tensor:
     """CPL's behaviour-cloning term per row (B,): token-mean NLL of all the row's responses ("all") or of the best
     one ("pos")."""
     assert lengths is not None, "callers ask as_ranked for lengths (need_lengths=True)"
@@ -492,8 +586,9 @@ def _cpl_bc(logps: Tensor, lengths: Optional[Tensor], mask: Tensor, bc_data: str
     return -lp.sum(dim=1) / lengths.masked_fill(~mask, 0).sum(dim=1)
 
 
-def cpl_bc_loss(inputs: PrefInputs, *, bc_data: str = "all", reduction: str = "mean",
-                weights: Optional[Tensor] = None) -> LossOut:
+def cpl_bc_loss(
+    inputs: PrefInputs, *, bc_data: str = "all", reduction: str = "mean", weights: Tensor | None = None
+) -> LossOut:
     """CPL-BC's pre-training phase (Hejna et al. 2023): behaviour cloning alone, the token-mean NLL of the row's
     responses (``bc_data`` as in :func:`cpl_loss`), for the first ``loss.bc_steps`` optimiser steps before the CPL
     loss takes over. Two responses of lengths 2 and 3 with summed log-probs -4 and -2 give (4 + 2) / 5 = 1.2."""
@@ -504,8 +599,9 @@ def cpl_bc_loss(inputs: PrefInputs, *, bc_data: str = "all", reduction: str = "m
     return reduce_rows(losses, reduction, weights), {"cpl/bc_nll": weighted_mean(losses.detach(), weights)}
 
 
-def pro_loss(inputs: PrefInputs, *, sft_weight: float = 0.05, reduction: str = "mean",
-             weights: Optional[Tensor] = None) -> LossOut:
+def pro_loss(
+    inputs: PrefInputs, *, sft_weight: float = 0.05, reduction: str = "mean", weights: Tensor | None = None
+) -> LossOut:
     """PRO (Song et al. 2023), list-wise ranking of n >= 2 responses y¹ ≻ … ≻ yⁿ (best first).
 
     Score s_k = LP̄_θ(y^k). For k = 1..n-1, with T_k^i = r^k - r^i (i > k) and T_k^k = max_{i>k} T_k^i:
@@ -524,12 +620,12 @@ def pro_loss(inputs: PrefInputs, *, sft_weight: float = 0.05, reduction: str = "
     low = torch.finfo(s.dtype).min
     rank = s.new_zeros(s.shape[0])  # (B,)
     for k in range(s.shape[1] - 1):
-        rest = mask[:, k + 1:]  # (B, n-k-1)
+        rest = mask[:, k + 1 :]  # (B, n-k-1)
         active = mask[:, k] & rest.any(dim=1)  # (B,)
         # (B, n-k-1)
-        temp = torch.ones_like(s[:, k + 1:]) if rewards is None else rewards[:, k:k + 1] - rewards[:, k + 1:]
+        temp = torch.ones_like(s[:, k + 1 :]) if rewards is None else rewards[:, k : k + 1] - rewards[:, k + 1 :]
         top = temp.masked_fill(~rest, low).amax(dim=1).masked_fill(~active, 0.0)  # (B,)
-        logits = torch.cat([(s[:, k] * top)[:, None], s[:, k + 1:] * temp], dim=1)  # (B, n-k)
+        logits = torch.cat([(s[:, k] * top)[:, None], s[:, k + 1 :] * temp], dim=1)  # (B, n-k)
         valid = torch.cat([active[:, None], rest & active[:, None]], dim=1)  # (B, n-k)
         logits = logits.masked_fill(~valid, low)
         rank = rank + torch.where(active, torch.logsumexp(logits, dim=1) - logits[:, 0], 0.0)
@@ -552,8 +648,10 @@ def apo_extrapolate(new_logps: Tensor, prev_logps: Tensor, alpha: float = 0.3) -
     (**unverified**); α = 0 is plain iterative DPO. Returns a detached tensor.
     """
     if new_logps.shape != prev_logps.shape:
-        raise ValueError(f"apo_extrapolate: new_logps {tuple(new_logps.shape)} and prev_logps "
-                         f"{tuple(prev_logps.shape)} must have the same shape")
+        raise ValueError(
+            f"apo_extrapolate: new_logps {tuple(new_logps.shape)} and prev_logps "
+            f"{tuple(prev_logps.shape)} must have the same shape"
+        )
     return ((1.0 + alpha) * new_logps - alpha * prev_logps).detach()
 
 

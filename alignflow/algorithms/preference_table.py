@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Optional
 
 from alignflow.algorithms import preference as P
 from alignflow.algorithms.preference import PreferenceLoss
@@ -58,7 +57,7 @@ class LossSpec:
     reference: bool = True
     extra: tuple[str, ...] = ()
     settings: tuple[str, ...] = ()
-    pretrain: Optional[PreferenceLoss] = None
+    pretrain: PreferenceLoss | None = None
     title: str = ""
 
     def __post_init__(self) -> None:
@@ -91,8 +90,14 @@ class LossSpec:
 _PAIR = ("policy_chosen_logps", "policy_rejected_logps")
 _REF = ("ref_chosen_logps", "ref_rejected_logps")
 _LEN = ("chosen_lengths", "rejected_lengths")
-_TOKENS = ("policy_chosen_token_logps", "policy_rejected_token_logps", "chosen_token_rewards",
-           "rejected_token_rewards", "chosen_mask", "rejected_mask")
+_TOKENS = (
+    "policy_chosen_token_logps",
+    "policy_rejected_token_logps",
+    "chosen_token_rewards",
+    "rejected_token_rewards",
+    "chosen_mask",
+    "rejected_mask",
+)
 
 PREFERENCE_LOSSES: dict[str, LossSpec] = {
     "dpo": LossSpec(P.dpo_loss, _PAIR + _REF, title="DPO"),
@@ -102,17 +107,28 @@ PREFERENCE_LOSSES: dict[str, LossSpec] = {
     "hinge": LossSpec(P.hinge_loss, _PAIR + _REF, title="hinge"),
     "simpo": LossSpec(P.simpo_loss, _PAIR + _LEN, reference=False, title="SimPO"),
     "orpo": LossSpec(P.orpo_loss, _PAIR + _LEN, reference=False, title="ORPO"),
-    "kto": LossSpec(P.kto_loss, ("policy_logps", "ref_logps", "desirable", "policy_kl_logps", "ref_kl_logps"),
-                    data="unpaired", extra=("mismatched",), title="KTO"),
+    "kto": LossSpec(
+        P.kto_loss,
+        ("policy_logps", "ref_logps", "desirable", "policy_kl_logps", "ref_kl_logps"),
+        data="unpaired",
+        extra=("mismatched",),
+        title="KTO",
+    ),
     "cpl": LossSpec(P.cpl_loss, _PAIR, data="ranked", reference=False, pretrain=P.cpl_bc_loss, title="CPL"),
-    "pro": LossSpec(P.pro_loss, _PAIR + _LEN, data="ranked", reference=False, extra=("optional_scores",),
-                    title="PRO"),
-    "treg": LossSpec(P.treg_loss, _PAIR + _REF + _TOKENS, extra=("token_rewards",),
-                     settings=("treg_pos_instruction", "treg_neg_instruction"), title="T-REG"),
-    "inpo": LossSpec(P.inpo_loss, _PAIR + _REF + ("prev_chosen_logps", "prev_rejected_logps"), extra=("previous",),
-                     title="INPO"),
-    "refuel": LossSpec(P.refuel_loss, _PAIR + _REF + ("chosen_rewards", "rejected_rewards"), extra=("scores",),
-                       title="REFUEL"),
+    "pro": LossSpec(P.pro_loss, _PAIR + _LEN, data="ranked", reference=False, extra=("optional_scores",), title="PRO"),
+    "treg": LossSpec(
+        P.treg_loss,
+        _PAIR + _REF + _TOKENS,
+        extra=("token_rewards",),
+        settings=("treg_pos_instruction", "treg_neg_instruction"),
+        title="T-REG",
+    ),
+    "inpo": LossSpec(
+        P.inpo_loss, _PAIR + _REF + ("prev_chosen_logps", "prev_rejected_logps"), extra=("previous",), title="INPO"
+    ),
+    "refuel": LossSpec(
+        P.refuel_loss, _PAIR + _REF + ("chosen_rewards", "rejected_rewards"), extra=("scores",), title="REFUEL"
+    ),
 }
 
 

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 
-def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
-            reduction: str = "mean") -> tuple[torch.Tensor, dict[str, float]]:
+def bt_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None, reduction: str = "mean"
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Bradley-Terry loss with an optional margin (Llama 2; docs/reward_models.md).
 
         L = -log sigma(r_c - r_r - m) = softplus(-(r_c - r_r - m))
@@ -29,8 +30,9 @@ def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor |
     return (per.mean() if reduction == "mean" else per), metrics
 
 
-def regression_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
-                    reduction: str = "mean") -> tuple[torch.Tensor, dict[str, float]]:
+def regression_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, reduction: str = "mean"
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean squared error over rated attributes (multi-objective reward head, ArmoRM stage 1).
 
     pred, target: (B, K); mask: (B, K) with 1 where the attribute is rated (missing ratings are ignored).

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -18,21 +19,29 @@ from alignflow.algorithms.kl import kl_penalty_rewards
 Tensor = torch.Tensor
 
 
-def safe_combined_advantages(reward_adv: Tensor, cost_adv: Tensor, lam: Union[float, Tensor]) -> Tensor:
+def safe_combined_advantages(reward_adv: Tensor, cost_adv: Tensor, lam: float | Tensor) -> Tensor:
     """Actor advantage ``Â = (Â_R − λ·Â_C) / (1 + λ)``. λ = 0 gives plain PPO on the reward.
 
     Dividing by 1 + λ keeps the advantage scale bounded as λ grows. Shapes: reward_adv, cost_adv (B, T) or (B,);
     λ a float or 0-dim tensor (detached: no gradient reaches the multiplier through the actor).
     """
     if reward_adv.shape != cost_adv.shape:
-        raise ValueError(f"reward and cost advantages differ in shape: {tuple(reward_adv.shape)} vs "
-                         f"{tuple(cost_adv.shape)}")
+        raise ValueError(
+            f"reward and cost advantages differ in shape: {tuple(reward_adv.shape)} vs {tuple(cost_adv.shape)}"
+        )
     lam = lam.detach() if isinstance(lam, Tensor) else float(lam)
     return (reward_adv - lam * cost_adv) / (1.0 + lam)
 
 
-def safe_shaped_rewards(rewards: Tensor, costs: Tensor, logp_old: Tensor, ref_logp: Tensor, mask: Tensor,
-                        beta: float, clip: Optional[float] = 50.0) -> tuple[Tensor, Tensor]:
+def safe_shaped_rewards(
+    rewards: Tensor,
+    costs: Tensor,
+    logp_old: Tensor,
+    ref_logp: Tensor,
+    mask: Tensor,
+    beta: float,
+    clip: float | None = 50.0,
+) -> tuple[Tensor, Tensor]:
     """Per-token reward and cost: ``r_t = −β·k1_t + 1[t = last]·R``, ``c_t = +β·k1_t + 1[t = last]·C``.
 
     The KL term pushes the same way in both: it lowers the reward and raises the cost. Both are clipped to
@@ -56,8 +65,14 @@ class LagrangeMultiplier:
     Defaults (Safe RLHF): d = 0, λ_init = 1.0, lr = 0.1, λ_max = 5.0, window 128.
     """
 
-    def __init__(self, init: float = 1.0, lr: float = 0.1, max_value: Optional[float] = 5.0,
-                 threshold: float = 0.0, window: int = 128):
+    def __init__(
+        self,
+        init: float = 1.0,
+        lr: float = 0.1,
+        max_value: float | None = 5.0,
+        threshold: float = 0.0,
+        window: int = 128,
+    ):
         if init <= 0:
             raise ValueError(f"Lagrange multiplier init must be > 0 (it is exp(log λ)); got {init}")
         if max_value is not None and max_value < init:
@@ -75,10 +90,13 @@ class LagrangeMultiplier:
         """λ = exp(log λ)."""
         return math.exp(self.log_lambda)
 
-    def update(self, episode_costs: Union[Tensor, Sequence[float]]) -> float:
+    def update(self, episode_costs: Tensor | Sequence[float]) -> float:
         """Add episode costs C (one per response, (B,)), take one step, return the new λ."""
-        values = episode_costs.detach().flatten().tolist() if isinstance(episode_costs, Tensor) \
+        values = (
+            episode_costs.detach().flatten().tolist()
+            if isinstance(episode_costs, Tensor)
             else [float(c) for c in episode_costs]
+        )
         if not values:
             raise ValueError("LagrangeMultiplier.update got no episode costs")
         if any(not math.isfinite(c) for c in values):

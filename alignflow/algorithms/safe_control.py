@@ -52,9 +52,17 @@ class PIDController:
     ``+-integral_limit`` (None: unbounded). ``value`` before any update is ``clamp(base, low, high)``.
     """
 
-    def __init__(self, target: float, kp: float, ki: float = 0.0, kd: float = 0.0, base: float = 0.0,
-                 low: float | None = None, high: float | None = None,
-                 integral_limit: float | None = None):
+    def __init__(
+        self,
+        target: float,
+        kp: float,
+        ki: float = 0.0,
+        kd: float = 0.0,
+        base: float = 0.0,
+        low: float | None = None,
+        high: float | None = None,
+        integral_limit: float | None = None,
+    ):
         if low is not None and high is not None and low > high:
             raise ValueError(f"PIDController: low ({low}) is above high ({high})")
         if integral_limit is not None and integral_limit < 0:

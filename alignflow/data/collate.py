@@ -17,7 +17,7 @@ Two ways to avoid padding waste, both exact (the loss does not depend on which o
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -70,14 +70,19 @@ def pack(examples: Sequence[dict], capacity: int, pad_id: int, keys: Sequence[st
         start = 0
         for s, i in enumerate(b):
             n = lengths[i]
-            ids[r, start:start + n] = torch.tensor(examples[i]["input_ids"])
-            pos[r, start:start + n] = torch.arange(n)
-            seg[r, start:start + n] = s
+            ids[r, start : start + n] = torch.tensor(examples[i]["input_ids"])
+            pos[r, start : start + n] = torch.arange(n)
+            seg[r, start : start + n] = s
             for k in keys:
-                extra[k][r, start:start + n] = torch.tensor(examples[i][k])
+                extra[k][r, start : start + n] = torch.tensor(examples[i][k])
             start += n
-    return {"input_ids": ids, "position_ids": pos, "segment_ids": seg,
-            "attention_mask": block_causal_mask(seg), **extra}
+    return {
+        "input_ids": ids,
+        "position_ids": pos,
+        "segment_ids": seg,
+        "attention_mask": block_causal_mask(seg),
+        **extra,
+    }
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
@@ -85,7 +90,7 @@ def pad_right(seqs: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
     T = max(len(s) for s in seqs)
     out = torch.full((len(seqs), T), pad, dtype=torch.long)
     for i, s in enumerate(seqs):
-        out[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
+        out[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
     return out
 
 
@@ -138,9 +143,11 @@ def unflatten(flat: dict, pad_id: int, keys: Sequence[str] = ("loss_mask",)) -> 
     def rows(t: torch.Tensor) -> list[list[int]]:
         return [r.tolist() for r in t[0].split(lens)]
 
-    return {"input_ids": pad_right(rows(flat["input_ids"]), pad_id),
-            "attention_mask": pad_right([[1] * n for n in lens], 0),
-            **{k: pad_right(rows(flat[k]), 0) for k in keys}}
+    return {
+        "input_ids": pad_right(rows(flat["input_ids"]), pad_id),
+        "attention_mask": pad_right([[1] * n for n in lens], 0),
+        **{k: pad_right(rows(flat[k]), 0) for k in keys},
+    }
 
 
 def token_groups(lengths: Sequence[int], budget: int) -> list[list[int]]:

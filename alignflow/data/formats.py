@@ -25,8 +25,9 @@ set with no good row is an error in both modes. See ``docs/data.md``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple
 
 
 class DataError(ValueError):
@@ -66,6 +67,7 @@ MAX_EXAMPLES = 5
 @dataclass(frozen=True)
 class Unparseable:
     """Stands in for the row of a record that could not be read (e.g. an invalid JSON line)."""
+
     reason: str
 
 
@@ -90,7 +92,7 @@ def detect_format(row: dict) -> str:
 # ----------------------------------------------------------------------------------------------- field checks
 # Each check takes (value, conversational) and returns (normalised value, problem or None).
 # ``conversational`` is True/False when the row's form is known, None when it is not.
-Check = Callable[[Any, Optional[bool]], tuple[Any, Optional[str]]]
+Check = Callable[[Any, bool | None], tuple[Any, str | None]]
 
 
 def _type_name(value: Any) -> str:
@@ -103,7 +105,7 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "i
 _ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant"}
 
 
-def _unicode_problem(text: str) -> Optional[str]:
+def _unicode_problem(text: str) -> str | None:
     """A lone surrogate (e.g. from a JSON escape ``\\ud800``) cannot be encoded as UTF-8, so no tokenizer can
     read the text; say where it is."""
     try:
@@ -113,14 +115,14 @@ def _unicode_problem(text: str) -> Optional[str]:
     return None
 
 
-def _check_role(role: str) -> Optional[str]:
+def _check_role(role: str) -> str | None:
     if role in CHAT_ROLES:
         return None
     hint = f" (use '{_ROLE_HINTS[role.lower()]}')" if role.lower() in _ROLE_HINTS else ""
     return f"role {role!r} is not one of {', '.join(CHAT_ROLES)}{hint}"
 
 
-def _check_messages(value: Any, conversational: Optional[bool] = True) -> tuple[Any, Optional[str]]:
+def _check_messages(value: Any, conversational: bool | None = True) -> tuple[Any, str | None]:
     if not isinstance(value, list):
         return value, f"expected a list of messages, got {_type_name(value)}"
     if not value:
@@ -141,7 +143,7 @@ def _check_messages(value: Any, conversational: Optional[bool] = True) -> tuple[
     return value, None
 
 
-def _check_text(value: Any, conversational: Optional[bool] = False) -> tuple[Any, Optional[str]]:
+def _check_text(value: Any, conversational: bool | None = False) -> tuple[Any, str | None]:
     if not isinstance(value, str):
         return value, f"expected a string, got {_type_name(value)}"
     if not value.strip():
@@ -149,7 +151,7 @@ def _check_text(value: Any, conversational: Optional[bool] = False) -> tuple[Any
     return value, _unicode_problem(value)
 
 
-def _check_turn(value: Any, conversational: Optional[bool]) -> tuple[Any, Optional[str]]:
+def _check_turn(value: Any, conversational: bool | None) -> tuple[Any, str | None]:
     """A string (standard rows) or a message list (conversational rows)."""
     if isinstance(value, str):
         if conversational:
@@ -163,7 +165,7 @@ def _check_turn(value: Any, conversational: Optional[bool]) -> tuple[Any, Option
 
 
 def _check_turns(minimum: int, noun: str) -> Check:
-    def check(value: Any, conversational: Optional[bool]) -> tuple[Any, Optional[str]]:
+    def check(value: Any, conversational: bool | None) -> tuple[Any, str | None]:
         if not isinstance(value, list):
             return value, f"expected a list of {noun}s, got {_type_name(value)}"
         if len(value) < minimum:
@@ -173,10 +175,11 @@ def _check_turns(minimum: int, noun: str) -> Check:
             if problem:
                 return value, f"{noun} {i}: {problem}"
         return value, None
+
     return check
 
 
-def _as_number(value: Any) -> Optional[float]:
+def _as_number(value: Any) -> float | None:
     """A finite float from a number or a numeric string; None when it is not one (booleans are not numbers)."""
     if isinstance(value, bool):
         return None
@@ -190,7 +193,7 @@ def _as_number(value: Any) -> Optional[float]:
     return None
 
 
-def _check_margin(value: Any, conversational: Optional[bool]) -> tuple[Any, Optional[str]]:
+def _check_margin(value: Any, conversational: bool | None) -> tuple[Any, str | None]:
     number = _as_number(value)
     return (number, None) if number is not None else (value, f"expected a finite number, got {value!r}")
 
@@ -198,7 +201,7 @@ def _check_margin(value: Any, conversational: Optional[bool]) -> tuple[Any, Opti
 _TRUE, _FALSE = ("true", "1", "1.0"), ("false", "0", "0.0")
 
 
-def _check_label(value: Any, conversational: Optional[bool]) -> tuple[Any, Optional[str]]:
+def _check_label(value: Any, conversational: bool | None) -> tuple[Any, str | None]:
     if isinstance(value, bool):
         return value, None
     text = str(value).strip().lower() if isinstance(value, (str, int, float)) else None
@@ -207,7 +210,7 @@ def _check_label(value: Any, conversational: Optional[bool]) -> tuple[Any, Optio
     return value, f"expected a boolean (true/false or 1/0), got {value!r}"
 
 
-def _check_ratings(value: Any, conversational: Optional[bool]) -> tuple[Any, Optional[str]]:
+def _check_ratings(value: Any, conversational: bool | None) -> tuple[Any, str | None]:
     """A list of {attribute: number} dicts, every one rating the same attributes."""
     if not isinstance(value, list) or not value:
         return value, f"expected a non-empty list of {{attribute: number}} objects, got {value!r:.80}"
@@ -241,7 +244,7 @@ _FIELD_CHECKS: dict[str, Check] = {
 
 
 # ----------------------------------------------------------------------------------------------- row checks
-def _row_form(row: dict) -> Optional[bool]:
+def _row_form(row: dict) -> bool | None:
     """True for conversational rows, False for standard ones, None when the prompt/text is absent."""
     for key in ("prompt", "messages", "text"):
         if isinstance(row.get(key), list):
@@ -258,8 +261,10 @@ def _cross_checks(fmt: str, row: dict) -> list[str]:
     if fmt == "ranked":  # a response ranked against itself teaches nothing and breaks the ranking losses' ties
         for i, response in enumerate(row["responses"]):
             if response in row["responses"][:i]:
-                return [f"field 'responses': response {i + 1} is identical to response "
-                        f"{row['responses'].index(response) + 1}"]
+                return [
+                    f"field 'responses': response {i + 1} is identical to response "
+                    f"{row['responses'].index(response) + 1}"
+                ]
     if fmt == "rated" and len(row["ratings"]) != len(row["completions"]):
         return [f"field 'ratings': {len(row['ratings'])} ratings for {len(row['completions'])} completions"]
     return []
@@ -273,7 +278,7 @@ def _shared_prefix(chosen: Any, rejected: Any) -> int:
     return n
 
 
-def split_implicit_prompt(row: dict) -> tuple[dict, Optional[str]]:
+def split_implicit_prompt(row: dict) -> tuple[dict, str | None]:
     """A preference row without ``prompt`` (TRL's implicit-prompt form): the shared start of ``chosen`` and
     ``rejected`` becomes the prompt and the rest of each the completions; returns (row, problem or None).
 
@@ -284,7 +289,8 @@ def split_implicit_prompt(row: dict) -> tuple[dict, Optional[str]]:
     """
     chosen, rejected = row["chosen"], row["rejected"]
     if not (isinstance(chosen, str) and isinstance(rejected, str)) and not (
-            isinstance(chosen, list) and isinstance(rejected, list)):
+        isinstance(chosen, list) and isinstance(rejected, list)
+    ):
         return row, None
     n = _shared_prefix(chosen, rejected)
     if isinstance(chosen, str) and n and chosen[n - 1] == " ":
@@ -292,12 +298,16 @@ def split_implicit_prompt(row: dict) -> tuple[dict, Optional[str]]:
     if chosen == rejected:
         return row, "field 'rejected': identical to 'chosen'"
     if n == 0 or (isinstance(chosen, str) and not chosen[:n].strip()):
-        return row, ("field 'prompt': missing, and 'chosen' and 'rejected' do not start the same way, so no "
-                     "implicit prompt can be taken from them")
+        return row, (
+            "field 'prompt': missing, and 'chosen' and 'rejected' do not start the same way, so no "
+            "implicit prompt can be taken from them"
+        )
     for name, side in (("chosen", chosen), ("rejected", rejected)):
         if len(side) == n:
-            return row, (f"field '{name}': the whole of it is the prompt shared with the other side, so it "
-                         "has no completion (give 'prompt' explicitly)")
+            return row, (
+                f"field '{name}': the whole of it is the prompt shared with the other side, so it "
+                "has no completion (give 'prompt' explicitly)"
+            )
     return {**row, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}, None
 
 
@@ -306,8 +316,12 @@ def check_row(fmt: str, row: dict) -> tuple[dict, list[str]]:
 
     A ``preference`` row without ``prompt`` gets one from the shared start of its two sides
     (``split_implicit_prompt``)."""
-    if fmt == "preference" and row.get("prompt") is None and row.get("chosen") is not None \
-            and row.get("rejected") is not None:
+    if (
+        fmt == "preference"
+        and row.get("prompt") is None
+        and row.get("chosen") is not None
+        and row.get("rejected") is not None
+    ):
         row, problem = split_implicit_prompt(row)
         if problem:
             return dict(row), [problem]
@@ -334,8 +348,10 @@ def _same_attributes(row: dict, where: str, reference: dict) -> list[str]:
     if not reference:
         reference.update(attributes=attributes, where=where)
     elif attributes != reference["attributes"]:
-        return [f"field 'ratings': rates {attributes}, but {reference['where']} rates {reference['attributes']}; "
-                "every row must rate the same attributes"]
+        return [
+            f"field 'ratings': rates {attributes}, but {reference['where']} rates {reference['attributes']}; "
+            "every row must rate the same attributes"
+        ]
     return []
 
 
@@ -343,6 +359,7 @@ def _same_attributes(row: dict, where: str, reference: dict) -> list[str]:
 @dataclass
 class ValidatedRows:
     """Rows that passed validation, their locations, and what was skipped."""
+
     rows: list[dict]
     where: list[str]
     format: str
@@ -368,8 +385,9 @@ def enforce_bad_row_policy(problems: Sequence[str], n_bad: int, n_rows: int, on_
             advice = "every row is bad, so there is nothing to use; check the file and data.format"
         else:
             advice = "fix the rows, or set data.on_bad_row=skip to drop them (their count is reported)"
-        raise DataError(f"{source}: {n_bad} of {n_rows} rows are bad ({len(problems)} problems):\n"
-                        f"{listed}{more}\n{advice}")
+        raise DataError(
+            f"{source}: {n_bad} of {n_rows} rows are bad ({len(problems)} problems):\n{listed}{more}\n{advice}"
+        )
 
 
 def _resolve_format(records: Sequence, fmt: str) -> str:
@@ -417,12 +435,14 @@ def check_label_balance(rows: Sequence[dict], source: str) -> None:
     labels = {bool(row["label"]) for row in rows}
     if len(labels) == 1:
         (label,) = labels
-        raise DataError(f"{source}: field 'label': all {len(rows)} rows are labelled {str(label).lower()}; KTO "
-                        f"needs both desirable (true) and undesirable (false) completions")
+        raise DataError(
+            f"{source}: field 'label': all {len(rows)} rows are labelled {str(label).lower()}; KTO "
+            f"needs both desirable (true) and undesirable (false) completions"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- rated -> pairs
-def completion_scores(row: dict, attribute: Optional[str] = None) -> list[float]:
+def completion_scores(row: dict, attribute: str | None = None) -> list[float]:
     """One score per completion of a rated row: ``ratings[i][attribute]``, or the mean over attributes."""
     scores = []
     for rating in row["ratings"]:
@@ -435,7 +455,7 @@ def completion_scores(row: dict, attribute: Optional[str] = None) -> list[float]
     return scores
 
 
-def rated_to_pairs(row: dict, attribute: Optional[str] = None, min_gap: float = 0.0) -> list[dict]:
+def rated_to_pairs(row: dict, attribute: str | None = None, min_gap: float = 0.0) -> list[dict]:
     """Binarise a validated ``rated`` row into at most one ``preference`` pair (UltraFeedback -> pairs).
 
     Each completion i gets the score ``s_i = ratings[i][attribute]``, or the mean of all its ratings when
@@ -456,13 +476,12 @@ def rated_to_pairs(row: dict, attribute: Optional[str] = None, min_gap: float = 
     return [pair]
 
 
-def rated_to_preference(rated: ValidatedRows, attribute: Optional[str] = None,
-                        min_gap: float = 0.0) -> ValidatedRows:
+def rated_to_preference(rated: ValidatedRows, attribute: str | None = None, min_gap: float = 0.0) -> ValidatedRows:
     """``rated_to_pairs`` over a validated data set; rows with no pair are counted in ``skipped``."""
     if rated.format != "rated":
         raise DataError(f"{rated.source}: rated_to_preference needs rated rows, these are {rated.format}")
     out = ValidatedRows([], [], "preference", rated.source, rated.skipped, list(rated.examples))
-    for row, where in zip(rated.rows, rated.where):
+    for row, where in zip(rated.rows, rated.where, strict=False):
         try:
             pairs = rated_to_pairs(row, attribute, min_gap)
         except DataError as e:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
 
 from alignflow.data.formats import DataError, Unparseable
 
@@ -35,16 +35,18 @@ MAX_DEPTH = 64  # deepest nesting of objects/arrays accepted in a row (real rows
 
 class Record(NamedTuple):
     where: str
-    row: Union[dict, Unparseable]
+    row: dict | Unparseable
 
 
 def _json_kind(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number")
+        type(value), "a number"
+    )
 
 
 class _Duplicated(dict):
     """A JSON object that repeated a key (``json`` keeps the last value silently); ``key`` is the first repeat."""
+
     key: str = ""
 
 
@@ -68,7 +70,7 @@ def _parse(text: str) -> Any:
         raise ValueError(f"nested too deeply (more than {MAX_DEPTH} levels of objects/arrays)") from None
 
 
-def _structure_problem(value: Any) -> Optional[str]:
+def _structure_problem(value: Any) -> str | None:
     """A repeated key anywhere in ``value``, or nesting deeper than ``MAX_DEPTH``; None when neither."""
     stack = [(value, 1)]
     while stack:
@@ -89,7 +91,7 @@ def _as_record(where: str, value: Any) -> Record:
     return Record(where, Unparseable(problem) if problem else value)
 
 
-def _bad_bytes(text: str) -> Optional[str]:
+def _bad_bytes(text: str) -> str | None:
     """Where ``text`` (decoded with ``surrogateescape``) held bytes that are not UTF-8; None when it has none."""
     for column, char in enumerate(text, 1):
         if "\udc80" <= char <= "\udcff":
@@ -128,8 +130,10 @@ def _load_json(path: str, split: str) -> list[Record]:
     bad = _bad_bytes(text)
     if bad:  # one JSON document: a bad byte spoils the whole file, so say on which line it is
         first = next(i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff")
-        raise DataError(f"{path}:{text.count(chr(10), 0, first) + 1}: {bad.split(' at ')[0]} (a .json file is "
-                        "one document, so this stops the whole file; use .jsonl to skip single rows)")
+        raise DataError(
+            f"{path}:{text.count(chr(10), 0, first) + 1}: {bad.split(' at ')[0]} (a .json file is "
+            "one document, so this stops the whole file; use .jsonl to skip single rows)"
+        )
     try:
         data = _parse(text)
     except json.JSONDecodeError as e:
@@ -141,8 +145,10 @@ def _load_json(path: str, split: str) -> list[Record]:
     if isinstance(data, dict):
         key = next((k for k in (split, "data") if isinstance(data.get(k), list)), None)
         if key is None:
-            raise DataError(f"{path}: expected a list of objects, or an object with a list under '{split}' or "
-                            f"'data'; found keys {sorted(data)}")
+            raise DataError(
+                f"{path}: expected a list of objects, or an object with a list under '{split}' or "
+                f"'data'; found keys {sorted(data)}"
+            )
         data = data[key]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a list of objects, got {_json_kind(data)}")
@@ -164,11 +170,11 @@ def _json_column(values: list) -> bool:
     return bool(cells) and all(c[0] + c[-1] in ("[]", "{}") for c in cells) and any(map(_parses, cells))
 
 
-def _csv_row(header: list[str], cells: list[str], json_columns: set[str]) -> Union[dict, Unparseable]:
+def _csv_row(header: list[str], cells: list[str], json_columns: set[str]) -> dict | Unparseable:
     if len(cells) != len(header):
         return Unparseable(f"{len(cells)} cells, the header has {len(header)} columns")
     row: dict = {}
-    for name, cell in zip(header, cells):
+    for name, cell in zip(header, cells, strict=False):
         bad = _bad_bytes(cell)
         if bad:
             return Unparseable(f"field '{name}': {bad}")
@@ -205,7 +211,10 @@ def _load_csv(path: str) -> list[Record]:
     if bad:
         raise DataError(f"{path}:1: header line: {bad}")
     json_columns = {name for i, name in enumerate(header) if _json_column([r[i] for r in rows if i < len(r)])}
-    return [Record(f"{path}:{line}", _csv_row(header, cells, json_columns)) for line, cells in zip(lines, rows)]
+    return [
+        Record(f"{path}:{line}", _csv_row(header, cells, json_columns))
+        for line, cells in zip(lines, rows, strict=False)
+    ]
 
 
 def _load_parquet(path: str) -> list[Record]:
@@ -241,9 +250,12 @@ def _load_dataset(path: str, split: str, local: bool) -> list[Record]:
     try:
         data = datasets.load_dataset(path, split=split)
     except Exception as e:  # noqa: BLE001 -- datasets raises many types; all mean "cannot load this"
-        what = (f"{path}: datasets.load_dataset cannot read this directory with split '{split}'" if local else
-                f"{path!r} is neither an existing data file or directory nor a reachable hub data set with "
-                f"split '{split}'")
+        what = (
+            f"{path}: datasets.load_dataset cannot read this directory with split '{split}'"
+            if local
+            else f"{path!r} is neither an existing data file or directory nor a reachable hub data set with "
+            f"split '{split}'"
+        )
         raise DataError(f"{what} ({type(e).__name__}: {e})") from e
     return [Record(f"{path}[{split}][row {i}]", row) for i, row in enumerate(data.to_list())]
 

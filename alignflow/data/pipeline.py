@@ -30,12 +30,20 @@ def _read(path: str, split: str, cfg: DataConfig, tokenizer, expect: tuple[str, 
     records = load_records(path, split)
     checked = validate(records, fmt=cfg.format, on_bad_row=cfg.on_bad_row, source=path)
     if expect and checked.format not in expect:
-        raise DataError(f"{path}: rows are in '{checked.format}' format, this command needs one of "
-                        f"{', '.join(expect)} (set data.format to force a format)")
+        raise DataError(
+            f"{path}: rows are in '{checked.format}' format, this command needs one of "
+            f"{', '.join(expect)} (set data.format to force a format)"
+        )
     encoded = encode_rows(checked, tokenizer, cfg, on_bad_row=cfg.on_bad_row)
     # Skipped rows are always reported; so are truncated ones (a user should know their max_len cuts data).
-    reports = [r for r in (checked.summary() if checked.skipped else "",
-                           encoded.summary() if encoded.skipped or encoded.truncated else "") if r]
+    reports = [
+        r
+        for r in (
+            checked.summary() if checked.skipped else "",
+            encoded.summary() if encoded.skipped or encoded.truncated else "",
+        )
+        if r
+    ]
     for r in reports:
         log.warning(r)
     return checked.format, list(encoded.rows), reports
@@ -59,8 +67,9 @@ def prepare_data(cfg: DataConfig, tokenizer, expect: tuple[str, ...] = (), seed:
     if n_eval and len(rows) - n_eval < 1:
         raise DataError(f"{cfg.path}: {len(rows)} rows are too few to hold out data.eval_fraction={cfg.eval_fraction}")
     held = set(order[:n_eval])
-    return PreparedData(fmt, [r for i, r in enumerate(rows) if i not in held],
-                        [r for i, r in enumerate(rows) if i in held], reports)
+    return PreparedData(
+        fmt, [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held], reports
+    )
 
 
 def check_objectives(data: PreparedData, num_objectives: int, loss: str, source: str) -> None:
@@ -70,13 +79,17 @@ def check_objectives(data: PreparedData, num_objectives: int, loss: str, source:
     if data.format != "rated":
         if num_objectives > 1 or loss == "regression":
             key = f"reward.num_objectives={num_objectives}" if num_objectives > 1 else "reward.loss=regression"
-            raise ConfigError(f"{key} needs rated rows (prompt, completions, ratings: one number per attribute); "
-                              f"{source} holds {data.format} rows, which give one objective: use "
-                              "reward.num_objectives=1 and reward.loss=bt, or rated data")
+            raise ConfigError(
+                f"{key} needs rated rows (prompt, completions, ratings: one number per attribute); "
+                f"{source} holds {data.format} rows, which give one objective: use "
+                "reward.num_objectives=1 and reward.loss=bt, or rated data"
+            )
         return
     rows = data.train or data.eval
     attributes = rows[0]["attributes"] if rows else []
     if num_objectives > 1 and num_objectives != len(attributes):
-        raise ConfigError(f"reward.num_objectives={num_objectives}, but {source} rates {len(attributes)} attributes "
-                          f"({', '.join(attributes)}); set reward.num_objectives={len(attributes)} (or 1: as the "
-                          "data says)")
+        raise ConfigError(
+            f"reward.num_objectives={num_objectives}, but {source} rates {len(attributes)} attributes "
+            f"({', '.join(attributes)}); set reward.num_objectives={len(attributes)} (or 1: as the "
+            "data says)"
+        )

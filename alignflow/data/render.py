@@ -20,10 +20,10 @@ they are cut on the right at ``max_len``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from alignflow.config import ConfigError, DataConfig
 from alignflow.data.formats import MAX_EXAMPLES, DataError, ValidatedRows, enforce_bad_row_policy
@@ -43,11 +43,14 @@ class Encoded:
 class EncodedRows(ValidatedRows):
     """Tokenised rows (see ``encode_rows``). ``skipped``/``examples`` count rows dropped at tokenisation only;
     the validation report stays on the ``ValidatedRows``."""
+
     truncated: int = 0  # rows that lost tokens to the truncation rule
 
     def summary(self) -> str:
-        text = (f"{self.source}: {len(self.rows)} {self.format} rows tokenised, {self.skipped} rows skipped, "
-                f"{self.truncated} rows truncated")
+        text = (
+            f"{self.source}: {len(self.rows)} {self.format} rows tokenised, {self.skipped} rows skipped, "
+            f"{self.truncated} rows truncated"
+        )
         return text + "".join(f"\n  {e}" for e in self.examples)
 
 
@@ -73,8 +76,10 @@ def read_chat_template(value: str) -> str:
     if "{%" not in value and "{{" not in value:
         path = Path(value).expanduser()
         if not path.is_file():
-            raise ConfigError(f"data.chat_template: {value!r} is neither a Jinja template (no '{{%' or '{{{{') "
-                              "nor an existing file holding one")
+            raise ConfigError(
+                f"data.chat_template: {value!r} is neither a Jinja template (no '{{%' or '{{{{') "
+                "nor an existing file holding one"
+            )
         text, origin = path.read_text(encoding="utf-8-sig"), f"data.chat_template ({path})"
     try:
         jinja2.Environment().parse(text)
@@ -95,11 +100,11 @@ def chat_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = 
     A template that refuses the messages (e.g. ``raise_exception`` on an unexpected role or order) gives a
     DataError with its message, so the row is reported (or skipped) like any other bad row."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("conversational rows need a tokenizer with a chat template, and this one has none "
-                        "(set data.chat_template)")
+        raise DataError(
+            "conversational rows need a tokenizer with a chat template, and this one has none (set data.chat_template)"
+        )
     try:
-        out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                            tokenize=True)
+        out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=True)
     except Exception as e:  # noqa: BLE001 -- template code is user-supplied Jinja; any failure is about this row
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"the chat template rejected these messages: {message}") from None
@@ -120,11 +125,13 @@ def _prompt_ids(tokenizer, prompt: Text) -> list[int]:
 
 def _extension(before: list[int], after: list[int]) -> list[int]:
     """The tokens ``after`` adds to ``before``; DataError when ``before`` is not a prefix of it."""
-    if after[:len(before)] != before:
-        raise DataError("the chat template is not prefix-stable: rendering the conversation so far and then "
-                        "the whole conversation gives different leading tokens, so the response tokens cannot "
-                        "be told apart (use a template that only appends, or standard string rows)")
-    return after[len(before):]
+    if after[: len(before)] != before:
+        raise DataError(
+            "the chat template is not prefix-stable: rendering the conversation so far and then "
+            "the whole conversation gives different leading tokens, so the response tokens cannot "
+            "be told apart (use a template that only appends, or standard string rows)"
+        )
+    return after[len(before) :]
 
 
 def _completion_ids(tokenizer, prompt: Text, prompt_ids: list[int], completion: Text) -> list[int]:
@@ -137,20 +144,22 @@ def _completion_ids(tokenizer, prompt: Text, prompt_ids: list[int], completion: 
 # ----------------------------------------------------------------------------------------------- truncation
 def _cut_prompt(prompt_ids: list[int], max_prompt_len: int) -> list[int]:
     """Keep the last ``max_prompt_len`` prompt tokens (the left end is cut)."""
-    return prompt_ids[len(prompt_ids) - min(len(prompt_ids), max_prompt_len):]
+    return prompt_ids[len(prompt_ids) - min(len(prompt_ids), max_prompt_len) :]
 
 
 def _truncate(prompt_ids: list[int], completion_ids: list[int], max_prompt_len: int, max_len: int) -> Encoded:
     """THE truncation rule: left-cut the prompt to ``max_prompt_len``, then right-cut the completion so that
     the total fits ``max_len``."""
     prompt = _cut_prompt(prompt_ids, max_prompt_len)
-    completion = completion_ids[:max(0, max_len - len(prompt))]
+    completion = completion_ids[: max(0, max_len - len(prompt))]
     if not completion_ids:
         raise DataError("the completion adds no tokens after the prompt")
     if not completion:
-        raise DataError(f"completion truncated to nothing: the prompt keeps {len(prompt)} tokens "
-                        f"(max_prompt_len={max_prompt_len}) and max_len={max_len}; make max_len larger than "
-                        "max_prompt_len")
+        raise DataError(
+            f"completion truncated to nothing: the prompt keeps {len(prompt)} tokens "
+            f"(max_prompt_len={max_prompt_len}) and max_len={max_len}; make max_len larger than "
+            "max_prompt_len"
+        )
     truncated = len(prompt) < len(prompt_ids) or len(completion) < len(completion_ids)
     return Encoded(prompt + completion, [0] * len(prompt) + [1] * len(completion), len(prompt), truncated)
 
@@ -175,7 +184,7 @@ def _chat_with_mask(tokenizer, messages: Sequence[dict]) -> tuple[list[int], lis
         if is_assistant:  # the assistant header (generation prompt) is not part of the response
             header = _extension(ids, chat_ids(tokenizer, messages[:i], add_generation_prompt=True))
             ids, mask = ids + header, mask + [0] * len(header)
-        added = _extension(ids, chat_ids(tokenizer, messages[:i + 1]))
+        added = _extension(ids, chat_ids(tokenizer, messages[: i + 1]))
         ids, mask = ids + added, mask + [int(is_assistant)] * len(added)
     return ids, mask
 
@@ -196,8 +205,9 @@ def encode_lm(tokenizer, text_or_messages: Text, max_len: int, completion_only: 
         mask = [1] * len(ids)
     kept_ids, kept_mask = ids[:max_len], mask[:max_len]
     if 1 not in kept_mask:
-        raise DataError(f"no assistant tokens within max_len={max_len} (completion_only=true trains on "
-                        "assistant messages only)")
+        raise DataError(
+            f"no assistant tokens within max_len={max_len} (completion_only=true trains on assistant messages only)"
+        )
     return Encoded(kept_ids, kept_mask, kept_mask.index(1), len(kept_ids) < len(ids))
 
 
@@ -242,13 +252,18 @@ def _encode_prompt_row(tokenizer, row: dict, cfg: DataConfig) -> tuple[dict, boo
 
 def _encode_preference_row(tokenizer, row: dict, cfg: DataConfig) -> tuple[dict, bool]:
     chosen, rejected = _encode_completions(
-        tokenizer, row["prompt"], [("field 'chosen'", row["chosen"]), ("field 'rejected'", row["rejected"])], cfg)
+        tokenizer, row["prompt"], [("field 'chosen'", row["chosen"]), ("field 'rejected'", row["rejected"])], cfg
+    )
     if chosen.input_ids == rejected.input_ids:
         raise DataError(f"field 'rejected': same tokens as 'chosen' once cut to max_len={cfg.max_len}")
-    example = {"chosen_ids": chosen.input_ids, "chosen_mask": chosen.loss_mask,
-               "rejected_ids": rejected.input_ids, "rejected_mask": rejected.loss_mask,
-               "prompt_len": chosen.prompt_len,
-               "margin": float(row["margin"]) if row.get("margin") is not None else 0.0}
+    example = {
+        "chosen_ids": chosen.input_ids,
+        "chosen_mask": chosen.loss_mask,
+        "rejected_ids": rejected.input_ids,
+        "rejected_mask": rejected.loss_mask,
+        "prompt_len": chosen.prompt_len,
+        "margin": float(row["margin"]) if row.get("margin") is not None else 0.0,
+    }
     return example, chosen.truncated or rejected.truncated
 
 
@@ -268,8 +283,12 @@ def _encode_rated_row(tokenizer, row: dict, cfg: DataConfig) -> tuple[dict, bool
     labelled = [(f"field 'completions' (completion {i})", c) for i, c in enumerate(row["completions"], 1)]
     encs = _encode_completions(tokenizer, row["prompt"], labelled, cfg)
     attributes = sorted(row["ratings"][0])
-    example = {"completions_ids": [e.input_ids for e in encs], "completions_mask": [e.loss_mask for e in encs],
-               "ratings": [[float(r[a]) for a in attributes] for r in row["ratings"]], "attributes": attributes}
+    example = {
+        "completions_ids": [e.input_ids for e in encs],
+        "completions_mask": [e.loss_mask for e in encs],
+        "ratings": [[float(r[a]) for a in attributes] for r in row["ratings"]],
+        "attributes": attributes,
+    }
     return example, any(e.truncated for e in encs)
 
 
@@ -284,8 +303,9 @@ ROW_ENCODERS: dict[str, Callable[[Any, dict, DataConfig], tuple[dict, bool]]] = 
 }
 
 
-def encode_rows(validated: ValidatedRows, tokenizer, data_cfg: DataConfig,
-                on_bad_row: Optional[str] = None) -> EncodedRows:
+def encode_rows(
+    validated: ValidatedRows, tokenizer, data_cfg: DataConfig, on_bad_row: str | None = None
+) -> EncodedRows:
     """Tokenise every validated row by its format (see ``ROW_ENCODERS`` and ``docs/data.md`` for the keys).
 
     Rows that cannot be encoded (e.g. the completion truncated to nothing) are bad rows under the same
@@ -296,7 +316,7 @@ def encode_rows(validated: ValidatedRows, tokenizer, data_cfg: DataConfig,
     encode = ROW_ENCODERS[validated.format]
     out = EncodedRows([], [], validated.format, validated.source)
     problems = []
-    for row, where in zip(validated.rows, validated.where):
+    for row, where in zip(validated.rows, validated.where, strict=False):
         try:
             example, truncated = encode(tokenizer, row, data_cfg)
         except DataError as e:

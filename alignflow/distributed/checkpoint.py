@@ -51,8 +51,9 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -170,8 +171,14 @@ def _optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict, meta: dict)
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler: Any = None, state: dict | None = None, extra_models: dict | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    state: dict | None = None,
+    extra_models: dict | None = None,
+) -> Path:
     """Write a resumable checkpoint atomically; ``extra_models`` saves more modules (e.g. a gate) by name.
 
     Collective (every rank calls it) when ``model`` is sharded: the sharded layout of the module docstring."""
@@ -191,8 +198,13 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     return path
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler: Any = None, extra_models: dict | None = None) -> dict:
+def load_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    extra_models: dict | None = None,
+) -> dict:
     """Restore what :func:`save_checkpoint` wrote; returns the trainer state dict.
 
     Either layout loads into a sharded or an unsharded model (collective when the model is sharded or the
@@ -239,7 +251,7 @@ def _restore_torch_rng(saved: dict[int, dict[str, torch.Tensor]]) -> None:
     if rng is None:
         gen = torch.Generator()
         gen.set_state(saved[0]["torch"])
-        seed = int(torch.randint(0, 2 ** 62, (rank + 1,), generator=gen)[rank])
+        seed = int(torch.randint(0, 2**62, (rank + 1,), generator=gen)[rank])
         torch.manual_seed(seed)  # seeds CUDA too
         return
     torch.set_rng_state(rng["torch"])
@@ -275,7 +287,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return None
-    done = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit() and (p / "trainer_state.json").exists()]
+    done = [
+        p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit() and (p / "trainer_state.json").exists()
+    ]
     return max(done, key=lambda p: int(p.name[5:])) if done else None
 
 
@@ -381,10 +395,14 @@ def _hf_storage() -> tuple[type, type]:
         from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
     except ImportError:
         HuggingFaceStorageWriter = None
-    if HuggingFaceStorageWriter is None or \
-            "save_distributed" not in inspect.signature(HuggingFaceStorageWriter.__init__).parameters:
-        raise RuntimeError(f"sharded checkpoints need torch.distributed.checkpoint.HuggingFaceStorageWriter with "
-                           f"save_distributed (a recent torch; tested with 2.13); this is torch {torch.__version__}")
+    if (
+        HuggingFaceStorageWriter is None
+        or "save_distributed" not in inspect.signature(HuggingFaceStorageWriter.__init__).parameters
+    ):
+        raise RuntimeError(
+            f"sharded checkpoints need torch.distributed.checkpoint.HuggingFaceStorageWriter with "
+            f"save_distributed (a recent torch; tested with 2.13); this is torch {torch.__version__}"
+        )
     return HuggingFaceStorageWriter, HuggingFaceStorageReader
 
 
@@ -445,8 +463,10 @@ def _check_keys(path: Path, wanted: set[str], saved: set[str], requested) -> Non
     missing = sorted(wanted - saved)
     unexpected = sorted(k for k in saved - wanted if requested(k))
     if missing or unexpected:
-        raise ValueError(f"{path} does not fit the model/optimiser it is loaded into: missing {missing[:5]} "
-                         f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
+        raise ValueError(
+            f"{path} does not fit the model/optimiser it is loaded into: missing {missing[:5]} "
+            f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})"
+        )
 
 
 def _load_sharded(path: Path, model, optimizer, extra_models) -> None:
@@ -458,14 +478,18 @@ def _load_sharded(path: Path, model, optimizer, extra_models) -> None:
     plain = json.loads((path / "nontensor.json").read_text())
     if optimizer is not None and not any(k.startswith("optim.") for k in saved):
         optimizer = None  # saved without one: keep the optimiser as it is, as the one-process layout does
-    prefixes = ("model.",) + (("optim.",) if optimizer is not None else ()) + \
-        tuple(f"extra.{n}." for n in (extra_models or {}))
+    prefixes = (
+        ("model.",)
+        + (("optim.",) if optimizer is not None else ())
+        + tuple(f"extra.{n}." for n in (extra_models or {}))
+    )
     flat = _flat_state(model, optimizer, extra_models)
     skip = _aliases(model, extra_models, flat)
     tensors = {k: v for k, v in flat.items() if torch.is_tensor(v) and k not in skip}
     _check_keys(path, set(tensors), saved, lambda k: k.startswith(prefixes))
-    _check_keys(path, {k for k, v in flat.items() if not torch.is_tensor(v)}, set(plain),
-                lambda k: k.startswith(prefixes))
+    _check_keys(
+        path, {k for k, v in flat.items() if not torch.is_tensor(v)}, set(plain), lambda k: k.startswith(prefixes)
+    )
     dcp.load(tensors, storage_reader=reader_cls(str(path / "sharded")))
     flat |= tensors
     flat |= {alias: flat[src] for alias, src in skip.items()}
@@ -477,7 +501,7 @@ def _set_flat_state(flat: dict, model, optimizer, extra_models, full: bool) -> N
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     def part(prefix: str) -> dict:
-        return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
 
     opts = _dsd_options(strict=False, full_state_dict=full)  # keys were checked above (frozen ones are left out)
     set_model_state_dict(model, part("model."), options=opts)
@@ -491,11 +515,10 @@ def _load_full_into_sharded(path: Path, model, optimizer, extra_models) -> None:
     """A one-process checkpoint into a sharded model: every rank reads the full tensors, DCP's state-dict API keeps
     this rank's piece. Optimiser entries are keyed by parameter index in the file; they are matched to the
     parameters by position in the optimiser's groups (as ``Optimizer.load_state_dict`` does)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     weights = load_file(str(path / "model.safetensors"))
-    model_keys = {k[len("model."):] for k in _flat_state(model, None, None)}
+    model_keys = {k[len("model.") :] for k in _flat_state(model, None, None)}
     unexpected = sorted(set(weights) - model_keys)
     if unexpected:
         raise ValueError(f"{path}/model.safetensors has weights the model does not: {unexpected[:5]}")
@@ -513,14 +536,17 @@ def _optimizer_by_name(path: Path, model, optimizer, tensors: dict, meta: dict) 
     """The one-process optimiser files as a full state dict keyed by parameter name (DCP's format)."""
     names = {id(p): ns[0] for p, ns in _named_params(model, "")}
     if len(meta["param_groups"]) != len(optimizer.param_groups) or any(
-            len(s["params"]) != len(g["params"]) for s, g in zip(meta["param_groups"], optimizer.param_groups)):
-        raise ValueError(f"{path}/optimizer.json: its parameter groups do not match the optimiser's (sizes "
-                         f"{[len(g['params']) for g in meta['param_groups']]} vs "
-                         f"{[len(g['params']) for g in optimizer.param_groups]}); build the optimiser as at save")
+        len(s["params"]) != len(g["params"]) for s, g in zip(meta["param_groups"], optimizer.param_groups, strict=False)
+    ):
+        raise ValueError(
+            f"{path}/optimizer.json: its parameter groups do not match the optimiser's (sizes "
+            f"{[len(g['params']) for g in meta['param_groups']]} vs "
+            f"{[len(g['params']) for g in optimizer.param_groups]}); build the optimiser as at save"
+        )
     fqn: dict[int, str] = {}
     groups = []
-    for saved, group in zip(meta["param_groups"], optimizer.param_groups):
-        fqn |= {i: names[id(p)] for i, p in zip(saved["params"], group["params"])}
+    for saved, group in zip(meta["param_groups"], optimizer.param_groups, strict=False):
+        fqn |= {i: names[id(p)] for i, p in zip(saved["params"], group["params"], strict=False)}
         groups.append({**saved, "params": [fqn[i] for i in saved["params"]]})
     state: dict[str, dict[str, Any]] = {}
     for key, val in list(tensors.items()) + list(meta["scalars"].items()):
@@ -559,7 +585,7 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path:
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if _rank() == 0 and full is not None:
             for alias, src in _aliases(model, None, {f"model.{k}" for k in full}).items():
-                full[alias[len("model."):]] = full[src[len("model."):]]
+                full[alias[len("model.") :]] = full[src[len("model.") :]]
         if _rank() == 0:
             with atomic_dir(out_dir) as tmp:
                 model.save_pretrained(tmp, state_dict=full)

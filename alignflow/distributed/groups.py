@@ -27,7 +27,8 @@ controller on gathered batches, so it is the same maths whatever the placement.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,7 @@ def dispatch(mode: str) -> Callable:
     def mark(fn: Callable) -> Callable:
         fn.dispatch_mode = mode
         return fn
+
     return mark
 
 
@@ -64,8 +66,7 @@ def dp_sum(value: float) -> float:
     """Sum of ``value`` over the data-parallel group (the value itself in one process)."""
     if not _distributed():
         return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64,
-                     device="cuda" if torch.cuda.is_available() else "cpu")
+    t = torch.tensor([float(value)], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
     dist.all_reduce(t)
     return float(t.item())
 
@@ -87,7 +88,7 @@ def dp_sum_dict(values: dict) -> dict:
     if not _distributed() or not values:
         return {k: float(v) for k, v in values.items()}
     keys = sorted(values)
-    return dict(zip(keys, _reduce([float(values[k]) for k in keys], dist.ReduceOp.SUM)))
+    return dict(zip(keys, _reduce([float(values[k]) for k in keys], dist.ReduceOp.SUM), strict=False))
 
 
 def dp_equal_groups(groups: list[list[int]]) -> list[tuple[list[int], float]]:
@@ -102,7 +103,7 @@ def dp_equal_groups(groups: list[list[int]]) -> list[tuple[list[int], float]]:
     while len(groups) < target and any(len(g) > 1 for g in groups):
         big = max(range(len(groups)), key=lambda i: len(groups[i]))
         g = groups.pop(big)
-        groups[big:big] = [g[:len(g) // 2], g[len(g) // 2:]]
+        groups[big:big] = [g[: len(g) // 2], g[len(g) // 2 :]]
     return [(g, 1.0) for g in groups] + [([0], 0.0)] * (target - len(groups))
 
 
@@ -135,7 +136,7 @@ class LocalGroup:
             raise AttributeError(f"{type(self.role).__name__} role: {name!r} is private to the role")
         return getattr(self.role, name)
 
-    def submit(self, method: str, *args, **kwargs) -> "Done":
+    def submit(self, method: str, *args, **kwargs) -> Done:
         """The same interface as ``RayGroup.submit``: here the call runs now and the result waits in a Done."""
         return Done(getattr(self.role, method)(*args, **kwargs))
 

@@ -34,14 +34,16 @@ def worker_wrap(cfg, device: torch.device):
     mp = cfg.train.mixed_precision
     mp = ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none") if mp == "auto" else mp
     r = cfg.resources
-    return lambda model: shard(model, mixed_precision=mp, cpu_offload=r.cpu_offload,
-                               reshard_after_forward=r.reshard_after_forward)
+    return lambda model: shard(
+        model, mixed_precision=mp, cpu_offload=r.cpu_offload, reshard_after_forward=r.reshard_after_forward
+    )
 
 
 def roles_on_workers(cfg: RLConfig, names: tuple[str, ...]) -> dict[str, list[str]]:
     """Worker-set name -> the roles it holds; roles left out run in the controller."""
-    model_reward = [n for n, models in (("reward", cfg.reward.models), ("cost", cfg.cost.models))
-                    if n in names and models]
+    model_reward = [
+        n for n, models in (("reward", cfg.reward.models), ("cost", cfg.cost.models)) if n in names and models
+    ]
     trained = [n for n in ("actor", "rollout", "ref", "critic", "cost_critic") if n in names]
     if cfg.resources.placement == "colocated":
         return {"workers": trained + model_reward}
@@ -60,8 +62,16 @@ def start_set(cfg, name: str, res, workers: int, builder, args: tuple) -> Worker
     """A worker set of ``workers`` workers with the Ray resources ``res`` (a RoleResources) and the run's timeout and
     torch threads, its roles built by ``builder(*args)`` (the RL placement and ``alignflow po`` both start theirs
     here)."""
-    return WorkerSet(name, workers, builder, args, gpus=res.gpus_per_worker, cpus=res.cpus_per_worker,
-                     timeout_s=cfg.resources.dist_timeout_s, threads=cfg.train.num_threads)
+    return WorkerSet(
+        name,
+        workers,
+        builder,
+        args,
+        gpus=res.gpus_per_worker,
+        cpus=res.cpus_per_worker,
+        timeout_s=cfg.resources.dist_timeout_s,
+        threads=cfg.train.num_threads,
+    )
 
 
 def set_plan(cfg, layout: dict) -> dict:

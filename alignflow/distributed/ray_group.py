@@ -31,8 +31,9 @@ import inspect
 import os
 import socket
 import sys
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -48,8 +49,10 @@ def require_ray():
     try:
         import ray
     except ImportError as e:
-        raise ConfigError("placing roles on workers (resources.actor.workers > 1 or resources.backend=ray) needs Ray: "
-                          "pip install 'alignflow[ray]'") from e
+        raise ConfigError(
+            "placing roles on workers (resources.actor.workers > 1 or resources.backend=ray) needs Ray: "
+            "pip install 'alignflow[ray]'"
+        ) from e
     return ray
 
 
@@ -86,9 +89,11 @@ def check_resources(demand: list[tuple[str, int, float, float]]) -> None:
             missing.append(f"no node has {cpus:g} CPUs and {gpus:g} GPUs for one '{name}' worker")
     if missing:
         asked = ", ".join(f"'{name}' {w} x ({c:g} CPU, {g:g} GPU)" for name, w, c, g in demand)
-        raise ConfigError(f"the Ray cluster cannot place the workers this run asks for ({asked}): "
-                          f"{'; '.join(missing)}. Lower resources.<role>.workers / cpus_per_worker / gpus_per_worker, "
-                          f"or give Ray more (ray.num_cpus, a cluster via ray.address)")
+        raise ConfigError(
+            f"the Ray cluster cannot place the workers this run asks for ({asked}): "
+            f"{'; '.join(missing)}. Lower resources.<role>.workers / cpus_per_worker / gpus_per_worker, "
+            f"or give Ray more (ray.num_cpus, a cluster via ray.address)"
+        )
 
 
 def balanced_partition(costs: list[int], parts: int) -> list[list[int]]:
@@ -110,8 +115,9 @@ def row_costs(batch: Batch) -> list[int]:
     if "prompt_token_ids" in batch.meta:
         return [len(p) for p in batch["prompt_token_ids"]]
     if "row" in batch.meta:  # preference rows: the token ids of all their sequences
-        return [sum(len(v) for k, v in r.items() if k.endswith("_ids") and isinstance(v, list)) or 1
-                for r in batch["row"]]
+        return [
+            sum(len(v) for k, v in r.items() if k.endswith("_ids") and isinstance(v, list)) or 1 for r in batch["row"]
+        ]
     return [1] * len(batch)
 
 
@@ -141,8 +147,13 @@ class Worker:
 
         if backend == "nccl":
             torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this worker's GPU(s)
-        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world,
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{host}:{port}",
+            rank=self.rank,
+            world_size=self.world,
+            timeout=timedelta(seconds=timeout_s),
+        )
         return os.getpid()
 
     def build(self, builder: Callable[..., dict], args: tuple) -> dict:
@@ -151,9 +162,14 @@ class Worker:
 
         built = builder(*args)
         self.roles.update(built)
-        return {name: {m: dispatch_mode(getattr(role, m)) for m in dir(role)
-                       if not m.startswith("_") and inspect.ismethod(getattr(role, m, None))}
-                for name, role in built.items()}
+        return {
+            name: {
+                m: dispatch_mode(getattr(role, m))
+                for m in dir(role)
+                if not m.startswith("_") and inspect.ismethod(getattr(role, m, None))
+            }
+            for name, role in built.items()
+        }
 
     def call(self, role: str, method: str, args: tuple, kwargs: dict) -> Any:
         return getattr(self.roles[role], method)(*args, **kwargs)
@@ -165,8 +181,17 @@ class Worker:
 class WorkerSet:
     """N workers in one process group, holding the roles ``builder(*args)`` makes in each of them."""
 
-    def __init__(self, name: str, workers: int, builder: Callable[..., dict], args: tuple, gpus: float = 0.0,
-                 cpus: float = 1.0, timeout_s: float = 600.0, threads: int = 0):
+    def __init__(
+        self,
+        name: str,
+        workers: int,
+        builder: Callable[..., dict],
+        args: tuple,
+        gpus: float = 0.0,
+        cpus: float = 1.0,
+        timeout_s: float = 600.0,
+        threads: int = 0,
+    ):
         if workers < 1:
             raise ConfigError(f"resources.{name}.workers must be >= 1 for a worker set, got {workers}")
         self.name, self.size, self.builder, self.args = name, workers, builder, args
@@ -188,13 +213,22 @@ class WorkerSet:
             ray.get(self.pg.ready(), timeout=self.timeout_s)
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(self.pg)
-            raise ConfigError(f"worker set '{self.name}': {self.size} x {bundle} not free after {self.timeout_s:.0f} s "
-                              f"(resources.dist_timeout_s); free now: {ray.available_resources()}") from None
+            raise ConfigError(
+                f"worker set '{self.name}': {self.size} x {bundle} not free after {self.timeout_s:.0f} s "
+                f"(resources.dist_timeout_s); free now: {ray.available_resources()}"
+            ) from None
         remote = ray.remote(Worker)
-        self.actors = [remote.options(num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=0,
-                                      scheduling_strategy=PlacementGroupSchedulingStrategy(
-                                          placement_group=self.pg, placement_group_bundle_index=r)).remote(
-            r, self.size, self.threads) for r in range(self.size)]
+        self.actors = [
+            remote.options(
+                num_cpus=self.cpus,
+                num_gpus=self.gpus,
+                max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=r
+                ),
+            ).remote(r, self.size, self.threads)
+            for r in range(self.size)
+        ]
         host, port = self._get([self.actors[0].address.remote()])[0]
         backend = "nccl" if self.gpus else "gloo"
         self.pids = self._get([a.join.remote(host, port, backend, self.timeout_s) for a in self.actors])
@@ -224,16 +258,18 @@ class WorkerSet:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=self.timeout_s)
             if not ready:
-                raise WorkerLost(f"worker set '{self.name}': no answer in {self.timeout_s:.0f} s "
-                                 "(resources.dist_timeout_s)")
+                raise WorkerLost(
+                    f"worker set '{self.name}': no answer in {self.timeout_s:.0f} s (resources.dist_timeout_s)"
+                )
             try:
                 done[ready[0]] = ray.get(ready[0])
             except RayActorError as e:
-                raise WorkerLost(f"worker set '{self.name}': a worker died ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0]})") from e
+                raise WorkerLost(
+                    f"worker set '{self.name}': a worker died ({type(e).__name__}: {str(e).splitlines()[0]})"
+                ) from e
         return [done[r] for r in refs]
 
-    def group(self, role: str) -> "RayGroup":
+    def group(self, role: str) -> RayGroup:
         if role not in self.modes:
             raise KeyError(f"worker set '{self.name}' holds no role {role!r} (it holds {', '.join(self.modes)})")
         return RayGroup(self, role)
@@ -251,7 +287,7 @@ class Pending:
 
 def _reassemble(parts: list[list[int]], inputs: int, outs: list) -> Batch:
     """Rank outputs back in input order; each input row may have produced k output rows (k the same for all)."""
-    filled = [(idx, o) for idx, o in zip(parts, outs) if len(idx)]
+    filled = [(idx, o) for idx, o in zip(parts, outs, strict=False) if len(idx)]
     if not filled:
         return outs[0]
     k = len(filled[0][1]) // len(filled[0][0])
@@ -287,13 +323,16 @@ class RayGroup:
         if mode == "split" and args and isinstance(args[0], Batch):
             batch = args[0]
             parts = balanced_partition(row_costs(batch), len(actors))
-            refs = [a.call.remote(self.role, method, (batch.select(idx),) + args[1:], kwargs)
-                    for a, idx in zip(actors, parts)]
+            refs = [
+                a.call.remote(self.role, method, (batch.select(idx),) + args[1:], kwargs)
+                for a, idx in zip(actors, parts, strict=False)
+            ]
 
             def finish(outs):
                 if isinstance(outs[0], Batch):
                     return _reassemble(parts, len(batch), outs)
                 return outs[0]
+
             return Pending(self.workers, refs, finish)
         refs = [a.call.remote(self.role, method, args, kwargs) for a in actors]
         return Pending(self.workers, refs, lambda outs: outs[0])
@@ -316,8 +355,9 @@ def maybe_ray(cfg_resources) -> bool:
     r = cfg_resources
     if r.backend == "local":
         if r.actor.workers > 1:
-            raise ConfigError(f"resources.backend=local runs one process; resources.actor.workers={r.actor.workers} "
-                              "needs backend auto or ray")
+            raise ConfigError(
+                f"resources.backend=local runs one process; resources.actor.workers={r.actor.workers} "
+                "needs backend auto or ray"
+            )
         return False
     return r.backend == "ray" or r.actor.workers > 1
-

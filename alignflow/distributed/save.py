@@ -13,8 +13,14 @@ from torch import nn
 from alignflow.config import ModelConfig
 from alignflow.distributed.checkpoint import atomic_dir, export_hf
 from alignflow.distributed.shard import is_sharded
-from alignflow.models.loading import (ModelLoadError, adapter_base, load_causal_lm, load_reward_model,
-                                      load_tokenizer, load_value_model)
+from alignflow.models.loading import (
+    ModelLoadError,
+    adapter_base,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    load_value_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +37,10 @@ def save_model(model: nn.Module, tokenizer, out_dir, merge_lora: bool = False) -
     """
     if is_sharded(model):
         if merge_lora:  # merge_and_unload would rewrite sharded DTensor weights in place
-            raise ValueError("save_model: merge_lora=True is not supported for a sharded model; save the adapters "
-                             "(merge_lora=False) and merge them in one process")
+            raise ValueError(
+                "save_model: merge_lora=True is not supported for a sharded model; save the adapters "
+                "(merge_lora=False) and merge them in one process"
+            )
         export_hf(model, tokenizer, out_dir)
         return model
     if merge_lora and hasattr(model, "merge_and_unload"):

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,13 +60,20 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     except TypeError:
         layers = None
     if layers is None:
-        raise ConfigError(f"shard: cannot find the decoder layers of {type(unwrap(model)).__name__} "
-                          "(expected backbone.layers); FSDP needs one unit per layer")
+        raise ConfigError(
+            f"shard: cannot find the decoder layers of {type(unwrap(model)).__name__} "
+            "(expected backbone.layers); FSDP needs one unit per layer"
+        )
     return list(layers)
 
 
-def shard(model: nn.Module, mesh: Any = None, mixed_precision: str = "none", cpu_offload: bool = False,
-          reshard_after_forward: bool = True) -> nn.Module:
+def shard(
+    model: nn.Module,
+    mesh: Any = None,
+    mixed_precision: str = "none",
+    cpu_offload: bool = False,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
     """Apply FSDP2 to ``model`` in place (one unit per decoder layer, then the root); returns it.
 
     mesh: a 1-D ``DeviceMesh`` over the data-parallel ranks (default: all ranks of the default process group on
@@ -84,16 +92,21 @@ def shard(model: nn.Module, mesh: Any = None, mixed_precision: str = "none", cpu
         raise RuntimeError("shard() needs an initialised torch.distributed process group (RayGroup creates one)")
     device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
     if cpu_offload and device_type != "cuda":  # FSDP2 pins the offloaded shards: it needs an accelerator
-        raise ConfigError("resources.cpu_offload moves a GPU model's shards to CPU memory; this model is on the CPU "
-                          "already (no GPU workers): set resources.cpu_offload=false")
+        raise ConfigError(
+            "resources.cpu_offload moves a GPU model's shards to CPU memory; this model is on the CPU "
+            "already (no GPU workers): set resources.cpu_offload=false"
+        )
     if mesh is None:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     dtype = MIXED_PRECISION[mixed_precision]
-    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
-              mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None),
-              offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    kw = dict(
+        mesh=mesh,
+        reshard_after_forward=reshard_after_forward,
+        mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None),
+        offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
+    )
     for layer in _layers(model):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
@@ -150,7 +163,7 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for u, state in zip(units, saved):
+        for u, state in zip(units, saved, strict=False):
             u.reshard()
             _restore_reshard_state(u, state)
 
@@ -164,11 +177,11 @@ def _reshard_state(unit) -> tuple:
 def _restore_reshard_state(unit, saved: tuple) -> None:
     st = unit._get_fsdp_state()
     st._auto_reshard_after_forward = saved[0]
-    for g, info in zip(st._fsdp_param_groups, saved[1]):
+    for g, info in zip(st._fsdp_param_groups, saved[1], strict=False):
         g.post_forward_mesh_info = info
 
 
-def full_state_dict(model: nn.Module, cpu: bool = True) -> Optional[dict[str, torch.Tensor]]:
+def full_state_dict(model: nn.Module, cpu: bool = True) -> dict[str, torch.Tensor] | None:
     """The consolidated (unsharded) state dict of a sharded model (collective: every rank must call it); with
     ``cpu=True`` torch gathers it to rank 0's CPU memory only and the other ranks get ``{}``. For a model that is
     not sharded, its own state dict."""

@@ -16,5 +16,18 @@ from alignflow.envs.base import (
 )
 from alignflow.envs.tools import ToolBox, ToolStats, parse_tool_calls, tool_schema
 
-__all__ = ["Environment", "OpenEnvAdapter", "StepResult", "TRLEnvAdapter", "ToolBox", "ToolEnv", "ToolStats",
-           "adapt", "check_step", "load_env_factory", "parse_tool_calls", "prompt_messages", "tool_schema"]
+__all__ = [
+    "Environment",
+    "OpenEnvAdapter",
+    "StepResult",
+    "TRLEnvAdapter",
+    "ToolBox",
+    "ToolEnv",
+    "ToolStats",
+    "adapt",
+    "check_step",
+    "load_env_factory",
+    "parse_tool_calls",
+    "prompt_messages",
+    "tool_schema",
+]

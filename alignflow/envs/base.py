@@ -50,8 +50,9 @@ def prompt_messages(row: dict) -> list[dict]:
         return [{"role": "user", "content": prompt}]
     if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
         return [dict(m) for m in prompt]
-    raise ValueError(f"row has no usable prompt: expected 'prompt' (text or messages) or 'messages', got fields "
-                     f"{sorted(row)}")
+    raise ValueError(
+        f"row has no usable prompt: expected 'prompt' (text or messages) or 'messages', got fields {sorted(row)}"
+    )
 
 
 def check_step(result, env) -> StepResult:
@@ -61,8 +62,9 @@ def check_step(result, env) -> StepResult:
         raise TypeError(f"environment {name}.step returned {result!r:.80}; expected (observations, reward, done, info)")
     obs, reward, done, info = result
     if not isinstance(obs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in obs):
-        raise TypeError(f"environment {name}.step: observations must be a list of {{'role', 'content'}} messages, "
-                        f"got {obs!r:.80}")
+        raise TypeError(
+            f"environment {name}.step: observations must be a list of {{'role', 'content'}} messages, got {obs!r:.80}"
+        )
     if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
         raise TypeError(f"environment {name}.step: reward must be a finite number, got {reward!r}")
     return StepResult(obs, float(reward), bool(done), dict(info or {}))
@@ -92,8 +94,10 @@ def adapt(env, spec="") -> Any:
         raise ConfigError(f"environment {spec!r}: {type(env).__name__} has no reset method")
     params = list(inspect.signature(reset).parameters.values())
     if callable(getattr(env, "step", None)):
-        takes_row = params and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
-                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        takes_row = params and params[0].kind in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        )
         return env if takes_row else OpenEnvAdapter(env)
     return TRLEnvAdapter(env)
 
@@ -105,8 +109,11 @@ class TRLEnvAdapter:
 
     def __init__(self, env, timeout_s: float | None = 5.0):
         self.env = env
-        methods = [getattr(env, n) for n, _ in inspect.getmembers(type(env), inspect.isfunction)
-                   if not n.startswith("_") and n not in ("reset", "get_reward", "step")]
+        methods = [
+            getattr(env, n)
+            for n, _ in inspect.getmembers(type(env), inspect.isfunction)
+            if not n.startswith("_") and n not in ("reset", "get_reward", "step")
+        ]
         self.box = ToolBox(methods, timeout_s=timeout_s)
         self.tools = self.box.schemas
 
@@ -173,8 +180,9 @@ class ToolEnv:
     tools: functions (see :mod:`alignflow.envs.tools`). system: an optional system message before the prompt.
     """
 
-    def __init__(self, tools: list, reward_fn: Callable[[dict, str], float], system: str = "",
-                 timeout_s: float | None = 5.0):
+    def __init__(
+        self, tools: list, reward_fn: Callable[[dict, str], float], system: str = "", timeout_s: float | None = 5.0
+    ):
         self.box = ToolBox(tools, timeout_s=timeout_s)
         self.tools = self.box.schemas
         self.reward_fn, self.system = reward_fn, system

@@ -82,8 +82,14 @@ class ChatTurns:
         self._closing: dict = {}
 
     def render(self, messages: list, generation_prompt: bool) -> list[int]:
-        out = self.tok.apply_chat_template(messages, tools=self.tools, add_generation_prompt=generation_prompt,
-                                           tokenize=True, return_dict=False, **self.kw)
+        out = self.tok.apply_chat_template(
+            messages,
+            tools=self.tools,
+            add_generation_prompt=generation_prompt,
+            tokenize=True,
+            return_dict=False,
+            **self.kw,
+        )
         return list(out["input_ids"] if isinstance(out, dict) else out)
 
     def first(self, messages: list) -> list[int]:
@@ -93,10 +99,12 @@ class ChatTurns:
         base = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
         prefix, full = self.render(base, False), self.render(base + observations, True)
         if full[: len(prefix)] != prefix:
-            raise ValueError("the chat template renders the earlier turns differently once messages are appended; "
-                             "multi-turn rollouts need a template where appending messages only appends tokens")
-        closing = prefix[len(prefix) - prefix[::-1].index(end_id):] if end_id in prefix else []
-        return closing + full[len(prefix):]
+            raise ValueError(
+                "the chat template renders the earlier turns differently once messages are appended; "
+                "multi-turn rollouts need a template where appending messages only appends tokens"
+            )
+        closing = prefix[len(prefix) - prefix[::-1].index(end_id) :] if end_id in prefix else []
+        return closing + full[len(prefix) :]
 
 
 def _turn_seeds(seed, episodes: list[int], turn: int) -> list[int] | None:
@@ -108,8 +116,9 @@ def _turn_seeds(seed, episodes: list[int], turn: int) -> list[int] | None:
 def _generate_turn(engine, trajs, active, params: SamplingParams, limits: MultiTurnLimits, turn: int):
     room = [limits.max_total_tokens - len(trajs[i].token_ids) for i in active]
     budget = max(1, min(params.max_new_tokens, max(room)))
-    turn_params = dataclasses.replace(params, n=1, logprobs=True, max_new_tokens=budget, seed=None,
-                                      seeds=_turn_seeds(params.seed, active, turn))
+    turn_params = dataclasses.replace(
+        params, n=1, logprobs=True, max_new_tokens=budget, seed=None, seeds=_turn_seeds(params.seed, active, turn)
+    )
     out = engine.generate([trajs[i].token_ids for i in active], turn_params)
     results = []
     for row, i in enumerate(active):
@@ -151,8 +160,15 @@ def _step_episode(traj: Trajectory, env, ids, lps, reason, turns: ChatTurns, tok
     return True
 
 
-def rollout_episodes(engine, tokenizer, envs: list, rows: list[dict], params: SamplingParams,
-                     limits: MultiTurnLimits | None = None, **template_kwargs) -> list[Trajectory]:
+def rollout_episodes(
+    engine,
+    tokenizer,
+    envs: list,
+    rows: list[dict],
+    params: SamplingParams,
+    limits: MultiTurnLimits | None = None,
+    **template_kwargs,
+) -> list[Trajectory]:
     """Run one episode per (environment, row) pair, all episodes' turns batched into one ``generate`` per turn.
 
     ``params.seed`` (when set) seeds each episode's turn with its own derived seed, so an episode does not depend
@@ -173,8 +189,11 @@ def rollout_episodes(engine, tokenizer, envs: list, rows: list[dict], params: Sa
     turn = 0
     while active:
         results = _generate_turn(engine, trajs, active, params, limits, turn)
-        active = [i for i, ids, lps, reason in results
-                  if _step_episode(trajs[i], envs[i], ids, lps, reason, turns[i], tokenizer, limits)]
+        active = [
+            i
+            for i, ids, lps, reason in results
+            if _step_episode(trajs[i], envs[i], ids, lps, reason, turns[i], tokenizer, limits)
+        ]
         turn += 1
     return trajs
 
@@ -196,22 +215,35 @@ def trajectories_to_batch(trajs: list[Trajectory], pad_id: int) -> Batch:
     lps = torch.zeros((b, tr))
     for i, t in enumerate(trajs):
         p, n = t.prompt_len, len(t.token_ids) - t.prompt_len
-        prompt_ids[i, tp - p:] = torch.tensor(t.token_ids[:p])
-        prompt_mask[i, tp - p:] = 1
+        prompt_ids[i, tp - p :] = torch.tensor(t.token_ids[:p])
+        prompt_mask[i, tp - p :] = 1
         if n:
             resp_ids[i, :n] = torch.tensor(t.token_ids[p:])
             resp_mask[i, :n] = torch.tensor(t.loss_mask[p:])
             resp_att[i, :n] = 1
             lps[i, :n] = torch.tensor(t.logprobs[p:])
     attention = torch.cat([prompt_mask, resp_att], 1)
-    return Batch(tensors={"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": resp_ids,
-                          "response_mask": resp_mask, "response_attention": resp_att,
-                          "input_ids": torch.cat([prompt_ids, resp_ids], 1), "attention_mask": attention,
-                          "position_ids": (attention.cumsum(1) - 1).clamp(min=0) * attention,
-                          "sampling_logprobs": lps},
-                 meta={"reward": [t.reward for t in trajs], "turn_rewards": [list(t.turn_rewards) for t in trajs],
-                       "turns": [t.turns for t in trajs], "finish": [t.finish for t in trajs],
-                       "tool_calls": [t.tool_calls for t in trajs], "tool_errors": [t.tool_errors for t in trajs]})
+    return Batch(
+        tensors={
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "response_ids": resp_ids,
+            "response_mask": resp_mask,
+            "response_attention": resp_att,
+            "input_ids": torch.cat([prompt_ids, resp_ids], 1),
+            "attention_mask": attention,
+            "position_ids": (attention.cumsum(1) - 1).clamp(min=0) * attention,
+            "sampling_logprobs": lps,
+        },
+        meta={
+            "reward": [t.reward for t in trajs],
+            "turn_rewards": [list(t.turn_rewards) for t in trajs],
+            "turns": [t.turns for t in trajs],
+            "finish": [t.finish for t in trajs],
+            "tool_calls": [t.tool_calls for t in trajs],
+            "tool_errors": [t.tool_errors for t in trajs],
+        },
+    )
 
 
 def episode_metrics(trajs: list[Trajectory]) -> dict[str, float]:
@@ -220,9 +252,11 @@ def episode_metrics(trajs: list[Trajectory]) -> dict[str, float]:
     without calls). Other numbers the environment put in ``info``: keys with a ``/`` (``sandbox/failures_timeout``)
     are summed over the episodes, the others averaged per episode as ``env/<key>``."""
     n = max(len(trajs), 1)
-    out = {"episode/turns_mean": sum(t.turns for t in trajs) / n,
-           "episode/return_mean": sum(t.reward for t in trajs) / n,
-           "episode/model_tokens_mean": sum(sum(t.loss_mask) for t in trajs) / n}
+    out = {
+        "episode/turns_mean": sum(t.turns for t in trajs) / n,
+        "episode/return_mean": sum(t.reward for t in trajs) / n,
+        "episode/model_tokens_mean": sum(sum(t.loss_mask) for t in trajs) / n,
+    }
     for f in FINISHES:
         out[f"episode/finish_{f}"] = sum(t.finish == f for t in trajs) / n
     calls = sum(t.tool_calls for t in trajs)
@@ -242,7 +276,20 @@ def write_trajectories(path, trajs: list[Trajectory], step: int = 0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:
         for t in trajs:
-            f.write(json.dumps({"step": step, "messages": t.messages, "turn_rewards": t.turn_rewards,
-                                "return": t.reward, "turns": t.turns, "finish": t.finish,
-                                "tool_calls": t.tool_calls, "tool_errors": t.tool_errors,
-                                "tokens": len(t.token_ids), "model_tokens": sum(t.loss_mask)}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "messages": t.messages,
+                        "turn_rewards": t.turn_rewards,
+                        "return": t.reward,
+                        "turns": t.turns,
+                        "finish": t.finish,
+                        "tool_calls": t.tool_calls,
+                        "tool_errors": t.tool_errors,
+                        "tokens": len(t.token_ids),
+                        "model_tokens": sum(t.loss_mask),
+                    }
+                )
+                + "\n"
+            )

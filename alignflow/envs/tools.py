@@ -59,8 +59,10 @@ def tool_schema(fn: Callable) -> dict:
     try:
         return get_json_schema(fn)
     except Exception as e:  # DocstringParsingException, TypeHintParsingException
-        raise ConfigError(f"tool {getattr(fn, '__name__', fn)!r}: cannot describe it as a JSON schema ({e}); give it "
-                          "type hints and a docstring whose 'Args:' section describes every argument") from e
+        raise ConfigError(
+            f"tool {getattr(fn, '__name__', fn)!r}: cannot describe it as a JSON schema ({e}); give it "
+            "type hints and a docstring whose 'Args:' section describes every argument"
+        ) from e
 
 
 def parse_tool_calls(text: str) -> list:

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -54,24 +54,38 @@ from alignflow.trainers.reward import pair_metrics
 from alignflow.trainers.roles import Reference
 from alignflow.trainers.run_dir import check_output_dir
 
-__all__ = ["EvalContext", "distinct_n", "evaluate_policy", "kl_metrics", "policy_logprobs", "policy_metrics",
-           "run_eval"]
+__all__ = [
+    "EvalContext",
+    "distinct_n",
+    "evaluate_policy",
+    "kl_metrics",
+    "policy_logprobs",
+    "policy_metrics",
+    "run_eval",
+]
+
 
 def _mean(xs) -> float:
     return sum(xs) / len(xs)
 
 
-def policy_metrics(prompts: list, samples: list[list[str]], lengths: list[list[int]], gold=None,
-                   rm_scores: Optional[list[float]] = None, grammatical=None) -> dict:
+def policy_metrics(
+    prompts: list,
+    samples: list[list[str]],
+    lengths: list[list[int]],
+    gold=None,
+    rm_scores: list[float] | None = None,
+    grammatical=None,
+) -> dict:
     """Metrics of texts already sampled (no model): ``eval/response_len``, distinct-1/2 and self-BLEU, and
     ``eval/gold_reward`` / ``eval/grammatical`` / ``eval/rm_score`` when given (flattened prompt-major)."""
-    flat_p = [p for p, s in zip(prompts, samples) for _ in s]
+    flat_p = [p for p, s in zip(prompts, samples, strict=False) for _ in s]
     flat_s = [x for s in samples for x in s]
     out = {"eval/response_len": _mean([x for ls in lengths for x in ls])} | diversity_metrics(samples)
     if gold is not None:
         out["eval/gold_reward"] = _mean(gold(flat_p, flat_s))
     if grammatical is not None:
-        out["eval/grammatical"] = _mean([float(grammatical(p, s)) for p, s in zip(flat_p, flat_s)])
+        out["eval/grammatical"] = _mean([float(grammatical(p, s)) for p, s in zip(flat_p, flat_s, strict=False)])
     if rm_scores is not None:
         out["eval/rm_score"] = _mean(rm_scores)
     return out
@@ -94,7 +108,7 @@ def policy_logprobs(model, batch: Batch, temperature: float) -> torch.Tensor:
     try:
         return Reference(model=model, temperature=t).logprobs(batch)["ref_logprobs"]
     finally:  # Reference freezes its model; leave the caller's model as it was
-        for p, g in zip(model.parameters(), grads):
+        for p, g in zip(model.parameters(), grads, strict=False):
             p.requires_grad_(g)
         model.train(was_training)
 
@@ -106,25 +120,28 @@ def kl_metrics(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -
     trainer's ``policy/kl``); ``eval/kl_k3`` = Σ_{i,t} m·k3 / Σ_{i,t} m with k3 = exp(lp_ref − lp) − (lp_ref − lp)
     − 1 >= 0: the per-token KL with lower variance. logp, ref_logp, mask: (B, Tr).
     """
-    return {"eval/kl": float(sequence_kl(logp, ref_logp, mask, "k1")),
-            "eval/kl_k3": float(masked_mean(kl_k3(logp, ref_logp), mask.bool()))}
+    return {
+        "eval/kl": float(sequence_kl(logp, ref_logp, mask, "k1")),
+        "eval/kl_k3": float(masked_mean(kl_k3(logp, ref_logp), mask.bool())),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- policy evaluation
 @dataclasses.dataclass
 class EvalContext:
     """What every evaluated policy is measured with: prompts, scorers and the reference (shared by the frontier)."""
+
     tokenizer: object
     device: torch.device
     rows: list  # prompt rows: "prompt", "prompt_ids" and the file's other fields (e.g. "answer")
-    gold: Optional[Callable] = None  # the task's gold reward f(prompts, responses) -> list[float]
-    grammatical: Optional[Callable] = None  # f(prompt, response) -> bool (reviews)
-    answers: Optional[list] = None  # one reference answer per prompt row (verifiable tasks)
-    rm: Optional[Callable] = None  # RewardModelScorer: Batch -> (B,)
-    reference: Optional[torch.nn.Module] = None
+    gold: Callable | None = None  # the task's gold reward f(prompts, responses) -> list[float]
+    grammatical: Callable | None = None  # f(prompt, response) -> bool (reviews)
+    answers: list | None = None  # one reference answer per prompt row (verifiable tasks)
+    rm: Callable | None = None  # RewardModelScorer: Batch -> (B,)
+    reference: torch.nn.Module | None = None
 
     @property
-    def reward_key(self) -> Optional[str]:
+    def reward_key(self) -> str | None:
         """The reward a frontier plots: the gold reward when there is one, else the reward model's score."""
         return "eval/gold_reward" if self.gold else "eval/rm_score" if self.rm else None
 
@@ -141,10 +158,11 @@ def evaluate_policy(policy, ctx: EvalContext, cfg: EvalConfig) -> tuple[dict, li
     Returns (metrics, one samples.jsonl row per prompt: the prompt, its samples and per-sample scores).
     """
     n, rows = cfg.samples_per_prompt, ctx.rows
-    batch = sample_batch(policy, ctx.tokenizer, [r["prompt_ids"] for r in rows], n, cfg.max_new_tokens,
-                         cfg.temperature, cfg.seed)
+    batch = sample_batch(
+        policy, ctx.tokenizer, [r["prompt_ids"] for r in rows], n, cfg.max_new_tokens, cfg.temperature, cfg.seed
+    )
     texts = batch["response"]
-    samples = [texts[i * n:(i + 1) * n] for i in range(len(rows))]
+    samples = [texts[i * n : (i + 1) * n] for i in range(len(rows))]
     lengths = batch["response_mask"].sum(-1).tolist()  # (B,)
     m = length_metrics(lengths, batch["finish_reason"]) | diversity_metrics(samples)
     per: dict = {"length": lengths}
@@ -153,7 +171,7 @@ def evaluate_policy(policy, ctx: EvalContext, cfg: EvalConfig) -> tuple[dict, li
         per["gold_reward"] = [float(g) for g in ctx.gold(prompts, texts)]
         m["eval/gold_reward"] = _mean(per["gold_reward"])
     if ctx.grammatical is not None:
-        m["eval/grammatical"] = _mean([float(ctx.grammatical(p, s)) for p, s in zip(prompts, texts)])
+        m["eval/grammatical"] = _mean([float(ctx.grammatical(p, s)) for p, s in zip(prompts, texts, strict=False)])
     if ctx.answers is not None:
         m |= accuracy_metrics(samples, ctx.answers)
         per["correct"] = [answer_correct(s, ctx.answers[i // n]) for i, s in enumerate(texts)]
@@ -162,17 +180,21 @@ def evaluate_policy(policy, ctx: EvalContext, cfg: EvalConfig) -> tuple[dict, li
         m["eval/rm_score"] = _mean(per["rm_score"])
     if ctx.reference is not None:
         mask = batch["response_mask"]
-        lp, ref_lp = policy_logprobs(policy, batch, cfg.temperature), policy_logprobs(ctx.reference, batch,
-                                                                                      cfg.temperature)
+        lp, ref_lp = (
+            policy_logprobs(policy, batch, cfg.temperature),
+            policy_logprobs(ctx.reference, batch, cfg.temperature),
+        )
         m |= kl_metrics(lp, ref_lp, mask)
         per["kl"] = torch.where(mask.bool(), kl_k1(lp, ref_lp), 0.0).sum(-1).cpu().tolist()  # (B,)
-    out_rows = [{"prompt": r["prompt"], "samples": samples[i],
-                 **{k: v[i * n:(i + 1) * n] for k, v in per.items()}} for i, r in enumerate(rows)]
+    out_rows = [
+        {"prompt": r["prompt"], "samples": samples[i], **{k: v[i * n : (i + 1) * n] for k, v in per.items()}}
+        for i, r in enumerate(rows)
+    ]
     return m, out_rows
 
 
 # ----------------------------------------------------------------------------------------------- set-up
-def load_prompts(cfg: EvalConfig, tok, out: Path) -> tuple[list[dict], Optional[Callable], Optional[Callable]]:
+def load_prompts(cfg: EvalConfig, tok, out: Path) -> tuple[list[dict], Callable | None, Callable | None]:
     """(prompt rows, gold reward, grammaticality check): ``data.path``, or the built-in task's held-out prompts
     with its gold reward (the gold reward is defined on the task's prompts only, so a ``data.path`` gets none)."""
     gold = grammatical = None
@@ -182,7 +204,7 @@ def load_prompts(cfg: EvalConfig, tok, out: Path) -> tuple[list[dict], Optional[
         path, gold = str(art.eval_prompts_path), art.gold_reward
         grammatical = reviews_grammatical if cfg.task.name == "reviews" else None
     data = prepare_data(dataclasses.replace(cfg.data, path=path, eval_path=""), tok, expect=("prompt",))
-    rows = (data.train + data.eval)[:cfg.num_prompts]
+    rows = (data.train + data.eval)[: cfg.num_prompts]
     if not rows:
         raise ConfigError(f"data.path: {path} has no prompt rows to evaluate on")
     return rows, gold, grammatical
@@ -196,12 +218,13 @@ def build_context(cfg: EvalConfig, tok, device: torch.device, out: Path) -> Eval
     """Prompts, gold reward, answers, reward-model scorer and reference model for policy evaluation."""
     rows, gold, grammatical = load_prompts(cfg, tok, out)
     answers = [r["answer"] for r in rows] if all(r.get("answer") is not None for r in rows) else None
-    rm = RewardModelScorer(cfg.reward_model, device=device, pad_token_id=tok.pad_token_id) if cfg.reward_model \
-        else None
+    rm = RewardModelScorer(cfg.reward_model, device=device, pad_token_id=tok.pad_token_id) if cfg.reward_model else None
     ref = load_causal_lm(ModelConfig(name_or_path=cfg.reference), device) if cfg.reference else None
     if ref is not None and _vocab(ref) < len(tok):
-        raise ConfigError(f"reference: {cfg.reference} has a vocabulary of {_vocab(ref)} tokens but the tokenizer has "
-                          f"{len(tok)}; the reference must share the policy's tokenizer")
+        raise ConfigError(
+            f"reference: {cfg.reference} has a vocabulary of {_vocab(ref)} tokens but the tokenizer has "
+            f"{len(tok)}; the reference must share the policy's tokenizer"
+        )
     return EvalContext(tok, device, rows, gold, grammatical, answers, rm, ref)
 
 
@@ -211,8 +234,9 @@ def reward_model_metrics(cfg: EvalConfig, tok, device) -> dict:
         raise ConfigError("alignflow eval: a reward model is evaluated on preference pairs; set data.path=<file>")
     data = prepare_data(cfg.data, tok, expect=("preference",))
     pairs = data.train + data.eval
-    rm = load_reward_model(ModelConfig(name_or_path=cfg.reward_model), num_labels=None, device=device,
-                           pad_token_id=tok.pad_token_id)
+    rm = load_reward_model(
+        ModelConfig(name_or_path=cfg.reward_model), num_labels=None, device=device, pad_token_id=tok.pad_token_id
+    )
     c = score(rm, [p["chosen_ids"] for p in pairs], tok.pad_token_id, device).mean(-1)
     r = score(rm, [p["rejected_ids"] for p in pairs], tok.pad_token_id, device).mean(-1)
     return pair_metrics(c, r, "eval")
@@ -221,16 +245,19 @@ def reward_model_metrics(cfg: EvalConfig, tok, device) -> dict:
 def check_config(cfg: EvalConfig) -> list:
     """Fail before any model is loaded; returns the resolved frontier policies."""
     if not (cfg.policy or cfg.reward_model or cfg.frontier):
-        raise ConfigError("alignflow eval: nothing to evaluate; give policy=<dir>, frontier=<dir,...> and/or "
-                          "reward_model=<dir>")
+        raise ConfigError(
+            "alignflow eval: nothing to evaluate; give policy=<dir>, frontier=<dir,...> and/or reward_model=<dir>"
+        )
     get_task(cfg.task.name)  # an unknown task name -> ConfigError listing the tasks
     if not cfg.frontier:
         return []
     if not cfg.reference:
         raise ConfigError("frontier: the x axis is the KL to a reference policy; set reference=<dir> (the SFT model)")
     if cfg.data.path and not cfg.reward_model:
-        raise ConfigError("frontier: with data.path there is no gold reward (it is defined on the built-in task's "
-                          "prompts); set reward_model=<dir> to plot its score")
+        raise ConfigError(
+            "frontier: with data.path there is no gold reward (it is defined on the built-in task's "
+            "prompts); set reward_model=<dir> to plot its score"
+        )
     return resolve_frontier(cfg.frontier)
 
 

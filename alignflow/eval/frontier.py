@@ -60,17 +60,21 @@ def resolve_frontier(entries: list) -> list[dict]:
     for i, entry in enumerate(entries):
         p = Path(str(entry)).expanduser()
         if not p.is_dir():
-            raise ConfigError(f"frontier[{i}]: {entry!s} is not a directory (give model directories, alignflow "
-                              f"checkpoints checkpoints/step-N, or run directories)")
+            raise ConfigError(
+                f"frontier[{i}]: {entry!s} is not a directory (give model directories, alignflow "
+                f"checkpoints checkpoints/step-N, or run directories)"
+            )
         if _is_model_dir(p) or _is_checkpoint(p):
             run = p.parent.parent if _is_checkpoint(p) and p.parent.name == "checkpoints" else None
             out.append({"label": _short(p), "path": str(p), "group": str(run or p)})
             continue
         found = _run_policies(p)
         if not found:
-            raise ConfigError(f"frontier[{i}]: {entry!s} is not a model directory (config.json with a model_type), "
-                              f"an alignflow checkpoint (model.safetensors + trainer_state.json) or a run directory "
-                              f"with complete checkpoints/step-N or model/")
+            raise ConfigError(
+                f"frontier[{i}]: {entry!s} is not a model directory (config.json with a model_type), "
+                f"an alignflow checkpoint (model.safetensors + trainer_state.json) or a run directory "
+                f"with complete checkpoints/step-N or model/"
+            )
         out += [{"label": _short(q), "path": str(q), "group": str(p)} for q in found]
     return out
 
@@ -87,7 +91,6 @@ def load_policy(path: str | Path, reference: str, device):
     """A model directory as it is; a checkpoint's weights on a fresh copy of the reference model."""
     from safetensors.torch import load_file
 
-
     path = Path(path)
     if _is_model_dir(path):
         return load_causal_lm(ModelConfig(name_or_path=str(path)), device)
@@ -99,18 +102,22 @@ def load_policy(path: str | Path, reference: str, device):
         return model
     missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
     if unexpected:
-        raise ConfigError(f"frontier: {path}/model.safetensors does not fit the reference's architecture "
-                          f"({reference}): unexpected weights {unexpected[:3]}. A LoRA run checkpoints its adapters "
-                          f"only; evaluate its model/ directory instead")
+        raise ConfigError(
+            f"frontier: {path}/model.safetensors does not fit the reference's architecture "
+            f"({reference}): unexpected weights {unexpected[:3]}. A LoRA run checkpoints its adapters "
+            f"only; evaluate its model/ directory instead"
+        )
     if missing:  # frozen parameters are not checkpointed; they keep the reference's values
-        log.warning("%s: %d weights not in the checkpoint keep the reference's values (e.g. %s)", path,
-                    len(missing), missing[0])
+        log.warning(
+            "%s: %d weights not in the checkpoint keep the reference's values (e.g. %s)", path, len(missing), missing[0]
+        )
     return model
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-def run_frontier(policies: list[dict], ctx, cfg: EvalConfig, out: Path, evaluate_policy: Callable,
-                 write_samples: Callable) -> dict:
+def run_frontier(
+    policies: list[dict], ctx, cfg: EvalConfig, out: Path, evaluate_policy: Callable, write_samples: Callable
+) -> dict:
     """Evaluate every resolved policy (:func:`resolve_frontier`) with ``ctx`` (which holds the reference) and write
     ``frontier.json`` then ``frontier.png``. Returns the JSON's content:
     ``{"reward_key", "kl_key": "eval/kl", "points": [{"label", "path", "group", "kl", "reward", "metrics"}]}``.
@@ -118,8 +125,9 @@ def run_frontier(policies: list[dict], ctx, cfg: EvalConfig, out: Path, evaluate
     eval``'s own (passed in: this module sits below ``alignflow.eval.evaluate``)."""
     reward_key = ctx.reward_key
     if reward_key is None or ctx.reference is None:
-        raise ConfigError("frontier: needs reference=<dir> and a reward (the built-in task's gold reward or "
-                          "reward_model=<dir>)")
+        raise ConfigError(
+            "frontier: needs reference=<dir> and a reward (the built-in task's gold reward or reward_model=<dir>)"
+        )
     points = []
     for i, entry in enumerate(policies):
         policy = load_policy(entry["path"], cfg.reference, ctx.device)
@@ -127,17 +135,23 @@ def run_frontier(policies: list[dict], ctx, cfg: EvalConfig, out: Path, evaluate
         del policy
         write_samples(out / "frontier" / str(i) / "samples.jsonl", rows)
         points.append({**entry, "kl": metrics["eval/kl"], "reward": metrics[reward_key], "metrics": metrics})
-        log.info("frontier %s: kl %.4f, %s %.4f", entry["label"], metrics["eval/kl"], reward_key,
-                 metrics[reward_key])
+        log.info("frontier %s: kl %.4f, %s %.4f", entry["label"], metrics["eval/kl"], reward_key, metrics[reward_key])
     result = {"reward_key": reward_key, "kl_key": "eval/kl", "points": points}
     (out / "frontier.json").write_text(json.dumps(result, indent=1))
     groups: dict = {}
     for p in points:
         groups.setdefault(p["group"], []).append(p)
     shorts = [_short(Path(g)) for g in groups]
-    names = [s if shorts.count(s) == 1 else g for s, g in zip(shorts, groups)]  # full path when names clash
-    plot_frontier(dict(zip(names, groups.values())), out / "frontier.png", reward_key,
-                  "KL to the reference (nats, eval/kl)", annotate="label")
+    names = [
+        s if shorts.count(s) == 1 else g for s, g in zip(shorts, groups, strict=False)
+    ]  # full path when names clash
+    plot_frontier(
+        dict(zip(names, groups.values(), strict=False)),
+        out / "frontier.png",
+        reward_key,
+        "KL to the reference (nats, eval/kl)",
+        annotate="label",
+    )
     return result
 
 
@@ -160,8 +174,9 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def frontier_from_metrics(metrics_paths: list, out_png: str | Path, reward_key: str = "rollout/reward_mean",
-                          kl_key: str = "policy/kl") -> dict:
+def frontier_from_metrics(
+    metrics_paths: list, out_png: str | Path, reward_key: str = "rollout/reward_mean", kl_key: str = "policy/kl"
+) -> dict:
     """Per-step reward vs KL of RL runs, from their ``metrics.jsonl`` (a path to the file or to the run directory).
 
     Rows of one step are merged; every step that has both ``kl_key`` and ``reward_key`` (finite) is a point. The
@@ -179,20 +194,24 @@ def frontier_from_metrics(metrics_paths: list, out_png: str | Path, reward_key: 
         raise ValueError("frontier_from_metrics: no metrics.jsonl paths given")
     names = [p.parent.name for p in paths]
     runs = {}
-    for p, name in zip(paths, names):
+    for p, name in zip(paths, names, strict=False):
         if not p.is_file():
             raise FileNotFoundError(f"frontier_from_metrics: {p} does not exist")
         steps = _read_steps(p)
-        pts = [{"step": s, "kl": r[kl_key], "reward": r[reward_key]} for s, r in steps.items()
-               if _number(r.get(kl_key)) and _number(r.get(reward_key))]
+        pts = [
+            {"step": s, "kl": r[kl_key], "reward": r[reward_key]}
+            for s, r in steps.items()
+            if _number(r.get(kl_key)) and _number(r.get(reward_key))
+        ]
         if not pts:
             keys = sorted({k for r in steps.values() for k in r})
             raise ValueError(f"{p}: no step logs both {kl_key!r} and {reward_key!r} (keys found: {', '.join(keys)})")
         runs[str(p.parent) if names.count(name) > 1 else name] = sorted(pts, key=lambda q: q["step"])
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    out_png.with_suffix(".json").write_text(json.dumps({"reward_key": reward_key, "kl_key": kl_key, "runs": runs},
-                                                       indent=1))
+    out_png.with_suffix(".json").write_text(
+        json.dumps({"reward_key": reward_key, "kl_key": kl_key, "runs": runs}, indent=1)
+    )
     plot_frontier(runs, out_png, reward_key, f"KL to the reference (nats, {kl_key})", annotate="step")
     return runs
 
@@ -202,8 +221,10 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("the reward-KL frontier plot needs matplotlib: pip install matplotlib (the numbers are "
-                          "already written to the .json file next to the plot)") from None
+        raise ImportError(
+            "the reward-KL frontier plot needs matplotlib: pip install matplotlib (the numbers are "
+            "already written to the .json file next to the plot)"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -218,8 +239,13 @@ def plot_frontier(series: dict, path: Path, reward_key: str, xlabel: str, annota
         ax.plot([p["kl"] for p in pts], [p["reward"] for p in pts], marker="o", label=name)
         if len(pts) <= 12:
             for p in pts:
-                ax.annotate(str(p[annotate]).rsplit("/", 1)[-1], (p["kl"], p["reward"]), fontsize=7,
-                            textcoords="offset points", xytext=(3, 3))
+                ax.annotate(
+                    str(p[annotate]).rsplit("/", 1)[-1],
+                    (p["kl"], p["reward"]),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                )
     ax.set(title="reward-KL frontier", xlabel=xlabel, ylabel=reward_key)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 BLEU_MAX_N = 4
 
@@ -18,7 +18,7 @@ BLEU_MAX_N = 4
 # ----------------------------------------------------------------------------------------------- diversity
 def ngrams(tokens: Sequence[str], n: int) -> Counter:
     """Counts of the n-grams (tuples) of ``tokens``."""
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -66,22 +66,24 @@ def sentence_bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]]
     return bp * math.exp(log_p)
 
 
-def self_bleu(texts: list[str], max_n: int = BLEU_MAX_N) -> Optional[float]:
+def self_bleu(texts: list[str], max_n: int = BLEU_MAX_N) -> float | None:
     """Self-BLEU of the samples of ONE prompt (Zhu et al. 2018, Texygen): the mean over samples i of
     ``sentence_bleu(sample_i, references = the other samples)``. Higher = less diverse (1 when all samples are
     the same). None with fewer than two samples (nothing to compare against)."""
     if len(texts) < 2:
         return None
     tokens = [t.split() for t in texts]
-    scores = [sentence_bleu(tokens[i], tokens[:i] + tokens[i + 1:], max_n) for i in range(len(tokens))]
+    scores = [sentence_bleu(tokens[i], tokens[:i] + tokens[i + 1 :], max_n) for i in range(len(tokens))]
     return sum(scores) / len(scores)
 
 
 def diversity_metrics(samples: list[list[str]]) -> dict:
     """``eval/distinct_1``, ``eval/distinct_2`` (within each prompt's samples) and ``eval/self_bleu``, each
     averaged over prompts; self-BLEU is left out when every prompt has a single sample."""
-    out = {"eval/distinct_1": sum(distinct_n(s, 1) for s in samples) / len(samples),
-           "eval/distinct_2": sum(distinct_n(s, 2) for s in samples) / len(samples)}
+    out = {
+        "eval/distinct_1": sum(distinct_n(s, 1) for s in samples) / len(samples),
+        "eval/distinct_2": sum(distinct_n(s, 2) for s in samples) / len(samples),
+    }
     bleus = [b for b in (self_bleu(s) for s in samples) if b is not None]
     if bleus:
         out["eval/self_bleu"] = sum(bleus) / len(bleus)
@@ -99,12 +101,12 @@ def _normal_answer(text: str) -> str:
         value = float(s)
     except ValueError:
         return s
-    if math.isfinite(value) and value == int(value) and abs(value) < 2 ** 53:
+    if math.isfinite(value) and value == int(value) and abs(value) < 2**53:
         return str(int(value))
     return repr(value)
 
 
-def extracted_answer(response: str) -> Optional[str]:
+def extracted_answer(response: str) -> str | None:
     """The final answer of a response (:func:`alignflow.rewards.math.extract_answer`: the last ``\\boxed{}``,
     ``<answer>`` tag or number), normalised for comparison; None when there is none."""
     from alignflow.rewards.math import extract_answer
@@ -131,7 +133,7 @@ def accuracy_metrics(samples: list[list[str]], answers: list) -> dict:
     if len(samples) != len(answers):
         raise ValueError(f"accuracy_metrics: {len(samples)} prompts but {len(answers)} answers")
     hits, any_hit, maj_hit = 0, 0, 0
-    for ss, ref in zip(samples, answers):
+    for ss, ref in zip(samples, answers, strict=False):
         correct = [answer_correct(s, ref) for s in ss]
         hits += sum(correct)
         any_hit += any(correct)
@@ -141,13 +143,18 @@ def accuracy_metrics(samples: list[list[str]], answers: list) -> dict:
             winner = next(a for a in (extracted_answer(s) for s in ss) if votes.get(a) == top)
             maj_hit += winner == _normal_answer(ref)
     total = sum(len(ss) for ss in samples)
-    return {"eval/accuracy": hits / total, "eval/pass_at_k": any_hit / len(samples),
-            "eval/maj_at_k": maj_hit / len(samples)}
+    return {
+        "eval/accuracy": hits / total,
+        "eval/pass_at_k": any_hit / len(samples),
+        "eval/maj_at_k": maj_hit / len(samples),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- length
 def length_metrics(lengths: list[int], finish_reasons: list[str]) -> dict:
     """``eval/response_len``: mean generated tokens (the ending EOS included); ``eval/truncated``: share of samples
     that hit max_new_tokens without ending (finish reason ``length``)."""
-    return {"eval/response_len": sum(lengths) / len(lengths),
-            "eval/truncated": sum(r == "length" for r in finish_reasons) / len(finish_reasons)}
+    return {
+        "eval/response_len": sum(lengths) / len(lengths),
+        "eval/truncated": sum(r == "length" for r in finish_reasons) / len(finish_reasons),
+    }

@@ -14,8 +14,6 @@ packed rows; it must come with ``position_ids`` that restart at every sample (``
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -40,8 +38,10 @@ def get_backbone(model: nn.Module) -> nn.Module:
     if body is None:
         body = getattr(base, getattr(base, "base_model_prefix", ""), None)
     if not isinstance(body, nn.Module) or body is base:
-        raise TypeError(f"cannot find the transformer backbone of {type(base).__name__}: it has no get_decoder() "
-                        f"and no '{getattr(base, 'base_model_prefix', '')}' sub-module")
+        raise TypeError(
+            f"cannot find the transformer backbone of {type(base).__name__}: it has no get_decoder() "
+            f"and no '{getattr(base, 'base_model_prefix', '')}' sub-module"
+        )
     return body
 
 
@@ -60,8 +60,9 @@ def get_score_head(model: nn.Module) -> nn.Module:
         head = getattr(base, name, None)
         if isinstance(head, nn.Module):
             return head
-    raise TypeError(f"{type(base).__name__} has no 'score' or 'classifier' head; load it with "
-                    "load_reward_model / load_value_model")
+    raise TypeError(
+        f"{type(base).__name__} has no 'score' or 'classifier' head; load it with load_reward_model / load_value_model"
+    )
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -69,21 +70,28 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
 
 
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                  position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+def hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Final-layer hidden states (B, T, H) of the backbone (after its final norm)."""
     if attention_mask is not None and attention_mask.dim() == 4:
         if position_ids is None:
             raise ValueError("a 4-D (packed) attention_mask needs position_ids that restart at every sample")
         if not (attention_mask.dtype == torch.bool or attention_mask.is_floating_point()):
-            raise ValueError("a 4-D attention_mask must be boolean (True = may attend) or additive float "
-                             f"(0 / -inf), got {attention_mask.dtype}")
+            raise ValueError(
+                "a 4-D attention_mask must be boolean (True = may attend) or additive float "
+                f"(0 / -inf), got {attention_mask.dtype}"
+            )
     elif attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be (B, T) or (B, 1, T, T), got shape {tuple(attention_mask.shape)}")
     elif attention_mask is not None and position_ids is None:
         position_ids = positions_from_mask(attention_mask)  # (B, T)
-    out = get_backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False)
+    out = get_backbone(model)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
     return out.last_hidden_state  # (B, T, H)
 
 

@@ -19,8 +19,10 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ConfigError(f"{key}={name} but CUDA is not available here (torch {torch.__version__}, no "
-                              f"visible GPU); use {key}=cpu or auto")
+            raise ConfigError(
+                f"{key}={name} but CUDA is not available here (torch {torch.__version__}, no "
+                f"visible GPU); use {key}=cpu or auto"
+            )
         if device.index is not None and device.index >= count:
             raise ConfigError(f"{key}={name} but this machine has {count} CUDA device(s) (0..{count - 1})")
     return device

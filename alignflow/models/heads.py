@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,8 +34,9 @@ def last_token_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     return h[torch.arange(h.shape[0], device=h.device), idx]  # (B, H)
 
 
-def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                    seq_lens: Optional[list[int]] = None) -> torch.Tensor:
+def sequence_scores(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, seq_lens: list[int] | None = None
+) -> torch.Tensor:
     """Reward-model scores (B, num_labels) in float32, from the last real token of each row.
 
     ``seq_lens``: ``input_ids`` is instead ONE padding-free row (1, N) of B sequences laid end to end
@@ -49,8 +49,12 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: O
     return get_score_head(model)(pooled).float()  # (B, K)
 
 
-def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+def token_values(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Critic values (B, T) in float32: ``values[:, t]`` is V of the state made of tokens <= t.
 
     ``attention_mask`` may be (B, T) or a packed (B, 1, T, T) mask with restarting ``position_ids``.
@@ -67,14 +71,29 @@ class GatingNetwork(nn.Module):
     3 x 1024, dropout 0.2, temperature 10.
     """
 
-    def __init__(self, hidden_size: int, num_objectives: int, hidden: int = 1024, layers: int = 3,
-                 dropout: float = 0.2, temperature: float = 10.0):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_objectives: int,
+        hidden: int = 1024,
+        layers: int = 3,
+        dropout: float = 0.2,
+        temperature: float = 10.0,
+    ):
         super().__init__()
         if num_objectives < 1 or hidden_size < 1 or layers < 0 or temperature <= 0:
-            raise ValueError(f"GatingNetwork: bad sizes hidden_size={hidden_size} num_objectives={num_objectives} "
-                             f"layers={layers} temperature={temperature}")
-        self.config = {"hidden_size": hidden_size, "num_objectives": num_objectives, "hidden": hidden,
-                       "layers": layers, "dropout": dropout, "temperature": temperature}
+            raise ValueError(
+                f"GatingNetwork: bad sizes hidden_size={hidden_size} num_objectives={num_objectives} "
+                f"layers={layers} temperature={temperature}"
+            )
+        self.config = {
+            "hidden_size": hidden_size,
+            "num_objectives": num_objectives,
+            "hidden": hidden,
+            "layers": layers,
+            "dropout": dropout,
+            "temperature": temperature,
+        }
         blocks: list[nn.Module] = []
         width = hidden_size
         for _ in range(layers):
@@ -102,7 +121,7 @@ class GatingNetwork(nn.Module):
         os.replace(tmp, d / GATE_CONFIG)
 
     @classmethod
-    def load(cls, model_dir, device="cpu") -> "GatingNetwork":
+    def load(cls, model_dir, device="cpu") -> GatingNetwork:
         """Rebuild a gate saved by :meth:`save` (in eval mode)."""
         d = Path(model_dir)
         for name in (GATE_CONFIG, GATE_WEIGHTS):
@@ -123,8 +142,13 @@ def combine(scores: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return (scores * gate).sum(-1)  # (B,)
 
 
-def gated_scores(model: nn.Module, gate: GatingNetwork, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 prompt_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gated_scores(
+    model: nn.Module,
+    gate: GatingNetwork,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ArmoRM scoring in ONE backbone pass: ``(R (B,), attribute scores (B, K), gate weights (B, K))``.
 
     The prompt embedding is the hidden state at the last prompt token (index ``prompt_lengths - 1``); with

@@ -19,12 +19,16 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoModelForTokenClassification, AutoTokenizer)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
 
 from alignflow.config import ModelConfig
 from alignflow.models.backbone import get_score_head
@@ -42,10 +46,15 @@ def _load_error(what: str, name_or_path: str, err: Exception) -> ModelLoadError:
     if Path(name_or_path).exists():
         return ModelLoadError(f"could not load {what} from the local path {name_or_path!r}: {err}")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    hint = ("HF_HUB_OFFLINE is set, so only the local hub cache was searched" if offline else
-            "if you are offline, download it first or set HF_HUB_OFFLINE=1 to use the local cache only")
-    return ModelLoadError(f"could not load {what} from {name_or_path!r}: it is not a local directory (cwd: "
-                          f"{os.getcwd()}) and it could not be loaded as a Hugging Face hub id ({hint}). Cause: {err}")
+    hint = (
+        "HF_HUB_OFFLINE is set, so only the local hub cache was searched"
+        if offline
+        else "if you are offline, download it first or set HF_HUB_OFFLINE=1 to use the local cache only"
+    )
+    return ModelLoadError(
+        f"could not load {what} from {name_or_path!r}: it is not a local directory (cwd: "
+        f"{os.getcwd()}) and it could not be loaded as a Hugging Face hub id ({hint}). Cause: {err}"
+    )
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
@@ -61,11 +70,13 @@ def _check_not_run_dir(name_or_path: str) -> None:
     except (OSError, ValueError):
         is_model = False
     if not is_model:
-        raise ModelLoadError(f"{name_or_path} is a run directory, not a model: its model is in {path / 'model'}; "
-                             f"use model.name_or_path={path / 'model'}")
+        raise ModelLoadError(
+            f"{name_or_path} is a run directory, not a model: its model is in {path / 'model'}; "
+            f"use model.name_or_path={path / 'model'}"
+        )
 
 
-def adapter_base(name_or_path: str) -> Optional[str]:
+def adapter_base(name_or_path: str) -> str | None:
     """The base model of a LoRA adapter directory (``adapter_config.json``), None for anything else."""
     config = Path(name_or_path) / "adapter_config.json"
     if not config.is_file():
@@ -88,8 +99,10 @@ def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code:
         base = adapter_base(name_or_path)
         if base is not None:
             return load_tokenizer(base, revision, trust_remote_code)
-        raise ModelLoadError(f"no tokenizer in {name_or_path}: it has none of {', '.join(TOKENIZER_FILES)}; set "
-                             "model.tokenizer to a directory or hub id that has one")
+        raise ModelLoadError(
+            f"no tokenizer in {name_or_path}: it has none of {', '.join(TOKENIZER_FILES)}; set "
+            "model.tokenizer to a directory or hub id that has one"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as e:
@@ -98,14 +111,21 @@ def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code:
         if tok.eos_token is None:
             raise ModelLoadError(f"tokenizer {name_or_path!r} has neither a pad token nor an eos token to pad with")
         tok.pad_token = tok.eos_token
-        logger.info("tokenizer %s has no pad token; padding with the eos token %r (id %d)",
-                    name_or_path, tok.eos_token, tok.eos_token_id)
+        logger.info(
+            "tokenizer %s has no pad token; padding with the eos token %r (id %d)",
+            name_or_path,
+            tok.eos_token,
+            tok.eos_token_id,
+        )
     tok.padding_side = "right"  # every alignflow batch is right-padded; the rollout engine handles left itself
     return tok
 
 
-_TASK_TYPES = {AutoModelForCausalLM: "CAUSAL_LM", AutoModelForSequenceClassification: "SEQ_CLS",
-               AutoModelForTokenClassification: "TOKEN_CLS"}
+_TASK_TYPES = {
+    AutoModelForCausalLM: "CAUSAL_LM",
+    AutoModelForSequenceClassification: "SEQ_CLS",
+    AutoModelForTokenClassification: "TOKEN_CLS",
+}
 
 
 class _HeldReport(logging.Filter):
@@ -146,7 +166,7 @@ def _report_loading(model: nn.Module, info: dict, held: _HeldReport, head: bool)
             logging.getLogger("transformers.modeling_utils").handle(record)
 
 
-def _adapter_head_rows(adapter_dir: str) -> Optional[int]:
+def _adapter_head_rows(adapter_dir: str) -> int | None:
     """Outputs of the score head saved with a SEQ_CLS/TOKEN_CLS adapter (None when it saved none)."""
     from safetensors import safe_open
 
@@ -167,8 +187,12 @@ def _load_adapter(auto_cls, cfg: ModelConfig, what: str, base: str, **kwargs):
     is then not new."""
     from peft import PeftConfig, PeftModel
 
-    logger.info("%s: %s is a LoRA adapter on %s; loading the base model and merging the adapter into it", what,
-                cfg.name_or_path, base)
+    logger.info(
+        "%s: %s is a LoRA adapter on %s; loading the base model and merging the adapter into it",
+        what,
+        cfg.name_or_path,
+        base,
+    )
     try:
         config = PeftConfig.from_pretrained(cfg.name_or_path)
     except (OSError, ValueError, TypeError) as e:
@@ -190,8 +214,9 @@ def _load_adapter(auto_cls, cfg: ModelConfig, what: str, base: str, **kwargs):
     return model, info
 
 
-def _from_pretrained(auto_cls, cfg: ModelConfig, what: str, config_overrides: Optional[dict] = None,
-                     head: bool = False, **extra):
+def _from_pretrained(
+    auto_cls, cfg: ModelConfig, what: str, config_overrides: dict | None = None, head: bool = False, **extra
+):
     """``auto_cls.from_pretrained`` with the config's dtype/attention/revision; returns (model, loading_info).
 
     ``config_overrides`` are set on the model config before the model is built (for attributes such as
@@ -214,8 +239,14 @@ def _from_pretrained(auto_cls, cfg: ModelConfig, what: str, config_overrides: Op
                 setattr(config, key, value)
             extra = {"config": config}
         with _held_load_report() as held:
-            model, info = auto_cls.from_pretrained(cfg.name_or_path, dtype=DTYPES[cfg.dtype], output_loading_info=True,
-                                                   attn_implementation=cfg.attn_implementation, **hub, **extra)
+            model, info = auto_cls.from_pretrained(
+                cfg.name_or_path,
+                dtype=DTYPES[cfg.dtype],
+                output_loading_info=True,
+                attn_implementation=cfg.attn_implementation,
+                **hub,
+                **extra,
+            )
     except OSError as e:
         raise _load_error(what, cfg.name_or_path, e) from e
     except ValueError as e:  # e.g. an architecture with no class for this task
@@ -237,8 +268,13 @@ def _finish(model: nn.Module, cfg: ModelConfig, task_type: str, device) -> nn.Mo
         targets = cfg.lora.target_modules
         if targets == ["all-linear"] or targets == "all-linear":
             targets = "all-linear"  # peft: every linear layer except the output head
-        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=targets, task_type=task_type)
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=targets,
+            task_type=task_type,
+        )
         try:
             model = get_peft_model(model, lora)
         except ValueError as e:
@@ -268,7 +304,7 @@ def seed_head_rows(head: nn.Linear, seed: int) -> None:
         head.bias.zero_()
 
 
-def _init_new_head(model: nn.Module, info: dict, seed: Optional[int], what: str) -> None:
+def _init_new_head(model: nn.Module, info: dict, seed: int | None, what: str) -> None:
     """Seed a head the checkpoint did not have, and say so in one line."""
     head = get_score_head(model)
     name = next(n for n, m in model.named_modules() if m is head)
@@ -281,11 +317,17 @@ def _init_new_head(model: nn.Module, info: dict, seed: Optional[int], what: str)
         how = f"seeded from seed {seed}" if head.weight.shape[0] == 1 else f"row i seeded from seed {seed} + i"
     else:
         how = "initialised from the global RNG (pass seed= for a reproducible one)"
-    logger.info("%s: new %s head (%s) on %s, %s; every other weight comes from the checkpoint", what, name, shape,
-                model.config._name_or_path or "the base model", how)
+    logger.info(
+        "%s: new %s head (%s) on %s, %s; every other weight comes from the checkpoint",
+        what,
+        name,
+        shape,
+        model.config._name_or_path or "the base model",
+        how,
+    )
 
 
-def _pad_id(pad_token_id: Optional[int], what: str) -> dict:
+def _pad_id(pad_token_id: int | None, what: str) -> dict:
     if pad_token_id is None:
         return {}
     if pad_token_id < 0:
@@ -293,8 +335,13 @@ def _pad_id(pad_token_id: Optional[int], what: str) -> dict:
     return {"pad_token_id": int(pad_token_id)}
 
 
-def load_reward_model(cfg: ModelConfig, num_labels: Optional[int] = None, device="cpu", seed: Optional[int] = None,
-                      pad_token_id: Optional[int] = None) -> nn.Module:
+def load_reward_model(
+    cfg: ModelConfig,
+    num_labels: int | None = None,
+    device="cpu",
+    seed: int | None = None,
+    pad_token_id: int | None = None,
+) -> nn.Module:
     """A scalar (``num_labels=1``), multi-objective or ensemble (``num_labels=K``) reward model.
 
     ``num_labels=None`` loads a trained reward model with the number of outputs it was saved with.
@@ -307,24 +354,39 @@ def load_reward_model(cfg: ModelConfig, num_labels: Optional[int] = None, device
     if num_labels is not None and num_labels < 1:
         raise ModelLoadError(f"num_labels must be >= 1, got {num_labels}")
     labels = {} if num_labels is None else {"num_labels": num_labels}
-    model, info = _from_pretrained(AutoModelForSequenceClassification, cfg, "a reward model", head=True, **labels,
-                                   **_pad_id(pad_token_id, "reward model"))
+    model, info = _from_pretrained(
+        AutoModelForSequenceClassification,
+        cfg,
+        "a reward model",
+        head=True,
+        **labels,
+        **_pad_id(pad_token_id, "reward model"),
+    )
     if model.config.pad_token_id is None:
-        raise ModelLoadError(f"reward model {cfg.name_or_path!r}: its config has no pad_token_id; pass "
-                             "pad_token_id=tokenizer.pad_token_id")
+        raise ModelLoadError(
+            f"reward model {cfg.name_or_path!r}: its config has no pad_token_id; pass "
+            "pad_token_id=tokenizer.pad_token_id"
+        )
     _init_new_head(model, info, seed, "reward model")
     return _finish(model, cfg, "SEQ_CLS", device)
 
 
-def load_value_model(cfg: ModelConfig, device="cpu", pad_token_id: Optional[int] = None,
-                     seed: Optional[int] = None) -> nn.Module:
+def load_value_model(
+    cfg: ModelConfig, device="cpu", pad_token_id: int | None = None, seed: int | None = None
+) -> nn.Module:
     """The PPO critic: ``AutoModelForTokenClassification`` with one label, a value per token.
 
     Dropout before the head is switched off (``classifier_dropout=0``) so values do not depend on
     train/eval mode. Read values with :func:`alignflow.models.heads.token_values`.
     """
-    model, info = _from_pretrained(AutoModelForTokenClassification, cfg, "a value model", num_labels=1, head=True,
-                                   config_overrides={"classifier_dropout": 0.0},
-                                   **_pad_id(pad_token_id, "value model"))
+    model, info = _from_pretrained(
+        AutoModelForTokenClassification,
+        cfg,
+        "a value model",
+        num_labels=1,
+        head=True,
+        config_overrides={"classifier_dropout": 0.0},
+        **_pad_id(pad_token_id, "value model"),
+    )
     _init_new_head(model, info, seed, "value model")
     return _finish(model, cfg, "TOKEN_CLS", device)

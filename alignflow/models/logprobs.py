@@ -27,8 +27,6 @@ one row; the first token of every sequence then predicts nothing, like position 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -37,12 +35,18 @@ from alignflow.models.backbone import get_lm_head, hidden_states, unwrap
 from alignflow.models.varlen import flat_hidden_states
 
 IGNORE_INDEX = -100
-LOGITS_BUDGET_BYTES = 256 * 2 ** 20  # fp32 logits up to this size are computed in one piece, without checkpoint
+LOGITS_BUDGET_BYTES = 256 * 2**20  # fp32 logits up to this size are computed in one piece, without checkpoint
 DEFAULT_CHUNK = 1024  # positions per chunk above the budget
 
 
-def _chunk_stats(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float,
-                 softcap: Optional[float], with_entropy: bool) -> torch.Tensor:
+def _chunk_stats(
+    head: nn.Module,
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    with_entropy: bool,
+) -> torch.Tensor:
     """For hidden states h (B, c, H) and targets (B, c): log p(target) and optionally the entropy, (B, c, 1|2)."""
     logits = head(h).float()  # (B, c, V)
     if softcap:
@@ -58,8 +62,13 @@ def _chunk_stats(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temper
     return torch.stack([logp, entropy], dim=-1)  # (B, c, 2)
 
 
-def _hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-            position_ids: Optional[torch.Tensor], seq_lens) -> torch.Tensor:
+def _hidden(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    seq_lens,
+) -> torch.Tensor:
     """Final hidden states (B, T, H): padding-free when ``seq_lens`` is given (then B = 1 and no mask)."""
     if seq_lens is None:
         return hidden_states(model, input_ids, attention_mask, position_ids)
@@ -85,8 +94,7 @@ def logits_budget(device) -> int:
     return LOGITS_BUDGET_BYTES
 
 
-def _plan_chunks(positions: int, vocab: int, chunk_size: Optional[int],
-                 device=None) -> tuple[Optional[int], bool]:
+def _plan_chunks(positions: int, vocab: int, chunk_size: int | None, device=None) -> tuple[int | None, bool]:
     """(chunk size or None for one piece, whether to checkpoint) for ``positions`` x ``vocab`` fp32 logits."""
     if chunk_size is None:
         if positions * vocab * 4 <= logits_budget(device):
@@ -97,10 +105,17 @@ def _plan_chunks(positions: int, vocab: int, chunk_size: Optional[int],
     return chunk_size, True
 
 
-def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                   position_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                   chunk_size: Optional[int] = None, with_entropy: bool = False,
-                   temperature: float = 1.0, seq_lens=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def token_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
+    seq_lens=None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs ``(logp, entropy)``, each (B, T) float32; ``entropy`` is None unless asked for.
 
     Args:
@@ -133,11 +148,12 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: Op
     size = size or max(T - 1, 1)  # positions of T per chunk
     h = _hidden(model, input_ids, attention_mask, position_ids, seq_lens)[:, :-1]  # (B, T-1, H)
     softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
-    use_ckpt = use_ckpt and torch.is_grad_enabled() and (h.requires_grad or
-                                                         any(p.requires_grad for p in head.parameters()))
+    use_ckpt = (
+        use_ckpt and torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
+    )
     pieces = []
     for s in range(0, T - 1, size):
-        args = (head, h[:, s:s + size], targets[:, s:s + size], temperature, softcap, with_entropy)
+        args = (head, h[:, s : s + size], targets[:, s : s + size], temperature, softcap, with_entropy)
         pieces.append(checkpoint(_chunk_stats, *args, use_reentrant=False) if use_ckpt else _chunk_stats(*args))
     k = 2 if with_entropy else 1
     stats = torch.cat(pieces, dim=1) if pieces else h.new_zeros(B, 0, k, dtype=torch.float32)  # (B, T-1, k)
@@ -147,10 +163,17 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: Op
     return logp, entropy
 
 
-def selected_logprobs(model: nn.Module, input_ids: torch.Tensor, where: torch.Tensor,
-                      attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                      seq_lens=None, chunk_size: Optional[int] = None, with_entropy: bool = False,
-                      temperature: float = 1.0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def selected_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    where: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    seq_lens=None,
+    chunk_size: int | None = None,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(logp, entropy)`` (M,) float32 at the M positions where ``where`` (B, T) is True, in row-major order:
     ``logp = log p(x_t | x_<t)`` and the entropy of that distribution, with the LM head run ONLY on the hidden
     states that predict those tokens. A response-only RL loss or completion-only SFT never pays for the
@@ -160,8 +183,9 @@ def selected_logprobs(model: nn.Module, input_ids: torch.Tensor, where: torch.Te
     predicts nothing and counts as False). Equals ``token_logprobs(...)[where]`` (tests check values and grads).
     """
     if where.shape != input_ids.shape:
-        raise ValueError(f"the position mask {tuple(where.shape)} must have the shape of input_ids "
-                         f"{tuple(input_ids.shape)}")
+        raise ValueError(
+            f"the position mask {tuple(where.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
+        )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     h = _hidden(model, input_ids, attention_mask, position_ids, seq_lens)  # (B, T, H)
@@ -174,20 +198,27 @@ def selected_logprobs(model: nn.Module, input_ids: torch.Tensor, where: torch.Te
     softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
     size, use_ckpt = _plan_chunks(hs.shape[0], head.weight.shape[0], chunk_size, hs.device)
     size = size or max(hs.shape[0], 1)
-    use_ckpt = use_ckpt and torch.is_grad_enabled() and (hs.requires_grad or
-                                                         any(p.requires_grad for p in head.parameters()))
+    use_ckpt = (
+        use_ckpt and torch.is_grad_enabled() and (hs.requires_grad or any(p.requires_grad for p in head.parameters()))
+    )
     pieces = []
     for s in range(0, hs.shape[0], size):
-        args = (head, hs[None, s:s + size], targets[None, s:s + size], temperature, softcap, with_entropy)
+        args = (head, hs[None, s : s + size], targets[None, s : s + size], temperature, softcap, with_entropy)
         pieces.append(checkpoint(_chunk_stats, *args, use_reentrant=False) if use_ckpt else _chunk_stats(*args))
     k = 2 if with_entropy else 1
     stats = torch.cat(pieces, dim=1)[0] if pieces else h.new_zeros(0, k, dtype=torch.float32)  # (M, k)
     return stats[:, 0], (stats[:, 1] if with_entropy else None)
 
 
-def masked_nll_sum(model: nn.Module, input_ids: torch.Tensor, loss_mask: torch.Tensor,
-                   attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                   seq_lens=None, chunk_size: Optional[int] = None) -> torch.Tensor:
+def masked_nll_sum(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    seq_lens=None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """``-sum_{t: loss_mask[b, t] = 1} log p(x_t | x_<t)``, a float32 scalar, with the LM head run ONLY on the
     positions that predict a loss token (completion-only SFT skips the prompt's logits entirely).
 
@@ -196,7 +227,8 @@ def masked_nll_sum(model: nn.Module, input_ids: torch.Tensor, loss_mask: torch.T
     :func:`token_logprobs`; the value equals ``-(token_logprobs(...)[0] * loss_mask).sum()``.
     """
     if loss_mask.shape != input_ids.shape:
-        raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have the shape of input_ids "
-                         f"{tuple(input_ids.shape)}")
+        raise ValueError(
+            f"loss_mask {tuple(loss_mask.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
+        )
     logp, _ = selected_logprobs(model, input_ids, loss_mask, attention_mask, position_ids, seq_lens, chunk_size)
     return -logp.sum()

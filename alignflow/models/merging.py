@@ -46,17 +46,21 @@ def _check_same_layout(states: Sequence[Mapping[str, Tensor]], names: Sequence[s
     for state, name in zip(states[1:], names[1:], strict=True):
         missing, extra = sorted(set(first) - set(state)), sorted(set(state) - set(first))
         if missing or extra:
-            raise ValueError(f"{name} does not have the architecture of {names[0]}: tensors missing "
-                             f"{missing[:5]}, extra {extra[:5]}")
+            raise ValueError(
+                f"{name} does not have the architecture of {names[0]}: tensors missing {missing[:5]}, extra {extra[:5]}"
+            )
         for key, t in first.items():
             if state[key].shape != t.shape or state[key].dtype != t.dtype:
-                raise ValueError(f"{name}: tensor {key!r} is {tuple(state[key].shape)} {state[key].dtype}, "
-                                 f"{names[0]} has {tuple(t.shape)} {t.dtype}; only same-architecture models merge")
+                raise ValueError(
+                    f"{name}: tensor {key!r} is {tuple(state[key].shape)} {state[key].dtype}, "
+                    f"{names[0]} has {tuple(t.shape)} {t.dtype}; only same-architecture models merge"
+                )
 
 
 @torch.no_grad()
-def interpolate_state_dicts(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float] = (),
-                            names: Sequence[str] = ()) -> dict[str, Tensor]:
+def interpolate_state_dicts(
+    states: Sequence[Mapping[str, Tensor]], weights: Sequence[float] = (), names: Sequence[str] = ()
+) -> dict[str, Tensor]:
     """``sum_i w_i * states[i][key]`` for every floating tensor (accumulated in float32, returned in the
     tensors' own dtype); non-floating tensors must be equal in every state dict and are copied from the first.
 
@@ -71,8 +75,9 @@ def interpolate_state_dicts(states: Sequence[Mapping[str, Tensor]], weights: Seq
         if not t.is_floating_point():
             for state, name in zip(states[1:], names[1:], strict=True):
                 if not torch.equal(state[key], t):
-                    raise ValueError(f"{name}: the non-float tensor {key!r} differs from {names[0]}'s; it cannot be "
-                                     "interpolated")
+                    raise ValueError(
+                        f"{name}: the non-float tensor {key!r} differs from {names[0]}'s; it cannot be interpolated"
+                    )
             out[key] = t.clone()
             continue
         acc = torch.zeros(t.shape, dtype=torch.float32, device=t.device)

@@ -30,15 +30,19 @@ def head_logps(model, hs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     use_ckpt = use_ckpt and torch.is_grad_enabled()
     pieces = []
     for s in range(0, hs.shape[0], size):
-        args = (head, hs[None, s:s + size], targets[None, s:s + size], 1.0, softcap, False)
-        out = torch.utils.checkpoint.checkpoint(_chunk_stats, *args, use_reentrant=False) if use_ckpt \
+        args = (head, hs[None, s : s + size], targets[None, s : s + size], 1.0, softcap, False)
+        out = (
+            torch.utils.checkpoint.checkpoint(_chunk_stats, *args, use_reentrant=False)
+            if use_ckpt
             else _chunk_stats(*args)
+        )
         pieces.append(out[0, :, 0])  # (c,)
     return torch.cat(pieces) if pieces else hs.new_zeros(0, dtype=torch.float32)
 
 
-def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], device, flat: bool = True,
-                   with_tokens: bool = False) -> dict:
+def sequence_logps(
+    model, seqs: list[tuple[list[int], list[int]]], device, flat: bool = True, with_tokens: bool = False
+) -> dict:
     """Summed response log-probs of n sequences in ONE forward.
 
     ``seqs``: (input_ids, loss_mask) lists; ``loss_mask`` is 1 on response tokens. ``flat``: the sequences laid end to
@@ -74,7 +78,8 @@ def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], device, flat:
         width = int(lengths.max()) if n else 0
         out["token_logps"] = torch.zeros(n, width, device=device).index_put((seq, col), token_lp)  # (n, Tr)
         out["token_mask"] = torch.zeros(n, width, device=device, dtype=torch.bool).index_put(
-            (seq, col), torch.ones_like(col, dtype=torch.bool))  # (n, Tr)
+            (seq, col), torch.ones_like(col, dtype=torch.bool)
+        )  # (n, Tr)
     return out
 
 
@@ -96,8 +101,9 @@ def model_fingerprint(name_or_path: str, revision: str = "main") -> str:
     if not path.is_dir():
         return f"hub:{name_or_path}@{revision}"
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".pt"))
-    return json.dumps([str(path.resolve())] + [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
-                                               for p in files])
+    return json.dumps(
+        [str(path.resolve())] + [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    )
 
 
 # ----------------------------------------------------------------------------------------------- scores

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ VARLEN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 _REGISTERED = False
 USE_FLASH = True  # False forces the per-sequence SDPA path on CUDA too (the reference in tests/test_gpu.py)
 FLASH_DEVICES = ("cuda",)  # where the flash kernel runs; CPU tests add "cpu" with a stand-in kernel
-_FLASH_API: Optional[dict] = None
+_FLASH_API: dict | None = None
 
 
 def _band_mask(n: int, window: int, device) -> torch.Tensor:
@@ -49,7 +49,7 @@ def _band_mask(n: int, window: int, device) -> torch.Tensor:
     return (diff >= 0) & (diff < window)
 
 
-def _flash_api() -> Optional[dict]:
+def _flash_api() -> dict | None:
     """The parameters of ``torch.nn.attention.varlen.varlen_attn`` in this torch (None when it is absent).
 
     Two API shapes exist: torch 2.9 took ``is_causal`` (no GQA, no scale, no window); later releases take
@@ -65,20 +65,35 @@ def _flash_api() -> Optional[dict]:
     return _FLASH_API or None
 
 
-def flash_usable(query: torch.Tensor, dropout: float = 0.0, window: Optional[int] = None) -> bool:
+def flash_usable(query: torch.Tensor, dropout: float = 0.0, window: int | None = None) -> bool:
     """True when :func:`flash_varlen` can run ``query``: CUDA, half precision, no dropout, head dim <= 256, the
     kernel present in this torch (and a sliding window only where its API takes one). :data:`USE_FLASH` off
     forces the per-sequence path (the reference the GPU tests compare against)."""
     api = _flash_api() if USE_FLASH else None
-    return bool(api) and query.device.type in FLASH_DEVICES and query.dtype in (torch.float16, torch.bfloat16) \
-        and dropout == 0.0 \
-        and query.shape[-1] <= 256 and query.shape[-1] % 8 == 0 \
+    return (
+        bool(api)
+        and query.device.type in FLASH_DEVICES
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and dropout == 0.0
+        and query.shape[-1] <= 256
+        and query.shape[-1] % 8 == 0
         and (window is None or "window_size" in api["params"])
+    )
 
 
-def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                 max_q: int, max_k: int, *, causal: bool, window: Optional[int] = None,
-                 scale: Optional[float] = None) -> torch.Tensor:
+def flash_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    *,
+    causal: bool,
+    window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Flash attention over sequences laid end to end: q (Nq, Hq, D), k/v (Nk, Hkv, D) -> (Nq, Hq, D).
 
     ``cu_q`` / ``cu_k`` (n + 1,) int32 cumulative lengths. ``causal``: query i of a sequence sees keys up to its
@@ -107,10 +122,19 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.
     return api["fn"](q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
 
-def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
-                     seq_lens: Optional[Sequence[int]] = None, last_query_layer: Optional[int] = None,
-                     cu_seq_lens: Optional[torch.Tensor] = None, **kwargs) -> tuple[torch.Tensor, None]:
+def varlen_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    seq_lens: Sequence[int] | None = None,
+    last_query_layer: int | None = None,
+    cu_seq_lens: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """Causal attention of each sequence of a flat row: q (1, h, N, d), k/v (1, h_kv, N, d) -> (1, N, h, d).
 
     On CUDA in half precision one flash kernel runs every sequence (:func:`flash_varlen`, with ``cu_seq_lens``
@@ -119,33 +143,45 @@ def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     are 0: the caller never reads them, see :func:`flat_last_hidden`).
     """
     if seq_lens is None or attention_mask is not None:
-        raise RuntimeError(f"the {VARLEN} attention needs seq_lens and no attention mask; run the model through "
-                           "alignflow.models.varlen.flat_hidden_states")
+        raise RuntimeError(
+            f"the {VARLEN} attention needs seq_lens and no attention mask; run the model through "
+            "alignflow.models.varlen.flat_hidden_states"
+        )
     if query.shape[0] != 1 or sum(seq_lens) != query.shape[2]:
         raise RuntimeError(f"flat row of {tuple(query.shape)} does not hold sequences of {sum(seq_lens)} tokens")
     window = getattr(module, "sliding_window", None)
     last_only = last_query_layer is not None and getattr(module, "layer_idx", None) == last_query_layer
-    if cu_seq_lens is not None and query.dtype == torch.float32 and query.device.type in FLASH_DEVICES \
-            and torch.is_autocast_enabled(query.device.type):
+    if (
+        cu_seq_lens is not None
+        and query.dtype == torch.float32
+        and query.device.type in FLASH_DEVICES
+        and torch.is_autocast_enabled(query.device.type)
+    ):
         # an fp32 model under autocast: RoPE promoted q/k back to fp32, and SDPA would run in the autocast dtype
         # anyway (it is on autocast's lower-precision list); cast for the flash kernel the same way
         low = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(low), key.to(low), value.to(low)
-    if cu_seq_lens is not None and flash_usable(query, dropout, window if not last_only else None) \
-            and not (last_only and window):
+    if (
+        cu_seq_lens is not None
+        and flash_usable(query, dropout, window if not last_only else None)
+        and not (last_only and window)
+    ):
         return _flash_layer(query, key, value, seq_lens, cu_seq_lens, scaling, window, last_only), None
     gqa = query.shape[1] != key.shape[1]
     # torch.split (not slicing) so that autograd joins the gradients with one cat instead of n zero-padded adds
     qs, ks, vs = query.split(list(seq_lens), 2), key.split(list(seq_lens), 2), value.split(list(seq_lens), 2)
     outs = []
-    for q, k, v, n in zip(qs, ks, vs, seq_lens):
+    for q, k, v, n in zip(qs, ks, vs, seq_lens, strict=False):
         if last_only:  # one query that sees its whole sequence (or its window)
             q, k, v = q[:, :, -1:], k[:, :, -window:] if window else k, v[:, :, -window:] if window else v
             outs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
             continue
         mask = _band_mask(n, window, q.device) if window and n > window else None
-        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                   dropout_p=dropout, scale=scaling, enable_gqa=gqa))  # (1, h, n, d)
+        outs.append(
+            F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout, scale=scaling, enable_gqa=gqa
+            )
+        )  # (1, h, n, d)
     if last_only:
         rows = last_positions(seq_lens, query.device)  # (n,)
         last = torch.cat(outs, 2).transpose(1, 2)  # (1, n, h, d)
@@ -183,8 +219,11 @@ def supports_varlen(model: nn.Module) -> bool:
         return False
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", VARLEN):
         return False
-    flag = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") \
-        else "is_gradient_checkpointing"  # renamed in transformers 5.x
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(type(base), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )  # renamed in transformers 5.x
     return not getattr(base, flag, False)
 
 
@@ -198,32 +237,48 @@ def _attention_implementation(config, name: str):
         config._attn_implementation = old
 
 
-def flat_hidden_states(model: nn.Module, input_ids: torch.Tensor, seq_lens: Sequence[int],
-                       position_ids: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+def flat_hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    seq_lens: Sequence[int],
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
     """Final hidden states (1, N, H) of sequences laid end to end in ``input_ids`` (1, N), lengths ``seq_lens``.
 
     ``position_ids`` (1, N) restart at 0 for every sequence; built from ``seq_lens`` when omitted.
     """
     if not supports_varlen(model):
-        raise ValueError(f"{type(unwrap(model)).__name__} does not support padding-free batches "
-                         "(see alignflow.models.varlen.supports_varlen); use padded batches")
+        raise ValueError(
+            f"{type(unwrap(model)).__name__} does not support padding-free batches "
+            "(see alignflow.models.varlen.supports_varlen); use padded batches"
+        )
     lens = [int(n) for n in seq_lens]
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or sum(lens) != input_ids.shape[1] or min(lens) < 1:
-        raise ValueError(f"input_ids {tuple(input_ids.shape)} must be (1, N) with N = sum(seq_lens) = {sum(lens)} "
-                         "and every length >= 1")
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} must be (1, N) with N = sum(seq_lens) = {sum(lens)} "
+            "and every length >= 1"
+        )
     if position_ids is None:
         position_ids = flat_positions(lens).to(input_ids.device, non_blocking=True)[None]  # (1, N)
     if input_ids.device.type in FLASH_DEVICES:  # cumulative lengths for the flash kernel, once per forward
         kwargs["cu_seq_lens"] = cumulative(lens).to(input_ids.device, non_blocking=True)
     register()
     with _attention_implementation(unwrap(model).config, VARLEN):
-        out = get_backbone(model)(input_ids=input_ids, attention_mask=None, position_ids=position_ids,
-                                  use_cache=False, seq_lens=lens, **kwargs)
+        out = get_backbone(model)(
+            input_ids=input_ids,
+            attention_mask=None,
+            position_ids=position_ids,
+            use_cache=False,
+            seq_lens=lens,
+            **kwargs,
+        )
     return out.last_hidden_state  # (1, N, H)
 
 
 def _rows_only(module: nn.Module, rows: torch.Tensor, total: int) -> list:
     """Hooks making a row-wise module (1, N, a) -> (1, N, b) run on ``rows`` only (0 elsewhere); returns them."""
+
     def before(_, args):
         return (args[0][:, rows],) + tuple(args[1:])  # (1, n, a)
 

@@ -37,6 +37,7 @@ UNFINGERPRINTED = ("progress", "resume", "overwrite")  # keys that do not change
 @dataclasses.dataclass
 class Planned:
     """A stage with its loaded config, its run directory and its fingerprint."""
+
     stage: Stage
     cfg: Any
     output: Path
@@ -93,8 +94,10 @@ def plan(cfg: RecipeConfig, out: Path) -> list[Planned]:
         cls = _import(STAGE_COMMANDS[st.command][0])
         for item in st.overrides:
             if item.split("=", 1)[0] in ("output_dir", "train.output_dir"):
-                raise ConfigError(f"stage '{st.name}': {item.split('=', 1)[0]} is set by the recipe "
-                                  f"(<output_dir>/{st.name}); remove it from the stage")
+                raise ConfigError(
+                    f"stage '{st.name}': {item.split('=', 1)[0]} is set by the recipe "
+                    f"(<output_dir>/{st.name}); remove it from the stage"
+                )
         extra = [f"{k}={as_text(v)}" for k, v in shared.items() if _has_key(cls, k)]
         used |= {item.split("=", 1)[0] for item in extra}
         resolved = [resolve(item, st.name, outputs, str(out)) for item in extra + st.overrides]
@@ -145,12 +148,18 @@ def decide(p: Planned, record: dict[str, Any] | None, forced: bool) -> str:
     if record.get("status") == "done":
         if same:
             return "skip"
-        raise ConfigError(f"stage '{name}': {p.output} holds a finished run made with other settings "
-                          f"({_changed(record.get('config', {}), p.flat)}); add rerun=[{name}] to run it and the "
-                          f"later stages again, or choose another output_dir")
+        raise ConfigError(
+            f"stage '{name}': {p.output} holds a finished run made with other settings "
+            f"({_changed(record.get('config', {}), p.flat)}); add rerun=[{name}] to run it and the "
+            f"later stages again, or choose another output_dir"
+        )
     if not same:
-        log.warning("stage '%s': the run left in %s was made with other settings (%s); starting it afresh", name,
-                    p.output, _changed(record.get("config", {}), p.flat))
+        log.warning(
+            "stage '%s': the run left in %s was made with other settings (%s); starting it afresh",
+            name,
+            p.output,
+            _changed(record.get("config", {}), p.flat),
+        )
         return "run"
     return "resume"
 
@@ -187,21 +196,38 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, dict[str, Any]]:
     for i, (p, action) in enumerate(zip(planned, actions, strict=True)):
         name = p.stage.name
         if action == "skip":
-            log.info("%s: stage %d/%d '%s' (%s) done in an earlier run, skipped", title, i + 1, len(planned), name,
-                     p.stage.command)
+            log.info(
+                "%s: stage %d/%d '%s' (%s) done in an earlier run, skipped",
+                title,
+                i + 1,
+                len(planned),
+                name,
+                p.stage.command,
+            )
             report[name] = {"status": "skipped", "output": str(p.output), "seconds": 0.0}
             continue
-        log.info("%s: stage %d/%d '%s' (%s)%s", title, i + 1, len(planned), name, p.stage.command,
-                 " resumed from its last checkpoint" if action == "resume" else "")
+        log.info(
+            "%s: stage %d/%d '%s' (%s)%s",
+            title,
+            i + 1,
+            len(planned),
+            name,
+            p.stage.command,
+            " resumed from its last checkpoint" if action == "resume" else "",
+        )
         state["stages"][name] = {"status": "running", "command": p.stage.command, "config": p.flat}
         write_state(out, state)
         seconds, summary = run_stage(p, resume=action == "resume")
         state["stages"][name] |= {"status": "done", "seconds": round(seconds, 1)}
         write_state(out, state)
         print(f"{title}: stage '{name}': {summary}", flush=True)
-        report[name] = {"status": "resumed" if action == "resume" else "ran", "output": str(p.output),
-                        "seconds": seconds}
+        report[name] = {
+            "status": "resumed" if action == "resume" else "ran",
+            "output": str(p.output),
+            "seconds": seconds,
+        }
     ran = sum(r["status"] != "skipped" for r in report.values())
-    print(f"alignflow recipe: {title} done; {ran} stage(s) run, {len(report) - ran} skipped; stages in {out}",
-          flush=True)
+    print(
+        f"alignflow recipe: {title} done; {ran} stage(s) run, {len(report) - ran} skipped; stages in {out}", flush=True
+    )
     return report

@@ -43,25 +43,35 @@ _REF = re.compile(r"\$\{([^}]*)\}")
 class RecipeConfig:
     """``alignflow recipe``: run a list of stages (alignflow commands) whose outputs feed the next ones, resumable
     stage by stage (docs/recipes.md). ``stage.<name>.<key>=value`` overrides one stage's key from the command line."""
+
     name: str = field("", doc="The recipe's name (shown in its log lines and recipe.json).")
     about: str = field("", doc="One line on what the recipe reproduces.")
-    output_dir: str = field("runs/recipe", doc="Recipe directory: each stage runs in <output_dir>/<stage name>; "
-                                               "recipe.json records the stages done.")
-    stages: list[dict[str, Any]] = field(default_factory=list, doc="The stages, in order: each a mapping with name, "
-                                                                   "command, config (a preset), overrides "
-                                                                   "(key: value; ${stages.<name>.output} is an "
-                                                                   "earlier stage's run directory).")
-    stage: dict[str, Any] = field(default_factory=dict, doc="Overrides by stage name, from the command line: "
-                                                            "stage.sft.train.max_steps=5.")
-    all_stages: dict[str, Any] = field(default_factory=dict, doc="Overrides for every stage whose config has the "
-                                                                 "key: all_stages.train.progress=false.")
-    rerun: list[str] = field(default_factory=list, doc="Stages to run again although done (every later stage runs "
-                                                       "again too).")
+    output_dir: str = field(
+        "runs/recipe",
+        doc="Recipe directory: each stage runs in <output_dir>/<stage name>; recipe.json records the stages done.",
+    )
+    stages: list[dict[str, Any]] = field(
+        default_factory=list,
+        doc="The stages, in order: each a mapping with name, "
+        "command, config (a preset), overrides "
+        "(key: value; ${stages.<name>.output} is an "
+        "earlier stage's run directory).",
+    )
+    stage: dict[str, Any] = field(
+        default_factory=dict, doc="Overrides by stage name, from the command line: stage.sft.train.max_steps=5."
+    )
+    all_stages: dict[str, Any] = field(
+        default_factory=dict, doc="Overrides for every stage whose config has the key: all_stages.train.progress=false."
+    )
+    rerun: list[str] = field(
+        default_factory=list, doc="Stages to run again although done (every later stage runs again too)."
+    )
 
 
 @dataclasses.dataclass
 class Stage:
     """One resolved stage: its command, its preset and its overrides as ``key=value`` strings."""
+
     name: str
     command: str
     config: str
@@ -106,8 +116,10 @@ def _command_of(raw: dict, where: str) -> str:
         if path.is_file():
             command = (yaml.safe_load(path.read_text()) or {}).get("command")
     if command is None:
-        raise ConfigError(f"{where}: no command (give command: one of {', '.join(STAGE_COMMANDS)}, or a config "
-                          "preset with a command: key)")
+        raise ConfigError(
+            f"{where}: no command (give command: one of {', '.join(STAGE_COMMANDS)}, or a config "
+            "preset with a command: key)"
+        )
     if command not in STAGE_COMMANDS:
         raise ConfigError(f"{where}.command: {command!r} is not one of {', '.join(STAGE_COMMANDS)}")
     return str(command)
@@ -134,18 +146,27 @@ def parse_stages(cfg: RecipeConfig) -> list[Stage]:
         where = f"stage '{name}'"
         overrides = flatten(raw.get("overrides") or {}, f"{where}.overrides")
         overrides |= flatten(cfg.stage.get(name) or {}, f"stage.{name}")
-        stages.append(Stage(name, _command_of(raw, where), str(raw.get("config") or ""),
-                            [f"{k}={as_text(v)}" for k, v in overrides.items()], str(raw.get("about", ""))))
+        stages.append(
+            Stage(
+                name,
+                _command_of(raw, where),
+                str(raw.get("config") or ""),
+                [f"{k}={as_text(v)}" for k, v in overrides.items()],
+                str(raw.get("about", "")),
+            )
+        )
     names = [s.name for s in stages]
     for name in list(cfg.stage) + list(cfg.rerun):
         if name not in names:
-            raise ConfigError(f"stage '{name}' (in stage.* or rerun) is not a stage of this recipe; its stages: "
-                              f"{', '.join(names)}")
+            raise ConfigError(
+                f"stage '{name}' (in stage.* or rerun) is not a stage of this recipe; its stages: {', '.join(names)}"
+            )
     return stages
 
 
 def resolve(text: str, stage: str, outputs: dict[str, str], output_dir: str) -> str:
     """Replace ``${stages.<name>.output}`` (an earlier stage's directory) and ``${output_dir}`` in ``text``."""
+
     def sub(m: re.Match) -> str:
         ref = m.group(1).strip()
         if ref == "output_dir":
@@ -154,9 +175,12 @@ def resolve(text: str, stage: str, outputs: dict[str, str], output_dir: str) -> 
         if len(parts) == 3 and parts[0] == "stages" and parts[2] == "output":
             if parts[1] in outputs:
                 return outputs[parts[1]]
-            raise ConfigError(f"stage '{stage}': ${{{ref}}} names no earlier stage; earlier stages: "
-                              f"{', '.join(outputs) or '(none)'}")
-        raise ConfigError(f"stage '{stage}': ${{{ref}}} is not a reference a recipe knows; use "
-                          "${stages.<name>.output} or ${output_dir}")
+            raise ConfigError(
+                f"stage '{stage}': ${{{ref}}} names no earlier stage; earlier stages: {', '.join(outputs) or '(none)'}"
+            )
+        raise ConfigError(
+            f"stage '{stage}': ${{{ref}}} is not a reference a recipe knows; use "
+            "${stages.<name>.output} or ${output_dir}"
+        )
 
     return _REF.sub(sub, text)

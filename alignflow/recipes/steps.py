@@ -35,10 +35,13 @@ from alignflow.config import ConfigError, TaskConfig, field
 class SelectConfig:
     """Recipe step ``select``: rows of ``input`` whose fields match ``where`` (regular expressions, all must match
     with re.search), written to ``<output_dir>/rows.jsonl``."""
+
     input: str = field("", doc="JSONL file to read (e.g. ${stages.sft.output}/task/prompts.jsonl).")
     where: dict[str, str] = field(default_factory=dict, doc="field -> regular expression, e.g. {prompt: '[*]'}.")
-    fields: dict[str, str] = field(default_factory=dict, doc="Output field -> input field, e.g. {prompt: prompt, "
-                                                             "completion: chosen}; empty keeps every field.")
+    fields: dict[str, str] = field(
+        default_factory=dict,
+        doc="Output field -> input field, e.g. {prompt: prompt, completion: chosen}; empty keeps every field.",
+    )
     output_dir: str = field("runs/select", doc="Where rows.jsonl is written (set by the recipe).")
 
 
@@ -46,30 +49,43 @@ class SelectConfig:
 class HeronConfig:
     """Recipe step ``heron``: relabel the preference pairs of ``input`` by HERON's hierarchical comparison of the
     reviews task's weak signals (alignflow/tasks/weak_signals.py); ties are dropped. Writes pairs.jsonl, heron.json."""
+
     input: str = field("", doc="Preference pairs of the reviews task (e.g. ${stages.sft.output}/task/pairs.jsonl).")
-    margins: list[float] = field(default_factory=lambda: [0.5, 0.3, 0.5, 0.5],
-                                 doc="Margin per signal (fluency, sentiment, variety, length): smaller differences "
-                                     "do not decide.")
+    margins: list[float] = field(
+        default_factory=lambda: [0.5, 0.3, 0.5, 0.5],
+        doc="Margin per signal (fluency, sentiment, variety, length): smaller differences do not decide.",
+    )
     output_dir: str = field("runs/heron", doc="Where pairs.jsonl and heron.json are written (set by the recipe).")
 
 
 @dataclasses.dataclass
 class AnnotateConfig:
     """Recipe step ``annotate``: several policies' samples rated by a judge and binarised into preference pairs."""
-    samples: list[str] = field(default_factory=list, doc="One entry per policy: an eval stage's directory (or its "
-                                                         "samples.jsonl); at least two.")
-    judge: str = field("gold", doc="gold: the task's gold reward; attributes: the task's attribute ratings, overall "
-                                   "= their mean; rm_score: the eval stages' reward_model scores.",
-                       choices=("gold", "attributes", "rm_score"))
-    pairing: str = field("best_random", doc="best_random: best vs a random lower-rated answer (Zephyr's "
-                                            "UltraFeedback binarisation); best_worst: best vs worst.",
-                         choices=("best_random", "best_worst"))
-    min_gap: float = field(0.0, doc="A pair needs a score gap above this; prompts without one give no pair.",
-                           range=(0.0, None))
+
+    samples: list[str] = field(
+        default_factory=list,
+        doc="One entry per policy: an eval stage's directory (or its samples.jsonl); at least two.",
+    )
+    judge: str = field(
+        "gold",
+        doc="gold: the task's gold reward; attributes: the task's attribute ratings, overall "
+        "= their mean; rm_score: the eval stages' reward_model scores.",
+        choices=("gold", "attributes", "rm_score"),
+    )
+    pairing: str = field(
+        "best_random",
+        doc="best_random: best vs a random lower-rated answer (Zephyr's "
+        "UltraFeedback binarisation); best_worst: best vs worst.",
+        choices=("best_random", "best_worst"),
+    )
+    min_gap: float = field(
+        0.0, doc="A pair needs a score gap above this; prompts without one give no pair.", range=(0.0, None)
+    )
     task: TaskConfig = field(default_factory=TaskConfig, doc="The built-in task whose judge rates (gold, attributes).")
     seed: int = field(0, doc="Seed of the best_random draw.")
-    output_dir: str = field("runs/annotate", doc="Where rated.jsonl, pairs.jsonl and annotate.json are written (set "
-                                                 "by the recipe).")
+    output_dir: str = field(
+        "runs/annotate", doc="Where rated.jsonl, pairs.jsonl and annotate.json are written (set by the recipe)."
+    )
 
 
 def _read_jsonl(path: Path, key: str) -> list[dict]:
@@ -133,7 +149,9 @@ def _reviews_attributes(prompt: str, response: str) -> dict[str, float]:
 
 
 ATTRIBUTE_JUDGES: dict[str, Callable[[str, str], dict[str, float]]] = {
-    "reviews": _reviews_attributes, "arithmetic": _arithmetic_attributes}
+    "reviews": _reviews_attributes,
+    "arithmetic": _arithmetic_attributes,
+}
 
 
 def _judge(cfg: AnnotateConfig) -> Callable[[str, list[str], list[dict]], list[dict[str, float]]]:
@@ -142,8 +160,10 @@ def _judge(cfg: AnnotateConfig) -> Callable[[str, list[str], list[dict]], list[d
         return lambda prompt, answers, recs: [{"rm_score": float(r["rm_score"])} for r in recs]
     if cfg.judge == "attributes":
         if cfg.task.name not in ATTRIBUTE_JUDGES:
-            raise ConfigError(f"judge: attributes -- task {cfg.task.name!r} has no attribute ratings (tasks with "
-                              f"them: {', '.join(ATTRIBUTE_JUDGES)}); use judge=gold")
+            raise ConfigError(
+                f"judge: attributes -- task {cfg.task.name!r} has no attribute ratings (tasks with "
+                f"them: {', '.join(ATTRIBUTE_JUDGES)}); use judge=gold"
+            )
         rate = ATTRIBUTE_JUDGES[cfg.task.name]
         return lambda prompt, answers, recs: [rate(prompt, a) for a in answers]
     from alignflow.tasks import get_task
@@ -156,23 +176,27 @@ def gather(cfg: AnnotateConfig, empty: list[int]) -> dict[str, list[dict]]:
     """prompt -> its distinct non-empty answers across the policies, each ``{"text", "policy", "rm_score"?}``;
     ``empty[0]`` counts the empty answers left out."""
     if len(cfg.samples) < 2:
-        raise ConfigError(f"samples: annotation compares several policies; give at least two eval stages' "
-                          f"directories, got {len(cfg.samples)}")
+        raise ConfigError(
+            f"samples: annotation compares several policies; give at least two eval stages' "
+            f"directories, got {len(cfg.samples)}"
+        )
     by_prompt: dict[str, list[dict]] = {}
     for k, entry in enumerate(cfg.samples):
         path = Path(entry)
         path = path / "samples.jsonl" if path.is_dir() else path
         for i, row in enumerate(_read_jsonl(path, f"samples[{k}]"), 1):
             if cfg.judge == "rm_score" and "rm_score" not in row:
-                raise ConfigError(f"judge: rm_score -- {path}, row {i} has no rm_score; give its eval stage a "
-                                  "reward_model")
+                raise ConfigError(
+                    f"judge: rm_score -- {path}, row {i} has no rm_score; give its eval stage a reward_model"
+                )
             answers = by_prompt.setdefault(row["prompt"], [])
             for j, text in enumerate(row["samples"]):
                 if not str(text).strip():  # an empty answer cannot be a side of a pair; counted in annotate.json
                     empty[0] += 1
                 elif all(a["text"] != text for a in answers):
-                    answers.append({"text": text, "policy": k, **({"rm_score": row["rm_score"][j]}
-                                                                  if "rm_score" in row else {})})
+                    answers.append(
+                        {"text": text, "policy": k, **({"rm_score": row["rm_score"][j]} if "rm_score" in row else {})}
+                    )
     return by_prompt
 
 
@@ -201,8 +225,14 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
             continue
         ratings = judge(prompt, [a["text"] for a in answers], answers)
         scores = [sum(r.values()) / len(r) for r in ratings]
-        rated.append({"prompt": prompt, "completions": [a["text"] for a in answers], "ratings": ratings,
-                      "policies": [a["policy"] for a in answers]})
+        rated.append(
+            {
+                "prompt": prompt,
+                "completions": [a["text"] for a in answers],
+                "ratings": ratings,
+                "policies": [a["policy"] for a in answers],
+            }
+        )
         for a, s in zip(answers, scores, strict=True):
             score_sum[a["policy"]] += s
             score_n[a["policy"]] += 1
@@ -212,17 +242,29 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
             continue
         c, r = picked
         chosen_of[answers[c]["policy"]] += 1
-        pairs.append({"prompt": prompt, "chosen": answers[c]["text"], "rejected": answers[r]["text"],
-                      "score_chosen": scores[c], "score_rejected": scores[r]})
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": answers[c]["text"],
+                "rejected": answers[r]["text"],
+                "score_chosen": scores[c],
+                "score_rejected": scores[r],
+            }
+        )
     if not pairs:
         raise DataError(f"annotate: no prompt's answers differ by more than min_gap={cfg.min_gap:g}; no pairs")
     out = Path(cfg.output_dir)
     _write_jsonl(out / "rated.jsonl", rated)
     _write_jsonl(out / "pairs.jsonl", pairs)
-    summary = {"prompts": len(rated), "pairs": len(pairs), "prompts_without_pair": no_pair,
-               "empty_answers": empty[0], "judge": cfg.judge,
-               "policy_mean_score": [s / max(1, n) for s, n in zip(score_sum, score_n, strict=True)],
-               "policy_chosen_fraction": [c / len(pairs) for c in chosen_of]}
+    summary = {
+        "prompts": len(rated),
+        "pairs": len(pairs),
+        "prompts_without_pair": no_pair,
+        "empty_answers": empty[0],
+        "judge": cfg.judge,
+        "policy_mean_score": [s / max(1, n) for s, n in zip(score_sum, score_n, strict=True)],
+        "policy_chosen_fraction": [c / len(pairs) for c in chosen_of],
+    }
     (out / "annotate.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -234,8 +276,9 @@ def heron(cfg: HeronConfig) -> dict[str, Any]:
     from alignflow.tasks.weak_signals import SIGNALS, agreement, heron_relabel
 
     if len(cfg.margins) != len(SIGNALS) or any(m < 0 for m in cfg.margins):
-        raise ConfigError(f"margins: give {len(SIGNALS)} non-negative numbers ({', '.join(SIGNALS)}), "
-                          f"got {cfg.margins}")
+        raise ConfigError(
+            f"margins: give {len(SIGNALS)} non-negative numbers ({', '.join(SIGNALS)}), got {cfg.margins}"
+        )
     rows = _read_jsonl(Path(cfg.input), "input")
     for i, row in enumerate(rows, 1):
         missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row.get(k), str)]

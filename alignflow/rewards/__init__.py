@@ -10,7 +10,18 @@ from alignflow.rewards.rules import CallableReward, RewardError, RewardLoadError
 from alignflow.rewards.shaping import SHAPINGS, RunningNorm, apply_shaping, par
 
 __all__ = [
-    "CallableReward", "CompositeReward", "CostModelScorer", "RewardError", "RewardFn", "RewardLoadError",
-    "RewardModelScorer", "RunningNorm", "SHAPINGS", "apply_shaping", "load_callable", "packed_sequences", "par",
+    "CallableReward",
+    "CompositeReward",
+    "CostModelScorer",
+    "RewardError",
+    "RewardFn",
+    "RewardLoadError",
+    "RewardModelScorer",
+    "RunningNorm",
+    "SHAPINGS",
+    "apply_shaping",
+    "load_callable",
+    "packed_sequences",
+    "par",
     "reward_name",
 ]

@@ -38,8 +38,7 @@ FAILURE_KINDS = ("errors", "timeouts", "nonfinite")  # an exception or a non-num
 class RewardFn(Protocol):
     """Anything with ``__call__(batch) -> (B,) tensor``. A ``name`` attribute, when present, names its metrics."""
 
-    def __call__(self, batch: Batch) -> torch.Tensor:
-        ...
+    def __call__(self, batch: Batch) -> torch.Tensor: ...
 
 
 def reward_name(fn: Callable) -> str:
@@ -61,13 +60,17 @@ def check_reward(values: torch.Tensor, batch: Batch, name: str) -> torch.Tensor:
     if not torch.is_tensor(values):
         raise TypeError(f"reward {name!r} returned {type(values).__name__}, expected a (B,) torch.Tensor")
     if values.shape != (len(batch),):
-        raise ValueError(f"reward {name!r} returned shape {tuple(values.shape)}, expected ({len(batch)},) "
-                         "(one value per row of the batch)")
+        raise ValueError(
+            f"reward {name!r} returned shape {tuple(values.shape)}, expected ({len(batch)},) "
+            "(one value per row of the batch)"
+        )
     bad = (~torch.isfinite(values)).nonzero().flatten()
     if bad.numel():
         row = int(bad[0])
-        raise ValueError(f"reward {name!r} returned a non-finite value {values[row].item()} at row {row} "
-                         f"({bad.numel()} non-finite rows)")
+        raise ValueError(
+            f"reward {name!r} returned a non-finite value {values[row].item()} at row {row} "
+            f"({bad.numel()} non-finite rows)"
+        )
     return values.float()
 
 
@@ -88,16 +91,18 @@ class CompositeReward:
         self.parts: list[tuple[str, Callable, float]] = []
         for i, comp in enumerate(components):
             if not isinstance(comp, (tuple, list)) or len(comp) not in (2, 3):
-                raise ValueError(f"CompositeReward component {i}: expected (fn, weight) or (name, fn, weight), "
-                                 f"got {comp!r:.100}")
+                raise ValueError(
+                    f"CompositeReward component {i}: expected (fn, weight) or (name, fn, weight), got {comp!r:.100}"
+                )
             name, fn, weight = comp if len(comp) == 3 else (reward_name(comp[0]), comp[0], comp[1])
             if not callable(fn):
                 raise TypeError(f"CompositeReward component {i} ({name!r}): {fn!r:.80} is not callable")
             if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight != weight:
                 raise ValueError(f"CompositeReward component {i} ({name!r}): weight must be a number, got {weight!r}")
             if any(name == p[0] for p in self.parts):
-                raise ValueError(f"CompositeReward: two components are named {name!r}; name them with "
-                                 "(name, fn, weight)")
+                raise ValueError(
+                    f"CompositeReward: two components are named {name!r}; name them with (name, fn, weight)"
+                )
             self.parts.append((str(name), fn, float(weight)))
 
     def evaluate(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

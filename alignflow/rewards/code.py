@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from alignflow.sandbox import SandboxLimits, run_python
 
-HARNESS = r'''
+HARNESS = r"""
 import json, signal, sys
 TOKEN = sys.stdin.readline().strip()
 OUT = sys.stdout
@@ -66,7 +66,7 @@ _say("load", loaded)
 if loaded == "pass":
     for i, test in enumerate(cfg["tests"]):
         _say(i, _timed(test, f"test_{i}", dict(ns), cfg["per_test_s"]))
-'''
+"""
 
 
 def extract_program(response: str) -> str:
@@ -84,8 +84,7 @@ def _tests_of(row_tests, row: int) -> list[str]:
     if isinstance(row_tests, str):
         row_tests = [row_tests]
     if not isinstance(row_tests, (list, tuple)) or not row_tests or not all(isinstance(t, str) for t in row_tests):
-        raise ValueError(f"row {row}: field 'tests' must be a non-empty list of Python snippets, got "
-                         f"{row_tests!r:.80}")
+        raise ValueError(f"row {row}: field 'tests' must be a non-empty list of Python snippets, got {row_tests!r:.80}")
     return list(row_tests)
 
 
@@ -119,8 +118,9 @@ class UnitTestReward:
         cfg = {"tests": tests, "per_test_s": self.per_test_s, "load_s": self.per_test_s}
         wall = self.per_test_s * (len(tests) + 1) + 5.0
         limits = dataclasses.replace(self.limits, wall_s=max(self.limits.wall_s, wall))
-        res = run_python(HARNESS, limits, files={"solution.py": program, "tests.json": json.dumps(cfg)},
-                         stdin=token + "\n")
+        res = run_python(
+            HARNESS, limits, files={"solution.py": program, "tests.json": json.dumps(cfg)}, stdin=token + "\n"
+        )
         status = {}
         for line in res.stdout.splitlines():
             parts = line.split(" ")

@@ -64,7 +64,7 @@ class TextRenderer:
             enc = encode_pair(self.tokenizer, prompt, response, self.max_len - 1, self.max_len)
         elif isinstance(prompt, (list, tuple)):  # the whole conversation; the last max_len tokens are kept
             ids = chat_ids(self.tokenizer, list(prompt) + [{"role": RESPONSE_ROLE, "content": response}])
-            return ids[-self.max_len:]
+            return ids[-self.max_len :]
         else:
             raise DataError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
         return enc.input_ids
@@ -87,8 +87,10 @@ def texts_of(batch, name: str) -> tuple[list, list]:
     """The batch's meta ``prompt`` and ``response`` lists; an error naming the scorer when either is missing."""
     missing = [k for k in ("prompt", "response") if k not in batch.meta]
     if missing:
-        raise KeyError(f"{name}: a reward model with its own tokenizer re-renders the texts, and the batch has no "
-                       f"meta {', '.join(missing)} (it has {sorted(batch.keys())})")
+        raise KeyError(
+            f"{name}: a reward model with its own tokenizer re-renders the texts, and the batch has no "
+            f"meta {', '.join(missing)} (it has {sorted(batch.keys())})"
+        )
     return list(batch.meta["prompt"]), list(batch.meta["response"])
 
 

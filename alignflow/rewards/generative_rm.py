@@ -37,10 +37,16 @@ def _generate(model, tokenizer, prompts: list, max_new_tokens: int):
         enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     finally:
         tokenizer.padding_side = side
-    out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, output_scores=True,
-                         return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    gen = out.sequences[:, enc["input_ids"].shape[1]:]
+    out = model.generate(
+        **enc,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    gen = out.sequences[:, enc["input_ids"].shape[1] :]
     return tokenizer.batch_decode(gen, skip_special_tokens=True), gen, torch.stack(out.scores, dim=1)
 
 
@@ -63,7 +69,7 @@ def evaluate_generative_rm(model, tokenizer, rows: list, batch_size: int = 32, m
     correct, failures, diffs = 0, 0, []
     model.eval()
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         texts, gen, scores = _generate(model, tokenizer, [r["prompt"] for r in chunk], max_new_tokens)
         for i, (row, text) in enumerate(zip(chunk, texts, strict=True)):
             want, got = label_position(row["label"], start + i), parse_position(text)

@@ -48,16 +48,19 @@ TEMPLATES = {
     "pointwise": (
         "Read the prompt and the response, and judge how helpful, correct and well written the response is.\n\n"
         "Prompt:\n{prompt}\n\nResponse:\n{response}\n\n"
-        "Explain your judgement briefly, then end with one line 'Score: N', N a whole number from {lo} to {hi}."),
+        "Explain your judgement briefly, then end with one line 'Score: N', N a whole number from {lo} to {hi}."
+    ),
     "pairwise": (
         "Read the prompt and two responses, and decide which one answers it better.\n\n"
         "Prompt:\n{prompt}\n\nResponse A:\n{a}\n\nResponse B:\n{b}\n\n"
-        "Compare them briefly, then end with one line 'Verdict: A' or 'Verdict: B'."),
+        "Compare them briefly, then end with one line 'Verdict: A' or 'Verdict: B'."
+    ),
     "principle": (
         "Read the prompt and the response, and check one principle.\n\n"
         "Prompt:\n{prompt}\n\nResponse:\n{response}\n\nPrinciple: {principle}\n\n"
         "Does the response satisfy the principle? Reason briefly, then end with one line 'Answer: Yes' or "
-        "'Answer: No'."),
+        "'Answer: No'."
+    ),
 }
 _MARK = r"[\*_\s]*"  # markdown emphasis and spaces around a marker
 PATTERNS = {
@@ -105,8 +108,10 @@ class LocalJudge:
         self.engine = HFEngine(model, tokenizer)
         self.limit = int(getattr(model.config, "max_position_embeddings", 4096)) - self.max_new_tokens
         if self.limit < 1:
-            raise ValueError(f"judge max_new_tokens={max_new_tokens} leaves no room for the question in the model's "
-                             f"{self.limit + self.max_new_tokens} positions")
+            raise ValueError(
+                f"judge max_new_tokens={max_new_tokens} leaves no room for the question in the model's "
+                f"{self.limit + self.max_new_tokens} positions"
+            )
 
     @classmethod
     def from_path(cls, path: str, device="cpu", max_new_tokens: int = 256, seed: int = 0) -> LocalJudge:
@@ -125,17 +130,19 @@ class LocalJudge:
             ids = chat_ids(tok, [{"role": "user", "content": question}], add_generation_prompt=True)
         else:
             ids = tok(question).input_ids
-        return ids[-self.limit:]
+        return ids[-self.limit :]
 
     def complete(self, questions: list[str], temperature: float = 0.0, attempt: int = 0) -> list[str]:
         from alignflow.rollout import SamplingParams
 
-        params = SamplingParams(temperature=temperature, max_new_tokens=self.max_new_tokens,
-                                seed=self.seed * 1_000_003 + attempt)
+        params = SamplingParams(
+            temperature=temperature, max_new_tokens=self.max_new_tokens, seed=self.seed * 1_000_003 + attempt
+        )
         out = self.engine.generate([self._ids(q) for q in questions], params)
         ids, mask = out["response_ids"], out["response_mask"]
-        return self.tokenizer.batch_decode([r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)],
-                                           skip_special_tokens=True)
+        return self.tokenizer.batch_decode(
+            [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)], skip_special_tokens=True
+        )
 
 
 class EndpointJudge:
@@ -147,8 +154,17 @@ class EndpointJudge:
     follow the remote-reward policy (:mod:`alignflow.rewards.remote`).
     """
 
-    def __init__(self, url: str, model: str, max_tokens: int = 512, timeout_s: float = 60.0, retries: int = 2,
-                 concurrency: int = 8, api_key_env: str = "OPENAI_API_KEY", backoff_s: float = 0.5):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        max_tokens: int = 512,
+        timeout_s: float = 60.0,
+        retries: int = 2,
+        concurrency: int = 8,
+        api_key_env: str = "OPENAI_API_KEY",
+        backoff_s: float = 0.5,
+    ):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"judge url must start with http:// or https://, got {url!r}")
         self.url = url if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
@@ -174,10 +190,24 @@ class EndpointJudge:
         headers = {"Authorization": f"Bearer {key}"} if key else None
 
         def one(i: int) -> str:
-            payload = {"model": self.model, "messages": [{"role": "user", "content": questions[i]}],
-                       "max_tokens": self.max_tokens, "temperature": temperature}
-            return post_with_retries(self.url, payload, self.timeout_s, self.retries, self.backoff_s, self._content,
-                                     f"judge endpoint {self.url}: question {i}", "judge", i, headers)[0]
+            payload = {
+                "model": self.model,
+                "messages": [{"role": "user", "content": questions[i]}],
+                "max_tokens": self.max_tokens,
+                "temperature": temperature,
+            }
+            return post_with_retries(
+                self.url,
+                payload,
+                self.timeout_s,
+                self.retries,
+                self.backoff_s,
+                self._content,
+                f"judge endpoint {self.url}: question {i}",
+                "judge",
+                i,
+                headers,
+            )[0]
 
         with ThreadPoolExecutor(min(self.concurrency, max(1, len(questions)))) as pool:
             return list(pool.map(one, range(len(questions))))
@@ -203,10 +233,22 @@ class JudgeReward:
 
     name = "judge"
 
-    def __init__(self, backend, template: str = "pointwise", *, principles: Sequence[str] = (),
-                 anchor_field: str = "reference", both_orders: bool = True, score_range: tuple = (1, 10),
-                 on_parse_failure: str = "error", fallback: float = 0.0, parse_retries: int = 0,
-                 retry_temperature: float = 0.7, batch_size: int = 32, name: str = "judge"):
+    def __init__(
+        self,
+        backend,
+        template: str = "pointwise",
+        *,
+        principles: Sequence[str] = (),
+        anchor_field: str = "reference",
+        both_orders: bool = True,
+        score_range: tuple = (1, 10),
+        on_parse_failure: str = "error",
+        fallback: float = 0.0,
+        parse_retries: int = 0,
+        retry_temperature: float = 0.7,
+        batch_size: int = 32,
+        name: str = "judge",
+    ):
         if template not in TEMPLATES:
             raise ValueError(f"judge template {template!r} is not one of {', '.join(TEMPLATES)}")
         if on_parse_failure not in FAILURE_POLICIES:
@@ -231,8 +273,12 @@ class JudgeReward:
             if value:
                 return [value] if isinstance(value, str) else [str(v) for v in value]
         if not self.principles:
-            raise RewardError(f"judge {self.name!r}: row {i} has no 'principles' field and no principles are "
-                              "configured (judge.principles)", self.name, i)
+            raise RewardError(
+                f"judge {self.name!r}: row {i} has no 'principles' field and no principles are "
+                "configured (judge.principles)",
+                self.name,
+                i,
+            )
         return self.principles
 
     def _queries(self, batch: Batch) -> list[_Query]:
@@ -247,10 +293,15 @@ class JudgeReward:
                 anchors = batch.meta.get(self.anchor_field) if self.anchor_field in batch.meta else None
                 anchor = anchors[i] if anchors is not None else None
                 if not isinstance(anchor, str):
-                    raise RewardError(f"judge {self.name!r}: row {i} has no {self.anchor_field!r} response to compare "
-                                      f"with (judge.anchor_field; got {anchor!r:.60})", self.name, i)
-                out.append(_Query(i, (t, pkey, r, anchor, "A"), TEMPLATES[t].format(prompt=ptext, a=r, b=anchor),
-                                  False))
+                    raise RewardError(
+                        f"judge {self.name!r}: row {i} has no {self.anchor_field!r} response to compare "
+                        f"with (judge.anchor_field; got {anchor!r:.60})",
+                        self.name,
+                        i,
+                    )
+                out.append(
+                    _Query(i, (t, pkey, r, anchor, "A"), TEMPLATES[t].format(prompt=ptext, a=r, b=anchor), False)
+                )
                 if self.both_orders:
                     q = TEMPLATES[t].format(prompt=ptext, a=anchor, b=r)
                     out.append(_Query(i, (t, pkey, r, anchor, "B"), q, True))
@@ -263,10 +314,12 @@ class JudgeReward:
     def _ask(self, questions: list[str], temperature: float, attempt: int) -> list[str]:
         outs: list[str] = []
         for lo in range(0, len(questions), self.batch_size):
-            outs += self.backend.complete(questions[lo:lo + self.batch_size], temperature, attempt)
+            outs += self.backend.complete(questions[lo : lo + self.batch_size], temperature, attempt)
         if len(outs) != len(questions):
-            raise RewardError(f"judge {self.name!r}: the backend returned {len(outs)} outputs for {len(questions)} "
-                              "questions", self.name)
+            raise RewardError(
+                f"judge {self.name!r}: the backend returned {len(outs)} outputs for {len(questions)} questions",
+                self.name,
+            )
         return outs
 
     def _judge(self, todo: list[_Query]) -> dict:
@@ -286,9 +339,13 @@ class JudgeReward:
                 self.cache[q.key] = got[q.key]
         for q in pending:
             if self.on_parse_failure == "error":
-                raise RewardError(f"judge {self.name!r}: row {q.row}: no {self.template} verdict in the judge's "
-                                  f"output (after {self.parse_retries + 1} attempts; judge.on_parse_failure=fallback "
-                                  f"scores it judge.fallback instead): ...{outputs[q.key][-200:]!r}", self.name, q.row)
+                raise RewardError(
+                    f"judge {self.name!r}: row {q.row}: no {self.template} verdict in the judge's "
+                    f"output (after {self.parse_retries + 1} attempts; judge.on_parse_failure=fallback "
+                    f"scores it judge.fallback instead): ...{outputs[q.key][-200:]!r}",
+                    self.name,
+                    q.row,
+                )
         return got
 
     def score(self, batch: Batch) -> tuple[torch.Tensor, dict]:
@@ -311,8 +368,9 @@ class JudgeReward:
             sums[q.row] += v
             counts[q.row] += 1
         fails = sum(1 for q in todo if got.get(q.key) is None)
-        self.last_metrics.update({f"rollout/{n}_cache_hits": float(len(queries) - len(todo)),
-                                  f"rollout/{n}_parse_failures": float(fails)})
+        self.last_metrics.update(
+            {f"rollout/{n}_cache_hits": float(len(queries) - len(todo)), f"rollout/{n}_parse_failures": float(fails)}
+        )
         for k in self.totals:
             self.totals[k] += int(self.last_metrics[f"rollout/{n}_{k}"])
         device = output_device(batch)
@@ -334,8 +392,10 @@ def build_judge(cfg, device="cpu", seed: int = 0, key: str = "reward.judge") -> 
     from alignflow.config import ConfigError
 
     if bool(cfg.model) == bool(cfg.url):
-        raise ConfigError(f"{key}: set exactly one of model (a local causal LM) and url (an OpenAI-compatible "
-                          f"endpoint); got model={cfg.model!r}, url={cfg.url!r}")
+        raise ConfigError(
+            f"{key}: set exactly one of model (a local causal LM) and url (an OpenAI-compatible "
+            f"endpoint); got model={cfg.model!r}, url={cfg.url!r}"
+        )
     if cfg.url and not cfg.endpoint_model:
         raise ConfigError(f"{key}.endpoint_model: name the model the endpoint serves")
     try:
@@ -343,9 +403,17 @@ def build_judge(cfg, device="cpu", seed: int = 0, key: str = "reward.judge") -> 
             backend = EndpointJudge(cfg.url, cfg.endpoint_model, cfg.max_new_tokens, cfg.timeout_s, cfg.retries)
         else:
             backend = LocalJudge.from_path(cfg.model, device, cfg.max_new_tokens, seed)
-        return JudgeReward(backend, cfg.template, principles=cfg.principles, anchor_field=cfg.anchor_field,
-                           both_orders=cfg.both_orders, on_parse_failure=cfg.on_parse_failure,
-                           fallback=cfg.fallback, parse_retries=cfg.parse_retries,
-                           retry_temperature=cfg.retry_temperature, batch_size=cfg.batch_size)
+        return JudgeReward(
+            backend,
+            cfg.template,
+            principles=cfg.principles,
+            anchor_field=cfg.anchor_field,
+            both_orders=cfg.both_orders,
+            on_parse_failure=cfg.on_parse_failure,
+            fallback=cfg.fallback,
+            parse_retries=cfg.parse_retries,
+            retry_temperature=cfg.retry_temperature,
+            batch_size=cfg.batch_size,
+        )
     except ValueError as e:
         raise ConfigError(f"{key}: {e}") from None

@@ -47,16 +47,28 @@ from alignflow.rewards.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
-MAX_CHARS = 300           # longer answers are compared as strings only
-MAX_ANSWER_CHARS = 1000   # longer answers (either side) are never equal
+MAX_CHARS = 300  # longer answers are compared as strings only
+MAX_ANSWER_CHARS = 1000  # longer answers (either side) are never equal
 MAX_TEXT_CHARS = 100_000  # extract_answer reads only the end of a longer response
-MAX_EXPONENT = 1000       # |exponent| of any power
-MAX_DIGITS = 10000        # log10 of the magnitude of any power
+MAX_EXPONENT = 1000  # |exponent| of any power
+MAX_DIGITS = 10000  # log10 of the magnitude of any power
 REL_TOL = 1e-9
 
 _FRACS = {"frac", "dfrac", "tfrac", "cfrac"}
-_SYMBOLS = {"cdot": "*", "times": "*", "ast": "*", "div": "/", "pi": " pi ", "infty": " oo ", "sin": " sin ",
-            "cos": " cos ", "tan": " tan ", "ln": " log ", "log": " log ", "exp": " exp "}
+_SYMBOLS = {
+    "cdot": "*",
+    "times": "*",
+    "ast": "*",
+    "div": "/",
+    "pi": " pi ",
+    "infty": " oo ",
+    "sin": " sin ",
+    "cos": " cos ",
+    "tan": " tan ",
+    "ln": " log ",
+    "log": " log ",
+    "exp": " exp ",
+}
 _DROP = {"left", "right", "displaystyle", "big", "Big", "bigg", "Bigg", "quad", "qquad", ",", ";", ":", "!", " "}
 _CONTENT = {"mathrm", "mathbf", "operatorname", "text", "textbf", "textit", "mbox"}
 _UNITS = re.compile(r"\\(?:text|textbf|textit|mbox)\s*\{[^{}]*\}")
@@ -71,8 +83,9 @@ def _sympy():
     try:
         import sympy
     except ImportError:
-        raise ImportError("math answer checking needs sympy: pip install 'alignflow[math]' (or pip install "
-                          "'sympy>=1.12')") from None
+        raise ImportError(
+            "math answer checking needs sympy: pip install 'alignflow[math]' (or pip install 'sympy>=1.12')"
+        ) from None
     return sympy
 
 
@@ -112,7 +125,7 @@ def extract_boxed(text: str) -> str | None:
     for i in reversed(starts):
         if i < len(text) and text[i] == "{":
             if i in pairs:
-                return text[i + 1:pairs[i]].strip()
+                return text[i + 1 : pairs[i]].strip()
             continue
         token = _TOKEN.match(text, i)
         if token:
@@ -135,7 +148,7 @@ def _last_tag(text: str) -> str | None:
     opening = None
     for m in _OPEN_TAG.finditer(text, 0, close.start()):
         opening = m
-    return None if opening is None else text[opening.end():close.start()]
+    return None if opening is None else text[opening.end() : close.start()]
 
 
 def extract_answer(text: str) -> str | None:
@@ -188,8 +201,8 @@ def _command(s: str, i: int) -> tuple[str, int]:
     if j < len(s) and s[j].isalpha():
         while j < len(s) and s[j].isalpha():
             j += 1
-        return s[i + 1:j], j
-    return s[i + 1:j + 1], j + 1
+        return s[i + 1 : j], j
+    return s[i + 1 : j + 1], j + 1
 
 
 def _argument(s: str, i: int) -> tuple[str, int]:
@@ -200,7 +213,7 @@ def _argument(s: str, i: int) -> tuple[str, int]:
         raise LatexError(f"a command is missing its argument in {s!r:.80}")
     if s[i] == "{":
         j = _matching_brace(s, i)
-        return s[i + 1:j], j + 1
+        return s[i + 1 : j], j + 1
     if s[i] == "\\":
         _, j = _command(s, i)
         return s[i:j], j
@@ -224,10 +237,13 @@ def latex_to_expr(s: str) -> str:
                     j = s.index("]", i) if "]" in s[i:] else -1
                     if j < 0:
                         raise LatexError(f"unclosed \\sqrt[ in {s!r:.80}")
-                    degree, i = s[i + 1:j], j + 1
+                    degree, i = s[i + 1 : j], j + 1
                 arg, i = _argument(s, i)
-                out.append(f"sqrt({latex_to_expr(arg)})" if degree is None
-                           else f"root({latex_to_expr(arg)},{latex_to_expr(degree)})")
+                out.append(
+                    f"sqrt({latex_to_expr(arg)})"
+                    if degree is None
+                    else f"root({latex_to_expr(arg)},{latex_to_expr(degree)})"
+                )
             elif name in _CONTENT:
                 arg, i = _argument(s, i)
                 out.append(latex_to_expr(arg))
@@ -239,7 +255,7 @@ def latex_to_expr(s: str) -> str:
                 raise LatexError(f"unsupported LaTeX command \\{name}")
         elif c == "{":
             j = _matching_brace(s, i)
-            out.append("(" + latex_to_expr(s[i + 1:j]) + ")")
+            out.append("(" + latex_to_expr(s[i + 1 : j]) + ")")
             i = j + 1
         elif c == "}":
             raise LatexError(f"unbalanced braces in {s!r:.80}")
@@ -284,13 +300,36 @@ def parse(expr: str):
     no_numbers = re.sub(r"\d*\.\d+|\d+\.?", "0", expr)
     if len(expr) > MAX_CHARS or not _SAFE_CHARS.match(no_numbers):  # only digits may surround a '.'
         raise ValueError(f"not a plain expression: {expr!r:.80}")
-    names = {n: getattr(sp, n) for n in ("Integer", "Float", "Rational", "Symbol", "Function", "Add", "Mul", "Pow",
-                                         "sqrt", "root", "pi", "E", "oo", "sin", "cos", "tan", "log", "exp", "Abs")}
+    names = {
+        n: getattr(sp, n)
+        for n in (
+            "Integer",
+            "Float",
+            "Rational",
+            "Symbol",
+            "Function",
+            "Add",
+            "Mul",
+            "Pow",
+            "sqrt",
+            "root",
+            "pi",
+            "E",
+            "oo",
+            "sin",
+            "cos",
+            "tan",
+            "log",
+            "exp",
+            "Abs",
+        )
+    }
     names["__builtins__"] = {}
     tr = standard_transformations + (implicit_multiplication, implicit_application, convert_xor)
     try:
-        out = sp.parsing.sympy_parser.parse_expr(expr, local_dict={}, global_dict=names, transformations=tr,
-                                                 evaluate=False)
+        out = sp.parsing.sympy_parser.parse_expr(
+            expr, local_dict={}, global_dict=names, transformations=tr, evaluate=False
+        )
     except Exception as e:  # SyntaxError, TokenError, TypeError from odd input: not an expression
         raise ValueError(f"cannot parse {expr!r:.80}: {type(e).__name__}") from None
     if not isinstance(out, sp.Basic):
@@ -369,6 +408,7 @@ def _work(task: str, a, b) -> bool:
 class Settings:
     """How the checks run (change with :func:`configure`): ``workers`` forked processes, ``timeout_s`` seconds
     per answer, ``memory_mb`` MiB of extra address space per worker."""
+
     workers: int = min(2, os.cpu_count() or 1)
     timeout_s: float = 5.0
     memory_mb: int = 1024
@@ -378,8 +418,7 @@ SETTINGS = Settings()
 _POOL: WorkerPool | None = None
 
 
-def configure(workers: int | None = None, timeout_s: float | None = None,
-              memory_mb: int | None = None) -> Settings:
+def configure(workers: int | None = None, timeout_s: float | None = None, memory_mb: int | None = None) -> Settings:
     """Change the worker settings (the running workers are stopped; the next check forks new ones)."""
     global _POOL
     for name, value in (("workers", workers), ("timeout_s", timeout_s), ("memory_mb", memory_mb)):
@@ -413,8 +452,11 @@ def check_many(task: str, pairs: list, timeout_s: float | None = None) -> list[b
     verdicts = []
     for (a, b), (status, value) in zip(pairs, outcomes, strict=True):
         if status not in ("ok", "cancelled"):
-            why = {"timeout": f"gave no verdict within {timeout_s} s", "crash": "killed its worker (memory limit?)",
-                   "error": f"raised {value}"}[status]
+            why = {
+                "timeout": f"gave no verdict within {timeout_s} s",
+                "crash": "killed its worker (memory limit?)",
+                "error": f"raised {value}",
+            }[status]
             log.warning("math check of %r against %r %s; counted as not equal", str(a)[-80:], str(b)[:80], why)
         verdicts.append(status == "ok" and bool(value))
     cancelled = sum(status == "cancelled" for status, _ in outcomes)
@@ -435,6 +477,7 @@ def math_accuracy_reward(prompts: list, responses: list, answers: list, **_) -> 
     """1.0 where the response's final answer (:func:`extract_answer`) equals the row's answer, else 0.0. The rows
     are checked in parallel on the workers, each answer with its own timeout (extraction included)."""
     if not (len(prompts) == len(responses) == len(answers)):
-        raise ValueError(f"math_accuracy_reward: {len(prompts)} prompts, {len(responses)} responses, "
-                         f"{len(answers)} answers")
+        raise ValueError(
+            f"math_accuracy_reward: {len(prompts)} prompts, {len(responses)} responses, {len(answers)} answers"
+        )
     return [float(v) for v in check_many("reward", [(r, str(a)) for r, a in zip(responses, answers, strict=True)])]

@@ -38,8 +38,8 @@ aggregation is pessimistic for a cost: ``min`` becomes the largest member cost a
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -70,8 +70,10 @@ def packed_sequences(batch: Batch) -> list[list[int]]:
         ids, mask = batch.tensors["input_ids"].cpu(), batch.tensors["attention_mask"].cpu()  # (B, T)
         seqs = [ids[i][mask[i].bool()].tolist() for i in range(len(batch))]
     else:
-        raise KeyError(f"reward-model scoring needs the tensors {', '.join(PACK_FIELDS)} (or input_ids and "
-                       f"attention_mask); the batch has {sorted(batch.keys())}")
+        raise KeyError(
+            f"reward-model scoring needs the tensors {', '.join(PACK_FIELDS)} (or input_ids and "
+            f"attention_mask); the batch has {sorted(batch.keys())}"
+        )
     for i, s in enumerate(seqs):
         if not s:
             raise ValueError(f"row {i} of the batch has no tokens to score (all masks are 0)")
@@ -82,15 +84,21 @@ def _num_labels(path: str, model_cfg: ModelConfig) -> int:
     from transformers import AutoConfig
 
     try:
-        cfg = AutoConfig.from_pretrained(path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+        cfg = AutoConfig.from_pretrained(
+            path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not read the reward model config at {path!r}: {e}") from e
     return int(cfg.num_labels)
 
 
-def load_members(paths: Sequence[Union[str, nn.Module]], device, model_cfg: Optional[ModelConfig] = None,
-                 pad_token_id: Optional[int] = None, pad_ids: Optional[Sequence[Optional[int]]] = None
-                 ) -> list[nn.Module]:
+def load_members(
+    paths: Sequence[str | nn.Module],
+    device,
+    model_cfg: ModelConfig | None = None,
+    pad_token_id: int | None = None,
+    pad_ids: Sequence[int | None] | None = None,
+) -> list[nn.Module]:
     """Load every path as a trained reward model (head kept, ``num_labels`` read from its config); modules pass.
     ``pad_ids[i]`` (a member's own tokenizer's pad id) overrides ``pad_token_id`` for member i."""
     base = model_cfg or ModelConfig()
@@ -105,29 +113,34 @@ def load_members(paths: Sequence[Union[str, nn.Module]], device, model_cfg: Opti
     return models
 
 
-def load_gates(paths: Sequence[Union[str, nn.Module]], device) -> list[Optional[GatingNetwork]]:
+def load_gates(paths: Sequence[str | nn.Module], device) -> list[GatingNetwork | None]:
     """The ArmoRM gate saved next to each reward model (``gating.json``), or None for a member without one."""
-    return [GatingNetwork.load(p, device) if isinstance(p, str) and (Path(p) / GATE_CONFIG).is_file() else None
-            for p in paths]
+    return [
+        GatingNetwork.load(p, device) if isinstance(p, str) and (Path(p) / GATE_CONFIG).is_file() else None
+        for p in paths
+    ]
 
 
 @torch.no_grad()
 def prompt_embeddings(model: nn.Module, batch: Batch, pad_id: int, device) -> torch.Tensor:
     """Last-token hidden state of each row's real prompt tokens (the gate's input, as in training): (B, H)."""
     if "prompt_ids" not in batch.tensors or "prompt_mask" not in batch.tensors:
-        raise KeyError(f"a gated (ArmoRM) reward model needs the prompt_ids and prompt_mask tensors to find the "
-                       f"prompt; the batch has {sorted(batch.keys())}")
+        raise KeyError(
+            f"a gated (ArmoRM) reward model needs the prompt_ids and prompt_mask tensors to find the "
+            f"prompt; the batch has {sorted(batch.keys())}"
+        )
     ids, mask = batch.tensors["prompt_ids"].cpu(), batch.tensors["prompt_mask"].cpu()  # (B, Tp)
     prompts = [ids[i][mask[i].bool()].tolist() for i in range(len(batch))]
     was = model.training
     model.eval()
-    h = last_token_hidden(model, pad_right(prompts, pad_id).to(device),
-                          pad_right([[1] * len(p) for p in prompts], 0).to(device))  # (B, H)
+    h = last_token_hidden(
+        model, pad_right(prompts, pad_id).to(device), pad_right([[1] * len(p) for p in prompts], 0).to(device)
+    )  # (B, H)
     model.train(was)
     return h.float()
 
 
-def member_tokenizers(paths: Sequence[Union[str, nn.Module]], given: Optional[Sequence], model_cfg) -> list:
+def member_tokenizers(paths: Sequence[str | nn.Module], given: Sequence | None, model_cfg) -> list:
     """Each member's own tokenizer: ``given[i]`` when set, else the one saved in its directory (None if none)."""
     cfg = model_cfg or ModelConfig()
     out = []
@@ -160,11 +173,21 @@ class RewardModelScorer:
 
     name = "reward_model"
 
-    def __init__(self, paths: Union[str, nn.Module, Sequence[Union[str, nn.Module]]], aggregation: str = "mean",
-                 uwo_lambda: float = 0.5, device="cpu", *, budget: int = 8192,
-                 model_cfg: Optional[ModelConfig] = None, pad_token_id: Optional[int] = None,
-                 name: Optional[str] = None, tokenizer=None, tokenizers: Optional[Sequence] = None,
-                 brme_lambda: float = 0.5):
+    def __init__(
+        self,
+        paths: str | nn.Module | Sequence[str | nn.Module],
+        aggregation: str = "mean",
+        uwo_lambda: float = 0.5,
+        device="cpu",
+        *,
+        budget: int = 8192,
+        model_cfg: ModelConfig | None = None,
+        pad_token_id: int | None = None,
+        name: str | None = None,
+        tokenizer=None,
+        tokenizers: Sequence | None = None,
+        brme_lambda: float = 0.5,
+    ):
         if aggregation not in ENSEMBLE_AGGREGATIONS:
             raise ValueError(f"aggregation={aggregation!r} is not one of {', '.join(ENSEMBLE_AGGREGATIONS)}")
         if uwo_lambda < 0:
@@ -185,23 +208,27 @@ class RewardModelScorer:
         # A member is foreign when it has a tokenizer and it differs from the policy's (tokenizer=None: unknown,
         # token ids are scored as they are, as before).
         self.foreign = [t is not None and tokenizer is not None and not same_tokenizer(t, tokenizer) for t in toks]
-        pads = [t.pad_token_id if f else None for t, f in zip(toks, self.foreign)]
+        pads = [t.pad_token_id if f else None for t, f in zip(toks, self.foreign, strict=False)]
         self.models = load_members(list(paths), self.device, model_cfg, pad_token_id, pads)
-        self.renderers = [None if t is None else TextRenderer(t, max_positions(unwrap(m)), f"{self.name} member {i}")
-                          for i, (t, m) in enumerate(zip(toks, self.models))]
+        self.renderers = [
+            None if t is None else TextRenderer(t, max_positions(unwrap(m)), f"{self.name} member {i}")
+            for i, (t, m) in enumerate(zip(toks, self.models, strict=False))
+        ]
         self.aggregation, self.uwo_lambda, self.budget = aggregation, float(uwo_lambda), int(budget)
         self.brme_lambda = float(brme_lambda)
         self.pad_ids = [unwrap(m).config.pad_token_id or 0 for m in self.models]
         self.gates = load_gates(list(paths), self.device)
         for j, (g, f) in enumerate(zip(self.gates, self.foreign, strict=True)):
             if g is not None and f:
-                raise ValueError(f"{self.name}: {paths[j]} is a gated (ArmoRM) reward model with its own tokenizer; "
-                                 "the gate reads the prompt's token ids, so it must share the policy's tokenizer")
+                raise ValueError(
+                    f"{self.name}: {paths[j]} is a gated (ArmoRM) reward model with its own tokenizer; "
+                    "the gate reads the prompt's token ids, so it must share the policy's tokenizer"
+                )
         first = unwrap(self.models[0]).config
         # One model: every output is a member (a gated model: one member). Several models: one member each.
         self.per_model = int(first.num_labels) if len(self.models) == 1 and self.gates[0] is None else 1
         self.vocabs = [m.get_input_embeddings().num_embeddings for m in self.models]
-        self.last_member_scores: Optional[torch.Tensor] = None
+        self.last_member_scores: torch.Tensor | None = None
 
     @property
     def num_members(self) -> int:
@@ -212,9 +239,11 @@ class RewardModelScorer:
         vocab = self.vocabs[j]
         bad = next((i for i, s in enumerate(seqs) if max(s) >= vocab or min(s) < 0), None)
         if bad is not None:
-            raise ValueError(f"{self.name}: row {bad} has token ids outside the reward model's vocabulary "
-                             f"[0, {vocab}) (member {j}); save the reward model with its own tokenizer (alignflow "
-                             "rm does) and pass the policy's tokenizer so that it re-renders the texts")
+            raise ValueError(
+                f"{self.name}: row {bad} has token ids outside the reward model's vocabulary "
+                f"[0, {vocab}) (member {j}); save the reward model with its own tokenizer (alignflow "
+                "rm does) and pass the policy's tokenizer so that it re-renders the texts"
+            )
         return seqs
 
     def _member_seqs(self, batch: Batch, j: int, cache: dict) -> list[list[int]]:

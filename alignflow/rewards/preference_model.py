@@ -39,7 +39,7 @@ def pair_sequence(prompt: list[int], a: list[int], b: list[int], max_len: int) -
     cap = max(1, max_len // 3)
     a, b = a[:cap], b[:cap]
     keep = max_len - len(a) - len(b)
-    x = prompt[max(0, len(prompt) - keep):]
+    x = prompt[max(0, len(prompt) - keep) :]
     return x + a + b, len(x) + len(a) - 1
 
 
@@ -83,8 +83,16 @@ class PreferenceModel:
     device: where it runs; budget: padded tokens per forward (speed only).
     """
 
-    def __init__(self, path: str | None = None, device="cpu", *, model=None, tokenizer=None,
-                 symmetric: bool | None = None, budget: int = 8192):
+    def __init__(
+        self,
+        path: str | None = None,
+        device="cpu",
+        *,
+        model=None,
+        tokenizer=None,
+        symmetric: bool | None = None,
+        budget: int = 8192,
+    ):
         from alignflow.config import ModelConfig
         from alignflow.models import ModelLoadError, load_reward_model, load_tokenizer
 
@@ -94,8 +102,9 @@ class PreferenceModel:
                 raise ModelLoadError(f"preference model {path!r}: no {META_FILE}; train one with `alignflow pm`")
             symmetric = bool(json.loads(meta_path.read_text()).get("symmetric", False))
             tokenizer = load_tokenizer(str(path))
-            model = load_reward_model(ModelConfig(name_or_path=str(path)), num_labels=1, device=device,
-                                      pad_token_id=tokenizer.pad_token_id)
+            model = load_reward_model(
+                ModelConfig(name_or_path=str(path)), num_labels=1, device=device, pad_token_id=tokenizer.pad_token_id
+            )
         if model is None or tokenizer is None or symmetric is None:
             raise ValueError("PreferenceModel needs a path, or model=, tokenizer= and symmetric=")
         self.model, self.tokenizer, self.symmetric = model.eval(), tokenizer, symmetric
@@ -107,8 +116,8 @@ class PreferenceModel:
         from alignflow.data.render import encode_pair
 
         completion = response if isinstance(prompt, str) else [{"role": "assistant", "content": response}]
-        enc = encode_pair(self.tokenizer, prompt, completion, 10 ** 9, 10 ** 9)
-        return enc.input_ids[:enc.prompt_len], enc.input_ids[enc.prompt_len:]
+        enc = encode_pair(self.tokenizer, prompt, completion, 10**9, 10**9)
+        return enc.input_ids[: enc.prompt_len], enc.input_ids[enc.prompt_len :]
 
     def logits(self, items: list[tuple[list[int], int]]) -> torch.Tensor:
         """z for each (``x ⊕ a ⊕ b``, index of a's last token) item: (N,) float32 on the CPU."""
@@ -119,7 +128,7 @@ class PreferenceModel:
         ab = [pair_sequence(x, a, b, self.max_len) for x, a, b in zip(prompts, ys, others, strict=True)]
         ba = [pair_sequence(x, b, a, self.max_len) for x, a, b in zip(prompts, ys, others, strict=True)]
         z = self.logits(ab + ba)  # (2B,)
-        z_ab, z_ba = z[:len(ab)], z[len(ab):]
+        z_ab, z_ba = z[: len(ab)], z[len(ab) :]
         if self.symmetric:
             return torch.sigmoid(0.5 * (z_ab - z_ba))
         return 0.5 * (torch.sigmoid(z_ab) + 1.0 - torch.sigmoid(z_ba))
@@ -151,7 +160,11 @@ class PreferenceReward:
         anchors = batch.meta.get(self.anchor_field) if self.anchor_field in batch.meta else None
         for i in range(len(batch)):
             if anchors is None or not isinstance(anchors[i], str):
-                raise RewardError(f"preference reward: row {i} has no {self.anchor_field!r} response to compare "
-                                  "with (the anchor field)", self.name, i)
+                raise RewardError(
+                    f"preference reward: row {i} has no {self.anchor_field!r} response to compare "
+                    "with (the anchor field)",
+                    self.name,
+                    i,
+                )
         p = self.model.win_prob(list(batch.meta["prompt"]), list(batch.meta["response"]), list(anchors))
         return p.to(output_device(batch))

@@ -66,9 +66,12 @@ def _read(resp, deadline: float) -> bytes:
 def post_json(url: str, payload: dict, timeout_s: float, headers: dict | None = None) -> Any:
     """POST ``payload`` as JSON and return the decoded JSON reply; raises _Retryable or _Fatal."""
     body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-    req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"Content-Type": "application/json", "Accept": "application/json",
-                                          **(headers or {})})
+    req = urllib.request.Request(
+        url,
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", "Accept": "application/json", **(headers or {})},
+    )
     deadline = time.monotonic() + timeout_s
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 (the user's endpoint)
@@ -107,8 +110,18 @@ def parse_rewards(reply: Any, n: int) -> list[float]:
     return [float(v) for v in values]
 
 
-def post_with_retries(url: str, payload: dict, timeout_s: float, retries: int, backoff_s: float, parse,
-                      where: str, name: str, row: int, headers: dict | None = None) -> tuple[Any, int]:
+def post_with_retries(
+    url: str,
+    payload: dict,
+    timeout_s: float,
+    retries: int,
+    backoff_s: float,
+    parse,
+    where: str,
+    name: str,
+    row: int,
+    headers: dict | None = None,
+) -> tuple[Any, int]:
     """``parse(post_json(...))`` with the failure policy above: (result, retries used); RewardError prefixed by
     ``where`` once retries are spent or at once for a permanent failure (``parse`` raises _Fatal)."""
     for attempt in range(retries + 1):
@@ -118,9 +131,10 @@ def post_with_retries(url: str, payload: dict, timeout_s: float, retries: int, b
             raise RewardError(f"{where}: {e}", name, row) from None
         except _Retryable as e:
             if attempt == retries:
-                raise RewardError(f"{where}: {e} (after {attempt + 1} attempts; the retries setting allows more)",
-                                  name, row) from None
-            time.sleep(backoff_s * 2 ** attempt)
+                raise RewardError(
+                    f"{where}: {e} (after {attempt + 1} attempts; the retries setting allows more)", name, row
+                ) from None
+            time.sleep(backoff_s * 2**attempt)
     raise AssertionError("unreachable")
 
 
@@ -134,13 +148,23 @@ class RemoteReward:
 
     name = "remote"
 
-    def __init__(self, url: str, batch_size: int = 64, timeout_s: float = 30.0, retries: int = 2,
-                 backoff_s: float = 0.5, name: str = "remote", fields: tuple | list = ()):
+    def __init__(
+        self,
+        url: str,
+        batch_size: int = 64,
+        timeout_s: float = 30.0,
+        retries: int = 2,
+        backoff_s: float = 0.5,
+        name: str = "remote",
+        fields: tuple | list = (),
+    ):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"reward.remote.url must start with http:// or https://, got {url!r}")
         if batch_size < 1 or timeout_s <= 0 or retries < 0:
-            raise ValueError(f"reward.remote: batch_size >= 1, timeout_s > 0 and retries >= 0 are required, got "
-                             f"{batch_size}, {timeout_s}, {retries}")
+            raise ValueError(
+                f"reward.remote: batch_size >= 1, timeout_s > 0 and retries >= 0 are required, got "
+                f"{batch_size}, {timeout_s}, {retries}"
+            )
         self.url, self.batch_size, self.timeout_s = url, int(batch_size), float(timeout_s)
         self.retries, self.backoff_s, self.name = int(retries), float(backoff_s), name
         self.fields = [str(f) for f in fields]
@@ -159,11 +183,22 @@ class RemoteReward:
         requests = retried = 0
         for k, lo in enumerate(range(0, len(prompts), self.batch_size)):
             hi = min(lo + self.batch_size, len(prompts))
-            payload = {"prompts": list(prompts[lo:hi]), "responses": list(responses[lo:hi]),
-                       **{k: list(v[lo:hi]) for k, v in (fields or {}).items()}}
-            values, used = post_with_retries(self.url, payload, self.timeout_s, self.retries, self.backoff_s,
-                                             lambda r, n=hi - lo: parse_rewards(r, n), self._where(k, lo, hi, nb),
-                                             self.name, lo)
+            payload = {
+                "prompts": list(prompts[lo:hi]),
+                "responses": list(responses[lo:hi]),
+                **{k: list(v[lo:hi]) for k, v in (fields or {}).items()},
+            }
+            values, used = post_with_retries(
+                self.url,
+                payload,
+                self.timeout_s,
+                self.retries,
+                self.backoff_s,
+                lambda r, n=hi - lo: parse_rewards(r, n),
+                self._where(k, lo, hi, nb),
+                self.name,
+                lo,
+            )
             out += values
             requests, retried = requests + used + 1, retried + used
         self.last_metrics = {"rollout/remote_requests": float(requests), "rollout/remote_retries": float(retried)}
@@ -173,6 +208,7 @@ class RemoteReward:
         missing = [k for k in ("prompt", "response", *self.fields) if k not in batch.meta]
         if missing:
             raise KeyError(f"remote reward {self.url}: the batch has no meta {', '.join(missing)}")
-        values = self.score_texts(list(batch.meta["prompt"]), list(batch.meta["response"]),
-                                  {k: list(batch.meta[k]) for k in self.fields})
+        values = self.score_texts(
+            list(batch.meta["prompt"]), list(batch.meta["response"]), {k: list(batch.meta[k]) for k in self.fields}
+        )
         return torch.tensor(values, dtype=torch.float32, device=output_device(batch))

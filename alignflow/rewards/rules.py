@@ -63,8 +63,9 @@ class RewardError(RuntimeError):
     """A reward function failed; ``fn_name``, ``row`` (None when no single row is to blame), ``prompt`` and
     ``kind``: one of :data:`FAILURE_KINDS`."""
 
-    def __init__(self, message: str, fn_name: str = "", row: int | None = None, prompt: str | None = None,
-                 kind: str = "errors"):
+    def __init__(
+        self, message: str, fn_name: str = "", row: int | None = None, prompt: str | None = None, kind: str = "errors"
+    ):
         super().__init__(message)
         self.fn_name, self.row, self.prompt, self.kind = fn_name, row, prompt, kind
 
@@ -88,30 +89,36 @@ def _import_module(module: str, spec: str):
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name and (module == e.name or module.startswith(e.name + ".")):
-            raise RewardLoadError(f"reward function {spec!r}: no module named {e.name!r} (is it installed or on "
-                                  f"PYTHONPATH? cwd: {os.getcwd()})") from e
-        raise RewardLoadError(f"reward function {spec!r}: importing {module!r} failed because it imports the "
-                              f"missing module {e.name!r}") from e
+            raise RewardLoadError(
+                f"reward function {spec!r}: no module named {e.name!r} (is it installed or on "
+                f"PYTHONPATH? cwd: {os.getcwd()})"
+            ) from e
+        raise RewardLoadError(
+            f"reward function {spec!r}: importing {module!r} failed because it imports the missing module {e.name!r}"
+        ) from e
 
 
 def load_callable(spec: str) -> Callable:
     """Import ``"package.module:function"`` (or ``"file.py:function"``; ``function`` may be ``Class.method``)."""
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
-        raise RewardLoadError(f"reward function {spec!r}: expected 'module:function' (e.g. "
-                              "'my_pkg.rewards:accuracy' or 'rewards.py:accuracy')")
+        raise RewardLoadError(
+            f"reward function {spec!r}: expected 'module:function' (e.g. "
+            "'my_pkg.rewards:accuracy' or 'rewards.py:accuracy')"
+        )
     module, attr = spec.split(":")
     try:
         obj = _import_module(module, spec)
     except RewardLoadError:
         raise
     except Exception as e:  # an error inside the user's module while importing it
-        raise RewardLoadError(f"reward function {spec!r}: importing {module!r} raised "
-                              f"{type(e).__name__}: {e}") from e
+        raise RewardLoadError(f"reward function {spec!r}: importing {module!r} raised {type(e).__name__}: {e}") from e
     for part in attr.split("."):
         if not hasattr(obj, part):
             names = sorted(n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None)))
-            raise RewardLoadError(f"reward function {spec!r}: {getattr(obj, '__name__', module)!r} has no attribute "
-                                  f"{part!r}; its callables are: {', '.join(names[:20]) or '(none)'}")
+            raise RewardLoadError(
+                f"reward function {spec!r}: {getattr(obj, '__name__', module)!r} has no attribute "
+                f"{part!r}; its callables are: {', '.join(names[:20]) or '(none)'}"
+            )
         obj = getattr(obj, part)
     if not callable(obj):
         raise RewardLoadError(f"reward function {spec!r}: {attr!r} is a {type(obj).__name__}, not a callable")
@@ -147,8 +154,13 @@ def reward_options(section, key: str = "reward") -> dict:
     on_error = getattr(section, "on_error", "fail")
     if on_error not in ON_ERROR:
         raise ConfigError(f"{key}.on_error: {on_error!r} is not one of {', '.join(ON_ERROR)}")
-    return dict(timeout_s=section.timeout_s, executor=section.executor,
-                per_row=bool(getattr(section, "per_row", False)), on_error=on_error, error_score=float(score))
+    return dict(
+        timeout_s=section.timeout_s,
+        executor=section.executor,
+        per_row=bool(getattr(section, "per_row", False)),
+        on_error=on_error,
+        error_score=float(score),
+    )
 
 
 def callable_name(fn: Callable) -> str:
@@ -228,8 +240,16 @@ class CallableReward:
     counted in ``failures``, by kind); see the module docstring.
     """
 
-    def __init__(self, fn: Callable | str, name: str | None = None, timeout_s: float | None = 10.0,
-                 executor: str = "thread", per_row: bool = False, on_error: str = "fail", error_score: float = 0.0):
+    def __init__(
+        self,
+        fn: Callable | str,
+        name: str | None = None,
+        timeout_s: float | None = 10.0,
+        executor: str = "thread",
+        per_row: bool = False,
+        on_error: str = "fail",
+        error_score: float = 0.0,
+    ):
         self.fn = load_callable(fn) if isinstance(fn, str) else fn
         if not callable(self.fn):
             raise TypeError(f"CallableReward: {fn!r:.80} is not callable")
@@ -239,8 +259,7 @@ class CallableReward:
             raise ValueError(f"CallableReward: timeout_s must be > 0 (or None for no timeout), got {timeout_s}")
         if on_error not in ON_ERROR:
             raise ValueError(f"CallableReward: on_error={on_error!r} is not one of {', '.join(ON_ERROR)}")
-        if isinstance(error_score, bool) or not isinstance(error_score, numbers.Real) or \
-                not math.isfinite(error_score):
+        if isinstance(error_score, bool) or not isinstance(error_score, numbers.Real) or not math.isfinite(error_score):
             raise ValueError(f"CallableReward: error_score must be a finite number, got {error_score!r}")
         self.fn_name = callable_name(self.fn)
         self.name = name or getattr(self.fn, "__name__", None) or type(self.fn).__name__
@@ -252,9 +271,11 @@ class CallableReward:
             try:
                 pickle.dumps(self.fn)
             except Exception as e:
-                raise ValueError(f"CallableReward({self.fn_name}, executor='process'): the function cannot be sent to "
-                                 f"a worker process ({type(e).__name__}: {e}); define it at module level or use "
-                                 "executor='thread'") from e
+                raise ValueError(
+                    f"CallableReward({self.fn_name}, executor='process'): the function cannot be sent to "
+                    f"a worker process ({type(e).__name__}: {e}); define it at module level or use "
+                    "executor='thread'"
+                ) from e
 
     # ------------------------------------------------------------------------- executor
     def _call(self, prompts: list, responses: list, kwargs: dict):
@@ -285,12 +306,18 @@ class CallableReward:
             pass
 
     # ------------------------------------------------------------------------- failures
-    def _error(self, what: str, row: int | None = None, prompt=None, cause: BaseException | None = None,
-               kind: str = "errors"):
+    def _error(
+        self, what: str, row: int | None = None, prompt=None, cause: BaseException | None = None, kind: str = "errors"
+    ):
         where = f" at row {row} (prompt {_snippet(prompt)})" if row is not None else ""
         why = f": {type(cause).__name__}: {cause}" if cause is not None else ""
-        return RewardError(f"reward function {self.fn_name} {what}{where}{why}", self.fn_name, row,
-                           None if row is None else str(prompt), kind)
+        return RewardError(
+            f"reward function {self.fn_name} {what}{where}{why}",
+            self.fn_name,
+            row,
+            None if row is None else str(prompt),
+            kind,
+        )
 
     def _failed(self, err: RewardError, rows: int = 1) -> tuple[float, str]:
         """``on_error``: raise ``err``, or count ``rows`` failed rows and return (error_score, kind)."""
@@ -299,8 +326,12 @@ class CallableReward:
         self.failures[err.kind] += rows
         seen = sum(self.failures.values())
         if seen - rows < LOGGED_FAILURES:
-            log.warning("%s; scored %s (reward.on_error=score)%s", err, self.error_score,
-                        "; further failures of this function are only counted" if seen >= LOGGED_FAILURES else "")
+            log.warning(
+                "%s; scored %s (reward.on_error=score)%s",
+                err,
+                self.error_score,
+                "; further failures of this function are only counted" if seen >= LOGGED_FAILURES else "",
+            )
         return self.error_score, err.kind
 
     # ------------------------------------------------------------------------- validation
@@ -310,11 +341,17 @@ class CallableReward:
         try:
             values = list(values)
         except TypeError:
-            raise self._error(f"returned {type(values).__name__}, expected a list of {len(prompts)} numbers",
-                              start if one else None, prompts[0] if one else None) from None
+            raise self._error(
+                f"returned {type(values).__name__}, expected a list of {len(prompts)} numbers",
+                start if one else None,
+                prompts[0] if one else None,
+            ) from None
         if len(values) != len(prompts):
-            raise self._error(f"returned {len(values)} values for {len(prompts)} rows (one value per row is "
-                              "needed)", start if one else None, prompts[0] if one else None)
+            raise self._error(
+                f"returned {len(values)} values for {len(prompts)} rows (one value per row is needed)",
+                start if one else None,
+                prompts[0] if one else None,
+            )
         return values
 
     def _validate(self, values, prompts: list, start: int = 0) -> list[tuple[float, str | None]]:
@@ -328,30 +365,34 @@ class CallableReward:
                 out.append((float(v), None))
                 continue
             kind = "nonfinite" if isinstance(v, numbers.Real) else "errors"
-            out.append(self._failed(self._error(f"returned {v!r:.60} (not a finite number)", start + i,
-                                                prompts[i], kind=kind)))
+            out.append(
+                self._failed(self._error(f"returned {v!r:.60} (not a finite number)", start + i, prompts[i], kind=kind))
+            )
         return out
 
     # ------------------------------------------------------------------------- calls
     def _row(self, i: int, prompts: list, responses: list, kw: dict) -> tuple[float, str | None]:
         """Call on row ``i`` alone; failures name row ``i``."""
         try:
-            result = self._call(prompts[i:i + 1], responses[i:i + 1], {k: v[i:i + 1] for k, v in kw.items()})
+            result = self._call(prompts[i : i + 1], responses[i : i + 1], {k: v[i : i + 1] for k, v in kw.items()})
         except CallTimeout:
             return self._failed(self._error(f"timed out after {self.timeout_s} s", i, prompts[i], kind="timeouts"))
         except Exception as e:
             return self._failed(self._error("raised", i, prompts[i], e))
-        return self._validate(result, prompts[i:i + 1], start=i)[0]
+        return self._validate(result, prompts[i : i + 1], start=i)[0]
 
     def _batch(self, prompts: list, responses: list, kw: dict) -> list[tuple[float, str | None]]:
         n = len(prompts)
         try:
             result = self._call(prompts, responses, kw)
         except CallTimeout:
-            err = self._error(f"timed out after {self.timeout_s} s on a batch of {n} rows (first prompt "
-                              f"{_snippet(prompts[0]) if prompts else ''}); per_row=True (config: reward.per_row="
-                              "true) gives every row its own call and timeout and names the slow row; or raise "
-                              "timeout_s (reward.timeout_s)", kind="timeouts")
+            err = self._error(
+                f"timed out after {self.timeout_s} s on a batch of {n} rows (first prompt "
+                f"{_snippet(prompts[0]) if prompts else ''}); per_row=True (config: reward.per_row="
+                "true) gives every row its own call and timeout and names the slow row; or raise "
+                "timeout_s (reward.timeout_s)",
+                kind="timeouts",
+            )
             return [self._failed(err, rows=n)] * n if n else []
         except Exception as e:
             rows = [self._row(i, prompts, responses, kw) for i in range(n)]  # the rows that fail on their own
@@ -363,8 +404,9 @@ class CallableReward:
             return rows
         return self._validate(result, prompts)
 
-    def score_rows(self, prompts: list, responses: list,
-                   fields: dict | None = None) -> tuple[list[float], list[str | None]]:
+    def score_rows(
+        self, prompts: list, responses: list, fields: dict | None = None
+    ) -> tuple[list[float], list[str | None]]:
         """The rewards of ``len(prompts)`` rows as floats, and each row's failure kind (None: no failure);
         ``fields``: extra per-row lists by name."""
         prompts, responses = list(prompts), list(responses)
@@ -386,8 +428,10 @@ class CallableReward:
         """The (B,) rewards and, per kind of :data:`FAILURE_KINDS`, a (B,) 0/1 tensor of the rows that failed so."""
         for key in TEXT_FIELDS:
             if key not in batch.meta:
-                raise KeyError(f"reward {self.name!r} needs the text field {key!r} in the batch's meta; the batch "
-                               f"has {sorted(batch.keys())}")
+                raise KeyError(
+                    f"reward {self.name!r} needs the text field {key!r} in the batch's meta; the batch "
+                    f"has {sorted(batch.keys())}"
+                )
         fields = {k: v for k, v in batch.meta.items() if k not in TEXT_FIELDS}
         values, kinds = self.score_rows(batch.meta["prompt"], batch.meta["response"], fields)
         device = output_device(batch)

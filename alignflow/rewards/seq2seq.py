@@ -19,8 +19,14 @@ import difflib
 from collections.abc import Sequence
 
 
-def edit_token_rewards(response: Sequence[str], rewrite: Sequence[str], keep: float = 0.0, delete: float = -1.0,
-                       replace: float = -1.0, insert: float = -0.5) -> list[float]:
+def edit_token_rewards(
+    response: Sequence[str],
+    rewrite: Sequence[str],
+    keep: float = 0.0,
+    delete: float = -1.0,
+    replace: float = -1.0,
+    insert: float = -0.5,
+) -> list[float]:
     """One reward per token of ``response`` from its alignment with ``rewrite`` (module docstring)."""
     out = [0.0] * len(response)
     if not response:

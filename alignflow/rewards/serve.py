@@ -57,8 +57,9 @@ def parse_request(body: bytes, max_rows: int) -> tuple[list, list, dict]:
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         if not isinstance(r, str):
             raise BadRequest(f"responses[{i}] must be a string, got {type(r).__name__}")
-        chat = isinstance(p, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                           and isinstance(m.get("content"), str) for m in p)
+        chat = isinstance(p, list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in p
+        )
         if not (isinstance(p, str) or chat):
             raise BadRequest(f"prompts[{i}] must be a string or a list of {{'role', 'content'}} messages")
     fields = {k: v for k, v in data.items() if k not in ("prompts", "responses")}
@@ -105,8 +106,10 @@ def make_handler(service: RewardService) -> type:
 
         def do_GET(self):  # noqa: N802 (http.server's naming)
             if self.path.rstrip("/") == "/health":
-                self._send(200, {"status": "ok", "members": getattr(service.scorer, "num_members", 1),
-                                 "models": service.models})
+                self._send(
+                    200,
+                    {"status": "ok", "members": getattr(service.scorer, "num_members", 1), "models": service.models},
+                )
             else:
                 self._send(404, {"error": f"no such path {self.path!r}; use POST /score or GET /health"})
 
@@ -135,11 +138,20 @@ def make_server(cfg: ServeConfig) -> tuple[ThreadingHTTPServer, str]:
     """Load the models and bind the server (not yet serving); returns it and its /score URL."""
     from alignflow.rewards.model import RewardModelScorer
 
-    served = [k for k, on in (("models", cfg.models), ("preference_model", cfg.preference_model),
-                              ("judge", cfg.judge.model or cfg.judge.url)) if on]
+    served = [
+        k
+        for k, on in (
+            ("models", cfg.models),
+            ("preference_model", cfg.preference_model),
+            ("judge", cfg.judge.model or cfg.judge.url),
+        )
+        if on
+    ]
     if len(served) != 1:
-        raise ConfigError("give exactly one of models=[<reward-model dirs>], preference_model=<dir> and judge.model "
-                          f"/ judge.url to serve; got {', '.join(served) or 'none'}")
+        raise ConfigError(
+            "give exactly one of models=[<reward-model dirs>], preference_model=<dir> and judge.model "
+            f"/ judge.url to serve; got {', '.join(served) or 'none'}"
+        )
     device = resolve_device(cfg.device)
     if cfg.judge.model or cfg.judge.url:
         from alignflow.rewards.judge import build_judge
@@ -151,12 +163,16 @@ def make_server(cfg: ServeConfig) -> tuple[ThreadingHTTPServer, str]:
         pm = PreferenceModel(cfg.preference_model, device, budget=cfg.budget)
         scorer, names = PreferenceReward(pm, cfg.anchor_field), [cfg.preference_model]
     else:
-        scorer, names = RewardModelScorer(list(cfg.models), cfg.aggregation, cfg.uwo_lambda, device,
-                                          budget=cfg.budget), list(cfg.models)
+        scorer, names = (
+            RewardModelScorer(list(cfg.models), cfg.aggregation, cfg.uwo_lambda, device, budget=cfg.budget),
+            list(cfg.models),
+        )
         missing = [str(m) for m, r in zip(cfg.models, scorer.renderers, strict=True) if r is None]
         if missing:
-            raise ConfigError(f"models: {', '.join(missing)} hold no tokenizer to render texts with (alignflow rm "
-                              "saves one next to the model)")
+            raise ConfigError(
+                f"models: {', '.join(missing)} hold no tokenizer to render texts with (alignflow rm "
+                "saves one next to the model)"
+            )
     try:
         server = ThreadingHTTPServer((cfg.host, cfg.port), make_handler(RewardService(scorer, cfg.max_rows, names)))
     except OSError as e:
@@ -169,10 +185,12 @@ def make_server(cfg: ServeConfig) -> tuple[ThreadingHTTPServer, str]:
 def serve(cfg: ServeConfig) -> None:
     """Serve until interrupted (Ctrl-C)."""
     server, url = make_server(cfg)
-    what = f"{len(cfg.models)} reward model(s)" if cfg.models else ("a judge" if cfg.judge.model or cfg.judge.url
-                                                                    else "a preference model")
-    print(f"alignflow serve: {what} on POST {url} (GET {url[:-len('/score')]}/health)",
-          flush=True)
+    what = (
+        f"{len(cfg.models)} reward model(s)"
+        if cfg.models
+        else ("a judge" if cfg.judge.model or cfg.judge.url else "a preference model")
+    )
+    print(f"alignflow serve: {what} on POST {url} (GET {url[: -len('/score')]}/health)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

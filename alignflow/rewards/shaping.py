@@ -24,8 +24,6 @@ which checks that the shaping got the reference rewards it needs. ``RunningNorm`
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -36,8 +34,9 @@ def _ref_2d(r: torch.Tensor, r_ref: torch.Tensor, name: str) -> torch.Tensor:
         raise ValueError(f"{name}: r must be (B,), got shape {tuple(r.shape)}")
     ref = r_ref[:, None] if r_ref.dim() == 1 else r_ref  # (B, M)
     if ref.dim() != 2 or ref.shape[0] != r.shape[0] or ref.shape[1] == 0:
-        raise ValueError(f"{name}: r_ref must be (B,) or (B, M) with B = {r.shape[0]}, M >= 1; got shape "
-                         f"{tuple(r_ref.shape)}")
+        raise ValueError(
+            f"{name}: r_ref must be (B,) or (B, M) with B = {r.shape[0]}, M >= 1; got shape {tuple(r_ref.shape)}"
+        )
     return ref.to(r.dtype)
 
 
@@ -55,22 +54,21 @@ def centered(r: torch.Tensor, r_ref: torch.Tensor) -> torch.Tensor:
     return r - _ref_2d(r, r_ref, "centered").mean(-1)
 
 
-def clip(r: torch.Tensor, low: Optional[float] = None, high: Optional[float] = None) -> torch.Tensor:
+def clip(r: torch.Tensor, low: float | None = None, high: float | None = None) -> torch.Tensor:
     """``min(max(r, low), high)``; a missing bound does not clip. (B,) -> (B,)."""
     if low is not None and high is not None and low > high:
         raise ValueError(f"clip: low={low} is above high={high}")
     return r.clamp(min=low, max=high)
 
 
-def minmax(r: torch.Tensor, low: Optional[float] = None, high: Optional[float] = None,
-           eps: float = 1e-8) -> torch.Tensor:
+def minmax(r: torch.Tensor, low: float | None = None, high: float | None = None, eps: float = 1e-8) -> torch.Tensor:
     """``(r - low) / (high - low)`` (in [0, 1] for r in [low, high]); low / high default to the batch min / max."""
     low = r.min() if low is None else torch.as_tensor(low, dtype=r.dtype, device=r.device)
     high = r.max() if high is None else torch.as_tensor(high, dtype=r.dtype, device=r.device)
     return (r - low) / (high - low).clamp(min=eps)
 
 
-def tanh(r: torch.Tensor, r_ref: Optional[torch.Tensor] = None) -> torch.Tensor:
+def tanh(r: torch.Tensor, r_ref: torch.Tensor | None = None) -> torch.Tensor:
     """``tanh(r - mean_m r_ref_m)``, or ``tanh(r)`` without references. (B,) -> (B,) in (-1, 1)."""
     return torch.tanh(r if r_ref is None else centered(r, r_ref))
 
@@ -94,7 +92,7 @@ SHAPINGS = {"par": par, "centered": centered, "clip": clip, "minmax": minmax, "t
 NEEDS_REFERENCE = {"par", "centered", "lsc"}
 
 
-def apply_shaping(name: str, r: torch.Tensor, r_ref: Optional[torch.Tensor] = None, **params) -> torch.Tensor:
+def apply_shaping(name: str, r: torch.Tensor, r_ref: torch.Tensor | None = None, **params) -> torch.Tensor:
     """``SHAPINGS[name](r, ...)`` with a clear error for an unknown name or missing reference rewards.
 
     ``params`` are the shaping's keywords (``low``/``high`` for clip and minmax, ``q`` for lsc).
@@ -128,7 +126,7 @@ class RunningNorm:
 
     @property
     def std(self) -> float:
-        return self.var ** 0.5
+        return self.var**0.5
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1).double()  # (N,)

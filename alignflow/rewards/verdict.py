@@ -22,8 +22,8 @@ from alignflow.data.formats import DataError
 
 _PATTERN = re.compile(r"\boverall\s+(this|that)\b|verdict[\*_\s]*[:=][\*_\s]*\[?\s*(a|b)\b", re.IGNORECASE)
 FIRST, SECOND = "first", "second"
-POSITIONS = ("this", "that")       # first and second response of a judge prompt; also the verdict words
-VERDICT_WORD = "overall"           # the verdict is "overall this ." / "overall that ."
+POSITIONS = ("this", "that")  # first and second response of a judge prompt; also the verdict words
+VERDICT_WORD = "overall"  # the verdict is "overall this ." / "overall that ."
 _POSITION = {"this": FIRST, "a": FIRST, "that": SECOND, "b": SECOND}
 
 
@@ -47,8 +47,7 @@ def label_position(label: object, row: int) -> str:
 def verdict_accuracy(prompts: list, responses: list, labels: list) -> list:
     """1.0 per response whose last verdict names its row's label, else 0.0 (no verdict counts as wrong)."""
     if not (len(prompts) == len(responses) == len(labels)):
-        raise ValueError(f"verdict_accuracy: {len(prompts)} prompts, {len(responses)} responses, "
-                         f"{len(labels)} labels")
+        raise ValueError(f"verdict_accuracy: {len(prompts)} prompts, {len(responses)} responses, {len(labels)} labels")
     pairs = enumerate(zip(responses, labels, strict=True))
     return [float(parse_position(r) == label_position(lab, i)) for i, (r, lab) in pairs]
 

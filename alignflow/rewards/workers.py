@@ -37,9 +37,9 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 _POOLS: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
-DEPTH = 8                 # items queued on one worker at a time
+DEPTH = 8  # items queued on one worker at a time
 PIPELINED_CHARS = 32_000  # text queued on a worker beyond its running item (well below a pipe's buffer)
-POLL_S = 0.25             # how often a waiting map looks whether its caller gave up
+POLL_S = 0.25  # how often a waiting map looks whether its caller gave up
 
 
 def _address_space() -> int:
@@ -60,7 +60,7 @@ def _limit_memory(memory_mb: int | None) -> None:
         return
     import resource
 
-    limit = inherited + memory_mb * 2 ** 20
+    limit = inherited + memory_mb * 2**20
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)

@@ -24,14 +24,15 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import numbers
-from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from transformers import DynamicCache
 
 from alignflow.batch import Batch
-from alignflow.rollout.kv_cache import preallocated_cache, select_rows
 from alignflow.rollout.graphs import GraphedLeanRunner, graphs_supported
+from alignflow.rollout.kv_cache import preallocated_cache, select_rows
 from alignflow.rollout.lean import LeanRunner, unsupported_reason
 from alignflow.rollout.sampling import SamplingParams, chosen_logprobs, presence_mask, sample_keys, sample_tokens
 
@@ -42,11 +43,10 @@ FINISH_REASONS = ("length", "eos", "stop")  # finish codes 0, 1, 2 used inside t
 class RolloutEngine(Protocol):
     """Anything that turns prompts (token ids) into a batch of sampled responses."""
 
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Batch:
-        ...
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Batch: ...
 
 
-def validate_prompt_ids(prompt_ids: object, engine: str, vocab_size: Optional[int] = None) -> None:
+def validate_prompt_ids(prompt_ids: object, engine: str, vocab_size: int | None = None) -> None:
     """ValueError naming the prompt and position unless ``prompt_ids`` is a non-empty list of non-empty lists of
     token ids (in ``[0, vocab_size)`` when it is given). Every engine checks its input with this."""
     if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
@@ -54,8 +54,9 @@ def validate_prompt_ids(prompt_ids: object, engine: str, vocab_size: Optional[in
     high = vocab_size if vocab_size is not None else float("inf")
     for i, row in enumerate(prompt_ids):
         if not isinstance(row, (list, tuple)) or len(row) == 0:
-            raise ValueError(f"{engine}.generate: prompt_ids[{i}] must be a non-empty list of token ids, "
-                             f"got {row!r:.80}")
+            raise ValueError(
+                f"{engine}.generate: prompt_ids[{i}] must be a non-empty list of token ids, got {row!r:.80}"
+            )
         for j, tok in enumerate(row):
             if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or not 0 <= int(tok) < high:
                 where = f" in [0, {vocab_size}) (the model's vocabulary)" if vocab_size is not None else ""
@@ -74,9 +75,9 @@ class _Live:
     tokens: torch.Tensor  # (b, max_new) generated ids, pad after the end
     length: torch.Tensor  # (b,) generated tokens, the ending token included
     reason: torch.Tensor  # (b,) finish code, index into FINISH_REASONS
-    logprobs: Optional[torch.Tensor] = None  # (b, max_new) sampling log-probs
-    seen: Optional[torch.Tensor] = None  # (b, V) bool: tokens in prompt + response (repetition penalty)
-    keys: Optional[torch.Tensor] = None  # (b, 2) sampling key of each row's (seed, sample index) stream
+    logprobs: torch.Tensor | None = None  # (b, max_new) sampling log-probs
+    seen: torch.Tensor | None = None  # (b, V) bool: tokens in prompt + response (repetition penalty)
+    keys: torch.Tensor | None = None  # (b, 2) sampling key of each row's (seed, sample index) stream
 
     def select(self, keep: torch.Tensor) -> None:
         for f in dataclasses.fields(self):
@@ -92,7 +93,7 @@ class _Out:
     tokens: torch.Tensor  # (B, max_new)
     length: torch.Tensor  # (B,)
     reason: torch.Tensor  # (B,)
-    logprobs: Optional[torch.Tensor]  # (B, max_new)
+    logprobs: torch.Tensor | None  # (B, max_new)
 
     def store(self, live: _Live, which: torch.Tensor) -> None:
         rows = live.rows[which]
@@ -127,15 +128,22 @@ class _HFRunner:
 
     def __init__(self, model: Any, width: int, max_new: int, preallocate: bool, logits_to_keep: bool) -> None:
         self.model, self.width, self.max_new, self.logits_to_keep = model, width, max_new, logits_to_keep
-        self.cache = preallocated_cache(model.config, width + max_new) if preallocate else \
-            DynamicCache(config=model.config)
-        self.mask: Optional[torch.Tensor] = None  # (b, Tp + max_new) attention mask: prompt columns then ones
+        self.cache = (
+            preallocated_cache(model.config, width + max_new) if preallocate else DynamicCache(config=model.config)
+        )
+        self.mask: torch.Tensor | None = None  # (b, Tp + max_new) attention mask: prompt columns then ones
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, last_only: bool) -> torch.Tensor:
         """Model forward with the cache; float32 logits of the last position, (b, V)."""
         extra = {"logits_to_keep": 1} if last_only and self.logits_to_keep else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=self.cache,
-                         use_cache=True, **extra)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position,
+            past_key_values=self.cache,
+            use_cache=True,
+            **extra,
+        )
         logits: torch.Tensor = out.logits[:, -1].float()
         return logits
 
@@ -151,7 +159,7 @@ class _HFRunner:
 
     def step(self, token: torch.Tensor, position: torch.Tensor, t: int) -> torch.Tensor:
         assert self.mask is not None  # set by start
-        return self._forward(token[:, None], self.mask[:, :self.width + t + 1], position[:, None], last_only=False)
+        return self._forward(token[:, None], self.mask[:, : self.width + t + 1], position[:, None], last_only=False)
 
     def select(self, order: torch.Tensor) -> None:
         assert self.mask is not None  # set by start
@@ -175,15 +183,23 @@ class HFEngine:
     writes) instead of a plain ``DynamicCache`` (which copies the whole cache at every step); same outputs.
     """
 
-    def __init__(self, model: Any, tokenizer: Any = None, *, pad_token_id: Optional[int] = None,
-                 eos_token_id: Optional[int | Sequence[int]] = None, compact_every: Optional[int] = None,
-                 preallocate: bool = True, fast_path: bool = True) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        *,
+        pad_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        compact_every: int | None = None,
+        preallocate: bool = True,
+        fast_path: bool = True,
+    ) -> None:
         self.model = model
         self.preallocate = preallocate
         self.fast_path = fast_path
-        self.last_path: Optional[str] = None
-        self.fallback_reason: Optional[str] = None
-        self.graph_reason: Optional[str] = None  # why the lean decode step is not CUDA-graphed (None if it is)
+        self.last_path: str | None = None
+        self.fallback_reason: str | None = None
+        self.graph_reason: str | None = None  # why the lean decode step is not CUDA-graphed (None if it is)
         self._prompt_lengths: list[int] = []
         self.tokenizer = tokenizer
         gen_cfg = getattr(model, "generation_config", None)
@@ -251,8 +267,9 @@ class HFEngine:
         """Validate the prompts and left-pad them: (P, Tp) ids and mask on the model's device."""
         validate_prompt_ids(prompt_ids, "HFEngine", self.vocab_size)
         width = max(len(row) for row in prompt_ids)
-        ids = torch.tensor([[self.pad_id] * (width - len(r)) + [int(t) for t in r] for r in prompt_ids],
-                           dtype=torch.long)
+        ids = torch.tensor(
+            [[self.pad_id] * (width - len(r)) + [int(t) for t in r] for r in prompt_ids], dtype=torch.long
+        )
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in prompt_ids], dtype=torch.long)
         return ids.to(self.device), mask.to(self.device)
 
@@ -290,13 +307,16 @@ class HFEngine:
             length=torch.full((rows,), max_new, device=device),
             reason=torch.zeros(rows, dtype=torch.long, device=device),
             logprobs=torch.zeros(rows, max_new, device=device) if params.logprobs else None,
-            seen=(presence_mask(prompt, prompt_mask, logits.shape[-1])
-                  if params.repetition_penalty != 1.0 else None),
+            seen=(presence_mask(prompt, prompt_mask, logits.shape[-1]) if params.repetition_penalty != 1.0 else None),
             # Row i*n + j samples from the stream (seeds[i], j); the key travels with the row through compaction.
             keys=sample_keys(params.seeds, n, device) if params.seeds is not None and not params.greedy else None,
         )
-        out = _Out(tokens=live.tokens.clone(), length=live.length.clone(), reason=live.reason.clone(),
-                   logprobs=None if live.logprobs is None else live.logprobs.clone())
+        out = _Out(
+            tokens=live.tokens.clone(),
+            length=live.length.clone(),
+            reason=live.reason.clone(),
+            logprobs=None if live.logprobs is None else live.logprobs.clone(),
+        )
         self._decode(live, out, runner, logits, params)
         return out
 
@@ -306,7 +326,7 @@ class HFEngine:
         generator = None
         if params.seeds is None:  # one generator for the whole batch (with `seeds`, live.keys key the noise)
             generator = torch.Generator(device=device)
-            seed = params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item())
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
             generator.manual_seed(seed)
         stop_ids = torch.tensor(sorted(set(self.eos_ids) | set(params.stop_token_ids)), device=device)
         eos_ids = torch.tensor(self.eos_ids, device=device)
@@ -364,12 +384,12 @@ class HFEngine:
         at their own step.
         """
         window = max(len(s) for s in stop_strings) + 4
-        recent = live.tokens[:, max(0, t + 1 - window):t + 1].tolist()
+        recent = live.tokens[:, max(0, t + 1 - window) : t + 1].tolist()
         running = live.running.tolist()
         idx = [i for i, r in enumerate(running) if r]
         texts = self.tokenizer.batch_decode([recent[i] for i in idx], skip_special_tokens=False)
         hits = [False] * len(running)
-        for i, text in zip(idx, texts):
+        for i, text in zip(idx, texts, strict=False):
             hits[i] = any(s in text for s in stop_strings)
         return torch.tensor(hits, dtype=torch.bool, device=live.running.device)
 
@@ -382,12 +402,18 @@ class HFEngine:
         attention_mask = torch.cat([prompt_mask, response_mask], dim=1)  # (B, Tp + Tr)
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         tensors = {
-            "prompt_ids": prompt, "prompt_mask": prompt_mask, "response_ids": response,
-            "response_mask": response_mask, "input_ids": torch.cat([prompt, response], dim=1),
-            "attention_mask": attention_mask, "position_ids": position_ids,
+            "prompt_ids": prompt,
+            "prompt_mask": prompt_mask,
+            "response_ids": response,
+            "response_mask": response_mask,
+            "input_ids": torch.cat([prompt, response], dim=1),
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
         }
         if out.logprobs is not None:
             tensors["sampling_logprobs"] = out.logprobs[:, :width].clone() * response_mask
-        meta: dict[str, list[Any]] = {"prompt_index": [i // params.n for i in range(prompt.shape[0])],
-                                      "finish_reason": [FINISH_REASONS[c] for c in out.reason.tolist()]}
+        meta: dict[str, list[Any]] = {
+            "prompt_index": [i // params.n for i in range(prompt.shape[0])],
+            "finish_reason": [FINISH_REASONS[c] for c in out.reason.tolist()],
+        }
         return Batch(tensors, meta)

@@ -24,7 +24,7 @@ one ``generate`` call: the cache and the (possibly changed) weights are those of
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ STATIC_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
 USE_GRAPHS = True  # False keeps the eager decode step on CUDA (the reference in tests/test_gpu.py)
 
 
-def graphs_supported(model: Any) -> Optional[str]:
+def graphs_supported(model: Any) -> str | None:
     """Why the decode step cannot be graphed for ``model`` (None when it can)."""
     if not USE_GRAPHS:
         return "CUDA graphs are switched off (alignflow.rollout.graphs.USE_GRAPHS)"
@@ -58,7 +58,7 @@ class GraphedLeanRunner(LeanRunner):
     Same interface; same numbers as the eager step up to the attention kernel's summation over the masked
     columns (tests/test_gpu.py compares them)."""
 
-    def __init__(self, model: Any, width: int, max_new: int, fuse: Optional[bool] = None) -> None:
+    def __init__(self, model: Any, width: int, max_new: int, fuse: bool | None = None) -> None:
         super().__init__(model, width, max_new, fuse)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool: torch.cuda._POOL_HANDLE | None = None  # memory pool shared by the graphs
@@ -70,11 +70,11 @@ class GraphedLeanRunner(LeanRunner):
         rows, device = prompt_mask.shape[0], prompt_mask.device
         self.rows = rows
         self.capture = prompt_mask.is_cuda  # elsewhere (CPU tests) the same static step runs eagerly
-        self._allowed()[:, self.width:] = float("-inf")  # columns are opened one per step, inside the graph
+        self._allowed()[:, self.width :] = float("-inf")  # columns are opened one per step, inside the graph
         for layer in self.layers:  # unwritten columns are attended with weight 0: they must hold no NaN
             keys, values = layer.kv()
-            keys[:, :, self.width:].zero_()
-            values[:, :, self.width:].zero_()
+            keys[:, :, self.width :].zero_()
+            values[:, :, self.width :].zero_()
         self.token = torch.zeros(rows, dtype=torch.long, device=device)  # static inputs of every graph
         self.position = torch.zeros(rows, dtype=torch.long, device=device)
         self.column = torch.zeros(1, dtype=torch.long, device=device)

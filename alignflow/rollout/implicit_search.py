@@ -36,12 +36,23 @@ def _next_logps(model: Any, prompt: list[int], beams: list[Beam]) -> Tensor:
     return torch.log_softmax(logits[torch.arange(len(rows)), last], dim=-1)
 
 
-def implicit_reward_beam_search(policy: Any, ref: Any, prompt: list[int], *, eos_id: int, beta: float = 0.1,
-                                width: int = 4, expand: int = 4, max_new_tokens: int = 32) -> list[Beam]:
+def implicit_reward_beam_search(
+    policy: Any,
+    ref: Any,
+    prompt: list[int],
+    *,
+    eos_id: int,
+    beta: float = 0.1,
+    width: int = 4,
+    expand: int = 4,
+    max_new_tokens: int = 32,
+) -> list[Beam]:
     """The ``width`` beams of highest implicit reward for ``prompt`` (token ids), best first."""
     if width < 1 or expand < 1 or max_new_tokens < 1:
-        raise ValueError(f"implicit_reward_beam_search: width, expand and max_new_tokens must be >= 1, got "
-                         f"{width}, {expand}, {max_new_tokens}")
+        raise ValueError(
+            f"implicit_reward_beam_search: width, expand and max_new_tokens must be >= 1, got "
+            f"{width}, {expand}, {max_new_tokens}"
+        )
     beams = [Beam([], 0.0)]
     for _ in range(max_new_tokens):
         live = [b for b in beams if not b.finished]

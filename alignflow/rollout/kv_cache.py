@@ -34,8 +34,10 @@ class PreallocatedLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         rows, heads = key_states.shape[:2]
-        self._set(key_states.new_empty(rows, heads, self.capacity, key_states.shape[-1]),
-                  value_states.new_empty(rows, heads, self.capacity, value_states.shape[-1]))
+        self._set(
+            key_states.new_empty(rows, heads, self.capacity, key_states.shape[-1]),
+            value_states.new_empty(rows, heads, self.capacity, value_states.shape[-1]),
+        )
         self.length = 0
         self._expose()
         self.is_initialized = True
@@ -51,20 +53,21 @@ class PreallocatedLayer(DynamicLayer):
     def _expose(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Point ``keys``/``values`` at the filled part of the storage; returns them."""
         keys, values = self._storage()
-        self.keys = keys[:self.rows, :, :self.length]  # (rows, H, length, D) view, no copy
-        self.values = values[:self.rows, :, :self.length]
+        self.keys = keys[: self.rows, :, : self.length]  # (rows, H, length, D) view, no copy
+        self.values = values[: self.rows, :, : self.length]
         return self.keys, self.values
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
             raise RuntimeError(f"PreallocatedLayer: {end} positions exceed the capacity {self.capacity}")
         keys, values = self._storage()
-        keys[:self.rows, :, self.length:end] = key_states
-        values[:self.rows, :, self.length:end] = value_states
+        keys[: self.rows, :, self.length : end] = key_states
+        values[: self.rows, :, self.length : end] = value_states
         self.length = end
         return self._expose()
 
@@ -88,7 +91,7 @@ class PreallocatedLayer(DynamicLayer):
         if self.is_initialized:
             keys, values = self._storage()
             index = indices.to(keys.device)
-            self._set(keys[:self.rows][index], values[:self.rows][index])
+            self._set(keys[: self.rows][index], values[: self.rows][index])
             self._expose()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -97,8 +100,10 @@ class PreallocatedLayer(DynamicLayer):
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
             keys, values = self._storage()
-            self._set(keys[:self.rows].repeat_interleave(repeats, dim=0),
-                      values[:self.rows].repeat_interleave(repeats, dim=0))
+            self._set(
+                keys[: self.rows].repeat_interleave(repeats, dim=0),
+                values[: self.rows].repeat_interleave(repeats, dim=0),
+            )
             self._expose()
 
     def move_rows(self, order: torch.Tensor, moved: torch.Tensor) -> None:

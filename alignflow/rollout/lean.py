@@ -29,7 +29,7 @@ Anything this module does not reproduce falls back to the HF forward: see :func:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,22 +38,30 @@ from alignflow.models import varlen
 from alignflow.models.varlen import cumulative, flash_usable, flash_varlen
 
 # model_type -> the causal-LM class this module was written against (transformers 5.x).
-SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-             "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 # Fuse Q/K/V and gate/up only when those weights total at most this: the fused copies are rebuilt at every
 # generate call (the actor's weights change between calls), which is cheap for the small models where a
 # saved op per layer matters, and a waste of memory and time for large ones (where it does not).
-FUSE_MAX_BYTES = 64 * 2 ** 20
+FUSE_MAX_BYTES = 64 * 2**20
 
 
 def _is_rms_norm(module: object) -> bool:
-    return module is not None and type(module).__name__.endswith("RMSNorm") and hasattr(module, "weight") \
+    return (
+        module is not None
+        and type(module).__name__.endswith("RMSNorm")
+        and hasattr(module, "weight")
         and hasattr(module, "variance_epsilon")
+    )
 
 
-def unsupported_reason(model: Any, capacity: int) -> Optional[str]:
+def unsupported_reason(model: Any, capacity: int) -> str | None:
     """Why the lean forward cannot run ``model`` for ``capacity`` cache positions, or None when it can.
 
     It runs only the exact classes in :data:`SUPPORTED` (a PEFT wrapper or any other architecture falls back),
@@ -68,7 +76,10 @@ def unsupported_reason(model: Any, capacity: int) -> Optional[str]:
     base = getattr(model, "model", None)
     if base is None or not all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return "the model does not have the usual model.embed_tokens / layers / norm / rotary_emb layout"
-    if type(getattr(model, "lm_head", None)) is not torch.nn.Linear or type(base.embed_tokens) is not torch.nn.Embedding:
+    if (
+        type(getattr(model, "lm_head", None)) is not torch.nn.Linear
+        or type(base.embed_tokens) is not torch.nn.Embedding
+    ):
         return "lm_head is not a plain nn.Linear or embed_tokens is not a plain nn.Embedding"
     if any(hasattr(m, "_hf_hook") for m in model.modules()):
         return "accelerate hooks (offloading / device maps) are attached"
@@ -82,8 +93,9 @@ def unsupported_reason(model: Any, capacity: int) -> Optional[str]:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attn is None or mlp is None:
             return "a decoder layer lacks self_attn or mlp"
-        if any(type(getattr(attn, p, None)) is not torch.nn.Linear for p in _PROJECTIONS) or \
-                any(type(getattr(mlp, p, None)) is not torch.nn.Linear for p in _MLP):
+        if any(type(getattr(attn, p, None)) is not torch.nn.Linear for p in _PROJECTIONS) or any(
+            type(getattr(mlp, p, None)) is not torch.nn.Linear for p in _MLP
+        ):
             return "a projection is not a plain nn.Linear (LoRA, quantisation or a custom layer)"
         window = window or getattr(attn, "sliding_window", None)
         norms = [getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)]
@@ -118,7 +130,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
     return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
 
 
-def _fuse(linears: Sequence[torch.nn.Linear]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _fuse(linears: Sequence[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One (weight, bias) for several ``nn.Linear`` on the same input: their outputs side by side (copies)."""
     weight = torch.cat([m.weight for m in linears])
     if all(m.bias is None for m in linears):
@@ -145,23 +157,24 @@ class _Layer:
         if fuse:
             self.w_qkv, self.b_qkv = _fuse([self.q, self.k, self.v])  # (Hq*D + 2*Hkv*D, hidden)
             self.w_gu, self.b_gu = _fuse([self.gate, self.up])  # (2I, hidden)
-        self.keys: Optional[torch.Tensor] = None  # (B, Hkv, capacity, D) static cache
-        self.values: Optional[torch.Tensor] = None
+        self.keys: torch.Tensor | None = None  # (B, Hkv, capacity, D) static cache
+        self.values: torch.Tensor | None = None
 
     def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The static cache (keys, values); it exists from the prefill on."""
         assert self.keys is not None and self.values is not None
         return self.keys, self.values
 
-    def qkv(self, x: torch.Tensor, heads: int, kv_heads: int, dim: int, cos: torch.Tensor, sin: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(
+        self, x: torch.Tensor, heads: int, kv_heads: int, dim: int, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, hidden) -> q (N, Hq, D), k (N, Hkv, D) with norms and RoPE applied, v (N, Hkv, D)."""
         n = x.shape[0]
         if self.w_qkv is not None:
             qkv = F.linear(x, self.w_qkv, self.b_qkv).view(n, heads + 2 * kv_heads, dim)
-            q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+            q, k, v = qkv[:, :heads], qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]
             if self.q_norm is None:  # q and k rotated together (elementwise: the same numbers)
-                qk = _rope(qkv[:, :heads + kv_heads], cos, sin)
+                qk = _rope(qkv[:, : heads + kv_heads], cos, sin)
                 return qk[:, :heads], qk[:, heads:], v
         else:
             q, k, v = (F.linear(x, m.weight, m.bias).view(n, -1, dim) for m in (self.q, self.k, self.v))
@@ -175,7 +188,7 @@ class _Layer:
         x = _rms_norm(h, self.norm2, self.eps2)
         if self.w_gu is not None:
             gu = F.linear(x, self.w_gu, self.b_gu)
-            gate, up = gu[:, :self.inter], gu[:, self.inter:]
+            gate, up = gu[:, : self.inter], gu[:, self.inter :]
         else:
             gate, up = F.linear(x, self.gate.weight, self.gate.bias), F.linear(x, self.up.weight, self.up.bias)
         return h + F.linear(self.act(gate) * up, self.w_down, self.b_down)
@@ -191,14 +204,22 @@ class LeanRunner:
     ``select(order)`` -> keep rows ``order`` (see ``kv_cache.select_rows`` for its form).
     """
 
-    def __init__(self, model: Any, width: int, max_new: int, fuse: Optional[bool] = None) -> None:
+    def __init__(self, model: Any, width: int, max_new: int, fuse: bool | None = None) -> None:
         base = model.model
         config = model.config
-        layers = base.layers[:config.num_hidden_layers]
+        layers = base.layers[: config.num_hidden_layers]
         if fuse is None:  # fusing saves a few small-op calls per layer: worth a copy of small weights only
-            fused = sum(m.weight.numel() * m.weight.element_size() for layer in layers
-                        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                                  layer.mlp.gate_proj, layer.mlp.up_proj))
+            fused = sum(
+                m.weight.numel() * m.weight.element_size()
+                for layer in layers
+                for m in (
+                    layer.self_attn.q_proj,
+                    layer.self_attn.k_proj,
+                    layer.self_attn.v_proj,
+                    layer.mlp.gate_proj,
+                    layer.mlp.up_proj,
+                )
+            )
             fuse = fused <= FUSE_MAX_BYTES
         self.embed = base.embed_tokens
         self.rotary = base.rotary_emb
@@ -212,7 +233,7 @@ class LeanRunner:
         self.groups = self.heads // self.kv_heads
         self.scaling = attn.scaling
         self.width, self.capacity = width, width + max_new
-        self.allowed: Optional[torch.Tensor] = None  # (b, capacity) additive mask: 0 where a live row attends
+        self.allowed: torch.Tensor | None = None  # (b, capacity) additive mask: 0 where a live row attends
         self.n = 1  # samples per prompt (set by `repeat`)
         self.prompt_lengths: list[int] = []  # real tokens per prompt, set by the engine (host copy)
 
@@ -256,8 +277,9 @@ class LeanRunner:
             q_pad[row_of, col_of] = q
             if self.groups > 1:  # transformers repeats the KV heads at prefill; so do we
                 keys, values = keys.repeat_interleave(self.groups, 1), values.repeat_interleave(self.groups, 1)
-            out = F.scaled_dot_product_attention(q_pad.transpose(1, 2), keys, values, attn_mask=mask,
-                                                 scale=self.scaling).transpose(1, 2)  # (P, Tp, H, D)
+            out = F.scaled_dot_product_attention(
+                q_pad.transpose(1, 2), keys, values, attn_mask=mask, scale=self.scaling
+            ).transpose(1, 2)  # (P, Tp, H, D)
             if i + 1 < len(self.layers):
                 out = out[row_of, col_of].reshape(-1, self.heads * self.dim)  # (N, H*D)
             else:  # last layer: only each prompt's last token goes on (the others were needed for K/V only)
@@ -280,11 +302,11 @@ class LeanRunner:
             layer.keys, layer.values = prompt_keys.new_empty(shape), prompt_values.new_empty(shape)
             for cache, part in ((layer.keys, prompt_keys), (layer.values, prompt_values)):
                 grouped = cache.view(-1, self.n, *shape[1:])  # (P, n, Hkv, capacity, D): row i*n+j = (i, j)
-                grouped[:, :, :, :self.width] = part[:, None]  # broadcast over the n samples of each prompt
+                grouped[:, :, :, : self.width] = part[:, None]  # broadcast over the n samples of each prompt
         # Additive float mask (0 / -inf): what SDPA turns a boolean mask into at every call (same results).
         dtype = self.layers[0].kv()[0].dtype
         self.allowed = torch.zeros(rows, self.capacity, dtype=dtype, device=prompt_mask.device)
-        self.allowed[:, :self.width].masked_fill_(prompt_mask == 0, float("-inf"))
+        self.allowed[:, : self.width].masked_fill_(prompt_mask == 0, float("-inf"))
 
     # ------------------------------------------------------------------------------------------- decode
     def step(self, token: torch.Tensor, position: torch.Tensor, t: int) -> torch.Tensor:
@@ -294,14 +316,14 @@ class LeanRunner:
         h = self.embed(token)  # (b, hidden)
         cos, sin = self.rotary(h, position[:, None])  # (b, 1, D) each
         sin = _signed_sin(sin)
-        mask = self._allowed()[:, None, None, :column + 1]  # (b, 1, 1, L) additive
+        mask = self._allowed()[:, None, None, : column + 1]  # (b, 1, 1, L) additive
         for layer in self.layers:
             x = _rms_norm(h, layer.norm1, layer.eps1)
             q, k, v = layer.qkv(x, self.heads, self.kv_heads, self.dim, cos, sin)  # (b, H, D)
             keys, values = layer.kv()
             keys[:b, :, column] = k
             values[:b, :, column] = v
-            out = self._attend(q, keys[:b, :, :column + 1], values[:b, :, :column + 1], mask)
+            out = self._attend(q, keys[:b, :, : column + 1], values[:b, :, : column + 1], mask)
             h = layer.mlp(h + F.linear(out, layer.w_o, layer.b_o))
         return self._logits(h)
 
@@ -312,8 +334,9 @@ class LeanRunner:
         are laid out as that head's "query positions", (b, Hkv, groups, D), so KV heads are never repeated.
         """
         b = q.shape[0]
-        out = F.scaled_dot_product_attention(q.reshape(b, self.kv_heads, self.groups, self.dim), keys, values,
-                                             attn_mask=mask, scale=self.scaling)  # (b, Hkv, groups, D)
+        out = F.scaled_dot_product_attention(
+            q.reshape(b, self.kv_heads, self.groups, self.dim), keys, values, attn_mask=mask, scale=self.scaling
+        )  # (b, Hkv, groups, D)
         return out.reshape(b, self.heads * self.dim)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ caches, one module, no copy).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -29,8 +30,9 @@ from alignflow.rollout.sampling import SamplingParams, chosen_logprobs, sample_k
 _Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(
+    prompt_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate_mixture: prompt_ids must be a non-empty list of non-empty token-id lists")
     width = max(len(p) for p in prompt_ids)
@@ -39,16 +41,23 @@ def _left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device: torch.de
     return ids, mask  # (P, Tp) each
 
 
-def _forward(model: Any, cache: DynamicCache, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor
-             ) -> torch.Tensor:
+def _forward(
+    model: Any, cache: DynamicCache, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor
+) -> torch.Tensor:
     out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
     logits: torch.Tensor = out.logits[:, -1].float()  # (B, V)
     return logits
 
 
-def _decode(forward: _Forward, logits: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-            params: SamplingParams, coef: float, eos: torch.Tensor, pad_id: int
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _decode(
+    forward: _Forward,
+    logits: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor,
+    params: SamplingParams,
+    coef: float,
+    eos: torch.Tensor,
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The decode loop: mix, sample, record, end rows; ``forward(tokens (B, 1), mask, position (B, 1))`` gives the
     next (policy, reference) logits. Returns tokens and log-probs (B, T), lengths (B,), ended-by-EOS (B,)."""
     B, T, device = mask.shape[0], params.max_new_tokens, mask.device
@@ -57,7 +66,7 @@ def _decode(forward: _Forward, logits: tuple[torch.Tensor, torch.Tensor], mask: 
         keys = sample_keys(params.seeds, params.n, device)  # (B, 2)
     else:
         gen = torch.Generator(device=device)
-        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
+        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
     tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros(B, T, device=device)
     length = torch.full((B,), T, dtype=torch.long, device=device)
@@ -82,10 +91,17 @@ def _decode(forward: _Forward, logits: tuple[torch.Tensor, torch.Tensor], mask: 
 
 
 @torch.no_grad()
-def generate_mixture(policy: Any, ref: Any, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, coef: float, *,
-                     eos_ids: Sequence[int], pad_id: int,
-                     ref_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
-                     ) -> Batch:
+def generate_mixture(
+    policy: Any,
+    ref: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    params: SamplingParams,
+    coef: float,
+    *,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    ref_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> Batch:
     """``params.n`` samples per prompt from the mixture with coefficient β = ``coef`` (rows i*n .. i*n+n-1 are
     prompt i's). Returns the ``HFEngine.generate`` layout: ``prompt_ids``/``prompt_mask`` (B, Tp) left-padded,
     ``response_ids``/``response_mask`` (B, Tr) (the EOS that ends a row included), ``input_ids``,
@@ -97,8 +113,10 @@ def generate_mixture(policy: Any, ref: Any, prompt_ids: Sequence[Sequence[int]],
     params.validate()
     params.check_seeds(len(prompt_ids), "generate_mixture")
     if params.stop_strings or params.stop_token_ids or params.repetition_penalty != 1.0:
-        raise ValueError("generate_mixture: stop strings, stop token ids and the repetition penalty are not "
-                         "supported by the mixture sampler")
+        raise ValueError(
+            "generate_mixture: stop strings, stop token ids and the repetition penalty are not "
+            "supported by the mixture sampler"
+        )
     device = next(policy.parameters()).device
     prompt, prompt_mask = _left_pad(prompt_ids, pad_id, device)
     prompt, prompt_mask = prompt.repeat_interleave(params.n, 0), prompt_mask.repeat_interleave(params.n, 0)  # (B, Tp)
@@ -115,8 +133,9 @@ def generate_mixture(policy: Any, ref: Any, prompt_ids: Sequence[Sequence[int]],
         m.eval()
     try:
         first = forward(prompt, prompt_mask, (prompt_mask.cumsum(-1) - 1).clamp_min(0))
-        tokens, logps, length, by_eos = _decode(forward, first, prompt_mask, params, coef,
-                                                torch.tensor(list(eos_ids), device=device), pad_id)
+        tokens, logps, length, by_eos = _decode(
+            forward, first, prompt_mask, params, coef, torch.tensor(list(eos_ids), device=device), pad_id
+        )
     finally:
         for m, was in modes:
             m.train(was)
@@ -124,10 +143,19 @@ def generate_mixture(policy: Any, ref: Any, prompt_ids: Sequence[Sequence[int]],
     response_mask = (torch.arange(width, device=device)[None] < length[:, None]).long()  # (B, Tr)
     response = tokens[:, :width].masked_fill(response_mask == 0, pad_id)  # (B, Tr)
     attention = torch.cat([prompt_mask, response_mask], 1)  # (B, Tp + Tr)
-    return Batch({"prompt_ids": prompt, "prompt_mask": prompt_mask, "response_ids": response,
-                  "response_mask": response_mask, "input_ids": torch.cat([prompt, response], 1),
-                  "attention_mask": attention,
-                  "position_ids": (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0),
-                  "sampling_logprobs": logps[:, :width] * response_mask},
-                 {"prompt_index": [i // params.n for i in range(len(prompt))],
-                  "finish_reason": ["eos" if e else "length" for e in by_eos.tolist()]})
+    return Batch(
+        {
+            "prompt_ids": prompt,
+            "prompt_mask": prompt_mask,
+            "response_ids": response,
+            "response_mask": response_mask,
+            "input_ids": torch.cat([prompt, response], 1),
+            "attention_mask": attention,
+            "position_ids": (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0),
+            "sampling_logprobs": logps[:, :width] * response_mask,
+        },
+        {
+            "prompt_index": [i // params.n for i in range(len(prompt))],
+            "finish_reason": ["eos" if e else "length" for e in by_eos.tolist()],
+        },
+    )

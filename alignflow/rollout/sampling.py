@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -29,30 +29,49 @@ from alignflow.config import ConfigError, field
 class SamplingParams:
     """How a rollout engine samples. Validated on construction (a bad value raises ``ConfigError``)."""
 
-    n: int = field(1, doc="Samples per prompt; rows i*n .. i*n+n-1 of the result belong to prompt i.",
-                   range=(1, None))
+    n: int = field(1, doc="Samples per prompt; rows i*n .. i*n+n-1 of the result belong to prompt i.", range=(1, None))
     temperature: float = field(1.0, doc="Softmax temperature; 0 means greedy (argmax).", range=(0.0, None))
-    top_p: float = field(1.0, doc="Nucleus sampling: keep the smallest set of most likely tokens whose probability "
-                                  "reaches top_p (1 disables).", range=(0.0, 1.0))
+    top_p: float = field(
+        1.0,
+        doc="Nucleus sampling: keep the smallest set of most likely tokens whose probability "
+        "reaches top_p (1 disables).",
+        range=(0.0, 1.0),
+    )
     top_k: int = field(0, doc="Keep only the k most likely tokens (0 disables).", range=(0, None))
-    min_p: float = field(0.0, doc="Drop tokens whose probability is below min_p times the top token's (0 disables).",
-                         range=(0.0, 1.0))
-    repetition_penalty: float = field(1.0, doc="CTRL penalty on tokens already in prompt or response: positive "
-                                               "logits are divided by it, negative ones multiplied (1 disables).",
-                                      range=(0.0, None))
+    min_p: float = field(
+        0.0, doc="Drop tokens whose probability is below min_p times the top token's (0 disables).", range=(0.0, 1.0)
+    )
+    repetition_penalty: float = field(
+        1.0,
+        doc="CTRL penalty on tokens already in prompt or response: positive "
+        "logits are divided by it, negative ones multiplied (1 disables).",
+        range=(0.0, None),
+    )
     max_new_tokens: int = field(128, doc="Most tokens generated per row.", range=(1, None))
-    stop_token_ids: list[int] = field(default_factory=list, doc="Token ids that end a row besides the EOS ids (the "
-                                                            "stopping token is kept in the response).")
-    stop_strings: list[str] = field(default_factory=list, doc="Strings that end a row when they appear in its decoded "
-                                                          "response (needs a tokenizer).")
-    seed: Optional[int] = field(None, doc="Seed of the sampling generator; same seed and inputs give the same output. "
-                                          "None draws one from torch's global generator.")
-    seeds: list[int] | None = field(None, doc="One seed per prompt; when set it replaces `seed`. Sample j of prompt i "
-                                            "draws counter-based noise keyed by (seeds[i], j, decode step, token id), "
-                                            "so a prompt's samples do not depend on the other prompts of the call, "
-                                            "their order, or how prompts are split between calls or workers.")
-    logprobs: bool = field(False, doc="Also return sampling_logprobs: log-softmax(logits / temperature) at the "
-                                      "chosen tokens (temperature 1 when greedy).")
+    stop_token_ids: list[int] = field(
+        default_factory=list,
+        doc="Token ids that end a row besides the EOS ids (the stopping token is kept in the response).",
+    )
+    stop_strings: list[str] = field(
+        default_factory=list, doc="Strings that end a row when they appear in its decoded response (needs a tokenizer)."
+    )
+    seed: int | None = field(
+        None,
+        doc="Seed of the sampling generator; same seed and inputs give the same output. "
+        "None draws one from torch's global generator.",
+    )
+    seeds: list[int] | None = field(
+        None,
+        doc="One seed per prompt; when set it replaces `seed`. Sample j of prompt i "
+        "draws counter-based noise keyed by (seeds[i], j, decode step, token id), "
+        "so a prompt's samples do not depend on the other prompts of the call, "
+        "their order, or how prompts are split between calls or workers.",
+    )
+    logprobs: bool = field(
+        False,
+        doc="Also return sampling_logprobs: log-softmax(logits / temperature) at the "
+        "chosen tokens (temperature 1 when greedy).",
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -73,28 +92,37 @@ class SamplingParams:
             lo, hi = f.metadata.get("range") or (None, None)
             value = getattr(self, f.name)
             if (lo is not None and value < lo) or (hi is not None and value > hi):
-                raise ConfigError(f"SamplingParams.{f.name}: {value!r} is outside [{lo}, {'inf' if hi is None else hi}]")
+                raise ConfigError(
+                    f"SamplingParams.{f.name}: {value!r} is outside [{lo}, {'inf' if hi is None else hi}]"
+                )
         if self.top_p <= 0.0:
             raise ConfigError(f"SamplingParams.top_p: must be in (0, 1] (1 disables), got {self.top_p!r}")
         if self.repetition_penalty <= 0.0:
-            raise ConfigError(f"SamplingParams.repetition_penalty: must be > 0 (1 disables), got "
-                              f"{self.repetition_penalty!r}")
+            raise ConfigError(
+                f"SamplingParams.repetition_penalty: must be > 0 (1 disables), got {self.repetition_penalty!r}"
+            )
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
-            raise ConfigError(f"SamplingParams.stop_token_ids: expected a list of non-negative token ids, got "
-                              f"{self.stop_token_ids!r}")
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+        ):
+            raise ConfigError(
+                f"SamplingParams.stop_token_ids: expected a list of non-negative token ids, got {self.stop_token_ids!r}"
+            )
         if not isinstance(self.stop_strings, (list, tuple)) or not all(
-                isinstance(s, str) and s for s in self.stop_strings):
-            raise ConfigError(f"SamplingParams.stop_strings: expected a list of non-empty strings, got "
-                              f"{self.stop_strings!r}")
+            isinstance(s, str) and s for s in self.stop_strings
+        ):
+            raise ConfigError(
+                f"SamplingParams.stop_strings: expected a list of non-empty strings, got {self.stop_strings!r}"
+            )
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigError(f"SamplingParams.seed: expected an integer or None, got {self.seed!r}")
         if not isinstance(self.logprobs, bool):
             raise ConfigError(f"SamplingParams.logprobs: expected true/false, got {self.logprobs!r}")
         if self.seeds is not None:
             if not isinstance(self.seeds, (list, tuple)) or not self.seeds:
-                raise ConfigError(f"SamplingParams.seeds: expected a non-empty list with one integer seed per prompt, "
-                                  f"or None, got {self.seeds!r:.80}")
+                raise ConfigError(
+                    f"SamplingParams.seeds: expected a non-empty list with one integer seed per prompt, "
+                    f"or None, got {self.seeds!r:.80}"
+                )
             for i, s in enumerate(self.seeds):
                 if isinstance(s, bool) or not isinstance(s, numbers.Integral):
                     raise ConfigError(f"SamplingParams.seeds[{i}]: expected an integer, got {s!r}")
@@ -103,8 +131,10 @@ class SamplingParams:
         """Raise ``ConfigError`` unless ``seeds`` is None or has exactly one seed per prompt (``who`` names the
         caller in the message)."""
         if self.seeds is not None and len(self.seeds) != prompts:
-            raise ConfigError(f"{who}: SamplingParams.seeds has {len(self.seeds)} seeds for {prompts} prompts; give "
-                              f"exactly one seed per prompt (sample j of prompt i uses the stream (seeds[i], j))")
+            raise ConfigError(
+                f"{who}: SamplingParams.seeds has {len(self.seeds)} seeds for {prompts} prompts; give "
+                f"exactly one seed per prompt (sample j of prompt i uses the stream (seeds[i], j))"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -179,7 +209,7 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Tensor] = None) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
     """All configured processors in generate's order: repetition penalty, temperature, top-k, top-p, min-p.
 
     Greedy (temperature 0) applies only the repetition penalty: the truncations cannot change an argmax.
@@ -198,9 +228,14 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: Optional[
     return apply_min_p(logits, params.min_p)
 
 
-def sample_from_logits(logits: torch.Tensor, generator: Optional[torch.Generator], *,
-                       keys: Optional[torch.Tensor] = None, step: Union[int, torch.Tensor] = 0,
-                       columns: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sample_from_logits(
+    logits: torch.Tensor,
+    generator: torch.Generator | None,
+    *,
+    keys: torch.Tensor | None = None,
+    step: int | torch.Tensor = 0,
+    columns: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One categorical draw per row from ``softmax(logits)``, on-device and without a sync.
 
     Uses the exponential race: ``argmax_v p_v / E_v`` with ``E_v ~ Exp(1)`` i.i.d. is distributed as
@@ -225,9 +260,15 @@ def sample_from_logits(logits: torch.Tensor, generator: Optional[torch.Generator
     return (probs / race).argmax(dim=-1)
 
 
-def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator],
-                  seen: Optional[torch.Tensor] = None, *, keys: Optional[torch.Tensor] = None,
-                  step: Union[int, torch.Tensor] = 0) -> torch.Tensor:
+def sample_tokens(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    seen: torch.Tensor | None = None,
+    *,
+    keys: torch.Tensor | None = None,
+    step: int | torch.Tensor = 0,
+) -> torch.Tensor:
     """The next token of each row under ``params``: argmax when greedy, else a draw from the processed logits.
 
     With ``0 < top_k < V`` the top-k candidates are taken first and top-p / min-p / the draw run on the
@@ -328,7 +369,7 @@ def sample_keys(seeds: Sequence[int], n: int, device: torch.device | str | None 
     return torch.tensor(words, dtype=torch.long, device=device)
 
 
-def keyed_uniform_bits(keys: torch.Tensor, step: Union[int, torch.Tensor], columns: torch.Tensor) -> torch.Tensor:
+def keyed_uniform_bits(keys: torch.Tensor, step: int | torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """The 32-bit hash of (row key, step, column) described above. keys: (B, 2) int64; step: an int or (B,)
     int64 in [0, 2**32); columns: (C,) or (B, C) int64 ids in [0, 2**32). Returns (B, C) int64 in [0, 2**32)."""
     h = mix32(mix32(keys[:, 0]).bitwise_xor_(keys[:, 1]))  # (B,)
@@ -337,11 +378,11 @@ def keyed_uniform_bits(keys: torch.Tensor, step: Union[int, torch.Tensor], colum
     return mix32(c.bitwise_xor(h[:, None]))  # (B, C)
 
 
-def keyed_exponential(keys: torch.Tensor, step: Union[int, torch.Tensor], columns: torch.Tensor) -> torch.Tensor:
+def keyed_exponential(keys: torch.Tensor, step: int | torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """Exp(1) noise, ``-log(u)`` with ``u = (top 23 bits of the hash + 0.5) / 2**23``: (B, C) float32 in
     [6e-8, 16.6], on the device of ``keys``. See the section comment for the construction."""
     u = keyed_uniform_bits(keys, step, columns).bitwise_right_shift_(9).float()  # (B, C) integers < 2**23
-    return u.add_(0.5).mul_(2.0 ** -23).log_().neg_()
+    return u.add_(0.5).mul_(2.0**-23).log_().neg_()
 
 
 # ----------------------------------------------------------------------------------------------- fused draw
@@ -358,8 +399,12 @@ _FUSED: dict[Any, Any] = {}  # (V, device): mixed column ids; "fn": the compiled
 
 
 def _fused_ok(logits: torch.Tensor) -> bool:
-    return USE_COMPILE and logits.device.type in FUSE_DEVICES and logits.numel() >= FUSE_MIN_ELEMENTS \
+    return (
+        USE_COMPILE
+        and logits.device.type in FUSE_DEVICES
+        and logits.numel() >= FUSE_MIN_ELEMENTS
         and _FUSED.get("broken") is None
+    )
 
 
 def _race_argmax(logits: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -367,11 +412,11 @@ def _race_argmax(logits: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torc
     column ids (see keyed_uniform_bits). (B, V) -> (B,)."""
     probs = logits.softmax(dim=-1)  # (B, V)
     u = mix32(c[None, :].bitwise_xor(h[:, None])).bitwise_right_shift(9).float()  # (B, V) integers < 2**23
-    race = u.add(0.5).mul(2.0 ** -23).log().neg()
+    race = u.add(0.5).mul(2.0**-23).log().neg()
     return (probs.float() / race).argmax(dim=-1)
 
 
-def _fused_keyed_draw(logits: torch.Tensor, keys: torch.Tensor, step: Union[int, torch.Tensor]) -> torch.Tensor:
+def _fused_keyed_draw(logits: torch.Tensor, keys: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
     h = mix32(mix32(keys[:, 0]).bitwise_xor_(keys[:, 1]))  # (B,)
     h = mix32(h.bitwise_xor_(step))  # (B,) as in keyed_uniform_bits
     V = logits.shape[-1]

@@ -53,8 +53,9 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -69,8 +70,8 @@ if TYPE_CHECKING:
 VLLM_MISSING = "rollout.backend=vllm needs vLLM: pip install 'alignflow[vllm]' (GPU only)"
 LOGPROBS_MODE = "processed_logprobs"  # see the module docstring
 EXTENSION = "alignflow.rollout.vllm_engine.VLLMWorkerExtension"
-SYNC_CHUNK_BYTES = 512 * 2 ** 20  # weights per collective_rpc call (bounds the extra memory of a CPU hand-over)
-_SEED_MASK = 2 ** 62 - 1
+SYNC_CHUNK_BYTES = 512 * 2**20  # weights per collective_rpc call (bounds the extra memory of a CPU hand-over)
+_SEED_MASK = 2**62 - 1
 
 
 class VLLMUnavailableError(ConfigError, ImportError):
@@ -98,21 +99,23 @@ def _mix(*values: int) -> int:
     return x & _SEED_MASK
 
 
-def request_seeds(params: SamplingParams, prompts: int) -> list[Optional[int]]:
+def request_seeds(params: SamplingParams, prompts: int) -> list[int | None]:
     """The vLLM seed of each prompt's request: a hash of ``seeds[i]`` (independent of the other prompts), else of
     ``(seed, i)``, else None (vLLM's engine-wide generator)."""
     seeds = getattr(params, "seeds", None)
     if seeds is not None:
         if len(seeds) != prompts:
-            raise ConfigError(f"VLLMEngine.generate: SamplingParams.seeds has {len(seeds)} seeds for {prompts} "
-                              "prompts; give exactly one seed per prompt")
+            raise ConfigError(
+                f"VLLMEngine.generate: SamplingParams.seeds has {len(seeds)} seeds for {prompts} "
+                "prompts; give exactly one seed per prompt"
+            )
         return [_mix(s) for s in seeds]
     if params.seed is not None:
         return [_mix(params.seed, i) for i in range(prompts)]
     return [None] * prompts
 
 
-def vllm_request_kwargs(params: SamplingParams, eos_ids: Sequence[int], seed: Optional[int] = None) -> dict[str, Any]:
+def vllm_request_kwargs(params: SamplingParams, eos_ids: Sequence[int], seed: int | None = None) -> dict[str, Any]:
     """Keyword arguments of ``vllm.SamplingParams`` for one prompt's request under our ``params``.
 
     ``top_k`` 0 (ours: disabled) becomes -1 (vLLM's "disabled", accepted by every version). Every EOS id of ours
@@ -154,8 +157,10 @@ def finish_reason(completion: Any, eos_ids: Sequence[int], stop_ids: Sequence[in
     if reason == "stop":
         stop = getattr(completion, "stop_reason", None)
         return "eos" if stop is None or (isinstance(stop, int) and stop in eos_ids) else "stop"
-    raise RuntimeError(f"VLLMEngine: vLLM ended {where} with finish_reason={reason!r} (expected 'stop' or 'length'); "
-                       "the request was aborted or failed")
+    raise RuntimeError(
+        f"VLLMEngine: vLLM ended {where} with finish_reason={reason!r} (expected 'stop' or 'length'); "
+        "the request was aborted or failed"
+    )
 
 
 def _chosen_logprobs(completion: Any, tokens: list[int], where: str) -> list[float]:
@@ -172,9 +177,16 @@ def _chosen_logprobs(completion: Any, tokens: list[int], where: str) -> list[flo
     return out
 
 
-def outputs_to_batch(outputs: Sequence[Any], prompt_ids: Sequence[Sequence[int]], n: int, pad_id: int,
-                     eos_ids: Sequence[int], stop_ids: Sequence[int] = (), with_logprobs: bool = True,
-                     device: torch.device | str = "cpu") -> Batch:
+def outputs_to_batch(
+    outputs: Sequence[Any],
+    prompt_ids: Sequence[Sequence[int]],
+    n: int,
+    pad_id: int,
+    eos_ids: Sequence[int],
+    stop_ids: Sequence[int] = (),
+    with_logprobs: bool = True,
+    device: torch.device | str = "cpu",
+) -> Batch:
     """vLLM's ``RequestOutput`` list (one per prompt, in prompt order) -> our rollout Batch.
 
     The layout is exactly :meth:`HFEngine.generate`'s (tested against it): rows i*n .. i*n+n-1 are prompt i's
@@ -205,9 +217,15 @@ def outputs_to_batch(outputs: Sequence[Any], prompt_ids: Sequence[Sequence[int]]
     response, response_mask = response.reshape(len(tokens), width_r), response_mask.reshape(len(tokens), width_r)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)  # (B, Tp + Tr)
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # as HFEngine._assemble
-    tensors = {"prompt_ids": prompt, "prompt_mask": prompt_mask, "response_ids": response,
-               "response_mask": response_mask, "input_ids": torch.cat([prompt, response], dim=1),
-               "attention_mask": attention_mask, "position_ids": position_ids}
+    tensors = {
+        "prompt_ids": prompt,
+        "prompt_mask": prompt_mask,
+        "response_ids": response,
+        "response_mask": response_mask,
+        "input_ids": torch.cat([prompt, response], dim=1),
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+    }
     if with_logprobs:
         lp = torch.tensor([row + [0.0] * (width_r - len(row)) for row in logprobs], dtype=torch.float32)
         tensors["sampling_logprobs"] = lp.reshape(len(tokens), width_r)
@@ -259,8 +277,10 @@ def actor_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         for seg in _WRAPPER_SEGMENTS:
             name = name.replace(seg, "")
         if "modules_to_save." in name or "original_module." in name or "lora_magnitude_vector" in name:
-            raise ConfigError(f"rollout.backend=vllm: cannot merge the peft parameter {name!r} (modules_to_save / "
-                              "DoRA are not supported); use plain LoRA or rollout.backend=builtin")
+            raise ConfigError(
+                f"rollout.backend=vllm: cannot merge the peft parameter {name!r} (modules_to_save / "
+                "DoRA are not supported); use plain LoRA or rollout.backend=builtin"
+            )
         if layers and any(mark in name for mark in _ADAPTER_MARKS):
             continue
         value = _full(param.detach())
@@ -271,8 +291,9 @@ def actor_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, value
 
 
-def chunk_by_bytes(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int
-                   ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def chunk_by_bytes(
+    named: Iterable[tuple[str, torch.Tensor]], max_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Consecutive ``(name, tensor)`` pairs grouped into lists of at most ``max_bytes`` (a larger tensor alone)."""
     chunk: list[tuple[str, torch.Tensor]] = []
     size = 0
@@ -327,9 +348,12 @@ def _validate_prompts(prompt_ids: object) -> None:
     validate_prompt_ids(prompt_ids, "VLLMEngine")
 
 
-def _special_ids(tokenizer: Any, model: torch.nn.Module | None = None,
-                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None
-                 ) -> tuple[list[int], int]:
+def _special_ids(
+    tokenizer: Any,
+    model: torch.nn.Module | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+) -> tuple[list[int], int]:
     """(EOS ids, pad id) from the same sources, in the same order, as ``HFEngine``."""
     eos = eos_token_id
     gen_cfg = getattr(model, "generation_config", None) if model is not None else None
@@ -357,11 +381,23 @@ class VLLMEngine:
     to ``vllm.LLM`` as they are (e.g. ``enforce_eager=True``).
     """
 
-    def __init__(self, model_name_or_path: str, tokenizer: Any = None, *, gpu_memory_utilization: float = 0.5,
-                 tensor_parallel_size: int = 1, dtype: str = "bfloat16", enable_sleep_mode: bool = False,
-                 max_model_len: Optional[int] = None, seed: int = 0, load_format: str = "auto",
-                 eos_token_id: Optional[int | Sequence[int]] = None, pad_token_id: Optional[int] = None,
-                 device: torch.device | str = "cpu", **engine_kwargs: Any) -> None:
+    def __init__(
+        self,
+        model_name_or_path: str,
+        tokenizer: Any = None,
+        *,
+        gpu_memory_utilization: float = 0.5,
+        tensor_parallel_size: int = 1,
+        dtype: str = "bfloat16",
+        enable_sleep_mode: bool = False,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        load_format: str = "auto",
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        device: torch.device | str = "cpu",
+        **engine_kwargs: Any,
+    ) -> None:
         vllm = import_vllm()
         self.eos_ids, self.pad_id = _special_ids(tokenizer, None, eos_token_id, pad_token_id)
         self.tokenizer, self.device, self.enable_sleep_mode = tokenizer, torch.device(device), enable_sleep_mode
@@ -369,15 +405,24 @@ class VLLMEngine:
         # without serialising them (the user's own setting wins).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self._cpu_handover = tensor_parallel_size > 1 or os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0"
-        self.llm = vllm.LLM(model=str(model_name_or_path), tensor_parallel_size=tensor_parallel_size, dtype=dtype,
-                            gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
-                            max_model_len=max_model_len or None, seed=seed, load_format=load_format,
-                            logprobs_mode=LOGPROBS_MODE, worker_extension_cls=EXTENSION, **engine_kwargs)
+        self.llm = vllm.LLM(
+            model=str(model_name_or_path),
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_sleep_mode=enable_sleep_mode,
+            max_model_len=max_model_len or None,
+            seed=seed,
+            load_format=load_format,
+            logprobs_mode=LOGPROBS_MODE,
+            worker_extension_cls=EXTENSION,
+            **engine_kwargs,
+        )
         self._awake = {"weights", "kv_cache"}
         self._weights_valid = load_format != "dummy"  # dummy weights are random until the first sync
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, tokenizer: Any, **kwargs: Any) -> "VLLMEngine":
+    def from_model(cls, model: torch.nn.Module, tokenizer: Any, **kwargs: Any) -> VLLMEngine:
         """An engine with ``model``'s architecture (config and tokenizer exported to a temporary directory, removed
         with the engine), EOS/pad ids found as ``HFEngine`` finds them; weights arrive with :meth:`sync_weights`."""
         import_vllm()  # before writing anything
@@ -389,21 +434,35 @@ class VLLMEngine:
         return engine
 
     @classmethod
-    def from_config(cls, model: torch.nn.Module, tokenizer: Any, cfg: RolloutConfig, seed: int = 0,
-                    device: torch.device | str = "cpu") -> "VLLMEngine":
+    def from_config(
+        cls,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        cfg: RolloutConfig,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> VLLMEngine:
         """:meth:`from_model` with the vLLM options of a ``RolloutConfig`` (``rollout.*``)."""
-        return cls.from_model(model, tokenizer, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                              tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.dtype,
-                              enable_sleep_mode=cfg.enable_sleep_mode, max_model_len=cfg.max_model_len or None,
-                              seed=seed, device=device)
+        return cls.from_model(
+            model,
+            tokenizer,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            dtype=cfg.dtype,
+            enable_sleep_mode=cfg.enable_sleep_mode,
+            max_model_len=cfg.max_model_len or None,
+            seed=seed,
+            device=device,
+        )
 
     # ------------------------------------------------------------------------------------------- memory
     def sleep(self, level: int = 1) -> None:
         """Release the engine's GPU memory: level 1 offloads the weights to CPU and drops the KV cache, level 2
         drops both (the next :meth:`sync_weights` must then push every weight before generating)."""
         if not self.enable_sleep_mode:
-            raise RuntimeError("VLLMEngine.sleep: the engine was built with enable_sleep_mode=False "
-                               "(rollout.enable_sleep_mode)")
+            raise RuntimeError(
+                "VLLMEngine.sleep: the engine was built with enable_sleep_mode=False (rollout.enable_sleep_mode)"
+            )
         if level not in (1, 2):
             raise ValueError(f"VLLMEngine.sleep: level must be 1 or 2, got {level!r}")
         self.llm.sleep(level=level)
@@ -411,7 +470,7 @@ class VLLMEngine:
         if level == 2:
             self._weights_valid = False
 
-    def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """Re-allocate what :meth:`sleep` released: ``tags`` among "weights", "kv_cache" (None: both)."""
         wanted = ["weights", "kv_cache"] if tags is None else list(tags)
         missing = [t for t in wanted if t not in self._awake]
@@ -422,8 +481,9 @@ class VLLMEngine:
             self._awake.update(missing)
 
     # ------------------------------------------------------------------------------------------- weights
-    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
-                     chunk_bytes: int = SYNC_CHUNK_BYTES) -> int:
+    def sync_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int = SYNC_CHUNK_BYTES
+    ) -> int:
         """Load ``(hf_name, tensor)`` pairs (e.g. :func:`actor_weights`) into the engine's model; wakes the weights
         first when asleep and resets the prefix cache after. Returns the number of tensors loaded."""
         self.wake_up(["weights"])
@@ -447,8 +507,10 @@ class VLLMEngine:
         params.validate()
         _validate_prompts(prompt_ids)
         if not self._weights_valid:
-            raise RuntimeError("VLLMEngine.generate: the engine holds no valid weights (dummy initial weights, or "
-                               "discarded by sleep(level=2)); call sync_weights first")
+            raise RuntimeError(
+                "VLLMEngine.generate: the engine holds no valid weights (dummy initial weights, or "
+                "discarded by sleep(level=2)); call sync_weights first"
+            )
         self.wake_up()
         import vllm
         from vllm.inputs import TokensPrompt
@@ -457,11 +519,24 @@ class VLLMEngine:
         requests = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompt_ids]
         sampling = [vllm.SamplingParams(**vllm_request_kwargs(params, self.eos_ids, s)) for s in seeds]
         outputs = self.llm.generate(requests, sampling_params=sampling, use_tqdm=False)
-        return outputs_to_batch(outputs, prompt_ids, params.n, self.pad_id, self.eos_ids,
-                                stop_ids=params.stop_token_ids, with_logprobs=params.logprobs, device=self.device)
+        return outputs_to_batch(
+            outputs,
+            prompt_ids,
+            params.n,
+            self.pad_id,
+            self.eos_ids,
+            stop_ids=params.stop_token_ids,
+            with_logprobs=params.logprobs,
+            device=self.device,
+        )
 
-    def generate_from(self, named_tensors: Iterable[tuple[str, torch.Tensor]], prompt_ids: list[list[int]],
-                      params: SamplingParams, sleep_level: int = 2) -> Batch:
+    def generate_from(
+        self,
+        named_tensors: Iterable[tuple[str, torch.Tensor]],
+        prompt_ids: list[list[int]],
+        params: SamplingParams,
+        sleep_level: int = 2,
+    ) -> Batch:
         """The colocated step: push the actor's current weights, generate, then (sleep mode) free the GPU memory
         for training. Level 2 by default: the weights are pushed again before the next generation anyway."""
         self.sync_weights(named_tensors)

@@ -75,8 +75,13 @@ def enter_namespaces(cfg: dict) -> dict:
     uid, gid = os.geteuid(), os.getegid()
     if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID) != 0:
         err = os.strerror(ctypes.get_errno())
-        return {**layers, "user_namespace": False, "net_namespace": False, "pid_namespace": False,
-                "namespace_error": err}
+        return {
+            **layers,
+            "user_namespace": False,
+            "net_namespace": False,
+            "pid_namespace": False,
+            "namespace_error": err,
+        }
     for name, text in (("setgroups", "deny"), ("uid_map", f"1000 {uid} 1"), ("gid_map", f"1000 {gid} 1")):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
@@ -87,11 +92,14 @@ def enter_namespaces(cfg: dict) -> dict:
 def set_limits(cfg: dict) -> None:
     cpu = max(1, int(-(-cfg["cpu_s"] // 1)))
     mem = cfg["memory_mb"] << 20
-    for res, soft, hard in ((resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, mem, mem),
-                            (resource.RLIMIT_NPROC, cfg["processes"], cfg["processes"]),
-                            (resource.RLIMIT_NOFILE, cfg["open_files"], cfg["open_files"]),
-                            (resource.RLIMIT_FSIZE, cfg["file_bytes"], cfg["file_bytes"]),
-                            (resource.RLIMIT_CORE, 0, 0)):
+    for res, soft, hard in (
+        (resource.RLIMIT_CPU, cpu, cpu + 1),
+        (resource.RLIMIT_AS, mem, mem),
+        (resource.RLIMIT_NPROC, cfg["processes"], cfg["processes"]),
+        (resource.RLIMIT_NOFILE, cfg["open_files"], cfg["open_files"]),
+        (resource.RLIMIT_FSIZE, cfg["file_bytes"], cfg["file_bytes"]),
+        (resource.RLIMIT_CORE, 0, 0),
+    ):
         resource.setrlimit(res, (soft, hard))
 
 
@@ -158,8 +166,14 @@ def apply_seccomp() -> bool:
     ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
     allow, eacces, eperm = 0x7FFF0000, 0x00050000 | 13, 0x00050000 | 1
     denied = (sys_socket,) + IO_URING
-    prog = [_bpf(ld, 0, 0, 4), _bpf(jeq, 1, 0, arch), _bpf(ret, 0, 0, eperm),  # seccomp_data.arch
-            _bpf(ld, 0, 0, 0), _bpf(jge, 0, 1, 0x40000000), _bpf(ret, 0, 0, eperm)]  # .nr; x32 numbers
+    prog = [
+        _bpf(ld, 0, 0, 4),
+        _bpf(jeq, 1, 0, arch),
+        _bpf(ret, 0, 0, eperm),  # seccomp_data.arch
+        _bpf(ld, 0, 0, 0),
+        _bpf(jge, 0, 1, 0x40000000),
+        _bpf(ret, 0, 0, eperm),
+    ]  # .nr; x32 numbers
     for nr in denied:
         prog += [_bpf(jeq, 0, 1, nr), _bpf(ret, 0, 0, eacces)]
     prog.append(_bpf(ret, 0, 0, allow))

@@ -47,12 +47,31 @@ from pathlib import Path
 
 from alignflow.config import ConfigError
 
-CAUSES = ("ok", "exit", "error", "denied", "timeout", "cpu_time", "memory", "processes", "open_files",
-          "file_size", "output_limit", "signal", "sandbox_error")
+CAUSES = (
+    "ok",
+    "exit",
+    "error",
+    "denied",
+    "timeout",
+    "cpu_time",
+    "memory",
+    "processes",
+    "open_files",
+    "file_size",
+    "output_limit",
+    "signal",
+    "sandbox_error",
+)
 CHILD = Path(__file__).with_name("child.py")
 _EXCEPTION_CAUSES = {"MemoryError": "memory", "PermissionError": "denied"}
-_ERRNO_CAUSES = {errno.EAGAIN: "processes", errno.EMFILE: "open_files", errno.ENFILE: "open_files",
-                 errno.EFBIG: "file_size", errno.EACCES: "denied", errno.EPERM: "denied"}
+_ERRNO_CAUSES = {
+    errno.EAGAIN: "processes",
+    errno.EMFILE: "open_files",
+    errno.ENFILE: "open_files",
+    errno.EFBIG: "file_size",
+    errno.EACCES: "denied",
+    errno.EPERM: "denied",
+}
 _SIGNAL_CAUSES = {signal.SIGXCPU: "cpu_time", signal.SIGXFSZ: "file_size"}
 _STATUS_BYTES = 1 << 16  # the status pipe's records kept (a fork bomb's copies each report once)
 _UID_BASE, _UID_SPAN = 200_000, 100_000  # as root, each run gets its own uid from this range
@@ -76,11 +95,14 @@ class SandboxLimits:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"sandbox limit {name}: must be a number > 0, got {value!r}")
         if self.memory_mb < 64:
-            raise ConfigError(f"sandbox limit memory_mb: {self.memory_mb} is too small for a Python interpreter "
-                              "(at least 64)")
+            raise ConfigError(
+                f"sandbox limit memory_mb: {self.memory_mb} is too small for a Python interpreter (at least 64)"
+            )
         if self.processes < 2 or self.open_files < 16:
-            raise ConfigError("sandbox limits: processes must be >= 2 and open_files >= 16 for the interpreter to "
-                              f"start (got processes={self.processes}, open_files={self.open_files})")
+            raise ConfigError(
+                "sandbox limits: processes must be >= 2 and open_files >= 16 for the interpreter to "
+                f"start (got processes={self.processes}, open_files={self.open_files})"
+            )
 
 
 @dataclasses.dataclass
@@ -102,8 +124,19 @@ class SandboxResult:
         return self.cause == "ok"
 
 
-SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/dev", "/proc", "/sys", "/etc/ld.so.cache",
-               "/etc/localtime")
+SYSTEM_READ = (
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/lib32",
+    "/bin",
+    "/sbin",
+    "/dev",
+    "/proc",
+    "/sys",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+)
 
 
 def _reachable_by_others(path: str) -> bool:
@@ -172,8 +205,13 @@ def _remove_cgroup(path: str | None) -> None:
 def read_paths() -> list[str]:
     """What a sandboxed program may read (and execute): the system's libraries, this interpreter and its
     packages, and this package's ``child.py``; nothing else outside its own directory."""
-    paths = list(SYSTEM_READ) + [sys.prefix, sys.base_prefix, sys.exec_prefix,
-                                 os.path.dirname(os.path.realpath(sys.executable)), str(CHILD.parent)]
+    paths = list(SYSTEM_READ) + [
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        os.path.dirname(os.path.realpath(sys.executable)),
+        str(CHILD.parent),
+    ]
     paths += [p for p in sys.path if p and ("site-packages" in p or p.endswith(".zip"))]
     paths += [os.path.dirname(p) for p in sys.path if p.endswith("lib-dynload")]
     return sorted({os.path.realpath(p) for p in paths if os.path.exists(p)})
@@ -260,8 +298,9 @@ def _classify(records: list[dict], killed: str) -> dict:
             sig = signal.Signals(rec["signal"])
             fields.update(returncode=-int(sig), signal=sig.name)
     if killed == "timeout" and "processes" in child_causes:  # a fork bomb: its copies hit the limit
-        fields.update(cause="processes", detail="the program's processes hit the process limit until the wall "
-                                                "clock stopped it")
+        fields.update(
+            cause="processes", detail="the program's processes hit the process limit until the wall clock stopped it"
+        )
     elif killed:
         fields["cause"] = killed
     elif "cause" not in fields:
@@ -274,21 +313,35 @@ def _classify(records: list[dict], killed: str) -> dict:
     return fields
 
 
-def run_python(code: str, limits: SandboxLimits | None = None, files: dict | None = None,
-               stdin: str = "") -> SandboxResult:
+def run_python(
+    code: str, limits: SandboxLimits | None = None, files: dict | None = None, stdin: str = ""
+) -> SandboxResult:
     """Run ``code`` as ``main.py`` in a fresh sandbox; ``files``: more files (relative path -> text) beside it."""
     limits = limits or SandboxLimits()
     uid = _run_uid()
     cgroup = _make_cgroup(limits) if os.geteuid() == 0 and uid is None else None
     workdir = _prepare_dir(code, files, uid)
     status_r, status_w = os.pipe()
-    cfg = {**dataclasses.asdict(limits), "workdir": workdir, "uid": uid, "cgroup": cgroup,
-           "read_paths": read_paths(), "status_fd": status_w}
+    cfg = {
+        **dataclasses.asdict(limits),
+        "workdir": workdir,
+        "uid": uid,
+        "cgroup": cgroup,
+        "read_paths": read_paths(),
+        "status_fd": status_w,
+    }
     start = time.monotonic()
     try:
-        proc = subprocess.Popen([sys.executable, "-I", "-X", "utf8", str(CHILD), "setup", json.dumps(cfg)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env={}, cwd=workdir, pass_fds=(status_w,), start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-X", "utf8", str(CHILD), "setup", json.dumps(cfg)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={},
+            cwd=workdir,
+            pass_fds=(status_w,),
+            start_new_session=True,
+        )
         os.close(status_w)
         try:
             proc.stdin.write(stdin.encode())
@@ -309,8 +362,12 @@ def run_python(code: str, limits: SandboxLimits | None = None, files: dict | Non
             continue
     records = [r for r in records if isinstance(r, dict)]
     fields = _classify(records, killed)
-    return SandboxResult(stdout=out.decode(errors="replace"), stderr=err.decode(errors="replace"),
-                         wall_s=time.monotonic() - start, **fields)
+    return SandboxResult(
+        stdout=out.decode(errors="replace"),
+        stderr=err.decode(errors="replace"),
+        wall_s=time.monotonic() - start,
+        **fields,
+    )
 
 
 def probe() -> dict:

@@ -54,8 +54,9 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
     old = None
     if out_dir.exists():
         if any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
-            raise FileExistsError(f"{out_dir} exists and is not a task directory (no {MANIFEST}); "
-                                  "refusing to overwrite it")
+            raise FileExistsError(
+                f"{out_dir} exists and is not a task directory (no {MANIFEST}); refusing to overwrite it"
+            )
         old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(out_dir, old)
     os.rename(tmp, out_dir)

@@ -29,12 +29,12 @@ from alignflow.config import TaskConfig
 from alignflow.tasks.common import EOS, TaskSpec, make_pair, sample_unique, split_of, task_rng
 
 NAME = "arithmetic"
-DIGITS = 2                    # operands of + and - are 0 .. 10**DIGITS - 1
-MUL_DIGITS = 1                # the second factor of * has this many digits
+DIGITS = 2  # operands of + and - are 0 .. 10**DIGITS - 1
+MUL_DIGITS = 1  # the second factor of * has this many digits
 OPERATORS = ("+", "-", "*")
 OPERATOR_WEIGHTS = (0.4, 0.4, 0.2)
-WRONG_FRACTION = 0.3          # SFT rows whose completion is a wrong answer
-PAIR_CORRECT = 0.8            # pairs with one correct response (the rest compare two wrong ones)
+WRONG_FRACTION = 0.3  # SFT rows whose completion is a wrong answer
+PAIR_CORRECT = 0.8  # pairs with one correct response (the rest compare two wrong ones)
 NUM_PROMPTS = 1024
 NUM_EVAL_PROMPTS = 256
 VOCAB = tuple("0123456789") + OPERATORS + ("=",)
@@ -72,9 +72,8 @@ def accuracy_reward(prompts: list, responses: list, answers: list | None = None,
     if answers is None:
         answers = [solve(p) for p in prompts]
     if not (len(prompts) == len(responses) == len(answers)):
-        raise ValueError(f"accuracy_reward: {len(prompts)} prompts, {len(responses)} responses, "
-                         f"{len(answers)} answers")
-    return [float(_clean(r) == str(a).strip()) for r, a in zip(responses, answers)]
+        raise ValueError(f"accuracy_reward: {len(prompts)} prompts, {len(responses)} responses, {len(answers)} answers")
+    return [float(_clean(r) == str(a).strip()) for r, a in zip(responses, answers, strict=False)]
 
 
 def gold_reward(prompts: list, responses: list) -> list:
@@ -86,11 +85,11 @@ def gold_reward(prompts: list, responses: list) -> list:
 def operand_limits(cfg: TaskConfig | None = None) -> tuple[int, int]:
     """(largest operand of + and -, largest second factor of *): ``task.max_operand`` (0: ``10**DIGITS - 1``) and
     the smaller of it and ``10**MUL_DIGITS - 1``."""
-    top = (cfg.max_operand if cfg is not None else 0) or 10 ** DIGITS - 1
-    return top, min(top, 10 ** MUL_DIGITS - 1)
+    top = (cfg.max_operand if cfg is not None else 0) or 10**DIGITS - 1
+    return top, min(top, 10**MUL_DIGITS - 1)
 
 
-def sample_problem(rng: random.Random, limits: tuple[int, int] = (10 ** DIGITS - 1, 10 ** MUL_DIGITS - 1)) -> dict:
+def sample_problem(rng: random.Random, limits: tuple[int, int] = (10**DIGITS - 1, 10**MUL_DIGITS - 1)) -> dict:
     """``{"prompt": "37+58=", "answer": "95"}`` with operands up to ``limits`` (:func:`operand_limits`)."""
     op = rng.choices(OPERATORS, weights=OPERATOR_WEIGHTS)[0]
     a = rng.randrange(limits[0] + 1)
@@ -105,9 +104,11 @@ def all_problems(limits: tuple[int, int]) -> list:
     """Every distinct problem within ``limits``: (top+1)^2 sums, (top+1)(top+2)/2 differences (a >= b) and
     (top+1)(mul+1) products."""
     top, mul = limits
-    pairs = {"+": [(a, b) for a in range(top + 1) for b in range(top + 1)],
-             "-": [(a, b) for a in range(top + 1) for b in range(a + 1)],
-             "*": [(a, b) for a in range(top + 1) for b in range(mul + 1)]}
+    pairs = {
+        "+": [(a, b) for a in range(top + 1) for b in range(top + 1)],
+        "-": [(a, b) for a in range(top + 1) for b in range(a + 1)],
+        "*": [(a, b) for a in range(top + 1) for b in range(mul + 1)],
+    }
     return [{"prompt": f"{a}{op}{b}=", "answer": solve(f"{a}{op}{b}=")} for op in OPERATORS for a, b in pairs[op]]
 
 
@@ -182,8 +183,10 @@ def _rated_rows(cfg: TaskConfig) -> list:
                 completions.append(c)
         rng.shuffle(completions)
         prompts = [row["prompt"]] * len(completions)
-        ratings = [{"correct": a, "well_formed": f} for a, f in zip(accuracy_reward(prompts, completions),
-                                                                     format_reward(prompts, completions))]
+        ratings = [
+            {"correct": a, "well_formed": f}
+            for a, f in zip(accuracy_reward(prompts, completions), format_reward(prompts, completions), strict=False)
+        ]
         rows.append({"prompt": row["prompt"], "completions": completions, "ratings": ratings})
     return rows
 
@@ -196,9 +199,10 @@ def make_rows(cfg: TaskConfig) -> dict:
         row = _sample_split(rng, "train", cfg.seed, operand_limits(cfg))
         wrong = rng.random() < WRONG_FRACTION
         sft.append({"prompt": row["prompt"], "completion": near_miss(rng, row["answer"]) if wrong else row["answer"]})
-    prompts = {key: _prompt_rows(cfg, split, n)
-               for key, split, n in (("prompts_path", "train", NUM_PROMPTS), ("eval_prompts_path", "eval",
-                                                                               NUM_EVAL_PROMPTS))}
+    prompts = {
+        key: _prompt_rows(cfg, split, n)
+        for key, split, n in (("prompts_path", "train", NUM_PROMPTS), ("eval_prompts_path", "eval", NUM_EVAL_PROMPTS))
+    }
     rng = task_rng(NAME, cfg.seed, "pairs")
     pairs = []
     for _ in range(cfg.num_pairs):
@@ -209,5 +213,11 @@ def make_rows(cfg: TaskConfig) -> dict:
     return {"sft_path": sft, **prompts, "pairs_path": pairs, "rated_path": _rated_rows(cfg)}
 
 
-TASK = TaskSpec(name=NAME, vocab=VOCAB, join="", make_rows=make_rows, gold_reward=gold_reward,
-                rewards={"gold": gold_reward, "format": format_reward, "accuracy": accuracy_reward})
+TASK = TaskSpec(
+    name=NAME,
+    vocab=VOCAB,
+    join="",
+    make_rows=make_rows,
+    gold_reward=gold_reward,
+    rewards={"gold": gold_reward, "format": format_reward, "accuracy": accuracy_reward},
+)

@@ -38,10 +38,17 @@ from alignflow.tasks.common import TaskSpec, make_pair, split_of, task_rng
 NAME = "calculator"
 DIGITS = 6
 MAX_DIGITS = 40
-SYSTEM = ('Use the calculator tool for arithmetic: <tool_call>{"name": "calculator", "arguments": '
-          '{"expression": "12 * 34"}}</tool_call>. Then reply with the number only.')
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
-        ast.Mod: operator.mod}
+SYSTEM = (
+    'Use the calculator tool for arithmetic: <tool_call>{"name": "calculator", "arguments": '
+    '{"expression": "12 * 34"}}</tool_call>. Then reply with the number only.'
+)
+_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+}
 
 
 def _eval(node):
@@ -107,8 +114,9 @@ def make_rows(seed: int = 0, n: int = 256, digits: int = DIGITS, ops: str = "+-*
         expression = f"{a} {op} {b}"
         if expression not in seen:
             seen.add(expression)
-            rows.append({"prompt": f"What is {expression}?", "answer": calculator(expression),
-                         "expression": expression})
+            rows.append(
+                {"prompt": f"What is {expression}?", "answer": calculator(expression), "expression": expression}
+            )
     return rows
 
 
@@ -116,8 +124,8 @@ def make_rows(seed: int = 0, n: int = 256, digits: int = DIGITS, ops: str = "+-*
 CALL_OPEN = '<tool_call>{"name": "calculator", "arguments": {"expression": "'
 CALL_CLOSE = '"}}</tool_call>'
 TOOL_MARKER = "<|tool|>"
-TOOL_FRACTION = 0.5           # SFT conversations that call the tool (the rest guess)
-OPS = "*"                     # the built-in task asks for products only (11-12 digit answers)
+TOOL_FRACTION = 0.5  # SFT conversations that call the tool (the rest guess)
+OPS = "*"  # the built-in task asks for products only (11-12 digit answers)
 NUM_PROMPTS = 1024
 NUM_EVAL_PROMPTS = 128
 VOCAB = tuple("0123456789") + ("+", "-", "*", "What", "is", "?")
@@ -166,16 +174,20 @@ def _guess(rng, answer: str) -> str:
 def _conversation(rng, row: dict) -> list:
     user = {"role": "user", "content": row["prompt"]}
     if rng.random() < TOOL_FRACTION:
-        return [user, {"role": "assistant", "content": call_text(row["expression"])},
-                {"role": "tool", "name": "calculator", "content": row["answer"]},
-                {"role": "assistant", "content": row["answer"]}]
+        return [
+            user,
+            {"role": "assistant", "content": call_text(row["expression"])},
+            {"role": "tool", "name": "calculator", "content": row["answer"]},
+            {"role": "assistant", "content": row["answer"]},
+        ]
     return [user, {"role": "assistant", "content": _guess(rng, row["answer"])}]
 
 
 def _task_rows(cfg: TaskConfig) -> dict:
     """SFT conversations, train / eval prompts (disjoint by :func:`split_of`), answer pairs and rated answers."""
-    pool = make_rows(cfg.seed, max(NUM_PROMPTS + NUM_EVAL_PROMPTS, cfg.num_sft) * 2, ops=OPS,
-                     max_operand=cfg.max_operand)
+    pool = make_rows(
+        cfg.seed, max(NUM_PROMPTS + NUM_EVAL_PROMPTS, cfg.num_sft) * 2, ops=OPS, max_operand=cfg.max_operand
+    )
     split = {"train": [], "eval": []}
     for row in pool:
         split[split_of(row["prompt"], cfg.seed)].append(row)
@@ -189,12 +201,31 @@ def _task_rows(cfg: TaskConfig) -> dict:
         wrong = _guess(rng, row["answer"])
         pairs.append(make_pair(rng, row["prompt"], row["answer"], wrong, 1.0, 0.0, cfg.label_noise))
         if i < max(1, cfg.num_pairs // 2):
-            rated.append({"prompt": row["prompt"], "completions": [row["answer"], wrong],
-                          "ratings": [{"correct": 1.0}, {"correct": 0.0}]})
-    return {"sft_path": sft, "prompts_path": train[:NUM_PROMPTS], "eval_prompts_path": split["eval"][:NUM_EVAL_PROMPTS],
-            "pairs_path": pairs, "rated_path": rated}
+            rated.append(
+                {
+                    "prompt": row["prompt"],
+                    "completions": [row["answer"], wrong],
+                    "ratings": [{"correct": 1.0}, {"correct": 0.0}],
+                }
+            )
+    return {
+        "sft_path": sft,
+        "prompts_path": train[:NUM_PROMPTS],
+        "eval_prompts_path": split["eval"][:NUM_EVAL_PROMPTS],
+        "pairs_path": pairs,
+        "rated_path": rated,
+    }
 
 
-TASK = TaskSpec(name=NAME, vocab=VOCAB, join="", make_rows=_task_rows, gold_reward=gold_reward,
-                rewards={"gold": gold_reward}, chat_template=CHAT_TEMPLATE, special=(TOOL_MARKER,),
-                added=(CALL_OPEN, CALL_CLOSE), make_env=task_env)
+TASK = TaskSpec(
+    name=NAME,
+    vocab=VOCAB,
+    join="",
+    make_rows=_task_rows,
+    gold_reward=gold_reward,
+    rewards={"gold": gold_reward},
+    chat_template=CHAT_TEMPLATE,
+    special=(TOOL_MARKER,),
+    added=(CALL_OPEN, CALL_CLOSE),
+    make_env=task_env,
+)

@@ -35,22 +35,31 @@ NAME = "code"
 
 # name -> (specification, reference solution, a function of the rng giving test argument tuples)
 PROBLEMS = {
-    "add": ("add(a, b) that returns the sum of the integers a and b",
-            "def add(a, b):\n    return a + b\n",
-            lambda rng: [(rng.randrange(-99, 100), rng.randrange(-99, 100)) for _ in range(3)]),
-    "is_even": ("is_even(n) that returns True when the integer n is even, else False",
-                "def is_even(n):\n    return n % 2 == 0\n",
-                lambda rng: [(rng.randrange(-50, 51),) for _ in range(3)] + [(0,)]),
-    "reverse": ("reverse(s) that returns the string s reversed",
-                "def reverse(s):\n    return s[::-1]\n",
-                lambda rng: [("".join(rng.choice("abcxyz") for _ in range(rng.randrange(1, 7))),) for _ in range(3)]),
-    "largest": ("largest(xs) that returns the largest number of the non-empty list xs",
-                "def largest(xs):\n    return max(xs)\n",
-                lambda rng: [([rng.randrange(-20, 21) for _ in range(rng.randrange(1, 6))],) for _ in range(3)]),
-    "count_vowels": ("count_vowels(s) that returns how many of the characters of s are one of a, e, i, o, u",
-                     "def count_vowels(s):\n    return sum(c in 'aeiou' for c in s)\n",
-                     lambda rng: [("".join(rng.choice("abeiouxyz") for _ in range(rng.randrange(0, 8))),)
-                                  for _ in range(3)]),
+    "add": (
+        "add(a, b) that returns the sum of the integers a and b",
+        "def add(a, b):\n    return a + b\n",
+        lambda rng: [(rng.randrange(-99, 100), rng.randrange(-99, 100)) for _ in range(3)],
+    ),
+    "is_even": (
+        "is_even(n) that returns True when the integer n is even, else False",
+        "def is_even(n):\n    return n % 2 == 0\n",
+        lambda rng: [(rng.randrange(-50, 51),) for _ in range(3)] + [(0,)],
+    ),
+    "reverse": (
+        "reverse(s) that returns the string s reversed",
+        "def reverse(s):\n    return s[::-1]\n",
+        lambda rng: [("".join(rng.choice("abcxyz") for _ in range(rng.randrange(1, 7))),) for _ in range(3)],
+    ),
+    "largest": (
+        "largest(xs) that returns the largest number of the non-empty list xs",
+        "def largest(xs):\n    return max(xs)\n",
+        lambda rng: [([rng.randrange(-20, 21) for _ in range(rng.randrange(1, 6))],) for _ in range(3)],
+    ),
+    "count_vowels": (
+        "count_vowels(s) that returns how many of the characters of s are one of a, e, i, o, u",
+        "def count_vowels(s):\n    return sum(c in 'aeiou' for c in s)\n",
+        lambda rng: [("".join(rng.choice("abeiouxyz") for _ in range(rng.randrange(0, 8))),) for _ in range(3)],
+    ),
 }
 
 
@@ -69,20 +78,32 @@ def make_rows(seed: int = 0, n: int = 64) -> list[dict]:
         name = names[i % len(names)]
         spec, reference, draw = PROBLEMS[name]
         tests = [f"assert {name}{args!r} == {_expected(reference, name, args)!r}" for args in draw(rng)]
-        rows.append({"prompt": f"Write a Python function {spec}. Reply with the code in a ```python block.",
-                     "tests": tests, "function": name, "reference": reference})
+        rows.append(
+            {
+                "prompt": f"Write a Python function {spec}. Reply with the code in a ```python block.",
+                "tests": tests,
+                "function": name,
+                "reference": reference,
+            }
+        )
     return rows
 
 
 # ------------------------------------------------------------------------------------------------ built-in task
-BUGS = {"add": "def add(a, b):\n    return a - b\n",
-        "is_even": "def is_even(n):\n    return n % 2 == 1\n",
-        "reverse": "def reverse(s):\n    return s\n",
-        "largest": "def largest(xs):\n    return min(xs)\n",
-        "count_vowels": "def count_vowels(s):\n    return sum(c in 'aeiou' for c in s) + 1\n"}
-SHORT = {"add": "add(a, b): the sum of a and b", "is_even": "is_even(n): True when n is even",
-         "reverse": "reverse(s): the string s reversed", "largest": "largest(xs): the largest number in xs",
-         "count_vowels": "count_vowels(s): how many of the characters of s are vowels"}
+BUGS = {
+    "add": "def add(a, b):\n    return a - b\n",
+    "is_even": "def is_even(n):\n    return n % 2 == 1\n",
+    "reverse": "def reverse(s):\n    return s\n",
+    "largest": "def largest(xs):\n    return min(xs)\n",
+    "count_vowels": "def count_vowels(s):\n    return sum(c in 'aeiou' for c in s) + 1\n",
+}
+SHORT = {
+    "add": "add(a, b): the sum of a and b",
+    "is_even": "is_even(n): True when n is even",
+    "reverse": "reverse(s): the string s reversed",
+    "largest": "largest(xs): the largest number in xs",
+    "count_vowels": "count_vowels(s): how many of the characters of s are vowels",
+}
 BUG_FRACTION = 0.3
 # every whitespace a program needs is inside one of these (matched whole, before the split)
 ADDED = ("def ", ":\n    return ", " + ", " - ", " % ", " == ", ", ", " in ", " for ", "\n", "'aeiou'")
@@ -133,21 +154,42 @@ def _task_rows(cfg: TaskConfig) -> dict:
     for row in rows:
         row["prompt"] = short_prompt(row["function"])
     rng = task_rng(NAME, cfg.seed, "sft")
-    sft = [{"prompt": r["prompt"], "completion": BUGS[r["function"]] if rng.random() < BUG_FRACTION
-            else r["reference"]} for r in rows[: cfg.num_sft]]
+    sft = [
+        {"prompt": r["prompt"], "completion": BUGS[r["function"]] if rng.random() < BUG_FRACTION else r["reference"]}
+        for r in rows[: cfg.num_sft]
+    ]
     keep = ("prompt", "tests", "function")
     prompts = [{k: r[k] for k in keep} for r in rows[:128]]
     rng = task_rng(NAME, cfg.seed, "pairs")
-    pairs = [make_pair(rng, r["prompt"], r["reference"], BUGS[r["function"]], 1.0, 0.0, cfg.label_noise)
-             for r in (rows[i % len(rows)] for i in range(cfg.num_pairs))]
+    pairs = [
+        make_pair(rng, r["prompt"], r["reference"], BUGS[r["function"]], 1.0, 0.0, cfg.label_noise)
+        for r in (rows[i % len(rows)] for i in range(cfg.num_pairs))
+    ]
     rated = []
     for i, p in enumerate(pairs[: max(1, len(pairs) // 2)]):
         ref = rows[i % len(rows)]["reference"]
-        rated.append({"prompt": p["prompt"], "completions": [p["chosen"], p["rejected"]],
-                      "ratings": [{"correct": float(p["chosen"] == ref)}, {"correct": float(p["rejected"] == ref)}]})
-    return {"sft_path": sft, "prompts_path": prompts[:96], "eval_prompts_path": prompts[96:],
-            "pairs_path": pairs, "rated_path": rated}
+        rated.append(
+            {
+                "prompt": p["prompt"],
+                "completions": [p["chosen"], p["rejected"]],
+                "ratings": [{"correct": float(p["chosen"] == ref)}, {"correct": float(p["rejected"] == ref)}],
+            }
+        )
+    return {
+        "sft_path": sft,
+        "prompts_path": prompts[:96],
+        "eval_prompts_path": prompts[96:],
+        "pairs_path": pairs,
+        "rated_path": rated,
+    }
 
 
-TASK = TaskSpec(name=NAME, vocab=_vocab(), join="", make_rows=_task_rows, gold_reward=gold_reward,
-                rewards={"gold": gold_reward, "tests": tests_reward}, added=ADDED)
+TASK = TaskSpec(
+    name=NAME,
+    vocab=_vocab(),
+    join="",
+    make_rows=_task_rows,
+    gold_reward=gold_reward,
+    rewards={"gold": gold_reward, "tests": tests_reward},
+    added=ADDED,
+)

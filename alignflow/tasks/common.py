@@ -13,8 +13,8 @@ import json
 import math
 import os
 import random
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -42,9 +42,15 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|> {% endif %}"
 )
 
-FILES = {"tokenizer_dir": "tokenizer", "model_dir": "model", "sft_path": "sft.jsonl",
-         "prompts_path": "prompts.jsonl", "eval_prompts_path": "eval_prompts.jsonl", "pairs_path": "pairs.jsonl",
-         "rated_path": "rated.jsonl"}
+FILES = {
+    "tokenizer_dir": "tokenizer",
+    "model_dir": "model",
+    "sft_path": "sft.jsonl",
+    "prompts_path": "prompts.jsonl",
+    "eval_prompts_path": "eval_prompts.jsonl",
+    "pairs_path": "pairs.jsonl",
+    "rated_path": "rated.jsonl",
+}
 MANIFEST = "task.json"
 MAX_POSITIONS = 512
 
@@ -54,6 +60,7 @@ Reward = Callable[[list, list], list]
 @dataclasses.dataclass
 class TaskArtifacts:
     """Everything a built task provides: paths on disk plus its hidden gold reward."""
+
     name: str
     dir: Path
     tokenizer_dir: Path
@@ -62,7 +69,7 @@ class TaskArtifacts:
     prompts_path: Path
     eval_prompts_path: Path
     pairs_path: Path
-    rated_path: Path                   # rated rows: prompt, completions, ratings of the task's attributes
+    rated_path: Path  # rated rows: prompt, completions, ratings of the task's attributes
     gold_reward: Reward
     rewards: dict = dataclasses.field(default_factory=dict)  # other named rewards, e.g. arithmetic's "format"
 
@@ -71,19 +78,20 @@ class TaskArtifacts:
 class TaskSpec:
     """A task: its vocabulary, how it writes its data files, its reward functions and its costs (``cost.task``
     of Safe RLHF: named functions of (prompts, responses) whose values a constraint keeps below a threshold)."""
+
     name: str
-    vocab: tuple                       # ordinary tokens (specials are added by build_tokenizer)
-    join: str                          # decoder separator: " " for words, "" for digit strings
+    vocab: tuple  # ordinary tokens (specials are added by build_tokenizer)
+    join: str  # decoder separator: " " for words, "" for digit strings
     make_rows: Callable[[TaskConfig], dict]  # {"sft_path": [...], "prompts_path": ..., "eval_prompts_path": ...,
     #                                          "pairs_path": ..., "rated_path": ...}: the jsonl rows, keyed like FILES
     gold_reward: Reward
     rewards: dict = dataclasses.field(default_factory=dict)
     costs: dict = dataclasses.field(default_factory=dict)
-    sft_steps: int = 400               # steps of the built-in SFT model (model.name_or_path=builtin:sft)
-    sft_lr: float = 3e-3               # and its peak learning rate (cosine schedule, 5% warm-up, 32 rows per step)
-    chat_template: str = ""            # the task's own chat template ("" = CHAT_TEMPLATE)
-    special: tuple = ()                # extra special tokens (e.g. a role marker), dropped when decoding
-    added: tuple = ()                  # extra ordinary tokens matched whole before splitting (e.g. a tool-call opener)
+    sft_steps: int = 400  # steps of the built-in SFT model (model.name_or_path=builtin:sft)
+    sft_lr: float = 3e-3  # and its peak learning rate (cosine schedule, 5% warm-up, 32 rows per step)
+    chat_template: str = ""  # the task's own chat template ("" = CHAT_TEMPLATE)
+    special: tuple = ()  # extra special tokens (e.g. a role marker), dropped when decoding
+    added: tuple = ()  # extra ordinary tokens matched whole before splitting (e.g. a tool-call opener)
     make_env: Callable | None = None  # multi-turn tasks: a factory of fresh environments (alignflow.envs)
 
 
@@ -106,8 +114,9 @@ def bt_prefers_first(rng: random.Random, gold_a: float, gold_b: float, label_noi
     return rng.random() < p
 
 
-def make_pair(rng: random.Random, prompt: str, a: str, b: str, gold_a: float, gold_b: float,
-              label_noise: float) -> dict:
+def make_pair(
+    rng: random.Random, prompt: str, a: str, b: str, gold_a: float, gold_b: float, label_noise: float
+) -> dict:
     """A preference row ordered by a Bradley-Terry draw on the gold rewards of ``a`` and ``b``."""
     if bt_prefers_first(rng, gold_a, gold_b, label_noise):
         return {"prompt": prompt, "chosen": a, "rejected": b}
@@ -154,8 +163,9 @@ def read_jsonl(path: Path) -> list:
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
-def build_tokenizer(vocab: Iterable[str], join: str = " ", special: tuple = (), added: tuple = (),
-                    chat_template: str = "") -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    vocab: Iterable[str], join: str = " ", special: tuple = (), added: tuple = (), chat_template: str = ""
+) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer over ``vocab`` plus the special and chat-marker tokens.
 
     Pre-tokenisation splits on whitespace, isolates punctuation and splits digits one by one, so
@@ -173,16 +183,27 @@ def build_tokenizer(vocab: Iterable[str], join: str = " ", special: tuple = (), 
     tok = Tokenizer(models.WordLevel(table, unk_token=UNK))
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in added])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated"),
-        pre_tokenizers.Digits(individual_digits=True)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Punctuation("isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
     # WordPiece without "##" continuation tokens and without clean-up joins every token with one space.
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False) if join == " " else decoders.Fuse()
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, table[BOS])])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   unk_token=UNK, clean_up_tokenization_spaces=False,
-                                   model_max_length=MAX_POSITIONS)
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, table[BOS])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        clean_up_tokenization_spaces=False,
+        model_max_length=MAX_POSITIONS,
+    )
     fast.chat_template = chat_template or CHAT_TEMPLATE
     return fast
 
@@ -191,17 +212,26 @@ def build_tokenizer(vocab: Iterable[str], join: str = " ", special: tuple = (), 
 def tiny_llama_config(cfg: TaskConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     """The tiny Llama architecture of a task; sizes from ``cfg``, vocabulary and special ids from the tokenizer."""
     if cfg.hidden_size % cfg.num_heads:
-        raise ConfigError(f"task.hidden_size ({cfg.hidden_size}) must be divisible by task.num_heads "
-                          f"({cfg.num_heads})")
+        raise ConfigError(f"task.hidden_size ({cfg.hidden_size}) must be divisible by task.num_heads ({cfg.num_heads})")
     if (cfg.hidden_size // cfg.num_heads) % 2:
-        raise ConfigError(f"task.hidden_size / task.num_heads = {cfg.hidden_size // cfg.num_heads} must be even "
-                          "(rotary embeddings rotate pairs of dimensions)")
+        raise ConfigError(
+            f"task.hidden_size / task.num_heads = {cfg.hidden_size // cfg.num_heads} must be even "
+            "(rotary embeddings rotate pairs of dimensions)"
+        )
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        intermediate_size=cfg.intermediate_size, max_position_embeddings=MAX_POSITIONS,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, attn_implementation="sdpa")
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        attn_implementation="sdpa",
+    )
     return config
 
 
@@ -224,8 +254,13 @@ def manifest(spec: TaskSpec, cfg: TaskConfig, source_hash: str) -> dict:
 
 def artifacts(spec: TaskSpec, out_dir: Path) -> TaskArtifacts:
     out_dir = Path(out_dir)
-    return TaskArtifacts(name=spec.name, dir=out_dir, gold_reward=spec.gold_reward, rewards=dict(spec.rewards),
-                         **{k: out_dir / v for k, v in FILES.items()})
+    return TaskArtifacts(
+        name=spec.name,
+        dir=out_dir,
+        gold_reward=spec.gold_reward,
+        rewards=dict(spec.rewards),
+        **{k: out_dir / v for k, v in FILES.items()},
+    )
 
 
 def write_task(spec: TaskSpec, cfg: TaskConfig, tmp_dir: Path, meta: dict) -> None:
@@ -233,7 +268,7 @@ def write_task(spec: TaskSpec, cfg: TaskConfig, tmp_dir: Path, meta: dict) -> No
     tokenizer = build_tokenizer(spec.vocab, spec.join, spec.special, spec.added, spec.chat_template)
     tokenizer.save_pretrained(tmp_dir / FILES["tokenizer_dir"])
     bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()          # a one-shard "Writing model shards" bar is noise here
+    hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar is noise here
     try:
         init_model(cfg, tokenizer).save_pretrained(tmp_dir / FILES["model_dir"])
     finally:
@@ -245,7 +280,7 @@ def write_task(spec: TaskSpec, cfg: TaskConfig, tmp_dir: Path, meta: dict) -> No
     (tmp_dir / MANIFEST).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def read_manifest(out_dir: Path) -> Optional[dict]:
+def read_manifest(out_dir: Path) -> dict | None:
     try:
         return json.loads((Path(out_dir) / MANIFEST).read_text())
     except (OSError, ValueError):

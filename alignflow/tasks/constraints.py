@@ -60,9 +60,13 @@ def _rows_for(rng: random.Random, prompt: str, answers: list[str]) -> dict[str, 
     met, unmet = _met(prompt, y, pool)
     if met and unmet:  # intra: same answer, an instruction it meets and one where one constraint is broken
         keep = rng.sample(met, min(len(met), 2))
-        out["intra"].append({"prompt_chosen": constrained(prompt, keep),
-                             "prompt_rejected": constrained(prompt, keep[:-1] + [rng.choice(unmet)]),
-                             "response": y})
+        out["intra"].append(
+            {
+                "prompt_chosen": constrained(prompt, keep),
+                "prompt_rejected": constrained(prompt, keep[:-1] + [rng.choice(unmet)]),
+                "response": y,
+            }
+        )
     for c in rng.sample(pool, len(pool)):  # response level + inter: a constraint that splits two answers
         good = [a for a in answers if satisfies(c, prompt, a)]
         bad = [a for a in answers if not satisfies(c, prompt, a)]
@@ -71,8 +75,14 @@ def _rows_for(rng: random.Random, prompt: str, answers: list[str]) -> dict[str, 
             out["response"].append({"prompt": constrained(prompt, [c]), "chosen": yw, "rejected": yl})
             shared = [d for d in pool if d != c and satisfies(d, prompt, yw) == satisfies(d, prompt, yl)]
             base = rng.sample(shared, min(len(shared), 1))
-            out["inter"].append({"prompt": constrained(prompt, base), "prompt_plus": constrained(prompt, base + [c]),
-                                 "chosen": yw, "rejected": yl})
+            out["inter"].append(
+                {
+                    "prompt": constrained(prompt, base),
+                    "prompt_plus": constrained(prompt, base + [c]),
+                    "chosen": yw,
+                    "rejected": yl,
+                }
+            )
             break
     return out
 

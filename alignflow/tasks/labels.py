@@ -17,9 +17,9 @@ def label_pairs(prompts: list[str], samples: list[list[str]], gold, noise: float
     """
     rng = random.Random(seed)
     rows = []
-    for p, ss in zip(prompts, samples):
+    for p, ss in zip(prompts, samples, strict=False):
         distinct = list(dict.fromkeys(s for s in ss if s.strip()))
-        for a, b in zip(distinct[0::2], distinct[1::2]):
+        for a, b in zip(distinct[0::2], distinct[1::2], strict=False):
             ga, gb = gold([p, p], [a, b])
             first = bt_prefers_first(rng, ga, gb, noise)
             chosen, rejected, gc, gr = (a, b, ga, gb) if first else (b, a, gb, ga)

@@ -46,59 +46,211 @@ from __future__ import annotations
 import math
 import random
 import re
+
 from alignflow.config import TaskConfig
 from alignflow.tasks.common import SPECIAL_TOKENS, UNK, TaskSpec, make_pair, sample_unique, split_of, task_rng
 
 NAME = "reviews"
 PROMPT_PREFIX = "Review :"
-NUM_PROMPTS = 1024            # RL training prompts
-NUM_EVAL_PROMPTS = 256        # held-out prompts (their openings never appear in sft/prompts/pairs)
-MIN_LEN, MAX_LEN = 8, 40      # review length in tokens without a length penalty
+NUM_PROMPTS = 1024  # RL training prompts
+NUM_EVAL_PROMPTS = 256  # held-out prompts (their openings never appear in sft/prompts/pairs)
+MIN_LEN, MAX_LEN = 8, 40  # review length in tokens without a length penalty
 REPEAT_COST, BAD_SENTENCE_COST, NO_PUNCT_COST, LENGTH_COST = 0.5, 1.0, 0.5, 0.1
 SENTIMENT_SCALE, SENTIMENT_BOUND, MAX_INTENSITY, NEGATION = 4.0, 2.0, 3.0, -0.5
 
 # ------------------------------------------------------------------------------------------------ lexicon
 POSITIVE = dict(
-    wonderful=2.5, great=2.0, brilliant=2.5, excellent=2.5, superb=2.5, fantastic=2.5, outstanding=2.5,
-    masterful=3.0, charming=1.5, moving=1.8, clever=1.5, beautiful=2.0, gripping=2.0, delightful=2.0,
-    fresh=1.2, funny=1.2, engaging=1.5, stunning=2.5, powerful=2.0, touching=1.8, memorable=1.8, elegant=1.5,
-    smart=1.3, lovely=1.8, thrilling=2.0, witty=1.4, solid=1.0, strong=1.2, vivid=1.4, warm=1.2, sharp=1.2,
-    inventive=1.6, good=1.0, nice=0.8, fine=0.5, decent=0.6, pleasant=0.8, enjoyable=1.3, satisfying=1.4,
-    compelling=1.8, heartfelt=1.6, tender=1.2, playful=1.0, confident=1.0, polished=1.2, gorgeous=2.2,
-    haunting=1.5, riveting=2.0, joyful=1.6, sincere=1.1, graceful=1.4, rich=1.2, bold=1.1, crisp=1.0,
-    lively=1.1, uplifting=1.7)
+    wonderful=2.5,
+    great=2.0,
+    brilliant=2.5,
+    excellent=2.5,
+    superb=2.5,
+    fantastic=2.5,
+    outstanding=2.5,
+    masterful=3.0,
+    charming=1.5,
+    moving=1.8,
+    clever=1.5,
+    beautiful=2.0,
+    gripping=2.0,
+    delightful=2.0,
+    fresh=1.2,
+    funny=1.2,
+    engaging=1.5,
+    stunning=2.5,
+    powerful=2.0,
+    touching=1.8,
+    memorable=1.8,
+    elegant=1.5,
+    smart=1.3,
+    lovely=1.8,
+    thrilling=2.0,
+    witty=1.4,
+    solid=1.0,
+    strong=1.2,
+    vivid=1.4,
+    warm=1.2,
+    sharp=1.2,
+    inventive=1.6,
+    good=1.0,
+    nice=0.8,
+    fine=0.5,
+    decent=0.6,
+    pleasant=0.8,
+    enjoyable=1.3,
+    satisfying=1.4,
+    compelling=1.8,
+    heartfelt=1.6,
+    tender=1.2,
+    playful=1.0,
+    confident=1.0,
+    polished=1.2,
+    gorgeous=2.2,
+    haunting=1.5,
+    riveting=2.0,
+    joyful=1.6,
+    sincere=1.1,
+    graceful=1.4,
+    rich=1.2,
+    bold=1.1,
+    crisp=1.0,
+    lively=1.1,
+    uplifting=1.7,
+)
 NEGATIVE = dict(
-    slow=-1.0, boring=-2.0, dull=-1.8, awful=-2.5, terrible=-2.5, weak=-1.5, messy=-1.4, bland=-1.4,
-    clumsy=-1.5, predictable=-1.2, tedious=-2.0, flat=-1.3, lifeless=-2.0, confusing=-1.3, forgettable=-1.5,
-    painful=-2.2, shallow=-1.4, silly=-1.0, stiff=-1.2, poor=-1.8, dreadful=-2.5, lazy=-1.6, tired=-1.2,
-    awkward=-1.3, cliched=-1.3, hollow=-1.5, muddled=-1.5, sloppy=-1.6, uneven=-1.0, overlong=-1.2,
-    pointless=-2.0, annoying=-1.8, cheap=-1.4, dreary=-1.7, grating=-1.6, lame=-1.7, mediocre=-1.3, bad=-1.8,
-    horrible=-2.5, unbearable=-2.7, stale=-1.3, wooden=-1.4, sluggish=-1.3, disappointing=-1.8, bloated=-1.3,
-    incoherent=-2.0, joyless=-1.8, cold=-0.8, thin=-0.9, noisy=-0.8)
+    slow=-1.0,
+    boring=-2.0,
+    dull=-1.8,
+    awful=-2.5,
+    terrible=-2.5,
+    weak=-1.5,
+    messy=-1.4,
+    bland=-1.4,
+    clumsy=-1.5,
+    predictable=-1.2,
+    tedious=-2.0,
+    flat=-1.3,
+    lifeless=-2.0,
+    confusing=-1.3,
+    forgettable=-1.5,
+    painful=-2.2,
+    shallow=-1.4,
+    silly=-1.0,
+    stiff=-1.2,
+    poor=-1.8,
+    dreadful=-2.5,
+    lazy=-1.6,
+    tired=-1.2,
+    awkward=-1.3,
+    cliched=-1.3,
+    hollow=-1.5,
+    muddled=-1.5,
+    sloppy=-1.6,
+    uneven=-1.0,
+    overlong=-1.2,
+    pointless=-2.0,
+    annoying=-1.8,
+    cheap=-1.4,
+    dreary=-1.7,
+    grating=-1.6,
+    lame=-1.7,
+    mediocre=-1.3,
+    bad=-1.8,
+    horrible=-2.5,
+    unbearable=-2.7,
+    stale=-1.3,
+    wooden=-1.4,
+    sluggish=-1.3,
+    disappointing=-1.8,
+    bloated=-1.3,
+    incoherent=-2.0,
+    joyless=-1.8,
+    cold=-0.8,
+    thin=-0.9,
+    noisy=-0.8,
+)
 NEUTRAL = tuple(
     "long short loud quiet simple familiar unusual dark bright modern classic old fast strange different "
     "typical serious light busy calm plain complex brief subtle small new colourful minimal steady sparse "
-    "stylised gentle".split())
-OPINION_VERBS = dict(loved=2.5, liked=1.5, enjoyed=1.8, admired=1.8, adored=2.5, appreciated=1.2, hated=-2.5,
-                     disliked=-1.5, loathed=-2.5, resented=-1.8, regretted=-1.5, noticed=0.0, watched=0.0,
-                     expected=0.0, followed=0.0, remember=0.0)
-OPENERS = dict(overall=0.0, honestly=0.0, frankly=0.0, still=0.0, admittedly=0.0, clearly=0.0, sadly=-1.0,
-               unfortunately=-1.2, regrettably=-1.2, happily=1.0, thankfully=1.2, luckily=1.0)
-INTENSIFIERS = dict(very=1.5, really=1.5, truly=1.6, quite=1.2, so=1.5, extremely=2.0, incredibly=2.0,
-                    remarkably=1.7, deeply=1.6, utterly=1.8, pretty=1.2, rather=1.1, fairly=0.8, somewhat=0.6,
-                    slightly=0.5, mildly=0.5, surprisingly=1.3, genuinely=1.5, thoroughly=1.7, oddly=1.0,
-                    absolutely=1.8, simply=1.3)
+    "stylised gentle".split()
+)
+OPINION_VERBS = dict(
+    loved=2.5,
+    liked=1.5,
+    enjoyed=1.8,
+    admired=1.8,
+    adored=2.5,
+    appreciated=1.2,
+    hated=-2.5,
+    disliked=-1.5,
+    loathed=-2.5,
+    resented=-1.8,
+    regretted=-1.5,
+    noticed=0.0,
+    watched=0.0,
+    expected=0.0,
+    followed=0.0,
+    remember=0.0,
+)
+OPENERS = dict(
+    overall=0.0,
+    honestly=0.0,
+    frankly=0.0,
+    still=0.0,
+    admittedly=0.0,
+    clearly=0.0,
+    sadly=-1.0,
+    unfortunately=-1.2,
+    regrettably=-1.2,
+    happily=1.0,
+    thankfully=1.2,
+    luckily=1.0,
+)
+INTENSIFIERS = dict(
+    very=1.5,
+    really=1.5,
+    truly=1.6,
+    quite=1.2,
+    so=1.5,
+    extremely=2.0,
+    incredibly=2.0,
+    remarkably=1.7,
+    deeply=1.6,
+    utterly=1.8,
+    pretty=1.2,
+    rather=1.1,
+    fairly=0.8,
+    somewhat=0.6,
+    slightly=0.5,
+    mildly=0.5,
+    surprisingly=1.3,
+    genuinely=1.5,
+    thoroughly=1.7,
+    oddly=1.0,
+    absolutely=1.8,
+    simply=1.3,
+)
 VERB_ADVERBS = ("really", "truly", "genuinely", "absolutely", "simply", "honestly")  # before an opinion verb
 NOUNS = tuple(
     "film movie plot story acting cast script dialogue soundtrack music score ending opening finale pacing "
     "direction cinematography editing lighting premise twist villain hero lead romance humour atmosphere "
-    "setting camera sequel performance climax structure tone".split())
+    "setting camera sequel performance climax structure tone".split()
+)
 CLASSES = {  # word class -> words
-    "DET": ("the", "this", "that"), "NOUN": NOUNS, "PRON": ("i", "we"), "NOT": ("not",), "AND": ("and",),
+    "DET": ("the", "this", "that"),
+    "NOUN": NOUNS,
+    "PRON": ("i", "we"),
+    "NOT": ("not",),
+    "AND": ("and",),
     "VERB": ("was", "is", "felt", "seemed", "looked", "sounded", "remained", "stayed", "became"),
-    "ADJ": tuple(POSITIVE) + tuple(NEGATIVE) + NEUTRAL, "INT": tuple(INTENSIFIERS), "ADVV": VERB_ADVERBS,
-    "OPV": tuple(OPINION_VERBS), "OPEN": tuple(OPENERS), "CONJ": ("and", "but", "yet", "while", "although"),
-    "COMMA": (",",), "END": (".", "!"),
+    "ADJ": tuple(POSITIVE) + tuple(NEGATIVE) + NEUTRAL,
+    "INT": tuple(INTENSIFIERS),
+    "ADVV": VERB_ADVERBS,
+    "OPV": tuple(OPINION_VERBS),
+    "OPEN": tuple(OPENERS),
+    "CONJ": ("and", "but", "yet", "while", "although"),
+    "COMMA": (",",),
+    "END": (".", "!"),
 }
 WORD_CLASSES: dict = {}
 for _cls, _words in CLASSES.items():
@@ -114,14 +266,23 @@ _CLAUSE = (("DET", "A1", 0.75), ("PRON", "B1", 0.25))
 _CLAUSE_END = (("COMMA", "K", 0.4), ("END", "ACC", 0.6))
 ARCS = {
     "S": (("OPEN", "O1", 0.15),) + tuple((c, s, w * 0.85) for c, s, w in _CLAUSE),
-    "O1": (("COMMA", "C", 1.0),), "C": _CLAUSE, "K": (("CONJ", "C", 1.0),),
-    "A1": (("NOUN", "A2", 1.0),), "A2": (("VERB", "A3", 1.0),),
+    "O1": (("COMMA", "C", 1.0),),
+    "C": _CLAUSE,
+    "K": (("CONJ", "C", 1.0),),
+    "A1": (("NOUN", "A2", 1.0),),
+    "A2": (("VERB", "A3", 1.0),),
     "A3": (("NOT", "A4", 0.08), ("INT", "A5", 0.4), ("ADJ", "A6", 0.52)),
-    "A4": (("INT", "A5", 0.4), ("ADJ", "A6", 0.6)), "A5": (("ADJ", "A6", 1.0),),
+    "A4": (("INT", "A5", 0.4), ("ADJ", "A6", 0.6)),
+    "A5": (("ADJ", "A6", 1.0),),
     "A6": (("AND", "A7", 0.25),) + tuple((c, s, w * 0.75) for c, s, w in _CLAUSE_END),
-    "A7": (("INT", "A8", 0.3), ("ADJ", "E", 0.7)), "A8": (("ADJ", "E", 1.0),), "E": _CLAUSE_END,
-    "B1": (("ADVV", "B2", 0.3), ("OPV", "B3", 0.7)), "B2": (("OPV", "B3", 1.0),),
-    "B3": (("DET", "B4", 1.0),), "B4": (("NOUN", "B5", 1.0),), "B5": _CLAUSE_END,
+    "A7": (("INT", "A8", 0.3), ("ADJ", "E", 0.7)),
+    "A8": (("ADJ", "E", 1.0),),
+    "E": _CLAUSE_END,
+    "B1": (("ADVV", "B2", 0.3), ("OPV", "B3", 0.7)),
+    "B2": (("OPV", "B3", 1.0),),
+    "B3": (("DET", "B4", 1.0),),
+    "B4": (("NOUN", "B5", 1.0),),
+    "B5": _CLAUSE_END,
     "ACC": (),
 }
 CLAUSE_ENDS = frozenset({"A6", "E", "B5"})
@@ -167,8 +328,8 @@ def review_tokens(prompt: str, response: str) -> list:
     """The review a (prompt, response) pair forms: the prompt's opening (marker removed) + the response."""
     head = tokenize(prompt)
     marker = PROMPT_PREFIX.split()
-    if head[:len(marker)] == marker:
-        head = head[len(marker):]
+    if head[: len(marker)] == marker:
+        head = head[len(marker) :]
     return head + tokenize(response)
 
 
@@ -209,8 +370,13 @@ def gold_components(prompt: str, response: str) -> dict:
         "no_final_punct": float(not toks or toks[-1] not in CLASSES["END"]),
         "length_excess": float(max(0, MIN_LEN - n) + max(0, n - MAX_LEN)),
     }
-    c["gold"] = (c["sentiment"] - REPEAT_COST * c["repeats"] - BAD_SENTENCE_COST * c["bad_sentences"]
-                 - NO_PUNCT_COST * c["no_final_punct"] - LENGTH_COST * c["length_excess"])
+    c["gold"] = (
+        c["sentiment"]
+        - REPEAT_COST * c["repeats"]
+        - BAD_SENTENCE_COST * c["bad_sentences"]
+        - NO_PUNCT_COST * c["no_final_punct"]
+        - LENGTH_COST * c["length_excess"]
+    )
     return c
 
 
@@ -218,7 +384,7 @@ def gold_reward(prompts: list, responses: list) -> list:
     """Hidden gold reward of each (prompt, response); deterministic. Formula in the module docstring."""
     if len(prompts) != len(responses):
         raise ValueError(f"gold_reward: {len(prompts)} prompts but {len(responses)} responses")
-    return [gold_components(p, r)["gold"] for p, r in zip(prompts, responses)]
+    return [gold_components(p, r)["gold"] for p, r in zip(prompts, responses, strict=False)]
 
 
 def naive_sentiment(text: str) -> float:
@@ -233,13 +399,17 @@ TONES = {"positive": (0.75, 0.2, 0.05), "neutral": (0.2, 0.6, 0.2), "negative": 
 
 def _by_sign(weights: dict) -> tuple:
     """(positive, neutral, negative) words of a weight table."""
-    return tuple(tuple(w for w, s in weights.items() if keep(s))
-                 for keep in (lambda s: s > 0, lambda s: s == 0, lambda s: s < 0))
+    return tuple(
+        tuple(w for w, s in weights.items() if keep(s)) for keep in (lambda s: s > 0, lambda s: s == 0, lambda s: s < 0)
+    )
 
 
-_POLAR = {"ADJ": _by_sign({**POSITIVE, **{w: 0.0 for w in NEUTRAL}, **NEGATIVE}), "OPV": _by_sign(OPINION_VERBS),
-          "OPEN": _by_sign(OPENERS)}
-STOP_AFTER = {1: 0.3, 2: 0.55}    # P(stop) after the n-th sentence; always stop after the third
+_POLAR = {
+    "ADJ": _by_sign({**POSITIVE, **{w: 0.0 for w in NEUTRAL}, **NEGATIVE}),
+    "OPV": _by_sign(OPINION_VERBS),
+    "OPEN": _by_sign(OPENERS),
+}
+STOP_AFTER = {1: 0.3, 2: 0.55}  # P(stop) after the n-th sentence; always stop after the third
 
 
 def _pick_word(rng: random.Random, cls: str, tone: tuple, used: set) -> str:
@@ -256,7 +426,7 @@ def _pick_word(rng: random.Random, cls: str, tone: tuple, used: set) -> str:
     return rng.choice(fresh)
 
 
-def _walk(rng: random.Random, tone: tuple, forced: list, limit: int = 10 ** 6) -> list:
+def _walk(rng: random.Random, tone: tuple, forced: list, limit: int = 10**6) -> list:
     """One review by a random walk over ``ARCS`` (at most ``limit`` tokens); it starts with ``forced``."""
     out, used, state, n_sent, n_clause = [], set(), "S", 0, 1
     while len(out) < limit:
@@ -322,7 +492,7 @@ def _degrade(rng: random.Random, tail: list) -> list:
     elif kind == "no_punct" and tail and tail[-1] in CLASSES["END"]:
         tail.pop()
     elif kind == "truncate" and len(tail) > 1:
-        tail = tail[:rng.randint(1, len(tail) - 1)]
+        tail = tail[: rng.randint(1, len(tail) - 1)]
     elif kind == "swap" and len(tail) > 2:
         i = rng.randrange(len(tail) - 1)
         tail[i], tail[i + 1] = tail[i + 1], tail[i]
@@ -334,7 +504,7 @@ def _degrade(rng: random.Random, tail: list) -> list:
 
 
 def _pair_response(rng: random.Random, opening: list) -> str:
-    tail = sample_review(rng, rng.choice(tuple(TONES)), tuple(opening))[len(opening):]
+    tail = sample_review(rng, rng.choice(tuple(TONES)), tuple(opening))[len(opening) :]
     if rng.random() < 0.35:
         tail = _degrade(rng, tail)
     return as_completion(tail)
@@ -342,8 +512,9 @@ def _pair_response(rng: random.Random, opening: list) -> str:
 
 def _prompt_rows(seed: int, split: str, n: int) -> list:
     rng = task_rng(NAME, seed, split + "_prompts")
-    return sample_unique(lambda: {"prompt": as_prompt(_opening(rng, split, seed, full=False)[0])}, n,
-                         f"{split} prompts")
+    return sample_unique(
+        lambda: {"prompt": as_prompt(_opening(rng, split, seed, full=False)[0])}, n, f"{split} prompts"
+    )
 
 
 RATED_COMPLETIONS = 4
@@ -352,9 +523,12 @@ RATED_COMPLETIONS = 4
 def attribute_ratings(prompt: str, response: str) -> dict:
     """The K = 4 attribute ratings of one response (module docstring); their sum is the gold reward."""
     c = gold_components(prompt, response)
-    return {"sentiment": c["sentiment"],
-            "fluency": -(BAD_SENTENCE_COST * c["bad_sentences"] + NO_PUNCT_COST * c["no_final_punct"]),
-            "variety": -REPEAT_COST * c["repeats"], "length": -LENGTH_COST * c["length_excess"]}
+    return {
+        "sentiment": c["sentiment"],
+        "fluency": -(BAD_SENTENCE_COST * c["bad_sentences"] + NO_PUNCT_COST * c["no_final_punct"]),
+        "variety": -REPEAT_COST * c["repeats"],
+        "length": -LENGTH_COST * c["length_excess"],
+    }
 
 
 def _rated_rows(cfg: TaskConfig) -> list:
@@ -367,8 +541,13 @@ def _rated_rows(cfg: TaskConfig) -> list:
             c = _pair_response(rng, opening)
             if c not in completions:
                 completions.append(c)
-        rows.append({"prompt": prompt, "completions": completions,
-                     "ratings": [attribute_ratings(prompt, c) for c in completions]})
+        rows.append(
+            {
+                "prompt": prompt,
+                "completions": completions,
+                "ratings": [attribute_ratings(prompt, c) for c in completions],
+            }
+        )
     return rows
 
 
@@ -378,7 +557,7 @@ def make_rows(cfg: TaskConfig) -> dict:
     sft = []
     for _ in range(cfg.num_sft):
         opening, toks = _opening(rng, "train", cfg.seed)
-        sft.append({"prompt": as_prompt(opening), "completion": as_completion(toks[len(opening):])})
+        sft.append({"prompt": as_prompt(opening), "completion": as_completion(toks[len(opening) :])})
     rng = task_rng(NAME, cfg.seed, "pairs")
     pairs = []
     for _ in range(cfg.num_pairs):
@@ -389,20 +568,31 @@ def make_rows(cfg: TaskConfig) -> dict:
             b = _pair_response(rng, opening)
         ga, gb = gold_reward([prompt, prompt], [a, b])
         pairs.append(make_pair(rng, prompt, a, b, ga, gb, cfg.label_noise))
-    return {"sft_path": sft, "prompts_path": _prompt_rows(cfg.seed, "train", NUM_PROMPTS),
-            "eval_prompts_path": _prompt_rows(cfg.seed, "eval", NUM_EVAL_PROMPTS), "pairs_path": pairs,
-            "rated_path": _rated_rows(cfg)}
+    return {
+        "sft_path": sft,
+        "prompts_path": _prompt_rows(cfg.seed, "train", NUM_PROMPTS),
+        "eval_prompts_path": _prompt_rows(cfg.seed, "eval", NUM_EVAL_PROMPTS),
+        "pairs_path": pairs,
+        "rated_path": _rated_rows(cfg),
+    }
 
 
 def ungrammatical_cost(prompts: list, responses: list, **_) -> list:
     """Cost of a ``reviews`` response (Safe RLHF demo): its sentences that do not parse, plus 1 when the review
     does not end with "." or "!" (the gold reward's grammar terms, without the weights). 0 = fluent."""
     out = []
-    for p, r in zip(prompts, responses):
+    for p, r in zip(prompts, responses, strict=False):
         c = gold_components(p, r)
         out.append(c["bad_sentences"] + c["no_final_punct"])
     return out
 
 
-TASK = TaskSpec(name=NAME, vocab=VOCAB, join=" ", make_rows=make_rows, gold_reward=gold_reward,
-                rewards={"gold": gold_reward}, costs={"ungrammatical": ungrammatical_cost})
+TASK = TaskSpec(
+    name=NAME,
+    vocab=VOCAB,
+    join=" ",
+    make_rows=make_rows,
+    gold_reward=gold_reward,
+    rewards={"gold": gold_reward},
+    costs={"ungrammatical": ungrammatical_cost},
+)

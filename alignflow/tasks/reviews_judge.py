@@ -33,16 +33,19 @@ from alignflow.rewards.verdict import POSITIONS, VERDICT_WORD  # the verdict for
 from alignflow.tasks import reviews
 from alignflow.tasks.common import read_jsonl, task_rng, write_jsonl
 
-FILES = {"judge_sft": "judge_sft.jsonl", "judge_pairs": "judge_pairs.jsonl", "judge_eval": "judge_eval.jsonl",
-         "principles": "principles.jsonl"}
+FILES = {
+    "judge_sft": "judge_sft.jsonl",
+    "judge_pairs": "judge_pairs.jsonl",
+    "judge_eval": "judge_eval.jsonl",
+    "principles": "principles.jsonl",
+}
 PROBLEM_WORDS = {"repeats": "stale", "bad_sentences": "incoherent", "no_final_punct": "sloppy"}
 MAX_PROBLEM_REPEAT = 3
 PRINCIPLES = {  # id -> (text for an LLM judge, the gold features that satisfy it)
     "grammatical": ("Every sentence of the review is grammatical.", lambda c: c["bad_sentences"] == 0),
     "no_repeats": ("The review uses no content word twice.", lambda c: c["repeats"] == 0),
     "finished": ("The review ends with a full stop or an exclamation mark.", lambda c: c["no_final_punct"] == 0),
-    "length": (f"The review is {reviews.MIN_LEN} to {reviews.MAX_LEN} words long.",
-               lambda c: c["length_excess"] == 0),
+    "length": (f"The review is {reviews.MIN_LEN} to {reviews.MAX_LEN} words long.", lambda c: c["length_excess"] == 0),
     "positive": ("The review is positive overall.", lambda c: c["sentiment"] > 0),
 }
 
@@ -90,8 +93,10 @@ def judge_prompt(prompt: str, first: str, second: str) -> str:
 
 def rationale(prompt: str, first: str, second: str, label: str) -> str:
     """The SFT completion: both reviews' feature lists, then the verdict ``overall <label> .``."""
-    return (f" this : {review_rationale(prompt, first)} . that : {review_rationale(prompt, second)} . "
-            f"{VERDICT_WORD} {label} .")
+    return (
+        f" this : {review_rationale(prompt, first)} . that : {review_rationale(prompt, second)} . "
+        f"{VERDICT_WORD} {label} ."
+    )
 
 
 def judge_row(rng: random.Random, prompt: str, a: str, b: str) -> dict | None:
@@ -100,8 +105,15 @@ def judge_row(rng: random.Random, prompt: str, a: str, b: str) -> dict | None:
     g1, g2 = reviews.gold_reward([prompt, prompt], [first, second])
     if g1 == g2:
         return None
-    return {"prompt": judge_prompt(prompt, first, second), "label": POSITIONS[0] if g1 > g2 else POSITIONS[1],
-            "source_prompt": prompt, "first": first, "second": second, "gold_first": g1, "gold_second": g2}
+    return {
+        "prompt": judge_prompt(prompt, first, second),
+        "label": POSITIONS[0] if g1 > g2 else POSITIONS[1],
+        "source_prompt": prompt,
+        "first": first,
+        "second": second,
+        "gold_first": g1,
+        "gold_second": g2,
+    }
 
 
 def _eval_pairs(cfg: TaskConfig, n: int) -> list:
@@ -122,8 +134,15 @@ def principle_rows(prompt: str, responses: list) -> list:
     for response in responses:
         c = reviews.gold_components(prompt, response)
         for pid, (text, holds) in PRINCIPLES.items():
-            rows.append({"prompt": prompt, "response": response, "principle_id": pid, "principle": text,
-                         "label": "yes" if holds(c) else "no"})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "response": response,
+                    "principle_id": pid,
+                    "principle": text,
+                    "label": "yes" if holds(c) else "no",
+                }
+            )
     return rows
 
 
@@ -132,11 +151,12 @@ def make_judge_rows(cfg: TaskConfig, pairs: list) -> dict:
     rng = task_rng(reviews.NAME, cfg.seed, "judge_order")
     train = [r for r in (judge_row(rng, p["prompt"], p["chosen"], p["rejected"]) for p in pairs) if r]
     held = [judge_row(rng, *t) for t in _eval_pairs(cfg, max(64, len(pairs) // 10))]
-    sft = [{"prompt": r["prompt"], "completion": rationale(r["source_prompt"], r["first"], r["second"], r["label"])}
-           for r in train]
+    sft = [
+        {"prompt": r["prompt"], "completion": rationale(r["source_prompt"], r["first"], r["second"], r["label"])}
+        for r in train
+    ]
     principles = [row for p in pairs for row in principle_rows(p["prompt"], [p["chosen"], p["rejected"]])]
-    return {"judge_sft": sft, "judge_pairs": train, "judge_eval": [r for r in held if r],
-            "principles": principles}
+    return {"judge_sft": sft, "judge_pairs": train, "judge_eval": [r for r in held if r], "principles": principles}
 
 
 def write_files(cfg: TaskConfig, task_dir: Path) -> None:
@@ -153,10 +173,13 @@ def paths(task_dir: str | Path) -> dict:
 
 def rule_judges(ids: tuple = ("grammatical", "no_repeats", "finished", "length")) -> dict:
     """Rule judges over the gold features (CGPO constraints): ``id -> fn(prompts, responses) -> [satisfied]``."""
+
     def judge(pid: str):
         holds = PRINCIPLES[pid][1]
-        return lambda prompts, responses: [holds(reviews.gold_components(p, r))
-                                           for p, r in zip(prompts, responses, strict=True)]
+        return lambda prompts, responses: [
+            holds(reviews.gold_components(p, r)) for p, r in zip(prompts, responses, strict=True)
+        ]
+
     unknown = [i for i in ids if i not in PRINCIPLES]
     if unknown:
         raise ValueError(f"rule judges: {unknown} are not among {', '.join(PRINCIPLES)}")

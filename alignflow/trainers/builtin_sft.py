@@ -39,8 +39,9 @@ def _key(task: TaskConfig, settings: dict, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def builtin_sft_model(task: TaskConfig, output_dir: str | Path, seed: int = 0, device: str = "auto",
-                      progress: bool = True) -> Path:
+def builtin_sft_model(
+    task: TaskConfig, output_dir: str | Path, seed: int = 0, device: str = "auto", progress: bool = True
+) -> Path:
     """The model directory of the built-in SFT model for ``task`` (trained now when not cached)."""
     settings = sft_settings(task)
     root = Path(output_dir).resolve().parent / "builtin-sft"
@@ -50,14 +51,32 @@ def builtin_sft_model(task: TaskConfig, output_dir: str | Path, seed: int = 0, d
     if out.exists():  # an SFT that did not finish: start it again
         shutil.rmtree(out)
     art = build_task(task.name, task, root / f"task-{task.name}-{_key(task, {}, 0)}")
-    log.info("model.name_or_path=%s: SFT of the '%s' task's tiny model for %d steps into %s", BUILTIN_SFT,
-             task.name, settings["steps"], out)
-    train_sft(from_dict(SFTConfig, {
-        "model": {"name_or_path": str(art.model_dir), "tokenizer": str(art.tokenizer_dir)},
-        "data": {"path": str(art.sft_path), "max_len": settings["max_len"], "eval_fraction": 0.0},
-        "optim": {"lr": settings["lr"], "warmup_ratio": 0.05},
-        "train": {"output_dir": str(out), "batch_size": settings["batch_size"], "max_steps": settings["steps"],
-                  "seed": seed, "device": device, "progress": progress, "report_to": []}}))
+    log.info(
+        "model.name_or_path=%s: SFT of the '%s' task's tiny model for %d steps into %s",
+        BUILTIN_SFT,
+        task.name,
+        settings["steps"],
+        out,
+    )
+    train_sft(
+        from_dict(
+            SFTConfig,
+            {
+                "model": {"name_or_path": str(art.model_dir), "tokenizer": str(art.tokenizer_dir)},
+                "data": {"path": str(art.sft_path), "max_len": settings["max_len"], "eval_fraction": 0.0},
+                "optim": {"lr": settings["lr"], "warmup_ratio": 0.05},
+                "train": {
+                    "output_dir": str(out),
+                    "batch_size": settings["batch_size"],
+                    "max_steps": settings["steps"],
+                    "seed": seed,
+                    "device": device,
+                    "progress": progress,
+                    "report_to": [],
+                },
+            },
+        )
+    )
     (out / DONE).write_text(json.dumps({"task": dataclasses.asdict(task), **settings, "seed": seed}, indent=1) + "\n")
     return out / "model"
 
@@ -77,5 +96,6 @@ def resolve_model(cfg) -> None:
     """Replace ``model.name_or_path: builtin:sft`` of a training config by the built model's directory (in place)."""
     if cfg.model.name_or_path != BUILTIN_SFT:
         return
-    cfg.model.name_or_path = str(builtin_sft_model(cfg.task, cfg.train.output_dir, cfg.train.seed, cfg.train.device,
-                                                   cfg.train.progress))
+    cfg.model.name_or_path = str(
+        builtin_sft_model(cfg.task, cfg.train.output_dir, cfg.train.seed, cfg.train.device, cfg.train.progress)
+    )

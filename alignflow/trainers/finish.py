@@ -16,7 +16,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
 from alignflow.config import ConfigError
 
@@ -24,8 +23,16 @@ log = logging.getLogger("alignflow")
 
 MAX_METRICS = 4
 # Preferred headline metrics, in this order; other eval/* keys follow alphabetically.
-PREFERRED = ("eval/gold_reward", "eval/accuracy", "eval/reward/accuracy", "eval/reward_mean", "eval/grammatical",
-             "eval/loss", "eval/gold_reward_mpo", "eval/kl")
+PREFERRED = (
+    "eval/gold_reward",
+    "eval/accuracy",
+    "eval/reward/accuracy",
+    "eval/reward_mean",
+    "eval/grammatical",
+    "eval/loss",
+    "eval/gold_reward_mpo",
+    "eval/kl",
+)
 
 
 RESULT_COMMANDS = ("sft", "ift", "rm", "rl", "po", "online_po", "superhf", "alol", "mpo", "eval", "demo")
@@ -43,18 +50,21 @@ def preflight(cfg) -> None:
     train = getattr(cfg, "train", None)
     for name in check_report_to(train.report_to) if train is not None else []:
         if name in EXTRAS and importlib.util.find_spec(name) is None:
-            raise ConfigError(f"train.report_to: {name!r} needs the {name} package, which is not installed; "
-                              f"pip install 'alignflow[{EXTRAS[name]}]' (or drop {name} from train.report_to)")
+            raise ConfigError(
+                f"train.report_to: {name!r} needs the {name} package, which is not installed; "
+                f"pip install 'alignflow[{EXTRAS[name]}]' (or drop {name} from train.report_to)"
+            )
     hub = getattr(cfg, "hub", None)
     if hub is not None and hub.push:
         if not hub.repo_id or hub.repo_id.count("/") > 1:
-            raise ConfigError(f"hub.repo_id: {hub.repo_id!r} -- hub.push=true needs the repository as "
-                              "'name' or 'owner/name'")
+            raise ConfigError(
+                f"hub.repo_id: {hub.repo_id!r} -- hub.push=true needs the repository as 'name' or 'owner/name'"
+            )
         if importlib.util.find_spec("huggingface_hub") is None:
             raise ConfigError("hub.push=true needs the huggingface_hub package (pip install huggingface_hub)")
 
 
-def result_path(command: str, cfg) -> Optional[Path]:
+def result_path(command: str, cfg) -> Path | None:
     """Where a command leaves its result: the final model directory (the run directory when there is none, e.g.
     a reward-model ensemble of separate members), the report (demo) or eval.json (eval)."""
     if command == "demo":
@@ -87,7 +97,9 @@ def headline(rows: list[dict]) -> dict:
     last: dict = {}
     for row in rows:
         last |= {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    evals = [k for k in PREFERRED if k in last] + sorted(k for k in last if k.startswith("eval/") and k not in PREFERRED)
+    evals = [k for k in PREFERRED if k in last] + sorted(
+        k for k in last if k.startswith("eval/") and k not in PREFERRED
+    )
     keys = evals[:MAX_METRICS] or [k for k in ("train/loss", "loss") if k in last][:1]
     return {k: last[k] for k in keys}
 
@@ -115,11 +127,18 @@ def push_to_hub(folder: Path, hub, command: str) -> str:
         url = api.create_repo(hub.repo_id, private=hub.private, repo_type="model", exist_ok=True)
         if hub.revision:
             api.create_branch(hub.repo_id, branch=hub.revision, repo_type="model", exist_ok=True)
-        api.upload_folder(repo_id=hub.repo_id, folder_path=str(folder), repo_type="model",
-                          revision=hub.revision or None, commit_message=f"alignflow {command}: {folder.name}")
+        api.upload_folder(
+            repo_id=hub.repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            revision=hub.revision or None,
+            commit_message=f"alignflow {command}: {folder.name}",
+        )
     except Exception as e:  # network, authentication, permissions: one line, the local copy is named
-        raise HubPushError(f"hub.push: uploading {folder} to {hub.repo_id} failed ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}); the model is saved at {folder}") from None
+        raise HubPushError(
+            f"hub.push: uploading {folder} to {hub.repo_id} failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); the model is saved at {folder}"
+        ) from None
     return str(url)
 
 

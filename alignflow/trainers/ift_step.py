@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from alignflow.algorithms.ift import ift_mix_embeddings, ift_shift_predictions
 
 
-def ift_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, answer_mask: Tensor,
-                    lam: float) -> Tensor:
+def ift_token_logps(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, answer_mask: Tensor, lam: float
+) -> Tensor:
     """(B, T) log π_θ(y_t | mixed inputs before t) at the positions of ``answer_mask`` (0 elsewhere).
 
     ``input_ids``, ``attention_mask``, ``answer_mask``: (B, T), right-padded; ``answer_mask`` marks the answer

@@ -57,7 +57,6 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -67,8 +66,15 @@ from alignflow.algorithms.offline import mpo_split
 from alignflow.algorithms.preference import apo_extrapolate
 from alignflow.algorithms.preference_table import loss_spec, names_where
 from alignflow.batch import Batch, cat_rollouts
-from alignflow.config import (ConfigError, MPOConfig, OnlinePOConfig, POConfig, POLossConfig, RLConfig,
-                              RewardSourceConfig)
+from alignflow.config import (
+    ConfigError,
+    MPOConfig,
+    OnlinePOConfig,
+    POConfig,
+    POLossConfig,
+    RewardSourceConfig,
+    RLConfig,
+)
 from alignflow.data.collate import token_groups
 from alignflow.data.formats import DataError, validate
 from alignflow.data.loading import load_records
@@ -115,7 +121,7 @@ def best_worst(rewards: torch.Tensor) -> list[tuple[int, int, int]]:
     best is the first argmax, worst the first argmin."""
     best, worst = rewards.argmax(dim=1).tolist(), rewards.argmin(dim=1).tolist()  # (P,) each
     tied = (rewards.max(dim=1).values == rewards.min(dim=1).values).tolist()
-    return [(i, b, w) for i, (b, w, t) in enumerate(zip(best, worst, tied)) if not t]
+    return [(i, b, w) for i, (b, w, t) in enumerate(zip(best, worst, tied, strict=False)) if not t]
 
 
 def _sequences(batch: Batch) -> tuple[list[list[int]], list[list[int]]]:
@@ -133,20 +139,33 @@ def pair_rows(batch: Batch, rewards: torch.Tensor, n: int) -> tuple[list[dict], 
     rows = []
     for i, b, w in best_worst(r):
         p, yw, yl = prompts[i * n], responses[i * n + b], responses[i * n + w]
-        rows.append({"chosen_ids": p + yw, "chosen_mask": [0] * len(p) + [1] * len(yw),
-                     "rejected_ids": p + yl, "rejected_mask": [0] * len(p) + [1] * len(yl), "prompt_len": len(p),
-                     "chosen_rewards": float(r[i, b]), "rejected_rewards": float(r[i, w])})
+        rows.append(
+            {
+                "chosen_ids": p + yw,
+                "chosen_mask": [0] * len(p) + [1] * len(yw),
+                "rejected_ids": p + yl,
+                "rejected_mask": [0] * len(p) + [1] * len(yl),
+                "prompt_len": len(p),
+                "chosen_rewards": float(r[i, b]),
+                "rejected_rewards": float(r[i, w]),
+            }
+        )
     mean = lambda key: sum(x[key] for x in rows) / len(rows) if rows else float("nan")  # noqa: E731
-    return rows, {"online/pairs": float(len(rows)), "online/tied_prompts": float(r.shape[0] - len(rows)),
-                  "online/reward_mean": float(r.mean()), "online/reward_chosen": mean("chosen_rewards"),
-                  "online/reward_rejected": mean("rejected_rewards"),
-                  "online/response_len": float(batch["response_mask"].sum(-1).float().mean())}
+    return rows, {
+        "online/pairs": float(len(rows)),
+        "online/tied_prompts": float(r.shape[0] - len(rows)),
+        "online/reward_mean": float(r.mean()),
+        "online/reward_chosen": mean("chosen_rewards"),
+        "online/reward_rejected": mean("rejected_rewards"),
+        "online/response_len": float(batch["response_mask"].sum(-1).float().mean()),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- the run
 @dataclasses.dataclass
 class OnlineRun:
     """What a round needs: the policy, its rollout and reward roles, and the references."""
+
     cfg: OnlinePOConfig
     policy: torch.nn.Module
     tok: object
@@ -154,8 +173,8 @@ class OnlineRun:
     rollout: Rollout
     reward: RewardRole
     kw: dict
-    fixed_ref: Optional[torch.nn.Module] = None  # ref_model, or a frozen copy of the initial policy (loaded lazily)
-    prev: Optional[dict] = None  # APO: the previous round-start policy's trainable weights
+    fixed_ref: torch.nn.Module | None = None  # ref_model, or a frozen copy of the initial policy (loaded lazily)
+    prev: dict | None = None  # APO: the previous round-start policy's trainable weights
     pm: object = None  # Nash-MD: a PreferenceModel (online.preference_model) giving P(y ≻ y') instead of BT
 
     def initial_reference(self, r: int):
@@ -196,26 +215,34 @@ def swapped(model, weights: dict):
 def _check(cfg: OnlinePOConfig) -> None:
     o, name = cfg.online, cfg.loss.name
     if cfg.train.max_steps:
-        raise ConfigError("train.max_steps is not used by online_po: set online.rounds and online.steps_per_round "
-                          "(or online.epochs_per_round)")
+        raise ConfigError(
+            "train.max_steps is not used by online_po: set online.rounds and online.steps_per_round "
+            "(or online.epochs_per_round)"
+        )
     if o.preference_model and o.method != "nash_md":
         raise ConfigError(f"online.preference_model is read by online.method=nash_md only (method is {o.method})")
     if o.method == "nash_md":
         if cfg.loss != POLossConfig():
-            raise ConfigError("online.method=nash_md trains the Nash-MD-PG objective: leave loss.* unset (its KL "
-                              "coefficient is online.kl_coef)")
+            raise ConfigError(
+                "online.method=nash_md trains the Nash-MD-PG objective: leave loss.* unset (its KL "
+                "coefficient is online.kl_coef)"
+            )
         if cfg.rollout.stop_strings:
             raise ConfigError("online.method=nash_md: rollout.stop_strings are not supported by the mixture sampler")
         return
     spec = loss_spec(name)
     if not spec.pairwise:
-        raise ConfigError(f"loss.name={name} trains on {spec.data} rows; online_po builds (chosen, rejected) pairs: "
-                          f"use a pairwise loss ({', '.join(names_where(pairwise=True))})")
+        raise ConfigError(
+            f"loss.name={name} trains on {spec.data} rows; online_po builds (chosen, rejected) pairs: "
+            f"use a pairwise loss ({', '.join(names_where(pairwise=True))})"
+        )
     previous = [n for n in names_where(pairwise=True) if "previous" in loss_spec(n).extra]
     if (o.method == "inpo") != ("previous" in spec.extra):
-        raise ConfigError(f"online.method={o.method} with loss.name={name}: method inpo trains loss "
-                          f"{' or '.join(previous)} (and a loss of the previous iterate needs the previous round's "
-                          "policy, i.e. method inpo)")
+        raise ConfigError(
+            f"online.method={o.method} with loss.name={name}: method inpo trains loss "
+            f"{' or '.join(previous)} (and a loss of the previous iterate needs the previous round's "
+            "policy, i.e. method inpo)"
+        )
     if o.method == "apo" and not spec.reference:
         raise ConfigError(f"online.method=apo extrapolates the reference, but loss.name={name} uses none")
 
@@ -227,8 +254,10 @@ def build_run(cfg: OnlinePOConfig, device, tok) -> OnlineRun:
     if reward is None:
         raise ConfigError("no reward source: set reward.task (e.g. {gold: 1.0}), reward.functions or reward.models")
     if cfg.reward.normalize != "none" or cfg.reward.clip:
-        raise ConfigError("reward.normalize / reward.clip are online-RL options; set them to none / 0 here (pairs "
-                          "are ranked by the raw reward)")
+        raise ConfigError(
+            "reward.normalize / reward.clip are online-RL options; set them to none / 0 here (pairs "
+            "are ranked by the raw reward)"
+        )
     kw = {} if cfg.online.method == "nash_md" else loss_kwargs(cfg.loss)
     rollout = Rollout(policy, tok, cfg.rollout, device, cfg.train.mixed_precision, cfg.train.seed)
     pm = None
@@ -249,8 +278,7 @@ def generate(run: OnlineRun, prompts: Batch) -> Batch:
 # ----------------------------------------------------------------------------------------------- references
 def _logps(run: OnlineRun, model, rows: list[dict], ctx=contextlib.nullcontext, treg=None) -> dict:
     with ctx(), loop.autocast(run.device, run.cfg.train.mixed_precision):
-        return compute_ref_logps(model, rows, run.device, run.cfg.train.micro_batch_tokens, run.cfg.train.packing,
-                                 treg)
+        return compute_ref_logps(model, rows, run.device, run.cfg.train.micro_batch_tokens, run.cfg.train.packing, treg)
 
 
 def _treg_ids(run: OnlineRun):
@@ -291,16 +319,30 @@ def nash_rows(run: OnlineRun, prompts: Batch, r: int) -> tuple[list[dict], dict]
     ref, ctx = run.initial_reference(r)
     parts = []
     for chunk in prompts.split(cfg.rollout.prompts_per_step):
-        params = SamplingParams(n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
-                                seed=cfg.train.seed * 1_000_003 + int(chunk["group"][0]) + 500_009)
+        params = SamplingParams(
+            n=n,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            seed=cfg.train.seed * 1_000_003 + int(chunk["group"][0]) + 500_009,
+        )
         with loop.autocast(run.device, cfg.train.mixed_precision):
-            opp = generate_mixture(run.policy, ref, [list(p) for p in chunk["prompt_token_ids"]], params,
-                                   cfg.online.mixture_coef, eos_ids=run.rollout.engine.eos_ids,
-                                   pad_id=run.rollout.engine.pad_id, ref_context=ctx)
+            opp = generate_mixture(
+                run.policy,
+                ref,
+                [list(p) for p in chunk["prompt_token_ids"]],
+                params,
+                cfg.online.mixture_coef,
+                eos_ids=run.rollout.engine.eos_ids,
+                pad_id=run.rollout.engine.pad_id,
+                ref_context=ctx,
+            )
         meta = Batch(meta={k: v for k, v in chunk.meta.items() if k != "prompt_token_ids"}).repeat(n)
         ids, mask = opp["response_ids"], opp["response_mask"]
-        texts = run.tok.batch_decode([y[m.bool()].tolist() for y, m in zip(ids, mask)], skip_special_tokens=True)
+        texts = run.tok.batch_decode(
+            [y[m.bool()].tolist() for y, m in zip(ids, mask, strict=False)], skip_special_tokens=True
+        )
         parts.append(opp.union(meta).union(Batch(meta={"response": texts})))
     theirs = cat_rollouts(parts)
     theirs = theirs.union(run.reward.score(theirs))
@@ -308,26 +350,33 @@ def nash_rows(run: OnlineRun, prompts: Batch, r: int) -> tuple[list[dict], dict]
     if run.pm is not None:  # a pairwise preference model reads both responses
         p = run.pm.win_prob(ours["prompt"], ours["response"], theirs["response"])
     else:
-        p = bt_win_probability(ours["scores"].float().cpu(), theirs["scores"].float().cpu(),
-                               cfg.online.preference_scale)
+        p = bt_win_probability(
+            ours["scores"].float().cpu(), theirs["scores"].float().cpu(), cfg.online.preference_scale
+        )
     prompt_ids, responses = _sequences(ours)
-    seqs = [(x + y, [0] * len(x) + [1] * len(y)) for x, y in zip(prompt_ids, responses)]
+    seqs = [(x + y, [0] * len(x) + [1] * len(y)) for x, y in zip(prompt_ids, responses, strict=False)]
     ref_lp = []
     flat = cfg.train.packing
     with torch.no_grad(), ctx(), loop.autocast(run.device, cfg.train.mixed_precision):
         for g in token_groups([len(s) for s, _ in seqs], cfg.train.micro_batch_tokens):
             out = sequence_logps(ref, [seqs[i] for i in g], run.device, flat, with_tokens=True)
-            ref_lp += [out["token_logps"][j, :int(out["lengths"][j])].float().cpu().tolist() for j in range(len(g))]
-    rows = [{"ids": s, "mask": m, "win_prob": float(pi), "ref_token_logps": lp}
-            for (s, m), pi, lp in zip(seqs, p.tolist(), ref_lp)]
+            ref_lp += [out["token_logps"][j, : int(out["lengths"][j])].float().cpu().tolist() for j in range(len(g))]
+    rows = [
+        {"ids": s, "mask": m, "win_prob": float(pi), "ref_token_logps": lp}
+        for (s, m), pi, lp in zip(seqs, p.tolist(), ref_lp, strict=False)
+    ]
     mine, other = ours["scores"].float().cpu(), theirs["scores"].float().cpu()
     win = mine >= other
-    return rows, {"online/pairs": float(len(rows)), "online/reward_mean": float(mine.mean()),
-                  "online/reward_mixture": float(other.mean()),
-                  "online/reward_chosen": float(torch.where(win, mine, other).mean()),
-                  "online/reward_rejected": float(torch.where(win, other, mine).mean()),
-                  "online/win_prob": float(p.mean()),
-                  "online/response_len": float(ours["response_mask"].sum(-1).float().mean()), "perf/gen_s": gen_s}
+    return rows, {
+        "online/pairs": float(len(rows)),
+        "online/reward_mean": float(mine.mean()),
+        "online/reward_mixture": float(other.mean()),
+        "online/reward_chosen": float(torch.where(win, mine, other).mean()),
+        "online/reward_rejected": float(torch.where(win, other, mine).mean()),
+        "online/win_prob": float(p.mean()),
+        "online/response_len": float(ours["response_mask"].sum(-1).float().mean()),
+        "perf/gen_s": gen_s,
+    }
 
 
 def nash_step(run: OnlineRun, rows: list[dict]) -> tuple[dict, int]:
@@ -340,11 +389,13 @@ def nash_step(run: OnlineRun, rows: list[dict]) -> tuple[dict, int]:
         with loop.autocast(dev, cfg.train.mixed_precision):
             out = sequence_logps(run.policy, [(r["ids"], r["mask"]) for r in chunk], dev, flat, with_tokens=True)
         width = out["token_logps"].shape[1]
-        ref = torch.tensor([r["ref_token_logps"] + [0.0] * (width - len(r["ref_token_logps"])) for r in chunk],
-                           device=dev)  # (b, Tr)
+        ref = torch.tensor(
+            [r["ref_token_logps"] + [0.0] * (width - len(r["ref_token_logps"])) for r in chunk], device=dev
+        )  # (b, Tr)
         p = torch.tensor([r["win_prob"] for r in chunk], device=dev)  # (b,)
-        total, m = nash_md_pg_loss(out["token_logps"], ref, out["token_mask"], p, beta=cfg.online.kl_coef,
-                                   reduction="sum")
+        total, m = nash_md_pg_loss(
+            out["token_logps"], ref, out["token_mask"], p, beta=cfg.online.kl_coef, reduction="sum"
+        )
         (total / len(rows)).backward()
         for k, v in [("loss", total.detach() / len(chunk))] + list(m.items()):
             sums[k] = sums.get(k, 0.0) + float(v) * len(chunk) / len(rows)
@@ -353,8 +404,9 @@ def nash_step(run: OnlineRun, rows: list[dict]) -> tuple[dict, int]:
 
 
 # ----------------------------------------------------------------------------------------------- a round
-def train_round(run: OnlineRun, rows: list[dict], r: int, step: int, logger,
-                result: OnlinePOResult) -> tuple[int, dict]:
+def train_round(
+    run: OnlineRun, rows: list[dict], r: int, step: int, logger, result: OnlinePOResult
+) -> tuple[int, dict]:
     """The round's optimiser steps (fresh optimiser); returns (global step, means of the step metrics)."""
     cfg = run.cfg
     steps = cfg.online.steps_per_round or math.ceil(cfg.online.epochs_per_round * len(rows) / cfg.train.batch_size)
@@ -373,8 +425,9 @@ def train_round(run: OnlineRun, rows: list[dict], r: int, step: int, logger,
         else:
             metrics, ntok = po_step(run.policy, picked, cfg.loss.name, run.kw, cfg.train, run.device)
         if loop.guard_loss(step, cfg.train, {cfg.online.method: torch.tensor(metrics["loss"])}):
-            metrics["grad_norm"], _ = loop.optimizer_step(run.policy, opt, sched, cfg.train, cfg.optim.max_grad_norm,
-                                                          step)
+            metrics["grad_norm"], _ = loop.optimizer_step(
+                run.policy, opt, sched, cfg.train, cfg.optim.max_grad_norm, step
+            )
         else:
             opt.zero_grad(set_to_none=True)
         step += 1
@@ -415,12 +468,21 @@ def sampled_eval(run: OnlineRun, prompts: Batch, gold=None) -> dict:
         return {}
     cfg, n = run.cfg, run.cfg.online.eval_samples
     with loop.autocast(run.device, cfg.train.mixed_precision):
-        batch = sample_batch(run.policy, run.tok, [list(p) for p in prompts["prompt_token_ids"]], n,
-                             cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.train.seed + 424_242)
+        batch = sample_batch(
+            run.policy,
+            run.tok,
+            [list(p) for p in prompts["prompt_token_ids"]],
+            n,
+            cfg.rollout.max_new_tokens,
+            cfg.rollout.temperature,
+            cfg.train.seed + 424_242,
+        )
     batch = batch.union(Batch(meta={k: v for k, v in prompts.meta.items() if k != "prompt_token_ids"}).repeat(n))
     scores = run.reward.score(batch)["scores"].float()
-    m = {"eval/reward_mean": float(scores.mean()),
-         "eval/response_len": float(batch["response_mask"].sum(-1).float().mean())}
+    m = {
+        "eval/reward_mean": float(scores.mean()),
+        "eval/response_len": float(batch["response_mask"].sum(-1).float().mean()),
+    }
     if gold is not None:
         m["eval/gold_reward"] = sum(gold(batch["prompt"], batch["response"])) / len(batch)
     return m
@@ -436,8 +498,9 @@ def _save(run: OnlineRun, out: Path, r: int, step: int, stream: PromptStream) ->
         tmp = root / f".apo_prev-{step}.tmp-{os.getpid()}"
         save_file({k: v.contiguous() for k, v in run.prev.items()}, str(tmp))
         os.replace(tmp, root / f"apo_prev-{step}.safetensors")
-    save_checkpoint(root / f"step-{step}", run.policy, state={"step": step, "round": r + 1,
-                                                             "prompt_position": stream.position})
+    save_checkpoint(
+        root / f"step-{step}", run.policy, state={"step": step, "round": r + 1, "prompt_position": stream.position}
+    )
 
 
 def _resume(run: OnlineRun, out: Path, stream: PromptStream) -> tuple[int, int]:
@@ -468,8 +531,8 @@ def train_online_po(cfg: OnlinePOConfig) -> OnlinePOResult:
     data = prepare_data(cfg.data, tok, expect=("prompt",), seed=cfg.train.seed)
     run = build_run(cfg, device, tok)
     stream = PromptStream(data.train, cfg.train.seed)
-    held = data.eval[:cfg.rollout.eval_prompts]
-    eval_prompts = prompt_batch(held, [10 ** 9 + i for i in range(len(held))], stream.fields)
+    held = data.eval[: cfg.rollout.eval_prompts]
+    eval_prompts = prompt_batch(held, [10**9 + i for i in range(len(held))], stream.fields)
     gold = _gold(cfg, art)
     start, step = _resume(run, out, stream) if cfg.train.resume else (0, 0)
     logger = loop.MetricsLogger(out, start=step)
@@ -487,8 +550,13 @@ def train_online_po(cfg: OnlinePOConfig) -> OnlinePOResult:
         result.evals.append((r + 1, ev))
         logger.log(step, m | ev)
         bar.update(0, reward=m.get("online/reward_mean", float("nan")))
-        loop.checkpoint_step(r + 1, cfg.online.rounds, cfg.train, out,
-                             lambda _: _save(run, out, r, step, stream) or out / "checkpoints" / f"step-{step}")
+        loop.checkpoint_step(
+            r + 1,
+            cfg.online.rounds,
+            cfg.train,
+            out,
+            lambda _: _save(run, out, r, step, stream) or out / "checkpoints" / f"step-{step}",
+        )
     bar.close()
     result.eval = result.evals[-1][1] if result.evals else {}
     logger.close()
@@ -510,17 +578,25 @@ class MPOResult:
 def _check_mpo(cfg: MPOConfig) -> None:
     """The stages' model/data/reward/task/output_dir come from the top level; refuse a value set in dpo.* / rl.*."""
     po, rl = POConfig(), RLConfig()
-    for key, got, default in (("dpo.model", cfg.dpo.model, po.model), ("dpo.ref_model", cfg.dpo.ref_model, ""),
-                              ("dpo.data", cfg.dpo.data, po.data), ("dpo.task", cfg.dpo.task, po.task),
-                              ("dpo.train.output_dir", cfg.dpo.train.output_dir, po.train.output_dir),
-                              ("rl.model", cfg.rl.model, rl.model), ("rl.ref_model", cfg.rl.ref_model, ""),
-                              ("rl.data", cfg.rl.data, rl.data), ("rl.reward", cfg.rl.reward, RewardSourceConfig()),
-                              ("rl.task", cfg.rl.task, rl.task),
-                              ("rl.train.output_dir", cfg.rl.train.output_dir, rl.train.output_dir)):
+    for key, got, default in (
+        ("dpo.model", cfg.dpo.model, po.model),
+        ("dpo.ref_model", cfg.dpo.ref_model, ""),
+        ("dpo.data", cfg.dpo.data, po.data),
+        ("dpo.task", cfg.dpo.task, po.task),
+        ("dpo.train.output_dir", cfg.dpo.train.output_dir, po.train.output_dir),
+        ("rl.model", cfg.rl.model, rl.model),
+        ("rl.ref_model", cfg.rl.ref_model, ""),
+        ("rl.data", cfg.rl.data, rl.data),
+        ("rl.reward", cfg.rl.reward, RewardSourceConfig()),
+        ("rl.task", cfg.rl.task, rl.task),
+        ("rl.train.output_dir", cfg.rl.train.output_dir, rl.train.output_dir),
+    ):
         if got != default:
             top = key.split(".")[-1].replace("ref_model", "model")
-            raise ConfigError(f"{key} is set by mpo from the top-level '{top}' (the DPO model is the RL stage's "
-                              f"initial policy and reference); remove {key}")
+            raise ConfigError(
+                f"{key} is set by mpo from the top-level '{top}' (the DPO model is the RL stage's "
+                f"initial policy and reference); remove {key}"
+            )
     if not loss_spec(cfg.dpo.loss.name, "dpo.loss.name").pairwise:
         raise ConfigError(f"dpo.loss.name={cfg.dpo.loss.name}: MPO's first stage trains on the easy PAIRS")
 
@@ -530,17 +606,24 @@ def score_pairs(path: str, cfg: MPOConfig, tok, reward: RewardRole) -> tuple[lis
     d = cfg.data
     checked = validate(load_records(path, d.split), fmt="preference", on_bad_row=d.on_bad_row, source=path)
     seqs = []
-    for row, where in zip(checked.rows, checked.where):
+    for row, where in zip(checked.rows, checked.where, strict=False):
         fields = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "margin")}
         for side in ("chosen", "rejected"):
             try:
                 enc = encode_pair(tok, row["prompt"], row[side], d.max_prompt_len, d.max_len)
             except DataError as e:
                 raise DataError(f"{where}: field '{side}': {e}") from None
-            seqs.append({"prompt": row["prompt"], "fields": fields, "prompt_ids": enc.input_ids[:enc.prompt_len],
-                         "response_ids": enc.input_ids[enc.prompt_len:]})
-    scores = torch.cat([reward.score(rows_batch(seqs[i:i + 256], tok))["scores"].float().cpu()
-                        for i in range(0, len(seqs), 256)]).view(-1, 2)  # (N, 2): chosen, rejected
+            seqs.append(
+                {
+                    "prompt": row["prompt"],
+                    "fields": fields,
+                    "prompt_ids": enc.input_ids[: enc.prompt_len],
+                    "response_ids": enc.input_ids[enc.prompt_len :],
+                }
+            )
+    scores = torch.cat(
+        [reward.score(rows_batch(seqs[i : i + 256], tok))["scores"].float().cpu() for i in range(0, len(seqs), 256)]
+    ).view(-1, 2)  # (N, 2): chosen, rejected
     return checked.rows, scores[:, 0], scores[:, 1]
 
 
@@ -554,18 +637,31 @@ def mpo_split_pairs(cfg: MPOConfig, po_cfg: POConfig, tok, device) -> tuple[list
     scorer_cfg = dataclasses.replace(cfg.rl, model=po_cfg.model, reward=cfg.reward, task=cfg.task)
     composite = build_sources(cfg.reward, "reward", cfg.task.name, scorer_cfg, device, tok.pad_token_id)
     if composite is None:
-        raise ConfigError("no reward source: set reward.task (e.g. {gold: 1.0}), reward.functions or reward.models "
-                          "(it scores the pairs for the easy/hard split and is the RL stage's reward)")
+        raise ConfigError(
+            "no reward source: set reward.task (e.g. {gold: 1.0}), reward.functions or reward.models "
+            "(it scores the pairs for the easy/hard split and is the RL stage's reward)"
+        )
     rows, chosen, rejected = score_pairs(po_cfg.data.path, cfg, tok, RewardRole(composite))
     easy, hard = mpo_split(chosen, rejected, cfg.mpo.delta)  # (N,) bool each
-    hard_prompts = {json.dumps(rows[i]["prompt"]): {k: v for k, v in rows[i].items()
-                                                    if k not in ("chosen", "rejected", "margin")}
-                    for i in hard.nonzero().flatten().tolist()}
-    stats = {"mpo/pairs": float(len(rows)), "mpo/easy": float(easy.sum()), "mpo/hard": float(hard.sum()),
-             "mpo/hard_prompts": float(len(hard_prompts)), "mpo/gap_mean": float((chosen - rejected).abs().mean()),
-             "mpo/chosen_better": float((chosen > rejected).float().mean())}
-    log.info("MPO split at delta=%g: %d easy pairs, %d hard pairs (%d prompts)", cfg.mpo.delta, int(easy.sum()),
-             int(hard.sum()), len(hard_prompts))
+    hard_prompts = {
+        json.dumps(rows[i]["prompt"]): {k: v for k, v in rows[i].items() if k not in ("chosen", "rejected", "margin")}
+        for i in hard.nonzero().flatten().tolist()
+    }
+    stats = {
+        "mpo/pairs": float(len(rows)),
+        "mpo/easy": float(easy.sum()),
+        "mpo/hard": float(hard.sum()),
+        "mpo/hard_prompts": float(len(hard_prompts)),
+        "mpo/gap_mean": float((chosen - rejected).abs().mean()),
+        "mpo/chosen_better": float((chosen > rejected).float().mean()),
+    }
+    log.info(
+        "MPO split at delta=%g: %d easy pairs, %d hard pairs (%d prompts)",
+        cfg.mpo.delta,
+        int(easy.sum()),
+        int(hard.sum()),
+        len(hard_prompts),
+    )
     return [rows[i] for i in easy.nonzero().flatten().tolist()], list(hard_prompts.values()), stats
 
 
@@ -574,16 +670,22 @@ def train_mpo(cfg: MPOConfig) -> MPOResult:
     """Run MPO as configured (``alignflow mpo``): split by reward gap, DPO on the easy pairs, RL on the hard prompts."""
     _check_mpo(cfg)
     out = check_output_dir(cfg.output_dir, "output_dir")
-    po_cfg = dataclasses.replace(cfg.dpo, model=dataclasses.replace(cfg.model), data=dataclasses.replace(cfg.data),
-                                 task=cfg.task, train=dataclasses.replace(cfg.dpo.train, output_dir=str(out)))
+    po_cfg = dataclasses.replace(
+        cfg.dpo,
+        model=dataclasses.replace(cfg.model),
+        data=dataclasses.replace(cfg.data),
+        task=cfg.task,
+        train=dataclasses.replace(cfg.dpo.train, output_dir=str(out)),
+    )
     art = resolve_po_builtin(po_cfg)  # SFT model and/or gold-labelled pairs of the built-in task when paths are empty
     if art is None and cfg.reward.task and cfg.eval_prompts:
         art = build_task(cfg.task.name, cfg.task, out / "task")
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     loop.set_seed(cfg.dpo.train.seed)
     device = resolve_device(cfg.dpo.train.device)
-    tok = load_tokenizer(po_cfg.model.tokenizer or po_cfg.model.name_or_path, po_cfg.model.revision,
-                         po_cfg.model.trust_remote_code)
+    tok = load_tokenizer(
+        po_cfg.model.tokenizer or po_cfg.model.name_or_path, po_cfg.model.revision, po_cfg.model.trust_remote_code
+    )
     easy, hard_prompts, stats = mpo_split_pairs(cfg, po_cfg, tok, device)
     result = MPOResult(out / "model", stats=stats, output_dir=out)
 
@@ -596,22 +698,34 @@ def train_mpo(cfg: MPOConfig) -> MPOResult:
     if evaluate:
         result.eval["eval/gold_reward_sft"] = sample_eval(policy)
     if easy:  # stage 1: DPO on the easy pairs, reference = the SFT model
-        data = dataclasses.replace(po_cfg.data, path=str(_write(out / "easy_pairs.jsonl", easy)), eval_path="",
-                                   format="preference")
-        result.dpo = train_po(dataclasses.replace(po_cfg, data=data, train=dataclasses.replace(
-            po_cfg.train, output_dir=str(out / "dpo"))))
+        data = dataclasses.replace(
+            po_cfg.data, path=str(_write(out / "easy_pairs.jsonl", easy)), eval_path="", format="preference"
+        )
+        result.dpo = train_po(
+            dataclasses.replace(po_cfg, data=data, train=dataclasses.replace(po_cfg.train, output_dir=str(out / "dpo")))
+        )
         policy = out / "dpo" / "model"
     else:
         log.warning("MPO: no easy pairs at delta=%g; the DPO stage is skipped (the SFT model goes on)", cfg.mpo.delta)
     if evaluate:
         result.eval["eval/gold_reward_dpo"] = sample_eval(policy)
     if hard_prompts:  # stage 2: RL on the hard prompts; the DPO model is the initial policy AND the reference
-        data = dataclasses.replace(cfg.rl.data, path=str(_write(out / "hard_prompts.jsonl", hard_prompts)),
-                                   eval_path=str(art.eval_prompts_path) if art is not None else "")
-        result.rl = train_rl(dataclasses.replace(
-            cfg.rl, model=dataclasses.replace(po_cfg.model, name_or_path=str(policy)), ref_model=str(policy),
-            data=data, reward=cfg.reward, task=cfg.task,
-            train=dataclasses.replace(cfg.rl.train, output_dir=str(out / "rl"))))
+        data = dataclasses.replace(
+            cfg.rl.data,
+            path=str(_write(out / "hard_prompts.jsonl", hard_prompts)),
+            eval_path=str(art.eval_prompts_path) if art is not None else "",
+        )
+        result.rl = train_rl(
+            dataclasses.replace(
+                cfg.rl,
+                model=dataclasses.replace(po_cfg.model, name_or_path=str(policy)),
+                ref_model=str(policy),
+                data=data,
+                reward=cfg.reward,
+                task=cfg.task,
+                train=dataclasses.replace(cfg.rl.train, output_dir=str(out / "rl")),
+            )
+        )
         policy = out / "rl" / "model"
     else:
         log.info("MPO: no hard pairs at delta=%g; the RL stage is skipped", cfg.mpo.delta)

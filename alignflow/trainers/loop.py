@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import json
+import logging
 import math
 import os
 import random
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -63,10 +63,14 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     # The fused kernel (one launch for every parameter) where all parameters are plain CUDA tensors; FSDP2's
     # DTensors and CPU tensors take the default (foreach) implementation.
     params = decay + no_decay
-    fused = bool(params) and all(type(p) is torch.nn.Parameter and p.is_cuda and p.is_floating_point()
-                                 for p in params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             **({"fused": True} if fused else {}))
+    fused = bool(params) and all(type(p) is torch.nn.Parameter and p.is_cuda and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        **({"fused": True} if fused else {}),
+    )
 
 
 def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
@@ -122,20 +126,24 @@ def check_finite(step: int, terms: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, cfg: TrainConfig,
-                   max_grad_norm: float, step: int) -> tuple[float, bool]:
+def optimizer_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, sched, cfg: TrainConfig, max_grad_norm: float, step: int
+) -> tuple[float, bool]:
     """Clip, guard against non-finite gradients, step. Returns (grad_norm, stepped)."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the norm over every rank's shards
         norm = norm.full_tensor()
     if not torch.isfinite(norm):
-        bad = next((n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()),
-                   "?")
+        bad = next(
+            (n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()), "?"
+        )
         opt.zero_grad(set_to_none=True)
         if cfg.on_nonfinite == "error":
-            raise NonFiniteError(f"step {step}: non-finite gradient (first in parameter '{bad}'); "
-                                 f"set train.on_nonfinite=skip to skip such steps")
+            raise NonFiniteError(
+                f"step {step}: non-finite gradient (first in parameter '{bad}'); "
+                f"set train.on_nonfinite=skip to skip such steps"
+            )
         return float("nan"), False
     opt.step()
     sched.step()
@@ -173,8 +181,10 @@ class MetricsLogger:
         self._trackers = open_trackers(self.dir, resume=resume or start > 0, report_to=report_to)
 
     def log(self, step: int, metrics: dict) -> None:
-        row = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
-                                for k, v in metrics.items()}}
+        row = {
+            "step": step,
+            **{k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in metrics.items()},
+        }
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         scalars = {k: v for k, v in row.items() if isinstance(v, float) and k != "step"}
@@ -240,7 +250,9 @@ def bar_command(command: str):
                 return fn(*args, **kwargs)
             finally:
                 _OUTER.pop()
+
         return run
+
     return wrap
 
 
@@ -250,8 +262,9 @@ class Progress:
     ``enabled=None`` shows the bar only on a terminal; ``interrupt=False`` leaves Ctrl-C alone (loops that
     write no checkpoint, such as evaluation)."""
 
-    def __init__(self, total: int, initial: int, enabled: bool | None, desc: str, unit: str = "step",
-                 interrupt: bool = True):
+    def __init__(
+        self, total: int, initial: int, enabled: bool | None, desc: str, unit: str = "step", interrupt: bool = True
+    ):
         from tqdm.auto import tqdm
 
         from alignflow.config import ConfigError
@@ -263,10 +276,19 @@ class Progress:
             desc = bar_label(_OUTER[-1], *desc.split("/")[1:])
         self.label = desc
         if initial > total:  # resumed from a checkpoint past the configured end: nothing would be trained
-            raise ConfigError(f"the checkpoint resumed from is at step {initial}, past this run's last step {total} "
-                              f"(train.max_steps / train.epochs); raise it to train on, or use a new train.output_dir")
-        self.bar = tqdm(total=total, initial=initial, disable=None if enabled is None else not enabled, desc=desc,
-                        unit=unit, bar_format=BAR_FORMAT, dynamic_ncols=True)
+            raise ConfigError(
+                f"the checkpoint resumed from is at step {initial}, past this run's last step {total} "
+                f"(train.max_steps / train.epochs); raise it to train on, or use a new train.output_dir"
+            )
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            disable=None if enabled is None else not enabled,
+            desc=desc,
+            unit=unit,
+            bar_format=BAR_FORMAT,
+            dynamic_ncols=True,
+        )
         self.t0 = time.perf_counter()
         self.tokens = 0
         self.interrupt = interrupt
@@ -291,13 +313,14 @@ class Progress:
 
 def batched(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 @dataclasses.dataclass
 class TrainingLoop:
     """What a supervised-style trainer opens with: the seeded row sampler, the optimiser and scheduler, the step
     to start from (restored from the newest checkpoint under ``train.resume``) and the metrics logger."""
+
     sampler: StepSampler
     total: int
     opt: torch.optim.Optimizer
@@ -306,8 +329,15 @@ class TrainingLoop:
     logger: MetricsLogger
 
 
-def open_loop(model: torch.nn.Module, num_rows: int, optim: OptimConfig, train: TrainConfig, out: Path,
-              seed: int, reports: Iterable = ()) -> TrainingLoop:
+def open_loop(
+    model: torch.nn.Module,
+    num_rows: int,
+    optim: OptimConfig,
+    train: TrainConfig,
+    out: Path,
+    seed: int,
+    reports: Iterable = (),
+) -> TrainingLoop:
     """Sampler over ``num_rows`` rows, optimiser, scheduler, resume and logger (the data ``reports`` logged at the
     start step). Shared by the SFT, reward-model and preference trainers."""
     from alignflow.distributed.checkpoint import latest_checkpoint, load_checkpoint

@@ -38,8 +38,10 @@ def _check_tokenizers(cfg: MergeModelsConfig, tokenizer) -> None:
     vocab = tokenizer.get_vocab()
     for m in cfg.models[1:]:
         if load_tokenizer(m).get_vocab() != vocab:
-            raise ConfigError(f"merge_models: {m} has another tokenizer than {cfg.models[0]}; only models that share "
-                              "a vocabulary can be merged")
+            raise ConfigError(
+                f"merge_models: {m} has another tokenizer than {cfg.models[0]}; only models that share "
+                "a vocabulary can be merged"
+            )
 
 
 def merge_models(cfg: MergeModelsConfig) -> Path:
@@ -59,7 +61,6 @@ def merge_models(cfg: MergeModelsConfig) -> Path:
     target = models[0]
     target.load_state_dict(merged)
     save_model(target, tokenizer, cfg.output)
-    (Path(cfg.output) / "merge.json").write_text(json.dumps({"models": list(cfg.models), "weights": weights},
-                                                            indent=2))
+    (Path(cfg.output) / "merge.json").write_text(json.dumps({"models": list(cfg.models), "weights": weights}, indent=2))
     log.info("merged %s with weights %s into %s", ", ".join(cfg.models), weights, cfg.output)
     return Path(cfg.output)

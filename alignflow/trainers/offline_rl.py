@@ -43,14 +43,19 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from alignflow.algorithms.offline import (alol_advantages, alol_keep_mask, alol_loss, alol_sampling_weights,
-                                          superhf_loss, superhf_select)
+from alignflow.algorithms.offline import (
+    alol_advantages,
+    alol_keep_mask,
+    alol_loss,
+    alol_sampling_weights,
+    superhf_loss,
+    superhf_select,
+)
 from alignflow.batch import Batch
 from alignflow.config import ALoLConfig, ConfigError, SuperHFConfig
 from alignflow.data.formats import DataError, enforce_bad_row_policy, validate
@@ -63,8 +68,15 @@ from alignflow.models import get_lm_head, hidden_states, load_causal_lm, unwrap
 from alignflow.trainers import loop
 from alignflow.trainers.online import evaluate
 from alignflow.trainers.rl_setup import PromptStream, Roles, _frozen_cfg, build_sources, prompt_batch
-from alignflow.trainers.roles import (Optimised, RewardRole, Rollout, eval_mode, micro_batches, response_logprobs,
-                                      scatter_rows)
+from alignflow.trainers.roles import (
+    Optimised,
+    RewardRole,
+    Rollout,
+    eval_mode,
+    micro_batches,
+    response_logprobs,
+    scatter_rows,
+)
 from alignflow.trainers.setup import resolve_builtin, start_run
 
 log = logging.getLogger("alignflow.offline_rl")
@@ -82,11 +94,13 @@ class OfflineRLResult:
 
 
 # ----------------------------------------------------------------------------------------------- shared pieces
-def _reward(cfg, task_name: str, device, pad_id: int, required: bool) -> Optional[RewardRole]:
+def _reward(cfg, task_name: str, device, pad_id: int, required: bool) -> RewardRole | None:
     """The configured reward sources as a RewardRole (RL's ``reward:`` section shape)."""
     if cfg.reward.normalize != "none" or cfg.reward.clip:
-        raise ConfigError("reward.normalize / reward.clip are online-RL options; set them to none / 0 here "
-                          "(SuperHF ranks raw rewards, A-LoL subtracts a value fit to raw rewards)")
+        raise ConfigError(
+            "reward.normalize / reward.clip are online-RL options; set them to none / 0 here "
+            "(SuperHF ranks raw rewards, A-LoL subtracts a value fit to raw rewards)"
+        )
     composite = build_sources(cfg.reward, "reward", task_name, cfg, device, pad_id)
     if composite is None and required:
         raise ConfigError("no reward source: set reward.task (e.g. {gold: 1.0}), reward.functions or reward.models")
@@ -111,7 +125,7 @@ def reference_mode(model, shared: bool):
 def response_logits(model, mb: Batch, pw: int) -> torch.Tensor:
     """Float32 logits (b, rw, V) at the positions that predict the response tokens of a micro-batch."""
     h = hidden_states(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"])  # (b, pw + rw, H)
-    logits = get_lm_head(model)(h[:, pw - 1:-1]).float()  # (b, rw, V): position pw + t - 1 predicts y_t
+    logits = get_lm_head(model)(h[:, pw - 1 : -1]).float()  # (b, rw, V): position pw + t - 1 predicts y_t
     softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
     return torch.tanh(logits / softcap) * softcap if softcap else logits
 
@@ -127,20 +141,21 @@ def _resume(optim: Optimised, out: Path) -> dict:
 
 def _eval_batch(rows: list[dict], limit: int, fields: list[str]) -> Batch:
     rows = rows[:limit]
-    return prompt_batch(rows, [10 ** 9 + i for i in range(len(rows))], fields)
+    return prompt_batch(rows, [10**9 + i for i in range(len(rows))], fields)
 
 
 # ----------------------------------------------------------------------------------------------- SuperHF
 @dataclasses.dataclass
 class SuperHFRun:
     """What one SuperHF step needs: the policy, the prior π_0 (None at β = 0), rollout and reward roles."""
+
     cfg: SuperHFConfig
     policy: nn.Module
-    prior: Optional[nn.Module]
+    prior: nn.Module | None
     shared_prior: bool
     rollout: Rollout
     reward: RewardRole
-    optim: Optional[Optimised]
+    optim: Optimised | None
     device: torch.device
 
 
@@ -153,9 +168,13 @@ def sample_and_select(run: SuperHFRun, prompts: Batch) -> tuple[Batch, dict]:
     rewards = run.reward.score(batch)["scores"].float().cpu().view(-1, n)  # (P, n)
     top = superhf_select(rewards, k)  # (P, k)
     rows = (top + torch.arange(rewards.shape[0])[:, None] * n).flatten()  # (P*k,)
-    m = {"superhf/reward_mean": float(rewards.mean()), "superhf/reward_best": float(rewards.gather(1, top).mean()),
-         "superhf/reward_std": float(rewards.std(dim=1, unbiased=False).mean()), "perf/gen_s": gen_s,
-         "superhf/response_len": float(batch["response_mask"].sum(-1).float().mean())}
+    m = {
+        "superhf/reward_mean": float(rewards.mean()),
+        "superhf/reward_best": float(rewards.gather(1, top).mean()),
+        "superhf/reward_std": float(rewards.std(dim=1, unbiased=False).mean()),
+        "perf/gen_s": gen_s,
+        "superhf/response_len": float(batch["response_mask"].sum(-1).float().mean()),
+    }
     return batch.select(rows), m
 
 
@@ -175,8 +194,9 @@ def superhf_backward(run: SuperHFRun, kept: Batch) -> dict:
             else:
                 with reference_mode(run.prior, run.shared_prior):
                     ref = response_logits(run.prior, mb, pw)  # (b, rw, V)
-            loss, m = superhf_loss(logits, ref, mb["response_ids"], mb["response_mask"], beta=cfg.superhf.beta,
-                                   global_tokens=n_tok)
+            loss, m = superhf_loss(
+                logits, ref, mb["response_ids"], mb["response_mask"], beta=cfg.superhf.beta, global_tokens=n_tok
+            )
         loss.backward()
         share = float(mb["response_mask"].sum()) / n_tok  # metrics are token means of the micro-batch
         totals["loss"] = totals["loss"] + loss.detach()
@@ -247,8 +267,13 @@ def train_superhf(cfg: SuperHFConfig) -> OfflineRLResult:
             logger.log(step + 1, m)
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total:
             logger.log(step + 1, evaluate(roles, eval_prompts, gold))
-        loop.checkpoint_step(step + 1, total, cfg.train, out, lambda path: run.optim.save(
-            path, {"step": step + 1, "prompt_position": stream.position}))
+        loop.checkpoint_step(
+            step + 1,
+            total,
+            cfg.train,
+            out,
+            lambda path: run.optim.save(path, {"step": step + 1, "prompt_position": stream.position}),
+        )
     bar.close()
     result.eval = evaluate(roles, eval_prompts, gold)
     logger.log(total, result.eval)
@@ -267,15 +292,18 @@ def read_offline_rows(path: str, cfg: ALoLConfig, tok) -> tuple[list[dict], list
     d, field_name = cfg.data, cfg.alol.reward_field
     checked = validate(load_records(path, d.split), fmt=d.format, on_bad_row=d.on_bad_row, source=path)
     if checked.format not in ("prompt_completion", "preference"):
-        raise DataError(f"{path}: rows are in '{checked.format}' format; A-LoL needs prompt_completion rows "
-                        "(prompt, completion, optional reward) or preference rows (set data.format to force one)")
+        raise DataError(
+            f"{path}: rows are in '{checked.format}' format; A-LoL needs prompt_completion rows "
+            "(prompt, completion, optional reward) or preference rows (set data.format to force one)"
+        )
     texts = ("completion",) if checked.format == "prompt_completion" else ("chosen", "rejected")
     rows, problems, n_bad, n_cut = [], [], 0, 0
-    for row, where in zip(checked.rows, checked.where):
+    for row, where in zip(checked.rows, checked.where, strict=False):
         reward = row.get(field_name) if checked.format == "prompt_completion" else None
         try:
-            if reward is not None and (isinstance(reward, bool) or not isinstance(reward, (int, float))
-                                       or not math.isfinite(reward)):
+            if reward is not None and (
+                isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward)
+            ):
                 raise DataError(f"field '{field_name}': expected a finite number, got {reward!r:.60}")
             encoded = [encode_pair(tok, row["prompt"], row[t], d.max_prompt_len, d.max_len) for t in texts]
         except DataError as e:
@@ -286,13 +314,22 @@ def read_offline_rows(path: str, cfg: ALoLConfig, tok) -> tuple[list[dict], list
         n_cut += any(enc.truncated for enc in encoded)
         for enc in encoded:
             ids = enc.input_ids
-            rows.append({"prompt": row["prompt"], "fields": fields, "prompt_ids": ids[:enc.prompt_len],
-                         "response_ids": ids[enc.prompt_len:], "reward": None if reward is None else float(reward)})
+            rows.append(
+                {
+                    "prompt": row["prompt"],
+                    "fields": fields,
+                    "prompt_ids": ids[: enc.prompt_len],
+                    "response_ids": ids[enc.prompt_len :],
+                    "reward": None if reward is None else float(reward),
+                }
+            )
     enforce_bad_row_policy(problems, n_bad, len(checked.rows), d.on_bad_row, path)
     reports = [checked.summary()] if checked.skipped else []
     if n_bad or n_cut:  # skipped rows are always reported; so are truncated ones (max_len cuts data)
-        reports.append(f"{path}: {n_bad} rows skipped at tokenisation, {n_cut} rows truncated (data.max_len, "
-                       "data.max_prompt_len)" + "".join(f"\n  {p}" for p in problems[:5]))
+        reports.append(
+            f"{path}: {n_bad} rows skipped at tokenisation, {n_cut} rows truncated (data.max_len, "
+            "data.max_prompt_len)" + "".join(f"\n  {p}" for p in problems[:5])
+        )
     for r in reports:
         log.warning(r)
     return rows, reports
@@ -309,17 +346,28 @@ def rows_batch(rows: list[dict], tok) -> Batch:
     response, response_mask = torch.full((B, Tr), pad), torch.zeros(B, Tr, dtype=torch.long)
     for i, r in enumerate(rows):
         p, y = r["prompt_ids"], r["response_ids"]
-        prompt[i, Tp - len(p):], prompt_mask[i, Tp - len(p):] = torch.tensor(p), 1  # left padding
-        response[i, :len(y)], response_mask[i, :len(y)] = torch.tensor(y), 1  # right padding
+        prompt[i, Tp - len(p) :], prompt_mask[i, Tp - len(p) :] = torch.tensor(p), 1  # left padding
+        response[i, : len(y)], response_mask[i, : len(y)] = torch.tensor(y), 1  # right padding
     attention_mask = torch.cat([prompt_mask, response_mask], 1)  # (B, Tp + Tr)
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    meta = {"prompt": [r["prompt"] for r in rows],
-            "response": tok.batch_decode([r["response_ids"] for r in rows], skip_special_tokens=True)}
+    meta = {
+        "prompt": [r["prompt"] for r in rows],
+        "response": tok.batch_decode([r["response_ids"] for r in rows], skip_special_tokens=True),
+    }
     for key in sorted({k for r in rows for k in r["fields"]}):
         meta[key] = [r["fields"].get(key) for r in rows]
-    return Batch({"prompt_ids": prompt, "prompt_mask": prompt_mask, "response_ids": response,
-                  "response_mask": response_mask, "input_ids": torch.cat([prompt, response], 1),
-                  "attention_mask": attention_mask, "position_ids": position_ids}, meta)
+    return Batch(
+        {
+            "prompt_ids": prompt,
+            "prompt_mask": prompt_mask,
+            "response_ids": response,
+            "response_mask": response_mask,
+            "input_ids": torch.cat([prompt, response], 1),
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+        },
+        meta,
+    )
 
 
 def read_eval_prompts(path: str, cfg: ALoLConfig, tok) -> list[dict]:
@@ -327,9 +375,14 @@ def read_eval_prompts(path: str, cfg: ALoLConfig, tok) -> list[dict]:
     the response texts are kept for the rewards)."""
     checked = validate(load_records(path, cfg.data.split), on_bad_row=cfg.data.on_bad_row, source=path)
     drop = {"completion", "chosen", "rejected", "responses", "completions", "ratings", "label"}
-    return [{**{k: v for k, v in r.items() if k not in drop},
-             "prompt_ids": encode_prompt(tok, r["prompt"], cfg.data.max_prompt_len)}
-            for r in checked.rows if r.get("prompt") is not None]
+    return [
+        {
+            **{k: v for k, v in r.items() if k not in drop},
+            "prompt_ids": encode_prompt(tok, r["prompt"], cfg.data.max_prompt_len),
+        }
+        for r in checked.rows
+        if r.get("prompt") is not None
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- A-LoL: π_ref passes
@@ -351,11 +404,11 @@ def prompt_features(model, prompts: list[list[int]], shared: bool, cfg, device) 
     per = max(1, cfg.train.micro_batch_tokens // width)
     with reference_mode(model, shared):
         for s in range(0, len(prompts), per):
-            chunk = prompts[s:s + per]
+            chunk = prompts[s : s + per]
             ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)  # pad id 0: masked out
             mask = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
             for i, p in enumerate(chunk):
-                ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p, device=device), 1
+                ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p, device=device), 1
             out.append(hidden_states(model, ids, mask)[:, -1].float())  # (c, H): left padding -> last column
     return torch.cat(out)
 
@@ -387,8 +440,12 @@ def fit_value(features: torch.Tensor, index: torch.Tensor, targets: torch.Tensor
     with torch.no_grad():
         values = mlp(x).squeeze(-1) * sd + mu  # (P,) in reward units
     err = (values[index] - targets) ** 2  # (M,)
-    m = {"value/samples": float(len(targets)), "value/ref_reward_mean": float(mu),
-         "value/target_var": float(targets[~held].var(unbiased=False)), "value/mse": float(err[~held].mean())}
+    m = {
+        "value/samples": float(len(targets)),
+        "value/ref_reward_mean": float(mu),
+        "value/target_var": float(targets[~held].var(unbiased=False)),
+        "value/mse": float(err[~held].mean()),
+    }
     m["value/explained_var"] = 1.0 - m["value/mse"] / max(m["value/target_var"], 1e-12)
     if bool(held.any()):
         m["value/val_mse"] = float(err[held].mean())
@@ -403,7 +460,7 @@ def reference_values(policy, shared: bool, rows: list[dict], cfg: ALoLConfig, to
     for r in rows:
         keys.setdefault(tuple(r["prompt_ids"]), r)
     firsts = list(keys.values())
-    fit_rows = firsts[:cfg.value.num_prompts] if cfg.value.num_prompts else firsts
+    fit_rows = firsts[: cfg.value.num_prompts] if cfg.value.num_prompts else firsts
     prompts = [{"prompt": r["prompt"], "prompt_ids": r["prompt_ids"], **r["fields"]} for r in fit_rows]
     fields = sorted({k for p in prompts for k in p} - {"prompt_ids"})
     rollout = Rollout(policy, tok, cfg.rollout, device, cfg.train.mixed_precision, cfg.train.seed)
@@ -413,8 +470,9 @@ def reference_values(policy, shared: bool, rows: list[dict], cfg: ALoLConfig, to
         if shared:
             stack.enter_context(policy.disable_adapter())
         for s in range(0, len(prompts), per):
-            batch = rollout.generate(prompt_batch(prompts[s:s + per], list(range(s, s + min(per, len(prompts) - s))),
-                                                  fields))
+            batch = rollout.generate(
+                prompt_batch(prompts[s : s + per], list(range(s, s + min(per, len(prompts) - s))), fields)
+            )
             scores.append(reward.score(batch)["scores"].float())  # (p*n,)
     targets = torch.cat(scores)  # (F*n,): rows i*n .. i*n+n-1 are prompt i's
     index = torch.arange(len(prompts), device=targets.device).repeat_interleave(n)  # (F*n,)
@@ -429,20 +487,26 @@ def reference_values(policy, shared: bool, rows: list[dict], cfg: ALoLConfig, to
 def precompute(policy, shared: bool, rows: list[dict], cfg: ALoLConfig, tok, reward, device) -> tuple[dict, dict]:
     """Everything π_ref gives, once: rewards R (N,), values V (N,), advantages A (N,), ref log-probs (N, Tr)."""
     if reward is None:
-        raise ConfigError("A-LoL's value estimate scores samples of the reference policy (and rows without a "
-                          f"'{cfg.alol.reward_field}' field): set reward.task (e.g. {{gold: 1.0}}), reward.functions "
-                          "or reward.models")
+        raise ConfigError(
+            "A-LoL's value estimate scores samples of the reference policy (and rows without a "
+            f"'{cfg.alol.reward_field}' field): set reward.task (e.g. {{gold: 1.0}}), reward.functions "
+            "or reward.models"
+        )
     batch = rows_batch(rows, tok).to(device)
     given = [r["reward"] is not None for r in rows]
     scored = reward.score(batch)["scores"].float().cpu() if not all(given) else None  # (N,)
-    rewards = torch.tensor([r["reward"] if r["reward"] is not None else float(scored[i])
-                            for i, r in enumerate(rows)])  # (N,)
+    rewards = torch.tensor(
+        [r["reward"] if r["reward"] is not None else float(scored[i]) for i, r in enumerate(rows)]
+    )  # (N,)
     values, stats = reference_values(policy, shared, rows, cfg, tok, reward, device)
     pre = {"rewards": rewards, "values": values, "advantages": alol_advantages(rewards, values)}
     if cfg.alol.variant != "ref_free":
         pre["ref_logprobs"] = reference_logprobs(policy, batch, shared, cfg).cpu()
-    stats |= {"data/rows": float(len(rows)), "data/rows_scored": float(len(rows) - sum(given)),
-              "data/reward_mean": float(rewards.mean())}
+    stats |= {
+        "data/rows": float(len(rows)),
+        "data/rows_scored": float(len(rows) - sum(given)),
+        "data/reward_mean": float(rewards.mean()),
+    }
     return pre, stats
 
 
@@ -452,12 +516,16 @@ def _load_or_precompute(policy, shared, rows, cfg, tok, reward, device, out: Pat
     if cfg.train.resume and path.exists() and meta.exists():
         pre, stats = load_file(str(path)), json.loads(meta.read_text())
         if pre["rewards"].shape[0] != len(rows):
-            raise ConfigError(f"{path} holds {pre['rewards'].shape[0]} rows but data.path has {len(rows)}; the data "
-                              "changed since the run started (use a fresh train.output_dir)")
+            raise ConfigError(
+                f"{path} holds {pre['rewards'].shape[0]} rows but data.path has {len(rows)}; the data "
+                "changed since the run started (use a fresh train.output_dir)"
+            )
         return pre, stats
     pre, stats = precompute(policy, shared, rows, cfg, tok, reward, device)
-    for target, write in ((path, lambda p: save_file({k: v.contiguous() for k, v in pre.items()}, str(p))),
-                          (meta, lambda p: p.write_text(json.dumps(stats)))):
+    for target, write in (
+        (path, lambda p: save_file({k: v.contiguous() for k, v in pre.items()}, str(p))),
+        (meta, lambda p: p.write_text(json.dumps(stats))),
+    ):
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         write(tmp)
         os.replace(tmp, target)  # atomic: a crash never leaves half a file
@@ -474,8 +542,16 @@ def alol_backward(policy, batch: Batch, cfg: ALoLConfig, device) -> tuple[torch.
     for idx, mb, pw in micro_batches(batch, cfg.train.micro_batch_tokens):
         with loop.autocast(device, cfg.train.mixed_precision):
             lp, _ = response_logprobs(policy, mb, pw, 1.0, False)  # (b, rw)
-            loss, m = alol_loss(lp, mb.get("ref_logprobs"), mb["response_mask"], mb["seq_advantages"],
-                                variant=a.variant, clip=a.clip, kl_beta=a.kl_beta, reduction="sum")
+            loss, m = alol_loss(
+                lp,
+                mb.get("ref_logprobs"),
+                mb["response_mask"],
+                mb["seq_advantages"],
+                variant=a.variant,
+                clip=a.clip,
+                kl_beta=a.kl_beta,
+                reduction="sum",
+            )
         (loss / n).backward()  # the mean over the step's rows, whatever the split
         total = total + loss.detach() / n
         for k, v in m.items():
@@ -484,7 +560,7 @@ def alol_backward(policy, batch: Batch, cfg: ALoLConfig, device) -> tuple[torch.
     return total, {names.get(k, k): v for k, v in sums.items() if k != "alol/kept_fraction"}
 
 
-def _step_rows(step: int, cfg: ALoLConfig, sampler: loop.StepSampler, probs: Optional[torch.Tensor]):
+def _step_rows(step: int, cfg: ALoLConfig, sampler: loop.StepSampler, probs: torch.Tensor | None):
     if probs is None:
         return sampler.rows(step)
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)  # resumable: a function of the step
@@ -504,18 +580,28 @@ def train_alol(cfg: ALoLConfig) -> OfflineRLResult:
     pre, stats = _load_or_precompute(policy, shared, rows, cfg, tok, reward, device, out)
     keep = alol_keep_mask(pre["advantages"])  # (N,)
     kept = int(keep.sum())
-    stats |= {"alol/kept_rows": float(kept), "alol/dropped_rows": float(len(rows) - kept),
-              "alol/kept_fraction": kept / len(rows)}
-    log.info("A-LoL: %d of %d rows have a positive advantage (%d dropped); value fit explained variance %.3f",
-             kept, len(rows), len(rows) - kept, stats["value/explained_var"])
+    stats |= {
+        "alol/kept_rows": float(kept),
+        "alol/dropped_rows": float(len(rows) - kept),
+        "alol/kept_fraction": kept / len(rows),
+    }
+    log.info(
+        "A-LoL: %d of %d rows have a positive advantage (%d dropped); value fit explained variance %.3f",
+        kept,
+        len(rows),
+        len(rows) - kept,
+        stats["value/explained_var"],
+    )
     if kept == 0:
-        raise DataError(f"{cfg.data.path}: no row has R - V_ref > 0 (mean R {stats['data/reward_mean']:.3f}, "
-                        f"pi_ref's mean {stats['value/ref_reward_mean']:.3f}); A-LoL has nothing to train on")
+        raise DataError(
+            f"{cfg.data.path}: no row has R - V_ref > 0 (mean R {stats['data/reward_mean']:.3f}, "
+            f"pi_ref's mean {stats['value/ref_reward_mean']:.3f}); A-LoL has nothing to train on"
+        )
     idx = keep.nonzero().flatten()
     train = rows_batch([rows[i] for i in idx.tolist()], tok)
     train["seq_advantages"] = pre["advantages"][idx]  # (K,); not "advantages", a (B, Tr) field
     if "ref_logprobs" in pre:
-        train["ref_logprobs"] = pre["ref_logprobs"][idx][:, :train["response_mask"].shape[1]]
+        train["ref_logprobs"] = pre["ref_logprobs"][idx][:, : train["response_mask"].shape[1]]
     train = train.to(device)
     sampler = loop.StepSampler(kept, cfg.train.batch_size, cfg.train.seed)
     total = sampler.total_steps(cfg.train)
@@ -553,5 +639,8 @@ def _alol_eval(cfg: ALoLConfig, policy, tok, reward, art, device) -> dict:
     rows = read_eval_prompts(cfg.data.eval_path, cfg, tok)
     fields = sorted({k for r in rows for k in r} - {"prompt_ids"})
     rollout = Rollout(policy, tok, cfg.rollout, device, cfg.train.mixed_precision, cfg.train.seed)
-    return evaluate(Roles(rollout=rollout, actor=None, reward=reward), _eval_batch(rows, cfg.rollout.eval_prompts,
-                                                                                    fields), _gold(cfg, art))
+    return evaluate(
+        Roles(rollout=rollout, actor=None, reward=reward),
+        _eval_batch(rows, cfg.rollout.eval_prompts, fields),
+        _gold(cfg, art),
+    )

@@ -59,8 +59,14 @@ from alignflow.data.pipeline import prepare_data
 from alignflow.distributed.checkpoint import latest_checkpoint
 from alignflow.rewards import RunningNorm
 from alignflow.trainers import loop, multiturn_rl
-from alignflow.trainers.rl_algos import (AdvContext, Resolved, advantage_metrics, compute_advantages, resolve,
-                                         truncated_is_weights)
+from alignflow.trainers.rl_algos import (
+    AdvContext,
+    Resolved,
+    advantage_metrics,
+    compute_advantages,
+    resolve,
+    truncated_is_weights,
+)
 from alignflow.trainers.rl_filter import filter_rollouts
 from alignflow.trainers.rl_par import ReferenceScores, shape_with_references
 from alignflow.trainers.rl_setup import PromptStream, Roles, build_roles, needed_roles, prompt_batch
@@ -72,6 +78,7 @@ log = logging.getLogger("alignflow.rl")
 @dataclasses.dataclass
 class RLState:
     """Everything besides model/optimiser weights that a resumed run must restore."""
+
     prompts: PromptStream
     kl: object  # Fixed/AdaptiveKLController
     lagrange: object = None  # LagrangeMultiplier (Safe RLHF)
@@ -81,9 +88,13 @@ class RLState:
     refs: object = None  # rl_par.ReferenceScores (reward.shaping), a cache rebuilt after a resume
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "prompt_position": self.prompts.position, "kl": self.kl.state_dict(),
-                "lagrange": self.lagrange.state_dict() if self.lagrange else None,
-                "reward_norm": self.reward_norm.state_dict() if self.reward_norm else None}
+        return {
+            "step": self.step,
+            "prompt_position": self.prompts.position,
+            "kl": self.kl.state_dict(),
+            "lagrange": self.lagrange.state_dict() if self.lagrange else None,
+            "reward_norm": self.reward_norm.state_dict() if self.reward_norm else None,
+        }
 
     def load_state_dict(self, s: dict) -> None:
         self.step, self.prompts.position = int(s["step"]), int(s["prompt_position"])
@@ -115,8 +126,10 @@ class _Tally:
 
     def add(self, batch: Batch) -> None:
         self.rows += len(batch)
-        cols = {"rollout/response_len": batch["response_mask"].sum(-1).float(),
-                "rollout/truncated_frac": torch.tensor([float(r == "length") for r in batch["finish_reason"]])}
+        cols = {
+            "rollout/response_len": batch["response_mask"].sum(-1).float(),
+            "rollout/truncated_frac": torch.tensor([float(r == "length") for r in batch["finish_reason"]]),
+        }
         for key in [k for k in batch.tensors if k.startswith(("scores/", "costs/"))]:
             kind = "reward" if key.startswith("scores/") else "cost"
             cols[f"rollout/{kind}_{key.split('/', 1)[1]}_mean"] = batch[key]
@@ -157,8 +170,9 @@ def collect_rollouts(roles: Roles, st: RLState, cfg: RLConfig, tally: _Tally) ->
             L = cfg.rollout.max_new_tokens
             pen = overlong_penalty(batch["response_mask"].sum(-1), L, cfg.dapo.overlong_cache_len or max(1, L // 4))
             batch["scores"] = batch["scores"] + pen.to(batch["scores"].device)
-            tally.sums["rollout/overlong_penalty_mean"] = tally.sums.get("rollout/overlong_penalty_mean", 0.0) + \
-                float(pen.sum())
+            tally.sums["rollout/overlong_penalty_mean"] = tally.sums.get("rollout/overlong_penalty_mean", 0.0) + float(
+                pen.sum()
+            )
         if cfg.dapo.dynamic_sampling:
             batch = batch.select(dynamic_sampling_filter(batch["scores"], n))
         kept.append(batch)
@@ -169,8 +183,13 @@ def collect_rollouts(roles: Roles, st: RLState, cfg: RLConfig, tally: _Tally) ->
     if cfg.dapo.dynamic_sampling:
         m["rollout/kept_groups"] = float(min(groups, want))
         if groups < want:
-            log.warning("step %d: dynamic sampling found %d of %d informative groups in %d rounds; training on those",
-                        st.step, groups, want, rounds)
+            log.warning(
+                "step %d: dynamic sampling found %d of %d informative groups in %d rounds; training on those",
+                st.step,
+                groups,
+                want,
+                rounds,
+            )
     kept = [b for b in kept if len(b)]
     if not kept:
         return None, m
@@ -198,7 +217,7 @@ def greedy_baseline(roles: Roles, batch: Batch, cfg: RLConfig) -> tuple[Batch, f
     ids, mask = first["prompt_ids"], first["prompt_mask"]
     skip = {"response", "finish_reason", "prompt_index"}
     meta = {k: v for k, v in first.meta.items() if k not in skip}
-    meta["prompt_token_ids"] = [i[m.bool()].tolist() for i, m in zip(ids, mask)]
+    meta["prompt_token_ids"] = [i[m.bool()].tolist() for i, m in zip(ids, mask, strict=False)]
     t0 = time.perf_counter()
     greedy = roles.rollout.generate(Batch(meta=meta), greedy=True)
     secs = time.perf_counter() - t0
@@ -218,7 +237,7 @@ def reuse_sampling_logprobs(cfg: RLConfig, rows: int) -> bool:
     """
     mode = cfg.algo.old_logprobs
     if cfg.rollout.backend != "builtin":  # vLLM samples with its own kernels in bf16 (``sampling`` is refused by
-        return False                      # rl_algos.resolve): never reuse its log-probs
+        return False  # rl_algos.resolve): never reuse its log-probs
     if mode == "auto":
         return cfg.algo.ppo_epochs == 1 and cfg.train.batch_size >= rows
     return mode == "sampling"
@@ -230,22 +249,31 @@ def prepare(roles: Roles, batch: Batch, st: RLState, cfg: RLConfig, algo: Resolv
     reuse = reuse_sampling_logprobs(cfg, len(batch))
     # four independent reads of the same batch: started together, so roles on separate workers (split placement)
     # compute at the same time; in one process each call simply runs in turn
-    calls = [roles.ref.submit("logprobs", batch) if beta > 0 else None,
-             None if reuse else roles.actor.submit("logprobs", batch),
-             roles.critic.submit("values", batch) if roles.critic is not None else None,
-             roles.cost_critic.submit("values", batch) if roles.cost_critic is not None else None]
+    calls = [
+        roles.ref.submit("logprobs", batch) if beta > 0 else None,
+        None if reuse else roles.actor.submit("logprobs", batch),
+        roles.critic.submit("values", batch) if roles.critic is not None else None,
+        roles.cost_critic.submit("values", batch) if roles.cost_critic is not None else None,
+    ]
     for call in calls:
         if call is not None:
             batch = batch.union(call.result())
     if reuse:
         batch["old_logprobs"] = batch["sampling_logprobs"]  # the actor then measures the entropy in its update
     if cfg.algo.is_correction == "tis" and not reuse:
-        batch["is_weights"] = truncated_is_weights(batch["old_logprobs"], batch["sampling_logprobs"],
-                                                   batch["response_mask"], cfg.algo.is_cap)
-    ctx = AdvContext(beta=beta if algo.kl_placement == "reward" else 0.0, estimator=algo.kl_estimator,
-                     gamma=cfg.algo.gamma, lam=cfg.algo.lam, whiten=cfg.algo.whiten_advantages,
-                     reinforce_pp_baseline=cfg.algo.reinforce_pp_baseline,
-                     lagrange=st.lagrange.value if st.lagrange else 0.0, token_clip=cfg.cost.token_clip or None)
+        batch["is_weights"] = truncated_is_weights(
+            batch["old_logprobs"], batch["sampling_logprobs"], batch["response_mask"], cfg.algo.is_cap
+        )
+    ctx = AdvContext(
+        beta=beta if algo.kl_placement == "reward" else 0.0,
+        estimator=algo.kl_estimator,
+        gamma=cfg.algo.gamma,
+        lam=cfg.algo.lam,
+        whiten=cfg.algo.whiten_advantages,
+        reinforce_pp_baseline=cfg.algo.reinforce_pp_baseline,
+        lagrange=st.lagrange.value if st.lagrange else 0.0,
+        token_clip=cfg.cost.token_clip or None,
+    )
     return batch.union(compute_advantages(batch, algo, ctx, cfg.algo.advantage_clip))
 
 
@@ -297,8 +325,9 @@ def rl_step(roles: Roles, st: RLState, cfg: RLConfig, algo: Resolved) -> dict:
         m["rollout/greedy_reward_mean"] = float(greedy["greedy_scores"].mean())
     if st.refs is not None:
         m |= shape_with_references(roles, batch, cfg, st.refs)
-    batch, filtered = filter_rollouts(batch, algo.sample_filter, cfg.algo.filter_range, cfg.train.seed, st.step,
-                                      st.gold)
+    batch, filtered = filter_rollouts(
+        batch, algo.sample_filter, cfg.algo.filter_range, cfg.train.seed, st.step, st.gold
+    )
     m |= filtered
     shape_rewards(batch, st, cfg)
     batch = prepare(roles, batch, st, cfg, algo)
@@ -306,8 +335,11 @@ def rl_step(roles: Roles, st: RLState, cfg: RLConfig, algo: Resolved) -> dict:
     m |= after_update(batch, st)
     m |= advantage_metrics(batch) | batch_metrics(batch)
     step_s = time.perf_counter() - t0
-    m |= {"perf/step_s": step_s, "perf/tokens_per_s": float(batch["attention_mask"].sum()) / step_s,
-          "perf/gen_share": m["perf/gen_s"] / step_s}
+    m |= {
+        "perf/step_s": step_s,
+        "perf/tokens_per_s": float(batch["attention_mask"].sum()) / step_s,
+        "perf/gen_share": m["perf/gen_s"] / step_s,
+    }
     return m
 
 
@@ -318,8 +350,9 @@ def batch_metrics(batch: Batch) -> dict:
     out = {"policy/entropy": float(masked_mean(batch["entropy"], mask))} if "entropy" in batch else {}
     if "is_weights" in batch:
         out["rollout/is_weight_mean"] = float(masked_mean(batch["is_weights"], mask))
-        out["rollout/logprob_abs_diff"] = float(masked_mean((batch["old_logprobs"] -
-                                                             batch["sampling_logprobs"]).abs(), mask))
+        out["rollout/logprob_abs_diff"] = float(
+            masked_mean((batch["old_logprobs"] - batch["sampling_logprobs"]).abs(), mask)
+        )
     return out
 
 
@@ -335,8 +368,10 @@ def evaluate(roles: Roles, prompts: Batch, gold=None, chunk: int = 64) -> dict:
         out = roles.rollout.generate(piece, greedy=True)
         parts.append(out.union(roles.reward.score(out)))
     batch = cat_rollouts(parts)
-    m = {"eval/reward_mean": float(batch["scores"].mean()),
-         "eval/response_len": float(batch["response_mask"].sum(-1).float().mean())}
+    m = {
+        "eval/reward_mean": float(batch["scores"].mean()),
+        "eval/response_len": float(batch["response_mask"].sum(-1).float().mean()),
+    }
     for key in [k for k in batch.tensors if k.startswith("scores/")]:
         m[f"eval/reward_{key.split('/', 1)[1]}_mean"] = float(batch[key].mean())
     if gold is not None:
@@ -346,8 +381,10 @@ def evaluate(roles: Roles, prompts: Batch, gold=None, chunk: int = 64) -> dict:
 
 # rollout source and evaluation per mode: single-turn generation, or multi-turn episodes (env.*, multiturn_rl.py)
 ROLLOUT_SOURCES = {"single": collect_rollouts, "episodes": multiturn_rl.collect_episodes}
-EVALUATIONS = {"single": lambda roles, prompts, gold, cfg: evaluate(roles, prompts, gold),
-               "episodes": multiturn_rl.evaluate_episodes}
+EVALUATIONS = {
+    "single": lambda roles, prompts, gold, cfg: evaluate(roles, prompts, gold),
+    "episodes": multiturn_rl.evaluate_episodes,
+}
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -384,8 +421,13 @@ def _sizes(cfg: RLConfig, num_prompts: int) -> tuple[int, int]:
 
 def _state(cfg: RLConfig, algo: Resolved, rows: list) -> RLState:
     kl = make_kl_controller(cfg.kl.controller, cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
-    lagrange = LagrangeMultiplier(cfg.cost.lambda_init, cfg.cost.lambda_lr, cfg.cost.lambda_max, cfg.cost.threshold,
-                                  cfg.cost.window) if algo.cost else None
+    lagrange = (
+        LagrangeMultiplier(
+            cfg.cost.lambda_init, cfg.cost.lambda_lr, cfg.cost.lambda_max, cfg.cost.threshold, cfg.cost.window
+        )
+        if algo.cost
+        else None
+    )
     norm = RunningNorm() if cfg.reward.normalize != "none" else None
     refs = ReferenceScores(cfg.reward.reference_greedy) if cfg.reward.shaping != "none" else None
     return RLState(PromptStream(rows, cfg.train.seed), kl, lagrange, norm, refs=refs)
@@ -398,24 +440,49 @@ def _gold(cfg: RLConfig, art):
     return art.gold_reward if art is not None else (get_task(cfg.task.name).gold_reward if cfg.reward.task else None)
 
 
-def recover(roles: Roles, st: RLState, cfg: RLConfig, algo: Resolved, rows: list, out: Path, err: Exception,
-            logger, restarts: int) -> int:
+def recover(
+    roles: Roles,
+    st: RLState,
+    cfg: RLConfig,
+    algo: Resolved,
+    rows: list,
+    out: Path,
+    err: Exception,
+    logger,
+    restarts: int,
+) -> int:
     """A worker died: recreate the worker sets, reload the last checkpoint (or start over without one) and log
     the event. Returns the step to go on from. Only Ray placements recover; the error is re-raised otherwise,
     and after ``resources.max_restarts`` restarts."""
     if roles.placement is None or restarts >= cfg.resources.max_restarts:
         raise err
-    log.warning("step %d: %s; restarting the workers (restart %d of at most %d)", st.step, err, restarts + 1,
-                cfg.resources.max_restarts)
+    log.warning(
+        "step %d: %s; restarting the workers (restart %d of at most %d)",
+        st.step,
+        err,
+        restarts + 1,
+        cfg.resources.max_restarts,
+    )
     failed_at = st.step
     roles.placement.restart()
     fresh = _state(cfg, algo, rows)
-    st.prompts, st.kl, st.lagrange, st.reward_norm, st.step = fresh.prompts, fresh.kl, fresh.lagrange, \
-        fresh.reward_norm, 0
+    st.prompts, st.kl, st.lagrange, st.reward_norm, st.step = (
+        fresh.prompts,
+        fresh.kl,
+        fresh.lagrange,
+        fresh.reward_norm,
+        0,
+    )
     step = resume(roles, st, out)
     logger.rewind(step)  # the steps after the checkpoint are done again
-    logger.log(step, {"event/worker_lost": str(err).splitlines()[0], "event/failed_at_step": failed_at,
-                      "event/resumed_from_step": step})
+    logger.log(
+        step,
+        {
+            "event/worker_lost": str(err).splitlines()[0],
+            "event/failed_at_step": failed_at,
+            "event/resumed_from_step": step,
+        },
+    )
     return step
 
 
@@ -450,8 +517,8 @@ def _run(cfg: RLConfig, algo: Resolved, roles: Roles, data, total: int, out: Pat
     """The step loop of :func:`train_rl`: resume, evaluate, step, log, save; recover from a lost worker."""
     st = _state(cfg, algo, data.train)
     start = resume(roles, st, out) if cfg.train.resume else 0
-    held_out = data.eval[:cfg.rollout.eval_prompts]
-    eval_prompts = prompt_batch(held_out, [10 ** 9 + i for i in range(len(held_out))], st.prompts.fields)
+    held_out = data.eval[: cfg.rollout.eval_prompts]
+    eval_prompts = prompt_batch(held_out, [10**9 + i for i in range(len(held_out))], st.prompts.fields)
     gold = st.gold = _gold(cfg, art)
     logger = loop.MetricsLogger(out, start=start)
     for r in data.reports:
@@ -479,12 +546,14 @@ def _run(cfg: RLConfig, algo: Resolved, roles: Roles, data, total: int, out: Pat
         except lost as err:
             step = recover(roles, st, cfg, algo, data.train, out, err, logger, restarts)
             restarts += 1
-            del result.history[max(step - start, 0):]  # the steps after the checkpoint are done again
+            del result.history[max(step - start, 0) :]  # the steps after the checkpoint are done again
             result.evals = [(s, e) for s, e in result.evals if s <= step]
             continue
         result.history.append(m)
-        bar.update(int(m.get("perf/tokens_per_s", 0) * m.get("perf/step_s", 0)),
-                   reward=m.get("rollout/reward_mean", float("nan")))
+        bar.update(
+            int(m.get("perf/tokens_per_s", 0) * m.get("perf/step_s", 0)),
+            reward=m.get("rollout/reward_mean", float("nan")),
+        )
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
             logger.log(step + 1, m)
         step += 1

@@ -64,7 +64,7 @@ def pm_step(model, pairs: list[dict], cfg: PMConfig, pad_id: int, device, max_le
         chunk = [seqs[i][0] for i in g] + [seqs[i][1] for i in g]
         with loop.autocast(device, cfg.train.mixed_precision):
             z = pair_logits(model, chunk, pad_id, device)  # (2b,)
-        loss, m = pairwise_preference_loss(z[:len(g)], z[len(g):], cfg.pm.symmetric)
+        loss, m = pairwise_preference_loss(z[: len(g)], z[len(g) :], cfg.pm.symmetric)
         (loss * len(g) / n).backward()
         sums += torch.stack([loss.detach()] + [m[k] for k in METRICS]) * len(g)
         tokens += sum(len(s) for s, _ in chunk)
@@ -75,14 +75,15 @@ def pm_step(model, pairs: list[dict], cfg: PMConfig, pad_id: int, device, max_le
 
 
 @torch.no_grad()
-def evaluate_pm(model, pairs: list[dict], symmetric: bool, pad_id: int, device, max_len: int,
-                budget: int = 8192) -> dict:
+def evaluate_pm(
+    model, pairs: list[dict], symmetric: bool, pad_id: int, device, max_len: int, budget: int = 8192
+) -> dict:
     """Held-out metrics (see the module docstring); {} without pairs."""
     if not pairs:
         return {}
     seqs = [both_orders(p, max_len) for p in pairs]
     z = score_pairs(model, [a for a, _ in seqs] + [b for _, b in seqs], pad_id, device, budget)
-    z_ab, z_ba = z[:len(pairs)], z[len(pairs):]
+    z_ab, z_ba = z[: len(pairs)], z[len(pairs) :]
     loss, m = pairwise_preference_loss(z_ab, z_ba, symmetric)
     if symmetric:
         logit = 0.5 * (z_ab - z_ba)
@@ -90,8 +91,11 @@ def evaluate_pm(model, pairs: list[dict], symmetric: bool, pad_id: int, device, 
         p = (0.5 * (torch.sigmoid(z_ab) + 1.0 - torch.sigmoid(z_ba))).clamp(1e-6, 1 - 1e-6)
         logit = torch.log(p) - torch.log1p(-p)
     out = {f"eval/{k.split('/', 1)[1]}": float(v) for k, v in m.items()}
-    return out | {"eval/loss": float(loss), "eval/accuracy_sym": float((logit > 0).float().mean()),
-                  "eval/ece": calibration_error(logit)}
+    return out | {
+        "eval/loss": float(loss),
+        "eval/accuracy_sym": float((logit > 0).float().mean()),
+        "eval/ece": calibration_error(logit),
+    }
 
 
 def train_pm(cfg: PMConfig) -> PMResult:
@@ -111,22 +115,28 @@ def train_pm(cfg: PMConfig) -> PMResult:
         rows = [data.train[i] for i in run.sampler.rows(step)]
         metrics, ntok = pm_step(model, rows, cfg, pad_id, device, max_len)
         if loop.guard_loss(step, cfg.train, {"pm": torch.tensor(metrics["loss"])}):
-            metrics["grad_norm"], _ = loop.optimizer_step(model, run.opt, run.sched, cfg.train,
-                                                          cfg.optim.max_grad_norm, step)
+            metrics["grad_norm"], _ = loop.optimizer_step(
+                model, run.opt, run.sched, cfg.train, cfg.optim.max_grad_norm, step
+            )
         else:
             run.opt.zero_grad(set_to_none=True)
         metrics |= {"lr": run.sched.get_last_lr()[0], "perf/tokens_per_s": ntok / (time.perf_counter() - t0)}
         losses.append(metrics["loss"])
         bar.update(ntok, loss=metrics["loss"])
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == run.total:
-            run.logger.log(step + 1, {f"train/{k}" if k in ("loss", "lr", "grad_norm") else k: v
-                                      for k, v in metrics.items()})
-        loop.checkpoint_step(step + 1, run.total, cfg.train, out,
-                             lambda path, s=step: save_checkpoint(path, model, run.opt, run.sched, {"step": s + 1}))
+            run.logger.log(
+                step + 1, {f"train/{k}" if k in ("loss", "lr", "grad_norm") else k: v for k, v in metrics.items()}
+            )
+        loop.checkpoint_step(
+            step + 1,
+            run.total,
+            cfg.train,
+            out,
+            lambda path, s=step: save_checkpoint(path, model, run.opt, run.sched, {"step": s + 1}),
+        )
     bar.close()
     result = PMResult(model, tokenizer, losses, output_dir=out)
-    result.eval = evaluate_pm(model, data.eval, cfg.pm.symmetric, pad_id, device, max_len,
-                              cfg.train.micro_batch_tokens)
+    result.eval = evaluate_pm(model, data.eval, cfg.pm.symmetric, pad_id, device, max_len, cfg.train.micro_batch_tokens)
     run.logger.log(run.total, result.eval)
     run.logger.close()
     save_model(model, tokenizer, out / "model")

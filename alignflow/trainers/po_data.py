@@ -44,7 +44,7 @@ def rank_samples(prompts: list[str], samples: list[list[str]], gold, noise: floa
     P(order) = prod_k exp(g_k / noise) / sum_{i >= k} exp(g_i / noise) by sorting g / noise + Gumbel noise
     (noise 0: sorted by gold)."""
     rng, rows = random.Random(seed), []
-    for p, ss in zip(prompts, samples):
+    for p, ss in zip(prompts, samples, strict=False):
         distinct = list(dict.fromkeys(s for s in ss if s.strip()))
         if len(distinct) < 2:
             continue
@@ -57,12 +57,16 @@ def rank_samples(prompts: list[str], samples: list[list[str]], gold, noise: floa
 
 def to_unpaired(pairs: list[dict]) -> list[dict]:
     """Preference pairs -> unpaired rows: the chosen answer desirable, the rejected one undesirable."""
-    return [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
-            for r in pairs for side in ("chosen", "rejected")]
+    return [
+        {"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+        for r in pairs
+        for side in ("chosen", "rejected")
+    ]
 
 
-def sample_texts(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
-                 seed: int) -> list[list[str]]:
+def sample_texts(
+    model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, temperature: float, seed: int
+) -> list[list[str]]:
     """``n`` decoded answers per prompt from the built-in engine (prompts tokenised as plain text, as in SFT)."""
     return sample(model, tokenizer, prompts, n, max_new_tokens, temperature, seed)[0]
 
@@ -82,13 +86,26 @@ def builtin_sft(cfg: POConfig, art, out: Path) -> Path:
     marker = out / "sft.key"
     if not (_cached(marker, key) and (out / "sft" / "model").is_dir()):
         log.info("built-in data: SFT of the '%s' task's model for %d steps", cfg.task.name, b.sft_steps)
-        train_sft(from_dict(SFTConfig, {
-            "model": {"name_or_path": str(art.model_dir), "tokenizer": str(art.tokenizer_dir)},
-            "data": {"path": str(art.sft_path), "max_len": 128, "eval_fraction": 0.0},
-            "optim": {"lr": b.sft_lr, "warmup_ratio": 0.05},
-            "train": {"output_dir": str(out / "sft"), "batch_size": 32, "max_steps": b.sft_steps,
-                      "seed": cfg.train.seed, "progress": cfg.train.progress, "device": cfg.train.device,
-                      "num_threads": cfg.train.num_threads, "overwrite": True}}))  # a stale cache is replaced
+        train_sft(
+            from_dict(
+                SFTConfig,
+                {
+                    "model": {"name_or_path": str(art.model_dir), "tokenizer": str(art.tokenizer_dir)},
+                    "data": {"path": str(art.sft_path), "max_len": 128, "eval_fraction": 0.0},
+                    "optim": {"lr": b.sft_lr, "warmup_ratio": 0.05},
+                    "train": {
+                        "output_dir": str(out / "sft"),
+                        "batch_size": 32,
+                        "max_steps": b.sft_steps,
+                        "seed": cfg.train.seed,
+                        "progress": cfg.train.progress,
+                        "device": cfg.train.device,
+                        "num_threads": cfg.train.num_threads,
+                        "overwrite": True,
+                    },
+                },
+            )
+        )  # a stale cache is replaced
         marker.write_text(key)
     return out / "sft" / "model"
 
@@ -102,12 +119,17 @@ def builtin_rows(cfg: POConfig, art, fmt: str, out: Path) -> Path:
     marker = out / f"{fmt}.key"
     if _cached(marker, key) and path.exists():
         return path
-    prompts = [r["prompt"] for r in read_jsonl(art.prompts_path)[:b.num_prompts]]
+    prompts = [r["prompt"] for r in read_jsonl(art.prompts_path)[: b.num_prompts]]
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision)
-    policy = load_causal_lm(ModelConfig(name_or_path=cfg.model.name_or_path, dtype=cfg.model.dtype),
-                            resolve_device(cfg.train.device))
-    log.info("built-in data: %d prompts x %d samples from %s, labelled by the gold reward", len(prompts),
-             b.samples_per_prompt, cfg.model.name_or_path)
+    policy = load_causal_lm(
+        ModelConfig(name_or_path=cfg.model.name_or_path, dtype=cfg.model.dtype), resolve_device(cfg.train.device)
+    )
+    log.info(
+        "built-in data: %d prompts x %d samples from %s, labelled by the gold reward",
+        len(prompts),
+        b.samples_per_prompt,
+        cfg.model.name_or_path,
+    )
     samples = sample_texts(policy, tok, prompts, b.samples_per_prompt, b.max_new_tokens, b.temperature, cfg.train.seed)
     if fmt == "ranked":
         rows = rank_samples(prompts, samples, art.gold_reward, cfg.task.label_noise, cfg.train.seed)
@@ -141,5 +163,7 @@ def gold_eval(model, tokenizer, art, num_prompts: int, max_new_tokens: int, seed
     """Mean gold reward of 2 samples (temperature 1) per held-out prompt of the task."""
     prompts = [r["prompt"] for r in read_jsonl(art.eval_prompts_path)[:num_prompts]]
     samples = sample_texts(model, tokenizer, prompts, 2, max_new_tokens, 1.0, seed)
-    g = art.gold_reward([p for p, ss in zip(prompts, samples) for _ in ss], [s for ss in samples for s in ss])
+    g = art.gold_reward(
+        [p for p, ss in zip(prompts, samples, strict=False) for _ in ss], [s for ss in samples for s in ss]
+    )
     return sum(g) / len(g)

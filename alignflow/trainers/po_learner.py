@@ -39,14 +39,18 @@ class POLearner(TrainedRole):
         metrics, ntok = po_rows.po_step(self.model, rows["row"], loss, loss_kw, self.train_cfg, self.device)
         name = loss if isinstance(loss, str) else getattr(loss, "__name__", "loss")
         out = self.optim.step({name: torch.tensor(metrics["loss"])}, label)
-        return metrics | {"grad_norm": out.get("grad_norm", float("nan")), "lr": self.optim.sched.get_last_lr()[0],
-                          "tokens": float(ntok)}
+        return metrics | {
+            "grad_norm": out.get("grad_norm", float("nan")),
+            "lr": self.optim.sched.get_last_lr()[0],
+            "tokens": float(ntok),
+        }
 
     @dispatch("split")
     def evaluate(self, rows: Batch, loss, loss_kw: dict) -> dict:
         with torch.no_grad():
-            metrics, _ = po_rows.po_step(self.model, rows["row"], loss, loss_kw, self.train_cfg, self.device,
-                                    backward=False)
+            metrics, _ = po_rows.po_step(
+                self.model, rows["row"], loss, loss_kw, self.train_cfg, self.device, backward=False
+            )
         return metrics
 
 

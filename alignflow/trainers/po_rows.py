@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -28,8 +28,15 @@ from alignflow.models.varlen import supports_varlen
 from alignflow.trainers import loop
 
 # Per-row PrefInputs values a row may carry: floats (B,) and per-response-token lists (B, T).
-ROW_SCALARS = ("ref_chosen_logps", "ref_rejected_logps", "ref_logps", "chosen_rewards", "rejected_rewards",
-               "prev_chosen_logps", "prev_rejected_logps")
+ROW_SCALARS = (
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+    "ref_logps",
+    "chosen_rewards",
+    "rejected_rewards",
+    "prev_chosen_logps",
+    "prev_rejected_logps",
+)
 ROW_TOKENS = ("chosen_token_rewards", "rejected_token_rewards")
 
 
@@ -42,8 +49,9 @@ def row_format(row: dict) -> str:
         return "ranked"
     if "label" in row:
         return "unpaired"
-    raise DataError(f"a preference-optimisation row needs chosen/rejected, responses or completion+label; got keys "
-                    f"{sorted(row)}")
+    raise DataError(
+        f"a preference-optimisation row needs chosen/rejected, responses or completion+label; got keys {sorted(row)}"
+    )
 
 
 def row_sequences(row: dict, kl: bool = False) -> list[tuple[list[int], list[int]]]:
@@ -54,11 +62,11 @@ def row_sequences(row: dict, kl: bool = False) -> list[tuple[list[int], list[int
     if fmt == "preference":
         return [(row["chosen_ids"], row["chosen_mask"]), (row["rejected_ids"], row["rejected_mask"])]
     if fmt == "ranked":
-        return list(zip(row["responses_ids"], row["responses_mask"]))
+        return list(zip(row["responses_ids"], row["responses_mask"], strict=False))
     return [(row["input_ids"], row["loss_mask"])]
 
 
-def row_groups(rows: list[dict], budget: int, flat: bool, seqs: Optional[list] = None) -> list[list[int]]:
+def row_groups(rows: list[dict], budget: int, flat: bool, seqs: list | None = None) -> list[list[int]]:
     """Micro-batches of row indices: a row's sequences (``seqs[i]``, default its :func:`row_sequences`) always share
     a forward. ``flat``: consecutive rows up to ``budget`` real tokens; otherwise length-sorted groups under
     ``budget`` padded tokens."""
@@ -86,19 +94,28 @@ def _pad_cols(rows: list[list[float]], width: int, device) -> torch.Tensor:
     return torch.tensor([list(r) + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32, device=device)
 
 
-def row_inputs(model, rows: list[dict], device, flat: bool = True, with_tokens: bool = False,
-               n_max: Optional[int] = None) -> dict:
+def row_inputs(
+    model, rows: list[dict], device, flat: bool = True, with_tokens: bool = False, n_max: int | None = None
+) -> dict:
     """PrefInputs fields of ``rows`` (one format): the policy's log-probs from ONE forward, plus the values the rows
     carry (``ROW_SCALARS``, ``ROW_TOKENS``, KTO's ``label``). ``n_max`` pads ranked lists to that many responses."""
     fmt, dev = row_format(rows[0]), device
     fields: dict = {}
     if fmt == "preference":
         p = pair_logps(model, rows, device, flat, with_tokens)
-        fields = {"policy_chosen_logps": p["chosen_logps"], "policy_rejected_logps": p["rejected_logps"],
-                  "chosen_lengths": p["chosen_lengths"], "rejected_lengths": p["rejected_lengths"]}
+        fields = {
+            "policy_chosen_logps": p["chosen_logps"],
+            "policy_rejected_logps": p["rejected_logps"],
+            "chosen_lengths": p["chosen_lengths"],
+            "rejected_lengths": p["rejected_lengths"],
+        }
         if with_tokens:
-            fields |= {"policy_chosen_token_logps": p["chosen_token_logps"], "chosen_mask": p["chosen_mask"],
-                       "policy_rejected_token_logps": p["rejected_token_logps"], "rejected_mask": p["rejected_mask"]}
+            fields |= {
+                "policy_chosen_token_logps": p["chosen_token_logps"],
+                "chosen_mask": p["chosen_mask"],
+                "policy_rejected_token_logps": p["rejected_token_logps"],
+                "rejected_mask": p["rejected_mask"],
+            }
     elif fmt == "unpaired":
         out = sequence_logps(model, [row_sequences(r)[0] for r in rows], device, flat)
         fields = {"policy_logps": out["logps"], "desirable": torch.tensor([bool(r["label"]) for r in rows], device=dev)}
@@ -107,10 +124,18 @@ def row_inputs(model, rows: list[dict], device, flat: bool = True, with_tokens: 
         n = n_max or max(counts)
         out = sequence_logps(model, [s for r in rows for s in row_sequences(r)], device, flat)
         slot = torch.tensor([i * n + k for i, c in enumerate(counts) for k in range(c)], device=dev)  # (Σc,)
-        scatter = lambda v, fill: torch.full((len(rows) * n,), fill, dtype=v.dtype, device=dev).index_put(  # noqa
-            (slot,), v).view(len(rows), n)  # (B, n)
-        fields = {"ranked_logps": scatter(out["logps"], 0.0), "ranked_lengths": scatter(out["lengths"], 0),
-                  "ranked_mask": scatter(torch.ones_like(out["lengths"], dtype=torch.bool), False)}
+        scatter = lambda v, fill: (
+            torch.full((len(rows) * n,), fill, dtype=v.dtype, device=dev)
+            .index_put(  # noqa
+                (slot,), v
+            )
+            .view(len(rows), n)
+        )  # (B, n)
+        fields = {
+            "ranked_logps": scatter(out["logps"], 0.0),
+            "ranked_lengths": scatter(out["lengths"], 0),
+            "ranked_mask": scatter(torch.ones_like(out["lengths"], dtype=torch.bool), False),
+        }
     for key in ROW_SCALARS:
         if key in rows[0]:
             fields[key] = torch.tensor([float(r[key]) for r in rows], dtype=torch.float32, device=dev)
@@ -147,8 +172,10 @@ def loss_kwargs(loss_cfg, key: str = "loss") -> dict:
         if f.name in trainer_keys or value is None or value == "":
             continue
         if f.name not in accepted:
-            raise ConfigError(f"loss.{f.name}={value!r} is not a hyper-parameter of loss '{loss_cfg.name}' (its "
-                              f"hyper-parameters: {', '.join(accepted) or 'none'})")
+            raise ConfigError(
+                f"loss.{f.name}={value!r} is not a hyper-parameter of loss '{loss_cfg.name}' (its "
+                f"hyper-parameters: {', '.join(accepted) or 'none'})"
+            )
         out[f.name] = value
     return out
 
@@ -158,8 +185,10 @@ def kto_z0(model, rows: list[dict], device, flat: bool = True, budget: int = 819
     """KTO's reference point ``z_0 = max(0, mean_i[LP_θ(y'_i|x_i) - LP_ref(y'_i|x_i)])`` over the rows' mismatched
     completions (``kl_ids``/``kl_mask``, reference values ``ref_kl_logps``), without gradient (it is detached)."""
     if "kl_ids" not in rows[0] or "ref_kl_logps" not in rows[0]:
-        raise ValueError("kto needs each row's mismatched completion (kl_ids, kl_mask) and its ref_kl_logps; "
-                         "see add_kto_mismatched and compute_ref_logps")
+        raise ValueError(
+            "kto needs each row's mismatched completion (kl_ids, kl_mask) and its ref_kl_logps; "
+            "see add_kto_mismatched and compute_ref_logps"
+        )
     total = 0.0
     for g, real in dp_equal_groups(token_groups([len(rows[i]["kl_ids"]) for i in range(len(rows))], budget)):
         pol = sequence_logps(model, [row_sequences(rows[i], kl=True)[0] for i in g], device, flat)["logps"]
@@ -170,24 +199,30 @@ def kto_z0(model, rows: list[dict], device, flat: bool = True, budget: int = 819
 def _extra_metrics(f: dict) -> dict:
     """pref/chosen_logp, pref/rejected_logp and (with reference values) pref/kl of a step's PrefInputs fields."""
     if "policy_chosen_logps" in f:
-        out = {"pref/chosen_logp": f["policy_chosen_logps"].mean(),
-               "pref/rejected_logp": f["policy_rejected_logps"].mean()}
+        out = {
+            "pref/chosen_logp": f["policy_chosen_logps"].mean(),
+            "pref/rejected_logp": f["policy_rejected_logps"].mean(),
+        }
         if "ref_chosen_logps" in f:
-            out["pref/kl"] = torch.cat([f["ref_chosen_logps"] - f["policy_chosen_logps"],
-                                        f["ref_rejected_logps"] - f["policy_rejected_logps"]]).mean()
+            out["pref/kl"] = torch.cat(
+                [f["ref_chosen_logps"] - f["policy_chosen_logps"], f["ref_rejected_logps"] - f["policy_rejected_logps"]]
+            ).mean()
         return out
     if "policy_logps" in f:
         d, lp = f["desirable"], f["policy_logps"]
-        out = {"pref/chosen_logp": lp[d].mean() if d.any() else lp.new_zeros(()),
-               "pref/rejected_logp": lp[~d].mean() if (~d).any() else lp.new_zeros(())}
+        out = {
+            "pref/chosen_logp": lp[d].mean() if d.any() else lp.new_zeros(()),
+            "pref/rejected_logp": lp[~d].mean() if (~d).any() else lp.new_zeros(()),
+        }
         if "ref_logps" in f:
             out["pref/kl"] = (f["ref_logps"] - lp).mean()
         return out
     return {"pref/chosen_logp": f["ranked_logps"][:, 0].mean(), "pref/rejected_logp": f["ranked_logps"][:, 1].mean()}
 
 
-def po_step(model, rows: list[dict], loss: str | Callable, loss_kw: dict, train: TrainConfig, device,
-            backward: bool = True) -> tuple[dict, int]:
+def po_step(
+    model, rows: list[dict], loss: str | Callable, loss_kw: dict, train: TrainConfig, device, backward: bool = True
+) -> tuple[dict, int]:
     """Forward (and backward) of one optimiser step's ``rows``; gradients are left in ``.grad``.
 
     The loss is the mean over the rows: every micro-batch (``train.micro_batch_tokens``) adds its SUMMED row losses

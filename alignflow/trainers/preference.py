@@ -56,8 +56,8 @@ import os
 import random
 import time
 from array import array
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -107,21 +107,27 @@ def add_kto_mismatched(rows: list[dict], seed: int, max_len: int) -> list[dict]:
     out = []
     for i, r in enumerate(rows):
         p = rows[partner[i]]
-        prompt = r["input_ids"][:r["loss_mask"].index(1)]
-        completion = p["input_ids"][p["loss_mask"].index(1):][:max(1, max_len - len(prompt))]
+        prompt = r["input_ids"][: r["loss_mask"].index(1)]
+        completion = p["input_ids"][p["loss_mask"].index(1) :][: max(1, max_len - len(prompt))]
         out.append(r | {"kl_ids": prompt + completion, "kl_mask": [0] * len(prompt) + [1] * len(completion)})
     return out
 
 
-def _instructed(ids: list[int], mask: list[int], inst: list[int], bos: Optional[int]) -> tuple[list[int], list[int]]:
+def _instructed(ids: list[int], mask: list[int], inst: list[int], bos: int | None) -> tuple[list[int], list[int]]:
     """The sequence with the instruction's tokens inserted at the start of the prompt (after a leading BOS)."""
     at = 1 if bos is not None and ids and ids[0] == bos else 0
     return ids[:at] + inst + ids[at:], mask[:at] + [0] * len(inst) + mask[at:]
 
 
 @torch.no_grad()
-def compute_ref_logps(model, rows: list[dict], device, budget: int = 8192, flat: bool = True,
-                      treg: Optional[tuple[list[int], list[int], Optional[int]]] = None) -> dict[str, torch.Tensor]:
+def compute_ref_logps(
+    model,
+    rows: list[dict],
+    device,
+    budget: int = 8192,
+    flat: bool = True,
+    treg: tuple[list[int], list[int], int | None] | None = None,
+) -> dict[str, torch.Tensor]:
     """Reference values of every row, in row order, without gradient: (N,) float32 tensors named like the row fields.
 
     preference rows -> ``ref_chosen_logps``, ``ref_rejected_logps``; unpaired -> ``ref_logps`` (and ``ref_kl_logps``
@@ -140,7 +146,7 @@ def compute_ref_logps(model, rows: list[dict], device, budget: int = 8192, flat:
         lp = sequence_logps(model, [s for i in g for s in per_row[i]], device, flat)["logps"].float().cpu()
         k = 0
         for i in g:
-            values[i, :len(per_row[i])] = lp[k:k + len(per_row[i])]
+            values[i, : len(per_row[i])] = lp[k : k + len(per_row[i])]
             k += len(per_row[i])
     if fmt == "preference":
         out = {"ref_chosen_logps": values[:, 0], "ref_rejected_logps": values[:, 1]}
@@ -161,8 +167,10 @@ def _treg_rewards(model, rows, device, budget, flat, pos: list[int], neg: list[i
         flat_r, lengths = [], []
         seqs = [(r[f"{side}_ids"], r[f"{side}_mask"]) for r in rows]
         for g in token_groups([len(s[0]) for s in seqs], budget // 2):
-            got = [sequence_logps(model, [_instructed(*seqs[i], inst, bos) for i in g], device, flat, True)
-                   for inst in (pos, neg)]
+            got = [
+                sequence_logps(model, [_instructed(*seqs[i], inst, bos) for i in g], device, flat, True)
+                for inst in (pos, neg)
+            ]
             r = treg_token_rewards(got[0]["token_logps"], got[1]["token_logps"], got[0]["token_mask"]).cpu()
             for j, length in enumerate(got[0]["lengths"].tolist()):
                 flat_r.append(r[j, :length])
@@ -180,9 +188,9 @@ def attach_ref(rows: list[dict], ref: dict[str, torch.Tensor], offset: int = 0) 
             continue
         if key.endswith("_token_rewards"):
             ends = ref[f"{key}_lengths"].cumsum(0).tolist()
-            starts = [e - n for e, n in zip(ends, ref[f"{key}_lengths"].tolist())]
+            starts = [e - n for e, n in zip(ends, ref[f"{key}_lengths"].tolist(), strict=False)]
             for i, r in enumerate(out):
-                r[key] = value[starts[offset + i]:ends[offset + i]].tolist()
+                r[key] = value[starts[offset + i] : ends[offset + i]].tolist()
         elif value.dim() == 1:
             for i, r in enumerate(out):
                 r[key] = float(value[offset + i])
@@ -229,8 +237,11 @@ def _loss_rows(rows: list[dict], fmt: str, cfg: POConfig, seed: int, held_out: b
     r(y_w) - r(y_l)."""
     spec = loss_spec(cfg.loss.name)
     if spec.data == "unpaired" and fmt == "preference":
-        rows = [{"input_ids": r[f"{s}_ids"], "loss_mask": r[f"{s}_mask"], "label": s == "chosen"}
-                for r in rows for s in ("chosen", "rejected")]
+        rows = [
+            {"input_ids": r[f"{s}_ids"], "loss_mask": r[f"{s}_mask"], "label": s == "chosen"}
+            for r in rows
+            for s in ("chosen", "rejected")
+        ]
     if "mismatched" in spec.extra:
         if held_out and len(rows) < 2:
             return []
@@ -243,8 +254,10 @@ def _loss_rows(rows: list[dict], fmt: str, cfg: POConfig, seed: int, held_out: b
 
 def _check_rows(name: str, rows: list[dict], source: str) -> None:
     if "scores" in loss_spec(name).extra and not any(r.get("chosen_rewards") for r in rows):
-        raise DataError(f"{source}: loss {name} regresses the log-ratio gap on eta * (Q(y) - Q(y')); give each row "
-                        "a 'margin' = Q(chosen) - Q(rejected)")
+        raise DataError(
+            f"{source}: loss {name} regresses the log-ratio gap on eta * (Q(y) - Q(y')); give each row "
+            "a 'margin' = Q(chosen) - Q(rejected)"
+        )
 
 
 def _reference(cfg: POConfig, model, rows: list[dict], out: Path, device, tokenizer) -> tuple[list[dict], bool]:
@@ -257,16 +270,22 @@ def _reference(cfg: POConfig, model, rows: list[dict], out: Path, device, tokeni
     if "token_rewards" in spec.extra:
         enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         treg = (enc(cfg.loss.treg_pos_instruction), enc(cfg.loss.treg_neg_instruction), tokenizer.bos_token_id)
-    extra = {"dtype": cfg.model.dtype, "max_len": cfg.data.max_len, "max_prompt_len": cfg.data.max_prompt_len,
-             "treg": treg, "version": 1}
+    extra = {
+        "dtype": cfg.model.dtype,
+        "max_len": cfg.data.max_len,
+        "max_prompt_len": cfg.data.max_prompt_len,
+        "treg": treg,
+        "version": 1,
+    }
     key = ref_cache_key(model_fingerprint(ref_path, cfg.model.revision), rows, extra)
     flat = cfg.train.packing
 
     def compute() -> dict:
         log.info("computing reference log-probs of %d rows (%s)", len(rows), ref_path)
         if cfg.ref_model:
-            ref_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.ref_model,
-                                          lora=dataclasses.replace(cfg.model.lora, enabled=False))
+            ref_cfg = dataclasses.replace(
+                cfg.model, name_or_path=cfg.ref_model, lora=dataclasses.replace(cfg.model.lora, enabled=False)
+            )
             ref = load_causal_lm(ref_cfg, device)
             with loop.autocast(device, cfg.train.mixed_precision):
                 return compute_ref_logps(ref, rows, device, cfg.train.micro_batch_tokens, flat, treg)
@@ -307,8 +326,19 @@ def _resume(policy, out: Path, cfg: POConfig) -> int:
     return start
 
 
-def _steps(policy, cfg: POConfig, kw: dict, train: list, held: list, sampler, start: int, total: int, out: Path,
-           logger, result: POResult) -> None:
+def _steps(
+    policy,
+    cfg: POConfig,
+    kw: dict,
+    train: list,
+    held: list,
+    sampler,
+    start: int,
+    total: int,
+    out: Path,
+    logger,
+    result: POResult,
+) -> None:
     """The optimiser steps of :func:`train_po` (CPL-BC's behaviour-cloning phase first), with logging, held-out
     evaluation and checkpoints."""
     bar = loop.Progress(total, start, cfg.train.progress, loop.bar_label("po", cfg.loss.name))
@@ -339,8 +369,10 @@ def train_po(cfg: POConfig) -> POResult:
     spec = loss_spec(cfg.loss.name)
     if cfg.loss.bc_steps and spec.pretrain is None:
         with_pretrain = " or ".join(n for n, s in PREFERENCE_LOSSES.items() if s.pretrain is not None)
-        raise ConfigError(f"loss.bc_steps={cfg.loss.bc_steps} is CPL-BC's pre-training phase; it needs "
-                          f"loss.name={with_pretrain} (got {cfg.loss.name!r})")
+        raise ConfigError(
+            f"loss.bc_steps={cfg.loss.bc_steps} is CPL-BC's pre-training phase; it needs "
+            f"loss.name={with_pretrain} (got {cfg.loss.name!r})"
+        )
     check_placement(cfg)  # a Ray cluster too small for resources.actor fails now, not after the built-in SFT
     art = resolve_po_builtin(cfg)
     out, device, tok = start_run(cfg)
@@ -352,12 +384,17 @@ def train_po(cfg: POConfig) -> POResult:
     model = disable_dropout(load_causal_lm(cfg.model, device))
     model.train()  # train mode (gradient checkpointing runs only in it), dropout off (see the module docstring)
     g = cfg.builtin
-    gold_init = gold_eval(model, tok, art, g.eval_prompts, g.max_new_tokens, cfg.train.seed) \
-        if art is not None and g.eval_prompts else None
+    gold_init = (
+        gold_eval(model, tok, art, g.eval_prompts, g.max_new_tokens, cfg.train.seed)
+        if art is not None and g.eval_prompts
+        else None
+    )
     rows, reused = _reference(cfg, model, rows, out, device, tok)
     if "previous" in spec.extra:  # the first INPO round: the previous iterate pi_t is the reference
-        rows = [{"prev_chosen_logps": r["ref_chosen_logps"], "prev_rejected_logps": r["ref_rejected_logps"]} | r
-                for r in rows]
+        rows = [
+            {"prev_chosen_logps": r["ref_chosen_logps"], "prev_rejected_logps": r["ref_rejected_logps"]} | r
+            for r in rows
+        ]
     train, held = rows[:n_train], rows[n_train:]
     sampler = loop.StepSampler(len(train), cfg.train.batch_size, cfg.train.seed)
     total = sampler.total_steps(cfg.train)

@@ -77,8 +77,8 @@ def build_ptx(cfg: RLConfig, tok) -> PTXStream | None:
         from alignflow.tasks import build_task
 
         path = str(build_task(cfg.task.name, cfg.task, Path(cfg.train.output_dir) / "task").sft_path)
-    data_cfg = DataConfig(path=path, format="auto", eval_fraction=0.0, max_len=cfg.data.max_len,
-                          chat_template=cfg.data.chat_template)
+    data_cfg = DataConfig(
+        path=path, format="auto", eval_fraction=0.0, max_len=cfg.data.max_len, chat_template=cfg.data.chat_template
+    )
     data = prepare_data(data_cfg, tok, expect=("lm", "prompt_completion"), seed=cfg.train.seed)
     return PTXStream(ptx_examples(data.train), cfg.train.seed, tok.pad_token_id or 0)
-

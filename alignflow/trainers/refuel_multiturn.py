@@ -43,15 +43,16 @@ class Branch:
 
     @property
     def future_return(self) -> float:
-        return float(sum(self.traj.turn_rewards[self.start_turn:]))
+        return float(sum(self.traj.turn_rewards[self.start_turn :]))
 
     def loss_mask(self) -> list[int]:
         """The model's own tokens after the branch point."""
         return [m if i >= self.start_token else 0 for i, m in enumerate(self.traj.loss_mask)]
 
 
-def pair_loss(lr_a: torch.Tensor, lr_b: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor,
-              eta: float = 1.0) -> torch.Tensor:
+def pair_loss(
+    lr_a: torch.Tensor, lr_b: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, eta: float = 1.0
+) -> torch.Tensor:
     """``mean((lr_a - lr_b - eta * (q_a - q_b))^2)`` over pairs: (P,) log-ratios and future returns -> scalar."""
     return ((lr_a - lr_b - eta * (q_a - q_b)) ** 2).mean()
 
@@ -70,8 +71,16 @@ def _run_turns(engine, tokenizer, trajs, envs, turns, active, params, limits, st
     return going
 
 
-def branch_rollouts(engine, tokenizer, envs: list, rows: list[dict], params: SamplingParams, horizon: int,
-                    rng: random.Random, max_total_tokens: int = 512) -> tuple[list[tuple[Branch, Branch]], int]:
+def branch_rollouts(
+    engine,
+    tokenizer,
+    envs: list,
+    rows: list[dict],
+    params: SamplingParams,
+    horizon: int,
+    rng: random.Random,
+    max_total_tokens: int = 512,
+) -> tuple[list[tuple[Branch, Branch]], int]:
     """Roll in each episode for h-1 turns (h uniform in 1..``horizon``), then two rollouts to the end from copies
     of its state. Returns the pairs and the number of episodes that ended during the roll-in (no pair)."""
     limits = MultiTurnLimits(max_turns=horizon, max_total_tokens=max_total_tokens)
@@ -82,8 +91,9 @@ def branch_rollouts(engine, tokenizer, envs: list, rows: list[dict], params: Sam
         ids = t.first(messages)
         trajs.append(Trajectory(list(messages), ids, [0] * len(ids), [0.0] * len(ids), len(ids)))
     h = [rng.randint(1, horizon) for _ in envs]
-    going = _run_turns(engine, tokenizer, trajs, envs, turns, list(range(len(envs))), params, limits,
-                       [k - 1 for k in h])
+    going = _run_turns(
+        engine, tokenizer, trajs, envs, turns, list(range(len(envs))), params, limits, [k - 1 for k in h]
+    )
     live = [i for i in range(len(envs)) if going[i]]
     b_trajs, b_envs, b_turns, starts = [], [], [], []
     for i in live:
@@ -92,8 +102,9 @@ def branch_rollouts(engine, tokenizer, envs: list, rows: list[dict], params: Sam
             b_envs.append(copy.deepcopy(envs[i]))
             b_turns.append(turns[i])
             starts.append((len(trajs[i].token_ids), trajs[i].turns))
-    _run_turns(engine, tokenizer, b_trajs, b_envs, b_turns, list(range(len(b_trajs))), params, limits,
-               [horizon] * len(b_trajs))
+    _run_turns(
+        engine, tokenizer, b_trajs, b_envs, b_turns, list(range(len(b_trajs))), params, limits, [horizon] * len(b_trajs)
+    )
     branches = [Branch(t, s, k) for t, (s, k) in zip(b_trajs, starts, strict=True)]
     return [(branches[2 * j], branches[2 * j + 1]) for j in range(len(live))], len(envs) - len(live)
 
@@ -112,8 +123,11 @@ def refuel_step(model, optimizer, pairs: list[tuple[Branch, Branch]], eta: float
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return {"loss": loss.item(), "future_return_mean": float(q.mean()),
-            "abs_return_gap": float((q[0::2] - q[1::2]).abs().mean())}
+    return {
+        "loss": loss.item(),
+        "future_return_mean": float(q.mean()),
+        "abs_return_gap": float((q[0::2] - q[1::2]).abs().mean()),
+    }
 
 
 @dataclasses.dataclass
@@ -140,12 +154,18 @@ def train_refuel(model, tokenizer, make_env, rows: list[dict], s: RefuelSettings
     history = []
     for step in range(s.steps):
         batch = [rows[(step * s.episodes_per_step + k) % len(rows)] for k in range(s.episodes_per_step)]
-        params = SamplingParams(n=1, temperature=s.temperature, max_new_tokens=s.max_new_tokens, logprobs=True,
-                                seed=s.seed * 1_000_003 + step)
+        params = SamplingParams(
+            n=1,
+            temperature=s.temperature,
+            max_new_tokens=s.max_new_tokens,
+            logprobs=True,
+            seed=s.seed * 1_000_003 + step,
+        )
         model.eval()
         with torch.no_grad():
-            pairs, ended = branch_rollouts(engine, tokenizer, [make_env() for _ in batch], batch, params,
-                                           s.horizon, rng)
+            pairs, ended = branch_rollouts(
+                engine, tokenizer, [make_env() for _ in batch], batch, params, s.horizon, rng
+            )
         model.train()
         m = refuel_step(model, optimizer, pairs, s.eta) if pairs else {}
         m["rollin_ended"] = float(ended)

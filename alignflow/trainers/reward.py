@@ -69,8 +69,11 @@ def pair_groups(pairs: list[dict], budget: int, flat: bool = False) -> list[list
 def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, prefix: str) -> dict:
     """Accuracy, margin and ECE of (N,) score differences."""
     diff = chosen - rejected
-    return {f"{prefix}/accuracy": (diff > 0).float().mean().item(), f"{prefix}/margin": diff.mean().item(),
-            f"{prefix}/ece": calibration_error(diff)}
+    return {
+        f"{prefix}/accuracy": (diff > 0).float().mean().item(),
+        f"{prefix}/margin": diff.mean().item(),
+        f"{prefix}/ece": calibration_error(diff),
+    }
 
 
 def evaluate_pairs(chosen: torch.Tensor, rejected: torch.Tensor, cfg: RMConfig) -> dict:
@@ -78,8 +81,9 @@ def evaluate_pairs(chosen: torch.Tensor, rejected: torch.Tensor, cfg: RMConfig) 
     if chosen.numel() == 0:
         return {}
     r = cfg.reward
-    out = pair_metrics(aggregate(chosen, r.aggregation, r.uwo_lambda), aggregate(rejected, r.aggregation, r.uwo_lambda),
-                       "eval")
+    out = pair_metrics(
+        aggregate(chosen, r.aggregation, r.uwo_lambda), aggregate(rejected, r.aggregation, r.uwo_lambda), "eval"
+    )
     if chosen.shape[1] > 1:
         for mode in ("mean", "min", "uwo"):
             diff = aggregate(chosen, mode, r.uwo_lambda) - aggregate(rejected, mode, r.uwo_lambda)
@@ -113,7 +117,7 @@ def bt_step(model, pairs: list[dict], cfg: RMConfig, pad_id: int, device) -> tup
         seqs = [p["chosen_ids"] for p in chunk] + [p["rejected_ids"] for p in chunk]
         with loop.autocast(device, cfg.train.mixed_precision):
             s = forward_scores(model, seqs, pad_id, device, flat=flat).float()  # (2b, k)
-        c, r = s[:len(chunk)], s[len(chunk):]  # (b, k) each
+        c, r = s[: len(chunk)], s[len(chunk) :]  # (b, k) each
         m = torch.tensor([p.get("margin", 0.0) if cfg.reward.use_margin else 0.0 for p in chunk], device=device)
         per, _ = bt_loss(c, r, m, reduction="none")  # (b,)
         loss = per.sum() / n  # mean over the step's pairs, whatever the split
@@ -152,7 +156,7 @@ def rated_rows(rows: list[dict], copies: int) -> list[dict]:
     """Encoded ``rated`` rows -> one regression example per completion (targets tiled for k heads)."""
     out = []
     for r in rows:
-        for ids, ratings in zip(r["completions_ids"], r["ratings"]):
+        for ids, ratings in zip(r["completions_ids"], r["ratings"], strict=False):
             out.append({"input_ids": list(ids), "target": list(ratings) * copies})
     return out
 
@@ -165,22 +169,33 @@ def rated_pairs(rows: list[dict]) -> list[dict]:
         best, worst = max(range(len(means)), key=means.__getitem__), min(range(len(means)), key=means.__getitem__)
         if means[best] > means[worst]:
             prompt_len = list(r["completions_mask"][best]).index(1)
-            pairs.append({"chosen_ids": list(r["completions_ids"][best]), "rejected_ids": list(r["completions_ids"][worst]),
-                          "margin": means[best] - means[worst], "prompt_ids": list(r["completions_ids"][best][:prompt_len])})
+            pairs.append(
+                {
+                    "chosen_ids": list(r["completions_ids"][best]),
+                    "rejected_ids": list(r["completions_ids"][worst]),
+                    "margin": means[best] - means[worst],
+                    "prompt_ids": list(r["completions_ids"][best][:prompt_len]),
+                }
+            )
     return pairs
 
 
 # ------------------------------------------------------------------------------------------ loops
-def train_one(cfg: RMConfig, rows: list[dict], seed: int, num_labels: int, out: Path, pad_id: int, device,
-              tokenizer) -> tuple[torch.nn.Module, list[float], float]:
+def train_one(
+    cfg: RMConfig, rows: list[dict], seed: int, num_labels: int, out: Path, pad_id: int, device, tokenizer
+) -> tuple[torch.nn.Module, list[float], float]:
     """Train one reward model (one ensemble member, or the k-head model) on ``rows``."""
     loop.set_seed(seed)
     model = load_reward_model(cfg.model, num_labels=num_labels, device=device, seed=seed, pad_token_id=pad_id)
     model.train()
     run = loop.open_loop(model, len(rows), cfg.optim, cfg.train, out, seed)
     sampler, total, opt, sched, start, logger = run.sampler, run.total, run.opt, run.sched, run.start, run.logger
-    bar = loop.Progress(total, start, cfg.train.progress, loop.bar_label(
-        "rm", cfg.reward.loss, out.name if out.name.startswith("member-") else ""))
+    bar = loop.Progress(
+        total,
+        start,
+        cfg.train.progress,
+        loop.bar_label("rm", cfg.reward.loss, out.name if out.name.startswith("member-") else ""),
+    )
     step_fn, losses, rate = STEPS[cfg.reward.loss], [], 0.0
     for step in range(start, total):
         t0 = time.perf_counter()
@@ -194,8 +209,9 @@ def train_one(cfg: RMConfig, rows: list[dict], seed: int, num_labels: int, out: 
         rate = bar.update(ntok, loss=metrics["loss"])
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
             logger.log(step + 1, {f"train/{k}" if "/" not in k else k: v for k, v in metrics.items()})
-        loop.checkpoint_step(step + 1, total, cfg.train, out,
-                             lambda path: save_checkpoint(path, model, opt, sched, {"step": step + 1}))
+        loop.checkpoint_step(
+            step + 1, total, cfg.train, out, lambda path: save_checkpoint(path, model, opt, sched, {"step": step + 1})
+        )
     bar.close()
     logger.close()
     save_model(model, tokenizer, out / "model")
@@ -250,13 +266,18 @@ def train_rm(cfg: RMConfig) -> RMResult:
     r, k = cfg.reward, cfg.reward.ensemble_size
     if data.format == "rated":
         n_obj = len(data.train[0]["attributes"])
-        rows = rated_rows(data.train, 1 if r.ensemble_mode == "models" else k) if r.loss == "regression" \
+        rows = (
+            rated_rows(data.train, 1 if r.ensemble_mode == "models" else k)
+            if r.loss == "regression"
             else rated_pairs(data.train)
+        )
         eval_pairs = rated_pairs(data.eval)
     else:
         if r.loss == "regression":
-            raise ValueError("reward.loss=regression needs 'rated' rows (prompt, completions, ratings); "
-                             f"{cfg.data.path} holds '{data.format}' rows -- use reward.loss=bt")
+            raise ValueError(
+                "reward.loss=regression needs 'rated' rows (prompt, completions, ratings); "
+                f"{cfg.data.path} holds '{data.format}' rows -- use reward.loss=bt"
+            )
         n_obj, rows, eval_pairs = 1, data.train, data.eval
     if r.loss == "bt" and n_obj > 1:
         n_obj = 1  # BT trains one score per member on the derived pairs

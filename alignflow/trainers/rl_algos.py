@@ -31,7 +31,6 @@ sequence scores and group ids for GRPO/RLOO, the greedy baseline for ReMax).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 
@@ -76,6 +75,7 @@ GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 @dataclasses.dataclass(frozen=True)
 class Resolved:
     """The algorithm with every ``auto`` field of the config filled in."""
+
     name: str
     advantage: str
     policy_loss: str
@@ -85,7 +85,7 @@ class Resolved:
     critic: bool
     cost: bool
     greedy_baseline: bool
-    norm_len: Optional[int]
+    norm_len: int | None
     sample_filter: str = "none"
 
 
@@ -98,58 +98,84 @@ def resolve(cfg: RLConfig) -> Resolved:
     estimator = pick(cfg.kl.estimator, "k1" if placement == "reward" else "k3")
     agg = pick(cfg.algo.loss_agg, spec.loss_agg)
     if advantage == "gae" and not spec.critic:
-        raise ConfigError(f"algo.advantage=gae needs a critic; algo.name={cfg.algo.name} has none (use ppo or "
-                          "safe_ppo, or another estimator)")
+        raise ConfigError(
+            f"algo.advantage=gae needs a critic; algo.name={cfg.algo.name} has none (use ppo or "
+            "safe_ppo, or another estimator)"
+        )
     if spec.critic and advantage != "gae":
         raise ConfigError(f"algo.name={cfg.algo.name} trains a critic, so algo.advantage must be gae (or auto)")
     if cfg.algo.old_logprobs == "sampling" and cfg.rollout.backend != "builtin":
-        raise ConfigError("algo.old_logprobs=sampling needs rollout.backend=builtin: another backend's log-probs "
-                          "differ from the trainer's by kernel and precision; use algo.old_logprobs=recompute "
-                          "(or auto)")
+        raise ConfigError(
+            "algo.old_logprobs=sampling needs rollout.backend=builtin: another backend's log-probs "
+            "differ from the trainer's by kernel and precision; use algo.old_logprobs=recompute "
+            "(or auto)"
+        )
     if advantage == "remax" and not spec.greedy_baseline:
         raise ConfigError("algo.advantage=remax needs the greedy rollout of algo.name=remax")
     group = max(spec.min_group, 2 if advantage in GROUP_ESTIMATORS else 1)
     if cfg.rollout.n < group:
-        raise ConfigError(f"algo.name={cfg.algo.name} with advantage {advantage} compares samples of one prompt: "
-                          f"rollout.n must be >= {group}, got {cfg.rollout.n}")
+        raise ConfigError(
+            f"algo.name={cfg.algo.name} with advantage {advantage} compares samples of one prompt: "
+            f"rollout.n must be >= {group}, got {cfg.rollout.n}"
+        )
     if cfg.dapo.dynamic_sampling and cfg.rollout.n < 2:
         raise ConfigError("dapo.dynamic_sampling keeps groups with unequal rewards: rollout.n must be >= 2")
     if cfg.algo.dual_clip and cfg.algo.dual_clip <= 1.0:
         raise ConfigError(f"algo.dual_clip must be > 1 (or 0 to disable), got {cfg.algo.dual_clip}")
     check_shaping(cfg)
     if cfg.critic.pretrain_steps and not spec.critic:
-        raise ConfigError(f"critic.pretrain_steps: algo.name={cfg.algo.name} has no critic to pre-train (ppo, "
-                          "pf_ppo and safe_ppo have one)")
+        raise ConfigError(
+            f"critic.pretrain_steps: algo.name={cfg.algo.name} has no critic to pre-train (ppo, "
+            "pf_ppo and safe_ppo have one)"
+        )
     if cfg.algo.entropy_target and not cfg.algo.entropy_coef:
         raise ConfigError("algo.entropy_target clips the entropy term, which is off: set algo.entropy_coef > 0")
     if cfg.train.packing:
-        raise ConfigError("train.packing: alignflow rl uses token-budget micro-batches and does not pack; "
-                          "set train.packing=false")
+        raise ConfigError(
+            "train.packing: alignflow rl uses token-budget micro-batches and does not pack; set train.packing=false"
+        )
     norm_len = (cfg.algo.norm_len or cfg.rollout.max_new_tokens) if agg == "seq_mean_token_sum_norm" else None
-    return Resolved(cfg.algo.name, advantage, pick(cfg.algo.policy_loss, spec.policy_loss), agg, placement,
-                    estimator, spec.critic, spec.cost, spec.greedy_baseline, norm_len,
-                    check_filter(cfg, pick(cfg.algo.sample_filter, spec.sample_filter)))
+    return Resolved(
+        cfg.algo.name,
+        advantage,
+        pick(cfg.algo.policy_loss, spec.policy_loss),
+        agg,
+        placement,
+        estimator,
+        spec.critic,
+        spec.cost,
+        spec.greedy_baseline,
+        norm_len,
+        check_filter(cfg, pick(cfg.algo.sample_filter, spec.sample_filter)),
+    )
 
 
 def check_filter(cfg: RLConfig, mode: str) -> str:
     """The PF-PPO filter mode, checked against rollout.n and algo.filter_range; ConfigError names the keys."""
     if mode in ("best_worst", "best_random") and cfg.rollout.n < 2:
-        raise ConfigError(f"algo.sample_filter={mode} keeps two of each prompt's samples: rollout.n must be >= 2, "
-                          f"got {cfg.rollout.n}")
+        raise ConfigError(
+            f"algo.sample_filter={mode} keeps two of each prompt's samples: rollout.n must be >= 2, got {cfg.rollout.n}"
+        )
     if mode == "range":
         rng = cfg.algo.filter_range
-        ok = isinstance(rng, (list, tuple)) and len(rng) == 2 and all(
-            isinstance(q, (int, float)) and not isinstance(q, bool) for q in rng)
+        ok = (
+            isinstance(rng, (list, tuple))
+            and len(rng) == 2
+            and all(isinstance(q, (int, float)) and not isinstance(q, bool) for q in rng)
+        )
         if not ok or not 0.0 <= rng[0] <= rng[1] <= 1.0:
-            raise ConfigError(f"algo.filter_range: {rng!r} must be two quantiles [low, high] with "
-                              "0 <= low <= high <= 1, e.g. [0.25, 0.75]")
+            raise ConfigError(
+                f"algo.filter_range: {rng!r} must be two quantiles [low, high] with "
+                "0 <= low <= high <= 1, e.g. [0.25, 0.75]"
+            )
     return mode
 
 
 # ----------------------------------------------------------------------------------------------- pure helpers
 @torch.no_grad()
-def truncated_is_weights(logp_old: torch.Tensor, logp_sampling: torch.Tensor, mask: torch.Tensor,
-                         cap: float) -> torch.Tensor:
+def truncated_is_weights(
+    logp_old: torch.Tensor, logp_sampling: torch.Tensor, mask: torch.Tensor, cap: float
+) -> torch.Tensor:
     """Truncated importance weights ``w_t = min(exp(lp_old − lp_sampling), C)`` (TIS, as in verl / Yao et al. 2025).
 
     The sampler (rollout engine: another kernel, precision or a stale copy) and the trainer's recomputed log-probs
@@ -179,7 +205,7 @@ class AdvContext:
     whiten: bool
     reinforce_pp_baseline: bool
     lagrange: float = 0.0  # Safe RLHF lambda
-    token_clip: Optional[float] = None  # Safe RLHF per-token clip
+    token_clip: float | None = None  # Safe RLHF per-token clip
 
 
 def token_rewards(batch: Batch, ctx: AdvContext, scores: torch.Tensor) -> torch.Tensor:
@@ -192,8 +218,9 @@ def token_rewards(batch: Batch, ctx: AdvContext, scores: torch.Tensor) -> torch.
 
 def _gae(batch: Batch, ctx: AdvContext) -> dict:
     mask = batch["response_mask"]
-    adv, ret = ADVANTAGE_ESTIMATORS["gae"](token_rewards(batch, ctx, batch["scores"]), batch["values"], mask,
-                                           ctx.gamma, ctx.lam)  # (B, T) each
+    adv, ret = ADVANTAGE_ESTIMATORS["gae"](
+        token_rewards(batch, ctx, batch["scores"]), batch["values"], mask, ctx.gamma, ctx.lam
+    )  # (B, T) each
     return {"advantages": masked_whiten(adv, mask) if ctx.whiten else adv, "returns": ret}
 
 
@@ -201,8 +228,9 @@ def _safe_gae(batch: Batch, ctx: AdvContext) -> dict:
     """Safe RLHF: GAE on the shaped reward and on the shaped cost, combined as (Â_R − λÂ_C)/(1 + λ)."""
     mask, gae = batch["response_mask"], ADVANTAGE_ESTIMATORS["gae"]
     ref = batch["ref_logprobs"] if ctx.beta > 0 else batch["old_logprobs"]
-    r_tok, c_tok = safe_shaped_rewards(batch["scores"], batch["costs"], batch["old_logprobs"], ref, mask, ctx.beta,
-                                       ctx.token_clip)  # (B, T) each
+    r_tok, c_tok = safe_shaped_rewards(
+        batch["scores"], batch["costs"], batch["old_logprobs"], ref, mask, ctx.beta, ctx.token_clip
+    )  # (B, T) each
     adv_r, ret_r = gae(r_tok, batch["values"], mask, ctx.gamma, ctx.lam)
     adv_c, ret_c = gae(c_tok, batch["cost_values"], mask, ctx.gamma, ctx.lam)
     adv = safe_combined_advantages(adv_r, adv_c, ctx.lagrange)  # (B, T)
@@ -215,6 +243,7 @@ def _group(name: str):
         seq = token_rewards(batch, ctx, batch["scores"]).sum(-1)  # (B,): R − β·Σ_t KL_t
         adv = ADVANTAGE_ESTIMATORS[name](seq, group_ids=torch.as_tensor(batch["group"]))  # (B,)
         return {"advantages": broadcast_to_tokens(adv, mask)}  # (B, T)
+
     return step
 
 
@@ -253,8 +282,10 @@ def compute_advantages(batch: Batch, algo: Resolved, ctx: AdvContext, adv_clip: 
 
 def advantage_metrics(batch: Batch) -> dict:
     mask = batch["response_mask"]
-    out = {"policy/advantage_mean": float(masked_mean(batch["advantages"], mask)),
-           "policy/advantage_std": float(masked_var(batch["advantages"], mask).sqrt())}
+    out = {
+        "policy/advantage_mean": float(masked_mean(batch["advantages"], mask)),
+        "policy/advantage_std": float(masked_var(batch["advantages"], mask).sqrt()),
+    }
     if "returns" in batch:
         out["critic/explained_var"] = explained_variance(batch["values"], batch["returns"], mask)
         out["critic/return_mean"] = float(masked_mean(batch["returns"], mask))

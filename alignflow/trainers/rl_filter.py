@@ -22,8 +22,7 @@ def reliability_metrics(batch: Batch, gold) -> dict:
         return {}
     g = torch.tensor(gold(batch["prompt"], batch["response"]), dtype=torch.double)  # (B,)
     out = {}
-    for k, (acc, pairs) in enumerate(bucket_accuracy(batch["scores"], g, torch.as_tensor(batch["group"]),
-                                                     NUM_BUCKETS)):
+    for k, (acc, pairs) in enumerate(bucket_accuracy(batch["scores"], g, torch.as_tensor(batch["group"]), NUM_BUCKETS)):
         out[f"pf/rm_pairs_bucket{k}"] = float(pairs)
         if not math.isnan(acc):
             out[f"pf/rm_acc_bucket{k}"] = acc
@@ -38,8 +37,9 @@ def filter_rollouts(batch: Batch, mode: str, low_high: list, seed: int, step: in
         return batch, {}
     m = reliability_metrics(batch, gold)
     gen = torch.Generator().manual_seed(seed * 1_000_033 + step)  # best_random's draw: reproducible and resumable
-    keep = select_rows(mode, batch["scores"].cpu(), torch.as_tensor(batch["group"]), float(low_high[0]),
-                       float(low_high[1]), gen)
+    keep = select_rows(
+        mode, batch["scores"].cpu(), torch.as_tensor(batch["group"]), float(low_high[0]), float(low_high[1]), gen
+    )
     dropped = sorted(set(range(len(batch))) - set(keep.tolist()))
     scores = batch["scores"].float()
     m["pf/kept_frac"] = len(keep) / max(len(batch), 1)

@@ -25,11 +25,15 @@ def check_shaping(cfg: RLConfig) -> None:
     if cfg.reward.shaping == "none":
         return
     if cfg.resources.backend == "ray" or cfg.resources.actor.workers > 1:
-        raise ConfigError(f"reward.shaping={cfg.reward.shaping} runs in one process for now: set "
-                          "resources.actor.workers to 0 or 1 (and resources.backend to auto or local)")
+        raise ConfigError(
+            f"reward.shaping={cfg.reward.shaping} runs in one process for now: set "
+            "resources.actor.workers to 0 or 1 (and resources.backend to auto or local)"
+        )
     if cfg.model.lora.enabled and not cfg.ref_model:
-        raise ConfigError(f"reward.shaping={cfg.reward.shaping} with model.lora.enabled needs ref_model (the "
-                          "reference policy that answers the prompts as a separate model)")
+        raise ConfigError(
+            f"reward.shaping={cfg.reward.shaping} with model.lora.enabled needs ref_model (the "
+            "reference policy that answers the prompts as a separate model)"
+        )
 
 
 class ReferenceScores:
@@ -51,7 +55,7 @@ class ReferenceScores:
         m = len(out) // len(missing)
         self.generated += len(out)
         for j, prompt in enumerate(first["prompt"]):
-            self.cache[prompt] = scores[j * m:(j + 1) * m]  # (M,)
+            self.cache[prompt] = scores[j * m : (j + 1) * m]  # (M,)
 
     def for_batch(self, roles, batch: Batch) -> torch.Tensor:
         """``r_ref`` (B, M) for the rows of ``batch``, generating and scoring the prompts not seen before."""
@@ -74,9 +78,12 @@ def shape_with_references(roles, batch: Batch, cfg: RLConfig, refs: ReferenceSco
     r_ref = refs.for_batch(roles, batch)  # (B, M)
     raw = batch["scores"].float()
     ref = r_ref.to(raw.device)
-    m = {"shaping/raw_reward_mean": float(raw.mean()), "shaping/ref_reward_mean": float(ref.mean()),
-         "shaping/win_rate": float((raw[:, None] > ref).float().mean()),
-         "shaping/reference_responses": float(refs.generated)}
+    m = {
+        "shaping/raw_reward_mean": float(raw.mean()),
+        "shaping/ref_reward_mean": float(ref.mean()),
+        "shaping/win_rate": float((raw[:, None] > ref).float().mean()),
+        "shaping/reference_responses": float(refs.generated),
+    }
     for key in ("scores", "greedy_scores"):
         if key in batch:
             batch[key] = apply_shaping(cfg.reward.shaping, batch[key].float(), ref)

@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import math
 import numbers
-from typing import Optional
 
 import torch
 
@@ -28,8 +27,8 @@ from alignflow.rewards.rules import reward_options, user_code_files
 from alignflow.tasks import get_task
 from alignflow.trainers.loop import set_seed
 from alignflow.trainers.ptx import build_ptx
-from alignflow.trainers.roles import Actor, Critic, Reference, RewardRole, Rollout
 from alignflow.trainers.rl_algos import Resolved
+from alignflow.trainers.roles import Actor, Critic, Reference, RewardRole, Rollout
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +40,19 @@ def _weight(value, key: str) -> float:
     return float(value)
 
 
-def build_sources(section, section_name: str, task_name: str, cfg: RLConfig, device, pad_id: int,
-                  cost: bool = False) -> Optional[CompositeReward]:
+def build_sources(
+    section, section_name: str, task_name: str, cfg: RLConfig, device, pad_id: int, cost: bool = False
+) -> CompositeReward | None:
     """A :class:`CompositeReward` of every source configured in ``section`` (``cfg.reward`` or ``cfg.cost``)."""
     task = get_task(task_name)
     table = task.costs if cost else task.rewards
     parts = []
     for name, w in section.task.items():
         if name not in table:
-            raise ConfigError(f"{section_name}.task: task '{task_name}' has no {'cost' if cost else 'reward'} "
-                              f"{name!r}; valid: {', '.join(table) or '(none)'} (task.name picks the task)")
+            raise ConfigError(
+                f"{section_name}.task: task '{task_name}' has no {'cost' if cost else 'reward'} "
+                f"{name!r}; valid: {', '.join(table) or '(none)'} (task.name picks the task)"
+            )
         fn = CallableReward(table[name], name=name, **reward_options(cfg.reward))
         parts.append((name, fn, _weight(w, f"{section_name}.task.{name}")))
     for spec, w in section.functions.items():
@@ -58,21 +60,29 @@ def build_sources(section, section_name: str, task_name: str, cfg: RLConfig, dev
         parts.append((spec.rsplit(":", 1)[-1], fn, _weight(w, f"{section_name}.functions.{spec}")))
     if section.models:
         scorer_cls = CostModelScorer if cost else RewardModelScorer
-        model_cfg = dataclasses.replace(cfg.model, lora=dataclasses.replace(cfg.model.lora, enabled=False),
-                                        gradient_checkpointing=False)
-        scorer = scorer_cls(list(section.models), section.aggregation,
-                            getattr(section, "uwo_lambda", 0.5), device, model_cfg=model_cfg, pad_token_id=pad_id,
-                            budget=cfg.train.micro_batch_tokens,
-                            tokenizer=cfg.model.tokenizer or cfg.model.name_or_path or None,
-                            brme_lambda=getattr(section, "brme_lambda", 0.5))
+        model_cfg = dataclasses.replace(
+            cfg.model, lora=dataclasses.replace(cfg.model.lora, enabled=False), gradient_checkpointing=False
+        )
+        scorer = scorer_cls(
+            list(section.models),
+            section.aggregation,
+            getattr(section, "uwo_lambda", 0.5),
+            device,
+            model_cfg=model_cfg,
+            pad_token_id=pad_id,
+            budget=cfg.train.micro_batch_tokens,
+            tokenizer=cfg.model.tokenizer or cfg.model.name_or_path or None,
+            brme_lambda=getattr(section, "brme_lambda", 0.5),
+        )
         parts.append((scorer.name, scorer, getattr(section, "model_weight", 1.0)))
     remote = getattr(section, "remote", None)
     if remote is not None and remote.url:
         from alignflow.rewards.remote import RemoteReward
 
         try:
-            fn = RemoteReward(remote.url, remote.batch_size, remote.timeout_s, remote.retries,
-                              fields=list(remote.fields))
+            fn = RemoteReward(
+                remote.url, remote.batch_size, remote.timeout_s, remote.retries, fields=list(remote.fields)
+            )
         except ValueError as e:
             raise ConfigError(str(e)) from None
         parts.append((fn.name, fn, _weight(remote.weight, f"{section_name}.remote.weight")))
@@ -80,12 +90,18 @@ def build_sources(section, section_name: str, task_name: str, cfg: RLConfig, dev
     if judge is not None and (judge.model or judge.url):
         from alignflow.rewards.judge import build_judge
 
-        parts.append(("judge", build_judge(judge, device, cfg.train.seed, f"{section_name}.judge"),
-                      _weight(judge.weight, f"{section_name}.judge.weight")))
+        parts.append(
+            (
+                "judge",
+                build_judge(judge, device, cfg.train.seed, f"{section_name}.judge"),
+                _weight(judge.weight, f"{section_name}.judge.weight"),
+            )
+        )
     user = user_code_files(fn for _, fn, _ in parts if isinstance(fn, CallableReward))
     if user:
-        log.info("%s.functions: loaded user code %s (it runs with this process's permissions)", section_name,
-                 ", ".join(user))
+        log.info(
+            "%s.functions: loaded user code %s (it runs with this process's permissions)", section_name, ", ".join(user)
+        )
     return CompositeReward(parts) if parts else None
 
 
@@ -132,32 +148,38 @@ def prompt_batch(rows: list[dict], uids: list[int], fields: list[str]) -> Batch:
 class Roles:
     rollout: LocalGroup
     actor: LocalGroup
-    reward: Optional[LocalGroup] = None  # None with multi-turn episodes (the environment rewards)
-    ref: Optional[LocalGroup] = None
-    critic: Optional[LocalGroup] = None
-    cost: Optional[LocalGroup] = None
-    cost_critic: Optional[LocalGroup] = None
-    ref_rollout: Optional[LocalGroup] = None  # reward.shaping: the reference policy answering prompts (rl_par.py)
+    reward: LocalGroup | None = None  # None with multi-turn episodes (the environment rewards)
+    ref: LocalGroup | None = None
+    critic: LocalGroup | None = None
+    cost: LocalGroup | None = None
+    cost_critic: LocalGroup | None = None
+    ref_rollout: LocalGroup | None = None  # reward.shaping: the reference policy answering prompts (rl_par.py)
     tokenizer: object = None
     placement: object = None  # RayPlacement when the roles run on Ray workers (None: this process)
 
 
 def _frozen_cfg(cfg: RLConfig, path: str) -> ModelConfig:
     """The policy's loading options for another model (no LoRA, no activation checkpointing)."""
-    return dataclasses.replace(cfg.model, name_or_path=path, lora=dataclasses.replace(cfg.model.lora, enabled=False),
-                               gradient_checkpointing=False)
+    return dataclasses.replace(
+        cfg.model,
+        name_or_path=path,
+        lora=dataclasses.replace(cfg.model.lora, enabled=False),
+        gradient_checkpointing=False,
+    )
 
 
-def _critic(cfg: RLConfig, init: str, tok, total: int, device, key: str, returns_key: str, prefix: str,
-            wrap=lambda m: m) -> Critic:
+def _critic(
+    cfg: RLConfig, init: str, tok, total: int, device, key: str, returns_key: str, prefix: str, wrap=lambda m: m
+) -> Critic:
     model_cfg = dataclasses.replace(_frozen_cfg(cfg, init), gradient_checkpointing=cfg.model.gradient_checkpointing)
     model = wrap(load_value_model(model_cfg, device, pad_token_id=tok.pad_token_id, seed=cfg.train.seed))
     model.train()
     return Critic(model, cfg.critic.optim, cfg.train, cfg.algo, total, device, key, returns_key, prefix)
 
 
-def role_objects(cfg: RLConfig, algo: Resolved, device, total_opt_steps: int, tok, names: tuple[str, ...],
-                 wrap=lambda m: m) -> dict:
+def role_objects(
+    cfg: RLConfig, algo: Resolved, device, total_opt_steps: int, tok, names: tuple[str, ...], wrap=lambda m: m
+) -> dict:
     """The role objects named in ``names`` (actor, rollout, ref, critic, cost_critic, reward, cost), built on
     ``device``; ``wrap`` transforms every trained or reference model right after loading (``shard`` on workers).
     The rollout role needs the actor (it reads the actor's module), and a LoRA reference needs it too."""
@@ -165,41 +187,50 @@ def role_objects(cfg: RLConfig, algo: Resolved, device, total_opt_steps: int, to
     if "actor" in names:
         policy = wrap(load_causal_lm(cfg.model, device))
         policy.train()
-        out["actor"] = Actor(policy, cfg.optim, cfg.train, algo, cfg.algo, cfg.rollout.temperature,
-                             total_opt_steps, device)
+        out["actor"] = Actor(
+            policy, cfg.optim, cfg.train, algo, cfg.algo, cfg.rollout.temperature, total_opt_steps, device
+        )
         out["actor"].ptx = build_ptx(cfg, tok)  # None unless algo.ptx_coef > 0
         if "rollout" in names:
             out["rollout"] = Rollout(policy, tok, cfg.rollout, device, cfg.train.mixed_precision, cfg.train.seed)
     if "ref" in names:
-        common = dict(temperature=cfg.rollout.temperature, budget=cfg.train.micro_batch_tokens, device=device,
-                      mixed_precision=cfg.train.mixed_precision)
+        common = dict(
+            temperature=cfg.rollout.temperature,
+            budget=cfg.train.micro_batch_tokens,
+            device=device,
+            mixed_precision=cfg.train.mixed_precision,
+        )
         if cfg.model.lora.enabled and not cfg.ref_model:
             out["ref"] = Reference(lora_actor=out["actor"].model, **common)
         else:
-            out["ref"] = Reference(model=wrap(load_causal_lm(_frozen_cfg(cfg, cfg.ref_model or
-                                                                         cfg.model.name_or_path), device)), **common)
+            out["ref"] = Reference(
+                model=wrap(load_causal_lm(_frozen_cfg(cfg, cfg.ref_model or cfg.model.name_or_path), device)), **common
+            )
         if cfg.reward.shaping != "none":  # the reference policy answers prompts (builtin engine, M samples each)
             ref_cfg = dataclasses.replace(cfg.rollout, backend="builtin", n=cfg.reward.reference_samples)
-            out["ref_rollout"] = Rollout(out["ref"].model, tok, ref_cfg, device, cfg.train.mixed_precision,
-                                         cfg.train.seed)
+            out["ref_rollout"] = Rollout(
+                out["ref"].model, tok, ref_cfg, device, cfg.train.mixed_precision, cfg.train.seed
+            )
     if "critic" in names:
         init = cfg.critic.name_or_path or (cfg.reward.models[0] if cfg.reward.models else cfg.model.name_or_path)
         out["critic"] = _critic(cfg, init, tok, total_opt_steps, device, "values", "returns", "critic", wrap)
     if "cost_critic" in names:
         init = cfg.cost.models[0] if cfg.cost.models else cfg.model.name_or_path
-        out["cost_critic"] = _critic(cfg, init, tok, total_opt_steps, device, "cost_values", "cost_returns",
-                                     "cost_critic", wrap)
+        out["cost_critic"] = _critic(
+            cfg, init, tok, total_opt_steps, device, "cost_values", "cost_returns", "cost_critic", wrap
+        )
     if "reward" in names:
         reward = build_sources(cfg.reward, "reward", cfg.task.name, cfg, device, tok.pad_token_id)
         if reward is None:
-            raise ConfigError("no reward source: set reward.task (e.g. {gold: 1.0}), reward.functions or "
-                              "reward.models")
+            raise ConfigError("no reward source: set reward.task (e.g. {gold: 1.0}), reward.functions or reward.models")
         out["reward"] = RewardRole(reward)
     if "cost" in names:
         cost = build_sources(cfg.cost, "cost", cfg.task.name, cfg, device, tok.pad_token_id, cost=True)
         if cost is None:
-            raise ConfigError("algo.name=safe_ppo needs a cost source: cost.task (reviews: {ungrammatical: 1.0}), "
-                              "cost.functions or cost.models")
+            raise ConfigError(
+                "algo.name=safe_ppo needs a cost source: cost.task (reviews: {ungrammatical: 1.0}), "
+                "cost.functions or cost.models"
+            )
         out["cost"] = RewardRole(cost, key="costs")
     return out
 
@@ -217,8 +248,9 @@ def build_roles(cfg: RLConfig, algo: Resolved, device, total_opt_steps: int, tok
     """Load the models and build every role the algorithm's dataflow needs: in this process (LocalGroup), or on
     Ray workers when ``cfg.resources`` says so (``alignflow.distributed.placement``)."""
     if tok is None:
-        tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision,
-                             cfg.model.trust_remote_code)
+        tok = load_tokenizer(
+            cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code
+        )
     if maybe_ray(cfg.resources):
         placement = RayPlacement(cfg, algo, total_opt_steps, needed_roles(cfg, algo), tok)
         return Roles(tokenizer=tok, placement=placement, **placement.groups())
@@ -242,11 +274,15 @@ class RayPlacement:
         r = cfg.resources
         workers = max(r.actor.workers, 1)
         if cfg.train.batch_size < workers:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is smaller than resources.actor.workers="
-                              f"{workers}: every worker needs at least one row of each mini-batch")
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} is smaller than resources.actor.workers="
+                f"{workers}: every worker needs at least one row of each mini-batch"
+            )
         if cfg.model.lora.enabled:
-            raise ConfigError("resources: LoRA actors on Ray workers are not supported yet (FSDP2 + peft is "
-                              "untested here); train LoRA in one process (resources.actor.workers=1)")
+            raise ConfigError(
+                "resources: LoRA actors on Ray workers are not supported yet (FSDP2 + peft is "
+                "untested here); train LoRA in one process (resources.actor.workers=1)"
+            )
         init_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus)
         self.sets: dict[str, WorkerSet] = {}
         self.local: dict = {}
@@ -255,13 +291,16 @@ class RayPlacement:
         check_resources([(s, n, res.cpus_per_worker, res.gpus_per_worker) for s, (res, n) in plan.items()])
         for set_name, roles in layout.items():
             res, n = plan[set_name]
-            self.sets[set_name] = start_set(cfg, set_name, res, n, build_worker_roles,
-                                            (cfg, algo, total_opt_steps, tuple(roles)))
+            self.sets[set_name] = start_set(
+                cfg, set_name, res, n, build_worker_roles, (cfg, algo, total_opt_steps, tuple(roles))
+            )
         on_workers = {n for roles in layout.values() for n in roles}
         rest = tuple(n for n in names if n not in on_workers)
         if rest:  # rule-based rewards and costs: in this process
-            self.local = {n: LocalGroup(o) for n, o in role_objects(cfg, algo, torch.device("cpu"), total_opt_steps,
-                                                                    tok, rest).items()}
+            self.local = {
+                n: LocalGroup(o)
+                for n, o in role_objects(cfg, algo, torch.device("cpu"), total_opt_steps, tok, rest).items()
+            }
         self.layout = layout
 
     def groups(self) -> dict:

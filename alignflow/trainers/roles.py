@@ -30,7 +30,6 @@ so the PPO ratio is exactly 1 before the first update.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 
@@ -44,14 +43,26 @@ from alignflow.distributed.groups import dispatch, dp_equal_groups, dp_max, dp_s
 from alignflow.distributed.shard import full_state_dict, gathered, through_root
 from alignflow.models.backbone import get_score_head
 from alignflow.models.heads import token_values
-from alignflow.models.varlen import flat_hidden_states, supports_varlen
 from alignflow.models.logprobs import selected_logprobs, token_logprobs
+from alignflow.models.varlen import flat_hidden_states, supports_varlen
 from alignflow.rollout import HFEngine, SamplingParams
 from alignflow.rollout.vllm_engine import VLLMEngine, actor_weights
 from alignflow.trainers import loop
 
-RESPONSE_FIELDS = ("response_ids", "response_mask", "sampling_logprobs", "old_logprobs", "ref_logprobs", "entropy",
-                   "values", "cost_values", "advantages", "returns", "cost_returns", "is_weights")
+RESPONSE_FIELDS = (
+    "response_ids",
+    "response_mask",
+    "sampling_logprobs",
+    "old_logprobs",
+    "ref_logprobs",
+    "entropy",
+    "values",
+    "cost_values",
+    "advantages",
+    "returns",
+    "cost_returns",
+    "is_weights",
+)
 
 
 # ----------------------------------------------------------------------------------------------- micro-batches
@@ -73,8 +84,10 @@ def micro_batches(batch: Batch, budget: int) -> list[tuple[torch.Tensor, Batch, 
     Tp = batch["prompt_mask"].shape[1]
     groups = dp_equal_groups(token_budget_groups((p_len + r_len).tolist(), budget))
     if not len(batch) and groups:
-        raise RuntimeError("a data-parallel rank got no rows: the batch has fewer rows than workers "
-                           "(train.batch_size must be >= resources.actor.workers)")
+        raise RuntimeError(
+            "a data-parallel rank got no rows: the batch has fewer rows than workers "
+            "(train.batch_size must be >= resources.actor.workers)"
+        )
     out = []
     for rows, weight in groups:
         idx = torch.tensor(rows, dtype=torch.long)
@@ -83,7 +96,7 @@ def micro_batches(batch: Batch, budget: int) -> list[tuple[torch.Tensor, Batch, 
         for k, v in batch.tensors.items():
             v = v[idx.to(v.device)]
             if k in ("input_ids", "attention_mask", "position_ids"):
-                sub[k] = v[:, Tp - pw:Tp + rw]  # (b, pw + rw)
+                sub[k] = v[:, Tp - pw : Tp + rw]  # (b, pw + rw)
             elif k in RESPONSE_FIELDS:
                 sub[k] = v[:, :rw]  # (b, rw)
             elif v.dim() == 1:
@@ -99,7 +112,7 @@ def scatter_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], rows: int, widt
     out = torch.zeros(rows, width, dtype=first.dtype, device=first.device)
     for idx, values in parts:
         if len(idx):  # an empty index is a padding micro-batch (see micro_batches)
-            out[idx.to(out.device), :values.shape[1]] = values
+            out[idx.to(out.device), : values.shape[1]] = values
     return out
 
 
@@ -119,8 +132,9 @@ def _unflat(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def response_logprobs(model, mb: Batch, pw: int, temperature: float,
-                      with_entropy: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def response_logprobs(
+    model, mb: Batch, pw: int, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of the response tokens of a micro-batch: (b, rw) each.
 
     Padding-free when the model supports it (``alignflow.models.varlen``): the linear layers then run over the
@@ -133,8 +147,12 @@ def response_logprobs(model, mb: Batch, pw: int, temperature: float,
         response = keep.clone()
         response[:, :pw] = False  # (b, pw + rw): the response tokens
         where = response[keep][None]  # (1, N)
-        lp, ent = through_root(model, lambda: selected_logprobs(model, ids, where, seq_lens=lens,
-                                                               with_entropy=with_entropy, temperature=temperature))
+        lp, ent = through_root(
+            model,
+            lambda: selected_logprobs(
+                model, ids, where, seq_lens=lens, with_entropy=with_entropy, temperature=temperature
+            ),
+        )
         out_lp = lp.new_zeros(keep.shape)
         out_lp[response] = lp  # (b, pw + rw)
         out_ent = None
@@ -142,9 +160,17 @@ def response_logprobs(model, mb: Batch, pw: int, temperature: float,
             out_ent = ent.new_zeros(keep.shape)
             out_ent[response] = ent
         return out_lp[:, pw:], (out_ent[:, pw:] if out_ent is not None else None)
-    lp, ent = through_root(model, lambda: token_logprobs(model, mb["input_ids"], mb["attention_mask"],
-                                                        mb["position_ids"], with_entropy=with_entropy,
-                                                        temperature=temperature))  # (b, pw + rw)
+    lp, ent = through_root(
+        model,
+        lambda: token_logprobs(
+            model,
+            mb["input_ids"],
+            mb["attention_mask"],
+            mb["position_ids"],
+            with_entropy=with_entropy,
+            temperature=temperature,
+        ),
+    )  # (b, pw + rw)
     return lp[:, pw:], (ent[:, pw:] if ent is not None else None)
 
 
@@ -156,9 +182,10 @@ def response_values(model, mb: Batch, pw: int) -> torch.Tensor:
         h = through_root(model, lambda: get_score_head(model)(flat_hidden_states(model, ids, lens)))  # (1, N, 1)
         v = _unflat(h.squeeze(-1).float(), keep)  # (b, pw + rw)
     else:
-        v = through_root(model, lambda: token_values(model, mb["input_ids"], mb["attention_mask"],
-                                                     mb["position_ids"]))  # (b, pw + rw)
-    return v[:, pw - 1:-1]  # position Tp + t - 1 holds the state before y_t
+        v = through_root(
+            model, lambda: token_values(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"])
+        )  # (b, pw + rw)
+    return v[:, pw - 1 : -1]  # position Tp + t - 1 holds the state before y_t
 
 
 @contextlib.contextmanager
@@ -184,8 +211,11 @@ class Rollout:
 
     def __init__(self, model, tokenizer, cfg, device, mixed_precision: str = "none", seed: int = 0):
         self.model, self.vllm = model, cfg.backend == "vllm"
-        self.engine = (VLLMEngine.from_config(model, tokenizer, cfg, seed=seed, device=device) if self.vllm
-                       else HFEngine(model, tokenizer))
+        self.engine = (
+            VLLMEngine.from_config(model, tokenizer, cfg, seed=seed, device=device)
+            if self.vllm
+            else HFEngine(model, tokenizer)
+        )
         self.tokenizer, self.cfg, self.device, self.mp, self.seed = tokenizer, cfg, device, mixed_precision, seed
 
     @dispatch("split")
@@ -194,13 +224,19 @@ class Rollout:
             if not len(prompts):  # a data-parallel rank with no prompts still joins the gather above
                 return Batch()
             n = 1 if greedy else self.cfg.n
-            params = SamplingParams(n=n, temperature=0.0 if greedy else self.cfg.temperature, top_p=self.cfg.top_p,
-                                    top_k=self.cfg.top_k, max_new_tokens=self.cfg.max_new_tokens,
-                                    stop_strings=list(self.cfg.stop_strings), logprobs=True,
-                                    # One seed per prompt from its group uid (unique per prompt row over a run):
-                                    # a prompt's samples are the same whichever batch or worker it lands in, and
-                                    # a resumed run draws the same samples.
-                                    seeds=[self.seed * 1_000_003 + int(uid) for uid in prompts["group"]])
+            params = SamplingParams(
+                n=n,
+                temperature=0.0 if greedy else self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                top_k=self.cfg.top_k,
+                max_new_tokens=self.cfg.max_new_tokens,
+                stop_strings=list(self.cfg.stop_strings),
+                logprobs=True,
+                # One seed per prompt from its group uid (unique per prompt row over a run):
+                # a prompt's samples are the same whichever batch or worker it lands in, and
+                # a resumed run draws the same samples.
+                seeds=[self.seed * 1_000_003 + int(uid) for uid in prompts["group"]],
+            )
             ids = [list(p) for p in prompts["prompt_token_ids"]]
             if self.vllm:  # push the actor's current (gathered, LoRA-merged) weights, generate, sleep
                 out = self.engine.generate_from(actor_weights(self.model), ids, params)
@@ -208,8 +244,9 @@ class Rollout:
                 with loop.autocast(self.device, self.mp):
                     out = self.engine.generate(ids, params)
         ids, mask = out["response_ids"], out["response_mask"]
-        texts = self.tokenizer.batch_decode([r[m.bool()].tolist() for r, m in zip(ids, mask)],
-                                            skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(
+            [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=False)], skip_special_tokens=True
+        )
         rows = Batch(meta={k: v for k, v in prompts.meta.items() if k != "prompt_token_ids"}).repeat(n)
         return out.union(rows).union(Batch(meta={"response": texts}))
 
@@ -233,8 +270,13 @@ class RewardRole:
         total = torch.zeros(len(batch), device=next(iter(parts.values())).device)
         for name, _, weight in self.composite.parts:
             total = total + weight * parts[name]
-        return Batch({self.key: total, **{f"{self.key}/{name}": v for name, v in parts.items()},
-                      **{f"{self.key}_failures/{kind}": v for kind, v in failures.items()}})
+        return Batch(
+            {
+                self.key: total,
+                **{f"{self.key}/{name}": v for name, v in parts.items()},
+                **{f"{self.key}_failures/{kind}": v for kind, v in failures.items()},
+            }
+        )
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -242,8 +284,15 @@ class Reference:
     """Frozen reference log-probs. ``model``: a separate frozen copy; or ``None`` with ``lora_actor``: the actor's
     peft model with its adapters disabled (``with model.disable_adapter()``), i.e. the base weights, no copy."""
 
-    def __init__(self, model=None, lora_actor=None, temperature: float = 1.0, budget: int = 8192,
-                 device="cpu", mixed_precision: str = "none"):
+    def __init__(
+        self,
+        model=None,
+        lora_actor=None,
+        temperature: float = 1.0,
+        budget: int = 8192,
+        device="cpu",
+        mixed_precision: str = "none",
+    ):
         if (model is None) == (lora_actor is None):
             raise ValueError("Reference needs exactly one of model= (a frozen copy) or lora_actor= (adapters off)")
         self.model = model if model is not None else lora_actor
@@ -286,12 +335,13 @@ class Optimised:
         if not loop.guard_loss(label, self.train_cfg, terms):
             self.opt.zero_grad(set_to_none=True)
             return {"skipped": 1.0}
-        norm, stepped = loop.optimizer_step(self.model, self.opt, self.sched, self.train_cfg,
-                                            self.optim_cfg.max_grad_norm, label)
+        norm, stepped = loop.optimizer_step(
+            self.model, self.opt, self.sched, self.train_cfg, self.optim_cfg.max_grad_norm, label
+        )
         self.steps += int(stepped)
         return {"grad_norm": norm, "lr": self.sched.get_last_lr()[0], "skipped": float(not stepped)}
 
-    def save(self, path, state: Optional[dict] = None) -> None:
+    def save(self, path, state: dict | None = None) -> None:
         save_checkpoint(path, self.model, self.opt, self.sched, {"role_steps": self.steps, **(state or {})})
 
     def load(self, path) -> dict:
@@ -303,6 +353,7 @@ class Optimised:
 class TrainedRole:
     """What the actor and the critic share: ``self.model`` trained through ``self.optim`` (:class:`Optimised`),
     its weights and its checkpoint files."""
+
     model: torch.nn.Module
     optim: Optimised
 
@@ -312,7 +363,7 @@ class TrainedRole:
         return full_state_dict(self.model)
 
     @dispatch("one")
-    def save(self, path, state: Optional[dict] = None) -> None:
+    def save(self, path, state: dict | None = None) -> None:
         self.optim.save(path, state)
 
     @dispatch("all")
@@ -334,7 +385,7 @@ def host_floats(values: dict) -> dict:
     out = {k: float(v) for k, v in values.items() if not torch.is_tensor(v)}
     if keys:
         stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys]).tolist()
-        out |= dict(zip(keys, stacked))
+        out |= dict(zip(keys, stacked, strict=False))
     return out
 
 
@@ -346,8 +397,9 @@ def _counts(mask: torch.Tensor, agg: str) -> dict:
 
 
 def _ppo_term(lp, mb, adv, algo, kw):
-    return ppo_policy_loss(lp, mb["old_logprobs"], adv, mb["response_mask"], algo.clip_low, algo.clip_high,
-                           algo.dual_clip or None, **kw)
+    return ppo_policy_loss(
+        lp, mb["old_logprobs"], adv, mb["response_mask"], algo.clip_low, algo.clip_high, algo.dual_clip or None, **kw
+    )
 
 
 def _gspo_term(lp, mb, adv, algo, kw):
@@ -390,8 +442,9 @@ class Actor(TrainedRole):
                 lps.append((idx, lp))
                 ents.append((idx, ent))
         width = batch["response_mask"].shape[1]
-        return Batch({"old_logprobs": scatter_rows(lps, len(batch), width),
-                      "entropy": scatter_rows(ents, len(batch), width)})
+        return Batch(
+            {"old_logprobs": scatter_rows(lps, len(batch), width), "entropy": scatter_rows(ents, len(batch), width)}
+        )
 
     def _loss_terms(self, mb: Batch, pw: int, kw: dict) -> tuple[dict, dict, dict]:
         """One micro-batch: (terms, their coefficients, metrics). Each term is already divided by the mini-batch-wide
@@ -460,8 +513,18 @@ class Critic(TrainedRole):
     """A value model: ``values(batch)`` adds ``key`` (B, Tr); ``update(batch)`` regresses it on ``returns_key``
     with the clipped value loss, token mean over the mini-batch, times ``vf_coef``."""
 
-    def __init__(self, model, optim_cfg, train_cfg, algo_cfg, total_steps: int, device, key: str = "values",
-                 returns_key: str = "returns", prefix: str = "critic"):
+    def __init__(
+        self,
+        model,
+        optim_cfg,
+        train_cfg,
+        algo_cfg,
+        total_steps: int,
+        device,
+        key: str = "values",
+        returns_key: str = "returns",
+        prefix: str = "critic",
+    ):
         self.model, self.train_cfg, self.device = model, train_cfg, device
         self.optim = Optimised(model, optim_cfg, train_cfg, total_steps)
         self.algo_cfg, self.key, self.returns_key, self.prefix = algo_cfg, key, returns_key, prefix

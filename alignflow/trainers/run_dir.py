@@ -56,8 +56,10 @@ class TrainingInterrupted(KeyboardInterrupt):
 def check_output_dir(path: str, key: str = "train.output_dir") -> Path:
     """``path`` as a directory that exists and can be written; ConfigError naming ``key`` otherwise."""
     if not str(path).strip():
-        raise ConfigError(f"{key} is empty; give the run its own directory (e.g. {key}=runs/my-run) -- an empty "
-                          f"one would write into the current directory")
+        raise ConfigError(
+            f"{key} is empty; give the run its own directory (e.g. {key}=runs/my-run) -- an empty "
+            f"one would write into the current directory"
+        )
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{key}={path} is a file, not a directory; choose a directory for the run")
@@ -67,8 +69,9 @@ def check_output_dir(path: str, key: str = "train.output_dir") -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ConfigError(f"{key}={path} cannot be written ({e.strerror or e}); choose a writable directory "
-                          f"with free space") from None
+        raise ConfigError(
+            f"{key}={path} cannot be written ({e.strerror or e}); choose a writable directory with free space"
+        ) from None
     return out
 
 
@@ -109,9 +112,11 @@ def prepare_run_dir(train, check_only: bool = False) -> Path:
     if not train.overwrite:
         why = "train.resume=true found no checkpoint to go on from" if train.resume else "train.resume is false"
         hint = ", train.resume=true to continue from its last checkpoint" if _has_checkpoint(out) else ""
-        raise ConfigError(f"train.output_dir={out} already holds a run ({', '.join(found)}) and {why}; a new run "
-                          f"would replace it. Choose a new train.output_dir{hint}, or set train.overwrite=true "
-                          f"to replace it")
+        raise ConfigError(
+            f"train.output_dir={out} already holds a run ({', '.join(found)}) and {why}; a new run "
+            f"would replace it. Choose a new train.output_dir{hint}, or set train.overwrite=true "
+            f"to replace it"
+        )
     log.warning("train.overwrite=true: replacing the run in %s (%s)", out, ", ".join(found))
     for root in _checkpoint_roots(out):
         shutil.rmtree(root)
@@ -150,8 +155,11 @@ def remove_stale_temps(out: Path) -> list[Path]:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
             removed.append(p)
     if removed:
-        log.info("removed %d leftover temporary file(s) of interrupted writes: %s", len(removed),
-                 ", ".join(str(p) for p in removed[:5]))
+        log.info(
+            "removed %d leftover temporary file(s) of interrupted writes: %s",
+            len(removed),
+            ", ".join(str(p) for p in removed[:5]),
+        )
     return removed
 
 
@@ -162,8 +170,9 @@ def prune_checkpoints(root: Path, keep: int) -> list[int]:
     deleted steps."""
     if keep <= 0 or not root.is_dir():
         return []
-    steps = sorted(int(p.name[5:]) for p in root.glob("step-*") if p.name[5:].isdigit()
-                   and (p / "trainer_state.json").is_file())
+    steps = sorted(
+        int(p.name[5:]) for p in root.glob("step-*") if p.name[5:].isdigit() and (p / "trainer_state.json").is_file()
+    )
     drop = set(steps[:-keep])
     if not drop:
         return []
@@ -214,8 +223,9 @@ def _on_sigint(signum, frame) -> None:
     if _STATE.requested:
         raise KeyboardInterrupt  # the second Ctrl-C: stop now
     _STATE.requested = True
-    log.warning("Ctrl-C: finishing the current step to write a checkpoint (press Ctrl-C again to stop at once, "
-                "without one)")
+    log.warning(
+        "Ctrl-C: finishing the current step to write a checkpoint (press Ctrl-C again to stop at once, without one)"
+    )
 
 
 def arm_interrupt(owner) -> None:
@@ -246,8 +256,11 @@ def interrupted_message(argv: list[str], cfg, err: BaseException) -> str:
     import shlex
 
     train = getattr(cfg, "train", None)
-    resume = "alignflow " + " ".join(shlex.quote(a) for a in argv if not a.startswith("train.resume=")) + \
-        " train.resume=true"
+    resume = (
+        "alignflow "
+        + " ".join(shlex.quote(a) for a in argv if not a.startswith("train.resume="))
+        + " train.resume=true"
+    )
     if isinstance(err, TrainingInterrupted) and err.checkpoint is not None:
         return f"interrupted after step {err.step}; checkpoint saved at {err.checkpoint}. Resume with: {resume}"
     saved = "" if not isinstance(err, TrainingInterrupted) else f" (saving it failed: {err.reason})"
@@ -261,8 +274,13 @@ def interrupted_message(argv: list[str], cfg, err: BaseException) -> str:
     return f"interrupted; no checkpoint at the interrupt{saved}. The latest is {latest}; resume with: {resume}"
 
 
-_DISK_ERRNOS = {"ENOSPC": "no space left on the device", "EDQUOT": "disk quota exceeded",
-                "EROFS": "read-only file system", "EACCES": "permission denied", "EPERM": "operation not permitted"}
+_DISK_ERRNOS = {
+    "ENOSPC": "no space left on the device",
+    "EDQUOT": "disk quota exceeded",
+    "EROFS": "read-only file system",
+    "EACCES": "permission denied",
+    "EPERM": "operation not permitted",
+}
 
 
 def disk_error(e: OSError) -> str | None:

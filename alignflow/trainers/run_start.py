@@ -60,6 +60,7 @@ def start_run(cfg, seed: bool = True):
     device = resolve_device(cfg.train.device)
     if not cfg.train.micro_batch_tokens:  # 0: a budget for the device (config.json keeps the 0 the user gave)
         cfg.train.micro_batch_tokens = loop.default_micro_batch_tokens(device)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision,
-                               cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code
+    )
     return out, device, tokenizer

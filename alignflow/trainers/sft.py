@@ -67,7 +67,7 @@ def micro_batches(examples: list[dict], packing: bool, pack_len: int, budget: in
     if packing:
         bins = first_fit_decreasing([len(e["input_ids"]) for e in examples], pack_len)
         per = max(1, budget // pack_len)  # packs per micro-batch
-        return [flatten([examples[i] for b in bins[j:j + per] for i in b]) for j in range(0, len(bins), per)]
+        return [flatten([examples[i] for b in bins[j : j + per] for i in b]) for j in range(0, len(bins), per)]
     groups = token_budget_groups([len(e["input_ids"]) for e in examples], budget)
     return [pad_batch([examples[i] for i in g], pad_id) for g in groups]
 
@@ -85,9 +85,14 @@ def nll_sum(model, mb: dict, device) -> tuple[torch.Tensor, int]:
     attn, pos = mb.get("attention_mask"), mb.get("position_ids")
     if attn is not None and attn.dim() == 2 and bool((attn[:, 1:] <= attn[:, :-1]).all()):
         attn, pos = None, None  # right padding only: positions 0..n-1 of every row are its real tokens
-    s = masked_nll_sum(model, mb["input_ids"].to(device), mask.to(device),
-                       attention_mask=None if attn is None else attn.to(device),
-                       position_ids=None if pos is None else pos.to(device), seq_lens=mb.get("seq_lens"))
+    s = masked_nll_sum(
+        model,
+        mb["input_ids"].to(device),
+        mask.to(device),
+        attention_mask=None if attn is None else attn.to(device),
+        position_ids=None if pos is None else pos.to(device),
+        seq_lens=mb.get("seq_lens"),
+    )
     return s, int(mask.sum())  # the count is taken on the host: no device sync
 
 
@@ -98,8 +103,9 @@ def evaluate_nll(model, examples: list[dict], cfg: SFTConfig, pad_id: int, devic
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for mb in micro_batches(sft_examples(examples), cfg.train.packing, cfg.data.max_len, cfg.train.micro_batch_tokens,
-                            pad_id):
+    for mb in micro_batches(
+        sft_examples(examples), cfg.train.packing, cfg.data.max_len, cfg.train.micro_batch_tokens, pad_id
+    ):
         s, n = nll_sum(model, mb, device)
         total, count = total + s.item(), count + n
     model.train(was_training)
@@ -154,13 +160,12 @@ def train_sft(cfg: SFTConfig, step_fn=None) -> SFTResult:
             logger.log(step + 1, {f"train/{k}" if "/" not in k else k: v for k, v in metrics.items()})
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
             logger.log(step + 1, evaluate_nll(model, data.eval, cfg, pad_id, device))
-        loop.checkpoint_step(step + 1, total, cfg.train, out,
-                             lambda path: save_checkpoint(path, model, opt, sched, {"step": step + 1}))
+        loop.checkpoint_step(
+            step + 1, total, cfg.train, out, lambda path: save_checkpoint(path, model, opt, sched, {"step": step + 1})
+        )
     bar.close()
     result.eval = evaluate_nll(model, data.eval, cfg, pad_id, device)
     logger.log(total, result.eval)
     logger.close()
     save_model(model, tokenizer, out / "model")
     return result
-
-

@@ -21,7 +21,6 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import Optional
 
 from alignflow.config import ConfigError
 
@@ -63,8 +62,10 @@ def _import(name: str, extra: str):
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise ConfigError(f"train.report_to: {name!r} needs the {name} package, which is not installed; "
-                          f"pip install 'alignflow[{extra}]' (or drop {name} from train.report_to)") from None
+        raise ConfigError(
+            f"train.report_to: {name!r} needs the {name} package, which is not installed; "
+            f"pip install 'alignflow[{extra}]' (or drop {name} from train.report_to)"
+        ) from None
 
 
 def _ids(run_dir: Path) -> dict:
@@ -110,8 +111,14 @@ class WandbTracker:
         run_id = _ids(run_dir).get("wandb") if resume else None
         run_id = run_id or uuid.uuid4().hex[:12]
         _save_id(run_dir, "wandb", run_id)
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "alignflow"), name=run_dir.name, id=run_id,
-                              resume="allow", dir=str(run_dir), config=config)
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "alignflow"),
+            name=run_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=config,
+        )
 
     def log(self, step: int, scalars: dict) -> None:
         self.run.log(scalars, step=step)
@@ -139,7 +146,7 @@ class MlflowTracker:
         self.mlflow.end_run()
 
 
-def open_trackers(run_dir: str | Path, resume: bool = False, report_to: Optional[list] = None) -> list:
+def open_trackers(run_dir: str | Path, resume: bool = False, report_to: list | None = None) -> list:
     """The trackers of ``report_to`` (default: the run's saved ``train.report_to``) for ``run_dir``."""
     run_dir = Path(run_dir)
     config = run_config(run_dir)
