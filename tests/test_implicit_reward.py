@@ -50,3 +50,20 @@ def test_beam_search_keeps_the_highest_implicit_reward_not_the_most_likely_answe
     assert greedy[0].tokens == [2] and greedy[0].score == pytest.approx(math.log(0.5999 / 0.7999), abs=1e-6)
     with pytest.raises(ValueError, match="must be >= 1"):
         implicit_reward_beam_search(policy, ref, [0], eos_id=2, width=0)
+
+
+def test_implicit_search_recipe_step_scores_beam_and_greedy_answers(reviews_task, reviews_sft, tmp_path):
+    """The step answers held-out prompts both ways and reports the gold and implicit rewards of each."""
+    import json
+
+    from alignflow.config import TaskConfig
+    from alignflow.recipes.steps import ImplicitSearchConfig, implicit_search
+
+    task = TaskConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, num_sft=400, num_pairs=300)
+    summary = implicit_search(ImplicitSearchConfig(policy=str(reviews_sft), reference=str(reviews_task.model_dir),
+                                                   num_prompts=2, max_new_tokens=6, width=2, expand=2, task=task,
+                                                   output_dir=str(tmp_path)))
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and set(rows[0]) == {"prompt", "beam", "greedy"}
+    assert set(summary) == {"beam/implicit_reward", "beam/gold_reward", "greedy/implicit_reward", "greedy/gold_reward"}
+    assert summary["beam/gold_reward"] == pytest.approx(sum(r["beam"]["gold_reward"] for r in rows) / 2)

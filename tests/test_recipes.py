@@ -48,7 +48,7 @@ def _sft_stage(task, name: str, steps: int, **over) -> dict:
 def test_stage_commands_match_the_cli_table():
     """Every command a stage may run is the CLI's own (same config class, same entry point)."""
     for name, (cls_path, target) in STAGE_COMMANDS.items():
-        if name in ("select", "annotate", "heron"):  # the recipe's own data steps
+        if name in ("select", "annotate", "heron", "implicit_search"):  # the recipe's own data steps
             continue
         cls, cli_target, _ = COMMANDS[name]
         assert (f"{cls.__module__}:{cls.__name__}", cli_target) == (cls_path, target)
@@ -73,7 +73,7 @@ def test_references_resolve_to_earlier_stage_directories_and_errors_name_the_sta
     [
         ([], "the recipe has no stages"),
         ([{"name": "a", "command": "sft"}, {"name": "a", "command": "rm"}], "'a' is used by an earlier stage"),
-        ([{"name": "a", "command": "train"}], r"stage 'a'.command: 'train' is not one of sft, rm"),
+        ([{"name": "a", "command": "train"}], r"stage 'a'.command: 'train' is not one of sft, ift, rm"),
         ([{"name": "a", "command": "sft", "steps": 3}], r"stages\[0\]: unknown key\(s\) steps"),
         ([{"name": "a b", "command": "sft"}], "letters, digits"),
         ([{"name": "a"}], "stage 'a': no command"),

@@ -33,6 +33,7 @@ STAGE_COMMANDS: dict[str, tuple[str, str]] = {
     "select": ("alignflow.recipes.steps:SelectConfig", "alignflow.recipes.steps:select_rows"),
     "annotate": ("alignflow.recipes.steps:AnnotateConfig", "alignflow.recipes.steps:annotate"),
     "heron": ("alignflow.recipes.steps:HeronConfig", "alignflow.recipes.steps:heron"),
+    "implicit_search": ("alignflow.recipes.steps:ImplicitSearchConfig", "alignflow.recipes.steps:implicit_search"),
 }
 STAGE_KEYS = ("name", "command", "config", "overrides", "about")
 _NAME = re.compile(r"[A-Za-z0-9_-]+")

@@ -59,6 +59,23 @@ class HeronConfig:
 
 
 @dataclasses.dataclass
+class ImplicitSearchConfig:
+    """Recipe step ``implicit_search``: answer the built-in task's held-out prompts by beam search on a DPO policy's
+    implicit reward (docs/implicit_reward.md) and by greedy decoding of the same policy; both scored by the gold
+    reward. Writes samples.jsonl and implicit_search.json."""
+
+    policy: str = field("", doc="The DPO-trained policy's model directory.")
+    reference: str = field("", doc="The reference it was trained against (same tokenizer).")
+    beta: float = field(0.1, doc="The beta the policy was trained with.", range=(0.0, None))
+    width: int = field(4, doc="Beams kept.", range=(1, None))
+    expand: int = field(4, doc="Next tokens each beam proposes (the policy's most likely).", range=(1, None))
+    max_new_tokens: int = field(40, doc="Most tokens per answer.", range=(1, None))
+    num_prompts: int = field(32, doc="Held-out prompts answered.", range=(1, None))
+    task: TaskConfig = field(default_factory=TaskConfig, doc="The built-in task (prompts and gold reward).")
+    output_dir: str = field("runs/implicit_search", doc="Where the files are written (set by the recipe).")
+
+
+@dataclasses.dataclass
 class AnnotateConfig:
     """Recipe step ``annotate``: several policies' samples rated by a judge and binarised into preference pairs."""
 
@@ -291,3 +308,52 @@ def heron(cfg: HeronConfig) -> dict[str, Any]:
     _write_jsonl(Path(cfg.output_dir) / "pairs.jsonl", pairs)
     (Path(cfg.output_dir) / "heron.json").write_text(json.dumps(stats, indent=1))
     return stats
+
+
+def implicit_search(cfg: ImplicitSearchConfig) -> dict[str, Any]:
+    """``implicit_search``: gold reward and implicit reward of the beam-search and the greedy answers."""
+    import torch
+
+    from alignflow.config import DataConfig, ModelConfig
+    from alignflow.data.pipeline import prepare_data
+    from alignflow.models import load_causal_lm, load_tokenizer
+    from alignflow.rollout.implicit_search import implicit_reward_beam_search
+    from alignflow.tasks import build_task
+
+    if not cfg.policy or not cfg.reference:
+        raise ConfigError("policy and reference: implicit_search needs both model directories")
+    out = Path(cfg.output_dir)
+    art = build_task(cfg.task.name, cfg.task, out / "task")
+    tok = load_tokenizer(cfg.policy)
+    rows = prepare_data(
+        DataConfig(path=str(art.eval_prompts_path), format="prompt", eval_fraction=0.0), tok, expect=("prompt",)
+    ).train[: cfg.num_prompts]
+    cpu = torch.device("cpu")
+    policy, ref = (load_causal_lm(ModelConfig(name_or_path=p), cpu).eval() for p in (cfg.policy, cfg.reference))
+    samples, scores = [], {"beam": [], "greedy": []}
+    for r in rows:
+        row = {"prompt": r["prompt"]}
+        for name, width, expand in (("beam", cfg.width, cfg.expand), ("greedy", 1, 1)):
+            best = implicit_reward_beam_search(
+                policy,
+                ref,
+                list(r["prompt_ids"]),
+                eos_id=tok.eos_token_id,
+                beta=cfg.beta,
+                width=width,
+                expand=expand,
+                max_new_tokens=cfg.max_new_tokens,
+            )[0]
+            text = tok.decode(best.tokens, skip_special_tokens=True)
+            gold = float(art.gold_reward([r["prompt"]], [text])[0])
+            row[name] = {"response": text, "implicit_reward": best.score, "gold_reward": gold}
+            scores[name].append((best.score, gold))
+        samples.append(row)
+    _write_jsonl(out / "samples.jsonl", samples)
+    summary = {
+        f"{name}/{key}": sum(s[i] for s in v) / len(v)
+        for name, v in scores.items()
+        for i, key in enumerate(("implicit_reward", "gold_reward"))
+    }
+    (out / "implicit_search.json").write_text(json.dumps(summary | {"prompts": len(rows)}, indent=1))
+    return summary
