@@ -5,8 +5,6 @@ task's model shrunk to 1 layer x 32 wide, every stage cut to a few steps through
 import json
 from pathlib import Path
 
-import pytest
-
 from alignflow.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,23 +102,26 @@ def test_nemotron_cascade(tmp_path, monkeypatch):
     )
 
 
-@pytest.mark.parametrize("judge", ["attributes", "rm_score"])
-def test_ultrafeedback(tmp_path, monkeypatch, judge):
-    monkeypatch.chdir(ROOT)
-    small = [f"stage.{s}.{k}" for s in ("sample_sft", "sample_early") for k in ("num_prompts=8", "max_new_tokens=12")]
-    out = _run(
-        "ultrafeedback",
-        tmp_path,
-        *SMALL_PO,
-        *small,
-        f"stage.annotate.judge={judge}",
-        *steps(2, "sft", "sft_early", "rm", "dpo"),
-    )
+def _annotated(out: Path) -> tuple[dict, list[dict], list[dict]]:
     summary = json.loads((out / "annotate" / "annotate.json").read_text())
     rated = [json.loads(line) for line in (out / "annotate" / "rated.jsonl").read_text().splitlines()]
     pairs = [json.loads(line) for line in (out / "annotate" / "pairs.jsonl").read_text().splitlines()]
     assert summary["pairs"] == len(pairs) >= 1 and summary["pairs"] + summary["prompts_without_pair"] == 8
-    keys = {"attributes": {"sentiment", "fluency", "variety", "length"}, "rm_score": {"rm_score"}}[judge]
-    assert all(set(r) == keys for row in rated for r in row["ratings"])
     assert all(p["score_chosen"] > p["score_rejected"] for p in pairs)
+    return summary, rated, pairs
+
+
+def test_ultrafeedback(tmp_path, monkeypatch, capsys):
+    """Judge attributes first; then the reward-model judge with rerun=[annotate]: only annotate and dpo run again."""
+    monkeypatch.chdir(ROOT)
+    small = [f"stage.{s}.{k}" for s in ("sample_sft", "sample_early") for k in ("num_prompts=8", "max_new_tokens=12")]
+    args = [*SMALL_PO, *small, *steps(2, "sft", "sft_early", "rm", "dpo")]
+    out = _run("ultrafeedback", tmp_path, *args)
+    _, rated, _ = _annotated(out)
+    assert all(set(r) == {"sentiment", "fluency", "variety", "length"} for row in rated for r in row["ratings"])
     assert (out / "dpo" / "model").is_dir()
+    capsys.readouterr()
+    _run("ultrafeedback", tmp_path, *args, "stage.annotate.judge=rm_score", "rerun=[annotate]")
+    assert "2 stage(s) run, 5 skipped" in capsys.readouterr().out
+    _, rated, _ = _annotated(out)
+    assert all(set(r) == {"rm_score"} for row in rated for r in row["ratings"])
