@@ -96,7 +96,10 @@ def crraft_loss(logp: Tensor, rewards: Tensor, anchor_rewards: Tensor, violation
     return -(calib[sel] * logp[sel]).sum() / len(kept)
 
 
-def judge_violations(judges: dict[str, Callable], prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
+Judge = Callable[[list[str], list[str]], Sequence[object]]  # fn(prompts, responses) -> satisfied per sample
+
+
+def judge_violations(judges: dict[str, Judge], prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
     """(N, J) violation flags from judges ``name -> fn(prompts, responses) -> list[bool]`` (True = satisfied).
 
     A rule judge is any such function; an LLM judge's principle reward (1 yes, 0 no) fits with ``>= 0.5``."""

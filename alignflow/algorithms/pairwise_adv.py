@@ -17,6 +17,8 @@ Both are pure functions of tensors; the advantages are per sequence (broadcast o
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
 
@@ -40,7 +42,7 @@ def anchor_advantages(p_vs_anchor: Tensor, center: bool = False) -> Tensor:
     return p_vs_anchor - 0.5
 
 
-def preference_matrix(win_prob, responses: list) -> Tensor:
+def preference_matrix(win_prob: Callable[[str, str], float], responses: Sequence[str]) -> Tensor:
     """The (G, G) matrix ``P[i, j] = win_prob(responses[i], responses[j])`` of one group (diagonal 1/2).
 
     ``win_prob(a, b)`` is any pairwise scorer: a preference model's P(a > b) or a judge's verdict (1, 0, or the
