@@ -170,7 +170,8 @@ def report(results: dict, args) -> None:
     for name, runs in results.items():
         print(
             f"{name:16s} wall {med(runs, 0):6.0f} tok/s | cpu {med(runs, 1):6.0f} tok/s | median wall "
-            f"{statistics.median(r[0] for r in runs):6.3f} s | median tokens {statistics.median(r[2] for r in runs):.0f}"
+            f"{statistics.median(r[0] for r in runs):6.3f} s | median tokens "
+            f"{statistics.median(r[2] for r in runs):.0f}"
             f" | rows ended by EOS {statistics.mean(r[3] for r in runs):.0%}"
         )
     hf = results["model.generate"]

@@ -459,7 +459,8 @@ def markdown(res: dict) -> str:
         "the timed steps / their wall time (generation, reward, reference and old log-probs, update); per CPU-s: "
         "the same per second of process CPU time (steadier on a loaded machine); generation share = generation "
         "seconds / step seconds. Method: `docs/benchmarks.md`. Regenerate with "
-        f"`python bench/bench_rl.py --sweep{' --alignflow-budget ' + str(res['alignflow_budget']) if res['alignflow_budget'] else ''}`"
+        f"`python bench/bench_rl.py --sweep"
+        f"{' --alignflow-budget ' + str(res['alignflow_budget']) if res['alignflow_budget'] else ''}`"
         ".",
         "",
         "| algorithm | alignflow | TRL | alignflow compl/s | TRL compl/s | ratio (wall) | ratio (CPU time) | "

@@ -17,7 +17,8 @@ utilisation::
 
 with N the parameter count (embedding excluded, LM head included: the standard 6N-per-token rule, attention
 FLOPs not counted), P / R the prompt / response tokens of the batch, R the decoded tokens and P / n the prefilled
-ones (one prefill per distinct prompt). Peak: ``--peak-tflops`` (default 989, the dense bf16 figure of an H100/H200 SXM).
+ones (one prefill per distinct prompt). Peak: ``--peak-tflops`` (default 989, the dense bf16 figure of an H100/H200
+SXM).
 
 Run it (GPU):  ``python bench/bench_scale.py --steps 6``  -> ``bench/results/scale_gpu.md`` and ``.json``.
 A CPU smoke run of the same code on a tiny shape:  ``python bench/bench_scale.py --tiny --steps 2``.

@@ -59,7 +59,7 @@ def generation(model, out: dict) -> None:
         graphs.USE_GRAPHS, sampling.USE_COMPILE = use_graphs, use_compile
         res = {}
 
-        def run():
+        def run(res=res):
             res["batch"] = engine.generate(prompts, params)
 
         s = timed(run)

@@ -1,4 +1,5 @@
-"""Reward-model scorers: ensembles (heads or models) aggregate like ``aggregate``; rows are re-packed without padding."""
+"""Reward-model scorers: ensembles (heads or models) aggregate like ``aggregate``; rows are re-packed without
+padding."""
 
 import pytest
 import torch

@@ -596,7 +596,8 @@ def test_lean_forward_reads_updated_weights():
 
 def test_unsupported_models_fall_back_to_the_hf_forward():
     """GPT-2 (another architecture), a mistral whose sliding window (8) is shorter than prompt + new tokens,
-    a PEFT-wrapped llama (class PeftModel) and the LoRA-injected llama inside it (random, non-zero LoRA weights) all run the
+    a PEFT-wrapped llama (class PeftModel) and the LoRA-injected llama inside it (random, non-zero LoRA weights)
+    all run the
     model's own forward, say why, and still equal ``generate`` -- which a lean forward that ignored the LoRA
     layers or the window would not."""
     from peft import LoraConfig, get_peft_model

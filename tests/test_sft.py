@@ -45,7 +45,8 @@ def _grads(model):
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_accumulation_invariance_1x8_equals_8x1(reviews_task, tmp_path, packing):
-    """One micro-batch of 8 rows and 8 micro-batches of 1 row (3 of one pack each when packing) give the same loss and the same gradient,
+    """One micro-batch of 8 rows and 8 micro-batches of 1 row (3 of one pack each when packing) give the same loss
+    and the same gradient,
     because every micro-batch divides by the token count of the whole step."""
     from alignflow.models import load_tokenizer
 

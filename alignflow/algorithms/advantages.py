@@ -20,7 +20,8 @@ import torch
 from alignflow.algorithms.core import masked_whiten
 
 Tensor = torch.Tensor
-GroupIds = Union[Tensor, Sequence[Hashable]]  # one group id per sample: a (N,) tensor or hashables (prompt uids)
+# one group id per sample: a (N,) tensor or hashables (prompt uids); a runtime alias, so typing.Union
+GroupIds = Union[Tensor, Sequence[Hashable]]  # noqa: UP007
 
 
 @torch.no_grad()
@@ -107,7 +108,8 @@ def grpo_advantages(
     norm_by_std: bool = True,
     eps: float = 1e-6,
 ) -> Tensor:
-    """GRPO outcome advantage (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300): ``Â_i = (r_i − mean_g r)/(std_g r + ε)``.
+    """GRPO outcome advantage (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300): ``Â_i = (r_i − mean_g r)/(std_g r
+    + ε)``.
 
     ``std`` is unbiased (Bessel, as ``torch.std`` in TRL/verl). ``norm_by_std=False`` gives Dr. GRPO (Liu et al. 2025,
     arXiv:2503.20783): ``Â_i = r_i − mean_g r``. A group of equal rewards (or a single sample) gets Â = 0.

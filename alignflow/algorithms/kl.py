@@ -9,7 +9,8 @@ http://joschu.net/blog/kl-approx.html). With ``logp = log q(a)`` (policy, the sa
 * k3 = (r − 1) − log r       unbiased, ≥ 0, low variance (GRPO's "unbiased estimator"); as a loss its expected
                              gradient is that of the forward KL(π_ref‖π_θ).
 
-All take (B, T) tensors and return (B, T); masking is the caller's job (see :func:`kl_loss`, :func:`kl_penalty_rewards`).
+All take (B, T) tensors and return (B, T); masking is the caller's job (see :func:`kl_loss`,
+:func:`kl_penalty_rewards`).
 """
 
 from __future__ import annotations

@@ -177,7 +177,8 @@ class HFEngine:
     is one host sync); None means 1 on CPU and 4 on accelerators, where syncs are dear. fast_path: run
     Llama-family models (llama, mistral, qwen2, qwen3) with the lean forward of ``lean.py`` (bit-identical
     outputs in float32 with sdpa attention, far less Python per step); models it does not cover fall back
-    to the model's own forward by themselves, and ``fast_path=False`` forces that fallback. After each ``generate``, ``last_path`` is
+    to the model's own forward by themselves, and ``fast_path=False`` forces that fallback. After each
+    ``generate``, ``last_path`` is
     ``"lean"`` or ``"hf"`` and ``fallback_reason`` says why the lean forward was not used (None if it was).
     preallocate (HF forward only): use :func:`~alignflow.rollout.kv_cache.preallocated_cache` (in-place KV
     writes) instead of a plain ``DynamicCache`` (which copies the whole cache at every step); same outputs.

@@ -5,7 +5,8 @@ Why: at batch 256 a 0.5B model's decode step reads ~1 GB of weights (~0.3 ms on 
 kernels from Python (~5 ms of launch overhead), so an eager decode loop runs at a few percent of the memory
 bandwidth. A CUDA graph replays the recorded kernels with one launch.
 
-What a graph needs, and how :class:`GraphedLeanRunner` provides it on top of :class:`~alignflow.rollout.lean.LeanRunner`:
+What a graph needs, and how :class:`GraphedLeanRunner` provides it on top of
+:class:`~alignflow.rollout.lean.LeanRunner`:
 
 * static shapes: the live batch shrinks as rows end, so one graph is captured per live-batch BUCKET (powers of
   two, at least :data:`MIN_BUCKET`); a step of b live rows runs the graph of the smallest bucket >= b, and rows

@@ -431,7 +431,9 @@ def _fused_keyed_draw(logits: torch.Tensor, keys: torch.Tensor, step: int | torc
     except Exception as err:  # noqa: BLE001 - any compiler failure: the eager draw is the same function
         import warnings
 
-        warnings.warn(f"fused sampling could not be compiled ({type(err).__name__}: {err}); using the eager draw")
+        warnings.warn(
+            f"fused sampling could not be compiled ({type(err).__name__}: {err}); using the eager draw", stacklevel=2
+        )
         _FUSED["broken"] = True
         return _race_argmax(logits, h, _FUSED[key])
 

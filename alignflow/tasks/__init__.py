@@ -5,7 +5,8 @@
     art.sft_path, art.model_dir, art.gold_reward(prompts, responses)
 
 A task directory holds ``tokenizer/``, ``model/``, ``sft.jsonl``, ``prompts.jsonl``, ``eval_prompts.jsonl``,
-``pairs.jsonl``, ``rated.jsonl`` and ``task.json`` (the config and a hash of the task's source). Building again with the same
+``pairs.jsonl``, ``rated.jsonl`` and ``task.json`` (the config and a hash of the task's source). Building again
+with the same
 config and code reuses the directory; otherwise it is rebuilt in a temporary directory and swapped in, so a
 reader never sees a half-written task. See ``docs/tasks.md``.
 """

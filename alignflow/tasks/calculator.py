@@ -15,7 +15,8 @@ syntax tree; anything else, or an operand or result over ``MAX_DIGITS`` digits, 
 
 As a built-in task (``task.name: calculator``, :data:`TASK`: products only) it has its own tokenizer and chat
 template: digits and operators are single tokens and decode with no separator, the tool-call opener
-``CALL_OPEN`` and closer ``CALL_CLOSE`` are one token each (so a call is ``CALL_OPEN``, the expression's tokens, ``CALL_CLOSE``), every
+``CALL_OPEN`` and closer ``CALL_CLOSE`` are one token each (so a call is ``CALL_OPEN``, the expression's tokens,
+``CALL_CLOSE``), every
 message ends with ``<eos>`` (which also ends a sampled turn) and tool results come as ``<|tool|>`` messages.
 The template does not print the tool schemas: the tiny model learns the one tool from its SFT corpus, where
 ``TOOL_FRACTION`` of the conversations call it and copy its result, and the rest answer at once with a guess

@@ -555,7 +555,7 @@ def train_online_po(cfg: OnlinePOConfig) -> OnlinePOResult:
             cfg.online.rounds,
             cfg.train,
             out,
-            lambda _: _save(run, out, r, step, stream) or out / "checkpoints" / f"step-{step}",
+            lambda _, r=r, step=step: _save(run, out, r, step, stream) or out / "checkpoints" / f"step-{step}",
         )
     bar.close()
     result.eval = result.evals[-1][1] if result.evals else {}

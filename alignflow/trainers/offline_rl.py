@@ -272,7 +272,7 @@ def train_superhf(cfg: SuperHFConfig) -> OfflineRLResult:
             total,
             cfg.train,
             out,
-            lambda path: run.optim.save(path, {"step": step + 1, "prompt_position": stream.position}),
+            lambda path, done=step + 1: run.optim.save(path, {"step": done, "prompt_position": stream.position}),
         )
     bar.close()
     result.eval = evaluate(roles, eval_prompts, gold)
@@ -623,7 +623,9 @@ def train_alol(cfg: ALoLConfig) -> OfflineRLResult:
         bar.update(0, loss=m["alol/loss"])
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
             logger.log(step + 1, m)
-        loop.checkpoint_step(step + 1, total, cfg.train, out, lambda path: optim.save(path, {"step": step + 1}))
+        loop.checkpoint_step(
+            step + 1, total, cfg.train, out, lambda path, done=step + 1: optim.save(path, {"step": done})
+        )
     bar.close()
     result.eval = _alol_eval(cfg, policy, tok, reward, art, device)
     logger.log(total, result.eval)

@@ -162,7 +162,7 @@ def collect_rollouts(roles: Roles, st: RLState, cfg: RLConfig, tally: _Tally) ->
     want, n = cfg.rollout.prompts_per_step, cfg.rollout.n
     rounds = cfg.dapo.max_sample_rounds if cfg.dapo.dynamic_sampling else 1
     kept, groups, gen_s = [], 0, 0.0
-    for r in range(rounds):
+    for r in range(rounds):  # noqa: B007 - r (rounds used) is read after the loop
         batch, secs = sample_and_score(roles, st.prompts.take(want), cfg)
         gen_s += secs
         tally.add(batch)

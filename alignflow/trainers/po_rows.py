@@ -124,13 +124,12 @@ def row_inputs(
         n = n_max or max(counts)
         out = sequence_logps(model, [s for r in rows for s in row_sequences(r)], device, flat)
         slot = torch.tensor([i * n + k for i, c in enumerate(counts) for k in range(c)], device=dev)  # (Σc,)
-        scatter = lambda v, fill: (
-            torch.full((len(rows) * n,), fill, dtype=v.dtype, device=dev)
-            .index_put(  # noqa
-                (slot,), v
+
+        def scatter(v: torch.Tensor, fill: float) -> torch.Tensor:  # (Σc,) -> (B, n), `fill` where a row has fewer
+            return (
+                torch.full((len(rows) * n,), fill, dtype=v.dtype, device=dev).index_put((slot,), v).view(len(rows), n)
             )
-            .view(len(rows), n)
-        )  # (B, n)
+
         fields = {
             "ranked_logps": scatter(out["logps"], 0.0),
             "ranked_lengths": scatter(out["lengths"], 0),
@@ -246,7 +245,7 @@ def po_step(
     for g, real in dp_equal_groups(groups):
         chunk = [rows[i] for i in g]
         with loop.autocast(device, train.mixed_precision):
-            fields = through_root(model, lambda: row_inputs(model, chunk, device, flat, with_tokens, n_max))
+            fields = through_root(model, lambda chunk=chunk: row_inputs(model, chunk, device, flat, with_tokens, n_max))
         total, _ = fn(PrefInputs(**fields), reduction="sum", **kw)
         if backward:
             (total * (scale * real / n_rows)).backward()  # mean over the step's rows, whatever the split

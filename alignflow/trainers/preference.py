@@ -359,7 +359,9 @@ def _steps(
             logger.log(step + 1, {f"train/{k}" if "/" not in k else k: v for k, v in metrics.items()})
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and held:
             logger.log(step + 1, eval_names(policy.evaluate(row_batch(held), cfg.loss.name, kw)))
-        loop.checkpoint_step(step + 1, total, cfg.train, out, lambda path: policy.save(path, {"step": step + 1}))
+        loop.checkpoint_step(
+            step + 1, total, cfg.train, out, lambda path, done=step + 1: policy.save(path, {"step": done})
+        )
     bar.close()
 
 

@@ -210,7 +210,11 @@ def train_one(
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
             logger.log(step + 1, {f"train/{k}" if "/" not in k else k: v for k, v in metrics.items()})
         loop.checkpoint_step(
-            step + 1, total, cfg.train, out, lambda path: save_checkpoint(path, model, opt, sched, {"step": step + 1})
+            step + 1,
+            total,
+            cfg.train,
+            out,
+            lambda path, done=step + 1: save_checkpoint(path, model, opt, sched, {"step": done}),
         )
     bar.close()
     logger.close()
@@ -286,9 +290,9 @@ def train_rm(cfg: RMConfig) -> RMResult:
     models, losses, rate = [], [], 0.0
     for i in range(members):
         sub = out / f"member-{i}" if members > 1 else out
-        m, l, rate = train_one(cfg, rows, cfg.train.seed + i, labels, sub, pad_id, device, tokenizer)
+        m, losses_i, rate = train_one(cfg, rows, cfg.train.seed + i, labels, sub, pad_id, device, tokenizer)
         models.append(m)
-        losses = losses or l
+        losses = losses or losses_i
     result = RMResult(models, tokenizer, losses, output_dir=out, tokens_per_s=rate)
     per_model = 1 if r.ensemble_mode == "models" else k
     if r.loss == "regression" and r.gating:

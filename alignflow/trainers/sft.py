@@ -161,7 +161,11 @@ def train_sft(cfg: SFTConfig, step_fn=None) -> SFTResult:
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
             logger.log(step + 1, evaluate_nll(model, data.eval, cfg, pad_id, device))
         loop.checkpoint_step(
-            step + 1, total, cfg.train, out, lambda path: save_checkpoint(path, model, opt, sched, {"step": step + 1})
+            step + 1,
+            total,
+            cfg.train,
+            out,
+            lambda path, done=step + 1: save_checkpoint(path, model, opt, sched, {"step": done}),
         )
     bar.close()
     result.eval = evaluate_nll(model, data.eval, cfg, pad_id, device)
