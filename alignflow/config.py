@@ -360,7 +360,8 @@ class RMConfig:
 @dataclasses.dataclass
 class POLossConfig:
     """The preference loss and its hyper-parameters. An empty (null) hyper-parameter takes the loss's own default
-    (the paper's; ``docs/preference.md``); setting one the chosen loss does not take is an error naming those it does."""
+    (the paper's; ``docs/preference.md``); setting one the chosen loss does not take is an error naming those it
+    does."""
 
     # checked against the loss table (alignflow.algorithms.preference_table) when the run starts: config sits
     # below the algorithms layer and does not import it
@@ -771,20 +772,6 @@ class MergeConfig:
 
 
 @dataclasses.dataclass
-class MergeConfig:
-    """``alignflow merge adapter=DIR output=DIR``: fold a LoRA adapter (a directory with adapter_config.json, e.g.
-    the model/ of a run with model.lora.enabled=true) into its base model and save the plain merged model."""
-
-    adapter: str = field("", doc="LoRA adapter directory; its adapter_config.json names the base model.")
-    output: str = field("", doc="Directory for the merged model and the tokenizer (replaced if it exists).")
-    dtype: str = field(
-        "float32",
-        doc="dtype the base model is loaded and the merged model saved in.",
-        choices=("float32", "bfloat16", "float16", "auto"),
-    )
-
-
-@dataclasses.dataclass
 class MergeModelsConfig:
     """``alignflow merge_models models=[A,B] weights=[0.5,0.5] output=DIR``: the weighted average of several
     same-architecture causal LMs (SALSA, Balanced Actor Initialization; docs/merging.md). Use DIR as an RL run's
@@ -875,6 +862,29 @@ class AlgoConfig:
     norm_len: int = field(
         0, doc="Constant L of seq_mean_token_sum_norm (Dr. GRPO); 0 means rollout.max_new_tokens.", range=(0, None)
     )
+    clip_low: float = field(
+        0.2, doc="PPO ratio clip below 1 (epsilon_low). GSPO's paper value is 3e-4.", range=(0.0, 1.0)
+    )
+    clip_high: float = field(
+        0.2, doc="PPO ratio clip above 1 (epsilon_high); 0.28 is DAPO's clip-higher.", range=(0.0, None)
+    )
+    dual_clip: float = field(
+        0.0,
+        doc="Dual-clip constant c > 1 bounding the loss of negative-advantage tokens (Ye et al. 2020); 0 disables.",
+        range=(0.0, None),
+    )
+    ppo_epochs: int = field(1, doc="Passes over each rollout batch (PPO epochs).", range=(1, None))
+    value_clip: float = field(
+        0.2, doc="Critic value clip epsilon_v around the old values; 0 disables.", range=(0.0, None)
+    )
+    vf_coef: float = field(
+        0.1,
+        doc="Weight of the value loss (scales the critic's loss; the critic has its own optimiser).",
+        range=(0.0, None),
+    )
+    entropy_coef: float = field(
+        0.0, doc="Entropy bonus weight c_H (loss -= c_H * entropy); 0 disables.", range=(0.0, None)
+    )
     entropy_target: float = field(
         0.0,
         doc="PPO-max entropy clip: the entropy term becomes c_H * token_mean "
@@ -903,29 +913,6 @@ class AlgoConfig:
         doc="sample_filter=range: drop the rows "
         "whose reward lies strictly between these quantiles of the batch's rewards (the middle, "
         "where a reward model is least reliable).",
-    )
-    clip_low: float = field(
-        0.2, doc="PPO ratio clip below 1 (epsilon_low). GSPO's paper value is 3e-4.", range=(0.0, 1.0)
-    )
-    clip_high: float = field(
-        0.2, doc="PPO ratio clip above 1 (epsilon_high); 0.28 is DAPO's clip-higher.", range=(0.0, None)
-    )
-    dual_clip: float = field(
-        0.0,
-        doc="Dual-clip constant c > 1 bounding the loss of negative-advantage tokens (Ye et al. 2020); 0 disables.",
-        range=(0.0, None),
-    )
-    ppo_epochs: int = field(1, doc="Passes over each rollout batch (PPO epochs).", range=(1, None))
-    value_clip: float = field(
-        0.2, doc="Critic value clip epsilon_v around the old values; 0 disables.", range=(0.0, None)
-    )
-    vf_coef: float = field(
-        0.1,
-        doc="Weight of the value loss (scales the critic's loss; the critic has its own optimiser).",
-        range=(0.0, None),
-    )
-    entropy_coef: float = field(
-        0.0, doc="Entropy bonus weight c_H (loss -= c_H * entropy); 0 disables.", range=(0.0, None)
     )
     gamma: float = field(1.0, doc="Discount gamma of GAE and returns-to-go.", range=(0.0, 1.0))
     lam: float = field(0.95, doc="GAE lambda.", range=(0.0, 1.0))
@@ -1059,6 +1046,12 @@ class RemoteRewardConfig:
         "malformed reply is never retried).",
         range=(0, None),
     )
+    fields: list[str] = field(
+        default_factory=list,
+        doc="Row fields sent with each batch, one list per field "
+        "(e.g. [reference] for a served preference model or "
+        "pairwise judge).",
+    )
 
 
 @dataclasses.dataclass
@@ -1116,27 +1109,16 @@ class RewardSourceConfig:
     remote: RemoteRewardConfig = field(default_factory=RemoteRewardConfig, doc="A reward served over HTTP.")
     judge: JudgeConfig = field(default_factory=JudgeConfig, doc="An LLM judge as a reward.")
     aggregation: str = field(
-        "mean", doc="Ensemble aggregation of the reward models (Coste et al. 2024).", choices=("mean", "min", "uwo")
+        "mean",
+        doc="Ensemble aggregation of the reward models (Coste et al. 2024; brme: "
+        "Yan et al. 2024, brme_lambda * mean + (1 - brme_lambda) * min).",
+        choices=("mean", "min", "uwo", "brme"),
     )
     uwo_lambda: float = field(0.5, doc="Variance weight of the uwo aggregation.", range=(0.0, None))
+    brme_lambda: float = field(
+        0.5, doc="Nominal weight of the brme aggregation (1 = mean, 0 = worst case).", range=(0.0, 1.0)
+    )
     timeout_s: float = field(10.0, doc="Seconds allowed per call of a Python reward.", range=(1e-3, None))
-    shaping: str = field(
-        "none",
-        doc="Shape R against the rewards r_ref of the reference policy's responses to the "
-        "same prompt (docs/par.md): par = mean_m sigmoid(R - r_ref_m) (Preference As "
-        "Reward), centered = R - mean_m r_ref_m, lsc = log sigmoid(R - 85th "
-        "percentile of r_ref); none.",
-        choices=("none", "par", "centered", "lsc"),
-    )
-    reference_samples: int = field(
-        1,
-        doc="shaping: M reference responses per prompt, sampled from the reference "
-        "policy at rollout.temperature (scored once per prompt and cached).",
-        range=(1, None),
-    )
-    reference_greedy: bool = field(
-        False, doc="shaping: one greedy reference response per prompt instead of reference_samples sampled ones."
-    )
     executor: str = field(
         "thread", doc="Where Python rewards run ('process' can stop a stuck function).", choices=("thread", "process")
     )
@@ -1159,6 +1141,23 @@ class RewardSourceConfig:
     )
     clip: float = field(
         0.0, doc="Clip the (normalised) reward to [-clip, clip]; 0 disables (PPO-max: 10).", range=(0.0, None)
+    )
+    shaping: str = field(
+        "none",
+        doc="Shape R against the rewards r_ref of the reference policy's responses to the "
+        "same prompt (docs/par.md): par = mean_m sigmoid(R - r_ref_m) (Preference As "
+        "Reward), centered = R - mean_m r_ref_m, lsc = log sigmoid(R - 85th "
+        "percentile of r_ref); none.",
+        choices=("none", "par", "centered", "lsc"),
+    )
+    reference_samples: int = field(
+        1,
+        doc="shaping: M reference responses per prompt, sampled from the reference "
+        "policy at rollout.temperature (scored once per prompt and cached).",
+        range=(1, None),
+    )
+    reference_greedy: bool = field(
+        False, doc="shaping: one greedy reference response per prompt instead of reference_samples sampled ones."
     )
 
 
@@ -1202,12 +1201,6 @@ class CostConfig:
     )
     threshold: float = field(0.0, doc="Constraint E[C] <= threshold (d).")
     lambda_init: float = field(1.0, doc="Initial Lagrange multiplier.", range=(1e-8, None))
-    pretrain_steps: int = field(
-        0,
-        doc="PPO-max critic pre-training: the first N RL steps train the critic only, "
-        "on rollouts of the frozen policy (they count in train.max_steps).",
-        range=(0, None),
-    )
     lambda_lr: float = field(0.1, doc="Learning rate of log(lambda).", range=(1e-8, None))
     lambda_max: float = field(5.0, doc="Upper bound of lambda.", range=(1e-8, None))
     window: int = field(128, doc="Episode costs in the sliding window of the multiplier update.", range=(1, None))
@@ -1223,6 +1216,12 @@ class CriticConfig:
     )
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-5, scheduler="constant"), doc="Critic optimiser."
+    )
+    pretrain_steps: int = field(
+        0,
+        doc="PPO-max critic pre-training: the first N RL steps train the critic only, "
+        "on rollouts of the frozen policy (they count in train.max_steps).",
+        range=(0, None),
     )
 
 
@@ -1266,6 +1265,25 @@ class ResourcesConfig:
     reshard_after_forward: bool = field(
         True, doc="Free each layer's gathered weights after its forward (ZeRO-3); False keeps them until the backward."
     )
+    dist_timeout_s: float = field(
+        600.0, doc="torch.distributed collective timeout; a hung rank fails after this.", range=(1.0, None)
+    )
+    max_restarts: int = field(
+        3,
+        doc="Times the run recreates its workers after one dies, resuming from the last "
+        "checkpoint (train.save_every) before giving up.",
+        range=(0, None),
+    )
+
+
+@dataclasses.dataclass
+class RayConfig:
+    address: str = field(
+        "",
+        doc="Ray cluster to attach to ('auto', 'ray://head:10001', ...); empty starts a local cluster in this process.",
+    )
+    namespace: str = field("alignflow", doc="Ray namespace of the run's actors.")
+    num_cpus: int = field(0, doc="CPUs of a local cluster started here; 0 = Ray's default (all).", range=(0, None))
 
 
 @dataclasses.dataclass
@@ -1292,26 +1310,6 @@ class EnvConfig:
         8, doc="Episodes per RL step appended to <output_dir>/trajectories.jsonl (0: none, -1: all).", range=(-1, None)
     )
 
-    dist_timeout_s: float = field(
-        600.0, doc="torch.distributed collective timeout; a hung rank fails after this.", range=(1.0, None)
-    )
-    max_restarts: int = field(
-        3,
-        doc="Times the run recreates its workers after one dies, resuming from the last "
-        "checkpoint (train.save_every) before giving up.",
-        range=(0, None),
-    )
-
-
-@dataclasses.dataclass
-class RayConfig:
-    address: str = field(
-        "",
-        doc="Ray cluster to attach to ('auto', 'ray://head:10001', ...); empty starts a local cluster in this process.",
-    )
-    namespace: str = field("alignflow", doc="Ray namespace of the run's actors.")
-    num_cpus: int = field(0, doc="CPUs of a local cluster started here; 0 = Ray's default (all).", range=(0, None))
-
 
 @dataclasses.dataclass
 class RLConfig:
@@ -1333,9 +1331,6 @@ class RLConfig:
         default_factory=lambda: DataConfig(format="prompt", eval_fraction=0.0),
         doc="Prompts (rows with 'prompt' and any fields the rewards read).",
     )
-    env: EnvConfig = field(
-        default_factory=EnvConfig, doc="Multi-turn episodes against an environment (off: single-turn rollouts)."
-    )
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-6, scheduler="constant"), doc="Actor optimiser."
     )
@@ -1353,6 +1348,9 @@ class RLConfig:
     hub: HubConfig = field(default_factory=lambda: HubConfig(), doc="Push the trained model to the Hugging Face Hub.")
     resources: ResourcesConfig = field(default_factory=ResourcesConfig, doc="Placement: workers per role, devices.")
     ray: RayConfig = field(default_factory=RayConfig, doc="Ray cluster (used when resources place roles on workers).")
+    env: EnvConfig = field(
+        default_factory=EnvConfig, doc="Multi-turn episodes against an environment (off: single-turn rollouts)."
+    )
 
 
 # ----------------------------------------------------------------------------------------------- SuperHF, A-LoL
@@ -1651,10 +1649,17 @@ class MPOConfig:
 
 @dataclasses.dataclass
 class ServeConfig:
-    """``alignflow serve``: serve trained reward models on POST /score (docs/remote_rewards.md); each model
-    re-renders the texts with its own tokenizer."""
+    """``alignflow serve``: serve trained reward models, a pairwise preference model or an LLM judge on POST /score
+    (docs/remote_rewards.md); each model re-renders the texts with its own tokenizer."""
 
     models: list[str] = field(default_factory=list, doc="Reward-model directories (k form an ensemble).")
+    preference_model: str = field(
+        "",
+        doc="Instead: a pairwise preference model (alignflow pm); reward = P(response "
+        "beats the row's anchor_field response).",
+    )
+    anchor_field: str = field("reference", doc="preference_model: the request key holding the anchor responses.")
+    judge: JudgeConfig = field(default_factory=JudgeConfig, doc="Instead: an LLM judge (judge.model or judge.url).")
     aggregation: str = field("mean", doc="Ensemble aggregation.", choices=("mean", "min", "uwo"))
     uwo_lambda: float = field(0.5, doc="Variance weight of the uwo aggregation.", range=(0.0, None))
     host: str = field("127.0.0.1", doc="Address to listen on (0.0.0.0: every interface).")
