@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from alignflow.config import LoraConfig, ModelConfig
+from alignflow.distributed.save import save_model
 from alignflow.models import (
     GatingNetwork,
     ModelLoadError,
@@ -20,7 +21,6 @@ from alignflow.models import (
     load_reward_model,
     load_tokenizer,
     load_value_model,
-    save_model,
     sequence_scores,
     token_values,
 )
