@@ -60,9 +60,18 @@ def test_implicit_search_recipe_step_scores_beam_and_greedy_answers(reviews_task
     from alignflow.recipes.steps import ImplicitSearchConfig, implicit_search
 
     task = TaskConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, num_sft=400, num_pairs=300)
-    summary = implicit_search(ImplicitSearchConfig(policy=str(reviews_sft), reference=str(reviews_task.model_dir),
-                                                   num_prompts=2, max_new_tokens=6, width=2, expand=2, task=task,
-                                                   output_dir=str(tmp_path)))
+    summary = implicit_search(
+        ImplicitSearchConfig(
+            policy=str(reviews_sft),
+            reference=str(reviews_task.model_dir),
+            num_prompts=2,
+            max_new_tokens=6,
+            width=2,
+            expand=2,
+            task=task,
+            output_dir=str(tmp_path),
+        )
+    )
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and set(rows[0]) == {"prompt", "beam", "greedy"}
     assert set(summary) == {"beam/implicit_reward", "beam/gold_reward", "greedy/implicit_reward", "greedy/gold_reward"}

@@ -17,8 +17,10 @@ from alignflow.algorithms.mapl import mapl_loss, margins_from_logps
 from alignflow.models.sequences import sequence_logps
 
 # per kind: the (prompt, answer) of the winning and the losing side of each comparison
-SIDES = {"response": (("prompt", "chosen"), ("prompt", "rejected")),
-         "intra": (("prompt_chosen", "response"), ("prompt_rejected", "response"))}
+SIDES = {
+    "response": (("prompt", "chosen"), ("prompt", "rejected")),
+    "intra": (("prompt_chosen", "response"), ("prompt_rejected", "response")),
+}
 
 
 def encode(tok: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
@@ -42,21 +44,33 @@ def margins(model: Any, ref_logps: torch.Tensor, tok: Any, kind: str, rows: list
     lp = sequence_logps(model, _seqs(tok, kind, rows), device, flat=False)["logps"]
     n = len(rows)
     if kind == "inter":
-        plus = margins_from_logps(lp[:n], ref_logps[:n], lp[n:2 * n], ref_logps[n:2 * n])
-        base = margins_from_logps(lp[2 * n:3 * n], ref_logps[2 * n:3 * n], lp[3 * n:], ref_logps[3 * n:])
+        plus = margins_from_logps(lp[:n], ref_logps[:n], lp[n : 2 * n], ref_logps[n : 2 * n])
+        base = margins_from_logps(lp[2 * n : 3 * n], ref_logps[2 * n : 3 * n], lp[3 * n :], ref_logps[3 * n :])
         return plus - base
     return margins_from_logps(lp[:n], ref_logps[:n], lp[n:], ref_logps[n:])
 
 
-def train_mapl(model: Any, tok: Any, data: dict[str, list[dict]], *, steps: int, batch: int = 16, lr: float = 1e-3,
-               beta: float = 0.1, w_intra: float = 1.0, w_inter: float = 1.0, seed: int = 0) -> list[float]:
+def train_mapl(
+    model: Any,
+    tok: Any,
+    data: dict[str, list[dict]],
+    *,
+    steps: int,
+    batch: int = 16,
+    lr: float = 1e-3,
+    beta: float = 0.1,
+    w_intra: float = 1.0,
+    w_inter: float = 1.0,
+    seed: int = 0,
+) -> list[float]:
     """Train ``model`` in place on ``data`` ({response, intra, inter}: row lists; an empty list drops that level);
     returns the per-step losses."""
     device = next(model.parameters()).device
     ref = copy.deepcopy(model).eval()
     with torch.no_grad():
-        ref_lp = {k: sequence_logps(ref, _seqs(tok, k, rows), device, flat=False)["logps"]
-                  for k, rows in data.items() if rows}
+        ref_lp = {
+            k: sequence_logps(ref, _seqs(tok, k, rows), device, flat=False)["logps"] for k, rows in data.items() if rows
+        }
     del ref
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     rng, losses = random.Random(seed), []
@@ -71,7 +85,7 @@ def train_mapl(model: Any, tok: Any, data: dict[str, list[dict]], *, steps: int,
             idx = rng.sample(range(len(rows)), min(batch, len(rows)))
             parts = 4 if kind == "inter" else 2
             n = len(rows)
-            ref_sel = torch.cat([ref_lp[kind][j * n:(j + 1) * n][idx] for j in range(parts)])
+            ref_sel = torch.cat([ref_lp[kind][j * n : (j + 1) * n][idx] for j in range(parts)])
             h[kind] = margins(model, ref_sel, tok, kind, [rows[i] for i in idx], device)
         loss, _ = mapl_loss(h["response"], h["intra"], h["inter"], beta=beta, w_intra=w_intra, w_inter=w_inter)
         opt.zero_grad(set_to_none=True)
