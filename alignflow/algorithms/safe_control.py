@@ -69,7 +69,8 @@ class PIDController:
             raise ValueError(f"PIDController: integral_limit must be >= 0, got {integral_limit}")
         self.target, self.kp, self.ki, self.kd, self.base = float(target), float(kp), float(ki), float(kd), float(base)
         self.low, self.high, self.integral_limit = low, high, integral_limit
-        self.integral, self.prev_error = 0.0, None
+        self.integral: float = 0.0
+        self.prev_error: float | None = None
         self.value = self._clamp(self.base)
 
     def _clamp(self, x: float) -> float:
