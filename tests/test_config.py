@@ -26,7 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _preset_class(path: Path):
-    """configs/<name>.yaml -> the config class of the command it is a preset for."""
+    """configs/<name>.yaml -> the config class of the command it is a preset for (its ``command:`` key, else the
+    naming conventions)."""
+    import yaml
+
+    command = (yaml.safe_load(path.read_text()) or {}).get("command")
+    if command in COMMANDS:
+        return COMMANDS[command][0]
     name = path.stem
     if name in RL_ALGORITHMS:  # configs/<algo.name>.yaml are `alignflow rl` presets
         return RLConfig

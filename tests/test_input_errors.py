@@ -320,7 +320,7 @@ def test_bad_chat_template_is_a_config_error(tok, tmp_path, value, message):
         ("optim.betas=[0.9,0.99,0.5]", "optim.betas: [0.9, 0.99, 0.5] must be two numbers"),
         ("optim.betas=[0.9,1.0]", "optim.betas: [0.9, 1.0] must be two numbers (beta1, beta2), each in [0, 1)"),
         ("optim.betas=[-0.1,0.9]", "optim.betas: [-0.1, 0.9] must be two numbers"),
-        ("optim.betas=[a,b]", "optim.betas: ['a', 'b'] must be two numbers"),
+        ("optim.betas=[a,b]", "optim.betas[0]: expected a number, got 'a'"),
         ("optim.max_grad_norm=nan", "optim.max_grad_norm: nan is not allowed; give a finite number"),
         ("optim.lr=inf", "optim.lr: inf is not allowed; give a finite number"),
         ("optim.lr=-inf", "optim.lr: -inf is not allowed; give a finite number"),

@@ -14,6 +14,10 @@ from alignflow.config import ConfigError, TaskConfig
 from alignflow.tasks import TASKS, arithmetic, build_task, common, reviews
 from alignflow.tasks.common import read_jsonl
 
+# The language tasks share one chat template, a large prompt pool and seeded pairs; the agentic tasks (calculator,
+# code) have their own templates and fixed problem sets, tested in tests/test_tasks_builtin_agentic.py.
+LANGUAGE_TASKS = ["reviews", "arithmetic"]
+
 SMALL = dict(num_sft=300, num_pairs=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 
 
@@ -63,7 +67,7 @@ def test_same_seed_gives_identical_files_and_weights(built, name):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("name", LANGUAGE_TASKS)
 def test_different_seed_gives_different_data_and_weights(built, name):
     a, c = built[name], built[name + "_seed1"]
     for attr in ("sft_path", "pairs_path", "prompts_path", "eval_prompts_path"):
@@ -128,7 +132,7 @@ def test_arithmetic_tokenizer_has_one_token_per_digit_and_operator(built):
     assert tok.decode(tok("95").input_ids + [tok.eos_token_id], skip_special_tokens=True) == "95"
 
 
-@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("name", LANGUAGE_TASKS)
 def test_chat_template_renders_and_tokenises_to_marker_tokens(built, name):
     tok = AutoTokenizer.from_pretrained(built[name].tokenizer_dir)
     content = "the film was good ." if name == "reviews" else "37+58="
@@ -247,7 +251,7 @@ def test_reviews_sft_corpus_is_grammatical_and_mixed_in_tone(built):
     assert pos > 0.2 and neg > 0.2
 
 
-@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("name", LANGUAGE_TASKS)
 def test_eval_prompts_are_disjoint_from_training_prompts(built, name):
     art = built[name]
     train = (
@@ -328,7 +332,7 @@ def test_arithmetic_format_and_accuracy_rewards():
 
 
 def test_task_table_and_named_gold_rewards(built):
-    assert set(TASKS) == {"reviews", "arithmetic"}
+    assert set(TASKS) == {"reviews", "arithmetic", "calculator", "code"}
     assert built["reviews"].gold_reward is reviews.gold_reward
     assert built["arithmetic"].gold_reward is arithmetic.gold_reward
     assert built["arithmetic"].rewards["format"] is arithmetic.format_reward
