@@ -61,12 +61,15 @@ def test_rl_runs_episodes_and_stores_trajectories(calc_task, tmp_path):
     reward source needed (the environment rewards)."""
     result = train_rl(env_cfg(calc_task, tmp_path))
     assert len(result.history) == 2
-    for m in result.history:
-        assert 1.0 <= m["episode/turns_mean"] <= 2.0 and "tools/calls_per_episode" in m
-        assert m["rollout/reward_mean"] == m["episode/return_mean"] and "episode/final_reward_mean" in m
-    assert "eval/episode/turns_mean" in result.evals[0][1] and "eval/reward_mean" in result.evals[-1][1]
     lines = [json.loads(x) for x in (tmp_path / "trajectories.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [0] * 4 + [1] * 4
+    for step, m in enumerate(result.history):  # the step's metrics are the means over its stored episodes
+        episodes = [x for x in lines if x["step"] == step]
+        assert m["episode/turns_mean"] == pytest.approx(sum(x["turns"] for x in episodes) / 4)
+        assert m["tools/calls_per_episode"] == pytest.approx(sum(x["tool_calls"] for x in episodes) / 4)
+        assert all(1 <= x["turns"] <= 2 for x in episodes)  # env.max_turns = 2
+        assert m["rollout/reward_mean"] == m["episode/return_mean"] and "episode/final_reward_mean" in m
+    assert "eval/episode/turns_mean" in result.evals[0][1] and "eval/reward_mean" in result.evals[-1][1]
     first = lines[0]
     assert first["messages"][0]["role"] == "user" and first["messages"][1]["role"] == "assistant"
     assert len(first["turn_rewards"]) == first["turns"] and first["return"] == sum(first["turn_rewards"])
