@@ -194,6 +194,19 @@ def selected_logprobs(
         sel = sel & ~_starts(seq_lens, input_ids.shape[1], input_ids.device)[:, 1:]
     hs = h[:, :-1][sel]  # (M, H): only the positions in the loss
     targets = input_ids[:, 1:][sel]  # (M,)
+    return head_stats(model, hs, targets, temperature, with_entropy, chunk_size)
+
+
+def head_stats(
+    model: nn.Module,
+    hs: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(logp, entropy)`` (M,) float32 of ``targets`` (M,) under the LM head applied to hidden states ``hs`` (M, H)
+    only, in checkpointed chunks when the fp32 logits would exceed :func:`logits_budget`."""
     head = get_lm_head(model)
     softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
     size, use_ckpt = _plan_chunks(hs.shape[0], head.weight.shape[0], chunk_size, hs.device)
@@ -206,7 +219,7 @@ def selected_logprobs(
         args = (head, hs[None, s : s + size], targets[None, s : s + size], temperature, softcap, with_entropy)
         pieces.append(checkpoint(_chunk_stats, *args, use_reentrant=False) if use_ckpt else _chunk_stats(*args))
     k = 2 if with_entropy else 1
-    stats = torch.cat(pieces, dim=1)[0] if pieces else h.new_zeros(0, k, dtype=torch.float32)  # (M, k)
+    stats = torch.cat(pieces, dim=1)[0] if pieces else hs.new_zeros(0, k, dtype=torch.float32)  # (M, k)
     return stats[:, 0], (stats[:, 1] if with_entropy else None)
 
 

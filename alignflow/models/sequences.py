@@ -14,30 +14,16 @@ from pathlib import Path
 import torch
 
 from alignflow.data.collate import pad_right, token_budget_groups
-from alignflow.models.backbone import get_lm_head, hidden_states, unwrap
+from alignflow.models.backbone import hidden_states
 from alignflow.models.heads import sequence_scores
-from alignflow.models.logprobs import _chunk_stats, _plan_chunks  # the one log-softmax + gather (no copy of maths)
+from alignflow.models.logprobs import head_stats  # the one log-softmax + gather (no copy of maths)
 from alignflow.models.varlen import flat_hidden_states, supports_varlen
 
 
 def head_logps(model, hs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) for hidden states (M, H) -> (M,) float32; the LM head runs on these M positions only, in
-    checkpointed chunks when the fp32 logits would be large (``alignflow.models.logprobs``)."""
-    head = get_lm_head(model)
-    softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
-    size, use_ckpt = _plan_chunks(hs.shape[0], head.weight.shape[0], None, hs.device)
-    size = size or max(hs.shape[0], 1)
-    use_ckpt = use_ckpt and torch.is_grad_enabled()
-    pieces = []
-    for s in range(0, hs.shape[0], size):
-        args = (head, hs[None, s : s + size], targets[None, s : s + size], 1.0, softcap, False)
-        out = (
-            torch.utils.checkpoint.checkpoint(_chunk_stats, *args, use_reentrant=False)
-            if use_ckpt
-            else _chunk_stats(*args)
-        )
-        pieces.append(out[0, :, 0])  # (c,)
-    return torch.cat(pieces) if pieces else hs.new_zeros(0, dtype=torch.float32)
+    """log p(target) for hidden states (M, H) -> (M,) float32; the LM head runs on these M positions only
+    (:func:`alignflow.models.logprobs.head_stats`)."""
+    return head_stats(model, hs, targets)[0]
 
 
 def sequence_logps(

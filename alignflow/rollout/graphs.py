@@ -71,7 +71,9 @@ class GraphedLeanRunner(LeanRunner):
         rows, device = prompt_mask.shape[0], prompt_mask.device
         self.rows = rows
         self.capture = prompt_mask.is_cuda  # elsewhere (CPU tests) the same static step runs eagerly
-        self._allowed()[:, self.width :] = float("-inf")  # columns are opened one per step, inside the graph
+        # the whole mask: select() narrows self.allowed to the live rows, a bucket may reach past them
+        self.mask_all = self._allowed()
+        self.mask_all[:, self.width :] = float("-inf")  # columns are opened one per step, inside the graph
         for layer in self.layers:  # unwritten columns are attended with weight 0: they must hold no NaN
             keys, values = layer.kv()
             keys[:, :, self.width :].zero_()
@@ -89,9 +91,8 @@ class GraphedLeanRunner(LeanRunner):
         h = self.embed(self.token[:b])  # (b, hidden)
         pos = self.position[:b]
         cos, sin = self.cos_table[pos][:, None], self.sin_table[pos][:, None]  # (b, 1, D)
-        allowed = self._allowed()
-        allowed[:b].index_fill_(1, self.column, 0.0)
-        mask = allowed[:b, None, None, :]  # (b, 1, 1, capacity)
+        self.mask_all[:b].index_fill_(1, self.column, 0.0)
+        mask = self.mask_all[:b, None, None, :]  # (b, 1, 1, capacity)
         for layer in self.layers:
             x = _rms_norm(h, layer.norm1, layer.eps1)
             q, k, v = layer.qkv(x, self.heads, self.kv_heads, self.dim, cos, sin)  # (b, H, D)
@@ -131,14 +132,3 @@ class GraphedLeanRunner(LeanRunner):
         graph, out = self.graphs[size]
         graph.replay()
         return out[:b]
-
-    def select(self, order: torch.Tensor) -> None:
-        """As :meth:`LeanRunner.select`, with the mask updated in place (the graphs hold its address)."""
-        moved = (order != torch.arange(order.shape[0], device=order.device)).nonzero().squeeze(1)
-        source = order[moved]
-        for layer in self.layers:
-            keys, values = layer.kv()
-            keys[moved] = keys[source]
-            values[moved] = values[source]
-        allowed = self._allowed()
-        allowed[moved] = allowed[source]

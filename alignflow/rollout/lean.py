@@ -357,4 +357,6 @@ class LeanRunner:
             keys, values = layer.kv()
             keys[moved] = keys[source]
             values[moved] = values[source]
-        self.allowed = self._allowed()[order]
+        allowed = self._allowed()  # in place (CUDA graphs hold its address), then the live prefix
+        allowed[moved] = allowed[source]
+        self.allowed = allowed[: order.shape[0]]
