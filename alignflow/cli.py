@@ -38,45 +38,45 @@ from alignflow.recipes import RecipeConfig
 
 COMMANDS = {
     "sft": (SFTConfig, "alignflow.trainers.sft:train_sft", "supervised fine-tuning"),
-    "rm": (RMConfig, "alignflow.trainers.reward:train_rm", "reward-model training (BT, multi-objective, ensembles)"),
+    "rm": (RMConfig, "alignflow.trainers.rm:train_rm", "reward-model training (BT, multi-objective, ensembles)"),
     "rl": (
         RLConfig,
-        "alignflow.trainers.online:train_rl",
+        "alignflow.trainers.rl:train_rl",
         "online RL: PPO, GRPO, Dr. GRPO, DAPO, RLOO, ReMax, REINFORCE++, Safe RLHF, GSPO",
     ),
     "eval": (EvalConfig, "alignflow.eval.evaluate:run_eval", "evaluate a policy or a reward model"),
-    "demo": (DemoConfig, "alignflow.demo:run_demo", "the whole pipeline on the built-in reviews task"),
+    "demo": (DemoConfig, "alignflow.recipes.demo:run_demo", "the whole pipeline on the built-in reviews task"),
     "po": (
         POConfig,
-        "alignflow.trainers.preference:train_po",
+        "alignflow.trainers.po:train_po",
         lambda: "offline preference optimisation: " + _loss_titles(),
     ),
-    "superhf": (SuperHFConfig, "alignflow.trainers.offline_rl:train_superhf", "SuperHF: best-of-n SFT + KL prior"),
-    "alol": (ALoLConfig, "alignflow.trainers.offline_rl:train_alol", "A-LoL: advantage-weighted offline RL"),
+    "superhf": (SuperHFConfig, "alignflow.trainers.superhf:train_superhf", "SuperHF: best-of-n SFT + KL prior"),
+    "alol": (ALoLConfig, "alignflow.trainers.alol:train_alol", "A-LoL: advantage-weighted offline RL"),
     "online_po": (
         OnlinePOConfig,
-        "alignflow.trainers.iterative:train_online_po",
+        "alignflow.trainers.online_po:train_online_po",
         "online / iterative preference optimisation: iterative DPO, INPO, APO, Nash-MD",
     ),
     "pm": (
         PMConfig,
-        "alignflow.trainers.pairwise_pm:train_pm",
+        "alignflow.trainers.pm:train_pm",
         "pairwise preference model P(y > y' | x) on pairs in both orders",
     ),
     "serve": (ServeConfig, "alignflow.rewards.serve:serve", "serve trained reward models over HTTP (POST /score)"),
     "mpo": (
         MPOConfig,
-        "alignflow.trainers.iterative:train_mpo",
+        "alignflow.recipes.mpo:train_mpo",
         "MPO: DPO on easy pairs, then RL on the hard prompts from the DPO model",
     ),
     "merge": (
         MergeConfig,
-        "alignflow.distributed.save:merge_adapter",
+        "alignflow.trainers.merge:merge_adapter",
         "fold a LoRA adapter into its base model: merge adapter=DIR output=DIR",
     ),
     "merge_models": (
         MergeModelsConfig,
-        "alignflow.trainers.merge:merge_models",
+        "alignflow.trainers.merge_models:merge_models",
         "interpolate the weights of several "
         "same-architecture models: merge_models models=[A,B] weights=[0.5,0.5] output=DIR",
     ),

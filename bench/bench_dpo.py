@@ -112,8 +112,7 @@ def _pairs_result(clock: common.StepClock, batch: int, mem: RSSPeak, ref_s: floa
 # ------------------------------------------------------------------------------------------ sides
 def alignflow_side(args, wl: dict, mode: str) -> dict:
     from alignflow.config import POConfig, from_dict
-    from alignflow.trainers import loop, po_rows
-    from alignflow.trainers import preference as po
+    from alignflow.trainers import loop, po, po_rows
 
     clock, mem, ref_s = common.StepClock(args.warmup, args.steps), RSSPeak(), [0.0]
     real_step, real_opt, real_ref = po_rows.po_step, loop.optimizer_step, po.compute_ref_logps

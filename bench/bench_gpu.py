@@ -208,7 +208,7 @@ def preload() -> str:
     import transformers  # noqa: F401
 
     from alignflow.rollout import HFEngine  # noqa: F401
-    from alignflow.trainers import online, preference, sft  # noqa: F401
+    from alignflow.trainers import rl as online  # noqa: F401
 
     try:
         import datasets  # noqa: F401

@@ -196,7 +196,7 @@ class Tally:
 # ------------------------------------------------------------------------------------------ alignflow
 def alignflow_side(args, wl: dict, algo: str, mode: str) -> dict:
     """``mode`` "" runs the trainer's defaults; "mbtN" sets ``train.micro_batch_tokens=N``."""
-    from alignflow.trainers import online
+    from alignflow.trainers import rl as online
 
     if mode and not (mode.startswith("mbt") and mode[3:].isdigit()):
         raise ValueError(f"alignflow mode {mode!r}: expected '' or 'mbt<N>' (train.micro_batch_tokens=N)")

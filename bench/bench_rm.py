@@ -39,7 +39,8 @@ MAX_LEN_DATA = 256  # every sequence fits: no truncation on either side
 
 def alignflow_side(args, wl: dict, mode: str) -> dict:
     from alignflow.config import RMConfig, from_dict
-    from alignflow.trainers import loop, reward
+    from alignflow.trainers import loop
+    from alignflow.trainers import rm as reward
 
     clock = common.StepClock(args.warmup, args.steps)
     real_step, real_opt = reward.STEPS["bt"], loop.optimizer_step

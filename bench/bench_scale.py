@@ -127,7 +127,7 @@ def run(args) -> dict:
     import torch
 
     from alignflow.config import RLConfig, from_dict
-    from alignflow.trainers.online import train_rl
+    from alignflow.trainers.rl import train_rl
 
     work = Path(args.work or tempfile.mkdtemp(prefix="alignflow-scale-"))
     shape = TINY if args.tiny else QWEN2_05B

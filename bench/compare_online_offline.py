@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alignflow.config import OnlinePOConfig, SFTConfig, TaskConfig, from_dict  # noqa: E402
 from alignflow.tasks import build_task  # noqa: E402
-from alignflow.trainers.iterative import train_online_po  # noqa: E402
+from alignflow.trainers.online_po import train_online_po  # noqa: E402
 from alignflow.trainers.sft import train_sft  # noqa: E402
 
 

@@ -141,7 +141,7 @@ def grpo_result(job: dict, tally, update_s: list, train_tokens: list) -> dict:
 
 def grpo_alignflow(job: dict) -> dict:
     from alignflow.config import RLConfig, from_dict
-    from alignflow.trainers import online
+    from alignflow.trainers import rl as online
 
     g = job["grpo"]
     base = alignflow_common(job, "grpo", g["warmup"] + g["steps"])
@@ -402,8 +402,7 @@ def sft_trl(job: dict) -> dict:
 # ------------------------------------------------------------------------------------------ d. DPO
 def dpo_alignflow(job: dict) -> dict:
     from alignflow.config import POConfig, from_dict
-    from alignflow.trainers import loop, po_rows
-    from alignflow.trainers import preference as po
+    from alignflow.trainers import loop, po, po_rows
 
     d = job["dpo"]
     clock = common.StepClock(d["warmup"], d["steps"])

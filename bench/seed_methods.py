@@ -22,8 +22,8 @@ from alignflow.config import RLConfig, SFTConfig, TaskConfig, from_dict
 from alignflow.models import load_causal_lm, load_tokenizer
 from alignflow.rollout import HFEngine, SamplingParams
 from alignflow.tasks import build_task
-from alignflow.trainers.online import train_rl
 from alignflow.trainers.ptx import build_ptx, ptx_loss
+from alignflow.trainers.rl import train_rl
 from alignflow.trainers.sft import train_sft
 
 ROOT = Path("runs/bench_seed_methods")

@@ -14,7 +14,7 @@ import pytest
 from alignflow.config import RLConfig, SFTConfig, TaskConfig, from_dict
 from alignflow.tasks import build_task, calculator
 from alignflow.tasks.common import read_jsonl
-from alignflow.trainers.online import train_rl
+from alignflow.trainers.rl import train_rl
 from alignflow.trainers.sft import train_sft
 
 SFT_STEPS = 250  # measured: 150 steps (lr 6e-3) leave greedy accuracy at 0, 250-300 steps (lr 3e-3) give 0.84-0.86

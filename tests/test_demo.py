@@ -3,7 +3,7 @@
 import json
 
 from alignflow.config import DemoConfig, from_dict
-from alignflow.demo import ceiling, run_demo
+from alignflow.recipes.demo import ceiling, run_demo
 from alignflow.tasks.labels import label_pairs
 
 

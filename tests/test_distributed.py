@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from alignflow.batch import Batch
 from alignflow.config import ConfigError
 from alignflow.distributed.ray_group import _reassemble, balanced_partition, maybe_ray, row_costs
-from alignflow.trainers import online
-from alignflow.trainers.online import train_rl
+from alignflow.trainers import rl as online
+from alignflow.trainers.rl import train_rl
 from tests.test_online_rl import rl_cfg
 
 
@@ -236,7 +236,7 @@ def test_dpo_step_on_two_workers_equals_one_process(cluster, reviews_task, tmp_p
     """Two DPO steps of 12 pairs: the 2-worker run (rows split by token count, loss divided by the rows over
     both ranks) reports the same losses and accuracies and ends with the same weights as one process."""
     from alignflow.config import POConfig, from_dict
-    from alignflow.trainers.preference import train_po
+    from alignflow.trainers.po import train_po
 
     rows = [json.loads(line) for line in reviews_task.sft_path.read_text().splitlines()[:25]]
     pairs = [

@@ -229,7 +229,7 @@ def test_arithmetic_accuracy_on_real_generations_with_known_answers(tmp_path):
 
 def test_reward_model_eval_on_pairs(reviews_task, tmp_path):
     from alignflow.config import RMConfig
-    from alignflow.trainers.reward import train_rm
+    from alignflow.trainers.rm import train_rm
 
     train_rm(
         from_dict(
@@ -270,7 +270,7 @@ def test_reward_model_eval_on_pairs(reviews_task, tmp_path):
 @pytest.fixture(scope="module")
 def rl_run(reviews_task, tmp_path_factory):
     """Two GRPO steps on the tiny reviews model with a checkpoint after each (real checkpoints and metrics.jsonl)."""
-    from alignflow.trainers.online import train_rl
+    from alignflow.trainers.rl import train_rl
 
     out = tmp_path_factory.mktemp("rl") / "grpo"
     train_rl(

@@ -383,7 +383,7 @@ def test_rl_train_batch_larger_than_the_rollout_batch_is_refused():
 # ----------------------------------------------------------------------------------------------- reward objectives
 def test_num_objectives_on_preference_data_is_refused_before_training(reviews_task, tmp_path):
     from alignflow.config import RMConfig, from_dict
-    from alignflow.trainers.reward import train_rm
+    from alignflow.trainers.rm import train_rm
 
     cfg = from_dict(
         RMConfig,

@@ -27,13 +27,14 @@ from alignflow.config import (
     load_config,
 )
 from alignflow.models import load_causal_lm, load_tokenizer
+from alignflow.recipes import mpo
 from alignflow.rollout.mixture import generate_mixture
 from alignflow.rollout.sampling import SamplingParams
 from alignflow.tasks.common import read_jsonl, write_jsonl
 from alignflow.tasks.labels import label_pairs
-from alignflow.trainers import iterative as it
+from alignflow.trainers import online_po as it
+from alignflow.trainers.po import compute_ref_logps
 from alignflow.trainers.po_data import sample_texts
-from alignflow.trainers.preference import compute_ref_logps
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"online_dpo": "iterative_dpo", "inpo": "inpo", "apo": "apo", "nash_md": "nash_md"}
@@ -289,7 +290,7 @@ def mpo_cfg(s, out, delta, **sections) -> MPOConfig:
 
 
 def test_mpo_with_delta_minus_inf_is_dpo_then_no_rl(setup, tmp_path):
-    result = it.train_mpo(mpo_cfg(setup, tmp_path, float("-inf")))
+    result = mpo.train_mpo(mpo_cfg(setup, tmp_path, float("-inf")))
     assert result.stats["mpo/hard"] == 0 and result.stats["mpo/easy"] == result.stats["mpo/pairs"] > 0
     assert result.rl is None and not (tmp_path / "rl").exists() and not (tmp_path / "hard_prompts.jsonl").exists()
     assert result.dpo is not None and len(result.dpo.history) == 3
@@ -313,7 +314,7 @@ def test_mpo_runs_rl_on_the_hard_prompts_from_and_against_the_dpo_model(setup, t
         )
     )
     delta = gaps[len(gaps) // 2]
-    result = it.train_mpo(mpo_cfg(setup, tmp_path, delta))
+    result = mpo.train_mpo(mpo_cfg(setup, tmp_path, delta))
     s = result.stats
     assert s["mpo/easy"] + s["mpo/hard"] == s["mpo/pairs"] == len(rows) and s["mpo/easy"] > 0 and s["mpo/hard"] > 0
     hard = read_jsonl(tmp_path / "hard_prompts.jsonl")
@@ -345,9 +346,9 @@ def test_config_mistakes_are_clear_errors(setup, tmp_path):
         with pytest.raises(ConfigError, match=needle):
             it.train_online_po(online_cfg(setup, tmp_path, method, **sections))
     with pytest.raises(ConfigError, match="dpo.model is set by mpo"):
-        it.train_mpo(mpo_cfg(setup, tmp_path, 0.0, dpo={"model": {"name_or_path": "x"}}))
+        mpo.train_mpo(mpo_cfg(setup, tmp_path, 0.0, dpo={"model": {"name_or_path": "x"}}))
     with pytest.raises(ConfigError, match="rl.reward is set by mpo"):
-        it.train_mpo(mpo_cfg(setup, tmp_path, 0.0, rl={"reward": {"task": {"gold": 1.0}}}))
+        mpo.train_mpo(mpo_cfg(setup, tmp_path, 0.0, rl={"reward": {"task": {"gold": 1.0}}}))
 
 
 def test_commands_presets_and_docs(capsys):

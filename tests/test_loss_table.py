@@ -14,7 +14,7 @@ from alignflow.algorithms.preference_table import PREFERENCE_LOSSES, LossSpec, l
 from alignflow.cli import main
 from alignflow.config import ConfigError, OnlinePOConfig, POLossConfig, from_dict
 from alignflow.tasks.common import read_jsonl, write_jsonl
-from alignflow.trainers import iterative
+from alignflow.trainers import online_po as iterative
 
 CALLS: list[dict] = []
 

@@ -10,7 +10,7 @@ import torch
 
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, RLConfig, from_dict
-from alignflow.trainers.online import train_rl
+from alignflow.trainers.rl import train_rl
 from alignflow.trainers.roles import micro_batches
 from tests.helpers import tiny_task
 

@@ -22,16 +22,16 @@ from alignflow.data.render import encode_pair
 from alignflow.models import load_causal_lm, load_tokenizer, token_logprobs
 from alignflow.rollout import HFEngine, SamplingParams
 from alignflow.trainers import loop
-from alignflow.trainers.offline_rl import (
+from alignflow.trainers.alol import train_alol
+from alignflow.trainers.rl_setup import PromptStream
+from alignflow.trainers.sft import train_sft, train_step
+from alignflow.trainers.superhf import (
     build_superhf_run,
     sample_and_select,
     superhf_backward,
     superhf_step,
-    train_alol,
     train_superhf,
 )
-from alignflow.trainers.rl_setup import PromptStream
-from alignflow.trainers.sft import train_sft, train_step
 
 CPU = torch.device("cpu")
 

@@ -22,9 +22,9 @@ from alignflow.rewards import RewardError
 from alignflow.rollout import HFEngine, SamplingParams
 from alignflow.tasks import build_task
 from alignflow.tasks.arithmetic import near_miss, solve
-from alignflow.trainers import online
+from alignflow.trainers import rl as online
 from alignflow.trainers.loop import NonFiniteError
-from alignflow.trainers.online import train_rl
+from alignflow.trainers.rl import train_rl
 from alignflow.trainers.rl_algos import ADVANTAGE_STEPS, explained_variance, resolve, truncated_is_weights
 from alignflow.trainers.rl_setup import PromptStream, build_roles
 from alignflow.trainers.roles import Actor, Critic, Reference, micro_batches

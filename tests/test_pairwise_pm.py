@@ -10,7 +10,7 @@ import torch
 from alignflow.algorithms.pairwise import pairwise_preference_loss
 from alignflow.config import ConfigError, PMConfig, from_dict
 from alignflow.rewards.preference_model import PreferenceModel, pair_sequence
-from alignflow.trainers.pairwise_pm import train_pm
+from alignflow.trainers.pm import train_pm
 
 
 def test_loss_measured_by_hand():
@@ -109,7 +109,7 @@ def test_nash_md_reads_the_preference_model(trained, reviews_task, reviews_sft, 
     """online.preference_model: Nash-MD's win probabilities come from the model (the BT function is never
     called) and stay in (0, 1); the key is refused for the other methods."""
     from alignflow.config import OnlinePOConfig
-    from alignflow.trainers import iterative as it
+    from alignflow.trainers import online_po as it
 
     _, out = trained
     monkeypatch.setattr(it, "bt_win_probability", lambda *a, **k: pytest.fail("BT used"))

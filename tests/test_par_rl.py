@@ -10,7 +10,7 @@ import torch
 
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, RLConfig, load_config
-from alignflow.trainers.online import train_rl
+from alignflow.trainers.rl import train_rl
 from alignflow.trainers.rl_algos import resolve
 from alignflow.trainers.rl_par import ReferenceScores, shape_with_references
 from alignflow.trainers.rl_setup import needed_roles

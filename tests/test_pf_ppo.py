@@ -16,7 +16,7 @@ from alignflow.algorithms.filtration import (
     select_rows,
 )
 from alignflow.config import ConfigError, RLConfig, load_config
-from alignflow.trainers.online import train_rl
+from alignflow.trainers.rl import train_rl
 from alignflow.trainers.rl_algos import resolve
 from tests.test_online_rl import rl_cfg
 

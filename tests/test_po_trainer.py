@@ -20,8 +20,7 @@ from alignflow.data.formats import DataError
 from alignflow.models import load_causal_lm, load_tokenizer, token_logprobs
 from alignflow.tasks.common import read_jsonl, write_jsonl
 from alignflow.tasks.labels import label_pairs
-from alignflow.trainers import po_rows
-from alignflow.trainers import preference as po
+from alignflow.trainers import po, po_rows
 from alignflow.trainers.po_data import rank_samples, sample_texts, to_unpaired
 
 ROOT = Path(__file__).resolve().parents[1]

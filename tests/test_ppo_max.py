@@ -11,8 +11,8 @@ import torch
 
 from alignflow.config import ConfigError, RLConfig, RMConfig, load_config
 from alignflow.models import load_causal_lm, load_tokenizer
-from alignflow.trainers.online import train_rl
 from alignflow.trainers.ptx import PTXStream, build_ptx, ptx_examples, ptx_loss
+from alignflow.trainers.rl import train_rl
 from alignflow.trainers.rl_algos import resolve
 from tests.test_online_rl import rl_cfg
 

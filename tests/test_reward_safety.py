@@ -15,7 +15,7 @@ from alignflow.batch import Batch
 from alignflow.config import ConfigError, RLConfig, from_dict, load_config
 from alignflow.rewards import CallableReward, CompositeReward, RewardError
 from alignflow.rewards.rules import reward_options, user_code_files
-from alignflow.trainers import online
+from alignflow.trainers import rl as online
 from alignflow.trainers.rl_setup import build_sources
 from alignflow.trainers.roles import RewardRole
 

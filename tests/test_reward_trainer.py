@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alignflow.config import RMConfig, from_dict
-from alignflow.trainers.reward import rated_pairs, train_rm
+from alignflow.trainers.rm import rated_pairs, train_rm
 
 
 def _cfg(task, out, data_path=None, **reward):

@@ -218,7 +218,7 @@ def test_resumed_steps_are_logged_once(reviews_task, tmp_path):
 
 
 def test_rm_final_eval_is_logged_at_the_last_step_after_a_resume(reviews_task, tmp_path):
-    from alignflow.trainers.reward import train_rm
+    from alignflow.trainers.rm import train_rm
 
     def cfg(**train):
         return from_dict(

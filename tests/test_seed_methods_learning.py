@@ -10,8 +10,8 @@ import torch
 
 from alignflow.models import load_causal_lm, load_tokenizer
 from alignflow.rollout import HFEngine, SamplingParams
-from alignflow.trainers.online import train_rl
 from alignflow.trainers.ptx import build_ptx, ptx_loss
+from alignflow.trainers.rl import train_rl
 from tests.test_online_rl import rl_cfg
 
 COMMON = dict(

@@ -205,7 +205,7 @@ def test_bt_step_flat_equals_padded(budget):
     """Reward-model step: pairs in padding-free rows (one row, or a row per pair at budget 20) give the padded
     step's loss, metrics and gradients."""
     from alignflow.config import RMConfig, from_dict
-    from alignflow.trainers.reward import bt_step
+    from alignflow.trainers.rm import bt_step
 
     ss = seqs([5, 9, 3, 6, 7, 4])
     pairs = [{"chosen_ids": ss[i], "rejected_ids": ss[i + 1], "margin": 0.5 * i} for i in (0, 2, 4)]

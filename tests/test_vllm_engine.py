@@ -33,7 +33,7 @@ from alignflow.rollout.vllm_engine import (
     request_seeds,
     vllm_request_kwargs,
 )
-from alignflow.trainers.online import reuse_sampling_logprobs
+from alignflow.trainers.rl import reuse_sampling_logprobs
 from alignflow.trainers.rl_algos import resolve
 from alignflow.trainers.roles import Rollout
 from tests.dist_helpers import run_ranks

@@ -3,7 +3,7 @@
 Two pieces: the geometric mixture of the current policy and the reference that Nash-MD plays against, and the
 Nash-MD-PG policy-gradient loss (the paper's practical algorithm, section 7; TRL's ``NashMDTrainer`` implements the
 same estimator). The sampling loop that draws from the mixture is ``alignflow.rollout.mixture``; the controller that
-plays the rounds is ``alignflow.trainers.iterative``.
+plays the rounds is ``alignflow.trainers.online_po``.
 
 Notation (docs/online_po.md): ``lp_θ[t]``, ``lp_ref[t]`` token log-probs of a response y ~ π_θ, ``LP`` their sums over
 the response, ``p = P(y ≻ y')`` the preference model's probability that y beats the opponent y' ~ π_mix.

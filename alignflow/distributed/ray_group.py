@@ -22,7 +22,7 @@ on different worker sets (split placement) then run at the same time.
 A worker that dies (killed, out of memory, a node lost) surfaces as :class:`WorkerLost` from the call that needed
 it -- the first failed result is reported at once, without waiting for the ranks that are now stuck in a
 collective. :meth:`WorkerSet.restart` kills what is left and builds the set again (new process group, same
-builder); the trainer then reloads its last checkpoint (``trainers/online.py``).
+builder); the trainer then reloads its last checkpoint (``trainers/rl.py``).
 """
 
 from __future__ import annotations

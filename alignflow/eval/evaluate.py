@@ -50,7 +50,7 @@ from alignflow.tasks import build_task, get_task
 from alignflow.tasks.reviews import gold_components
 from alignflow.trainers.builtin_sft import resolve_eval_models
 from alignflow.trainers.loop import Progress
-from alignflow.trainers.reward import pair_metrics
+from alignflow.trainers.rm import pair_metrics
 from alignflow.trainers.roles import Reference
 from alignflow.trainers.run_dir import check_output_dir
 

@@ -7,7 +7,7 @@ Balanced Actor Initialization mixes an SFT model with a distilled one. Both are 
 
 applied to every floating-point tensor of the state dicts. Non-floating tensors (integer buffers such as
 position ids) cannot be interpolated: they must be equal in every model and are copied. ``alignflow
-merge_models`` (:mod:`alignflow.trainers.merge`) applies it to model directories; docs/merging.md.
+merge_models`` (:mod:`alignflow.trainers.merge_models`) applies it to model directories; docs/merging.md.
 """
 
 from __future__ import annotations

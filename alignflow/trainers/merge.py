@@ -1,9 +1,4 @@
-"""``alignflow merge_models``: interpolate the weights of several same-architecture causal LMs and save the result.
-
-The merged model (``sum_i w_i * theta_i``, :func:`alignflow.models.merging.interpolate_state_dicts`) is an ordinary
-model directory: an RL run starts its actor from it (``model.name_or_path=DIR``, Balanced Actor Initialization) or
-uses it as the KL reference (``ref_model=DIR``, SALSA). docs/merging.md.
-"""
+"""``alignflow merge``: fold a LoRA adapter into its base model and save the plain model (docs/models.md)."""
 
 from __future__ import annotations
 
@@ -11,56 +6,43 @@ import json
 import logging
 from pathlib import Path
 
-from alignflow.config import ConfigError, MergeModelsConfig, ModelConfig
+from alignflow.config import ModelConfig
 from alignflow.distributed.save import save_model
-from alignflow.models import load_causal_lm, load_tokenizer
-from alignflow.models.merging import check_merge_weights, interpolate_state_dicts
+from alignflow.models.loading import (
+    ModelLoadError,
+    adapter_base,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    load_value_model,
+)
 
-log = logging.getLogger("alignflow.merge_models")
-
-
-def _check_config(cfg: MergeModelsConfig) -> list[float]:
-    """The weights, after the user-facing checks of models / weights / output (ConfigError naming the key)."""
-    if len(cfg.models) < 2:
-        raise ConfigError(f"merge_models: models= needs at least two model directories, got {list(cfg.models)}")
-    if not cfg.output:
-        raise ConfigError("merge_models: output=DIR is required (where the merged model is written)")
-    if any(Path(cfg.output).resolve() == Path(m).resolve() for m in cfg.models):
-        raise ConfigError(f"merge_models: output={cfg.output} is one of the input models; choose another directory")
-    try:
-        return check_merge_weights(cfg.weights, len(cfg.models))
-    except ValueError as e:
-        raise ConfigError(f"merge_models: weights={list(cfg.weights)}: {e}") from None
+logger = logging.getLogger(__name__)
 
 
-def _check_tokenizers(cfg: MergeModelsConfig, tokenizer) -> None:
-    """Every model must share the first one's vocabulary (merged embeddings index the same tokens)."""
-    vocab = tokenizer.get_vocab()
-    for m in cfg.models[1:]:
-        if load_tokenizer(m).get_vocab() != vocab:
-            raise ConfigError(
-                f"merge_models: {m} has another tokenizer than {cfg.models[0]}; only models that share "
-                "a vocabulary can be merged"
-            )
+def merge_adapter(cfg) -> Path:
+    """``alignflow merge``: load ``cfg.adapter``'s base model, fold the LoRA adapter into its weights and save
+    the plain model with the tokenizer to ``cfg.output`` (a ``MergeConfig``). Returns the output directory.
 
-
-def merge_models(cfg: MergeModelsConfig) -> Path:
-    """Load ``cfg.models``, interpolate their weights with ``cfg.weights`` and save to ``cfg.output``.
-
-    Writes the merged model, the first model's tokenizer and ``merge.json`` (the models and weights used).
-    A model whose architecture differs (a tensor missing or of another shape) is an error naming it.
-    """
-    weights = _check_config(cfg)
-    tokenizer = load_tokenizer(cfg.models[0])
-    _check_tokenizers(cfg, tokenizer)
-    models = [load_causal_lm(ModelConfig(name_or_path=m, dtype=cfg.dtype)) for m in cfg.models]
-    try:
-        merged = interpolate_state_dicts([m.state_dict() for m in models], weights, list(cfg.models))
-    except ValueError as e:
-        raise ConfigError(f"merge_models: {e}") from None
-    target = models[0]
-    target.load_state_dict(merged)
-    save_model(target, tokenizer, cfg.output)
-    (Path(cfg.output) / "merge.json").write_text(json.dumps({"models": list(cfg.models), "weights": weights}, indent=2))
-    log.info("merged %s with weights %s into %s", ", ".join(cfg.models), weights, cfg.output)
+    The adapter's peft task decides the model class: a policy (CAUSAL_LM), a reward model (SEQ_CLS, with its
+    trained head) or a value model (TOKEN_CLS)."""
+    if not cfg.adapter or not cfg.output:
+        raise ModelLoadError("alignflow merge needs adapter=DIR (a LoRA adapter directory) and output=DIR")
+    base = adapter_base(cfg.adapter)
+    if base is None:
+        what = "does not exist" if not Path(cfg.adapter).exists() else "has no adapter_config.json"
+        raise ModelLoadError(f"adapter={cfg.adapter}: {what}, so it is not a LoRA adapter directory")
+    if Path(cfg.output).resolve() == Path(cfg.adapter).resolve():
+        raise ModelLoadError(f"output={cfg.output} is the adapter directory itself; choose another directory")
+    task = json.loads((Path(cfg.adapter) / "adapter_config.json").read_text()).get("task_type")
+    tokenizer = load_tokenizer(cfg.adapter)
+    model_cfg = ModelConfig(name_or_path=cfg.adapter, dtype=cfg.dtype)
+    if task == "SEQ_CLS":
+        model = load_reward_model(model_cfg, pad_token_id=tokenizer.pad_token_id)
+    elif task == "TOKEN_CLS":
+        model = load_value_model(model_cfg, pad_token_id=tokenizer.pad_token_id)
+    else:
+        model = load_causal_lm(model_cfg)
+    save_model(model, tokenizer, cfg.output)
+    logger.info("merged the LoRA adapter %s into %s: %s", cfg.adapter, base, cfg.output)
     return Path(cfg.output)

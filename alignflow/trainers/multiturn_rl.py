@@ -1,7 +1,7 @@
 """Multi-turn episodes in ``alignflow rl``: the rollout source the controller uses when ``env.task`` or
 ``env.path`` is set (see ``docs/multiturn_rl.md``).
 
-The controller (:mod:`alignflow.trainers.online`) picks its rollout source and its evaluation from a table keyed
+The controller (:mod:`alignflow.trainers.rl`) picks its rollout source and its evaluation from a table keyed
 by :func:`mode`; in ``"episodes"`` mode one RL step is::
 
     prompts = next prompts_per_step rows;  envs = rollout.n fresh environments per row

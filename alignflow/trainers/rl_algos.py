@@ -2,7 +2,7 @@
 
 Every algorithm of ``alignflow rl`` is one row of :data:`ALGORITHMS`: which advantage estimator, which policy loss,
 which loss aggregation, where the KL penalty goes, and which extra roles its dataflow needs (a critic, a cost critic,
-a greedy rollout). The controller (:mod:`alignflow.trainers.online`) never branches on the algorithm's name, only on
+a greedy rollout). The controller (:mod:`alignflow.trainers.rl`) never branches on the algorithm's name, only on
 these fields, so a new variant is a new row plus, at most, a new estimator function.
 
 ==============  ==============  ===========  =========================  ========  ======================

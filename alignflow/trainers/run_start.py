@@ -14,7 +14,7 @@ import torch
 from alignflow.config import to_dict
 from alignflow.models import load_tokenizer
 from alignflow.models.device import resolve_device
-from alignflow.tasks import build_task
+from alignflow.tasks import build_task, get_task
 from alignflow.trainers import loop
 from alignflow.trainers.run_dir import prepare_run_dir
 
@@ -64,3 +64,11 @@ def start_run(cfg, seed: bool = True):
         cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code
     )
     return out, device, tokenizer
+
+
+def task_gold(cfg, art):
+    """The built-in task's gold reward when the run uses the task's prompts or rewards (``art`` from
+    :func:`resolve_task`, or ``reward.task`` set), else None: what the online trainers report as ``eval/gold``."""
+    if art is not None:
+        return art.gold_reward
+    return get_task(cfg.task.name).gold_reward if cfg.reward.task else None

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from alignflow.trainers.builtin_sft import resolve_model
 from alignflow.trainers.run_dir import prepare_run_dir
-from alignflow.trainers.run_start import TASK_DATA, resolve_task, start_run
+from alignflow.trainers.run_start import TASK_DATA, resolve_task, start_run, task_gold
 
-__all__ = ["TASK_DATA", "resolve_builtin", "start_run"]
+__all__ = ["TASK_DATA", "resolve_builtin", "start_run", "task_gold"]
 
 
 def resolve_builtin(cfg, command: str):

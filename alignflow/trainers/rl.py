@@ -70,7 +70,7 @@ from alignflow.trainers.rl_algos import (
 from alignflow.trainers.rl_filter import filter_rollouts
 from alignflow.trainers.rl_par import ReferenceScores, shape_with_references
 from alignflow.trainers.rl_setup import PromptStream, Roles, build_roles, needed_roles, prompt_batch
-from alignflow.trainers.setup import resolve_builtin, start_run
+from alignflow.trainers.setup import resolve_builtin, start_run, task_gold
 
 log = logging.getLogger("alignflow.rl")
 
@@ -433,13 +433,6 @@ def _state(cfg: RLConfig, algo: Resolved, rows: list) -> RLState:
     return RLState(PromptStream(rows, cfg.train.seed), kl, lagrange, norm, refs=refs)
 
 
-def _gold(cfg: RLConfig, art):
-    """The built-in task's gold reward when the run uses the task's prompts or rewards, else None."""
-    from alignflow.tasks import get_task
-
-    return art.gold_reward if art is not None else (get_task(cfg.task.name).gold_reward if cfg.reward.task else None)
-
-
 def recover(
     roles: Roles,
     st: RLState,
@@ -519,7 +512,7 @@ def _run(cfg: RLConfig, algo: Resolved, roles: Roles, data, total: int, out: Pat
     start = resume(roles, st, out) if cfg.train.resume else 0
     held_out = data.eval[: cfg.rollout.eval_prompts]
     eval_prompts = prompt_batch(held_out, [10**9 + i for i in range(len(held_out))], st.prompts.fields)
-    gold = st.gold = _gold(cfg, art)
+    gold = st.gold = task_gold(cfg, art)
     logger = loop.MetricsLogger(out, start=start)
     for r in data.reports:
         logger.log(start, {"data/report": r})

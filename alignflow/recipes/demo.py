@@ -29,8 +29,8 @@ from alignflow.rollout.sample import sample
 from alignflow.tasks import build_task
 from alignflow.tasks.common import read_jsonl, write_jsonl
 from alignflow.tasks.labels import label_pairs
-from alignflow.trainers.online import train_rl
-from alignflow.trainers.reward import train_rm
+from alignflow.trainers.rl import train_rl
+from alignflow.trainers.rm import train_rm
 from alignflow.trainers.run_dir import check_output_dir
 from alignflow.trainers.sft import train_sft
 

@@ -1,14 +1,5 @@
-"""SuperHF and A-LoL: RL from rewards with supervised-style updates (docs/superhf.md, docs/alol.md).
-
-**SuperHF** (Mukobi et al. 2023, "Superhuman feedback"; ``alignflow superhf``), one step::
-
-    prompts = next rollout.prompts_per_step prompts                       (paper: 2)
-    batch   = rollout.generate(prompts)                                   n = 16 each, temperature 1, top-p 0.95
-    R       = reward.score(batch);  y* = top-k of each prompt's n by R     (paper: top-1)
-    for each train.batch_size rows of y*:  minimise  CE(y*) + β·max(0, KL_tok(π_0 ‖ π_θ))     β = 0.35
-
-KL_tok is the full-vocabulary forward KL ``Σ_v π_0(v)·[log π_0(v) − log π_θ(v)]`` averaged over the completion
-tokens; π_0 is the initial policy (a frozen copy, or under LoRA the policy with its adapters disabled: no copy).
+"""``alignflow alol``: advantage-weighted offline RL (docs/alol.md); the pieces it shares with SuperHF are in
+:mod:`alignflow.trainers.offline_common`.
 
 **A-LoL** (Baheti et al. 2023, "Leftover Lunch: advantage-based offline RL"; ``alignflow alol``)::
 
@@ -26,17 +17,13 @@ Departures, on purpose:
 * The value MLP is fit on the *training* prompts' reference samples (rollout.n per prompt; the reference code uses
   the dev set's greedy responses), full-batch Adam on standardised targets (reference: AdamW lr 1e-5, 10 epochs,
   best epoch kept). One prompt in ten is held out to report ``value/val_explained_var`` when there are >= 20.
-* SuperHF's prior logits come from a second forward per micro-batch (no cached (B, T, V) tensors); the loss needs
-  full-vocabulary logits, so lower ``train.micro_batch_tokens`` for a large vocabulary.
 
-Run:  ``alignflow superhf --config configs/superhf.yaml``;  ``alignflow alol --config configs/alol.yaml``
-(``docs/superhf.md``, ``docs/alol.md``).
+Run:  ``alignflow alol --config configs/alol.yaml`` (``docs/alol.md``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -53,233 +40,34 @@ from alignflow.algorithms.offline import (
     alol_keep_mask,
     alol_loss,
     alol_sampling_weights,
-    superhf_loss,
-    superhf_select,
 )
 from alignflow.batch import Batch
-from alignflow.config import ALoLConfig, ConfigError, SuperHFConfig
+from alignflow.config import ALoLConfig, ConfigError
 from alignflow.data.formats import DataError, enforce_bad_row_policy, validate
 from alignflow.data.loading import load_records
-from alignflow.data.pipeline import prepare_data
 from alignflow.data.render import encode_pair, encode_prompt
-from alignflow.distributed.checkpoint import latest_checkpoint
 from alignflow.distributed.save import save_model
-from alignflow.models import get_lm_head, hidden_states, load_causal_lm, unwrap
+from alignflow.models import hidden_states, load_causal_lm
 from alignflow.trainers import loop
-from alignflow.trainers.online import evaluate
-from alignflow.trainers.rl_setup import PromptStream, Roles, _frozen_cfg, build_sources, prompt_batch
+from alignflow.trainers.offline_common import (
+    OfflineRLResult,
+    _eval_batch,
+    _resume,
+    _reward,
+    reference_mode,
+)
+from alignflow.trainers.rl import evaluate
+from alignflow.trainers.rl_setup import Roles, prompt_batch
 from alignflow.trainers.roles import (
     Optimised,
-    RewardRole,
     Rollout,
-    eval_mode,
     micro_batches,
     response_logprobs,
     scatter_rows,
 )
-from alignflow.trainers.setup import resolve_builtin, start_run
+from alignflow.trainers.setup import resolve_builtin, start_run, task_gold
 
-log = logging.getLogger("alignflow.offline_rl")
-
-
-@dataclasses.dataclass
-class OfflineRLResult:
-    model: torch.nn.Module
-    tokenizer: object
-    history: list = dataclasses.field(default_factory=list)  # one metrics dict per step
-    eval: dict = dataclasses.field(default_factory=dict)
-    output_dir: Path = Path(".")
-    stats: dict = dataclasses.field(default_factory=dict)  # A-LoL: value fit and filtering
-    precomputed: dict = dataclasses.field(default_factory=dict)  # A-LoL: rewards, values, advantages (N,), keep
-
-
-# ----------------------------------------------------------------------------------------------- shared pieces
-def _reward(cfg, task_name: str, device, pad_id: int, required: bool) -> RewardRole | None:
-    """The configured reward sources as a RewardRole (RL's ``reward:`` section shape)."""
-    if cfg.reward.normalize != "none" or cfg.reward.clip:
-        raise ConfigError(
-            "reward.normalize / reward.clip are online-RL options; set them to none / 0 here "
-            "(SuperHF ranks raw rewards, A-LoL subtracts a value fit to raw rewards)"
-        )
-    composite = build_sources(cfg.reward, "reward", task_name, cfg, device, pad_id)
-    if composite is None and required:
-        raise ConfigError("no reward source: set reward.task (e.g. {gold: 1.0}), reward.functions or reward.models")
-    return RewardRole(composite) if composite is not None else None
-
-
-def _gold(cfg, art):
-    from alignflow.tasks import get_task
-
-    return art.gold_reward if art is not None else (get_task(cfg.task.name).gold_reward if cfg.reward.task else None)
-
-
-@contextlib.contextmanager
-def reference_mode(model, shared: bool):
-    """π_ref / π_0 forward passes: no gradient, eval mode, and LoRA adapters off when the reference is the policy's
-    base weights (``shared``)."""
-    adapters_off = model.disable_adapter() if shared else contextlib.nullcontext()
-    with torch.no_grad(), adapters_off, eval_mode(model):
-        yield
-
-
-def response_logits(model, mb: Batch, pw: int) -> torch.Tensor:
-    """Float32 logits (b, rw, V) at the positions that predict the response tokens of a micro-batch."""
-    h = hidden_states(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"])  # (b, pw + rw, H)
-    logits = get_lm_head(model)(h[:, pw - 1 : -1]).float()  # (b, rw, V): position pw + t - 1 predicts y_t
-    softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
-    return torch.tanh(logits / softcap) * softcap if softcap else logits
-
-
-def _resume(optim: Optimised, out: Path) -> dict:
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        return {}
-    state = optim.load(ckpt)
-    log.info("resumed from %s at step %d", ckpt, state["step"])
-    return state
-
-
-def _eval_batch(rows: list[dict], limit: int, fields: list[str]) -> Batch:
-    rows = rows[:limit]
-    return prompt_batch(rows, [10**9 + i for i in range(len(rows))], fields)
-
-
-# ----------------------------------------------------------------------------------------------- SuperHF
-@dataclasses.dataclass
-class SuperHFRun:
-    """What one SuperHF step needs: the policy, the prior π_0 (None at β = 0), rollout and reward roles."""
-
-    cfg: SuperHFConfig
-    policy: nn.Module
-    prior: nn.Module | None
-    shared_prior: bool
-    rollout: Rollout
-    reward: RewardRole
-    optim: Optimised | None
-    device: torch.device
-
-
-def sample_and_select(run: SuperHFRun, prompts: Batch) -> tuple[Batch, dict]:
-    """Sample n completions per prompt, score them, keep the top ``superhf.keep`` of each: (kept rows, metrics)."""
-    n, k = run.cfg.rollout.n, run.cfg.superhf.keep
-    t0 = time.perf_counter()
-    batch = run.rollout.generate(prompts)  # (P*n) rows; rows i*n .. i*n+n-1 are prompt i's
-    gen_s = time.perf_counter() - t0
-    rewards = run.reward.score(batch)["scores"].float().cpu().view(-1, n)  # (P, n)
-    top = superhf_select(rewards, k)  # (P, k)
-    rows = (top + torch.arange(rewards.shape[0])[:, None] * n).flatten()  # (P*k,)
-    m = {
-        "superhf/reward_mean": float(rewards.mean()),
-        "superhf/reward_best": float(rewards.gather(1, top).mean()),
-        "superhf/reward_std": float(rewards.std(dim=1, unbiased=False).mean()),
-        "perf/gen_s": gen_s,
-        "superhf/response_len": float(batch["response_mask"].sum(-1).float().mean()),
-    }
-    return batch.select(rows), m
-
-
-def superhf_backward(run: SuperHFRun, kept: Batch) -> dict:
-    """Forward/backward of the SuperHF loss on ``kept`` (one optimiser step's rows); gradients are left in ``.grad``.
-    Returns the loss terms as 0-d tensors: ``loss``, ``nll`` (CE token mean), ``kl`` (KL token mean)."""
-    cfg = run.cfg
-    mask = kept["response_mask"]
-    n_tok = float(max(int(mask.sum()), 1))
-    totals = {"loss": 0.0, "nll": 0.0, "kl": 0.0}
-    run.policy.train()
-    for _, mb, pw in micro_batches(kept, cfg.train.micro_batch_tokens):
-        with loop.autocast(run.device, cfg.train.mixed_precision):
-            logits = response_logits(run.policy, mb, pw)  # (b, rw, V)
-            if run.prior is None:  # β = 0: no prior is loaded; the KL term is 0 exactly
-                ref = logits.detach()
-            else:
-                with reference_mode(run.prior, run.shared_prior):
-                    ref = response_logits(run.prior, mb, pw)  # (b, rw, V)
-            loss, m = superhf_loss(
-                logits, ref, mb["response_ids"], mb["response_mask"], beta=cfg.superhf.beta, global_tokens=n_tok
-            )
-        loss.backward()
-        share = float(mb["response_mask"].sum()) / n_tok  # metrics are token means of the micro-batch
-        totals["loss"] = totals["loss"] + loss.detach()
-        totals["nll"] = totals["nll"] + m["superhf/ce"] * share
-        totals["kl"] = totals["kl"] + m["superhf/kl"] * share
-    return totals
-
-
-def superhf_step(run: SuperHFRun, prompts: Batch, step: int) -> dict:
-    """One SuperHF step (the algorithm box of the module docstring); returns its metrics."""
-    t0 = time.perf_counter()
-    kept, m = sample_and_select(run, prompts)
-    sums: dict = {}
-    parts = kept.split(run.cfg.train.batch_size)
-    for i, mb in enumerate(parts):
-        terms = superhf_backward(run, mb)
-        out = run.optim.step({"superhf_loss": terms["loss"]}, f"{step} (mini-batch {i})")
-        for key, v in [(f"superhf/{k}", float(v)) for k, v in terms.items()] + list(out.items()):
-            sums[key] = sums.get(key, 0.0) + v / len(parts)
-    step_s = time.perf_counter() - t0
-    return m | {k if "/" in k else f"train/{k}": v for k, v in sums.items()} | {"perf/step_s": step_s}
-
-
-def build_superhf_run(cfg: SuperHFConfig, device, tok, total_opt_steps: int) -> SuperHFRun:
-    policy = load_causal_lm(cfg.model, device)
-    policy.train()
-    prior, shared = None, False
-    if cfg.superhf.beta > 0:
-        if cfg.model.lora.enabled:
-            prior, shared = policy, True
-        else:
-            prior = load_causal_lm(_frozen_cfg(cfg, cfg.model.name_or_path), device).requires_grad_(False).eval()
-    rollout = Rollout(policy, tok, cfg.rollout, device, cfg.train.mixed_precision, cfg.train.seed)
-    reward = _reward(cfg, cfg.task.name, device, tok.pad_token_id, required=True)
-    optim = Optimised(policy, cfg.optim, cfg.train, total_opt_steps)
-    return SuperHFRun(cfg, policy, prior, shared, rollout, reward, optim, device)
-
-
-def train_superhf(cfg: SuperHFConfig) -> OfflineRLResult:
-    """Run SuperHF as configured (``alignflow superhf``); returns the policy, per-step metrics and the final eval."""
-    if cfg.superhf.keep > cfg.rollout.n:
-        raise ConfigError(f"superhf.keep={cfg.superhf.keep} exceeds rollout.n={cfg.rollout.n} (samples per prompt)")
-    art = resolve_builtin(cfg, "rl")
-    if art is not None and not cfg.data.eval_path:
-        cfg.data.eval_path = str(art.eval_prompts_path)
-    out, device, tok = start_run(cfg)
-    data = prepare_data(cfg.data, tok, expect=("prompt",), seed=cfg.train.seed)
-    P = cfg.rollout.prompts_per_step
-    total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(data.train) / P))
-    run = build_superhf_run(cfg, device, tok, total * math.ceil(P * cfg.superhf.keep / cfg.train.batch_size))
-    stream = PromptStream(data.train, cfg.train.seed)
-    state = _resume(run.optim, out) if cfg.train.resume else {}
-    start = int(state.get("step", 0))
-    stream.position = int(state.get("prompt_position", 0))
-    eval_prompts = _eval_batch(data.eval, cfg.rollout.eval_prompts, stream.fields)
-    roles = Roles(rollout=run.rollout, actor=None, reward=run.reward)
-    gold = _gold(cfg, art)
-    logger = loop.MetricsLogger(out, start=start)
-    for r in data.reports:
-        logger.log(start, {"data/report": r})
-    bar = loop.Progress(total, start, cfg.train.progress, "superhf")
-    result = OfflineRLResult(run.policy, tok, output_dir=out)
-    for step in range(start, total):
-        m = superhf_step(run, stream.take(P), step)
-        result.history.append(m)
-        bar.update(0, reward=m["superhf/reward_best"])
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
-            logger.log(step + 1, m)
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total:
-            logger.log(step + 1, evaluate(roles, eval_prompts, gold))
-        loop.checkpoint_step(
-            step + 1,
-            total,
-            cfg.train,
-            out,
-            lambda path, done=step + 1: run.optim.save(path, {"step": done, "prompt_position": stream.position}),
-        )
-    bar.close()
-    result.eval = evaluate(roles, eval_prompts, gold)
-    logger.log(total, result.eval)
-    logger.close()
-    save_model(run.policy, tok, out / "model")
-    return result
+log = logging.getLogger("alignflow.alol")
 
 
 # ----------------------------------------------------------------------------------------------- A-LoL: data
@@ -644,5 +432,5 @@ def _alol_eval(cfg: ALoLConfig, policy, tok, reward, art, device) -> dict:
     return evaluate(
         Roles(rollout=rollout, actor=None, reward=reward),
         _eval_batch(rows, cfg.rollout.eval_prompts, fields),
-        _gold(cfg, art),
+        task_gold(cfg, art),
     )
