@@ -1,0 +1,163 @@
+"""Typed configuration. The loader (:mod:`alignflow.config.loader`) is apart from the schemas: one module per
+command, named as the command, and the sections several commands share (:mod:`alignflow.config.sections`).
+Everything is re-exported here, so ``from alignflow.config import RLConfig, load_config`` works."""
+
+from __future__ import annotations
+
+from alignflow.config.alol import (
+    ALOL_VARIANTS,
+    ALoLConfig,
+    ALoLOptions,
+    ValueFitConfig,
+)
+from alignflow.config.demo import (
+    DemoConfig,
+)
+from alignflow.config.eval import (
+    EvalConfig,
+)
+from alignflow.config.ift import (
+    IFTConfig,
+    IFTOptions,
+)
+from alignflow.config.loader import (
+    DEVICE_PATTERN,
+    ConfigError,
+    check_betas,
+    check_device,
+    check_micro_batch_tokens,
+    check_preset_command,
+    check_sections,
+    describe,
+    field,
+    from_dict,
+    load_config,
+    parse_overrides,
+    to_dict,
+)
+from alignflow.config.merge import (
+    MergeConfig,
+    MergeModelsConfig,
+)
+from alignflow.config.mpo import (
+    MPOConfig,
+    MPOOptions,
+)
+from alignflow.config.online_po import (
+    ONLINE_PO_METHODS,
+    OnlinePOConfig,
+    OnlinePOOptions,
+)
+from alignflow.config.pm import (
+    PMConfig,
+    PMOptions,
+)
+from alignflow.config.po import (
+    POBuiltinConfig,
+    POConfig,
+    POLossConfig,
+)
+from alignflow.config.rl import (
+    RL_ALGORITHMS,
+    AlgoConfig,
+    CostConfig,
+    CriticConfig,
+    DapoConfig,
+    EnvConfig,
+    KLConfig,
+    RLConfig,
+)
+from alignflow.config.rm import (
+    RMConfig,
+)
+from alignflow.config.sections import (
+    DataConfig,
+    HubConfig,
+    JudgeConfig,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    RayConfig,
+    RemoteRewardConfig,
+    ResourcesConfig,
+    RewardConfig,
+    RewardSourceConfig,
+    RoleResources,
+    RolloutConfig,
+    TaskConfig,
+    TrainConfig,
+)
+from alignflow.config.serve import (
+    ServeConfig,
+)
+from alignflow.config.sft import (
+    SFTConfig,
+)
+from alignflow.config.superhf import (
+    SuperHFConfig,
+    SuperHFOptions,
+)
+
+__all__ = [
+    "ALOL_VARIANTS",
+    "ALoLConfig",
+    "ALoLOptions",
+    "AlgoConfig",
+    "ConfigError",
+    "CostConfig",
+    "CriticConfig",
+    "DEVICE_PATTERN",
+    "DapoConfig",
+    "DataConfig",
+    "DemoConfig",
+    "EnvConfig",
+    "EvalConfig",
+    "HubConfig",
+    "IFTConfig",
+    "IFTOptions",
+    "JudgeConfig",
+    "KLConfig",
+    "LoraConfig",
+    "MPOConfig",
+    "MPOOptions",
+    "MergeConfig",
+    "MergeModelsConfig",
+    "ModelConfig",
+    "ONLINE_PO_METHODS",
+    "OnlinePOConfig",
+    "OnlinePOOptions",
+    "OptimConfig",
+    "PMConfig",
+    "PMOptions",
+    "POBuiltinConfig",
+    "POConfig",
+    "POLossConfig",
+    "RLConfig",
+    "RL_ALGORITHMS",
+    "RMConfig",
+    "RayConfig",
+    "RemoteRewardConfig",
+    "ResourcesConfig",
+    "RewardConfig",
+    "RewardSourceConfig",
+    "RoleResources",
+    "RolloutConfig",
+    "SFTConfig",
+    "ServeConfig",
+    "SuperHFConfig",
+    "SuperHFOptions",
+    "TaskConfig",
+    "TrainConfig",
+    "ValueFitConfig",
+    "check_betas",
+    "check_device",
+    "check_micro_batch_tokens",
+    "check_preset_command",
+    "check_sections",
+    "describe",
+    "field",
+    "from_dict",
+    "load_config",
+    "parse_overrides",
+    "to_dict",
+]
