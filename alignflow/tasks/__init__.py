@@ -21,11 +21,12 @@ import uuid
 from pathlib import Path
 
 from alignflow.config import ConfigError, TaskConfig
-from alignflow.tasks import arithmetic, calculator, code, common, reviews, reviews_judge
+from alignflow.tasks import arithmetic, calculator, code, common, reviews, reviews_judge, users
 from alignflow.tasks.common import FILES, MANIFEST, TaskArtifacts, TaskSpec
 
 TASKS = {"reviews": reviews.TASK, "arithmetic": arithmetic.TASK, "calculator": calculator.TASK, "code": code.TASK}
-EXTRA_FILES = {"reviews": reviews_judge}  # task -> module with FILES and write_files(cfg, dir): judge data
+# task -> modules with FILES and write_files(cfg, dir): the judge data, the users' preferences (P-DPO, VPL)
+EXTRA_FILES = {"reviews": (reviews_judge, users)}
 
 __all__ = ["TASKS", "TaskArtifacts", "TaskSpec", "build_task", "get_task"]
 
@@ -39,14 +40,14 @@ def get_task(name: str) -> TaskSpec:
 def _source_hash(spec: TaskSpec) -> str:
     """Hash of the code that writes the task, so a changed generator never reuses stale files."""
     h = hashlib.sha256()
-    extra = (EXTRA_FILES[spec.name],) if spec.name in EXTRA_FILES else ()
+    extra = EXTRA_FILES.get(spec.name, ())
     for mod in (common, sys.modules[spec.make_rows.__module__], *extra):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
 
 
 def _is_complete(out_dir: Path, name: str = "") -> bool:
-    extra = EXTRA_FILES[name].FILES.values() if name in EXTRA_FILES else ()
+    extra = [rel for mod in EXTRA_FILES.get(name, ()) for rel in mod.FILES.values()]
     return all((out_dir / rel).exists() for rel in (*FILES.values(), *extra))
 
 
@@ -77,8 +78,8 @@ def build_task(name: str, cfg: TaskConfig, out_dir: str | Path) -> TaskArtifacts
     try:
         tmp.mkdir()
         common.write_task(spec, cfg, tmp, meta)
-        if name in EXTRA_FILES:
-            EXTRA_FILES[name].write_files(cfg, tmp)
+        for mod in EXTRA_FILES.get(name, ()):
+            mod.write_files(cfg, tmp)
         _swap_into_place(tmp, out_dir)
     finally:
         if tmp.exists():
