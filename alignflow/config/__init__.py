@@ -66,6 +66,7 @@ from alignflow.config.rl import (
     EnvConfig,
     KLConfig,
     RLConfig,
+    RLRolloutConfig,
 )
 from alignflow.config.rm import (
     RMConfig,
@@ -136,6 +137,7 @@ __all__ = [
     "RL_ALGORITHMS",
     "RMConfig",
     "RayConfig",
+    "RLRolloutConfig",
     "RemoteRewardConfig",
     "ResourcesConfig",
     "RewardConfig",

@@ -290,13 +290,27 @@ class RLConfig:
     )
     algo: AlgoConfig = field(default_factory=AlgoConfig, doc="Algorithm and loss.")
     kl: KLConfig = field(default_factory=KLConfig, doc="KL penalty to the reference.")
-    rollout: RolloutConfig = field(default_factory=RolloutConfig, doc="Sampling.")
+    rollout: RLRolloutConfig = field(default_factory=RLRolloutConfig, doc="Sampling (and async_steps).")
     reward: RewardSourceConfig = field(default_factory=RewardSourceConfig, doc="Reward sources.")
     dapo: DapoConfig = field(default_factory=DapoConfig, doc="Dynamic sampling and overlong shaping.")
     cost: CostConfig = field(default_factory=CostConfig, doc="Safe RLHF cost and Lagrange multiplier.")
     task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
     hub: HubConfig = field(default_factory=lambda: HubConfig(), doc="Push the trained model to the Hugging Face Hub.")
     resources: ResourcesConfig = field(default_factory=ResourcesConfig, doc="Placement: workers per role, devices.")
+@dataclasses.dataclass
+class RLRolloutConfig(RolloutConfig):
+    """Sampling, plus the pipelining of ``alignflow rl`` (docs/async.md)."""
+
+    async_steps: int = field(
+        0,
+        doc="Asynchronous rollouts (docs/async.md): 0 = synchronous (generate, then train); k >= 1 = the "
+        "batch of step t is sampled, in a background thread while earlier steps train, from the policy "
+        "weights after step t-k-1 (policy version max(0, t-k)): at most k versions stale. k=1 is "
+        "one-step-off. Holds a second copy of the policy for the rollout.",
+        range=(0, None),
+    )
+
+
     ray: RayConfig = field(default_factory=RayConfig, doc="Ray cluster (used when resources place roles on workers).")
     env: EnvConfig = field(
         default_factory=EnvConfig, doc="Multi-turn episodes against an environment (off: single-turn rollouts)."

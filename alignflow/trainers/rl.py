@@ -58,7 +58,7 @@ from alignflow.config import RLConfig
 from alignflow.data.pipeline import prepare_data
 from alignflow.distributed.checkpoint import latest_checkpoint
 from alignflow.rewards import RunningNorm
-from alignflow.trainers import loop, multiturn_rl
+from alignflow.trainers import loop, multiturn_rl, rl_async
 from alignflow.trainers.rl_algos import (
     AdvContext,
     Resolved,
@@ -86,11 +86,13 @@ class RLState:
     step: int = 0
     gold: object = None  # the built-in task's gold reward (PF-PPO's reliability metrics), not checkpointed
     refs: object = None  # rl_par.ReferenceScores (reward.shaping), a cache rebuilt after a resume
+    pipeline: object = None  # rl_async.AsyncRollouts (rollout.async_steps > 0): batches queued for later steps
 
     def state_dict(self) -> dict:
         return {
             "step": self.step,
-            "prompt_position": self.prompts.position,
+            # prompts queued for later steps by async rollouts are given back (a resumed run samples them anew)
+            "prompt_position": self.prompts.position - (self.pipeline.pending_rows if self.pipeline else 0),
             "kl": self.kl.state_dict(),
             "lagrange": self.lagrange.state_dict() if self.lagrange else None,
             "reward_norm": self.reward_norm.state_dict() if self.reward_norm else None,
@@ -162,8 +164,14 @@ def collect_rollouts(roles: Roles, st: RLState, cfg: RLConfig, tally: _Tally) ->
     want, n = cfg.rollout.prompts_per_step, cfg.rollout.n
     rounds = cfg.dapo.max_sample_rounds if cfg.dapo.dynamic_sampling else 1
     kept, groups, gen_s = [], 0, 0.0
+    waits: dict = {}
     for r in range(rounds):  # noqa: B007 - r (rounds used) is read after the loop
-        batch, secs = sample_and_score(roles, st.prompts.take(want), cfg)
+        if st.pipeline is not None and r == 0:  # async: queued steps ago, sampled from an older version
+            batch, secs, waits = st.pipeline.take(st.step)
+        else:
+            batch, secs = sample_and_score(roles, st.prompts.take(want), cfg)
+            if st.pipeline is not None:  # a refill round: the current weights (colocated rollout)
+                batch[rl_async.VERSION] = torch.full((len(batch),), st.step, dtype=torch.long)
         gen_s += secs
         tally.add(batch)
         if cfg.dapo.overlong_penalty:
@@ -179,7 +187,7 @@ def collect_rollouts(roles: Roles, st: RLState, cfg: RLConfig, tally: _Tally) ->
         groups += len(batch) // n
         if groups >= want:
             break
-    m = {"perf/gen_s": gen_s, "rollout/sample_rounds": float(r + 1)}
+    m = {"perf/gen_s": gen_s, "rollout/sample_rounds": float(r + 1)} | waits
     if cfg.dapo.dynamic_sampling:
         m["rollout/kept_groups"] = float(min(groups, want))
         if groups < want:
@@ -238,8 +246,8 @@ def reuse_sampling_logprobs(cfg: RLConfig, rows: int) -> bool:
     mode = cfg.algo.old_logprobs
     if cfg.rollout.backend != "builtin":  # vLLM samples with its own kernels in bf16 (``sampling`` is refused by
         return False  # rl_algos.resolve): never reuse its log-probs
-    if mode == "auto":
-        return cfg.algo.ppo_epochs == 1 and cfg.train.batch_size >= rows
+    if mode == "auto":  # async rollouts: stale samples, so lp_old is recomputed and TIS corrects them
+        return cfg.algo.ppo_epochs == 1 and cfg.train.batch_size >= rows and not cfg.rollout.async_steps
     return mode == "sampling"
 
 
@@ -319,6 +327,7 @@ def rl_step(roles: Roles, st: RLState, cfg: RLConfig, algo: Resolved) -> dict:
     m |= tally.metrics()
     if batch is None:
         return m | {"train/skipped_step": 1.0}
+    m |= rl_async.staleness_metrics(batch, st.step)
     if algo.greedy_baseline:
         greedy, secs = greedy_baseline(roles, batch, cfg)
         batch, m["perf/gen_s"] = batch.union(greedy), m["perf/gen_s"] + secs
@@ -491,6 +500,7 @@ def train_rl(cfg: RLConfig) -> RLResult:
 
     check_placement(cfg, needed_roles(cfg, resolve(cfg)))  # a too small Ray cluster fails before any work
     multiturn_rl.check(cfg)
+    rl_async.check(cfg)
     art = resolve_builtin(cfg, "rl")
     if art is not None and not cfg.data.eval_path:
         cfg.data.eval_path = str(art.eval_prompts_path)
@@ -499,16 +509,22 @@ def train_rl(cfg: RLConfig) -> RLResult:
     data = prepare_data(cfg.data, tok, expect=("prompt",), seed=cfg.train.seed)
     total, opt_steps = _sizes(cfg, len(data.train))
     roles = build_roles(cfg, algo, device, opt_steps, tok)
+    pipeline = rl_async.start(roles, cfg, sample_and_score)  # None unless rollout.async_steps > 0
     try:
-        return _run(cfg, algo, roles, data, total, out, tok, art, WorkerLost)
+        return _run(cfg, algo, roles, data, total, out, tok, art, WorkerLost, pipeline)
     finally:
+        if pipeline is not None:
+            pipeline.close()
         if roles.placement is not None:
             roles.placement.shutdown()
 
 
-def _run(cfg: RLConfig, algo: Resolved, roles: Roles, data, total: int, out: Path, tok, art, lost) -> RLResult:
+def _run(
+    cfg: RLConfig, algo: Resolved, roles: Roles, data, total: int, out: Path, tok, art, lost, pipeline=None
+) -> RLResult:
     """The step loop of :func:`train_rl`: resume, evaluate, step, log, save; recover from a lost worker."""
     st = _state(cfg, algo, data.train)
+    st.pipeline = pipeline
     start = resume(roles, st, out) if cfg.train.resume else 0
     held_out = data.eval[: cfg.rollout.eval_prompts]
     eval_prompts = prompt_batch(held_out, [10**9 + i for i in range(len(held_out))], st.prompts.fields)
@@ -531,6 +547,8 @@ def _run(cfg: RLConfig, algo: Resolved, roles: Roles, data, total: int, out: Pat
     while step < total:
         try:
             st.step = step
+            if st.pipeline is not None:  # between updates: queue step + async_steps with this version's weights
+                rl_async.schedule(st.pipeline, roles, st, cfg, total)
             m = rl_step(roles, st, cfg, algo)
             st.step = step + 1
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total:

@@ -1,0 +1,118 @@
+"""Asynchronous (k-step-off) rollouts in ``alignflow rl`` (``rollout.async_steps``, docs/async.md): the version
+contract by version numbers, pushed weights that are never read mid-update, staleness metrics and the importance
+correction of stale samples, determinism, one-line refusals, and the learning curve against the synchronous run."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from alignflow.batch import Batch
+from alignflow.config import ConfigError
+from alignflow.trainers.rl import train_rl
+from alignflow.trainers.rl_async import VERSION, AsyncRollouts, snapshot
+from tests.test_online_rl import rl_cfg
+
+
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_step_t_samples_the_weights_of_version_max_0_t_minus_k(k):
+    """The actor's weight is set to its version (t at the start of step t) and the 'update' of each step walks it
+    to t + 1 through NaN while the rollout thread is generating. The batch of step t must carry the weight value and
+    the version max(0, t - k) -- for k = 1: 0, 0, 1, 2, 3, 4, i.e. the weights after step t - 2 -- and the thread,
+    which reads its copy twice 5 ms apart, must never see NaN or a change (weights are pushed, never read live)."""
+    actor, twin = Toy(), Toy()
+    seen = []
+
+    def produce(prompts):
+        a = float(twin.w.detach())
+        time.sleep(0.005)
+        seen.append((a, float(twin.w.detach()), threading.current_thread() is threading.main_thread()))
+        return Batch({"w": torch.full((len(prompts),), a)}, {"prompt": prompts["prompt"]}), 0.0
+
+    pipe = AsyncRollouts(twin, produce, k)
+    total, got = 6, []
+    try:
+        for t in range(total):
+            with torch.no_grad():
+                actor.w.fill_(t)
+            pipe.schedule(t, total, lambda: snapshot(actor), lambda: Batch(meta={"prompt": ["p", "q"]}))
+            batch, _, waits = pipe.take(t)
+            got.append((int(batch[VERSION][0]), float(batch["w"][0])))
+            assert set(waits) == {"perf/rollout_wait_s", "perf/train_wait_s"}
+            with torch.no_grad():  # a slow in-place update, NaN half-way
+                actor.w.fill_(float("nan"))
+                time.sleep(0.01)
+                actor.w.fill_(t + 1)
+    finally:
+        pipe.close()
+    want = [max(0, t - k) for t in range(total)]
+    assert got == [(v, float(v)) for v in want]
+    assert all(a == b and not main for a, b, main in seen) and len(seen) == total
+
+
+def test_pending_rows_and_no_batch_past_the_end():
+    """k = 2, 3 steps: step 0 queues steps 0, 1, 2 (2 rows each: 6 pending); nothing is queued past the last step."""
+    pipe = AsyncRollouts(Toy(), lambda p: (Batch({"x": torch.zeros(len(p))}, {"prompt": p["prompt"]}), 0.0), 2)
+    try:
+        pipe.schedule(0, 3, lambda: {"w": torch.zeros(())}, lambda: Batch(meta={"prompt": ["a", "b"]}))
+        assert pipe.pending_rows == 6 and [j.step for j in pipe.jobs] == [0, 1, 2]
+        pipe.take(0)
+        pipe.schedule(1, 3, lambda: {"w": torch.zeros(())}, lambda: Batch(meta={"prompt": ["a", "b"]}))
+        assert [j.step for j in pipe.jobs] == [1, 2]
+        with pytest.raises(RuntimeError, match="no batch queued for step 2"):
+            pipe.take(2)
+    finally:
+        pipe.close()
+
+
+def _async_run(reviews_task, out, k, steps=4, **sections):
+    cfg = rl_cfg(
+        reviews_task,
+        out,
+        algo={"name": "grpo"},
+        rollout={"prompts_per_step": 2, "n": 2, "max_new_tokens": 6, "eval_prompts": 0, "async_steps": k},
+        train={"batch_size": 4, "max_steps": steps},
+        **sections,
+    )
+    return train_rl(cfg)
+
+
+def test_trainer_reports_versions_staleness_and_corrects_stale_samples(reviews_task, tmp_path):
+    """async_steps=1, 4 steps: the rows of step t were sampled from version max(0, t - 1) (staleness 0, 1, 1, 1).
+    lp_old is recomputed (``auto`` does not reuse stale sampler log-probs) and the TIS weights apply: at step 0
+    the sampler's log-probs are the trainer's (|diff| ~ 0), from step 1 on they are one update old (|diff| > 0).
+    The same seed gives the same weights again."""
+    a = _async_run(reviews_task, tmp_path / "a", 1)
+    h = a.history
+    assert [r["rollout/policy_version_min"] for r in h] == [0.0, 0.0, 1.0, 2.0]
+    assert [r["rollout/staleness_max"] for r in h] == [0.0, 1.0, 1.0, 1.0]
+    assert [r["rollout/staleness_mean"] for r in h] == [0.0, 1.0, 1.0, 1.0]
+    assert all("rollout/is_weight_mean" in r and r["perf/rollout_wait_s"] >= 0 for r in h)
+    assert h[0]["rollout/logprob_abs_diff"] < 1e-5 < min(r["rollout/logprob_abs_diff"] for r in h[1:])
+    b = _async_run(reviews_task, tmp_path / "b", 1)
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize(
+    ("sections", "needle"),
+    [
+        ({"rollout": {"backend": "vllm"}}, "rollout.backend"),
+        ({"env": {"path": "alignflow.envs.counting_user:make_env"}}, "env.task / env.path"),
+    ],
+)
+def test_unsupported_combinations_fail_with_the_key(reviews_task, tmp_path, sections, needle):
+    cfg = rl_cfg(
+        reviews_task, tmp_path, rollout={"async_steps": 1} | sections.get("rollout", {}), env=sections.get("env", {})
+    )
+    with pytest.raises(ConfigError, match=f"rollout.async_steps=1 needs {needle}"):
+        train_rl(cfg)
