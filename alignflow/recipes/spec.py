@@ -16,19 +16,19 @@ from typing import Any
 
 from alignflow.config import ConfigError, field
 
-# command -> (config class in alignflow.config or alignflow.recipes.steps, entry point "module:function")
+# command -> (config class in alignflow.config.<command> or alignflow.recipes.steps, entry point "module:function")
 STAGE_COMMANDS: dict[str, tuple[str, str]] = {
-    "sft": ("alignflow.config:SFTConfig", "alignflow.trainers.sft:train_sft"),
-    "ift": ("alignflow.config:IFTConfig", "alignflow.trainers.ift:train_ift"),
-    "rm": ("alignflow.config:RMConfig", "alignflow.trainers.rm:train_rm"),
-    "pm": ("alignflow.config:PMConfig", "alignflow.trainers.pm:train_pm"),
-    "rl": ("alignflow.config:RLConfig", "alignflow.trainers.rl:train_rl"),
-    "po": ("alignflow.config:POConfig", "alignflow.trainers.po:train_po"),
-    "online_po": ("alignflow.config:OnlinePOConfig", "alignflow.trainers.online_po:train_online_po"),
-    "superhf": ("alignflow.config:SuperHFConfig", "alignflow.trainers.superhf:train_superhf"),
-    "alol": ("alignflow.config:ALoLConfig", "alignflow.trainers.alol:train_alol"),
-    "mpo": ("alignflow.config:MPOConfig", "alignflow.recipes.mpo:train_mpo"),
-    "eval": ("alignflow.config:EvalConfig", "alignflow.eval.evaluate:run_eval"),
+    "sft": ("alignflow.config.sft:SFTConfig", "alignflow.trainers.sft:train_sft"),
+    "ift": ("alignflow.config.ift:IFTConfig", "alignflow.trainers.ift:train_ift"),
+    "rm": ("alignflow.config.rm:RMConfig", "alignflow.trainers.rm:train_rm"),
+    "pm": ("alignflow.config.pm:PMConfig", "alignflow.trainers.pm:train_pm"),
+    "rl": ("alignflow.config.rl:RLConfig", "alignflow.trainers.rl:train_rl"),
+    "po": ("alignflow.config.po:POConfig", "alignflow.trainers.po:train_po"),
+    "online_po": ("alignflow.config.online_po:OnlinePOConfig", "alignflow.trainers.online_po:train_online_po"),
+    "superhf": ("alignflow.config.superhf:SuperHFConfig", "alignflow.trainers.superhf:train_superhf"),
+    "alol": ("alignflow.config.alol:ALoLConfig", "alignflow.trainers.alol:train_alol"),
+    "mpo": ("alignflow.config.mpo:MPOConfig", "alignflow.recipes.mpo:train_mpo"),
+    "eval": ("alignflow.config.eval:EvalConfig", "alignflow.eval.evaluate:run_eval"),
     # the recipe's own data steps (not commands of their own): alignflow/recipes/steps.py
     "select": ("alignflow.recipes.steps:SelectConfig", "alignflow.recipes.steps:select_rows"),
     "annotate": ("alignflow.recipes.steps:AnnotateConfig", "alignflow.recipes.steps:annotate"),

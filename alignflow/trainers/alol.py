@@ -52,7 +52,6 @@ from alignflow.trainers import loop
 from alignflow.trainers.offline_common import (
     OfflineRLResult,
     _eval_batch,
-    _resume,
     _reward,
     reference_mode,
 )
@@ -395,7 +394,7 @@ def train_alol(cfg: ALoLConfig) -> OfflineRLResult:
     total = sampler.total_steps(cfg.train)
     probs = alol_sampling_weights(pre["advantages"][idx]) if cfg.alol.sampling == "good_priority" else None
     optim = Optimised(policy, cfg.optim, cfg.train, total)
-    start = int((_resume(optim, out) if cfg.train.resume else {}).get("step", 0))
+    start = int(loop.resume(out, cfg.train.resume, optim.load).get("step", 0))
     logger = loop.MetricsLogger(out, start=start)
     for r in reports:
         logger.log(start, {"data/report": r})

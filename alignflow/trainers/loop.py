@@ -14,14 +14,21 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from alignflow.config import OptimConfig, TrainConfig
-from alignflow.trainers.run_dir import checkpoint_step  # noqa: F401 -- the trainers' save hook, as loop.checkpoint_step
+from alignflow.config import ConfigError, OptimConfig, TrainConfig
+from alignflow.distributed.checkpoint import latest_checkpoint, load_checkpoint
+from alignflow.trainers.run_dir import (
+    arm_interrupt,
+    checkpoint_step,  # noqa: F401 -- the trainers' save hook, as loop.checkpoint_step
+    disarm_interrupt,
+)
+from alignflow.trainers.trackers import open_trackers
 
 log = logging.getLogger("alignflow")
 
@@ -176,8 +183,6 @@ class MetricsLogger:
             self.rewind(start)
         elif not resume:
             self.path.write_text("")
-        from alignflow.trainers.trackers import open_trackers  # train.report_to (default: TensorBoard)
-
         self._trackers = open_trackers(self.dir, resume=resume or start > 0, report_to=report_to)
 
     def log(self, step: int, metrics: dict) -> None:
@@ -222,7 +227,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 # Every command's progress bar reads "<label> step n/total |bar| [elapsed<remaining, loss=..., tok/s=...]"; the
 # label is the command, then what it runs: sft, rm/bt, rm/bt/member-1, pm, rl/grpo, po/dpo, online_po/inpo,
 # superhf, alol/seq, mpo/dpo then mpo/ppo, eval (one unit per policy evaluated).
-BAR_COMMANDS = ("sft", "ift", "rm", "pm", "rl", "po", "online_po", "superhf", "alol", "mpo", "eval")
+BAR_COMMANDS = ("sft", "ift", "rm", "pm", "rl", "po", "online_po", "superhf", "alol", "mpo", "eval", "vpl")
 BAR_FORMAT = "{desc} {unit} {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}{postfix}]"
 
 
@@ -265,11 +270,6 @@ class Progress:
     def __init__(
         self, total: int, initial: int, enabled: bool | None, desc: str, unit: str = "step", interrupt: bool = True
     ):
-        from tqdm.auto import tqdm
-
-        from alignflow.config import ConfigError
-        from alignflow.trainers.run_dir import arm_interrupt
-
         if desc != bar_label(*desc.split("/")):
             raise ValueError(f"progress bar label {desc!r}: build it with bar_label()")
         if _OUTER:  # a stage of another command (bar_command)
@@ -304,8 +304,6 @@ class Progress:
         return rate
 
     def close(self) -> None:
-        from alignflow.trainers.run_dir import disarm_interrupt
-
         self.bar.close()
         if self.interrupt:
             disarm_interrupt(self)
@@ -340,17 +338,25 @@ def open_loop(
 ) -> TrainingLoop:
     """Sampler over ``num_rows`` rows, optimiser, scheduler, resume and logger (the data ``reports`` logged at the
     start step). Shared by the SFT, reward-model and preference trainers."""
-    from alignflow.distributed.checkpoint import latest_checkpoint, load_checkpoint
-
     sampler = StepSampler(num_rows, train.batch_size, seed)
     total = sampler.total_steps(train)
     opt = build_optimizer(model, optim)
     sched = build_scheduler(opt, optim, total)
-    ckpt = latest_checkpoint(out) if train.resume else None
-    start = load_checkpoint(ckpt, model, opt, sched)["step"] if ckpt is not None else 0
-    if ckpt is not None:
-        log.info("resumed from %s at step %d", ckpt, start)
+    start = int(resume(out, train.resume, lambda ckpt: load_checkpoint(ckpt, model, opt, sched)).get("step", 0))
     logger = MetricsLogger(out, start=start)
     for r in reports:
         logger.log(start, {"data/report": r})
     return TrainingLoop(sampler, total, opt, sched, start, logger)
+
+
+def resume(out: Path, enabled: bool, load: Callable[[Path], dict]) -> dict:
+    """The one resume skeleton: when ``enabled`` (``train.resume``; online RL's recovery after a lost worker
+    always), hand the newest checkpoint of ``out`` to the trainer's ``load`` (which restores its models, optimisers
+    and RNG and returns the saved state, with ``step``) and return that state; ``{}`` when not resuming or when
+    there is no checkpoint yet. Every trainer resumes through it."""
+    ckpt = latest_checkpoint(out) if enabled else None
+    if ckpt is None:
+        return {}
+    state = load(ckpt)
+    log.info("resumed from %s at step %s", ckpt, state.get("step"))
+    return state

@@ -12,11 +12,9 @@ import torch
 
 from alignflow.batch import Batch
 from alignflow.config import ConfigError
-from alignflow.distributed.checkpoint import latest_checkpoint
 from alignflow.models import get_lm_head, hidden_states, unwrap
 from alignflow.trainers.rl_setup import build_sources, prompt_batch
 from alignflow.trainers.roles import (
-    Optimised,
     RewardRole,
     eval_mode,
 )
@@ -64,15 +62,6 @@ def response_logits(model, mb: Batch, pw: int) -> torch.Tensor:
     logits = get_lm_head(model)(h[:, pw - 1 : -1]).float()  # (b, rw, V): position pw + t - 1 predicts y_t
     softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
     return torch.tanh(logits / softcap) * softcap if softcap else logits
-
-
-def _resume(optim: Optimised, out: Path) -> dict:
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        return {}
-    state = optim.load(ckpt)
-    log.info("resumed from %s at step %d", ckpt, state["step"])
-    return state
 
 
 def _eval_batch(rows: list[dict], limit: int, fields: list[str]) -> Batch:

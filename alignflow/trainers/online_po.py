@@ -65,7 +65,7 @@ from alignflow.config import (
 )
 from alignflow.data.collate import token_groups
 from alignflow.data.pipeline import prepare_data
-from alignflow.distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignflow.distributed.checkpoint import load_checkpoint, save_checkpoint
 from alignflow.distributed.save import save_model
 from alignflow.models import load_causal_lm
 from alignflow.models.sequences import sequence_logps
@@ -482,17 +482,15 @@ def _save(run: OnlineRun, out: Path, r: int, step: int, stream: PromptStream) ->
     )
 
 
-def _resume(run: OnlineRun, out: Path, stream: PromptStream) -> tuple[int, int]:
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        return 0, 0
+def _load(run: OnlineRun, out: Path, stream: PromptStream, ckpt: Path) -> dict:
+    """Restore a round-end checkpoint (:func:`loop.resume` hands it over): the policy, the prompt position and
+    APO's previous iterate."""
     state = load_checkpoint(ckpt, run.policy)
     stream.position = int(state["prompt_position"])
     prev = out / "checkpoints" / f"apo_prev-{state['step']}.safetensors"
     if run.cfg.online.method == "apo" and prev.exists():
         run.prev = load_file(str(prev), device=str(run.device))
-    log.info("resumed from %s after round %d", ckpt, state["round"])
-    return int(state["round"]), int(state["step"])
+    return state
 
 
 # ----------------------------------------------------------------------------------------------- entry point
@@ -509,7 +507,8 @@ def train_online_po(cfg: OnlinePOConfig) -> OnlinePOResult:
     held = data.eval[: cfg.rollout.eval_prompts]
     eval_prompts = prompt_batch(held, [10**9 + i for i in range(len(held))], stream.fields)
     gold = task_gold(cfg, art)
-    start, step = _resume(run, out, stream) if cfg.train.resume else (0, 0)
+    state = loop.resume(out, cfg.train.resume, lambda ckpt: _load(run, out, stream, ckpt))
+    start, step = int(state.get("round", 0)), int(state.get("step", 0))
     logger = loop.MetricsLogger(out, start=step)
     for rep in data.reports:
         logger.log(step, {"data/report": rep})

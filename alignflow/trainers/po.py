@@ -67,7 +67,6 @@ from alignflow.config import ConfigError, POConfig
 from alignflow.data.collate import token_groups
 from alignflow.data.formats import DataError
 from alignflow.data.pipeline import prepare_data
-from alignflow.distributed.checkpoint import latest_checkpoint
 from alignflow.distributed.placement import check_placement
 from alignflow.distributed.save import save_model
 from alignflow.models import load_causal_lm
@@ -316,16 +315,6 @@ def eval_names(metrics: dict) -> dict:
     return {f"eval/{k.split('/')[-1] if k.startswith('pref/') else k}": v for k, v in metrics.items()}
 
 
-def _resume(policy, out: Path, cfg: POConfig) -> int:
-    """The step to start from: that of the newest checkpoint under ``train.resume``, else 0."""
-    ckpt = latest_checkpoint(out) if cfg.train.resume else None
-    if ckpt is None:
-        return 0
-    start = int(policy.load(ckpt)["step"])
-    log.info("resumed from %s at step %d", ckpt, start)
-    return start
-
-
 def _steps(
     policy,
     cfg: POConfig,
@@ -402,7 +391,7 @@ def train_po(cfg: POConfig) -> POResult:
     total = sampler.total_steps(cfg.train)
     policy, workers = place_learner(cfg, model, total, device)
     try:
-        start = _resume(policy, out, cfg)
+        start = int(loop.resume(out, cfg.train.resume, policy.load).get("step", 0))
         logger = loop.MetricsLogger(out, start=start)
         for r in data.reports:
             logger.log(start, {"data/report": r})

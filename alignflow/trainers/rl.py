@@ -56,7 +56,6 @@ from alignflow.algorithms.safe import LagrangeMultiplier
 from alignflow.batch import Batch, cat_rollouts
 from alignflow.config import RLConfig
 from alignflow.data.pipeline import prepare_data
-from alignflow.distributed.checkpoint import latest_checkpoint
 from alignflow.rewards import RunningNorm
 from alignflow.trainers import loop, multiturn_rl, rl_async
 from alignflow.trainers.rl_algos import (
@@ -407,17 +406,18 @@ def save_all(roles: Roles, st: RLState, out: Path) -> None:
     roles.actor.save(root / f"step-{st.step}", st.state_dict())
 
 
-def resume(roles: Roles, st: RLState, out: Path) -> int:
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        return 0
-    n = ckpt.name.split("-", 1)[1]
-    for name, critic in (("critic", roles.critic), ("cost_critic", roles.cost_critic)):
-        if critic is not None:
-            critic.load(out / "checkpoints" / f"{name}-{n}")
-    st.load_state_dict(roles.actor.load(ckpt))  # last: its RNG state wins
-    log.info("resumed from %s at step %d", ckpt, st.step)
-    return st.step
+def resume(roles: Roles, st: RLState, out: Path, enabled: bool = True) -> int:
+    """Restore the newest checkpoint's critics, actor and loop state through :func:`loop.resume`; the step."""
+
+    def load(ckpt: Path) -> dict:
+        n = ckpt.name.split("-", 1)[1]
+        for name, critic in (("critic", roles.critic), ("cost_critic", roles.cost_critic)):
+            if critic is not None:
+                critic.load(out / "checkpoints" / f"{name}-{n}")
+        st.load_state_dict(roles.actor.load(ckpt))  # last: its RNG state wins
+        return {"step": st.step}
+
+    return int(loop.resume(out, enabled, load).get("step", 0))
 
 
 # ----------------------------------------------------------------------------------------------- entry point
@@ -525,7 +525,7 @@ def _run(
     """The step loop of :func:`train_rl`: resume, evaluate, step, log, save; recover from a lost worker."""
     st = _state(cfg, algo, data.train)
     st.pipeline = pipeline
-    start = resume(roles, st, out) if cfg.train.resume else 0
+    start = resume(roles, st, out, cfg.train.resume)
     held_out = data.eval[: cfg.rollout.eval_prompts]
     eval_prompts = prompt_batch(held_out, [10**9 + i for i in range(len(held_out))], st.prompts.fields)
     gold = st.gold = task_gold(cfg, art)

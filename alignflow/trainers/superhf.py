@@ -41,7 +41,6 @@ from alignflow.trainers import loop
 from alignflow.trainers.offline_common import (
     OfflineRLResult,
     _eval_batch,
-    _resume,
     _reward,
     reference_mode,
     response_logits,
@@ -163,7 +162,7 @@ def train_superhf(cfg: SuperHFConfig) -> OfflineRLResult:
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(data.train) / P))
     run = build_superhf_run(cfg, device, tok, total * math.ceil(P * cfg.superhf.keep / cfg.train.batch_size))
     stream = PromptStream(data.train, cfg.train.seed)
-    state = _resume(run.optim, out) if cfg.train.resume else {}
+    state = loop.resume(out, cfg.train.resume, run.optim.load)
     start = int(state.get("step", 0))
     stream.position = int(state.get("prompt_position", 0))
     eval_prompts = _eval_batch(data.eval, cfg.rollout.eval_prompts, stream.fields)
