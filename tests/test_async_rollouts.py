@@ -116,3 +116,27 @@ def test_unsupported_combinations_fail_with_the_key(reviews_task, tmp_path, sect
     )
     with pytest.raises(ConfigError, match=f"rollout.async_steps=1 needs {needle}"):
         train_rl(cfg)
+
+
+def test_async_learning_curve_tracks_the_synchronous_one(reviews_task, reviews_sft, tmp_path):
+    """GRPO on the reviews task's gold reward from the SFT policy, 16 steps of 8 prompts x 4 samples, synchronous
+    and one-step-off: both raise the mean gold reward of their samples (last 4 steps against the first 4) and end
+    within 0.3 of each other. Measured (seeds 0, 1, 2): sync -1.56 -> -1.14, -2.00 -> -1.59, -1.77 -> -1.30;
+    async -1.68 -> -1.15, -2.01 -> -1.74, -1.96 -> -1.28 (end gaps 0.01, 0.15, 0.02)."""
+    ends = []
+    for k in (0, 1):
+        cfg = rl_cfg(
+            reviews_task,
+            tmp_path / f"k{k}",
+            reviews_sft,
+            algo={"name": "grpo"},
+            kl={"coef": 0.0},
+            rollout={"prompts_per_step": 8, "n": 4, "max_new_tokens": 16, "eval_prompts": 0, "async_steps": k},
+            optim={"lr": 1e-3, "scheduler": "constant"},
+            train={"batch_size": 32, "max_steps": 16},
+        )
+        gold = [h["rollout/reward_mean"] for h in train_rl(cfg).history]
+        first, last = sum(gold[:4]) / 4, sum(gold[-4:]) / 4
+        assert last > first + 0.2, (k, gold)
+        ends.append(last)
+    assert abs(ends[0] - ends[1]) < 0.3, ends
