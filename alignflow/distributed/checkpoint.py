@@ -59,6 +59,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from alignflow.distributed.shard import is_sharded
+from alignflow.models.backbone import unwrap
+
 
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
@@ -295,7 +298,6 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 # ----------------------------------------------------------------------------------------------- sharded layout
 def _sharded(model: torch.nn.Module) -> bool:
-    from alignflow.distributed.shard import is_sharded
 
     return is_sharded(model)
 
@@ -575,8 +577,6 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path:
     Tied weights (input/output embeddings) are gathered as two tensors; they are made one again so that
     ``save_pretrained`` stores the tie, not two copies."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from alignflow.models.backbone import unwrap
 
     out_dir, error = Path(out_dir), None
     try:

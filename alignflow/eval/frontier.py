@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alignflow.config import ConfigError, EvalConfig, ModelConfig
+from alignflow.distributed.checkpoint import load_checkpoint
 from alignflow.models import load_causal_lm
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,6 @@ def load_policy(path: str | Path, reference: str, device):
         return load_causal_lm(ModelConfig(name_or_path=str(path)), device)
     model = load_causal_lm(ModelConfig(name_or_path=reference), device)
     if (path / "sharded").is_dir():  # written by Ray workers: DCP reshards it into this one-process model
-        from alignflow.distributed.checkpoint import load_checkpoint
-
         load_checkpoint(path, model)
         return model
     missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)

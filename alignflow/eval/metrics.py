@@ -12,6 +12,8 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
+from alignflow.rewards.math import extract_answer
+
 BLEU_MAX_N = 4
 
 
@@ -109,7 +111,6 @@ def _normal_answer(text: str) -> str:
 def extracted_answer(response: str) -> str | None:
     """The final answer of a response (:func:`alignflow.rewards.math.extract_answer`: the last ``\\boxed{}``,
     ``<answer>`` tag or number), normalised for comparison; None when there is none."""
-    from alignflow.rewards.math import extract_answer
 
     found = extract_answer(response)
     return None if found is None else _normal_answer(found)

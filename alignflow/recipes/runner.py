@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from alignflow.config import ConfigError, load_config, to_dict
+from alignflow.data.formats import DataError
 from alignflow.recipes.spec import STAGE_COMMANDS, RecipeConfig, Stage, as_text, flatten, parse_stages, resolve
+from alignflow.trainers.finish import finish, preflight
+from alignflow.trainers.run_dir import check_output_dir
 
 log = logging.getLogger("alignflow")
 
@@ -166,8 +169,6 @@ def decide(p: Planned, record: dict[str, Any] | None, forced: bool) -> str:
 
 def run_stage(p: Planned, resume: bool) -> tuple[float, str]:
     """Run one stage as its command would (pre-flight checks, the entry point, Hub push); (seconds, summary)."""
-    from alignflow.data.formats import DataError
-    from alignflow.trainers.finish import finish, preflight
 
     _set_train_flags(p.cfg, resume)
     t0 = time.perf_counter()
@@ -183,7 +184,6 @@ def run_stage(p: Planned, resume: bool) -> tuple[float, str]:
 def run_recipe(cfg: RecipeConfig) -> dict[str, dict[str, Any]]:
     """Run the recipe ``cfg``; returns, per stage, what happened (``ran``, ``resumed``, ``skipped``), its run
     directory and its seconds."""
-    from alignflow.trainers.run_dir import check_output_dir
 
     out = check_output_dir(cfg.output_dir, "output_dir")
     planned = plan(cfg, out)

@@ -29,6 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from alignflow.config import ConfigError, TaskConfig, field
+from alignflow.data.formats import DataError
+from alignflow.tasks import get_task
+from alignflow.tasks.arithmetic import accuracy_reward, format_reward
+from alignflow.tasks.reviews import attribute_ratings
 
 
 @dataclasses.dataclass
@@ -106,7 +110,6 @@ class AnnotateConfig:
 
 
 def _read_jsonl(path: Path, key: str) -> list[dict]:
-    from alignflow.data.formats import DataError
 
     if not path.is_file():
         raise ConfigError(f"{key}: {path} does not exist (run the stage that writes it first)")
@@ -133,7 +136,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def select_rows(cfg: SelectConfig) -> dict[str, int]:
     """``select``: write the matching rows; DataError when none match (an empty stage would train on nothing)."""
-    from alignflow.data.formats import DataError
 
     try:
         patterns = {k: re.compile(str(v)) for k, v in cfg.where.items()}
@@ -154,13 +156,11 @@ def select_rows(cfg: SelectConfig) -> dict[str, int]:
 
 
 def _arithmetic_attributes(prompt: str, response: str) -> dict[str, float]:
-    from alignflow.tasks.arithmetic import accuracy_reward, format_reward
 
     return {"correct": accuracy_reward([prompt], [response])[0], "well_formed": format_reward([prompt], [response])[0]}
 
 
 def _reviews_attributes(prompt: str, response: str) -> dict[str, float]:
-    from alignflow.tasks.reviews import attribute_ratings
 
     return {k: float(v) for k, v in attribute_ratings(prompt, response).items()}
 
@@ -183,7 +183,6 @@ def _judge(cfg: AnnotateConfig) -> Callable[[str, list[str], list[dict]], list[d
             )
         rate = ATTRIBUTE_JUDGES[cfg.task.name]
         return lambda prompt, answers, recs: [rate(prompt, a) for a in answers]
-    from alignflow.tasks import get_task
 
     gold = get_task(cfg.task.name).gold_reward
     return lambda prompt, answers, recs: [{"gold": float(g)} for g in gold([prompt] * len(answers), answers)]
@@ -231,7 +230,6 @@ def binarise(scores: list[float], pairing: str, min_gap: float, rng: random.Rand
 
 def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     """``annotate``: rated.jsonl, pairs.jsonl and annotate.json in ``cfg.output_dir`` (module docstring)."""
-    from alignflow.data.formats import DataError
 
     judge, rng = _judge(cfg), random.Random(cfg.seed)
     rated, pairs, no_pair, empty = [], [], 0, [0]

@@ -23,6 +23,7 @@ from typing import Any
 
 from alignflow.data.formats import DataError
 from alignflow.data.render import chat_ids, encode_pair
+from alignflow.models import ModelLoadError, load_tokenizer
 
 RESPONSE_ROLE = "assistant"
 
@@ -43,7 +44,6 @@ def same_tokenizer(a, b) -> bool:
 def load_rm_tokenizer(path: str, revision: str = "main", trust_remote_code: bool = False):
     """The tokenizer saved with a reward model (``alignflow rm`` saves it next to the weights); None when the
     directory has none."""
-    from alignflow.models import ModelLoadError, load_tokenizer
 
     try:
         return load_tokenizer(path, revision, trust_remote_code)

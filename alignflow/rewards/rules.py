@@ -49,7 +49,9 @@ from pathlib import Path
 
 import torch
 
+import alignflow
 from alignflow.batch import Batch
+from alignflow.config import ConfigError
 from alignflow.rewards.base import FAILURE_KINDS, output_device
 
 EXECUTORS = ("thread", "process")
@@ -127,7 +129,6 @@ def load_callable(spec: str) -> Callable:
 
 def user_code_files(fns) -> list[str]:
     """The source files of the functions in ``fns`` that are not part of alignflow (user code), deduplicated."""
-    import alignflow
 
     own = Path(alignflow.__file__).resolve().parent
     out: list[str] = []
@@ -146,7 +147,6 @@ def user_code_files(fns) -> list[str]:
 def reward_options(section, key: str = "reward") -> dict:
     """:class:`CallableReward` keyword arguments from a config's ``reward`` section (timeout, executor, per_row,
     on_error, error_score); a ConfigError names a bad key."""
-    from alignflow.config import ConfigError
 
     score = getattr(section, "error_score", 0.0)
     if isinstance(score, bool) or not isinstance(score, numbers.Real) or not math.isfinite(score):

@@ -26,6 +26,9 @@ from typing import Any
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, ServeConfig
 from alignflow.models.device import resolve_device
+from alignflow.rewards.judge import build_judge
+from alignflow.rewards.model import RewardModelScorer
+from alignflow.rewards.preference_model import PreferenceModel, PreferenceReward
 
 log = logging.getLogger("alignflow.serve")
 MAX_BODY = 64 << 20  # bytes
@@ -136,7 +139,6 @@ def make_handler(service: RewardService) -> type:
 
 def make_server(cfg: ServeConfig) -> tuple[ThreadingHTTPServer, str]:
     """Load the models and bind the server (not yet serving); returns it and its /score URL."""
-    from alignflow.rewards.model import RewardModelScorer
 
     served = [
         k
@@ -154,12 +156,8 @@ def make_server(cfg: ServeConfig) -> tuple[ThreadingHTTPServer, str]:
         )
     device = resolve_device(cfg.device)
     if cfg.judge.model or cfg.judge.url:
-        from alignflow.rewards.judge import build_judge
-
         scorer, names = build_judge(cfg.judge, device, 0, "judge"), [cfg.judge.model or cfg.judge.url]
     elif cfg.preference_model:
-        from alignflow.rewards.preference_model import PreferenceModel, PreferenceReward
-
         pm = PreferenceModel(cfg.preference_model, device, budget=cfg.budget)
         scorer, names = PreferenceReward(pm, cfg.anchor_field), [cfg.preference_model]
     else:

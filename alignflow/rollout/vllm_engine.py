@@ -62,6 +62,7 @@ import torch
 from alignflow.batch import Batch
 from alignflow.config import ConfigError
 from alignflow.models.backbone import unwrap
+from alignflow.rollout.engine import validate_prompt_ids
 from alignflow.rollout.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -343,7 +344,6 @@ class VLLMWorkerExtension:
 
 # ----------------------------------------------------------------------------------------------- the engine
 def _validate_prompts(prompt_ids: object) -> None:
-    from alignflow.rollout.engine import validate_prompt_ids
 
     validate_prompt_ids(prompt_ids, "VLLMEngine")
 

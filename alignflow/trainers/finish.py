@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from alignflow.config import ConfigError
+from alignflow.trainers.trackers import EXTRAS, check_report_to
 
 log = logging.getLogger("alignflow")
 
@@ -45,7 +46,6 @@ class HubPushError(RuntimeError):
 def preflight(cfg) -> None:
     """Fail before any training on settings that would only fail at the end: unknown or missing trackers, a push
     without a repository, a push without huggingface_hub."""
-    from alignflow.trainers.trackers import EXTRAS, check_report_to
 
     train = getattr(cfg, "train", None)
     for name in check_report_to(train.report_to) if train is not None else []:

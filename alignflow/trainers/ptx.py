@@ -20,7 +20,9 @@ import torch
 
 from alignflow.config import ConfigError, DataConfig, RLConfig
 from alignflow.data.collate import pad_batch
+from alignflow.data.pipeline import prepare_data
 from alignflow.models.logprobs import masked_nll_sum
+from alignflow.tasks import build_task
 
 
 class PTXStream:
@@ -70,12 +72,9 @@ def build_ptx(cfg: RLConfig, tok) -> PTXStream | None:
     """The PTX stream of a run (None when ``algo.ptx_coef`` is 0): ``algo.ptx_path`` or the task's SFT corpus."""
     if cfg.algo.ptx_coef <= 0:
         return None
-    from alignflow.data.pipeline import prepare_data
 
     path = cfg.algo.ptx_path
     if not path:
-        from alignflow.tasks import build_task
-
         path = str(build_task(cfg.task.name, cfg.task, Path(cfg.train.output_dir) / "task").sft_path)
     data_cfg = DataConfig(
         path=path, format="auto", eval_fraction=0.0, max_len=cfg.data.max_len, chat_template=cfg.data.chat_template

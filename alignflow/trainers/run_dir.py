@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alignflow.config import ConfigError
+from alignflow.distributed.checkpoint import latest_checkpoint
 
 log = logging.getLogger("alignflow")
 
@@ -266,8 +267,6 @@ def interrupted_message(argv: list[str], cfg, err: BaseException) -> str:
     saved = "" if not isinstance(err, TrainingInterrupted) else f" (saving it failed: {err.reason})"
     latest = None
     if train is not None and str(train.output_dir).strip():
-        from alignflow.distributed.checkpoint import latest_checkpoint
-
         latest = latest_checkpoint(train.output_dir)
     if latest is None:
         return f"interrupted; no checkpoint was written{saved}, so there is nothing to resume from"
