@@ -31,6 +31,7 @@ from alignflow.config import (
     ServeConfig,
     SFTConfig,
     SuperHFConfig,
+    VPLConfig,
     describe,
     load_config,
 )
@@ -84,6 +85,11 @@ COMMANDS = {
         IFTConfig,
         "alignflow.trainers.ift:train_ift",
         "Intuitive Fine-Tuning: SFT data, the model's own guesses mixed into the prefix, one policy",
+    ),
+    "vpl": (
+        VPLConfig,
+        "alignflow.trainers.vpl:train_vpl",
+        "VPL: a reward model conditioned on a user latent inferred from a few of the user's labelled pairs",
     ),
     "recipe": (
         RecipeConfig,

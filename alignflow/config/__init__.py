@@ -98,6 +98,7 @@ from alignflow.config.superhf import (
     SuperHFConfig,
     SuperHFOptions,
 )
+from alignflow.config.vpl import VPLConfig, VPLSection
 
 __all__ = [
     "ALOL_VARIANTS",
@@ -150,6 +151,8 @@ __all__ = [
     "SuperHFOptions",
     "TaskConfig",
     "TrainConfig",
+    "VPLConfig",
+    "VPLSection",
     "ValueFitConfig",
     "check_betas",
     "check_device",

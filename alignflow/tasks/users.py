@@ -15,7 +15,9 @@ user.
 Files ``build_task("reviews", ...)`` writes (next to the task's others):
 
 * ``user_pairs.jsonl``: ``{"prompt", "chosen", "rejected", "user"}`` on training openings; ``user`` is the user's
-  name; the label is a Bradley-Terry draw on that user's gold (``task.label_noise``), like the task's pairs;
+  name; the label is a Bradley-Terry draw on that user's gold at temperature ``USER_NOISE * task.label_noise``
+  (a quarter of the task pairs' noise: with the task's noise most pairs that differ only in sentiment are
+  coin flips, and there would be little taste to learn);
 * ``user_eval.jsonl``: the same on held-out openings, ordered by the noise-free user gold (ties left out);
 * ``p_dpo_pairs.jsonl``: the user pairs as P-DPO trains on them (:func:`p_dpo_rows`, alpha = 0.5): each pair twice,
   once after its user's tag and once after the generic tag.
@@ -47,6 +49,7 @@ GENERIC_TAG = "we"
 USER_TAGS = {"fan": "happily", "critic": "sadly", "stickler": "clearly"}
 FILES = {"user_pairs": "user_pairs.jsonl", "user_eval": "user_eval.jsonl", "p_dpo_pairs": "p_dpo_pairs.jsonl"}
 P_DPO_ALPHA = 0.5
+USER_NOISE = 0.25  # the users' Bradley-Terry temperature, as a fraction of task.label_noise
 
 
 def check_user(user: str, where: str = "user") -> str:
@@ -59,10 +62,15 @@ def user_gold(user: str, prompts: list, responses: list) -> list[float]:
     """Each (prompt, response)'s gold reward for ``user``: its weights times the task's attribute ratings. Prompts
     may carry user tags (they are not part of the review)."""
     w = USERS[check_user(user)]
+    return [sum(wk * f for wk, f in zip(w, feats, strict=True)) for feats in rating_features(prompts, responses)]
+
+
+def rating_features(prompts: list, responses: list) -> list[list[float]]:
+    """The task's four attribute ratings of each review, in ``TERMS`` order (what every user's gold weighs)."""
     out = []
     for p, r in zip(prompts, responses, strict=True):
         ratings = reviews.attribute_ratings(strip_tags(p), r)
-        out.append(sum(wk * ratings[t] for wk, t in zip(w, TERMS, strict=True)))
+        out.append([float(ratings[t]) for t in TERMS])
     return out
 
 
@@ -114,10 +122,10 @@ def _user_pair(rng: random.Random, split: str, cfg: TaskConfig, user: str, noise
 
 def make_user_rows(cfg: TaskConfig) -> dict[str, list[dict]]:
     """The files' rows, keyed like :data:`FILES` (module docstring). Users take turns, so each has a third."""
-    rng, names = task_rng(reviews.NAME, cfg.seed, "users"), list(USERS)
-    train = [_user_pair(rng, "train", cfg, names[i % len(names)], cfg.label_noise) for i in range(cfg.num_pairs)]
+    rng, names, noise = task_rng(reviews.NAME, cfg.seed, "users"), list(USERS), USER_NOISE * cfg.label_noise
+    train = [_user_pair(rng, "train", cfg, names[i % len(names)], noise) for i in range(cfg.num_pairs)]
     rng = task_rng(reviews.NAME, cfg.seed, "users_eval")
-    held = [_user_pair(rng, "eval", cfg, names[i % len(names)], 0.0) for i in range(max(150, cfg.num_pairs // 4))]
+    held = [_user_pair(rng, "eval", cfg, names[i % len(names)], 0.0) for i in range(max(300, cfg.num_pairs // 2))]
     return {"user_pairs": train, "user_eval": [r for r in held if r], "p_dpo_pairs": p_dpo_rows(train)}
 
 
