@@ -31,7 +31,19 @@ def _check_rl_batch(cfg: Any, prefix: str) -> None:
         )
 
 
-RL_ALGORITHMS = ("ppo", "grpo", "dr_grpo", "dapo", "rloo", "remax", "reinforce_pp", "safe_ppo", "gspo", "pf_ppo")
+RL_ALGORITHMS = (
+    "ppo",
+    "grpo",
+    "dr_grpo",
+    "dapo",
+    "rloo",
+    "remax",
+    "reinforce_pp",
+    "safe_ppo",
+    "gspo",
+    "pf_ppo",
+    "pairwise_grpo",
+)
 
 
 @dataclasses.dataclass
@@ -47,7 +59,7 @@ class AlgoConfig:
     advantage: str = field(
         "auto",
         doc="Advantage estimator (a key of ADVANTAGE_ESTIMATORS).",
-        choices=("auto", "gae", "grpo", "dr_grpo", "rloo", "remax", "reinforce_pp"),
+        choices=("auto", "gae", "grpo", "dr_grpo", "rloo", "remax", "reinforce_pp", "pairwise"),
     )
     policy_loss: str = field(
         "auto",

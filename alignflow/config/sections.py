@@ -351,6 +351,48 @@ class JudgeConfig:
 
 
 @dataclasses.dataclass
+class PairwiseRewardConfig:
+    """Pairwise RLHF (docs/pairwise_rlhf.md): each sample compared with the others of its group, or with an
+    anchor response, by a pairwise preference model (alignflow pm) or by the pairwise LLM judge of reward.judge."""
+
+    model: str = field("", doc="Pairwise preference-model directory written by alignflow pm; empty: no model.")
+    judge: bool = field(
+        False,
+        doc="Compare with reward.judge (template pairwise) instead of a preference model; the judge then "
+        "gives no pointwise term of its own.",
+    )
+    anchor: str = field(
+        "group",
+        doc="group: P[i, j] between the samples of a prompt, value = win rate; reference: P(y > anchor) with "
+        "the row field anchor_field.",
+        choices=("group", "reference"),
+    )
+    anchor_field: str = field("reference", doc="anchor=reference: the row field holding the anchor response.")
+    center: bool = field(
+        False, doc="anchor=reference with algo.advantage=pairwise: advantage p - mean_group(p) instead of p - 1/2."
+    )
+    weight: float = field(1.0, doc="Weight of the pairwise term (the win rate, or P(y > anchor)) in the reward.")
+
+
+@dataclasses.dataclass
+class Seq2SeqRewardConfig:
+    """A seq2seq reward model (docs/seq2seq_rm.md): a causal LM rewrites each response; token rewards from the
+    edit alignment of the response with the rewrite, placed on the response's tokens."""
+
+    model: str = field("", doc="Rewriter: causal-LM directory (e.g. alignflow sft on rewrite data); empty: off.")
+    template: str = field(
+        "{prompt} {response} {prompt}",
+        doc="The rewriter's input; {prompt} and {response} are filled in, its greedy continuation is the rewrite.",
+    )
+    max_new_tokens: int = field(64, doc="Most tokens of a rewrite.", range=(1, None))
+    keep: float = field(0.0, doc="Reward of a response token the rewrite keeps.")
+    delete: float = field(-1.0, doc="Reward of a token the rewrite drops.")
+    replace: float = field(-1.0, doc="Reward of a token the rewrite replaces.")
+    insert: float = field(-0.5, doc="Added to the token before a place where the rewrite inserts tokens.")
+    weight: float = field(1.0, doc="Weight of the seq2seq term (on every token reward).")
+
+
+@dataclasses.dataclass
 class RewardSourceConfig:
     """Reward sources, summed with weights: R = sum_j w_j * r_j."""
 
@@ -368,6 +410,12 @@ class RewardSourceConfig:
     model_weight: float = field(1.0, doc="Weight of the reward-model term.")
     remote: RemoteRewardConfig = field(default_factory=RemoteRewardConfig, doc="A reward served over HTTP.")
     judge: JudgeConfig = field(default_factory=JudgeConfig, doc="An LLM judge as a reward.")
+    pairwise: PairwiseRewardConfig = field(
+        default_factory=PairwiseRewardConfig, doc="Pairwise preferences (a preference model or a pairwise judge)."
+    )
+    seq2seq: Seq2SeqRewardConfig = field(
+        default_factory=Seq2SeqRewardConfig, doc="A rewriting (seq2seq) reward model giving token-level rewards."
+    )
     aggregation: str = field(
         "mean",
         doc="Ensemble aggregation of the reward models (Coste et al. 2024; brme: "

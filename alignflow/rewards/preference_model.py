@@ -133,6 +133,27 @@ class PreferenceModel:
             return torch.sigmoid(0.5 * (z_ab - z_ba))
         return 0.5 * (torch.sigmoid(z_ab) + 1.0 - torch.sigmoid(z_ba))
 
+    def ordered_win_prob(self, prompts: list, ys: list[str], others: list[str]) -> torch.Tensor:
+        """ONE order's reading ``σ(z(x, y, y'))`` (y shown first), not symmetrised; (B,) float64 on the CPU.
+        With both orders of a pair, :meth:`symmetrise` gives :meth:`win_prob`'s value and
+        ``σ(z(x, y, y')) + σ(z(x, y', y)) - 1`` is the model's symmetry error on the pair."""
+        xs, a, b = [], [], []
+        for p, y, o in zip(prompts, ys, others, strict=True):
+            x, ya = self.encode(p, y)
+            xs.append(x)
+            a.append(ya)
+            b.append(self.encode(p, o)[1])
+        items = [pair_sequence(x, ya, yb, self.max_len) for x, ya, yb in zip(xs, a, b, strict=True)]
+        return torch.sigmoid(self.logits(items).double())
+
+    def symmetrise(self, p_ab: torch.Tensor, p_ba: torch.Tensor) -> torch.Tensor:
+        """The symmetric P(a ≻ b) from the two orders' readings ``σ(z_ab)``, ``σ(z_ba)`` (module docstring):
+        enforced ``σ(½ (z_ab - z_ba))`` (z recovered as the logit, in float64), measured ``½ (p_ab + 1 - p_ba)``."""
+        if self.symmetric:
+            p_ab, p_ba = p_ab.double().clamp(1e-15, 1 - 1e-15), p_ba.double().clamp(1e-15, 1 - 1e-15)
+            return torch.sigmoid(0.5 * (torch.logit(p_ab) - torch.logit(p_ba)))
+        return 0.5 * (p_ab + 1.0 - p_ba)
+
     def win_prob(self, prompts: list, ys: list[str], others: list[str]) -> torch.Tensor:
         """Symmetric P(y ≻ y') from texts (prompts: strings or message lists); (B,) float32 on the CPU."""
         xs, a, b = [], [], []

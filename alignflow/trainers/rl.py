@@ -280,6 +280,7 @@ def prepare(roles: Roles, batch: Batch, st: RLState, cfg: RLConfig, algo: Resolv
         reinforce_pp_baseline=cfg.algo.reinforce_pp_baseline,
         lagrange=st.lagrange.value if st.lagrange else 0.0,
         token_clip=cfg.cost.token_clip or None,
+        pairwise_center=cfg.reward.pairwise.center,
     )
     return batch.union(compute_advantages(batch, algo, ctx, cfg.algo.advantage_clip))
 

@@ -18,6 +18,7 @@ reinforce_pp    reinforce_pp    ppo          token_mean                 reward
 safe_ppo        gae (R and C)   ppo          token_mean                 reward    critic, cost critic
 gspo            grpo            gspo         seq_mean_token_mean        loss (k3)
 pf_ppo          gae             ppo          token_mean                 reward    critic; best_random filter
+pairwise_grpo   pairwise        ppo          seq_mean_token_mean        loss (k3)  pairwise source
 ==============  ==============  ===========  =========================  ========  ======================
 
 The presets in ``configs/`` set the papers' values (e.g. ``kl.coef: 0`` for Dr. GRPO, DAPO and GSPO).
@@ -40,6 +41,7 @@ from alignflow.algorithms.kl import kl_penalty_rewards
 from alignflow.algorithms.safe import safe_combined_advantages, safe_shaped_rewards
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, RLConfig
+from alignflow.trainers.rl_pairwise import check_pairwise, pairwise_metrics, pairwise_step
 from alignflow.trainers.rl_par import check_shaping
 
 
@@ -67,6 +69,7 @@ ALGORITHMS = {
     "safe_ppo": AlgoSpec("gae", "ppo", "token_mean", "reward", critic=True, cost=True),
     "gspo": AlgoSpec("grpo", "gspo", "seq_mean_token_mean", "loss", min_group=2),
     "pf_ppo": AlgoSpec("gae", "ppo", "token_mean", "reward", critic=True, min_group=2, sample_filter="best_random"),
+    "pairwise_grpo": AlgoSpec("pairwise", "ppo", "seq_mean_token_mean", "loss", min_group=2),
 }
 
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
@@ -123,6 +126,7 @@ def resolve(cfg: RLConfig) -> Resolved:
     if cfg.algo.dual_clip and cfg.algo.dual_clip <= 1.0:
         raise ConfigError(f"algo.dual_clip must be > 1 (or 0 to disable), got {cfg.algo.dual_clip}")
     check_shaping(cfg)
+    check_pairwise(cfg, advantage, pick(cfg.algo.sample_filter, spec.sample_filter))
     if cfg.critic.pretrain_steps and not spec.critic:
         raise ConfigError(
             f"critic.pretrain_steps: algo.name={cfg.algo.name} has no critic to pre-train (ppo, "
@@ -206,13 +210,19 @@ class AdvContext:
     reinforce_pp_baseline: bool
     lagrange: float = 0.0  # Safe RLHF lambda
     token_clip: float | None = None  # Safe RLHF per-token clip
+    pairwise_center: bool = False  # pairwise advantage against an anchor: p - mean_group(p) (reward.pairwise.center)
 
 
 def token_rewards(batch: Batch, ctx: AdvContext, scores: torch.Tensor) -> torch.Tensor:
-    """``r_t = −β·KL_t + 1[t = last]·R`` (B, T); without a reference (β = 0) just the score on the last token."""
+    """``r_t = −β·KL_t + 1[t = last]·R`` (B, T); without a reference (β = 0) just the score on the last token.
+    With ``token_scores`` (B, T) in the batch (a token-level source, weighted, already inside R as its sum):
+    ``r_t = −β·KL_t + T_t + 1[t = last]·(R − Σ_t T_t)``, so the sum over tokens is unchanged."""
     mask = batch["response_mask"]
     old = batch["old_logprobs"]
     ref = batch["ref_logprobs"] if ctx.beta > 0 else old
+    if "token_scores" in batch:  # a token-level source (seq2seq RM): its rewards on their tokens, the rest last
+        tok = batch["token_scores"].to(old.dtype) * mask  # (B, T)
+        return kl_penalty_rewards(scores - tok.sum(-1), old, ref, mask, ctx.beta, ctx.estimator) + tok
     return kl_penalty_rewards(scores, old, ref, mask, ctx.beta, ctx.estimator)  # (B, T)
 
 
@@ -268,6 +278,7 @@ ADVANTAGE_STEPS = {
     "rloo": _group("rloo"),
     "remax": _remax,
     "reinforce_pp": _reinforce_pp,
+    "pairwise": pairwise_step,
 }
 
 
@@ -289,4 +300,4 @@ def advantage_metrics(batch: Batch) -> dict:
     if "returns" in batch:
         out["critic/explained_var"] = explained_variance(batch["values"], batch["returns"], mask)
         out["critic/return_mean"] = float(masked_mean(batch["returns"], mask))
-    return out
+    return out | pairwise_metrics(batch)

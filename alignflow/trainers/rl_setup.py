@@ -87,7 +87,19 @@ def build_sources(
             raise ConfigError(str(e)) from None
         parts.append((fn.name, fn, _weight(remote.weight, f"{section_name}.remote.weight")))
     judge = getattr(section, "judge", None)
-    if judge is not None and (judge.model or judge.url):
+    pairwise = getattr(section, "pairwise", None)
+    if pairwise is not None and (pairwise.model or pairwise.judge):  # docs/pairwise_rlhf.md
+        from alignflow.rewards.pairwise import build_pairwise
+
+        fn = build_pairwise(pairwise, judge, device, cfg.train.seed, f"{section_name}.pairwise")
+        parts.append((fn.name, fn, _weight(pairwise.weight, f"{section_name}.pairwise.weight")))
+    seq2seq = getattr(section, "seq2seq", None)
+    if seq2seq is not None and seq2seq.model:  # docs/seq2seq_rm.md
+        from alignflow.rewards.seq2seq import build_seq2seq
+
+        fn = build_seq2seq(seq2seq, cfg, device, f"{section_name}.seq2seq")
+        parts.append((fn.name, fn, _weight(seq2seq.weight, f"{section_name}.seq2seq.weight")))
+    if judge is not None and (judge.model or judge.url) and not (pairwise is not None and pairwise.judge):
         from alignflow.rewards.judge import build_judge
 
         parts.append(

@@ -259,6 +259,10 @@ class RewardRole:
     A failing source raises (the reward module's ``RewardError`` names the function, the row and its prompt)
     unless ``reward.on_error=score``; nothing is swallowed. The cost role of Safe RLHF is a RewardRole with
     ``key="costs"``.
+
+    A source may leave per-row tensors in its ``last_fields`` after a call (``alignflow.rewards.pairwise``:
+    ``pair_prefs``, ``anchor_prefs``, ...; ``alignflow.rewards.seq2seq``: ``token_scores`` (B, Tr), weighted
+    here like its value); they join the reward role's output for the advantage step.
     """
 
     def __init__(self, composite, key: str = "scores"):
@@ -268,13 +272,20 @@ class RewardRole:
     def score(self, batch: Batch) -> Batch:
         parts, failures = self.composite.evaluate(batch)
         total = torch.zeros(len(batch), device=next(iter(parts.values())).device)
-        for name, _, weight in self.composite.parts:
+        extra: dict = {}  # per-row tensors a source leaves besides its value (pairwise preferences, token rewards)
+        for name, fn, weight in self.composite.parts:
             total = total + weight * parts[name]
+            fields = dict(getattr(fn, "last_fields", None) or {})
+            if "token_scores" in fields:  # (B, Tr) token rewards: weighted, summed over the sources
+                tok = weight * fields.pop("token_scores")
+                extra["token_scores"] = extra["token_scores"] + tok if "token_scores" in extra else tok
+            extra |= fields
         return Batch(
             {
                 self.key: total,
                 **{f"{self.key}/{name}": v for name, v in parts.items()},
                 **{f"{self.key}_failures/{kind}": v for kind, v in failures.items()},
+                **(extra if self.key == "scores" else {}),
             }
         )
 

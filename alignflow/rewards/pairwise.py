@@ -1,0 +1,185 @@
+"""Pairwise preferences of a rollout group as a reward source (pairwise RLHF, ``docs/pairwise_rlhf.md``).
+
+A *pair scorer* reads one order of a pair: ``ordered(prompts, firsts, seconds) -> (p (N,), failed (N,))`` with
+``p`` the probability that the first response is the better one when it is shown first, and
+``symmetrise(p_ab, p_ba)`` turns the two orders' readings into one symmetric ``P(a ≻ b)``. Two scorers:
+
+* :class:`ModelPairScorer` -- a pairwise preference model from ``alignflow pm`` (``σ(z(x, a, b))``);
+* :class:`JudgePairScorer` -- a pairwise LLM judge (:class:`~alignflow.rewards.judge.JudgeReward`, template
+  ``pairwise``): 1 when it names the first response, 0 for the second; symmetrised as ``½ (p_ab + 1 - p_ba)``.
+
+:class:`PairwiseReward` compares, for each row, either every other sample of its group (meta ``group``; the
+rows of one prompt) -- value ``w_i = 1/(G-1) Σ_{j≠i} P[i, j]``, the win rate -- or the row's anchor response
+(meta ``anchor_field``) -- value ``P(y ≻ anchor)``. Besides the (B,) value it leaves per-row tensors in
+``last_fields`` that the reward role adds to the batch, for the ``pairwise`` advantage of ``alignflow rl``:
+
+* ``pair_prefs`` (B, G_max): row i's ``P[i, j]`` against the j-th sample of its group (batch order), 1/2 on
+  the diagonal and past the group's size; ``pair_group_size`` (B,): the group's size when it was scored;
+* ``anchor_prefs`` (B,): ``P(y ≻ anchor)`` (anchor mode);
+* ``pair_symmetry_error`` (B,): the mean over the row's comparisons of ``|p_ab + p_ba - 1|``, how far the
+  scorer's two orders disagree before symmetrising (0 for a perfectly order-consistent scorer).
+
+A group of one (e.g. the greedy evaluation) has win rate 1/2. A failed judge verdict (``on_parse_failure:
+fallback``) flags its rows in ``errors``, which the RL metrics count.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from alignflow.algorithms.pairwise_adv import group_win_rate_advantages
+from alignflow.batch import Batch
+from alignflow.rewards.base import output_device
+from alignflow.rewards.rules import RewardError
+
+
+class ModelPairScorer:
+    """One order of a pair read by a :class:`~alignflow.rewards.preference_model.PreferenceModel`."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def ordered(self, prompts: list, firsts: list[str], seconds: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not firsts:
+            return torch.zeros(0, dtype=torch.float64), torch.zeros(0)
+        return self.model.ordered_win_prob(prompts, firsts, seconds), torch.zeros(len(firsts))
+
+    def symmetrise(self, p_ab: torch.Tensor, p_ba: torch.Tensor) -> torch.Tensor:
+        return self.model.symmetrise(p_ab, p_ba)
+
+
+class JudgePairScorer:
+    """One order of a pair read by a pairwise LLM judge (its own both-orders averaging is switched off: the
+    pairwise source asks both orders itself)."""
+
+    def __init__(self, judge):
+        if judge.template != "pairwise":
+            raise ValueError(f"a pairwise source needs the judge's pairwise template, got template={judge.template}")
+        judge.both_orders = False
+        self.judge = judge
+
+    def ordered(self, prompts: list, firsts: list[str], seconds: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not firsts:
+            return torch.zeros(0, dtype=torch.float64), torch.zeros(0)
+        meta = {"prompt": list(prompts), "response": list(firsts), self.judge.anchor_field: list(seconds)}
+        values, flags = self.judge.with_failures(Batch(meta=meta))
+        return values.double().cpu(), flags["errors"].float().cpu()
+
+    @staticmethod
+    def symmetrise(p_ab: torch.Tensor, p_ba: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (p_ab + 1.0 - p_ba)
+
+
+def group_rows(batch: Batch) -> list[list[int]]:
+    """Row indices of each group, groups in order of first appearance: meta ``group`` when present, else rows
+    with the same prompt."""
+    keys = (
+        batch.meta["group"] if "group" in batch.meta else [json.dumps(p, sort_keys=True) for p in batch.meta["prompt"]]
+    )
+    out: dict = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k if not torch.is_tensor(k) else int(k), []).append(i)
+    return list(out.values())
+
+
+class PairwiseReward:
+    """``reward(batch) -> (B,)``: the win rate within the group, or P(y ≻ anchor) (module docstring)."""
+
+    def __init__(self, scorer, anchor: str = "group", anchor_field: str = "reference", name: str = "pairwise"):
+        if anchor not in ("group", "reference"):
+            raise ValueError(f"pairwise anchor must be group or reference, got {anchor!r}")
+        self.scorer, self.anchor, self.anchor_field, self.name = scorer, anchor, anchor_field, name
+        self.last_fields: dict = {}
+
+    def _group(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        groups = group_rows(batch)
+        prompts, responses = list(batch.meta["prompt"]), list(batch.meta["response"])
+        pairs = [(g, a, b) for g, idx in enumerate(groups) for a in range(len(idx)) for b in range(len(idx)) if a != b]
+        p, failed = self.scorer.ordered(
+            [prompts[groups[g][a]] for g, a, _ in pairs],
+            [responses[groups[g][a]] for g, a, _ in pairs],
+            [responses[groups[g][b]] for g, _, b in pairs],
+        )
+        raw = {(g, a, b): i for i, (g, a, b) in enumerate(pairs)}
+        width = max(len(idx) for idx in groups)
+        prefs = torch.full((len(batch), width), 0.5, dtype=torch.float64)
+        sizes, sym_err, errors = torch.zeros(len(batch)), torch.zeros(len(batch)), torch.zeros(len(batch))
+        values = torch.full((len(batch),), 0.5, dtype=torch.float64)
+        for g, idx in enumerate(groups):
+            size = len(idx)
+            sizes[idx] = float(size)
+            if size < 2:
+                continue
+            mat = torch.full((size, size), 0.5, dtype=torch.float64)
+            for a in range(size):
+                for b in range(size):
+                    if a != b:
+                        p_ab, p_ba = p[raw[g, a, b]], p[raw[g, b, a]]
+                        mat[a, b] = self.scorer.symmetrise(p_ab.view(1), p_ba.view(1))[0]
+                        sym_err[idx[a]] += float((p_ab + p_ba - 1.0).abs()) / (size - 1)
+                        errors[idx[a]] = max(float(errors[idx[a]]), float(failed[raw[g, a, b]]))
+            prefs[idx, :size] = mat
+            values[idx] = group_win_rate_advantages(mat) + 0.5
+        self.last_fields = {"pair_prefs": prefs.float(), "pair_group_size": sizes, "pair_symmetry_error": sym_err}
+        return values.float(), errors
+
+    def _anchor(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        anchors = batch.meta.get(self.anchor_field) if self.anchor_field in batch.meta else None
+        for i in range(len(batch)):
+            if anchors is None or not isinstance(anchors[i], str):
+                raise RewardError(
+                    f"pairwise reward: row {i} has no {self.anchor_field!r} response to compare with "
+                    "(reward.pairwise.anchor_field)",
+                    self.name,
+                    i,
+                )
+        prompts, ys = list(batch.meta["prompt"]), list(batch.meta["response"])
+        p, failed = self.scorer.ordered(prompts + prompts, ys + list(anchors), list(anchors) + ys)
+        n = len(batch)
+        p_ya, p_ay = p[:n], p[n:]
+        values = self.scorer.symmetrise(p_ya, p_ay).float()
+        self.last_fields = {"anchor_prefs": values, "pair_symmetry_error": (p_ya + p_ay - 1.0).abs().float()}
+        return values, torch.maximum(failed[:n], failed[n:])
+
+    def with_failures(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """(values (B,), {"errors": (B,) 1 on rows with a comparison that fell back})."""
+        missing = [k for k in ("prompt", "response") if k not in batch.meta]
+        if missing:
+            raise KeyError(f"pairwise reward: the batch has no meta {', '.join(missing)}")
+        if not len(batch):
+            self.last_fields = {}
+            return torch.zeros(0), {"errors": torch.zeros(0)}
+        values, errors = self._group(batch) if self.anchor == "group" else self._anchor(batch)
+        device = output_device(batch)
+        self.last_fields = {k: v.to(device) for k, v in self.last_fields.items()}
+        return values.to(device), {"errors": errors.to(device)}
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        return self.with_failures(batch)[0]
+
+
+def build_pairwise(cfg, judge_cfg, device="cpu", seed: int = 0, key: str = "reward.pairwise") -> PairwiseReward:
+    """A :class:`PairwiseReward` from a :class:`~alignflow.config.PairwiseRewardConfig` (and the judge section
+    when ``judge`` is on); ConfigError naming ``key``."""
+    from alignflow.config import ConfigError
+
+    if bool(cfg.model) == bool(cfg.judge):
+        raise ConfigError(
+            f"{key}: set exactly one of model (a preference-model directory from alignflow pm) and judge=true "
+            f"(reward.judge with template pairwise); got model={cfg.model!r}, judge={cfg.judge}"
+        )
+    if cfg.judge:
+        from alignflow.rewards.judge import build_judge
+
+        if judge_cfg.template != "pairwise":
+            raise ConfigError(f"{key}.judge: reward.judge.template must be pairwise, got {judge_cfg.template}")
+        scorer: ModelPairScorer | JudgePairScorer = JudgePairScorer(
+            build_judge(judge_cfg, device, seed, key.rsplit(".", 1)[0] + ".judge")
+        )
+    else:
+        from alignflow.rewards.preference_model import PreferenceModel
+
+        scorer = ModelPairScorer(PreferenceModel(cfg.model, device))
+    return PairwiseReward(scorer, cfg.anchor, cfg.anchor_field)
