@@ -20,7 +20,8 @@ Files ``build_task("reviews", ...)`` writes (next to the task's others):
   coin flips, and there would be little taste to learn);
 * ``user_eval.jsonl``: the same on held-out openings, ordered by the noise-free user gold (ties left out);
 * ``p_dpo_pairs.jsonl``: the user pairs as P-DPO trains on them (:func:`p_dpo_rows`, alpha = 0.5): each pair twice,
-  once after its user's tag and once after the generic tag.
+  once after its user's tag and once after the generic tag;
+* ``p_dpo_eval.jsonl``: the held-out user pairs after their user's tag (what a personalised policy is scored on).
 
 User tags: P-DPO conditions the policy on a user by words before the prompt, all in the task's vocabulary: the
 generic tag ``we`` for everyone, then the user's own tag (``happily``, ``sadly``, ``clearly``):
@@ -47,7 +48,12 @@ USERS = {  # name -> weights on TERMS
 USER_IDS = {name: i for i, name in enumerate(USERS, 1)}  # 0 = the generic user
 GENERIC_TAG = "we"
 USER_TAGS = {"fan": "happily", "critic": "sadly", "stickler": "clearly"}
-FILES = {"user_pairs": "user_pairs.jsonl", "user_eval": "user_eval.jsonl", "p_dpo_pairs": "p_dpo_pairs.jsonl"}
+FILES = {
+    "user_pairs": "user_pairs.jsonl",
+    "user_eval": "user_eval.jsonl",
+    "p_dpo_pairs": "p_dpo_pairs.jsonl",
+    "p_dpo_eval": "p_dpo_eval.jsonl",
+}
 P_DPO_ALPHA = 0.5
 USER_NOISE = 0.25  # the users' Bradley-Terry temperature, as a fraction of task.label_noise
 
@@ -126,7 +132,13 @@ def make_user_rows(cfg: TaskConfig) -> dict[str, list[dict]]:
     train = [_user_pair(rng, "train", cfg, names[i % len(names)], noise) for i in range(cfg.num_pairs)]
     rng = task_rng(reviews.NAME, cfg.seed, "users_eval")
     held = [_user_pair(rng, "eval", cfg, names[i % len(names)], 0.0) for i in range(max(300, cfg.num_pairs // 2))]
-    return {"user_pairs": train, "user_eval": [r for r in held if r], "p_dpo_pairs": p_dpo_rows(train)}
+    held = [r for r in held if r]
+    return {
+        "user_pairs": train,
+        "user_eval": held,
+        "p_dpo_pairs": p_dpo_rows(train),
+        "p_dpo_eval": p_dpo_rows(held, 1.0),
+    }
 
 
 def write_files(cfg: TaskConfig, task_dir: Path) -> None:
