@@ -348,6 +348,14 @@ class JudgeConfig:
     retry_temperature: float = field(0.7, doc="Sampling temperature of those retries.", range=(0.0, None))
     timeout_s: float = field(60.0, doc="Endpoint: seconds per request attempt.", range=(1e-3, None))
     retries: int = field(2, doc="Endpoint: further attempts after a connection error, timeout or 5xx.", range=(0, None))
+    question: str = field(
+        "",
+        doc="The judge's question in place of the template's own: {prompt}, {response} (pointwise, principle), "
+        "{a}, {b} (pairwise), {principle}, {lo}, {hi}; e.g. '{prompt}{a} {prompt}{b}' for the reviews judge.",
+    )
+    chat_template: bool = field(
+        True, doc="Local judge: render the question with its tokenizer's chat template (false: as plain text)."
+    )
 
 
 @dataclasses.dataclass

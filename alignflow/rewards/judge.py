@@ -43,6 +43,7 @@ import torch
 from alignflow.batch import Batch
 from alignflow.rewards.base import output_device
 from alignflow.rewards.rules import RewardError
+from alignflow.rewards.verdict import FIRST, parse_position
 
 TEMPLATES = {
     "pointwise": (
@@ -73,7 +74,12 @@ FAILURE_POLICIES = ("error", "fallback")
 
 def parse_verdict(template: str, text: str, lo: float = 1, hi: float = 10) -> float | None:
     """The value of the LAST verdict in ``text``: pointwise (N - lo)/(hi - lo); pairwise 1.0 for A, 0.0 for B;
-    principle 1.0 for yes, 0.0 for no. None when there is no verdict (or a score outside [lo, hi])."""
+    principle 1.0 for yes, 0.0 for no. None when there is no verdict (or a score outside [lo, hi]). A pairwise
+    verdict may also be the built-in reviews judge's ``overall this`` / ``overall that`` (first / second;
+    :func:`alignflow.rewards.verdict.parse_position`, the last verdict of either form counts)."""
+    if template == "pairwise":
+        pos = parse_position(text)
+        return None if pos is None else float(pos == FIRST)
     found = PATTERNS[template].findall(text)
     if not found:
         return None
@@ -81,8 +87,6 @@ def parse_verdict(template: str, text: str, lo: float = 1, hi: float = 10) -> fl
     if template == "pointwise":
         n = float(re.sub(r"\s", "", v))
         return (n - lo) / (hi - lo) if lo <= n <= hi else None
-    if template == "pairwise":
-        return 1.0 if v.upper() == "A" else 0.0
     return 1.0 if v.lower() == "yes" else 0.0
 
 
@@ -101,10 +105,11 @@ class LocalJudge:
     none); prompts longer than the model's positions minus ``max_new_tokens`` keep their last tokens.
     """
 
-    def __init__(self, model, tokenizer, max_new_tokens: int = 256, seed: int = 0):
+    def __init__(self, model, tokenizer, max_new_tokens: int = 256, seed: int = 0, chat: bool = True):
         from alignflow.rollout import HFEngine
 
         self.model, self.tokenizer, self.max_new_tokens, self.seed = model, tokenizer, int(max_new_tokens), seed
+        self.chat = chat  # False: the question as plain text even when the tokenizer has a chat template
         self.engine = HFEngine(model, tokenizer)
         self.limit = int(getattr(model.config, "max_position_embeddings", 4096)) - self.max_new_tokens
         if self.limit < 1:
@@ -114,19 +119,21 @@ class LocalJudge:
             )
 
     @classmethod
-    def from_path(cls, path: str, device="cpu", max_new_tokens: int = 256, seed: int = 0) -> LocalJudge:
+    def from_path(
+        cls, path: str, device="cpu", max_new_tokens: int = 256, seed: int = 0, chat: bool = True
+    ) -> LocalJudge:
         from alignflow.config import ModelConfig
         from alignflow.models import load_causal_lm, load_tokenizer
 
         model = load_causal_lm(ModelConfig(name_or_path=path), device)
         model.requires_grad_(False)
-        return cls(model.eval(), load_tokenizer(path), max_new_tokens, seed)
+        return cls(model.eval(), load_tokenizer(path), max_new_tokens, seed, chat)
 
     def _ids(self, question: str) -> list[int]:
         from alignflow.data.render import chat_ids
 
         tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
+        if self.chat and getattr(tok, "chat_template", None):
             ids = chat_ids(tok, [{"role": "user", "content": question}], add_generation_prompt=True)
         else:
             ids = tok(question).input_ids
@@ -248,6 +255,7 @@ class JudgeReward:
         retry_temperature: float = 0.7,
         batch_size: int = 32,
         name: str = "judge",
+        question: str = "",
     ):
         if template not in TEMPLATES:
             raise ValueError(f"judge template {template!r} is not one of {', '.join(TEMPLATES)}")
@@ -262,6 +270,11 @@ class JudgeReward:
         self.anchor_field, self.both_orders, self.lo, self.hi = anchor_field, both_orders, lo, hi
         self.on_parse_failure, self.fallback, self.parse_retries = on_parse_failure, float(fallback), parse_retries
         self.retry_temperature, self.batch_size, self.name = retry_temperature, int(batch_size), name
+        self.question = question or TEMPLATES[template]
+        try:  # the fields the template's question may use; an unknown one is a config error, not a crash later
+            self.question.format(prompt="", response="", a="", b="", principle="", lo=lo, hi=hi)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"judge question template {self.question[:60]!r}: {e!r} is not a field") from None
         self.cache: dict = {}
         self.totals = {"queries": 0, "cache_hits": 0, "parse_failures": 0, "retries": 0}
         self.last_metrics: dict = {}
@@ -287,7 +300,7 @@ class JudgeReward:
         for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
             ptext, pkey = prompt_text(p), json.dumps(p, sort_keys=True)
             if t == "pointwise":
-                q = TEMPLATES[t].format(prompt=ptext, response=r, lo=self.lo, hi=self.hi)
+                q = self.question.format(prompt=ptext, response=r, lo=self.lo, hi=self.hi)
                 out.append(_Query(i, (t, pkey, r, self.lo, self.hi), q, False))
             elif t == "pairwise":
                 anchors = batch.meta.get(self.anchor_field) if self.anchor_field in batch.meta else None
@@ -300,14 +313,14 @@ class JudgeReward:
                         i,
                     )
                 out.append(
-                    _Query(i, (t, pkey, r, anchor, "A"), TEMPLATES[t].format(prompt=ptext, a=r, b=anchor), False)
+                    _Query(i, (t, pkey, r, anchor, "A"), self.question.format(prompt=ptext, a=r, b=anchor), False)
                 )
                 if self.both_orders:
-                    q = TEMPLATES[t].format(prompt=ptext, a=anchor, b=r)
+                    q = self.question.format(prompt=ptext, a=anchor, b=r)
                     out.append(_Query(i, (t, pkey, r, anchor, "B"), q, True))
             else:
                 for pr in self._row_principles(batch, i):
-                    q = TEMPLATES[t].format(prompt=ptext, response=r, principle=pr)
+                    q = self.question.format(prompt=ptext, response=r, principle=pr)
                     out.append(_Query(i, (t, pkey, r, pr), q, False))
         return out
 
@@ -402,7 +415,7 @@ def build_judge(cfg, device="cpu", seed: int = 0, key: str = "reward.judge") -> 
         if cfg.url:
             backend = EndpointJudge(cfg.url, cfg.endpoint_model, cfg.max_new_tokens, cfg.timeout_s, cfg.retries)
         else:
-            backend = LocalJudge.from_path(cfg.model, device, cfg.max_new_tokens, seed)
+            backend = LocalJudge.from_path(cfg.model, device, cfg.max_new_tokens, seed, cfg.chat_template)
         return JudgeReward(
             backend,
             cfg.template,
@@ -414,6 +427,7 @@ def build_judge(cfg, device="cpu", seed: int = 0, key: str = "reward.judge") -> 
             parse_retries=cfg.parse_retries,
             retry_temperature=cfg.retry_temperature,
             batch_size=cfg.batch_size,
+            question=cfg.question,
         )
     except ValueError as e:
         raise ConfigError(f"{key}: {e}") from None
