@@ -1,6 +1,7 @@
 """``alignflow <command> [--config file.yaml] [section.key=value ...]``
 
-Commands: sft, ift, rm, pm, rl, po, online_po, superhf, alol, mpo, eval, demo, serve, merge, merge_models, recipe.
+Commands: sft, ift, rm, pm, rl, po, online_po, superhf, alol, mpo, eval, demo, serve, merge, merge_models, recipe,
+refuel.
 ``alignflow <command> --help`` lists every config key with its default and doc.
 User mistakes (a bad config key or value, a malformed data row, a model path that does not load) end with a
 one-paragraph error and exit code 2, never a traceback; ``--debug`` shows the traceback.
@@ -26,6 +27,7 @@ from alignflow.config import (
     OnlinePOConfig,
     PMConfig,
     POConfig,
+    RefuelConfig,
     RLConfig,
     RMConfig,
     ServeConfig,
@@ -90,6 +92,11 @@ COMMANDS = {
         VPLConfig,
         "alignflow.trainers.vpl:train_vpl",
         "VPL: a reward model conditioned on a user latent inferred from a few of the user's labelled pairs",
+    ),
+    "refuel": (
+        RefuelConfig,
+        "alignflow.trainers.refuel:train_refuel",
+        "multi-turn REFUEL: regress two rollouts' log-ratio difference on their future-return difference",
     ),
     "recipe": (
         RecipeConfig,

@@ -5,8 +5,9 @@ Learning is measured on what each command optimises, within the run:
 
 * supervised-style commands (sft, ift, rm, pm, po, alol): the mean training loss of the last third of the logged steps
   is below that of the first third (DPO-family losses start at log 2 exactly, the policy being its own reference);
-* online RL, SuperHF and online preference optimisation (rl, superhf, online_po, mpo): the mean reward of the
-  sampled responses in the last third of the steps (or rounds) is above that of the first third.
+* online RL, SuperHF, online preference optimisation and REFUEL (rl, superhf, online_po, mpo, refuel): the mean reward
+  (REFUEL: the episode return) of the sampled responses in the last third of the steps (or rounds) is above that of
+  the first third.
 
 The builtin:sft models (one per task) are built once, in the session's directory, and shared by every preset, as
 ``runs/builtin-sft/`` is on a user's machine. The progress bar of each run's training loop is labelled with its
@@ -57,6 +58,8 @@ SHORT = {
     "alol": ["train.max_steps=12", "value.steps=20"],
     "mpo": ["dpo.builtin.sft_steps=60", "dpo.train.max_steps=8", "rl.train.max_steps=9"],
     "eval": [],
+    # multi-turn REFUEL: 9 steps of 16 roll-ins (episode return ~1.2 -> ~2.3 of 3 after the preset's warm start)
+    "refuel": ["train.max_steps=9", "refuel.episodes_per_step=16", "refuel.eval_episodes=20"],
 }
 # GRPO on arithmetic: 40 steps take the training accuracy from 0.20 to 0.27 (docs/grpo.md); its variants get 24.
 LONGER = {
@@ -78,7 +81,7 @@ LONGER = {
 }
 # Every step logged (train.log_every: how often, not how much is trained).
 LOG_EVERY_STEP = {
-    c: ["train.log_every=1"] for c in ("sft", "ift", "rm", "pm", "po", "rl", "online_po", "superhf", "alol")
+    c: ["train.log_every=1"] for c in ("sft", "ift", "rm", "pm", "po", "rl", "online_po", "superhf", "alol", "refuel")
 }
 LOG_EVERY_STEP["mpo"] = ["rl.train.log_every=1"]
 LOSS = {
@@ -94,6 +97,7 @@ REWARD = {
     "online_po": "online/reward_mean",
     "mpo": "rollout/reward_mean",
     "superhf": "superhf/reward_mean",
+    "refuel": "refuel/episode_return_mean",
 }
 
 

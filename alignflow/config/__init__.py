@@ -57,6 +57,12 @@ from alignflow.config.po import (
     POConfig,
     POLossConfig,
 )
+from alignflow.config.refuel import (
+    RefuelConfig,
+    RefuelEnvConfig,
+    RefuelOptions,
+    WarmStartConfig,
+)
 from alignflow.config.rl import (
     RL_ALGORITHMS,
     AlgoConfig,
@@ -138,6 +144,9 @@ __all__ = [
     "POConfig",
     "POLossConfig",
     "RLConfig",
+    "RefuelConfig",
+    "RefuelEnvConfig",
+    "RefuelOptions",
     "RL_ALGORITHMS",
     "RMConfig",
     "RayConfig",
@@ -158,6 +167,7 @@ __all__ = [
     "VPLConfig",
     "VPLSection",
     "ValueFitConfig",
+    "WarmStartConfig",
     "check_betas",
     "check_device",
     "check_micro_batch_tokens",

@@ -12,6 +12,8 @@ the environment's, not the policy's); ``pi_t`` is the policy that sampled the pa
     pairs = branch_rollouts(engine, tokenizer, envs, rows, params, horizon=3, rng=random.Random(0))
     stats = refuel_step(model, optimizer, pairs, eta=1.0)
     result = train_refuel(model, tokenizer, make_env, rows, RefuelSettings(steps=20))
+
+The command ``alignflow refuel`` (:mod:`alignflow.trainers.refuel`) runs :func:`refuel_iteration` from a config.
 """
 
 from __future__ import annotations
@@ -109,9 +111,12 @@ def branch_rollouts(
     return [(branches[2 * j], branches[2 * j + 1]) for j in range(len(live))], len(envs) - len(live)
 
 
-def refuel_step(model, optimizer, pairs: list[tuple[Branch, Branch]], eta: float = 1.0) -> dict:
+def refuel_step(
+    model, optimizer, pairs: list[tuple[Branch, Branch]], eta: float = 1.0, max_grad_norm: float = 0.0
+) -> dict:
     """One regression step on the pairs: pi_t's log-probs (no grad, before the update), then the loss and an
-    optimiser step. Returns ``loss``, ``future_return_mean`` and ``abs_return_gap`` (mean |Q(y) - Q(y')|)."""
+    optimiser step (gradient norm clipped to ``max_grad_norm`` when > 0). Returns ``loss``,
+    ``future_return_mean``, ``abs_return_gap`` (mean |Q(y) - Q(y')|) and ``grad_norm``."""
     device = next(model.parameters()).device
     seqs = [(b.traj.token_ids, b.loss_mask()) for pair in pairs for b in pair]
     with torch.no_grad():
@@ -122,9 +127,12 @@ def refuel_step(model, optimizer, pairs: list[tuple[Branch, Branch]], eta: float
     loss = pair_loss(lr[0::2], lr[1::2], q[0::2], q[1::2], eta)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    clip = max_grad_norm if max_grad_norm > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
     optimizer.step()
     return {
         "loss": loss.item(),
+        "grad_norm": float(norm),
         "future_return_mean": float(q.mean()),
         "abs_return_gap": float((q[0::2] - q[1::2]).abs().mean()),
     }
@@ -140,6 +148,30 @@ class RefuelSettings:
     temperature: float = 1.0
     max_new_tokens: int = 4
     seed: int = 0
+    max_total_tokens: int = 512  # tokens per episode at most
+    max_grad_norm: float = 0.0  # 0: no clipping
+
+
+def refuel_iteration(
+    model, tokenizer, engine, optimizer, make_env, rows: list[dict], s: RefuelSettings, step: int, rng
+):
+    """REFUEL step ``step``: roll-ins on the next ``s.episodes_per_step`` rows (cycled), the pairs, one update.
+    Metrics: ``loss``, ``future_return_mean``, ``abs_return_gap``, ``grad_norm``, ``rollin_ended`` and
+    ``episode_return_mean`` (the mean return of the whole branched episodes)."""
+    batch = [rows[(step * s.episodes_per_step + k) % len(rows)] for k in range(s.episodes_per_step)]
+    params = SamplingParams(
+        n=1, temperature=s.temperature, max_new_tokens=s.max_new_tokens, logprobs=True, seed=s.seed * 1_000_003 + step
+    )
+    model.eval()
+    with torch.no_grad():
+        pairs, ended = branch_rollouts(
+            engine, tokenizer, [make_env() for _ in batch], batch, params, s.horizon, rng, s.max_total_tokens
+        )
+    model.train()
+    m = refuel_step(model, optimizer, pairs, s.eta, s.max_grad_norm) if pairs else {}
+    m["rollin_ended"] = float(ended)
+    m["episode_return_mean"] = sum(b.traj.reward for p in pairs for b in p) / max(2 * len(pairs), 1)
+    return m
 
 
 def train_refuel(model, tokenizer, make_env, rows: list[dict], s: RefuelSettings) -> list[dict]:
@@ -151,25 +183,6 @@ def train_refuel(model, tokenizer, make_env, rows: list[dict], s: RefuelSettings
     rng = random.Random(s.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
     engine = HFEngine(model, tokenizer)
-    history = []
-    for step in range(s.steps):
-        batch = [rows[(step * s.episodes_per_step + k) % len(rows)] for k in range(s.episodes_per_step)]
-        params = SamplingParams(
-            n=1,
-            temperature=s.temperature,
-            max_new_tokens=s.max_new_tokens,
-            logprobs=True,
-            seed=s.seed * 1_000_003 + step,
-        )
-        model.eval()
-        with torch.no_grad():
-            pairs, ended = branch_rollouts(
-                engine, tokenizer, [make_env() for _ in batch], batch, params, s.horizon, rng
-            )
-        model.train()
-        m = refuel_step(model, optimizer, pairs, s.eta) if pairs else {}
-        m["rollin_ended"] = float(ended)
-        m["episode_return_mean"] = sum(b.traj.reward for p in pairs for b in p) / max(2 * len(pairs), 1)
-        history.append(m)
+    history = [refuel_iteration(model, tokenizer, engine, optimizer, make_env, rows, s, t, rng) for t in range(s.steps)]
     model.eval()
     return history
