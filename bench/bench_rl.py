@@ -47,6 +47,7 @@ times) and medians are compared.
     python bench/bench_rl.py [--algo grpo|rloo|both] [--steps 6] [--runs 3] [--threads 1] [--sweep]
     python bench/bench_rl.py --sweep --alignflow-budget 2048     # the recorded run (~37 min on 2 loaded cores)
     python bench/bench_rl.py --steps 2 --runs 1 --batch 8        # smoke run, 90 s (137 s at --batch 16)
+    python bench/bench_rl.py --async-steps 1                     # alignflow sync vs one-step-off (no TRL)
 
 The first run also SFT-trains the policy (~25 s, cached in ``--work``).
 """
@@ -128,8 +129,9 @@ def _workload(args) -> dict:
     return json.loads((Path(args.work) / "rl_workload.json").read_text())
 
 
-def alignflow_config(args, wl: dict, algo: str, micro_batch_tokens: int = 0):
-    """``micro_batch_tokens`` 0 keeps the trainer's default ``train.micro_batch_tokens``."""
+def alignflow_config(args, wl: dict, algo: str, micro_batch_tokens: int = 0, async_steps: int = 0):
+    """``micro_batch_tokens`` 0 keeps the trainer's default ``train.micro_batch_tokens``; ``async_steps`` sets
+    ``rollout.async_steps`` (0: synchronous)."""
     from alignflow.config import RLConfig, from_dict
 
     budget = {"micro_batch_tokens": micro_batch_tokens} if micro_batch_tokens else {}
@@ -149,6 +151,7 @@ def alignflow_config(args, wl: dict, algo: str, micro_batch_tokens: int = 0):
                 "top_k": 0,
                 "max_new_tokens": NEW_TOKENS,
                 "eval_prompts": 0,
+                "async_steps": async_steps,
             },
             "reward": {"task": {"gold": 1.0}},
             "optim": {"lr": LR, "scheduler": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0},
@@ -195,12 +198,15 @@ class Tally:
 
 # ------------------------------------------------------------------------------------------ alignflow
 def alignflow_side(args, wl: dict, algo: str, mode: str) -> dict:
-    """``mode`` "" runs the trainer's defaults; "mbtN" sets ``train.micro_batch_tokens=N``."""
+    """``mode`` "" runs the trainer's defaults; "mbtN" sets ``train.micro_batch_tokens=N``; "asyncK" sets
+    ``rollout.async_steps=K``."""
     from alignflow.trainers import rl as online
 
-    if mode and not (mode.startswith("mbt") and mode[3:].isdigit()):
-        raise ValueError(f"alignflow mode {mode!r}: expected '' or 'mbt<N>' (train.micro_batch_tokens=N)")
-    cfg = alignflow_config(args, wl, algo, int(mode[3:]) if mode else 0)
+    knob = next((k for k in ("mbt", "async") if mode.startswith(k) and mode[len(k) :].isdigit()), None)
+    if mode and knob is None:
+        raise ValueError(f"alignflow mode {mode!r}: expected '', 'mbt<N>' (micro_batch_tokens) or 'async<K>'")
+    value = int(mode[len(knob) :]) if knob else 0
+    cfg = alignflow_config(args, wl, algo, value if knob == "mbt" else 0, value if knob == "async" else 0)
     tally, real_step, shares = Tally(args.warmup, args.steps), online.rl_step, []
 
     def timed_step(*a, **k):
@@ -223,6 +229,7 @@ def alignflow_side(args, wl: dict, algo: str, mode: str) -> dict:
             "kl": wl["kl"][algo],
             "algo.is_correction": cfg.algo.is_correction,
             "train.micro_batch_tokens": cfg.train.micro_batch_tokens,
+            "rollout.async_steps": cfg.rollout.async_steps,
         },
     }
 
@@ -524,6 +531,75 @@ def write_results(res: dict, results: Path) -> None:
     readme.write_text((text.rstrip() + "\n\n" if text.strip() else "") + markdown(res))
 
 
+ASYNC_SECTION = "# alignflow online RL: asynchronous rollouts"
+
+
+def compare_async(args) -> dict:
+    """alignflow synchronous against ``rollout.async_steps=K`` (no TRL), alternated; the result record."""
+    work, k = Path(args.work), args.async_steps
+    algos = ALGOS if args.algo == "both" else (args.algo,)
+    machine = common.machine_info(args.threads)
+    prepare_workload(work, args.threads, args.no_kl)
+    sides = [s for a in algos for s in (("alignflow", a), ("alignflow", f"{a}.async{k}"))]
+    runs = common.alternate(Path(__file__).resolve(), args, work, sides, args.repeats)
+    out = {"bench": NAME + "_async", "machine": machine, "alignflow_commit": _commit(), "async_steps": k}
+    out |= {"steps": args.steps, "warmup": args.warmup, "runs": args.repeats, "prompts_per_step": args.batch}
+    out |= {"group": GROUP, "max_new_tokens": NEW_TOKENS, "kl": "off" if args.no_kl else "presets", "algos": {}}
+    for a in algos:
+        sync, asy = summary(runs[f"alignflow/{a}"]), summary(runs[f"alignflow/{a}.async{k}"])
+        speedup = asy["median_completions_per_s"] / sync["median_completions_per_s"]
+        out["algos"][a] = {"sync": sync, "async": asy, "speedup": speedup}
+        print(
+            f"{a.upper()} async_steps={k} / sync = {speedup:.2f}x completions/s "
+            f"({asy['median_completions_per_s']:.1f} vs {sync['median_completions_per_s']:.1f})",
+            flush=True,
+        )
+    return out
+
+
+def async_markdown(res: dict) -> str:
+    """The asynchronous-rollouts section of ``bench/results/README.md``."""
+    m = res["machine"]
+    lines = [
+        ASYNC_SECTION,
+        "",
+        f"CPU only: {m['cpu']}, {m['cores']} cores (shared), torch threads {m['threads']} per thread of work; torch "
+        f"{m['torch']}; {m['date']}, 1-min load at start {m['load_average_1m_at_start']:.2f}; alignflow "
+        f"{res['alignflow_commit']}. The workload of the RL bench above ({res['prompts_per_step']} prompts x "
+        f"{res['group']} completions, <= {res['max_new_tokens']} new tokens, KL {res['kl']}); {res['warmup']} warm-up "
+        f"+ {res['steps']} timed steps, medians of {res['runs']} alternated run(s). The async run generates in a "
+        "second thread, so it can use a second core that the synchronous run leaves idle at 1 torch thread. "
+        f"Regenerate with `python bench/bench_rl.py --async-steps {res['async_steps']}`.",
+        "",
+        "| algorithm | sync compl/s | async compl/s | speedup | gen. share sync / async |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for a, r in res["algos"].items():
+        s, x = r["sync"], r["async"]
+        lines.append(
+            f"| {a.upper()} (async_steps={res['async_steps']}) | {s['median_completions_per_s']:.1f} | "
+            f"{x['median_completions_per_s']:.1f} | **{r['speedup']:.2f}x** | "
+            f"{s['median_gen_share']:.0%} / {x['median_gen_share']:.0%} |"
+        )
+    for a, r in res["algos"].items():
+        each = {k: ", ".join(f"{run['completions_per_s']:.1f}" for run in r[k]["runs"]) for k in ("sync", "async")}
+        lines += ["", f"{a.upper()} compl/s of each run: sync {each['sync']}; async {each['async']}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_async_results(res: dict, results: Path) -> None:
+    """``rl_async.json`` and the asynchronous section of ``README.md`` (replacing an older one)."""
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{NAME}_async.json").write_text(json.dumps(res, indent=1))
+    readme = results / "README.md"
+    text = readme.read_text() if readme.exists() else ""
+    if ASYNC_SECTION in text:
+        start = text.index(ASYNC_SECTION)
+        after = text.find("\n# ", start + 1)
+        text = text[:start] + (text[after + 1 :] if after >= 0 else "")
+    readme.write_text(text.rstrip() + "\n\n" + async_markdown(res))
+
+
 def parser() -> argparse.ArgumentParser:
     p = common.common_argparser(__doc__.splitlines()[0])
     p.set_defaults(
@@ -551,6 +627,12 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         help="also time alignflow with train.micro_batch_tokens=N (0: only the trainer's defaults)",
     )
+    p.add_argument(
+        "--async-steps",
+        type=int,
+        default=0,
+        help="instead of the TRL comparison: alignflow synchronous against rollout.async_steps=K (rl_async.json)",
+    )
     return p
 
 
@@ -563,6 +645,9 @@ def main() -> None:
         side = alignflow_side if args.side == "alignflow" else trl_side
         res = side(args, wl, algo, mode)
         Path(args.out).write_text(json.dumps(res))
+        return
+    if args.async_steps:
+        write_async_results(compare_async(args), Path(args.results))
         return
     write_results(compare(args), Path(args.results))
 
