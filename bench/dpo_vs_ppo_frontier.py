@@ -27,7 +27,7 @@ NAME = "dpo_vs_ppo_frontier"
 COLUMNS = ["method", "setting", "step", "final", "kl", "sqrt_kl", "gold", "proxy", "response_len", "train_s"]
 
 
-def dpo(s: fc.Setup, out: Path, beta: float, steps: int, seed: int) -> None:
+def dpo(s: fc.Setup, out: Path, beta: float, steps: int, seed: int, save_every: int = 0) -> None:
     from alignflow.config import POConfig, from_dict
     from alignflow.trainers.po import train_po
 
@@ -37,7 +37,7 @@ def dpo(s: fc.Setup, out: Path, beta: float, steps: int, seed: int) -> None:
         "loss": {"name": "dpo", "beta": beta},
         "optim": {"lr": 5e-4, "scheduler": "constant"},
         "ref_cache": False,
-        "train": fc._quiet_train(out, steps, 32, seed, save_every=0),
+        "train": fc._quiet_train(out, steps, 32, seed, save_every=save_every),
     }
     train_po(from_dict(POConfig, cfg))
 

@@ -5,7 +5,8 @@ The setting is the synthetic gold-reward one of the over-optimisation papers: th
 plays the human, a Bradley-Terry reward model trained on a few hundred of its noisy labels (``label_noise`` = 1)
 is the proxy that RL optimises, and every policy is measured by sampling held-out prompts:
 
-* ``gold``  = mean gold reward of the samples (never optimised);
+* ``gold``  = mean gold reward of the samples (never optimised); ``gold_se`` its standard error (sample std /
+  sqrt(samples));
 * ``proxy`` = mean score of the proxy reward model(s) on the same samples (the members' mean for an ensemble);
 * ``kl``    = mean over samples of sum_t (log pi(y_t) - log pi_sft(y_t)): KL(pi || pi_sft) per sequence, nats
   (``alignflow.eval.evaluate.kl_metrics``; the same samples, so gold, proxy and KL are paired).
@@ -21,6 +22,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +38,7 @@ RESULTS = REPO / "bench" / "results"
 class Scale:
     hidden: int = 64  # the task's Llama: hidden, 2 heads, MLP 2 x hidden, ``layers`` layers, 255-word vocabulary
     layers: int = 2
-    sft_steps: int = 300  # 32 rows each, lr 3e-3
+    sft_steps: int = 300  # sft_batch rows each, lr 3e-3
     pair_prompts: int = 1024  # prompts sampled twice by the SFT policy -> one labelled pair each (1/8 held out)
     rm_steps: int = 150
     new_tokens: int = 24
@@ -48,12 +50,16 @@ class Scale:
     po_steps: int = 40
     rl_lr: float = 3e-4
     rm_batch: int = 32
+    num_sft: int = 2000  # rows of the task's SFT corpus
+    sft_batch: int = 32
 
 
 QUICK = Scale(
     hidden=16,
     layers=1,
-    sft_steps=3,
+    sft_steps=2,
+    num_sft=200,
+    sft_batch=8,
     pair_prompts=16,
     rm_steps=2,
     new_tokens=8,
@@ -120,7 +126,7 @@ def setup(work: Path, scale: Scale) -> Setup:
             num_layers=scale.layers,
             num_heads=2,
             intermediate_size=2 * scale.hidden,
-            num_sft=2000,
+            num_sft=scale.num_sft,
             num_pairs=10,
         ),
         work / "task",
@@ -134,7 +140,7 @@ def setup(work: Path, scale: Scale) -> Setup:
                     "model": {"name_or_path": str(task.model_dir), "tokenizer": str(task.tokenizer_dir)},
                     "data": {"path": str(task.sft_path), "max_len": 64, "eval_fraction": 0.0},
                     "optim": {"lr": 3e-3, "scheduler": "constant"},
-                    "train": _quiet_train(work / "sft", scale.sft_steps, 32),
+                    "train": _quiet_train(work / "sft", scale.sft_steps, scale.sft_batch),
                 },
             )
         )
@@ -277,6 +283,7 @@ class Evaluator:
             kl = kl_metrics(policy_logprobs(policy, b, 1.0), policy_logprobs(self.ref, b, 1.0), b["response_mask"])
         return {
             "gold": sum(gold) / len(gold),
+            "gold_se": statistics.stdev(gold) / math.sqrt(len(gold)) if len(gold) > 1 else float("nan"),
             "proxy": float(members.mean()) if members is not None else float("nan"),
             "proxy_min": float(members.min(-1).values.mean()) if members is not None else float("nan"),
             "kl": max(0.0, kl["eval/kl"]),
