@@ -20,6 +20,12 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+import torch
+
+from alignflow.algorithms.safe import LagrangeMultiplier
+
+Tensor = torch.Tensor
+
 
 class SafetyTestFailed(RuntimeError):
     """The held-out high-confidence safety test refused the policy; the message gives the bound and threshold."""
@@ -86,3 +92,41 @@ def safety_test(
             "held-out prompts); the policy is not returned"
         )
     return result
+
+
+class PessimisticLagrange(LagrangeMultiplier):
+    """Safe RLHF's multiplier held to HC-RLHF's pessimistic constraint: each update steps on
+    ``U_cand − d`` with ``U_cand`` = :func:`pessimistic_cost_bound` of the window's episode costs (clipped into
+    ``cost_range``) instead of their mean, so λ keeps growing until the candidate would also pass the held-out
+    test of ``n_safety`` rows: ``log λ ← log λ + lr·(U_cand − d)·λ``."""
+
+    def __init__(
+        self,
+        init: float,
+        lr: float,
+        max_value: float | None,
+        threshold: float,
+        window: int,
+        delta: float,
+        cost_range: tuple[float, float],
+        n_safety: int,
+    ):
+        super().__init__(init, lr, max_value, threshold, window)
+        self.delta, self.cost_range, self.n_safety = delta, (float(cost_range[0]), float(cost_range[1])), n_safety
+        self.bound = 0.0
+
+    def update(self, episode_costs: Tensor | Sequence[float]) -> float:
+        values = (
+            episode_costs.detach().flatten().tolist()
+            if isinstance(episode_costs, Tensor)
+            else [float(c) for c in episode_costs]
+        )
+        if not values or any(not math.isfinite(c) for c in values):
+            raise ValueError(f"PessimisticLagrange.update needs finite episode costs, got {values[:10]}")
+        a, b = self.cost_range
+        self.costs.extend(min(max(c, a), b) for c in values)
+        self.bound = pessimistic_cost_bound(list(self.costs), self.delta, self.cost_range, self.n_safety)
+        self.log_lambda += self.lr * (self.bound - self.threshold) * self.value
+        if self.log_max is not None:
+            self.log_lambda = min(self.log_lambda, self.log_max)
+        return self.value

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from alignflow.algorithms.core import aggregate, masked_mean, zero_invalid
+from alignflow.algorithms.safe_control import PIDController, entropy_gated_kl_coef
 
 Tensor = torch.Tensor
 
@@ -120,7 +121,7 @@ class FixedKLController:
             raise ValueError(f"KL coefficient must be >= 0; got {init}")
         self.value = float(init)
 
-    def update(self, current_kl: float, n_steps: int) -> float:
+    def update(self, current_kl: float, n_steps: int, entropy: float | None = None) -> float:
         return self.value
 
     def state_dict(self) -> dict[str, float]:
@@ -149,7 +150,7 @@ class AdaptiveKLController:
         self.target = float(target)
         self.horizon = float(horizon)
 
-    def update(self, current_kl: float, n_steps: int) -> float:
+    def update(self, current_kl: float, n_steps: int, entropy: float | None = None) -> float:
         """Apply one update with the batch's KL and the number of samples (or steps) it covered; returns β."""
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
@@ -162,15 +163,81 @@ class AdaptiveKLController:
         self.value = float(state["value"])
 
 
-KL_CONTROLLERS = {"fixed": FixedKLController, "adaptive": AdaptiveKLController}
+class SafeKLController:
+    """SAFE-style KL control (docs/safe_control.md): a PID law on the KL, gated by the policy's entropy.
+
+    After a step with observed KL ``KL_t`` (:func:`sequence_kl`) and mean token entropy ``H_t``:
+
+    * PID (``kp``, ``ki``, ``kd`` not all 0): ``β_pid = clamp(β_0 + kp·e + ki·Σe + kd·(e − e_prev), low, high)``
+      with ``e = KL_t − target`` (:class:`~alignflow.algorithms.safe_control.PIDController`): a KL above the target
+      raises β, one below lowers it; without gains ``β_pid = β_0``.
+    * entropy gate (``entropy_target`` > 0): ``β = β_pid · max(floor, σ((H* − H_t)/width))``
+      (:func:`~alignflow.algorithms.safe_control.entropy_gated_kl_coef`): the penalty is relaxed while the policy
+      explores (high entropy) and restored as the entropy collapses below ``H*``. Without a target, ``β = β_pid``.
+
+    ``value`` before the first update is ``β_0`` (no entropy measured yet).
+    """
+
+    def __init__(
+        self,
+        init: float,
+        target: float,
+        kp: float = 0.0,
+        ki: float = 0.0,
+        kd: float = 0.0,
+        low: float = 1e-3,
+        high: float = 1.0,
+        entropy_target: float = 0.0,
+        entropy_width: float = 0.5,
+        entropy_floor: float = 0.1,
+    ):
+        if init <= 0 or not 0 < low <= high or not 0.0 <= entropy_floor <= 1.0 or entropy_width < 0:
+            raise ValueError(
+                "SafeKLController needs init > 0, 0 < low <= high, 0 <= entropy_floor <= 1 and entropy_width >= 0; "
+                f"got init={init}, low={low}, high={high}, entropy_floor={entropy_floor}, entropy_width={entropy_width}"
+            )
+        self.pid = PIDController(target, kp, ki, kd, base=init, low=low, high=high, integral_limit=10.0 * high)
+        self.use_pid = any((kp, ki, kd))
+        self.base = float(init)
+        self.entropy_target, self.entropy_width, self.entropy_floor = entropy_target, entropy_width, entropy_floor
+        self.gate = 1.0
+        self.value = float(init)
+
+    def update(self, current_kl: float, n_steps: int, entropy: float | None = None) -> float:
+        """Feed the step's KL (and entropy); returns the new β."""
+        beta = self.pid.update(float(current_kl)) if self.use_pid else self.base
+        if self.entropy_target > 0 and entropy is not None:
+            gate = entropy_gated_kl_coef(1.0, entropy, self.entropy_target, self.entropy_width)
+            self.gate = max(self.entropy_floor, gate)
+        self.value = beta * self.gate
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        pid = self.pid.state_dict()
+        prev = pid["prev_error"]
+        return {"value": self.value, "gate": self.gate, "integral": pid["integral"], "pid_value": pid["value"]} | (
+            {} if prev is None else {"prev_error": prev}
+        )
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value, self.gate = float(state["value"]), float(state["gate"])
+        prev = state.get("prev_error")
+        self.pid.load_state_dict({"integral": state["integral"], "prev_error": prev, "value": state["pid_value"]})
+
+
+KLController = FixedKLController | AdaptiveKLController | SafeKLController
+KL_CONTROLLERS = {"fixed": FixedKLController, "adaptive": AdaptiveKLController, "safe": SafeKLController}
 
 
 def make_kl_controller(
-    kind: str, init: float, target: float | None = None, horizon: float | None = None
-) -> FixedKLController | AdaptiveKLController:
-    """Build a controller from config values: ``kind`` is a key of :data:`KL_CONTROLLERS`."""
+    kind: str, init: float, target: float | None = None, horizon: float | None = None, **safe: float
+) -> KLController:
+    """Build a controller from config values: ``kind`` is a key of :data:`KL_CONTROLLERS`; ``safe``: the keyword
+    arguments of :class:`SafeKLController` (gains, bounds, entropy gate) for ``kind="safe"``."""
     if kind not in KL_CONTROLLERS:
         raise ValueError(f"unknown KL controller {kind!r}; valid choices: {sorted(KL_CONTROLLERS)}")
     if kind == "fixed":
         return FixedKLController(init)
+    if kind == "safe":
+        return SafeKLController(init, 6.0 if target is None else target, **safe)
     return AdaptiveKLController(init, 6.0 if target is None else target, 10000 if horizon is None else horizon)

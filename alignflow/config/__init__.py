@@ -71,8 +71,10 @@ from alignflow.config.rl import (
     DapoConfig,
     EnvConfig,
     KLConfig,
+    MacroConfig,
     RLConfig,
     RLRolloutConfig,
+    SafetyTestConfig,
 )
 from alignflow.config.rm import (
     RMConfig,
@@ -127,6 +129,8 @@ __all__ = [
     "IFTOptions",
     "JudgeConfig",
     "KLConfig",
+    "MacroConfig",
+    "SafetyTestConfig",
     "LoraConfig",
     "MPOConfig",
     "MPOOptions",

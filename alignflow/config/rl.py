@@ -42,8 +42,31 @@ RL_ALGORITHMS = (
     "safe_ppo",
     "gspo",
     "pf_ppo",
+    "ma_ppo",
     "pairwise_grpo",
 )
+
+
+@dataclasses.dataclass
+class MacroConfig:
+    """MA-RLHF macro actions (algo.name=ma_ppo, or algo.advantage=macro_gae on a critic algorithm; docs/ma_ppo.md)."""
+
+    rule: str = field(
+        "fixed",
+        doc="Termination rule: fixed (every n tokens), random (span lengths drawn from lengths x repeat, "
+        "shuffled; the rest is one macro), perplexity (a macro ends where the next token's -log p rises).",
+        choices=("fixed", "random", "perplexity"),
+    )
+    n: int = field(5, doc="rule=fixed: tokens per macro (1 is token-level PPO).", range=(1, None))
+    lengths: list[int] = field(
+        default_factory=lambda: [1, 2, 3, 5, 10], doc="rule=random: the multiset of span lengths."
+    )
+    repeat: int = field(3, doc="rule=random: copies of lengths drawn per response.", range=(1, None))
+    value_weights: str = field(
+        "equal",
+        doc="Macro value V(w) = sum_t s_t V_t with s_t: equal (1/|w|), unit (last token), position (~1/position).",
+        choices=("equal", "unit", "position"),
+    )
 
 
 @dataclasses.dataclass
@@ -59,7 +82,7 @@ class AlgoConfig:
     advantage: str = field(
         "auto",
         doc="Advantage estimator (a key of ADVANTAGE_ESTIMATORS).",
-        choices=("auto", "gae", "grpo", "dr_grpo", "rloo", "remax", "reinforce_pp", "pairwise"),
+        choices=("auto", "gae", "macro_gae", "grpo", "dr_grpo", "rloo", "remax", "reinforce_pp", "pairwise"),
     )
     policy_loss: str = field(
         "auto",
@@ -148,6 +171,7 @@ class AlgoConfig:
         choices=("tis", "none"),
     )
     is_cap: float = field(2.0, doc="Cap C of the truncated importance weight.", range=(1.0, None))
+    macro: MacroConfig = field(default_factory=MacroConfig, doc="MA-RLHF macro actions (advantage macro_gae).")
     old_logprobs: str = field(
         "auto",
         doc="Where the PPO ratio's old log-probs come from: 'recompute' (a forward "
@@ -177,11 +201,25 @@ class KLConfig:
     )
     controller: str = field(
         "fixed",
-        doc="Fixed beta, or adaptive beta towards a target KL (Ziegler et al. 2019).",
-        choices=("fixed", "adaptive"),
+        doc="Fixed beta, adaptive beta towards a target KL (Ziegler et al. 2019), or safe: a PID law on the KL "
+        "gated by the policy's entropy (SAFE; docs/safe_control.md).",
+        choices=("fixed", "adaptive", "safe"),
     )
-    target: float = field(6.0, doc="Adaptive controller: target KL (nats per sequence).", range=(0.0, None))
+    target: float = field(6.0, doc="Adaptive and safe controllers: target KL (nats per sequence).", range=(0.0, None))
     horizon: float = field(10000.0, doc="Adaptive controller: horizon in samples.", range=(1.0, None))
+    pid_kp: float = field(0.0, doc="Safe controller: proportional gain on KL - target (0: no PID).", range=(0.0, None))
+    pid_ki: float = field(0.0, doc="Safe controller: integral gain.", range=(0.0, None))
+    pid_kd: float = field(0.0, doc="Safe controller: derivative gain.", range=(0.0, None))
+    pid_low: float = field(1e-3, doc="Safe controller: smallest beta of the PID law (> 0).", range=(1e-8, None))
+    pid_high: float = field(1.0, doc="Safe controller: largest beta of the PID law.", range=(1e-8, None))
+    entropy_target: float = field(
+        0.0,
+        doc="Safe controller: entropy H* (nats per token) below which the KL penalty is restored; beta is "
+        "scaled by max(entropy_floor, sigmoid((H* - H) / entropy_width)); 0: no gate.",
+        range=(0.0, None),
+    )
+    entropy_width: float = field(0.5, doc="Safe controller: width of the entropy gate (0: a step).", range=(0.0, None))
+    entropy_floor: float = field(0.1, doc="Safe controller: smallest factor of the entropy gate.", range=(0.0, 1.0))
 
 
 @dataclasses.dataclass
@@ -202,6 +240,29 @@ class DapoConfig:
     )
     overlong_cache_len: int = field(
         0, doc="L_cache of the overlong penalty; 0 means max_new_tokens // 4.", range=(0, None)
+    )
+
+
+@dataclasses.dataclass
+class SafetyTestConfig:
+    """HC-RLHF (docs/hc_rlhf.md): the held-out high-confidence safety test at the end of a Safe RLHF run."""
+
+    held_out: int = field(
+        0,
+        doc="Prompts of the safety set: the last N rows of the eval split, one sampled response each; the final "
+        "policy is saved as <output_dir>/model only when the test passes. 0: no test.",
+        range=(0, None),
+    )
+    delta: float = field(0.05, doc="The test holds with probability >= 1 - delta.", range=(1e-9, 0.5))
+    threshold: float = field(0.0, doc="Pass iff the upper confidence bound of the expected cost <= threshold.")
+    cost_range: list[float] = field(
+        default_factory=lambda: [0.0, 4.0],
+        doc="[low, high] of an episode cost (Hoeffding's bound needs it); costs are clipped into it.",
+    )
+    pessimistic: bool = field(
+        False,
+        doc="Train against the pessimistic bound: the Lagrange update uses mean(C) + 2 (b - a) sqrt(ln(1/delta) / "
+        "(2 held_out)) of the window's costs instead of their mean.",
     )
 
 
@@ -229,6 +290,9 @@ class CostConfig:
     window: int = field(128, doc="Episode costs in the sliding window of the multiplier update.", range=(1, None))
     token_clip: float = field(
         50.0, doc="Clip per-token shaped rewards and costs to +-token_clip; 0 disables.", range=(0.0, None)
+    )
+    safety_test: SafetyTestConfig = field(
+        default_factory=SafetyTestConfig, doc="HC-RLHF held-out safety test and pessimistic Lagrange update."
     )
 
 
@@ -274,6 +338,20 @@ class EnvConfig:
 
 
 @dataclasses.dataclass
+class RLRolloutConfig(RolloutConfig):
+    """Sampling, plus the pipelining of ``alignflow rl`` (docs/async.md)."""
+
+    async_steps: int = field(
+        0,
+        doc="Asynchronous rollouts (docs/async.md): 0 = synchronous (generate, then train); k >= 1 = the "
+        "batch of step t is sampled, in a background thread while earlier steps train, from the policy "
+        "weights after step t-k-1 (policy version max(0, t-k)): at most k versions stale. k=1 is "
+        "one-step-off. Holds a second copy of the policy for the rollout.",
+        range=(0, None),
+    )
+
+
+@dataclasses.dataclass
 class RLConfig:
     """``alignflow rl``: online RL (PPO, GRPO, Dr. GRPO, DAPO, RLOO, ReMax, REINFORCE++, Safe RLHF, GSPO).
 
@@ -309,20 +387,6 @@ class RLConfig:
     task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task (used when paths are empty).")
     hub: HubConfig = field(default_factory=lambda: HubConfig(), doc="Push the trained model to the Hugging Face Hub.")
     resources: ResourcesConfig = field(default_factory=ResourcesConfig, doc="Placement: workers per role, devices.")
-@dataclasses.dataclass
-class RLRolloutConfig(RolloutConfig):
-    """Sampling, plus the pipelining of ``alignflow rl`` (docs/async.md)."""
-
-    async_steps: int = field(
-        0,
-        doc="Asynchronous rollouts (docs/async.md): 0 = synchronous (generate, then train); k >= 1 = the "
-        "batch of step t is sampled, in a background thread while earlier steps train, from the policy "
-        "weights after step t-k-1 (policy version max(0, t-k)): at most k versions stale. k=1 is "
-        "one-step-off. Holds a second copy of the policy for the rollout.",
-        range=(0, None),
-    )
-
-
     ray: RayConfig = field(default_factory=RayConfig, doc="Ray cluster (used when resources place roles on workers).")
     env: EnvConfig = field(
         default_factory=EnvConfig, doc="Multi-turn episodes against an environment (off: single-turn rollouts)."

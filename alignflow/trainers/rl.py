@@ -51,8 +51,7 @@ from pathlib import Path
 import torch
 
 from alignflow.algorithms.dapo import dynamic_sampling_filter, overlong_penalty
-from alignflow.algorithms.kl import make_kl_controller, sequence_kl
-from alignflow.algorithms.safe import LagrangeMultiplier
+from alignflow.algorithms.kl import sequence_kl
 from alignflow.batch import Batch, cat_rollouts
 from alignflow.config import RLConfig
 from alignflow.data.pipeline import prepare_data
@@ -63,11 +62,13 @@ from alignflow.trainers.rl_algos import (
     Resolved,
     advantage_metrics,
     compute_advantages,
+    kl_controller,
     resolve,
     truncated_is_weights,
 )
 from alignflow.trainers.rl_filter import filter_rollouts
 from alignflow.trainers.rl_par import ReferenceScores, shape_with_references
+from alignflow.trainers.rl_safety import make_lagrange, safety_gate, safety_rows
 from alignflow.trainers.rl_setup import PromptStream, Roles, build_roles, needed_roles, prompt_batch
 from alignflow.trainers.setup import resolve_builtin, start_run, task_gold
 
@@ -281,6 +282,8 @@ def prepare(roles: Roles, batch: Batch, st: RLState, cfg: RLConfig, algo: Resolv
         lagrange=st.lagrange.value if st.lagrange else 0.0,
         token_clip=cfg.cost.token_clip or None,
         pairwise_center=cfg.reward.pairwise.center,
+        macro=cfg.algo.macro,
+        seed=cfg.train.seed * 1_000_003 + st.step,
     )
     return batch.union(compute_advantages(batch, algo, ctx, cfg.algo.advantage_clip))
 
@@ -307,12 +310,13 @@ def update(roles: Roles, batch: Batch, st: RLState, cfg: RLConfig) -> dict:
     return {k: v / count for k, v in sums.items()}
 
 
-def after_update(batch: Batch, st: RLState) -> dict:
-    """KL controller and Lagrange multiplier updates with this step's batch."""
+def after_update(batch: Batch, st: RLState, entropy: float | None = None) -> dict:
+    """KL controller and Lagrange multiplier updates with this step's batch (``entropy``: the step's mean token
+    entropy, for an entropy-gated controller)."""
     out = {"policy/kl_coef": st.kl.value}
     if "ref_logprobs" in batch:
         kl = float(sequence_kl(batch["old_logprobs"], batch["ref_logprobs"], batch["response_mask"], "k1"))
-        st.kl.update(kl, len(batch))
+        st.kl.update(kl, len(batch), entropy=entropy)
         out["policy/kl"] = kl
     if st.lagrange is not None:
         out["safe/lambda"] = st.lagrange.update(batch["costs"])
@@ -341,8 +345,8 @@ def rl_step(roles: Roles, st: RLState, cfg: RLConfig, algo: Resolved) -> dict:
     shape_rewards(batch, st, cfg)
     batch = prepare(roles, batch, st, cfg, algo)
     m |= update(roles, batch, st, cfg)
-    m |= after_update(batch, st)
     m |= advantage_metrics(batch) | batch_metrics(batch)
+    m |= after_update(batch, st, m.get("policy/entropy"))
     step_s = time.perf_counter() - t0
     m |= {
         "perf/step_s": step_s,
@@ -430,14 +434,8 @@ def _sizes(cfg: RLConfig, num_prompts: int) -> tuple[int, int]:
 
 
 def _state(cfg: RLConfig, algo: Resolved, rows: list) -> RLState:
-    kl = make_kl_controller(cfg.kl.controller, cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
-    lagrange = (
-        LagrangeMultiplier(
-            cfg.cost.lambda_init, cfg.cost.lambda_lr, cfg.cost.lambda_max, cfg.cost.threshold, cfg.cost.window
-        )
-        if algo.cost
-        else None
-    )
+    kl = kl_controller(cfg)
+    lagrange = make_lagrange(cfg) if algo.cost else None  # Safe RLHF (HC-RLHF: held to the pessimistic bound)
     norm = RunningNorm() if cfg.reward.normalize != "none" else None
     refs = ReferenceScores(cfg.reward.reference_greedy) if cfg.reward.shaping != "none" else None
     return RLState(PromptStream(rows, cfg.train.seed), kl, lagrange, norm, refs=refs)
@@ -530,6 +528,7 @@ def _run(
     held_out = data.eval[: cfg.rollout.eval_prompts]
     eval_prompts = prompt_batch(held_out, [10**9 + i for i in range(len(held_out))], st.prompts.fields)
     gold = st.gold = task_gold(cfg, art)
+    safety = safety_rows(cfg, data.eval)  # HC-RLHF's held-out safety set ([] without a test)
     logger = loop.MetricsLogger(out, start=start)
     for r in data.reports:
         logger.log(start, {"data/report": r})
@@ -571,6 +570,11 @@ def _run(
         step += 1
     bar.close()
     result.eval = run_eval(total)
+    if safety:  # HC-RLHF: the final policy is saved only when the held-out safety test passes
+        prompts = prompt_batch(safety, [2 * 10**9 + i for i in range(len(safety))], st.prompts.fields)
+        result.eval |= safety_gate(roles, prompts, cfg, out)
+        logger.log(total, {k: v for k, v in result.eval.items() if k.startswith("safety/")})
     logger.close()
-    roles.actor.export(out / "model", tok)
+    if result.eval.get("safety/passed", 1.0):
+        roles.actor.export(out / "model", tok)
     return result

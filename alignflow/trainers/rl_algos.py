@@ -18,6 +18,7 @@ reinforce_pp    reinforce_pp    ppo          token_mean                 reward
 safe_ppo        gae (R and C)   ppo          token_mean                 reward    critic, cost critic
 gspo            grpo            gspo         seq_mean_token_mean        loss (k3)
 pf_ppo          gae             ppo          token_mean                 reward    critic; best_random filter
+ma_ppo          macro_gae       ppo          token_mean                 reward    critic (macro actions)
 pairwise_grpo   pairwise        ppo          seq_mean_token_mean        loss (k3)  pairwise source
 ==============  ==============  ===========  =========================  ========  ======================
 
@@ -37,12 +38,14 @@ import torch
 
 from alignflow.algorithms.advantages import ADVANTAGE_ESTIMATORS, broadcast_to_tokens
 from alignflow.algorithms.core import masked_mean, masked_var, masked_whiten
-from alignflow.algorithms.kl import kl_penalty_rewards
+from alignflow.algorithms.kl import KLController, kl_penalty_rewards, make_kl_controller
+from alignflow.algorithms.macro import fixed_ngram_macros, macro_gae, perplexity_macros, random_ngram_macros
 from alignflow.algorithms.safe import safe_combined_advantages, safe_shaped_rewards
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, RLConfig
 from alignflow.trainers.rl_pairwise import check_pairwise, pairwise_metrics, pairwise_step
 from alignflow.trainers.rl_par import check_shaping
+from alignflow.trainers.rl_safety import check_safety_test
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +72,12 @@ ALGORITHMS = {
     "safe_ppo": AlgoSpec("gae", "ppo", "token_mean", "reward", critic=True, cost=True),
     "gspo": AlgoSpec("grpo", "gspo", "seq_mean_token_mean", "loss", min_group=2),
     "pf_ppo": AlgoSpec("gae", "ppo", "token_mean", "reward", critic=True, min_group=2, sample_filter="best_random"),
+    "ma_ppo": AlgoSpec("macro_gae", "ppo", "token_mean", "reward", critic=True),
     "pairwise_grpo": AlgoSpec("pairwise", "ppo", "seq_mean_token_mean", "loss", min_group=2),
 }
 
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+CRITIC_ESTIMATORS = ("gae", "macro_gae")  # estimators that read a critic's values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,13 +105,17 @@ def resolve(cfg: RLConfig) -> Resolved:
     placement = pick(cfg.kl.placement, spec.kl_placement)
     estimator = pick(cfg.kl.estimator, "k1" if placement == "reward" else "k3")
     agg = pick(cfg.algo.loss_agg, spec.loss_agg)
-    if advantage == "gae" and not spec.critic:
+    if advantage in CRITIC_ESTIMATORS and not spec.critic:
         raise ConfigError(
-            f"algo.advantage=gae needs a critic; algo.name={cfg.algo.name} has none (use ppo or "
-            "safe_ppo, or another estimator)"
+            f"algo.advantage={advantage} needs a critic; algo.name={cfg.algo.name} has none (use ppo, "
+            "ma_ppo or safe_ppo, or another estimator)"
         )
-    if spec.critic and advantage != "gae":
-        raise ConfigError(f"algo.name={cfg.algo.name} trains a critic, so algo.advantage must be gae (or auto)")
+    if spec.critic and advantage not in CRITIC_ESTIMATORS:
+        raise ConfigError(
+            f"algo.name={cfg.algo.name} trains a critic, so algo.advantage must be gae or macro_gae (or auto)"
+        )
+    if spec.cost and advantage != "gae":
+        raise ConfigError(f"algo.name={cfg.algo.name} combines reward and cost GAE: algo.advantage must be gae")
     if cfg.algo.old_logprobs == "sampling" and cfg.rollout.backend != "builtin":
         raise ConfigError(
             "algo.old_logprobs=sampling needs rollout.backend=builtin: another backend's log-probs "
@@ -134,6 +143,8 @@ def resolve(cfg: RLConfig) -> Resolved:
         )
     if cfg.algo.entropy_target and not cfg.algo.entropy_coef:
         raise ConfigError("algo.entropy_target clips the entropy term, which is off: set algo.entropy_coef > 0")
+    check_kl_controller(cfg)
+    check_safety_test(cfg)
     if cfg.train.packing:
         raise ConfigError(
             "train.packing: alignflow rl uses token-budget micro-batches and does not pack; set train.packing=false"
@@ -152,6 +163,24 @@ def resolve(cfg: RLConfig) -> Resolved:
         norm_len,
         check_filter(cfg, pick(cfg.algo.sample_filter, spec.sample_filter)),
     )
+
+
+def check_kl_controller(cfg: RLConfig) -> None:
+    """kl.controller=safe needs a reference (kl.coef > 0) and pid_low <= pid_high; ConfigError names the keys."""
+    if cfg.kl.controller != "safe":
+        return
+    if cfg.kl.coef <= 0:
+        raise ConfigError("kl.controller=safe steers the KL coefficient from kl.coef: set kl.coef > 0")
+    if cfg.kl.pid_low > cfg.kl.pid_high:
+        raise ConfigError(f"kl.pid_low={cfg.kl.pid_low} is above kl.pid_high={cfg.kl.pid_high}")
+
+
+def kl_controller(cfg: RLConfig) -> KLController:
+    """The KL controller of ``kl.controller`` with its keys (algorithms/kl.py, KL_CONTROLLERS)."""
+    k = cfg.kl
+    safe = {"kp": k.pid_kp, "ki": k.pid_ki, "kd": k.pid_kd, "low": k.pid_low, "high": k.pid_high}
+    safe |= {"entropy_target": k.entropy_target, "entropy_width": k.entropy_width, "entropy_floor": k.entropy_floor}
+    return make_kl_controller(k.controller, k.coef, k.target, k.horizon, **(safe if k.controller == "safe" else {}))
 
 
 def check_filter(cfg: RLConfig, mode: str) -> str:
@@ -211,6 +240,8 @@ class AdvContext:
     lagrange: float = 0.0  # Safe RLHF lambda
     token_clip: float | None = None  # Safe RLHF per-token clip
     pairwise_center: bool = False  # pairwise advantage against an anchor: p - mean_group(p) (reward.pairwise.center)
+    macro: object = None  # cfg.algo.macro (MA-RLHF termination rule and value weights)
+    seed: int = 0  # seeds the random n-gram macros of this step
 
 
 def token_rewards(batch: Batch, ctx: AdvContext, scores: torch.Tensor) -> torch.Tensor:
@@ -247,6 +278,26 @@ def _safe_gae(batch: Batch, ctx: AdvContext) -> dict:
     return {"advantages": masked_whiten(adv, mask) if ctx.whiten else adv, "returns": ret_r, "cost_returns": ret_c}
 
 
+def macro_ids(batch: Batch, ctx: AdvContext) -> torch.Tensor:
+    """The macro index of every response token under ``algo.macro.rule`` (algorithms/macro.py): (B, T) long."""
+    mask, mc = batch["response_mask"], ctx.macro
+    if mc.rule == "fixed":
+        return fixed_ngram_macros(mask, mc.n)
+    if mc.rule == "random":
+        return random_ngram_macros(mask, mc.lengths, mc.repeat, torch.Generator().manual_seed(ctx.seed))
+    return perplexity_macros(batch["old_logprobs"], mask)
+
+
+def _macro_gae(batch: Batch, ctx: AdvContext) -> dict:
+    """MA-RLHF: GAE over macro actions; every token of a macro gets its advantage and its macro return."""
+    mask = batch["response_mask"]
+    ids = macro_ids(batch, ctx)
+    rewards = token_rewards(batch, ctx, batch["scores"])  # (B, T)
+    adv, ret = macro_gae(rewards, batch["values"], mask, ids, ctx.gamma, ctx.lam, ctx.macro.value_weights)  # (B, T)
+    out = {"advantages": masked_whiten(adv, mask) if ctx.whiten else adv, "returns": ret}
+    return out | {"macro_ids": ids}
+
+
 def _group(name: str):
     def step(batch: Batch, ctx: AdvContext) -> dict:
         mask = batch["response_mask"]
@@ -272,6 +323,7 @@ def _reinforce_pp(batch: Batch, ctx: AdvContext) -> dict:
 
 ADVANTAGE_STEPS = {
     "gae": _gae,
+    "macro_gae": _macro_gae,
     "safe_gae": _safe_gae,
     "grpo": _group("grpo"),
     "dr_grpo": _group("dr_grpo"),
@@ -297,6 +349,9 @@ def advantage_metrics(batch: Batch) -> dict:
         "policy/advantage_mean": float(masked_mean(batch["advantages"], mask)),
         "policy/advantage_std": float(masked_var(batch["advantages"], mask).sqrt()),
     }
+    if "macro_ids" in batch:  # MA-RLHF: mean macro length, tokens per macro over the batch
+        ids = batch["macro_ids"]
+        out["macro/mean_len"] = float(mask.sum() / (ids.max(-1).values + 1).clamp(min=0).sum().clamp(min=1))
     if "returns" in batch:
         out["critic/explained_var"] = explained_variance(batch["values"], batch["returns"], mask)
         out["critic/return_mean"] = float(masked_mean(batch["returns"], mask))
