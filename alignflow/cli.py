@@ -1,6 +1,6 @@
 """``alignflow <command> [--config file.yaml] [section.key=value ...]``
 
-Commands: sft, ift, rm, pm, rl, po, online_po, superhf, alol, mpo, eval, demo, serve, merge, merge_models, recipe,
+Commands: sft, ift, rm, pm, rl, po, online_po, superhf, alol, cgpo, mpo, eval, demo, serve, merge, merge_models, recipe,
 refuel.
 ``alignflow <command> --help`` lists every config key with its default and doc.
 User mistakes (a bad config key or value, a malformed data row, a model path that does not load) end with a
@@ -17,6 +17,7 @@ import time
 
 from alignflow.config import (
     ALoLConfig,
+    CGPOConfig,
     ConfigError,
     DemoConfig,
     EvalConfig,
@@ -56,6 +57,11 @@ COMMANDS = {
     ),
     "superhf": (SuperHFConfig, "alignflow.trainers.superhf:train_superhf", "SuperHF: best-of-n SFT + KL prior"),
     "alol": (ALoLConfig, "alignflow.trainers.alol:train_alol", "A-LoL: advantage-weighted offline RL"),
+    "cgpo": (
+        CGPOConfig,
+        "alignflow.trainers.cgpo:train_cgpo",
+        "CGPO: rule and LLM judges as constraints (CRPG, CODPO, CRRAFT)",
+    ),
     "online_po": (
         OnlinePOConfig,
         "alignflow.trainers.online_po:train_online_po",

@@ -10,6 +10,11 @@ from alignflow.config.alol import (
     ALoLOptions,
     ValueFitConfig,
 )
+from alignflow.config.cgpo import (
+    CGPO_UPDATES,
+    CGPOConfig,
+    CGPOOptions,
+)
 from alignflow.config.demo import (
     DemoConfig,
 )
@@ -115,6 +120,9 @@ __all__ = [
     "ALoLConfig",
     "ALoLOptions",
     "AlgoConfig",
+    "CGPOConfig",
+    "CGPOOptions",
+    "CGPO_UPDATES",
     "ConfigError",
     "CostConfig",
     "CriticConfig",

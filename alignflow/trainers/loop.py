@@ -227,7 +227,10 @@ def read_metrics(path: str | Path) -> list[dict]:
 # Every command's progress bar reads "<label> step n/total |bar| [elapsed<remaining, loss=..., tok/s=...]"; the
 # label is the command, then what it runs: sft, rm/bt, rm/bt/member-1, pm, rl/grpo, po/dpo, online_po/inpo,
 # superhf, alol/seq, mpo/dpo then mpo/ppo, eval (one unit per policy evaluated).
-BAR_COMMANDS = ("sft", "ift", "rm", "pm", "rl", "po", "online_po", "superhf", "alol", "mpo", "eval", "vpl", "refuel")
+BAR_COMMANDS = (
+    *("sft", "ift", "rm", "pm", "rl", "po", "online_po", "superhf", "alol", "mpo", "eval", "vpl", "refuel"),
+    "cgpo",
+)
 BAR_FORMAT = "{desc} {unit} {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}{postfix}]"
 
 
