@@ -18,10 +18,18 @@ from alignflow.cli import COMMANDS, main
 from alignflow.config import CGPOConfig, ConfigError, from_dict, load_config
 from alignflow.data.formats import DataError
 from alignflow.data.pipeline import prepare_data
-from alignflow.models import load_tokenizer
+from alignflow.models import load_causal_lm, load_tokenizer
 from alignflow.rollout import HFEngine, SamplingParams
 from alignflow.tasks import reviews
-from alignflow.trainers.cgpo import TaskRewards, build_cgpo_run, build_judges, cgpo_loss, cgpo_step, train_cgpo
+from alignflow.trainers.cgpo import (
+    TaskRewards,
+    build_cgpo_run,
+    build_judges,
+    cgpo_loss,
+    cgpo_step,
+    row_logps,
+    train_cgpo,
+)
 from alignflow.trainers.rl_setup import PromptStream
 
 CPU = torch.device("cpu")
@@ -85,8 +93,6 @@ def test_infeasible_sample_gets_no_crpg_weight_in_the_step(reviews_task, reviews
     loss.backward()
     got = {n: p.grad.clone() for n, p in run.policy.named_parameters()}
     run.policy.zero_grad(set_to_none=True)
-    from alignflow.trainers.cgpo import row_logps
-
     lp = row_logps(run, batch, [0, 2])
     (-(w[0] * lp[0] + w[2] * lp[1]) / 4).backward()
     for name, p in run.policy.named_parameters():
@@ -199,19 +205,23 @@ def sampled(task, model, k: int = 48) -> tuple[float, float]:
 
 
 def test_crpg_raises_constraint_satisfaction_and_not_gold_falls(reviews_task, reviews_sft, tmp_path):
-    """CRPG against the tone-only reward with the grammatical and no_repeats judges, 16 steps of 8 prompts x 4
-    samples: the share of held-out samples both judges accept rises and the gold reward does not fall."""
+    """CRPG against the tone-only reward with the grammatical and no_repeats judges, 8 steps of 8 prompts x 4
+    samples (lr 3e-3): the share of held-out samples both judges accept rises and the gold reward does not fall
+    (measured: accepted 0.057 -> 0.464, gold -2.44 -> -1.36; CRRAFT 0.057 -> 0.354, CODPO at lr 1e-3 0.057 ->
+    0.203)."""
     cfg = cgpo_cfg(
         reviews_task,
         reviews_sft,
         tmp_path,
         rollout={"prompts_per_step": 8, "n": 4, "max_new_tokens": 24},
-        train={"max_steps": 16},
+        optim={"lr": 3e-3},
+        train={"max_steps": 8},
     )
-    from alignflow.models import load_causal_lm
-
     ok0, gold0 = sampled(reviews_task, load_causal_lm(cfg.model))
     result = train_cgpo(cfg)
     ok1, gold1 = sampled(reviews_task, result.model)
-    assert ok1 > ok0 + 0.05, (ok0, ok1, gold0, gold1)
+    assert ok1 > ok0 + 0.2, (ok0, ok1, gold0, gold1)
     assert gold1 >= gold0, (ok0, ok1, gold0, gold1)
+    h = result.history
+    assert all(set(x) >= {"constraints/grammatical", "constraints/no_repeats", "cgpo/feasible_share"} for x in h)
+    assert "eval/gold_reward" not in result.eval  # no eval prompts in this configuration
