@@ -475,6 +475,13 @@ class RewardSourceConfig:
     reference_greedy: bool = field(
         False, doc="shaping: one greedy reference response per prompt instead of reference_samples sampled ones."
     )
+    answer_after: str = field(
+        "",
+        doc="RLMT (docs/rlmt.md): the sources score only the text after this delimiter, e.g. </think>; "
+        "empty: the whole response.",
+    )
+    answer_before: str = field("", doc="RLMT: ... cut at this delimiter after it, e.g. </response>; empty: none.")
+    answer_strict: bool = field(False, doc="RLMT: a response without answer_after is scored as the text [NULL].")
 
 
 @dataclasses.dataclass

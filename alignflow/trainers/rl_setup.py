@@ -235,7 +235,8 @@ def role_objects(
         reward = build_sources(cfg.reward, "reward", cfg.task.name, cfg, device, tok.pad_token_id)
         if reward is None:
             raise ConfigError("no reward source: set reward.task (e.g. {gold: 1.0}), reward.functions or reward.models")
-        out["reward"] = RewardRole(reward)
+        r = cfg.reward  # RLMT: reward.answer_* score the answer after the thinking only
+        out["reward"] = RewardRole(reward, answer=(r.answer_after, r.answer_before, r.answer_strict))
     if "cost" in names:
         cost = build_sources(cfg.cost, "cost", cfg.task.name, cfg, device, tok.pad_token_id, cost=True)
         if cost is None:

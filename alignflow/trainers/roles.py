@@ -45,6 +45,7 @@ from alignflow.models.backbone import get_score_head
 from alignflow.models.heads import token_values
 from alignflow.models.logprobs import selected_logprobs, token_logprobs
 from alignflow.models.varlen import flat_hidden_states, supports_varlen
+from alignflow.rewards.thinking import TOKEN_FIELDS, answers
 from alignflow.rollout import HFEngine, SamplingParams
 from alignflow.rollout.vllm_engine import VLLMEngine, actor_weights
 from alignflow.trainers import loop
@@ -265,11 +266,15 @@ class RewardRole:
     here like its value); they join the reward role's output for the advantage step.
     """
 
-    def __init__(self, composite, key: str = "scores"):
+    def __init__(self, composite, key: str = "scores", answer: tuple[str, str, bool] | None = None):
         self.composite, self.key = composite, key
+        self.answer = answer if answer and answer[0] else None  # RLMT (after, before, strict): rewards/thinking.py
 
     @dispatch("split")
     def score(self, batch: Batch) -> Batch:
+        if self.answer is not None:  # RLMT: the sources see the answer after the thinking, as text (no token ids)
+            meta = batch.meta | {"response": answers(batch["response"], *self.answer)}
+            batch = Batch({k: v for k, v in batch.tensors.items() if k not in TOKEN_FIELDS}, meta)
         parts, failures = self.composite.evaluate(batch)
         total = torch.zeros(len(batch), device=next(iter(parts.values())).device)
         extra: dict = {}  # per-row tensors a source leaves besides its value (pairwise preferences, token rewards)
