@@ -28,6 +28,7 @@ from alignflow.config import (
     OnlinePOConfig,
     PMConfig,
     POConfig,
+    QDHFConfig,
     RefuelConfig,
     RLConfig,
     RMConfig,
@@ -93,6 +94,11 @@ COMMANDS = {
         IFTConfig,
         "alignflow.trainers.ift:train_ift",
         "Intuitive Fine-Tuning: SFT data, the model's own guesses mixed into the prefix, one policy",
+    ),
+    "qdhf": (
+        QDHFConfig,
+        "alignflow.trainers.qdhf:train_qdhf",
+        "QDHF: diversity descriptors learned from similarity judgements, a MAP-Elites archive against best-of-n",
     ),
     "vpl": (
         VPLConfig,

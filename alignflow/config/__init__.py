@@ -62,6 +62,7 @@ from alignflow.config.po import (
     POConfig,
     POLossConfig,
 )
+from alignflow.config.qdhf import QDHFConfig, QDHFSection
 from alignflow.config.refuel import (
     RefuelConfig,
     RefuelEnvConfig,
@@ -176,6 +177,8 @@ __all__ = [
     "SuperHFOptions",
     "TaskConfig",
     "TrainConfig",
+    "QDHFConfig",
+    "QDHFSection",
     "VPLConfig",
     "VPLSection",
     "ValueFitConfig",

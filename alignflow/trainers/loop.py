@@ -230,6 +230,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 BAR_COMMANDS = (
     *("sft", "ift", "rm", "pm", "rl", "po", "online_po", "superhf", "alol", "mpo", "eval", "vpl", "refuel"),
     "cgpo",
+    "qdhf",
 )
 BAR_FORMAT = "{desc} {unit} {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}{postfix}]"
 
