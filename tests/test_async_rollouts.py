@@ -140,3 +140,25 @@ def test_async_learning_curve_tracks_the_synchronous_one(reviews_task, reviews_s
         assert last > first + 0.2, (k, gold)
         ends.append(last)
     assert abs(ends[0] - ends[1]) < 0.3, ends
+
+
+def test_checkpoint_gives_back_the_prompts_of_queued_batches():
+    """2 prompts per step, async_steps=1, after step 1: steps 0, 1, 2 have taken 6 prompt rows, the batch of step
+    2 (2 rows) is still queued, so the checkpoint's prompt position is 6 - 2 = 4 = the rows of the 2 trained steps."""
+    from alignflow.algorithms.kl import make_kl_controller
+    from alignflow.trainers.rl import RLState
+    from alignflow.trainers.rl_setup import PromptStream
+
+    stream = PromptStream([{"prompt": str(i), "prompt_ids": [i]} for i in range(10)], seed=0)
+    st = RLState(stream, make_kl_controller("fixed", 0.1, 6.0, 10000.0))
+    pipe = AsyncRollouts(Toy(), lambda p: (Batch({"x": torch.zeros(len(p))}, {"prompt": p["prompt"]}), 0.0), 1)
+    st.pipeline = pipe
+    try:
+        for step in (0, 1):  # what the loop does: queue at the start of the step, take the step's batch, train
+            pipe.schedule(step, 5, lambda: {"w": torch.zeros(())}, lambda: stream.take(2))
+            pipe.take(step)
+        st.step = 2
+        assert stream.position == 6 and pipe.pending_rows == 2
+        assert st.state_dict()["prompt_position"] == 4
+    finally:
+        pipe.close()
