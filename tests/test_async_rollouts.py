@@ -162,3 +162,24 @@ def test_checkpoint_gives_back_the_prompts_of_queued_batches():
         assert st.state_dict()["prompt_position"] == 4
     finally:
         pipe.close()
+
+
+def test_dapo_refill_rounds_sample_the_current_version(reviews_task, reviews_sft, tmp_path):
+    """DAPO's dynamic sampling with async_steps=1 and 1-token responses in groups of 2 (many tied groups): the first
+    round of each step comes from the queue (one version old from step 1 on), the refill rounds from the current
+    weights (staleness 0), so a refilled step's mean staleness is below 1 and its maximum stays 1 (measured: 0.75,
+    0.5, 0.75 on steps 1-3, two rounds each)."""
+    cfg = rl_cfg(
+        reviews_task,
+        tmp_path,
+        reviews_sft,
+        algo={"name": "dapo"},
+        kl={"coef": 0.0},
+        dapo={"dynamic_sampling": True, "max_sample_rounds": 3},
+        rollout={"prompts_per_step": 4, "n": 2, "max_new_tokens": 1, "eval_prompts": 0, "async_steps": 1},
+        train={"batch_size": 8, "max_steps": 4},
+    )
+    h = train_rl(cfg).history
+    assert all(r["rollout/staleness_max"] <= 1.0 for r in h) and h[0]["rollout/staleness_max"] == 0.0
+    refilled = [r for r in h[1:] if r["rollout/sample_rounds"] > 1]
+    assert refilled and all(0.0 < r["rollout/staleness_mean"] < 1.0 for r in refilled), h
