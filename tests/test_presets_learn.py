@@ -55,6 +55,7 @@ SHORT = {
     "rl": ["train.max_steps=9"],
     "online_po": ["online.rounds=3"],
     "superhf": ["train.max_steps=12"],
+    "cgpo": ["train.max_steps=9"],
     "alol": ["train.max_steps=12", "value.steps=20"],
     "mpo": ["dpo.builtin.sft_steps=60", "dpo.train.max_steps=8", "rl.train.max_steps=9"],
     "eval": [],
@@ -97,6 +98,7 @@ REWARD = {
     "online_po": "online/reward_mean",
     "mpo": "rollout/reward_mean",
     "superhf": "superhf/reward_mean",
+    "cgpo": "constraints/all",  # CGPO: the share of samples that no judge flags
     "refuel": "refuel/episode_return_mean",
 }
 
