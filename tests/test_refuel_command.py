@@ -60,8 +60,8 @@ def test_rows_come_from_data_path(tmp_path):
 
 
 def test_short_run_logs_evaluates_and_exports(tmp_path):
-    """2 steps of 4 roll-ins after a 30-step warm start of the built-in model: every step logs the refuel/* metrics, eval/ runs at
-    step 0 and at the end (episodes of the counting dialogue, at most 3 turns), and the model is exported."""
+    """2 steps of 4 roll-ins after a 30-step warm start of the built-in model: every step logs the refuel/* metrics,
+    eval/ runs at step 0 and at the end (counting-dialogue episodes, at most 3 turns), and the model is exported."""
     res = train_refuel(_cfg(tmp_path / "run"))
     assert len(res.history) == 2 and [s for s, _ in res.evals] == [0, 2]
     for m in res.history:
