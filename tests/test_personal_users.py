@@ -194,7 +194,7 @@ def test_vpl_is_more_accurate_per_user_than_plain_bt(reviews_task, tmp_path):
     pairs: held-out accuracy averaged over the three users, VPL (latent 8, 4 context pairs) against the same decoder
     without a latent (plain BT). Measured here: 0.937 against 0.774; BT cannot please the fan and the critic at once
     (critic 0.62), VPL reads the critic from 4 of its pairs (1.0). On the 60-step SFT model's mean hidden state
-    (32 wide) neither learns the users' order (0.55 against 0.52 on 1200 pairs; docs/vpl.md)."""
+    (32 wide) neither learns the users' order (BT 0.544, VPL 0.540 on these pairs; docs/vpl.md)."""
     bt = _vpl(reviews_task, tmp_path, 0, "vpl.embedding=task_ratings")
     vpl = _vpl(reviews_task, tmp_path, 8, "vpl.embedding=task_ratings")
     assert vpl["eval/accuracy"] > bt["eval/accuracy"] + 0.1, (bt, vpl)

@@ -59,6 +59,8 @@ SHORT = {
     "alol": ["train.max_steps=12", "value.steps=20"],
     "mpo": ["dpo.builtin.sft_steps=60", "dpo.train.max_steps=8", "rl.train.max_steps=9"],
     "eval": [],
+    "vpl": ["train.max_steps=60"],
+    "qdhf": ["train.max_steps=30"],
     # multi-turn REFUEL: 9 steps of 16 roll-ins (episode return ~1.2 -> ~2.3 of 3 after the preset's warm start)
     "refuel": ["train.max_steps=9", "refuel.episodes_per_step=16", "refuel.eval_episodes=20"],
 }
@@ -82,7 +84,8 @@ LONGER = {
 }
 # Every step logged (train.log_every: how often, not how much is trained).
 LOG_EVERY_STEP = {
-    c: ["train.log_every=1"] for c in ("sft", "ift", "rm", "pm", "po", "rl", "online_po", "superhf", "alol", "refuel")
+    c: ["train.log_every=1"]
+    for c in ("sft", "ift", "rm", "pm", "po", "rl", "online_po", "superhf", "alol", "refuel", "vpl", "qdhf")
 }
 LOG_EVERY_STEP["mpo"] = ["rl.train.log_every=1"]
 LOSS = {
@@ -92,6 +95,8 @@ LOSS = {
     "pm": "train/loss",
     "po": "train/loss",
     "alol": "alol/loss",
+    "vpl": "train/loss",
+    "qdhf": "train/loss",
 }
 REWARD = {
     "rl": "rollout/reward_mean",

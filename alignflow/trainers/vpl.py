@@ -176,10 +176,10 @@ def train_vpl(cfg: VPLConfig) -> VPLResult:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        result.losses.append(float(loss))
-        bar.update(0, loss=float(loss))
+        result.losses.append(float(loss.detach()))
+        bar.update(0, loss=result.losses[-1])
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            logger.log(step, {"train/loss": float(loss)} | {k: float(x) for k, x in m.items()})
+            logger.log(step, {"train/loss": result.losses[-1]} | {k: float(x) for k, x in m.items()})
     bar.close()
     result.eval = evaluate(model, emb, held_u, train_u, v.context_pairs, v.eval_contexts, cfg.train.seed + 1)
     logger.log(cfg.train.max_steps, result.eval)
