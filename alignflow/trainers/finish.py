@@ -36,7 +36,7 @@ PREFERRED = (
 )
 
 
-RESULT_COMMANDS = ("sft", "ift", "rm", "rl", "po", "online_po", "superhf", "alol", "mpo", "eval", "demo")
+RESULT_COMMANDS = ("sft", "ift", "rm", "rl", "po", "online_po", "superhf", "alol", "cgpo", "mpo", "eval", "demo")
 
 
 class HubPushError(RuntimeError):
