@@ -23,6 +23,7 @@ from alignflow.rollout import HFEngine, SamplingParams
 from alignflow.tasks import reviews
 from alignflow.trainers.cgpo import (
     TaskRewards,
+    anchor_rewards,
     build_cgpo_run,
     build_judges,
     cgpo_loss,
@@ -225,3 +226,26 @@ def test_crpg_raises_constraint_satisfaction_and_not_gold_falls(reviews_task, re
     h = result.history
     assert all(set(x) >= {"constraints/grammatical", "constraints/no_repeats", "cgpo/feasible_share"} for x in h)
     assert "eval/gold_reward" not in result.eval  # no eval prompts in this configuration
+
+
+def test_anchor_field_is_the_reward_of_the_rows_reference(reviews_task, reviews_sft, tmp_path):
+    """cgpo.anchor=field: r_anchor of every sample of a prompt is the reward (here the tone term) of the prompt
+    row's reference response; a row without one stops the step naming the field."""
+    rows = [
+        {"prompt": "Review : the film", "reference": " was wonderful ."},
+        {"prompt": "Review : the plot", "reference": " was dull ."},
+    ]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run, prompts = open_run(
+        reviews_task, reviews_sft, tmp_path / "run", data={"path": str(data)}, cgpo={"anchor": "field"}
+    )
+    batch = run.rollout.generate(prompts)
+    r = torch.zeros(len(batch))
+    pairs = zip(prompts["prompt"], prompts["reference"], strict=True)
+    want = [reviews.gold_components(p, ref)["sentiment"] for p, ref in pairs]
+    got = anchor_rewards(run, batch, r, 2)
+    assert got.tolist() == pytest.approx([want[0], want[0], want[1], want[1]])
+    no_ref = Batch(batch.tensors, {k: v for k, v in batch.meta.items() if k != "reference"})
+    with pytest.raises(DataError, match="no 'reference' response"):
+        anchor_rewards(run, no_ref, r, 2)
