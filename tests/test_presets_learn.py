@@ -80,7 +80,7 @@ LONGER = {
     "thinkrm_grpo": ["train.max_steps=20"],
     "pairwise_grpo": ["train.max_steps=24"],
     "seq2seq_ppo": ["train.max_steps=24"],
-    "judge_grpo": ["train.max_steps=12"],
+    "judge_grpo": ["train.max_steps=3"],  # 96 judge questions a step: the run is checked, not its learning
 }
 # Every step logged (train.log_every: how often, not how much is trained).
 LOG_EVERY_STEP = {
