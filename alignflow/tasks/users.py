@@ -130,6 +130,7 @@ def make_user_rows(cfg: TaskConfig) -> dict[str, list[dict]]:
     """The files' rows, keyed like :data:`FILES` (module docstring). Users take turns, so each has a third."""
     rng, names, noise = task_rng(reviews.NAME, cfg.seed, "users"), list(USERS), USER_NOISE * cfg.label_noise
     train = [_user_pair(rng, "train", cfg, names[i % len(names)], noise) for i in range(cfg.num_pairs)]
+    train = [r for r in train if r]  # with task.label_noise 0, ties are left out as in the held-out file
     rng = task_rng(reviews.NAME, cfg.seed, "users_eval")
     held = [_user_pair(rng, "eval", cfg, names[i % len(names)], 0.0) for i in range(max(300, cfg.num_pairs // 2))]
     held = [r for r in held if r]
