@@ -17,7 +17,7 @@ Four reward sources are trained from the task's SFT model (or the task's base mo
    rate in its group (``bench/judge_rewards.py``). Reported: the gold reward of greedy responses to held-out
    prompts before and after (``eval/gold_reward``; gold is a reward term of weight 0: logged, never optimised).
 
-Run from the repository root (about 8 minutes on 2 idle cores; ``--quick`` cuts every budget for a smoke run)::
+Run from the repository root (189 s measured on 2 shared cores; ``--quick`` cuts every budget for a smoke run)::
 
     nice -n 10 python bench/judge_comparison.py            # -> bench/results/judge_comparison.{md,json}
 """
