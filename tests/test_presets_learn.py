@@ -40,12 +40,11 @@ NOT_YET_LEARNING = {
     "comparisons read 1/2 and the advantages are ~0; the preset's 300-step judge is 0.55-0.61 accurate "
     "(docs/thinkrm.md)",
 }
-# Presets whose optimised reward cannot show learning (a group's win rates average 1/2 by construction; a rewrite's
-# token rewards are bounded by the rewriter): the task's gold reward, logged with weight 0, is checked instead.
+# Presets whose optimised reward cannot show learning (a group's win rates average 1/2 by construction): the task's
+# gold reward, logged with weight 0, is checked instead.
 REWARD_BY_PRESET = {
     "pairwise_grpo": "rollout/reward_gold_mean",
     "judge_grpo": "rollout/reward_gold_mean",
-    "seq2seq_ppo": "rollout/reward_gold_mean",
 }
 COVERED_ELSEWHERE = {"demo": "tests/test_demo.py runs the whole demo on a miniature configuration"}
 
@@ -83,7 +82,6 @@ LONGER = {
     "safe_ppo": ["train.max_steps=24"],
     "thinkrm_grpo": ["train.max_steps=20"],
     "pairwise_grpo": ["train.max_steps=3"],  # its learning is checked in tests/test_pairwise_rlhf_learns.py
-    "seq2seq_ppo": ["train.max_steps=24"],
     "judge_grpo": ["train.max_steps=3"],  # 96 judge questions a step: the run is checked, not its learning
 }
 # Every step logged (train.log_every: how often, not how much is trained).
