@@ -127,6 +127,7 @@ def test_task_field_picks_the_reward_and_unknown_tasks_fail():
     bad = Batch(meta={"prompt": ["a"], "response": ["x"], "task": ["poetry"]})
     with pytest.raises(DataError, match=r"row 0: task 'poetry'.*valid: math, chat"):
         rewards.score(bad)
+    assert TaskRewards(FixedScores([7.0, 7.0, 7.0]), {}).score(batch)["scores"].tolist() == [7.0] * 3  # no routing
     with pytest.raises(DataError, match="row 1 has no 'task' field"):
         TaskRewards(None, {"math": FixedScores([1.0])}).score(batch.select([0, 1]))
 

@@ -66,7 +66,7 @@ log = logging.getLogger("alignflow.cgpo")
 # ----------------------------------------------------------------------------------------------- rewards
 class TaskRewards:
     """``score(batch) -> Batch{"scores": (B,)}``: each row scored by the source of its ``task`` meta field
-    (``by_task``), or by ``default`` when the row has no task."""
+    (``by_task``), or by ``default`` when the row has no task (or no per-task source is configured at all)."""
 
     def __init__(self, default: RewardRole | None, by_task: dict[str, RewardRole]):
         self.default, self.by_task = default, by_task
@@ -87,7 +87,8 @@ class TaskRewards:
         return str(task)
 
     def score(self, batch: Batch) -> Batch:
-        tasks = batch.meta["task"] if "task" in batch.meta else [None] * len(batch)
+        # rows are routed by their task only when per-task rewards are configured
+        tasks = batch.meta["task"] if "task" in batch.meta and self.by_task else [None] * len(batch)
         rows: dict[str | None, list[int]] = {}
         for i, t in enumerate(tasks):
             rows.setdefault(self._source(i, t), []).append(i)
