@@ -19,9 +19,8 @@ class TableScorer:
         self.table = table
 
     def ordered(self, prompts, firsts, seconds):
-        return torch.tensor([self.table[a, b] for a, b in zip(firsts, seconds)], dtype=torch.float64), torch.zeros(
-            len(firsts)
-        )
+        p = [self.table[a, b] for a, b in zip(firsts, seconds, strict=True)]
+        return torch.tensor(p, dtype=torch.float64), torch.zeros(len(firsts))
 
     @staticmethod
     def symmetrise(p_ab, p_ba):
@@ -144,3 +143,32 @@ def test_load_time_rules_name_the_keys():
                 ],
             )
         )
+
+
+def test_pairwise_verdicts_of_the_reviews_judge_and_its_question_format():
+    """The tiny reviews judge ends with "overall this ." (first) or "overall that ." (second); the last verdict of
+    either form counts. Its question is '{prompt}{a} {prompt}{b}' as plain text; an unknown field is refused."""
+    from alignflow.rewards.judge import JudgeReward, parse_verdict
+
+    assert parse_verdict("pairwise", "this : good . that : bad . overall this .") == 1.0
+    assert parse_verdict("pairwise", "overall this . no , overall that .") == 0.0
+    assert parse_verdict("pairwise", "Verdict: A") == 1.0 and parse_verdict("pairwise", "this : plain .") is None
+
+    class Record:
+        def __init__(self):
+            self.asked = []
+
+        def complete(self, questions, temperature=0.0, attempt=0):
+            self.asked += questions
+            return ["overall that ."] * len(questions)
+
+    backend = Record()
+    judge = JudgeReward(backend, "pairwise", question="{prompt}{a} {prompt}{b}")
+    src = PairwiseReward(JudgePairScorer(judge))
+    batch = Batch(
+        meta={"prompt": ["Review : the plot"] * 2, "response": [" was good .", " was bad ."], "group": [0, 0]}
+    )
+    assert src(batch).tolist() == [0.5, 0.5]  # the judge always names the second: each order cancels the other
+    assert "Review : the plot was good . Review : the plot was bad ." in backend.asked
+    with pytest.raises(ValueError, match="nope"):
+        JudgeReward(backend, "pairwise", question="{prompt} {nope}")
