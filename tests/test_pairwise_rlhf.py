@@ -172,3 +172,17 @@ def test_pairwise_verdicts_of_the_reviews_judge_and_its_question_format():
     assert "Review : the plot was good . Review : the plot was bad ." in backend.asked
     with pytest.raises(ValueError, match="nope"):
         JudgeReward(backend, "pairwise", question="{prompt} {nope}")
+
+
+def test_pairwise_advantage_adds_the_kl_return_when_the_kl_is_in_the_reward():
+    """kl.placement=reward, β = 0.5, k1 = lp_old - lp_ref = 0.2 on each of 3 tokens: the KL return is
+    -0.5 * 0.2 * 3 = -0.3, added to the win-rate advantages 0.3, -0.1, -0.2 -> 0.0, -0.4, -0.5."""
+    p = {("a", "b"): 0.8, ("b", "a"): 0.4, ("a", "c"): 0.9, ("c", "a"): 0.1, ("b", "c"): 0.6, ("c", "b"): 0.6}
+    batch = _rl_batch(["a", "b", "c"], [7, 7, 7])
+    batch = batch.union(RewardRole(CompositeReward([("pairwise", PairwiseReward(TableScorer(p)), 1.0)])).score(batch))
+    batch["ref_logprobs"] = torch.full((3, 3), -0.2)
+    _, algo = _algo()
+    ctx = AdvContext(beta=0.5, estimator="k1", gamma=1.0, lam=1.0, whiten=False, reinforce_pp_baseline=False)
+    assert compute_advantages(batch, algo, ctx)["advantages"][:, 0].tolist() == pytest.approx(
+        [0.0, -0.4, -0.5], abs=1e-6
+    )
