@@ -125,10 +125,10 @@ def test_task_field_picks_the_reward_and_unknown_tasks_fail():
     rewards = TaskRewards(FixedScores([7.0, 7.0]), {"math": FixedScores([1.0]), "chat": FixedScores([2.0])})
     assert rewards.score(batch)["scores"].tolist() == [1.0, 7.0, 2.0]
     bad = Batch(meta={"prompt": ["a"], "response": ["x"], "task": ["poetry"]})
-    with pytest.raises(DataError, match=r"row 0: task 'poetry'.*valid: math, chat"):
+    with pytest.raises(DataError, match=r"prompt 'a' \(row 0 of the step\): task 'poetry'.*valid: math, chat"):
         rewards.score(bad)
     assert TaskRewards(FixedScores([7.0, 7.0, 7.0]), {}).score(batch)["scores"].tolist() == [7.0] * 3  # no routing
-    with pytest.raises(DataError, match="row 1 has no 'task' field"):
+    with pytest.raises(DataError, match=r"prompt 'b' \(row 1 of the step\) has no 'task' field"):
         TaskRewards(None, {"math": FixedScores([1.0])}).score(batch.select([0, 1]))
 
 

@@ -71,18 +71,19 @@ class TaskRewards:
     def __init__(self, default: RewardRole | None, by_task: dict[str, RewardRole]):
         self.default, self.by_task = default, by_task
 
-    def _source(self, i: int, task) -> str | None:
+    def _source(self, i: int, task, prompt) -> str | None:
         if task in (None, ""):
             if self.default is None:
                 raise DataError(
-                    f"prompt row {i} has no 'task' field and the reward section has no source; give the row one of "
+                    f"prompt {prompt!r:.60} (row {i} of the step) has no 'task' field and the reward section has "
+                    "no source; give the row one of "
                     f"{', '.join(self.by_task)} or set reward.task / reward.functions / reward.models"
                 )
             return None
         if task not in self.by_task:
             raise DataError(
-                f"prompt row {i}: task {task!r} has no reward in cgpo.task_rewards; valid: "
-                f"{', '.join(self.by_task) or '(none: cgpo.task_rewards is empty)'}"
+                f"prompt {prompt!r:.60} (row {i} of the step): task {task!r} has no reward in "
+                f"cgpo.task_rewards; valid: {', '.join(self.by_task)}"
             )
         return str(task)
 
@@ -91,7 +92,7 @@ class TaskRewards:
         tasks = batch.meta["task"] if "task" in batch.meta and self.by_task else [None] * len(batch)
         rows: dict[str | None, list[int]] = {}
         for i, t in enumerate(tasks):
-            rows.setdefault(self._source(i, t), []).append(i)
+            rows.setdefault(self._source(i, t, batch.meta["prompt"][i]), []).append(i)
         out = torch.zeros(len(batch))
         for key, idx in rows.items():
             role = self.default if key is None else self.by_task[key]
