@@ -160,7 +160,7 @@ class TaskConfig:
     name: str = field(
         "reviews",
         doc="Built-in task used when model/data paths are empty (calculator: multi-turn with a tool, see env.task).",
-        choices=("reviews", "arithmetic", "calculator", "code"),
+        choices=("reviews", "arithmetic", "calculator", "code", "bandit"),
     )
     seed: int = field(0, doc="Seed for the task's grammar, data and model initialisation.")
     num_sft: int = field(4000, doc="Rows of SFT corpus generated.", range=(1, None))

@@ -21,10 +21,16 @@ import uuid
 from pathlib import Path
 
 from alignflow.config import ConfigError, TaskConfig
-from alignflow.tasks import arithmetic, calculator, code, common, reviews, reviews_judge, reviews_rewrite, users
+from alignflow.tasks import arithmetic, bandit, calculator, code, common, reviews, reviews_judge, reviews_rewrite, users
 from alignflow.tasks.common import FILES, MANIFEST, TaskArtifacts, TaskSpec
 
-TASKS = {"reviews": reviews.TASK, "arithmetic": arithmetic.TASK, "calculator": calculator.TASK, "code": code.TASK}
+TASKS = {
+    "reviews": reviews.TASK,
+    "arithmetic": arithmetic.TASK,
+    "calculator": calculator.TASK,
+    "code": code.TASK,
+    "bandit": bandit.TASK,
+}
 # task -> modules with FILES and write_files(cfg, dir): the judge data, the users' preferences (P-DPO, VPL),
 # the rewrite data of the seq2seq reward model
 EXTRA_FILES = {"reviews": (reviews_judge, users, reviews_rewrite)}
