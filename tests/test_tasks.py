@@ -332,7 +332,7 @@ def test_arithmetic_format_and_accuracy_rewards():
 
 
 def test_task_table_and_named_gold_rewards(built):
-    assert set(TASKS) == {"reviews", "arithmetic", "calculator", "code"}
+    assert set(TASKS) == {"reviews", "arithmetic", "calculator", "code", "bandit"}
     assert built["reviews"].gold_reward is reviews.gold_reward
     assert built["arithmetic"].gold_reward is arithmetic.gold_reward
     assert built["arithmetic"].rewards["format"] is arithmetic.format_reward
