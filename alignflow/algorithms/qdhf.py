@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 
 
-def triplet_loss(z_ref: Tensor, z1: Tensor, z2: Tensor, y: Tensor, margin: float = 0.05) -> tuple[Tensor, dict]:
+def triplet_loss(
+    z_ref: Tensor, z1: Tensor, z2: Tensor, y: Tensor, margin: float = 0.05
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean hinge ``max(0, margin - y * delta)`` over (B, K) descriptors; ``y`` (B,) in {+1, -1}. Metrics:
     ``qdhf/triplet_accuracy`` (fraction with y * delta > 0)."""
     delta = (z_ref - z1).pow(2).sum(-1) - (z_ref - z2).pow(2).sum(-1)  # (B,)

@@ -78,8 +78,10 @@ class VPLRewardModel(nn.Module):
         if self.encoder is None:
             empty = context.new_zeros(context.shape[0], 0)
             return empty, empty
-        return self.encoder(context)
+        mu, logvar = self.encoder(context)
+        return mu, logvar
 
     def reward(self, emb: Tensor, z: Tensor) -> Tensor:
         """r(e, z) for embeddings (..., D) and latents broadcast to (..., L) -> (...)."""
-        return self.decoder(torch.cat([emb, z.expand(*emb.shape[:-1], z.shape[-1])], -1)).squeeze(-1)
+        out: Tensor = self.decoder(torch.cat([emb, z.expand(*emb.shape[:-1], z.shape[-1])], -1))
+        return out.squeeze(-1)
