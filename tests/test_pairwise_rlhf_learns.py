@@ -38,14 +38,15 @@ def test_pairwise_grpo_raises_the_gold_reward(tmp_path, monkeypatch):
             "data.eval_path=",
             "reward.pairwise.model=gold-oracle",
             f"train.output_dir={tmp_path / 'run'}",
-            "train.max_steps=12",
+            "train.max_steps=10",
             "train.log_every=1",
             "train.progress=false",
             "rollout.prompts_per_step=8",
-            "rollout.max_new_tokens=16",
-            "rollout.eval_prompts=32",
+            "rollout.max_new_tokens=12",
+            "rollout.eval_prompts=8",
             "train.batch_size=32",
-            "optim.lr=1e-3",
+            "optim.lr=3e-3",
+            "train.eval_every=0",
             "task.num_sft=64",
             "task.num_pairs=64",
         ],
@@ -53,6 +54,6 @@ def test_pairwise_grpo_raises_the_gold_reward(tmp_path, monkeypatch):
     result = train_rl(cfg)
     rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     gold = [r["rollout/reward_gold_mean"] for r in rows if "rollout/reward_gold_mean" in r]
-    assert len(gold) == 12 and all("pairwise/best_win_rate" in r for r in rows if "rollout/reward_gold_mean" in r)
-    first, last = sum(gold[:4]) / 4, sum(gold[-4:]) / 4
+    assert len(gold) == 10 and all("pairwise/best_win_rate" in r for r in rows if "rollout/reward_gold_mean" in r)
+    first, last = sum(gold[:3]) / 3, sum(gold[-3:]) / 3  # measured: -1.25 -> -0.32
     assert last > first + 0.5, gold
