@@ -10,7 +10,7 @@ demo: setup
 	$(PY) -m alignflow.cli demo
 
 test: setup
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n 2
 
 bench:
 	PYTHON=$(PY) bash scripts/setup.sh dev,bench

@@ -2,6 +2,11 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: N processes share the cores, one torch thread each
+    import torch
+
+    torch.set_num_threads(1)
+
 import pytest
 
 

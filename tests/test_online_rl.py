@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from alignflow.algorithms.kl import make_kl_controller
 from alignflow.batch import Batch, cat_rollouts
 from alignflow.config import ConfigError, RLConfig, SFTConfig, TaskConfig, from_dict, load_config
 from alignflow.data.pipeline import prepare_data
@@ -398,7 +399,7 @@ def test_dynamic_sampling_keeps_informative_groups_and_refills(reviews_task, tmp
     )
     roles = build_roles(cfg, resolve(cfg), torch.device("cpu"), 1)
     rows = prepare_data(cfg.data, roles.tokenizer, expect=("prompt",)).train
-    st = online.RLState(PromptStream(rows, 0), online.make_kl_controller("fixed", 0.0))
+    st = online.RLState(PromptStream(rows, 0), make_kl_controller("fixed", 0.0))
     batch, m = online.collect_rollouts(roles, st, cfg, online._Tally())
     assert len(batch) == 6 * 4 and m["rollout/kept_groups"] == 6 and m["rollout/sample_rounds"] >= 2
     for g in set(batch["group"]):

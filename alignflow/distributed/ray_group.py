@@ -252,7 +252,7 @@ class WorkerSet:
     def _get(self, refs: list) -> list:
         """Results of ``refs``; the first worker failure raises :class:`WorkerLost` at once."""
         ray = require_ray()
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         pending, done = list(refs), {}
         while pending:
@@ -267,7 +267,31 @@ class WorkerSet:
                 raise WorkerLost(
                     f"worker set '{self.name}': a worker died ({type(e).__name__}: {str(e).splitlines()[0]})"
                 ) from e
+            except RayTaskError as e:
+                # A rank whose peer died can fail in its collective (the connection closes) before Ray reports
+                # the death: look at the other ranks' results, and call it a lost worker if one of them died.
+                dead = self._dead_rank(pending)
+                if dead is not None:
+                    raise WorkerLost(
+                        f"worker set '{self.name}': a worker died and a peer's collective failed ({dead})"
+                    ) from e
+                raise
         return [done[r] for r in refs]
+
+    def _dead_rank(self, refs: list, wait_s: float = 30.0) -> str | None:
+        """The first of ``refs`` that fails with a dead worker within ``wait_s`` seconds, described; else None."""
+        ray = require_ray()
+        from ray.exceptions import RayActorError
+
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=wait_s)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayActorError as e:
+                return f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            except Exception:  # noqa: BLE001 -- another rank's own failure; keep looking for a dead one
+                continue
+        return None
 
     def group(self, role: str) -> RayGroup:
         if role not in self.modes:

@@ -23,6 +23,7 @@ from pathlib import Path
 from alignflow.config import DemoConfig, ModelConfig, RLConfig, RMConfig, SFTConfig, from_dict
 from alignflow.data.render import encode_pair
 from alignflow.eval.evaluate import policy_metrics, reviews_grammatical
+from alignflow.eval.frontier import frontier_from_metrics
 from alignflow.models import load_causal_lm
 from alignflow.models.sequences import score
 from alignflow.rollout.sample import sample
@@ -377,7 +378,6 @@ def write_report(
             f"{algo}: KL to the SFT policy",
             "nats",
         )
-        from alignflow.eval.frontier import frontier_from_metrics
 
         frontier_from_metrics([out / "rl"], out / "rl_frontier.png", reward_key="rollout/reward_gold_mean")
         lines += [

@@ -28,11 +28,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from alignflow.config import ConfigError, TaskConfig, field
+from alignflow.config import ConfigError, DataConfig, ModelConfig, TaskConfig, field
 from alignflow.data.formats import DataError
-from alignflow.tasks import get_task
+from alignflow.data.pipeline import prepare_data
+from alignflow.models import load_causal_lm, load_tokenizer
+from alignflow.rollout.implicit_search import implicit_reward_beam_search
+from alignflow.tasks import build_task, get_task
 from alignflow.tasks.arithmetic import accuracy_reward, format_reward
 from alignflow.tasks.reviews import attribute_ratings
+from alignflow.tasks.weak_signals import SIGNALS, agreement, heron_relabel
 
 
 @dataclasses.dataclass
@@ -287,8 +291,6 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
 def heron(cfg: HeronConfig) -> dict[str, Any]:
     """``heron``: the relabelled pairs and the counts (pairs kept, ties, pairs decided by each signal, agreement of the
     old and the new labels with the gold reward)."""
-    from alignflow.data.formats import DataError
-    from alignflow.tasks.weak_signals import SIGNALS, agreement, heron_relabel
 
     if len(cfg.margins) != len(SIGNALS) or any(m < 0 for m in cfg.margins):
         raise ConfigError(
@@ -311,12 +313,6 @@ def heron(cfg: HeronConfig) -> dict[str, Any]:
 def implicit_search(cfg: ImplicitSearchConfig) -> dict[str, Any]:
     """``implicit_search``: gold reward and implicit reward of the beam-search and the greedy answers."""
     import torch
-
-    from alignflow.config import DataConfig, ModelConfig
-    from alignflow.data.pipeline import prepare_data
-    from alignflow.models import load_causal_lm, load_tokenizer
-    from alignflow.rollout.implicit_search import implicit_reward_beam_search
-    from alignflow.tasks import build_task
 
     if not cfg.policy or not cfg.reference:
         raise ConfigError("policy and reference: implicit_search needs both model directories")

@@ -41,9 +41,14 @@ from typing import Any
 import torch
 
 from alignflow.batch import Batch
+from alignflow.config import ConfigError, ModelConfig
+from alignflow.data.render import chat_ids
+from alignflow.models import load_causal_lm, load_tokenizer
 from alignflow.rewards.base import output_device
+from alignflow.rewards.remote import _Fatal, post_with_retries
 from alignflow.rewards.rules import RewardError
 from alignflow.rewards.verdict import FIRST, parse_position
+from alignflow.rollout import HFEngine, SamplingParams
 
 TEMPLATES = {
     "pointwise": (
@@ -106,7 +111,6 @@ class LocalJudge:
     """
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 256, seed: int = 0, chat: bool = True):
-        from alignflow.rollout import HFEngine
 
         self.model, self.tokenizer, self.max_new_tokens, self.seed = model, tokenizer, int(max_new_tokens), seed
         self.chat = chat  # False: the question as plain text even when the tokenizer has a chat template
@@ -122,15 +126,12 @@ class LocalJudge:
     def from_path(
         cls, path: str, device="cpu", max_new_tokens: int = 256, seed: int = 0, chat: bool = True
     ) -> LocalJudge:
-        from alignflow.config import ModelConfig
-        from alignflow.models import load_causal_lm, load_tokenizer
 
         model = load_causal_lm(ModelConfig(name_or_path=path), device)
         model.requires_grad_(False)
         return cls(model.eval(), load_tokenizer(path), max_new_tokens, seed, chat)
 
     def _ids(self, question: str) -> list[int]:
-        from alignflow.data.render import chat_ids
 
         tok = self.tokenizer
         if self.chat and getattr(tok, "chat_template", None):
@@ -140,7 +141,6 @@ class LocalJudge:
         return ids[-self.limit :]
 
     def complete(self, questions: list[str], temperature: float = 0.0, attempt: int = 0) -> list[str]:
-        from alignflow.rollout import SamplingParams
 
         params = SamplingParams(
             temperature=temperature, max_new_tokens=self.max_new_tokens, seed=self.seed * 1_000_003 + attempt
@@ -180,7 +180,6 @@ class EndpointJudge:
 
     @staticmethod
     def _content(reply: Any) -> str:
-        from alignflow.rewards.remote import _Fatal
 
         try:
             content = reply["choices"][0]["message"]["content"]
@@ -191,7 +190,6 @@ class EndpointJudge:
         return content
 
     def complete(self, questions: list[str], temperature: float = 0.0, attempt: int = 0) -> list[str]:
-        from alignflow.rewards.remote import post_with_retries
 
         key = os.environ.get(self.api_key_env, "")
         headers = {"Authorization": f"Bearer {key}"} if key else None
@@ -402,7 +400,6 @@ class JudgeReward:
 
 def build_judge(cfg, device="cpu", seed: int = 0, key: str = "reward.judge") -> JudgeReward:
     """A :class:`JudgeReward` from a :class:`~alignflow.config.JudgeConfig`; ConfigError naming ``key``."""
-    from alignflow.config import ConfigError
 
     if bool(cfg.model) == bool(cfg.url):
         raise ConfigError(

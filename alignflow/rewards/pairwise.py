@@ -31,7 +31,10 @@ import torch
 
 from alignflow.algorithms.pairwise_adv import group_win_rate_advantages
 from alignflow.batch import Batch
+from alignflow.config import ConfigError
 from alignflow.rewards.base import output_device
+from alignflow.rewards.judge import build_judge
+from alignflow.rewards.preference_model import PreferenceModel
 from alignflow.rewards.rules import RewardError
 
 
@@ -163,7 +166,6 @@ class PairwiseReward:
 def build_pairwise(cfg, judge_cfg, device="cpu", seed: int = 0, key: str = "reward.pairwise") -> PairwiseReward:
     """A :class:`PairwiseReward` from a :class:`~alignflow.config.PairwiseRewardConfig` (and the judge section
     when ``judge`` is on); ConfigError naming ``key``."""
-    from alignflow.config import ConfigError
 
     if bool(cfg.model) == bool(cfg.judge):
         raise ConfigError(
@@ -171,15 +173,11 @@ def build_pairwise(cfg, judge_cfg, device="cpu", seed: int = 0, key: str = "rewa
             f"(reward.judge with template pairwise); got model={cfg.model!r}, judge={cfg.judge}"
         )
     if cfg.judge:
-        from alignflow.rewards.judge import build_judge
-
         if judge_cfg.template != "pairwise":
             raise ConfigError(f"{key}.judge: reward.judge.template must be pairwise, got {judge_cfg.template}")
         scorer: ModelPairScorer | JudgePairScorer = JudgePairScorer(
             build_judge(judge_cfg, device, seed, key.rsplit(".", 1)[0] + ".judge")
         )
     else:
-        from alignflow.rewards.preference_model import PreferenceModel
-
         scorer = ModelPairScorer(PreferenceModel(cfg.model, device))
     return PairwiseReward(scorer, cfg.anchor, cfg.anchor_field)

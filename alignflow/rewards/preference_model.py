@@ -30,6 +30,14 @@ from typing import Any
 
 import torch
 
+from alignflow.config import ModelConfig
+from alignflow.data.collate import pad_right, token_budget_groups
+from alignflow.data.render import encode_pair
+from alignflow.models import ModelLoadError, load_reward_model, load_tokenizer
+from alignflow.models.backbone import get_score_head, hidden_states, last_token_index
+from alignflow.rewards.base import output_device
+from alignflow.rewards.rules import RewardError
+
 META_FILE = "pairwise_pm.json"
 
 
@@ -45,8 +53,6 @@ def pair_sequence(prompt: list[int], a: list[int], b: list[int], max_len: int) -
 
 def pair_logits(model, items: list[tuple[list[int], int]], pad_id: int, device) -> torch.Tensor:
     """z = u_a - u_b (N,) float32 for (sequence, index of a's last token) items, in one right-padded forward."""
-    from alignflow.data.collate import pad_right
-    from alignflow.models.backbone import get_score_head, hidden_states, last_token_index
 
     ids = pad_right([s for s, _ in items], pad_id).to(device)  # (N, T)
     mask = pad_right([[1] * len(s) for s, _ in items], 0).to(device)  # (N, T)
@@ -61,7 +67,6 @@ def pair_logits(model, items: list[tuple[list[int], int]], pad_id: int, device) 
 @torch.no_grad()
 def score_pairs(model, items: list[tuple[list[int], int]], pad_id: int, device, budget: int = 8192) -> torch.Tensor:
     """:func:`pair_logits` of many items under a padded-token budget, in input order; (N,) on the CPU."""
-    from alignflow.data.collate import token_budget_groups
 
     was = model.training
     model.eval()
@@ -93,8 +98,6 @@ class PreferenceModel:
         symmetric: bool | None = None,
         budget: int = 8192,
     ):
-        from alignflow.config import ModelConfig
-        from alignflow.models import ModelLoadError, load_reward_model, load_tokenizer
 
         if path is not None:
             meta_path = Path(path) / META_FILE
@@ -113,7 +116,6 @@ class PreferenceModel:
 
     def encode(self, prompt: Any, response: str) -> tuple[list[int], list[int]]:
         """(prompt ids, response ids) as the data pipeline tokenises a (prompt, completion) pair."""
-        from alignflow.data.render import encode_pair
 
         completion = response if isinstance(prompt, str) else [{"role": "assistant", "content": response}]
         enc = encode_pair(self.tokenizer, prompt, completion, 10**9, 10**9)
@@ -175,8 +177,6 @@ class PreferenceReward:
         self.model, self.anchor_field = model, anchor_field
 
     def __call__(self, batch) -> torch.Tensor:
-        from alignflow.rewards.base import output_device
-        from alignflow.rewards.rules import RewardError
 
         anchors = batch.meta.get(self.anchor_field) if self.anchor_field in batch.meta else None
         for i in range(len(batch)):

@@ -20,6 +20,13 @@ from collections.abc import Sequence
 
 import torch
 
+from alignflow.config import ConfigError, ModelConfig
+from alignflow.data.render import encode_prompt
+from alignflow.models import load_causal_lm, load_tokenizer
+from alignflow.rewards.base import output_device
+from alignflow.rewards.judge import prompt_text
+from alignflow.rollout import HFEngine, SamplingParams
+
 
 def edit_token_rewards(
     response: Sequence[str],
@@ -51,7 +58,6 @@ class Rewriter:
     prompt (:func:`alignflow.data.render.encode_prompt`), its last tokens kept when it is too long."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 64):
-        from alignflow.rollout import HFEngine
 
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, int(max_new_tokens)
         self.engine = HFEngine(model, tokenizer)
@@ -59,16 +65,12 @@ class Rewriter:
 
     @classmethod
     def from_path(cls, path: str, device="cpu", max_new_tokens: int = 64) -> Rewriter:
-        from alignflow.config import ModelConfig
-        from alignflow.models import load_causal_lm, load_tokenizer
 
         model = load_causal_lm(ModelConfig(name_or_path=path), device)
         model.requires_grad_(False)
         return cls(model.eval(), load_tokenizer(path), max_new_tokens)
 
     def rewrite(self, texts: list[str]) -> list[str]:
-        from alignflow.data.render import encode_prompt
-        from alignflow.rollout import SamplingParams
 
         if not texts:
             return []
@@ -106,7 +108,6 @@ class Seq2SeqReward:
         self.last_fields: dict = {}
 
     def _rewrites(self, prompts: list, responses: list[str]) -> list[str]:
-        from alignflow.rewards.judge import prompt_text
 
         keys = [(prompt_text(p), r) for p, r in zip(prompts, responses, strict=True)]
         todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
@@ -125,7 +126,6 @@ class Seq2SeqReward:
         return [r[:-1] if r and r[-1] == eos else r for r in rows]
 
     def __call__(self, batch) -> torch.Tensor:
-        from alignflow.rewards.base import output_device
 
         rewrites = self._rewrites(list(batch.meta["prompt"]), list(batch.meta["response"]))
         rows = self._response_ids(batch)
@@ -143,8 +143,6 @@ class Seq2SeqReward:
 def build_seq2seq(cfg, rl_cfg, device="cpu", key: str = "reward.seq2seq") -> Seq2SeqReward:
     """A :class:`Seq2SeqReward` from a :class:`~alignflow.config.Seq2SeqRewardConfig`; the policy's tokenizer
     comes from ``rl_cfg.model``. ConfigError names ``key``."""
-    from alignflow.config import ConfigError
-    from alignflow.models import load_tokenizer
 
     if rl_cfg.reward.normalize != "none" or rl_cfg.reward.clip > 0:
         raise ConfigError(

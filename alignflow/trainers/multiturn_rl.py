@@ -41,6 +41,7 @@ from alignflow.envs.multiturn import (
     write_trajectories,
 )
 from alignflow.rollout.sampling import SamplingParams
+from alignflow.tasks import TASKS, get_task
 from alignflow.trainers import loop
 
 log = logging.getLogger("alignflow.rl")
@@ -60,8 +61,6 @@ def check(cfg: RLConfig) -> None:
     if cfg.env.task and cfg.env.path:
         raise ConfigError("env.task and env.path both name an environment; set one of them")
     if cfg.env.task:
-        from alignflow.tasks import TASKS, get_task
-
         if get_task(cfg.task.name).make_env is None:
             with_env = [n for n, spec in TASKS.items() if spec.make_env is not None]
             raise ConfigError(
@@ -89,8 +88,6 @@ def check(cfg: RLConfig) -> None:
 def env_factory(cfg: RLConfig):
     """A factory of fresh environments: the built-in task's (``env.task``) or ``env.path`` with ``env.kwargs``."""
     if cfg.env.task:
-        from alignflow.tasks import get_task
-
         make = get_task(cfg.task.name).make_env
         return lambda: make(**cfg.env.kwargs)
     return load_env_factory(cfg.env.path, **cfg.env.kwargs)

@@ -70,6 +70,7 @@ from alignflow.distributed.save import save_model
 from alignflow.models import load_causal_lm
 from alignflow.models.sequences import sequence_logps
 from alignflow.models.varlen import supports_varlen
+from alignflow.rewards.preference_model import PreferenceModel
 from alignflow.rollout.mixture import generate_mixture
 from alignflow.rollout.sample import sample_batch
 from alignflow.rollout.sampling import SamplingParams
@@ -241,8 +242,6 @@ def build_run(cfg: OnlinePOConfig, device, tok) -> OnlineRun:
     rollout = Rollout(policy, tok, cfg.rollout, device, cfg.train.mixed_precision, cfg.train.seed)
     pm = None
     if cfg.online.preference_model:
-        from alignflow.rewards.preference_model import PreferenceModel
-
         pm = PreferenceModel(cfg.online.preference_model, device, budget=cfg.train.micro_batch_tokens)
     return OnlineRun(cfg, policy, tok, device, rollout, RewardRole(reward), kw, pm=pm)
 

@@ -32,6 +32,7 @@ from alignflow.envs.multiturn import (
     _step_episode,
 )
 from alignflow.models.sequences import sequence_logps
+from alignflow.rollout.engine import HFEngine
 from alignflow.rollout.sampling import SamplingParams
 
 
@@ -178,7 +179,6 @@ def train_refuel(model, tokenizer, make_env, rows: list[dict], s: RefuelSettings
     """``s.steps`` REFUEL steps on ``rows`` (cycled) against environments from ``make_env``; per-step metrics
     (``loss``, ``future_return_mean``, ``abs_return_gap``, ``rollin_ended``, ``episode_return_mean``: the mean
     return of the whole branched episodes)."""
-    from alignflow.rollout.engine import HFEngine
 
     rng = random.Random(s.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)

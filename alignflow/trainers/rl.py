@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from alignflow.algorithms.core import masked_mean
 from alignflow.algorithms.dapo import dynamic_sampling_filter, overlong_penalty
 from alignflow.algorithms.kl import sequence_kl
 from alignflow.batch import Batch, cat_rollouts
@@ -357,7 +358,6 @@ def rl_step(roles: Roles, st: RLState, cfg: RLConfig, algo: Resolved) -> dict:
 
 
 def batch_metrics(batch: Batch) -> dict:
-    from alignflow.algorithms.core import masked_mean
 
     mask = batch["response_mask"]
     out = {"policy/entropy": float(masked_mean(batch["entropy"], mask))} if "entropy" in batch else {}

@@ -23,7 +23,11 @@ from alignflow.distributed.placement import roles_on_workers, set_plan, start_se
 from alignflow.distributed.ray_group import WorkerSet, check_resources, init_ray, maybe_ray
 from alignflow.models import load_causal_lm, load_tokenizer, load_value_model
 from alignflow.rewards import CallableReward, CompositeReward, CostModelScorer, RewardModelScorer
+from alignflow.rewards.judge import build_judge
+from alignflow.rewards.pairwise import build_pairwise
+from alignflow.rewards.remote import RemoteReward
 from alignflow.rewards.rules import reward_options, user_code_files
+from alignflow.rewards.seq2seq import build_seq2seq
 from alignflow.tasks import get_task
 from alignflow.trainers.loop import set_seed
 from alignflow.trainers.ptx import build_ptx
@@ -77,8 +81,6 @@ def build_sources(
         parts.append((scorer.name, scorer, getattr(section, "model_weight", 1.0)))
     remote = getattr(section, "remote", None)
     if remote is not None and remote.url:
-        from alignflow.rewards.remote import RemoteReward
-
         try:
             fn = RemoteReward(
                 remote.url, remote.batch_size, remote.timeout_s, remote.retries, fields=list(remote.fields)
@@ -89,19 +91,13 @@ def build_sources(
     judge = getattr(section, "judge", None)
     pairwise = getattr(section, "pairwise", None)
     if pairwise is not None and (pairwise.model or pairwise.judge):  # docs/pairwise_rlhf.md
-        from alignflow.rewards.pairwise import build_pairwise
-
         fn = build_pairwise(pairwise, judge, device, cfg.train.seed, f"{section_name}.pairwise")
         parts.append((fn.name, fn, _weight(pairwise.weight, f"{section_name}.pairwise.weight")))
     seq2seq = getattr(section, "seq2seq", None)
     if seq2seq is not None and seq2seq.model:  # docs/seq2seq_rm.md
-        from alignflow.rewards.seq2seq import build_seq2seq
-
         fn = build_seq2seq(seq2seq, cfg, device, f"{section_name}.seq2seq")
         parts.append((fn.name, fn, _weight(seq2seq.weight, f"{section_name}.seq2seq.weight")))
     if judge is not None and (judge.model or judge.url) and not (pairwise is not None and pairwise.judge):
-        from alignflow.rewards.judge import build_judge
-
         parts.append(
             (
                 "judge",

@@ -40,6 +40,7 @@ from alignflow.batch import Batch
 from alignflow.data.collate import token_budget_groups
 from alignflow.distributed.checkpoint import load_checkpoint, save_checkpoint
 from alignflow.distributed.groups import dispatch, dp_equal_groups, dp_max, dp_sum, dp_sum_dict, dp_world_size
+from alignflow.distributed.save import save_model
 from alignflow.distributed.shard import full_state_dict, gathered, through_root
 from alignflow.models.backbone import get_score_head
 from alignflow.models.heads import token_values
@@ -49,6 +50,7 @@ from alignflow.rewards.thinking import TOKEN_FIELDS, answers
 from alignflow.rollout import HFEngine, SamplingParams
 from alignflow.rollout.vllm_engine import VLLMEngine, actor_weights
 from alignflow.trainers import loop
+from alignflow.trainers.ptx import ptx_loss
 
 RESPONSE_FIELDS = (
     "response_ids",
@@ -389,7 +391,6 @@ class TrainedRole:
     @dispatch("one")
     def export(self, path, tokenizer=None) -> None:
         """A Hugging Face model directory of the current weights (consolidated from the shards when sharded)."""
-        from alignflow.distributed.save import save_model
 
         save_model(self.model, tokenizer, path)
 
@@ -516,7 +517,6 @@ class Actor(TrainedRole):
         """PPO-ptx (trainers/ptx.py): backpropagate ptx_coef · the token-mean NLL of the next SFT rows into this
         optimiser step. Every rank computes the same rows (FSDP's gradient mean keeps the term); the NLL is
         returned divided by the ranks because the update's metrics are summed over them."""
-        from alignflow.trainers.ptx import ptx_loss
 
         k = self.algo_cfg.ptx_batch_size
         with loop.autocast(self.device, self.train_cfg.mixed_precision):
