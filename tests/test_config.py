@@ -177,3 +177,11 @@ def test_each_command_runs_a_module_named_as_the_command():
     for name, (_, target, _) in COMMANDS.items():
         module = target.split(":")[0]
         assert module.rsplit(".", 1)[1] in (name, {"eval": "evaluate", "recipe": "runner"}.get(name)), (name, module)
+
+
+def test_rl_algorithm_choices_are_the_algorithm_table():
+    """config/rl.py sits below the trainers, so it keeps the valid ``algo.name`` values as a copy of the AlgoSpec
+    table's keys (docs/design.md, "An online-RL algorithm"); the copy must not drift from the table."""
+    from alignflow.trainers.rl_algos import ALGORITHMS
+
+    assert sorted(RL_ALGORITHMS) == sorted(ALGORITHMS)
