@@ -127,6 +127,9 @@ def _loss_titles() -> str:
 
 
 def _user_errors() -> tuple[type, ...]:
+    """The error types a user's mistake raises: printed as one line, not a traceback. A documented lazy load, like
+    the trainer modules (COMMANDS names them as strings): ``alignflow <cmd> --help`` and a bad config key answer
+    without importing torch and the trainers."""
     from alignflow.data.formats import DataError
     from alignflow.models.loading import ModelLoadError
     from alignflow.rewards import RewardError, RewardLoadError
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cls, target, _ = COMMANDS[args.command]
+    # lazy loads (see _user_errors): the trainers' modules come in only once a command runs
     from alignflow.trainers.run_dir import disarm_interrupt, disk_error, interrupted_message
 
     cfg = None
