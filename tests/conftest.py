@@ -2,6 +2,14 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import signal
+
+# Python installs its KeyboardInterrupt handler only when SIGINT is not ignored at start-up, and a shell starts
+# background jobs (and pytest-xdist its workers) with SIGINT ignored: install it, so the Ctrl-C tests see what a
+# user's terminal gives a run.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: N processes share the cores, one torch thread each
     import torch
 

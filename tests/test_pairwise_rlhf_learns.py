@@ -14,6 +14,7 @@ import torch
 import alignflow.rewards.pairwise as pairwise
 from alignflow.config import RLConfig, load_config
 from alignflow.tasks.reviews import gold_reward
+from alignflow.trainers import rl_setup
 from alignflow.trainers.rl import train_rl
 
 
@@ -28,7 +29,8 @@ class GoldPairs:
 
 
 def test_pairwise_grpo_raises_the_gold_reward(tmp_path, monkeypatch):
-    monkeypatch.setattr(pairwise, "build_pairwise", lambda *a, **k: pairwise.PairwiseReward(GoldPairs()))
+    # the name the RL setup calls (it imports build_pairwise at module level)
+    monkeypatch.setattr(rl_setup, "build_pairwise", lambda *a, **k: pairwise.PairwiseReward(GoldPairs()))
     cfg = load_config(
         RLConfig,
         "configs/pairwise_grpo.yaml",
