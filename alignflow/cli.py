@@ -47,7 +47,7 @@ COMMANDS = {
     "rl": (
         RLConfig,
         "alignflow.trainers.rl:train_rl",
-        "online RL: PPO, GRPO, Dr. GRPO, DAPO, RLOO, ReMax, REINFORCE++, Safe RLHF, GSPO",
+        lambda: "online RL, algo.name one of: " + _algorithm_names(),
     ),
     "eval": (EvalConfig, "alignflow.eval.evaluate:run_eval", "evaluate a policy or a reward model"),
     "demo": (DemoConfig, "alignflow.recipes.demo:run_demo", "the whole pipeline on the built-in reviews task"),
@@ -124,6 +124,13 @@ def _loss_titles() -> str:
     from alignflow.algorithms.preference_table import PREFERENCE_LOSSES
 
     return ", ".join(f"{s.title or n} ({n})" for n, s in PREFERENCE_LOSSES.items())
+
+
+def _algorithm_names() -> str:
+    """The online-RL algorithm table's keys, for ``alignflow rl --help`` (a documented lazy load, as above)."""
+    from alignflow.trainers.rl_algos import ALGORITHMS
+
+    return ", ".join(ALGORITHMS)
 
 
 def _user_errors() -> tuple[type, ...]:
