@@ -10,7 +10,8 @@ import pytest
 
 from alignflow import cli
 from alignflow.config import ConfigError, RefuelConfig, from_dict
-from alignflow.trainers.refuel import check, load_rows, train_refuel
+from alignflow.envs.base import load_env_factory
+from alignflow.trainers.refuel import check, evaluate, load_rows, train_refuel
 
 
 def _cfg(out, **sections) -> RefuelConfig:
@@ -61,13 +62,18 @@ def test_rows_come_from_data_path(tmp_path):
 
 def test_short_run_logs_evaluates_and_exports(tmp_path):
     """2 steps of 4 roll-ins after a 30-step warm start of the built-in model: every step logs the refuel/* metrics,
-    eval/ runs at step 0 and at the end (counting-dialogue episodes, at most 3 turns), and the model is exported."""
-    res = train_refuel(_cfg(tmp_path / "run"))
+    eval/ runs at step 0 and at the end, the logged rows are the returned ones, the final evaluation is that of the
+    exported weights (seeded sampling: evaluating them again draws the same episodes), and the model is exported."""
+    cfg = _cfg(tmp_path / "run")
+    res = train_refuel(cfg)
     assert len(res.history) == 2 and [s for s, _ in res.evals] == [0, 2]
     for m in res.history:
         assert {"refuel/loss", "refuel/episode_return_mean", "refuel/rollin_ended", "refuel/grad_norm"} <= set(m)
-        assert 0.0 <= m["refuel/episode_return_mean"] <= 3.0
-    assert 1.0 <= res.eval["eval/turns_mean"] <= 3.0  # an episode whose turn runs out of tokens ends there
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 2]
+    for row, m in zip(rows[1:3], res.history, strict=True):
+        assert {k: row[k] for k in m} == pytest.approx(m)
+    assert {k: rows[3][k] for k in res.eval} == pytest.approx(res.eval)
+    make_env = load_env_factory(cfg.env.path, **cfg.env.kwargs)
+    assert evaluate(res.model, res.tokenizer, make_env, load_rows(cfg), cfg) == pytest.approx(res.eval)
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
