@@ -50,13 +50,12 @@ from alignflow.batch import Batch
 from alignflow.config import CGPOConfig, ConfigError, RewardSourceConfig
 from alignflow.data.formats import DataError
 from alignflow.data.pipeline import prepare_data
-from alignflow.distributed.save import save_model
 from alignflow.models import load_causal_lm
 from alignflow.rewards.judge import JudgeReward, build_judge
 from alignflow.rewards.rules import CallableReward, RewardLoadError, reward_options
 from alignflow.trainers import loop
-from alignflow.trainers.offline_common import OfflineRLResult, _eval_batch, _reward
-from alignflow.trainers.rl_setup import PromptStream, _frozen_cfg, build_sources
+from alignflow.trainers.offline_common import OfflineRLResult, _reward, prompt_step_loop
+from alignflow.trainers.rl_setup import _frozen_cfg, build_sources
 from alignflow.trainers.roles import Optimised, Reference, RewardRole, Rollout, micro_batches, response_logprobs
 from alignflow.trainers.setup import resolve_builtin, start_run, task_gold
 
@@ -313,35 +312,12 @@ def train_cgpo(cfg: CGPOConfig) -> OfflineRLResult:
     P = cfg.rollout.prompts_per_step
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(data.train) / P))
     run = build_cgpo_run(cfg, device, tok, total, task_gold(cfg, art))
-    stream = PromptStream(data.train, cfg.train.seed)
-    state = loop.resume(out, cfg.train.resume, run.optim.load)
-    start = int(state.get("step", 0))
-    stream.position = int(state.get("prompt_position", 0))
-    eval_prompts = _eval_batch(data.eval, cfg.rollout.eval_prompts, stream.fields)
-    logger = loop.MetricsLogger(out, start=start, report_to=cfg.train.report_to)
-    for r in data.reports:
-        logger.log(start, {"data/report": r})
-    bar = loop.Progress(total, start, cfg.train.progress, "cgpo")
-    result = OfflineRLResult(run.policy, tok, output_dir=out)
-    for step in range(start, total):
-        m = cgpo_step(run, stream.take(P), step)
+
+    def step(prompts: Batch, i: int) -> dict:
+        m = cgpo_step(run, prompts, i)
         m.pop("_weights", None)
-        result.history.append(m)
-        bar.update(0, reward=m["cgpo/reward_mean"])
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
-            logger.log(step + 1, m)
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total:
-            logger.log(step + 1, evaluate_cgpo(run, eval_prompts))
-        loop.checkpoint_step(
-            step + 1,
-            total,
-            cfg.train,
-            out,
-            lambda path, done=step + 1: run.optim.save(path, {"step": done, "prompt_position": stream.position}),
-        )
-    bar.close()
-    result.eval = evaluate_cgpo(run, eval_prompts)
-    logger.log(total, result.eval)
-    logger.close()
-    save_model(run.policy, tok, out / "model")
-    return result
+        return m
+
+    return prompt_step_loop(
+        cfg, out, tok, data, total, run.optim, step, lambda prompts: evaluate_cgpo(run, prompts), "cgpo/reward_mean"
+    )

@@ -1,23 +1,24 @@
-"""What the SuperHF and A-LoL trainers share (:mod:`alignflow.trainers.superhf`, :mod:`alignflow.trainers.alol`):
-their result type, their reward sources, the reference forward mode and the response logits."""
+"""What the sampling trainers with supervised-style updates share (:mod:`alignflow.trainers.superhf`,
+:mod:`alignflow.trainers.alol`, :mod:`alignflow.trainers.cgpo`): their result type, their reward sources, the
+reference forward mode, the response logits, and SuperHF's and CGPO's step loop (:func:`prompt_step_loop`)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from alignflow.batch import Batch
 from alignflow.config import ConfigError
+from alignflow.distributed.save import save_model
 from alignflow.models import get_lm_head, hidden_states, unwrap
-from alignflow.trainers.rl_setup import build_sources, prompt_batch
-from alignflow.trainers.roles import (
-    RewardRole,
-    eval_mode,
-)
+from alignflow.trainers import loop
+from alignflow.trainers.rl_setup import PromptStream, build_sources, prompt_batch
+from alignflow.trainers.roles import Optimised, RewardRole, eval_mode
 
 log = logging.getLogger("alignflow.offline")
 
@@ -67,3 +68,52 @@ def response_logits(model, mb: Batch, pw: int) -> torch.Tensor:
 def _eval_batch(rows: list[dict], limit: int, fields: list[str]) -> Batch:
     rows = rows[:limit]
     return prompt_batch(rows, [10**9 + i for i in range(len(rows))], fields)
+
+
+def prompt_step_loop(
+    cfg,
+    out: Path,
+    tok,
+    data,
+    total: int,
+    optim: Optimised,
+    step: Callable[[Batch, int], dict],
+    evaluate: Callable[[Batch], dict],
+    shown: str,
+) -> OfflineRLResult:
+    """The loop of a trainer that takes ``rollout.prompts_per_step`` fresh prompts per step (SuperHF, CGPO): resume
+    the optimiser and the prompt position, then per step ``step(prompts, i)`` -> metrics, logged every
+    ``train.log_every`` steps, ``evaluate(held-out prompts)`` every ``train.eval_every`` steps and at the end, a
+    checkpoint as ``train.save_every`` says; finally the policy is exported to ``out/model``. ``shown`` is the
+    metric on the progress bar, which is labelled with the command (the config's ``alignflow <cmd>``)."""
+    stream = PromptStream(data.train, cfg.train.seed)
+    state = loop.resume(out, cfg.train.resume, optim.load)
+    start = int(state.get("step", 0))
+    stream.position = int(state.get("prompt_position", 0))
+    eval_prompts = _eval_batch(data.eval, cfg.rollout.eval_prompts, stream.fields)
+    logger = loop.MetricsLogger(out, start=start)
+    for r in data.reports:
+        logger.log(start, {"data/report": r})
+    bar = loop.Progress(total, start, cfg.train.progress, shown.split("/")[0])
+    result = OfflineRLResult(optim.model, tok, output_dir=out)
+    for i in range(start, total):
+        m = step(stream.take(cfg.rollout.prompts_per_step), i)
+        result.history.append(m)
+        bar.update(0, reward=m[shown])
+        if (i + 1) % cfg.train.log_every == 0 or i + 1 == total:
+            logger.log(i + 1, m)
+        if cfg.train.eval_every and (i + 1) % cfg.train.eval_every == 0 and i + 1 < total:
+            logger.log(i + 1, evaluate(eval_prompts))
+        loop.checkpoint_step(
+            i + 1,
+            total,
+            cfg.train,
+            out,
+            lambda path, done=i + 1: optim.save(path, {"step": done, "prompt_position": stream.position}),
+        )
+    bar.close()
+    result.eval = evaluate(eval_prompts)
+    logger.log(total, result.eval)
+    logger.close()
+    save_model(optim.model, tok, out / "model")
+    return result

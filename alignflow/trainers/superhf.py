@@ -35,18 +35,17 @@ from alignflow.algorithms.offline import (
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, SuperHFConfig
 from alignflow.data.pipeline import prepare_data
-from alignflow.distributed.save import save_model
 from alignflow.models import load_causal_lm
 from alignflow.trainers import loop
 from alignflow.trainers.offline_common import (
     OfflineRLResult,
-    _eval_batch,
     _reward,
+    prompt_step_loop,
     reference_mode,
     response_logits,
 )
 from alignflow.trainers.rl import evaluate
-from alignflow.trainers.rl_setup import PromptStream, Roles, _frozen_cfg
+from alignflow.trainers.rl_setup import Roles, _frozen_cfg
 from alignflow.trainers.roles import (
     Optimised,
     RewardRole,
@@ -161,36 +160,16 @@ def train_superhf(cfg: SuperHFConfig) -> OfflineRLResult:
     P = cfg.rollout.prompts_per_step
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(data.train) / P))
     run = build_superhf_run(cfg, device, tok, total * math.ceil(P * cfg.superhf.keep / cfg.train.batch_size))
-    stream = PromptStream(data.train, cfg.train.seed)
-    state = loop.resume(out, cfg.train.resume, run.optim.load)
-    start = int(state.get("step", 0))
-    stream.position = int(state.get("prompt_position", 0))
-    eval_prompts = _eval_batch(data.eval, cfg.rollout.eval_prompts, stream.fields)
     roles = Roles(rollout=run.rollout, actor=None, reward=run.reward)
     gold = task_gold(cfg, art)
-    logger = loop.MetricsLogger(out, start=start)
-    for r in data.reports:
-        logger.log(start, {"data/report": r})
-    bar = loop.Progress(total, start, cfg.train.progress, "superhf")
-    result = OfflineRLResult(run.policy, tok, output_dir=out)
-    for step in range(start, total):
-        m = superhf_step(run, stream.take(P), step)
-        result.history.append(m)
-        bar.update(0, reward=m["superhf/reward_best"])
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
-            logger.log(step + 1, m)
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total:
-            logger.log(step + 1, evaluate(roles, eval_prompts, gold))
-        loop.checkpoint_step(
-            step + 1,
-            total,
-            cfg.train,
-            out,
-            lambda path, done=step + 1: run.optim.save(path, {"step": done, "prompt_position": stream.position}),
-        )
-    bar.close()
-    result.eval = evaluate(roles, eval_prompts, gold)
-    logger.log(total, result.eval)
-    logger.close()
-    save_model(run.policy, tok, out / "model")
-    return result
+    return prompt_step_loop(
+        cfg,
+        out,
+        tok,
+        data,
+        total,
+        run.optim,
+        lambda prompts, step: superhf_step(run, prompts, step),
+        lambda prompts: evaluate(roles, prompts, gold),
+        "superhf/reward_best",
+    )
