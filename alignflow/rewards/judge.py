@@ -111,7 +111,6 @@ class LocalJudge:
     """
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 256, seed: int = 0, chat: bool = True):
-
         self.model, self.tokenizer, self.max_new_tokens, self.seed = model, tokenizer, int(max_new_tokens), seed
         self.chat = chat  # False: the question as plain text even when the tokenizer has a chat template
         self.engine = HFEngine(model, tokenizer)
@@ -132,7 +131,6 @@ class LocalJudge:
         return cls(model.eval(), load_tokenizer(path), max_new_tokens, seed, chat)
 
     def _ids(self, question: str) -> list[int]:
-
         tok = self.tokenizer
         if self.chat and getattr(tok, "chat_template", None):
             ids = chat_ids(tok, [{"role": "user", "content": question}], add_generation_prompt=True)
@@ -141,7 +139,6 @@ class LocalJudge:
         return ids[-self.limit :]
 
     def complete(self, questions: list[str], temperature: float = 0.0, attempt: int = 0) -> list[str]:
-
         params = SamplingParams(
             temperature=temperature, max_new_tokens=self.max_new_tokens, seed=self.seed * 1_000_003 + attempt
         )
@@ -180,7 +177,6 @@ class EndpointJudge:
 
     @staticmethod
     def _content(reply: Any) -> str:
-
         try:
             content = reply["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
@@ -190,7 +186,6 @@ class EndpointJudge:
         return content
 
     def complete(self, questions: list[str], temperature: float = 0.0, attempt: int = 0) -> list[str]:
-
         key = os.environ.get(self.api_key_env, "")
         headers = {"Authorization": f"Bearer {key}"} if key else None
 

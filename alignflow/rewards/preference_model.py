@@ -139,12 +139,7 @@ class PreferenceModel:
         """ONE order's reading ``σ(z(x, y, y'))`` (y shown first), not symmetrised; (B,) float64 on the CPU.
         With both orders of a pair, :meth:`symmetrise` gives :meth:`win_prob`'s value and
         ``σ(z(x, y, y')) + σ(z(x, y', y)) - 1`` is the model's symmetry error on the pair."""
-        xs, a, b = [], [], []
-        for p, y, o in zip(prompts, ys, others, strict=True):
-            x, ya = self.encode(p, y)
-            xs.append(x)
-            a.append(ya)
-            b.append(self.encode(p, o)[1])
+        xs, a, b = self.encode_pairs(prompts, ys, others)
         items = [pair_sequence(x, ya, yb, self.max_len) for x, ya, yb in zip(xs, a, b, strict=True)]
         return torch.sigmoid(self.logits(items).double())
 
@@ -158,13 +153,17 @@ class PreferenceModel:
 
     def win_prob(self, prompts: list, ys: list[str], others: list[str]) -> torch.Tensor:
         """Symmetric P(y ≻ y') from texts (prompts: strings or message lists); (B,) float32 on the CPU."""
+        return self.win_prob_ids(*self.encode_pairs(prompts, ys, others))
+
+    def encode_pairs(self, prompts: list, ys: list[str], others: list[str]) -> tuple[list, list, list]:
+        """Token ids of each prompt and of its two responses (rendered as the model was trained): (xs, ys, others)."""
         xs, a, b = [], [], []
         for p, y, o in zip(prompts, ys, others, strict=True):
             x, ya = self.encode(p, y)
             xs.append(x)
             a.append(ya)
             b.append(self.encode(p, o)[1])
-        return self.win_prob_ids(xs, a, b)
+        return xs, a, b
 
 
 class PreferenceReward:
@@ -177,7 +176,6 @@ class PreferenceReward:
         self.model, self.anchor_field = model, anchor_field
 
     def __call__(self, batch) -> torch.Tensor:
-
         anchors = batch.meta.get(self.anchor_field) if self.anchor_field in batch.meta else None
         for i in range(len(batch)):
             if anchors is None or not isinstance(anchors[i], str):

@@ -58,20 +58,17 @@ class Rewriter:
     prompt (:func:`alignflow.data.render.encode_prompt`), its last tokens kept when it is too long."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 64):
-
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, int(max_new_tokens)
         self.engine = HFEngine(model, tokenizer)
         self.limit = int(getattr(model.config, "max_position_embeddings", 4096)) - self.max_new_tokens
 
     @classmethod
     def from_path(cls, path: str, device="cpu", max_new_tokens: int = 64) -> Rewriter:
-
         model = load_causal_lm(ModelConfig(name_or_path=path), device)
         model.requires_grad_(False)
         return cls(model.eval(), load_tokenizer(path), max_new_tokens)
 
     def rewrite(self, texts: list[str]) -> list[str]:
-
         if not texts:
             return []
         ids = [encode_prompt(self.tokenizer, t, self.limit) for t in texts]
@@ -108,7 +105,6 @@ class Seq2SeqReward:
         self.last_fields: dict = {}
 
     def _rewrites(self, prompts: list, responses: list[str]) -> list[str]:
-
         keys = [(prompt_text(p), r) for p, r in zip(prompts, responses, strict=True)]
         todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
         texts = [self.template.format(prompt=p, response=r) for p, r in todo]
@@ -126,7 +122,6 @@ class Seq2SeqReward:
         return [r[:-1] if r and r[-1] == eos else r for r in rows]
 
     def __call__(self, batch) -> torch.Tensor:
-
         rewrites = self._rewrites(list(batch.meta["prompt"]), list(batch.meta["response"]))
         rows = self._response_ids(batch)
         width = batch["response_mask"].shape[1] if "response_mask" in batch.tensors else max(map(len, rows), default=0)
