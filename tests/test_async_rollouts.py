@@ -32,7 +32,7 @@ def test_step_t_samples_the_weights_of_version_max_0_t_minus_k(k):
     actor, twin = Toy(), Toy()
     seen = []
 
-    def produce(prompts):
+    def produce(prompts, step):
         a = float(twin.w.detach())
         time.sleep(0.005)
         seen.append((a, float(twin.w.detach()), threading.current_thread() is threading.main_thread()))
@@ -61,7 +61,7 @@ def test_step_t_samples_the_weights_of_version_max_0_t_minus_k(k):
 
 def test_pending_rows_and_no_batch_past_the_end():
     """k = 2, 3 steps: step 0 queues steps 0, 1, 2 (2 rows each: 6 pending); nothing is queued past the last step."""
-    pipe = AsyncRollouts(Toy(), lambda p: (Batch({"x": torch.zeros(len(p))}, {"prompt": p["prompt"]}), 0.0), 2)
+    pipe = AsyncRollouts(Toy(), lambda p, step: (Batch({"x": torch.zeros(len(p))}, {"prompt": p["prompt"]}), 0.0), 2)
     try:
         pipe.schedule(0, 3, lambda: {"w": torch.zeros(())}, lambda: Batch(meta={"prompt": ["a", "b"]}))
         assert pipe.pending_rows == 6 and [j.step for j in pipe.jobs] == [0, 1, 2]
@@ -103,19 +103,11 @@ def test_trainer_reports_versions_staleness_and_corrects_stale_samples(reviews_t
         assert torch.equal(p, q), name
 
 
-@pytest.mark.parametrize(
-    ("sections", "needle"),
-    [
-        ({"rollout": {"backend": "vllm"}}, "rollout.backend"),
-        ({"env": {"path": "alignflow.envs.counting_user:make_env"}}, "env.task / env.path"),
-    ],
-)
-def test_unsupported_combinations_fail_with_the_key(reviews_task, tmp_path, sections, needle):
-    cfg = rl_cfg(
-        reviews_task, tmp_path, rollout={"async_steps": 1} | sections.get("rollout", {}), env=sections.get("env", {})
-    )
-    with pytest.raises(ConfigError, match=f"rollout.async_steps=1 needs {needle}"):
+def test_vllm_backend_is_refused_in_one_line(reviews_task, tmp_path):
+    cfg = rl_cfg(reviews_task, tmp_path, rollout={"async_steps": 1, "backend": "vllm"})
+    with pytest.raises(ConfigError, match="rollout.async_steps=1 needs rollout.backend: builtin") as err:
         train_rl(cfg)
+    assert "\n" not in str(err.value)
 
 
 def test_async_learning_curve_tracks_the_synchronous_one(reviews_task, reviews_sft, tmp_path):
@@ -151,7 +143,7 @@ def test_checkpoint_gives_back_the_prompts_of_queued_batches():
 
     stream = PromptStream([{"prompt": str(i), "prompt_ids": [i]} for i in range(10)], seed=0)
     st = RLState(stream, make_kl_controller("fixed", 0.1, 6.0, 10000.0))
-    pipe = AsyncRollouts(Toy(), lambda p: (Batch({"x": torch.zeros(len(p))}, {"prompt": p["prompt"]}), 0.0), 1)
+    pipe = AsyncRollouts(Toy(), lambda p, step: (Batch({"x": torch.zeros(len(p))}, {"prompt": p["prompt"]}), 0.0), 1)
     st.pipeline = pipe
     try:
         for step in (0, 1):  # what the loop does: queue at the start of the step, take the step's batch, train

@@ -391,6 +391,16 @@ class RLConfig:
     env: EnvConfig = field(
         default_factory=EnvConfig, doc="Multi-turn episodes against an environment (off: single-turn rollouts)."
     )
+    async_workers: int = field(
+        1,
+        doc="With async_steps >= 1 and roles on Ray workers (resources): workers of the rollout worker set "
+        "(each a full, unsharded copy of the policy, with resources.actor's cpus/gpus per worker); the "
+        "prompts of a batch are split across them. Unused in one process.",
+        range=(1, None),
+    )
+    latr: LatrConfig = field(
+        default_factory=LatrConfig, doc="LATR lookahead tree rollouts (docs/latr.md); built-in engine only."
+    )
 
     def check_rules(self, prefix: str = "") -> None:
         """Rules between keys, run by the loader once the config is complete."""

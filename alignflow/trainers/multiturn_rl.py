@@ -17,9 +17,10 @@ Every estimator sees the episode's return as the sequence score; group estimator
 ``rollout.n`` episodes of one row. The per-turn rewards are kept in the trajectories file and the metrics
 (``episode/turn_reward_mean`` over the non-final turns, ``episode/final_reward_mean``), not spread over tokens.
 
-Rewards come from the environment; ``reward.*`` sources are not used in this mode. Not supported here (a
-ConfigError names the key): Ray worker sets, the vLLM backend, ReMax's greedy baseline, DAPO's dynamic sampling
-and overlong shaping.
+Rewards come from the environment; ``reward.*`` sources are not used in this mode. ``rollout.async_steps`` = k
+runs the episodes of step t + k in the asynchronous rollout thread on its copy of the policy while step t trains
+(:func:`produce_episodes`; the version contract of docs/async.md). Not supported here (a ConfigError names the
+key): Ray worker sets, the vLLM backend, ReMax's greedy baseline, DAPO's dynamic sampling and overlong shaping.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from alignflow.trainers import loop
 log = logging.getLogger("alignflow.rl")
 
 TRAJECTORIES = "trajectories.jsonl"
+TRAJ_META = "trajectory"  # meta column of a produced episode batch: each row's Trajectory (taken off before training)
 
 
 def mode(cfg: RLConfig) -> str:
@@ -147,10 +149,23 @@ def turn_metrics(trajs) -> dict:
     return out
 
 
+def produce_episodes(roles, prompts: Batch, cfg: RLConfig, step: int) -> tuple[Batch, float]:
+    """The episodes of RL step ``step`` for ``prompts`` (what the asynchronous rollout thread runs on its copy of
+    the policy, rl_async.py): the batch, with its trajectories in meta ``TRAJ_META``, and the generation seconds.
+    The sampling seed is the step's, as in a synchronous step."""
+    trajs, batch, secs = run_episodes(roles, prompts, cfg, cfg.rollout.n, False, cfg.train.seed * 1_000_003 + step)
+    return batch.union(Batch(meta={TRAJ_META: trajs})), secs
+
+
 def collect_episodes(roles, st, cfg: RLConfig, tally=None) -> tuple[Batch, dict]:
-    """The rollout source of ``"episodes"`` mode (same contract as ``online.collect_rollouts``)."""
-    prompts = st.prompts.take(cfg.rollout.prompts_per_step)
-    trajs, batch, secs = run_episodes(roles, prompts, cfg, cfg.rollout.n, False, cfg.train.seed * 1_000_003 + st.step)
+    """The rollout source of ``"episodes"`` mode (same contract as ``online.collect_rollouts``); with
+    asynchronous rollouts the step's episodes were run ``rollout.async_steps`` steps ago, on the rollout copy."""
+    waits: dict = {}
+    if st.pipeline is not None:
+        batch, secs, waits = st.pipeline.take(st.step)
+    else:
+        batch, secs = produce_episodes(roles, st.prompts.take(cfg.rollout.prompts_per_step), cfg, st.step)
+    trajs = batch.meta.pop(TRAJ_META)
     keep = len(trajs) if cfg.env.save_trajectories < 0 else cfg.env.save_trajectories
     if keep:
         write_trajectories(Path(cfg.train.output_dir) / TRAJECTORIES, trajs[:keep], step=st.step)
@@ -161,7 +176,7 @@ def collect_episodes(roles, st, cfg: RLConfig, tally=None) -> tuple[Batch, dict]
         "rollout/response_len": float(batch["response_mask"].sum(-1).float().mean()),
         "rollout/truncated_frac": sum(t.finish in ("length", "max_tokens") for t in trajs) / len(trajs),
     }
-    return batch, m
+    return batch, m | waits
 
 
 @torch.no_grad()

@@ -398,6 +398,11 @@ EVALUATIONS = {
     "single": lambda roles, prompts, gold, cfg: evaluate(roles, prompts, gold),
     "episodes": multiturn_rl.evaluate_episodes,
 }
+# what the asynchronous rollout thread runs per queued batch (rl_async.py): (roles, prompts, cfg, step) -> (batch, s)
+ASYNC_SOURCES = {
+    "single": lambda roles, prompts, cfg, step: sample_and_score(roles, prompts, cfg),
+    "episodes": multiturn_rl.produce_episodes,
+}
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -466,6 +471,8 @@ def recover(
     )
     failed_at = st.step
     roles.placement.restart()
+    if st.pipeline is not None:  # async rollouts: the queued batches go; queueing restarts at the resumed step
+        st.pipeline.reset()
     fresh = _state(cfg, algo, rows)
     st.prompts, st.kl, st.lagrange, st.reward_norm, st.step = (
         fresh.prompts,
@@ -508,7 +515,7 @@ def train_rl(cfg: RLConfig) -> RLResult:
     data = prepare_data(cfg.data, tok, expect=("prompt",), seed=cfg.train.seed)
     total, opt_steps = _sizes(cfg, len(data.train))
     roles = build_roles(cfg, algo, device, opt_steps, tok)
-    pipeline = rl_async.start(roles, cfg, sample_and_score)  # None unless rollout.async_steps > 0
+    pipeline = rl_async.start(roles, cfg, ASYNC_SOURCES[multiturn_rl.mode(cfg)])  # None unless async_steps > 0
     try:
         return _run(cfg, algo, roles, data, total, out, tok, art, WorkerLost, pipeline)
     finally:

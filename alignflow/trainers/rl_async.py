@@ -18,9 +18,17 @@ Determinism: prompts are taken from the prompt stream by the controller in step 
 keyed per prompt row (``Rollout.generate``), and the thread's jobs run one at a time in queue order, so the
 same seed gives the same batches whatever the timing.
 
-The group API: the job talks to the rollout copy only through ``load_weights`` / ``generate``-style calls on
-the objects it is given (here :class:`~alignflow.distributed.groups.LocalGroup` roles). Ray worker sets are
-refused for now (:func:`check`).
+The group API: the job talks to the rollout copy only through a weight loader and the rollout role's
+``generate``: in one process a :class:`~alignflow.distributed.groups.LocalGroup` over the copy; with Ray worker
+sets (``resources``) a worker set of its own, ``async_rollout`` (``rollout.async_workers`` workers, each an unsharded
+copy of the policy with the actor's ``cpus/gpus_per_worker``). There the snapshot is the actor set's consolidated
+state dict (``actor.state_dict``, the collective every checkpoint uses), taken in the controller between updates,
+and the job pushes it to every rollout worker (``load_weights``) before generating: the rollout of step t + k runs
+on the rollout set while the actor set trains step t. The version contract, the staleness metrics and the
+importance correction are the controller's, so they are the same in both placements.
+
+Multi-turn episodes (``env.*``) use the same pipeline: the job runs the step's episodes on the rollout copy
+(:func:`alignflow.trainers.multiturn_rl.produce_episodes`) instead of one generation.
 """
 
 from __future__ import annotations
@@ -36,8 +44,10 @@ import torch
 
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, RLConfig
-from alignflow.distributed.groups import LocalGroup
-from alignflow.distributed.ray_group import maybe_ray
+from alignflow.distributed.groups import LocalGroup, dispatch
+from alignflow.distributed.placement import roles_on_workers, set_plan, start_set, worker_device
+from alignflow.distributed.ray_group import check_resources, init_ray, maybe_ray
+from alignflow.models import load_causal_lm, load_tokenizer
 from alignflow.trainers.roles import Rollout
 
 VERSION = "policy_version"  # (B,) int64: the policy version each row was sampled from
@@ -47,37 +57,67 @@ def check(cfg: RLConfig) -> None:
     """Refuse, before any work, what asynchronous rollouts do not support yet (one line naming the key)."""
     if cfg.rollout.async_steps == 0:
         return
-    refused = [
-        ("rollout.backend", cfg.rollout.backend != "builtin", "builtin"),
-        ("env.task / env.path", bool(cfg.env.task or cfg.env.path), "unset (multi-turn episodes are synchronous)"),
-        ("resources", maybe_ray(cfg.resources), "one process (resources.actor.workers=1, resources.backend=local)"),
-    ]
-    for key, bad, valid in refused:
-        if bad:
-            raise ConfigError(f"rollout.async_steps={cfg.rollout.async_steps} needs {key}: {valid}")
+    if cfg.rollout.backend != "builtin":
+        raise ConfigError(
+            f"rollout.async_steps={cfg.rollout.async_steps} needs rollout.backend: builtin (asynchronous vLLM "
+            "rollouts are not built; use rollout.backend=builtin or rollout.async_steps=0)"
+        )
+    if maybe_ray(cfg.resources):  # the actor's sets and the rollout set must fit together, before any work
+        res, n = cfg.resources.actor, cfg.rollout.async_workers
+        names = ("actor", "rollout")  # the actor's set, as rl_setup lays it out (other sets are checked there)
+        plan = set_plan(cfg, roles_on_workers(cfg, names))
+        init_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus)
+        check_resources(
+            [(s, w, r.cpus_per_worker, r.gpus_per_worker) for s, (r, w) in plan.items()]
+            + [("async_rollout", n, res.cpus_per_worker, res.gpus_per_worker)]
+        )
 
 
-def start(roles, cfg: RLConfig, sample_and_score: Callable) -> AsyncRollouts | None:
-    """The pipeline of a run (None when ``rollout.async_steps`` is 0): a rollout copy of the actor's module with
-    its own :class:`~alignflow.trainers.roles.Rollout`, and a thread that runs ``sample_and_score`` with it (the
-    reward and cost roles are shared with the controller)."""
+def start(roles, cfg: RLConfig, produce: Callable) -> AsyncRollouts | None:
+    """The pipeline of a run (None when ``rollout.async_steps`` is 0): a rollout copy of the policy with its own
+    :class:`~alignflow.trainers.roles.Rollout` -- in this process, or a Ray worker set when the roles run on Ray
+    -- and a thread that runs ``produce(roles, prompts, cfg, step)`` with it (the reward and cost roles are shared
+    with the controller; ``step`` is the RL step the batch is for)."""
     k = cfg.rollout.async_steps
     if not k:
         return None
+    if roles.placement is not None:
+        ws = start_set(cfg, "async_rollout", cfg.resources.actor, cfg.rollout.async_workers, build_rollout_copy, (cfg,))
+        roles.placement.sets["async_rollout"] = ws  # restarted and shut down with the run's other worker sets
+        group = ws.group("rollout")
+        side = dataclasses.replace(roles, rollout=group)
+        return AsyncRollouts(group.load_weights, lambda prompts, step: produce(side, prompts, cfg, step), k)
     r = roles.rollout
     twin = rollout_copy(roles.actor.model)
     side = dataclasses.replace(roles, rollout=LocalGroup(Rollout(twin, r.tokenizer, r.cfg, r.device, r.mp, r.seed)))
-    return AsyncRollouts(twin, lambda prompts: sample_and_score(side, prompts, cfg), k)
+    return AsyncRollouts(twin, lambda prompts, step: produce(side, prompts, cfg, step), k)
 
 
 def schedule(pipeline: AsyncRollouts, roles, st, cfg: RLConfig, total: int) -> None:
-    """At the start of step ``st.step``: queue the batches up to step + k with a snapshot of the actor."""
-    pipeline.schedule(
-        st.step,
-        total,
-        lambda: snapshot(roles.actor.model),
-        lambda: st.prompts.take(cfg.rollout.prompts_per_step),
-    )
+    """At the start of step ``st.step``: queue the batches up to step + k with a snapshot of the actor (on Ray:
+    the actor set's consolidated state dict, a collective of that set, taken here between two updates)."""
+    weights = roles.actor.state_dict if roles.placement is not None else lambda: snapshot(roles.actor.model)
+    pipeline.schedule(st.step, total, weights, lambda: st.prompts.take(cfg.rollout.prompts_per_step))
+
+
+class RolloutCopy(Rollout):
+    """A rollout role over its own unsharded copy of the policy, which receives the actor's weights through
+    :meth:`load_weights` (the role of the ``async_rollout`` Ray worker set)."""
+
+    @dispatch("all")
+    def load_weights(self, state: dict) -> None:
+        with torch.no_grad():
+            self.model.load_state_dict(state)
+
+
+def build_rollout_copy(cfg: RLConfig) -> dict:
+    """Runs INSIDE each worker of the ``async_rollout`` set: the policy loaded unsharded and frozen (its weights
+    are overwritten by the first pushed snapshot), as a :class:`RolloutCopy`."""
+    device = worker_device()
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    model_cfg = dataclasses.replace(cfg.model, gradient_checkpointing=False)
+    twin = rollout_copy(load_causal_lm(model_cfg, device))
+    return {"rollout": RolloutCopy(twin, tok, cfg.rollout, device, cfg.train.mixed_precision, cfg.train.seed)}
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -105,14 +145,17 @@ class Job:
 class AsyncRollouts:
     """The rollout pipeline: ``schedule`` at the start of each step, ``take`` that step's batch.
 
-    model: the rollout copy, which receives the snapshots; produce(prompts) -> (batch, generation seconds) runs
-    in the thread (generate and score with roles over the rollout copy). k: ``rollout.async_steps``.
+    load: the rollout copy (a module, whose ``load_state_dict`` receives the snapshots) or a function that pushes
+    a snapshot to it (a Ray rollout set's ``load_weights``); produce(prompts, step) -> (batch, generation seconds)
+    runs in the thread (generate and score with roles over the rollout copy; ``step``: the RL step the batch is
+    for). k: ``rollout.async_steps``.
     """
 
-    def __init__(self, model: torch.nn.Module, produce: Callable, k: int):
+    def __init__(self, load: torch.nn.Module | Callable[[dict], object], produce: Callable, k: int):
         if k < 1:
             raise ValueError(f"AsyncRollouts: k must be >= 1, got {k}")
-        self.model, self.produce, self.k = model, produce, k
+        self.load = load.load_state_dict if isinstance(load, torch.nn.Module) else load
+        self.produce, self.k = produce, k
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignflow-rollout")
         self.jobs: collections.deque[Job] = collections.deque()
         self.next_step = None  # the next step to queue a batch for
@@ -135,16 +178,16 @@ class AsyncRollouts:
         state = weights()
         while self.next_step <= last:
             prompts = take()
-            fut = self.pool.submit(self._job, state, prompts, step)
+            fut = self.pool.submit(self._job, state, prompts, step, self.next_step)
             self.jobs.append(Job(self.next_step, step, len(prompts), time.perf_counter(), fut))
             self.next_step += 1
 
-    def _job(self, state: dict, prompts: Batch, version: int) -> tuple[Batch, float, float, float]:
+    def _job(self, state: dict, prompts: Batch, version: int, step: int) -> tuple[Batch, float, float, float]:
         """In the thread: push the snapshot into the rollout copy, generate and score. (batch, gen s, start, end)."""
         start = time.perf_counter()
         with torch.no_grad():
-            self.model.load_state_dict(state)
-        batch, gen_s = self.produce(prompts)
+            self.load(state)
+        batch, gen_s = self.produce(prompts, step)
         batch[VERSION] = torch.full((len(batch),), version, dtype=torch.long)
         return batch, gen_s, start, time.perf_counter()
 
@@ -163,6 +206,17 @@ class AsyncRollouts:
         idle = 0.0 if self.last_end is None else max(0.0, start - self.last_end)  # jobs run one after another
         self.last_end = end
         return batch, gen_s, {"perf/rollout_wait_s": wait, "perf/train_wait_s": idle}
+
+    def reset(self) -> None:
+        """Drop the queued batches (after the running job ends, its error ignored) and start queueing afresh: a
+        run that recovers from a lost worker resumes its checkpoint, whose prompt position excludes them."""
+        for job in self.jobs:
+            job.future.cancel()
+        for job in self.jobs:
+            if not job.future.cancelled():
+                job.future.exception()  # waits; a job that failed with the dead worker is dropped with the rest
+        self.jobs.clear()
+        self.next_step = self.last_end = None
 
     def close(self) -> None:
         """Drop the queued batches and stop the thread (after the job it is running)."""
