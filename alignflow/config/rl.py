@@ -398,9 +398,6 @@ class RLConfig:
         "prompts of a batch are split across them. Unused in one process.",
         range=(1, None),
     )
-    latr: LatrConfig = field(
-        default_factory=LatrConfig, doc="LATR lookahead tree rollouts (docs/latr.md); built-in engine only."
-    )
 
     def check_rules(self, prefix: str = "") -> None:
         """Rules between keys, run by the loader once the config is complete."""
