@@ -10,6 +10,7 @@ import torch
 
 from alignflow.algorithms.filtration import (
     bucket_accuracy,
+    filter_best,
     filter_best_random,
     filter_best_worst,
     filter_range,
@@ -29,6 +30,14 @@ def test_best_worst_by_hand():
     """Group 0 (scores 1, 3, 2, 3): the best is the FIRST maximum (row 1), the worst the last minimum (row 0).
     Group 1 (0, 0): all equal, so first maximum = row 4 and last minimum = row 5: still two distinct rows."""
     assert filter_best_worst(SCORES, GROUPS).tolist() == [0, 1, 4, 5]
+
+
+def test_best_only_by_hand():
+    """Group 0 (scores 1, 3, 2, 3): the first maximum, row 1; group 1 (0, 0): its first row, 4. One row per
+    prompt, in row order; select_rows("best") is the same."""
+    assert filter_best(SCORES, GROUPS).tolist() == [1, 4]
+    assert select_rows("best", SCORES, GROUPS).tolist() == [1, 4]
+    assert filter_best(torch.tensor([0.5, 2.0, -1.0]), torch.tensor([7, 3, 3])).tolist() == [0, 1]
 
 
 def test_best_random_keeps_the_best_and_one_uniform_other():
@@ -69,6 +78,16 @@ def test_filter_keys_are_checked(reviews_task, tmp_path):
                 reviews_task,
                 tmp_path,
                 algo={"name": "ppo", "sample_filter": "best_worst"},
+                rollout={"n": 1},
+                train={"batch_size": 2},
+            )
+        )
+    with pytest.raises(ConfigError, match="keeps the best of each prompt's samples: rollout.n must be >= 2"):
+        resolve(
+            rl_cfg(
+                reviews_task,
+                tmp_path,
+                algo={"name": "ppo", "sample_filter": "best"},
                 rollout={"n": 1},
                 train={"batch_size": 2},
             )

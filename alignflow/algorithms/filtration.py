@@ -7,6 +7,7 @@ filtered by their reward before the PPO update and the noisy middle is left out.
 ============  =============================================================================================
 mode          rows kept
 ============  =============================================================================================
+best          per prompt group: the highest-reward sample only (1 row; the paper's BoN filter)
 best_worst    per prompt group: the highest-reward and the lowest-reward sample (2 rows; 1 for n = 1)
 best_random   per prompt group: the highest-reward sample and one other drawn uniformly (2 rows)
 range         over the batch: rows whose reward is <= the ``low`` quantile or >= the ``high`` quantile
@@ -27,7 +28,7 @@ import math
 import torch
 
 Tensor = torch.Tensor
-FILTER_MODES = ("none", "best_worst", "best_random", "range")
+FILTER_MODES = ("none", "best", "best_worst", "best_random", "range")
 
 
 def _groups(group_ids: Tensor) -> list[Tensor]:
@@ -45,6 +46,11 @@ def _best_and_worst(scores: Tensor, rows: Tensor) -> tuple[int, int]:
     best = int(rows[int(torch.nonzero(s == s.max())[0])])
     worst = int(rows[int(torch.nonzero(s == s.min())[-1])])
     return best, worst
+
+
+def filter_best(scores: Tensor, group_ids: Tensor) -> Tensor:
+    """Per group, the best row only (the first holding the maximum). scores (B,), group_ids (B,) -> (K,)."""
+    return torch.tensor(sorted(_best_and_worst(scores, rows)[0] for rows in _groups(group_ids)), dtype=torch.long)
 
 
 def filter_best_worst(scores: Tensor, group_ids: Tensor) -> Tensor:
@@ -88,6 +94,8 @@ def select_rows(
     """Dispatch on ``mode`` (:data:`FILTER_MODES`); ``none`` keeps every row."""
     if mode == "none":
         return torch.arange(len(scores))
+    if mode == "best":
+        return filter_best(scores, group_ids)
     if mode == "best_worst":
         return filter_best_worst(scores, group_ids)
     if mode == "best_random":

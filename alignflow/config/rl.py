@@ -141,8 +141,8 @@ class AlgoConfig:
     sample_filter: str = field(
         "auto",
         doc="PF-PPO policy filtration of each prompt's samples by reward (docs/"
-        "pf_ppo.md): none, best_worst, best_random, range; auto = the algorithm's.",
-        choices=("auto", "none", "best_worst", "best_random", "range"),
+        "pf_ppo.md): none, best (one row per prompt), best_worst, best_random, range; auto = the algorithm's.",
+        choices=("auto", "none", "best", "best_worst", "best_random", "range"),
     )
     filter_range: list[float] = field(
         default_factory=lambda: [0.25, 0.75],

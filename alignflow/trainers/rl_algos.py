@@ -185,9 +185,11 @@ def kl_controller(cfg: RLConfig) -> KLController:
 
 def check_filter(cfg: RLConfig, mode: str) -> str:
     """The PF-PPO filter mode, checked against rollout.n and algo.filter_range; ConfigError names the keys."""
-    if mode in ("best_worst", "best_random") and cfg.rollout.n < 2:
+    if mode in ("best", "best_worst", "best_random") and cfg.rollout.n < 2:
+        what = "the best" if mode == "best" else "two"
         raise ConfigError(
-            f"algo.sample_filter={mode} keeps two of each prompt's samples: rollout.n must be >= 2, got {cfg.rollout.n}"
+            f"algo.sample_filter={mode} keeps {what} of each prompt's samples: rollout.n must be >= 2, "
+            f"got {cfg.rollout.n}"
         )
     if mode == "range":
         rng = cfg.algo.filter_range
