@@ -69,6 +69,7 @@ _FIELDS = {
     "ranked_lengths": (2, True, "(B, n) token counts of the ranked responses"),
     "ranked_rewards": (2, True, "(B, n) scores of the ranked responses (optional for PRO)"),
     "ranked_mask": (2, True, "(B, n) bool, True for real responses (valid ones first, >= 2 per row)"),
+    "user_conditioned": (1, True, "(B,) 1 where the row is after its user's conditioning, 0 the generic (P-DPO)"),
 }
 
 
@@ -106,6 +107,7 @@ class PrefInputs:
     ranked_lengths: Tensor | None = None
     ranked_rewards: Tensor | None = None
     ranked_mask: Tensor | None = None
+    user_conditioned: Tensor | None = None
 
     def need(self, loss: str, *names: str) -> list[Tensor]:
         """Return the named fields, or raise naming the loss, the field and its expected shape."""

@@ -20,7 +20,9 @@ Extra inputs (the ``extra`` field), each prepared by the trainer:
   then also returns per-token log-probs;
 * ``previous``: log-probs under the previous iterate (INPO); a single offline run uses the reference;
 * ``scores``: each pair's score difference from the data's ``margin`` (REFUEL: required);
-* ``optional_scores``: the same when the data has margins, else none (PRO's temperatures).
+* ``optional_scores``: the same when the data has margins, else none (PRO's temperatures);
+* ``users``: learned user embeddings (P-DPO): the rows' ``user`` field picks a user's soft prompt, and each pair is
+  laid out after its user's and after the generic one (``user_conditioned``; ``alignflow.trainers.po_users``).
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ import dataclasses
 import inspect
 
 from alignflow.algorithms import preference as P
+from alignflow.algorithms.personal import p_dpo_rows_loss
 from alignflow.algorithms.preference import PreferenceLoss
 from alignflow.config import ConfigError
 
 DATA_FORMATS = ("preference", "ranked", "unpaired")
 # the data-file formats a loss of each format trains on (the others are converted to it, see the module docstring)
 ACCEPTS = {"preference": ("preference",), "ranked": ("ranked", "preference"), "unpaired": ("unpaired", "preference")}
-EXTRA_INPUTS = ("mismatched", "token_rewards", "previous", "scores", "optional_scores")
+EXTRA_INPUTS = ("mismatched", "token_rewards", "previous", "scores", "optional_scores", "users")
 # keyword arguments of every loss that are not hyper-parameters (the trainer passes them)
 CALL_ARGS = ("inputs", "reduction", "weights", "z0")
 
@@ -128,6 +131,13 @@ PREFERENCE_LOSSES: dict[str, LossSpec] = {
     ),
     "refuel": LossSpec(
         P.refuel_loss, _PAIR + _REF + ("chosen_rewards", "rejected_rewards"), extra=("scores",), title="REFUEL"
+    ),
+    "p_dpo": LossSpec(
+        p_dpo_rows_loss,
+        _PAIR + _REF + ("user_conditioned",),
+        extra=("users",),
+        settings=("users", "user_tokens"),
+        title="P-DPO",
     ),
 }
 

@@ -42,7 +42,10 @@ class POLossConfig:
         range=(0.0, None),
     )
     alpha: float | None = field(
-        None, doc="CPL advantage scale alpha (0.1), or T-REG regulariser weight alpha (0.25).", range=(0.0, None)
+        None,
+        doc="CPL advantage scale alpha (0.1), T-REG regulariser weight alpha (0.25), or P-DPO's weight alpha of the "
+        "individual-user term against the generic one (0.5, in [0, 1]).",
+        range=(0.0, None),
     )
     length_normalize: bool | None = field(
         None, doc="IPO: length-averaged log-ratios (true, TRL's choice, the default) or summed ones (false, the paper)."
@@ -71,6 +74,14 @@ class POLossConfig:
         None, doc="INPO step size eta (1.0, unverified) or REFUEL's eta (1.0).", range=(0.0, None)
     )
     tau: float | None = field(None, doc="INPO KL strength tau (0.1, unverified).", range=(0.0, None))
+    users: list[str] = field(
+        default_factory=list,
+        doc="P-DPO: the users that get their own embedding, in order (ids 1..U); empty: the distinct values of the "
+        "training rows' 'user' field. A row whose user is not listed stops with its file, row and field.",
+    )
+    user_tokens: int = field(
+        1, doc="P-DPO: soft-prompt vectors K per user (e_i = e_0 + o_i, each (K, D); paper: 1).", range=(1, None)
+    )
     treg_pos_instruction: str = field(
         "Give a helpful, correct, coherent and concise answer.",
         doc="T-REG: text whose tokens open the prompt x+ (the reference's token rewards contrast x+ with x-).",

@@ -264,6 +264,8 @@ def _encode_preference_row(tokenizer, row: dict, cfg: DataConfig) -> tuple[dict,
         "prompt_len": chosen.prompt_len,
         "margin": float(row["margin"]) if row.get("margin") is not None else 0.0,
     }
+    if isinstance(row.get("user"), str):  # P-DPO's user embeddings (alignflow.trainers.po_users)
+        example["user"] = row["user"]
     return example, chosen.truncated or rejected.truncated
 
 

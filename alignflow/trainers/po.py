@@ -71,10 +71,12 @@ from alignflow.distributed.placement import check_placement
 from alignflow.distributed.save import save_model
 from alignflow.models import load_causal_lm
 from alignflow.models.sequences import disable_dropout, model_fingerprint, sequence_logps
+from alignflow.models.user_embeddings import saved_plain
 from alignflow.trainers import loop, po_rows
 from alignflow.trainers.po_data import gold_eval, resolve_po_builtin
 from alignflow.trainers.po_learner import place_learner, row_batch
 from alignflow.trainers.po_rows import loss_kwargs, row_format, row_groups, row_sequences
+from alignflow.trainers.po_users import user_rows
 from alignflow.trainers.setup import start_run
 
 log = logging.getLogger("alignflow.po")
@@ -373,6 +375,9 @@ def train_po(cfg: POConfig) -> POResult:
     rows, n_train = train_rows + held_rows, len(train_rows)
     _check_rows(cfg.loss.name, rows, cfg.data.path)
     model = disable_dropout(load_causal_lm(cfg.model, device))
+    if "users" in spec.extra:  # P-DPO: user embeddings; each pair after its user's and after the generic soft prompt
+        train_rows, held_rows = user_rows(cfg, model, tok, train_rows, held_rows)
+        rows, n_train = train_rows + held_rows, len(train_rows)
     model.train()  # train mode (gradient checkpointing runs only in it), dropout off (see the module docstring)
     g = cfg.builtin
     gold_init = (
@@ -408,5 +413,6 @@ def train_po(cfg: POConfig) -> POResult:
         result.eval |= {"eval/gold_reward_init": gold_init, "eval/gold_reward": gold}
     logger.log(total, result.eval)
     logger.close()
-    save_model(model, tok, out / "model")
+    with saved_plain(model, out / "model"):  # user embeddings (P-DPO) go next to the model's own weights
+        save_model(model, tok, out / "model")
     return result

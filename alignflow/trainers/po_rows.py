@@ -36,6 +36,7 @@ ROW_SCALARS = (
     "rejected_rewards",
     "prev_chosen_logps",
     "prev_rejected_logps",
+    "user_conditioned",
 )
 ROW_TOKENS = ("chosen_token_rewards", "rejected_token_rewards")
 
