@@ -372,12 +372,12 @@ class PairwiseRewardConfig:
     anchor: str = field(
         "group",
         doc="group: P[i, j] between the samples of a prompt, value = win rate; reference: P(y > anchor) with "
-        "the row field anchor_field.",
-        choices=("group", "reference"),
+        "the row field anchor_field; greedy: P(y > anchor) with the current policy's greedy response.",
+        choices=("group", "reference", "greedy"),
     )
     anchor_field: str = field("reference", doc="anchor=reference: the row field holding the anchor response.")
     center: bool = field(
-        False, doc="anchor=reference with algo.advantage=pairwise: advantage p - mean_group(p) instead of p - 1/2."
+        False, doc="anchor=reference/greedy, algo.advantage=pairwise: advantage p - mean_group(p), not p - 1/2."
     )
     weight: float = field(1.0, doc="Weight of the pairwise term (the win rate, or P(y > anchor)) in the reward.")
 

@@ -9,8 +9,11 @@ A *pair scorer* reads one order of a pair: ``ordered(prompts, firsts, seconds) -
   ``pairwise``): 1 when it names the first response, 0 for the second; symmetrised as ``½ (p_ab + 1 - p_ba)``.
 
 :class:`PairwiseReward` compares, for each row, either every other sample of its group (meta ``group``; the
-rows of one prompt) -- value ``w_i = 1/(G-1) Σ_{j≠i} P[i, j]``, the win rate -- or the row's anchor response
-(meta ``anchor_field``) -- value ``P(y ≻ anchor)``. Besides the (B,) value it leaves per-row tensors in
+rows of one prompt) -- value ``w_i = 1/(G-1) Σ_{j≠i} P[i, j]``, the win rate -- or an anchor response, value
+``P(y ≻ anchor)``: the row's field ``anchor_field`` (anchor ``reference``) or the current policy's greedy response
+to the prompt (anchor ``greedy``, meta :data:`GREEDY_ANCHOR`, which ``alignflow rl`` fills before scoring; a batch
+without it -- the greedy evaluation, whose responses are the greedy ones -- is its own anchor). A response equal to
+its anchor is worth exactly 1/2 and is not sent to the scorer. Besides the (B,) value it leaves per-row tensors in
 ``last_fields`` that the reward role adds to the batch, for the ``pairwise`` advantage of ``alignflow rl``:
 
 * ``pair_prefs`` (B, G_max): row i's ``P[i, j]`` against the j-th sample of its group (batch order), 1/2 on
@@ -36,6 +39,9 @@ from alignflow.rewards.base import output_device
 from alignflow.rewards.judge import build_judge
 from alignflow.rewards.preference_model import PreferenceModel
 from alignflow.rewards.rules import RewardError
+
+GREEDY_ANCHOR = "pairwise_greedy"  # meta: the policy's greedy response to the row's prompt (anchor=greedy)
+ANCHORS = ("group", "reference", "greedy")
 
 
 class ModelPairScorer:
@@ -91,8 +97,8 @@ class PairwiseReward:
     """``reward(batch) -> (B,)``: the win rate within the group, or P(y ≻ anchor) (module docstring)."""
 
     def __init__(self, scorer, anchor: str = "group", anchor_field: str = "reference", name: str = "pairwise"):
-        if anchor not in ("group", "reference"):
-            raise ValueError(f"pairwise anchor must be group or reference, got {anchor!r}")
+        if anchor not in ANCHORS:
+            raise ValueError(f"pairwise anchor must be one of {', '.join(ANCHORS)}, got {anchor!r}")
         self.scorer, self.anchor, self.anchor_field, self.name = scorer, anchor, anchor_field, name
         self.last_fields: dict = {}
 
@@ -128,7 +134,10 @@ class PairwiseReward:
         self.last_fields = {"pair_prefs": prefs.float(), "pair_group_size": sizes, "pair_symmetry_error": sym_err}
         return values.float(), errors
 
-    def _anchor(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _anchors(self, batch: Batch) -> list:
+        """Each row's anchor response (anchor ``reference``: the row field; ``greedy``: meta GREEDY_ANCHOR)."""
+        if self.anchor == "greedy":
+            return list(batch.meta[GREEDY_ANCHOR]) if GREEDY_ANCHOR in batch.meta else list(batch.meta["response"])
         anchors = batch.meta.get(self.anchor_field) if self.anchor_field in batch.meta else None
         for i in range(len(batch)):
             if anchors is None or not isinstance(anchors[i], str):
@@ -138,13 +147,24 @@ class PairwiseReward:
                     self.name,
                     i,
                 )
+        return list(anchors)
+
+    def _anchor(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        anchors = self._anchors(batch)
         prompts, ys = list(batch.meta["prompt"]), list(batch.meta["response"])
-        p, failed = self.scorer.ordered(prompts + prompts, ys + list(anchors), list(anchors) + ys)
-        n = len(batch)
-        p_ya, p_ay = p[:n], p[n:]
-        values = self.scorer.symmetrise(p_ya, p_ay).float()
+        ask = [i for i in range(len(batch)) if ys[i] != anchors[i]]  # y == anchor: P = 1/2 exactly, not asked
+        ps, qs, aa = [prompts[i] for i in ask], [ys[i] for i in ask], [anchors[i] for i in ask]
+        p, failed = self.scorer.ordered(ps + ps, qs + aa, aa + qs)
+        k, n = len(ask), len(batch)
+        p_ya, p_ay = torch.full((n,), 0.5, dtype=torch.float64), torch.full((n,), 0.5, dtype=torch.float64)
+        p_ya[ask], p_ay[ask] = p[:k], p[k:]
+        values = torch.full((n,), 0.5, dtype=torch.float64)
+        values[ask] = self.scorer.symmetrise(p[:k], p[k:]).double()
+        errors = torch.zeros(n)
+        errors[ask] = torch.maximum(failed[:k], failed[k:]).float()
+        values = values.float()
         self.last_fields = {"anchor_prefs": values, "pair_symmetry_error": (p_ya + p_ay - 1.0).abs().float()}
-        return values, torch.maximum(failed[:n], failed[n:])
+        return values, errors
 
     def with_failures(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         """(values (B,), {"errors": (B,) 1 on rows with a comparison that fell back})."""

@@ -68,6 +68,7 @@ from alignflow.trainers.rl_algos import (
     truncated_is_weights,
 )
 from alignflow.trainers.rl_filter import filter_rollouts
+from alignflow.trainers.rl_pairwise import greedy_anchors
 from alignflow.trainers.rl_par import ReferenceScores, shape_with_references
 from alignflow.trainers.rl_safety import make_lagrange, safety_gate, safety_rows
 from alignflow.trainers.rl_setup import PromptStream, Roles, build_roles, needed_roles, prompt_batch
@@ -153,6 +154,8 @@ def sample_and_score(roles: Roles, prompts: Batch, cfg: RLConfig) -> tuple[Batch
     """rollout.generate -> reward.score (-> cost.score) -> DAPO overlong penalty. Returns (batch, generation s)."""
     t0 = time.perf_counter()
     batch = roles.rollout.generate(prompts)
+    if cfg.reward.pairwise.anchor == "greedy":  # pairwise RLHF: the policy's greedy response as the anchor
+        batch = batch.union(greedy_anchors(roles.rollout, prompts, batch))
     gen_s = time.perf_counter() - t0
     batch = batch.union(roles.reward.score(batch))
     if roles.cost is not None:

@@ -11,6 +11,10 @@ preferences against its group (``pair_prefs`` (B, G_max) with ``pair_group_size`
 then adds the sequence's KL return ``-β Σ_t KL_t`` when the KL sits in the reward (0 with ``kl.placement:
 loss``) and broadcasts the sequence advantage over the response's tokens. Only the pairwise source shapes the
 advantage; other reward sources are logged (``rollout/reward_<name>_mean``) but do not enter it.
+
+With ``reward.pairwise.anchor: greedy`` the anchor is the current policy's greedy response to the prompt (as in
+Pairwise-RL): :func:`greedy_anchors` decodes it with the rollout role right after the step's samples, before the
+reward role scores them, and gives it to every sample of the prompt (meta ``pairwise_greedy``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from alignflow.algorithms.kl import kl_penalty_rewards
 from alignflow.algorithms.pairwise_adv import anchor_advantages, group_win_rate_advantages
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, RLConfig
+from alignflow.rewards.pairwise import GREEDY_ANCHOR
 
 
 def check_pairwise(cfg: RLConfig, advantage: str, sample_filter: str) -> None:
@@ -44,11 +49,25 @@ def check_pairwise(cfg: RLConfig, advantage: str, sample_filter: str) -> None:
             "reward.pairwise.anchor=group compares the samples of a prompt: rollout.n must be >= 2, "
             f"got {cfg.rollout.n}"
         )
+    if pw.anchor == "greedy" and (cfg.env.task or cfg.env.path):
+        raise ConfigError(
+            "reward.pairwise.anchor=greedy decodes a greedy answer per prompt before scoring, which multi-turn "
+            "episodes (env.task / env.path) do not do; use anchor=group or reference"
+        )
     if cfg.reward.normalize != "none" or cfg.reward.clip > 0:
         raise ConfigError(
             "algo.advantage=pairwise reads preferences, not the (normalised) reward: set reward.normalize=none "
             "and reward.clip=0"
         )
+
+
+def greedy_anchors(rollout, prompts: Batch, samples: Batch) -> Batch:
+    """anchor=greedy: one greedy response per prompt row of ``prompts`` (the rollout role's ``generate(prompts,
+    greedy=True)``), as meta ``pairwise_greedy`` of each of ``samples``' rows of that prompt (matched by meta
+    ``group``, the prompt row's uid). Returns a meta-only Batch with the rows of ``samples``."""
+    greedy = rollout.generate(prompts, greedy=True)
+    by_group = {int(g): r for g, r in zip(greedy.meta["group"], greedy.meta["response"], strict=True)}
+    return Batch(meta={GREEDY_ANCHOR: [by_group[int(g)] for g in samples.meta["group"]]})
 
 
 def _groups(batch: Batch) -> list[list[int]]:
