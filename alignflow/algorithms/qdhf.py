@@ -57,3 +57,43 @@ def spread(points: Tensor) -> float:
     if n < 2:
         return 0.0
     return float(torch.cdist(points, points).sum() / (n * (n - 1)))
+
+
+# ------------------------------------------------------------------------------------- QDHF inside RL (issue 16)
+def group_novelty(desc: Tensor, groups: list[list[int]], scale: Tensor) -> Tensor:
+    """(N,) novelty of each sample against the other samples of its group: the mean distance between its
+    descriptor and theirs, each dimension divided by ``scale`` (K,) (the archive's range), so that a unit is one
+    archive width. A group of one has novelty 0. For points 0, 3, 4 on one axis (scale 1): 3.5, 2, 2.5."""
+    z = desc / scale.clamp_min(1e-12)
+    out = torch.zeros(desc.shape[0], dtype=desc.dtype)
+    for rows in groups:
+        if len(rows) < 2:
+            continue
+        idx = torch.tensor(rows)
+        d = torch.cdist(z[idx], z[idx])  # (G, G), 0 on the diagonal
+        out[idx] = d.sum(1) / (len(rows) - 1)
+    return out
+
+
+def archive_novelty(cells: Tensor, seen: set[int]) -> Tensor:
+    """(N,) 1.0 for a sample whose cell was not in ``seen`` before this batch, else 0.0; ``seen`` then gains the
+    batch's cells (an occupancy archive kept across steps by the caller)."""
+    out = torch.tensor([0.0 if int(c) in seen else 1.0 for c in cells.tolist()])
+    seen.update(int(c) for c in cells.tolist())
+    return out
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Distinct n-grams of whitespace tokens over all n-grams of ``texts`` (0 when there are none): a plain
+    diversity measure that needs no descriptor."""
+    grams = [tuple(t[i : i + n]) for t in (x.split() for x in texts) for i in range(len(t) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def qd_select(desc: Tensor, quality: Tensor, lo: Tensor, hi: Tensor, bins: int, k: int) -> list[int]:
+    """Quality-diversity selection of ``k`` of n samples: the MAP-Elites archive's elites, best quality first; when
+    fewer than ``k`` cells are occupied, the best remaining samples fill the rest. Best-of-k takes the ``k`` best by
+    quality alone."""
+    elites = sorted(map_elites(desc, quality, lo, hi, bins), key=lambda i: -float(quality[i]))
+    rest = [i for i in quality.argsort(descending=True, stable=True).tolist() if i not in set(elites)]
+    return (elites + rest)[:k]

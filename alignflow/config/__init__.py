@@ -87,6 +87,7 @@ from alignflow.config.rm import (
 )
 from alignflow.config.sections import (
     DataConfig,
+    DiversityRewardConfig,
     HubConfig,
     JudgeConfig,
     LoraConfig,
@@ -131,6 +132,7 @@ __all__ = [
     "DapoConfig",
     "DataConfig",
     "DemoConfig",
+    "DiversityRewardConfig",
     "EnvConfig",
     "EvalConfig",
     "HubConfig",

@@ -401,6 +401,24 @@ class Seq2SeqRewardConfig:
 
 
 @dataclasses.dataclass
+class DiversityRewardConfig:
+    """QDHF inside RL (docs/qdhf.md): a bonus for samples whose learned QDHF descriptor is new."""
+
+    descriptor: str = field(
+        "",
+        doc="A finished alignflow qdhf run directory (its descriptor.json), or builtin:qdhf (fitted on the built-in "
+        "reviews task on first use, cached beside the run like builtin:sft); empty: no diversity term.",
+    )
+    mode: str = field(
+        "group",
+        doc="group: mean descriptor distance to the other samples of the prompt (archive widths); archive: 1 when "
+        "the sample's MAP-Elites cell was empty so far in the run, else 0.",
+        choices=("group", "archive"),
+    )
+    weight: float = field(1.0, doc="Weight of the diversity term in the reward (0: measured and logged only).")
+
+
+@dataclasses.dataclass
 class RewardSourceConfig:
     """Reward sources, summed with weights: R = sum_j w_j * r_j."""
 
@@ -423,6 +441,9 @@ class RewardSourceConfig:
     )
     seq2seq: Seq2SeqRewardConfig = field(
         default_factory=Seq2SeqRewardConfig, doc="A rewriting (seq2seq) reward model giving token-level rewards."
+    )
+    diversity: DiversityRewardConfig = field(
+        default_factory=DiversityRewardConfig, doc="A QDHF diversity bonus from a learned descriptor (docs/qdhf.md)."
     )
     aggregation: str = field(
         "mean",

@@ -16,13 +16,15 @@
    quality is its mean gold reward. The same for all the samples
    that entered the archive (``candidates``: no selection of them covers more) and for the whole pool.
 
-Writes ``selected.jsonl`` (the elites: prompt, response, gold, descriptor) and ``qdhf.json`` (the numbers); logs
+Writes ``selected.jsonl`` (the elites: prompt, response, gold, descriptor), ``qdhf.json`` (the numbers) and
+``descriptor.json`` (W, the archive's range and bins: what ``reward.diversity`` of ``alignflow rl`` reads); logs
 ``train/loss`` and ``qdhf/triplet_accuracy`` per logged step and ``eval/*`` at the end.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -30,9 +32,10 @@ from pathlib import Path
 import torch
 
 from alignflow.algorithms.qdhf import coverage, map_elites, spread, triplet_loss
-from alignflow.config import ConfigError, to_dict
+from alignflow.config import ConfigError, TaskConfig, to_dict
 from alignflow.config.qdhf import QDHFConfig
 from alignflow.data.formats import DataError
+from alignflow.rewards.diversity import DESCRIPTOR_FILE, Descriptor, DiversityReward
 from alignflow.tasks import build_task, reviews, similarity
 from alignflow.tasks.common import read_jsonl, write_jsonl
 from alignflow.trainers import loop
@@ -86,12 +89,24 @@ def fit_descriptor(feats: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, cfg:
     return result
 
 
+def archive_range(desc: torch.Tensor, quality: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) of the archive: the 5-95% quantiles of the candidates' descriptors (outliers go to the edge cells)."""
+    d = desc[quality >= quality.quantile(quantile)]
+    return d.quantile(RANGE[0], dim=0), d.quantile(RANGE[1], dim=0)
+
+
 def select(desc: torch.Tensor, quality: torch.Tensor, quantile: float, bins: int) -> list[int]:
     """Pool indices of the MAP-Elites archive over ``desc`` of the samples whose quality reaches ``quantile``."""
     ok = (quality >= quality.quantile(quantile)).nonzero().squeeze(1)
-    d = desc[ok]
-    lo, hi = d.quantile(RANGE[0], dim=0), d.quantile(RANGE[1], dim=0)  # outliers go to the edge cells
-    return ok[map_elites(d, quality[ok], lo, hi, bins)].tolist()
+    lo, hi = archive_range(desc, quality, quantile)
+    return ok[map_elites(desc[ok], quality[ok], lo, hi, bins)].tolist()
+
+
+def write_descriptor(path: Path, weight: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> None:
+    """``descriptor.json``: what ``reward.diversity`` of ``alignflow rl`` reads (alignflow.rewards.diversity)."""
+    blob = {"words": list(similarity.WORDS), "weight": weight.tolist(), "lo": lo.tolist(), "hi": hi.tolist()}
+    blob |= {"bins": bins, "prompt_prefix": reviews.PROMPT_PREFIX}
+    path.write_text(json.dumps(blob) + "\n")
 
 
 def _stats(sel: list[int], measures: torch.Tensor, quality: torch.Tensor, bins: int) -> dict:
@@ -134,6 +149,7 @@ def train_qdhf(cfg: QDHFConfig) -> QDHFResult:
         for i in qd
     ]
     write_jsonl(out / "selected.jsonl", rows)
+    write_descriptor(out / DESCRIPTOR_FILE, result.descriptor.weight.detach(), *archive_range(z, quality, q), b)
     (out / "qdhf.json").write_text(json.dumps(stats, indent=1) + "\n")
     log.info(
         "QDHF: coverage %d (best-of-n %d) at quality %.2f (%.2f)",
@@ -143,3 +159,36 @@ def train_qdhf(cfg: QDHFConfig) -> QDHFResult:
         stats["best_of_n"]["quality"],
     )
     return result
+
+
+# ------------------------------------------------------------------------------------- QDHF inside alignflow rl
+BUILTIN_QDHF = "builtin:qdhf"
+
+
+def builtin_descriptor(task: TaskConfig, output_dir: str | Path, seed: int = 0) -> Path:
+    """``builtin:qdhf``: the descriptor of ``alignflow qdhf`` with its defaults (those of configs/qdhf.yaml) on the
+    built-in reviews task, fitted on first use and cached in ``<parent of output_dir>/builtin-qdhf/<key>/`` (like
+    builtin:sft). Returns the run directory."""
+    if task.name != "reviews":
+        raise ConfigError(
+            f"reward.diversity.descriptor={BUILTIN_QDHF}: the similarity judge exists for the reviews task only "
+            f"(task.name is {task.name!r}); give a qdhf run directory instead"
+        )
+    blob = json.dumps([dataclasses.asdict(task), seed, Path(similarity.__file__).read_text()], sort_keys=True)
+    out = Path(output_dir).resolve().parent / "builtin-qdhf" / hashlib.sha256(blob.encode()).hexdigest()[:12]
+    if (out / DESCRIPTOR_FILE).is_file():
+        return out
+    cfg = QDHFConfig(task=dataclasses.replace(task))
+    cfg.train.output_dir, cfg.train.overwrite, cfg.train.seed, cfg.train.progress = str(out), True, seed, False
+    cfg.train.log_every, cfg.train.report_to = cfg.train.max_steps, []
+    log.info("reward.diversity.descriptor=%s: fitting the QDHF descriptor into %s", BUILTIN_QDHF, out)
+    train_qdhf(cfg)
+    return out
+
+
+def build_diversity(section, cfg, key: str) -> DiversityReward:
+    """The ``reward.diversity`` source of an RL run: its descriptor from a qdhf run directory or ``builtin:qdhf``."""
+    path = section.descriptor
+    if path == BUILTIN_QDHF:
+        path = builtin_descriptor(cfg.task, cfg.train.output_dir, cfg.train.seed)
+    return DiversityReward(Descriptor.load(path, f"{key}.descriptor"), section.mode)

@@ -138,6 +138,8 @@ class _Tally:
             kind = "reward" if key.startswith("scores/") else "cost"
             cols[f"rollout/{kind}_{key.split('/', 1)[1]}_mean"] = batch[key]
         cols["rollout/reward_mean"] = batch["scores"]
+        for key in [k for k in batch.tensors if k.startswith("metric/")]:  # a source's per-row measures
+            cols[f"rollout/{key.split('/', 1)[1]}"] = batch[key]
         if "costs" in batch:
             cols["rollout/cost_mean"] = batch["costs"]
         for k, v in cols.items():

@@ -29,8 +29,10 @@ from alignflow.rewards.remote import RemoteReward
 from alignflow.rewards.rules import reward_options, user_code_files
 from alignflow.rewards.seq2seq import build_seq2seq
 from alignflow.tasks import get_task
+from alignflow.trainers.double_critic import DoubleCritic
 from alignflow.trainers.loop import set_seed
 from alignflow.trainers.ptx import build_ptx
+from alignflow.trainers.qdhf import build_diversity
 from alignflow.trainers.rl_algos import Resolved
 from alignflow.trainers.roles import Actor, Critic, Reference, RewardRole, Rollout
 
@@ -97,6 +99,10 @@ def build_sources(
     if seq2seq is not None and seq2seq.model:  # docs/seq2seq_rm.md
         fn = build_seq2seq(seq2seq, cfg, device, f"{section_name}.seq2seq")
         parts.append((fn.name, fn, _weight(seq2seq.weight, f"{section_name}.seq2seq.weight")))
+    diversity = getattr(section, "diversity", None)
+    if diversity is not None and diversity.descriptor:  # QDHF inside RL, docs/qdhf.md
+        fn = build_diversity(diversity, cfg, f"{section_name}.diversity")
+        parts.append((fn.name, fn, _weight(diversity.weight, f"{section_name}.diversity.weight")))
     if judge is not None and (judge.model or judge.url) and not (pairwise is not None and pairwise.judge):
         parts.append(
             (
