@@ -1,16 +1,19 @@
-"""``alignflow refuel``: the command row and its help, one-line refusals, rows from data.path, and a short run that
-logs its metrics, evaluates before and after and exports the model. (Its learning is checked on the preset by
-tests/test_presets_learn.py; the maths of the step by tests/test_refuel_multiturn.py.)"""
+"""``alignflow refuel``: the command row and its help, one-line refusals, rows from data.path, a short run that
+logs its metrics, evaluates before and after and exports the model, and a killed run that resumes to the same end.
+(Its learning is checked on the preset by tests/test_presets_learn.py; the maths of the step by
+tests/test_refuel_multiturn.py.)"""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from alignflow import cli
 from alignflow.config import ConfigError, RefuelConfig, from_dict
 from alignflow.envs.base import load_env_factory
+from alignflow.trainers import refuel
 from alignflow.trainers.refuel import check, evaluate, load_rows, train_refuel
 
 
@@ -36,7 +39,6 @@ def test_refuel_is_a_command_with_help(capsys):
 @pytest.mark.parametrize(
     ("sections", "needle"),
     [
-        ({"train": {"resume": True}}, "train.resume: alignflow refuel writes no checkpoints"),
         ({"env": {"path": "my_env.py:make_env"}}, "model.name_or_path: the built-in warm start is for env.path="),
         (
             {"env": {"path": "my_env.py:make_env"}, "model": {"name_or_path": "some/model"}},
@@ -77,3 +79,38 @@ def test_short_run_logs_evaluates_and_exports(tmp_path):
     make_env = load_env_factory(cfg.env.path, **cfg.env.kwargs)
     assert evaluate(res.model, res.tokenizer, make_env, load_rows(cfg), cfg) == pytest.approx(res.eval)
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """4 steps, a checkpoint every 2. Run A is uninterrupted. Run B dies inside step 3 (after the step-2
+    checkpoint); run B again with train.resume=true goes on from step 2, reuses B's warm start (not trained
+    again) and ends with exactly A's weights and A's metrics.jsonl rows: the checkpoint holds the weights, the
+    AdamW moments, the schedule and both RNGs, and a step's rows and sampling seed follow from its number."""
+    sections = dict(
+        train={"max_steps": 4, "save_every": 2, "num_threads": 1},
+        warm_start={"sft_steps": 5, "conversations": 50},
+        refuel={"episodes_per_step": 4, "eval_episodes": 2},
+    )
+    a = train_refuel(_cfg(tmp_path / "a", **sections))
+    real = refuel.refuel_iteration
+
+    def dies_in_step_3(*args):
+        if args[7] == 3:  # the step number
+            raise RuntimeError("killed")
+        return real(*args)
+
+    monkeypatch.setattr(refuel, "refuel_iteration", dies_in_step_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_refuel(_cfg(tmp_path / "b", **sections))
+    monkeypatch.setattr(refuel, "refuel_iteration", real)
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-2"]
+    warm = tmp_path / "b" / "warm_start" / "sft" / "model" / "model.safetensors"
+    written = warm.stat().st_mtime_ns
+    resumed = _cfg(tmp_path / "b", **sections)
+    resumed.train.resume = True
+    b = train_refuel(resumed)
+    assert warm.stat().st_mtime_ns == written and len(b.history) == 2 and [s for s, _ in b.evals] == [4]
+    for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    rows = [(tmp_path / r / "metrics.jsonl").read_text().splitlines() for r in ("a", "b")]
+    assert rows[0] == rows[1] and len(rows[0]) == 6  # eval at 0, steps 1-4, eval at 4

@@ -7,9 +7,15 @@ the regression loss); this module is the command around them:
     rows     = data.path, or 64 counting-dialogue rows;  make_env = env.path (default: the simulated user)
     eval     : mean return of refuel.eval_episodes sampled episodes (seeded), before training
     for step in train.max_steps:  refuel_iteration(...)  -> metrics.jsonl (refuel/*)
+                                  checkpoint every train.save_every steps and at the end
     eval again, export <output_dir>/model
 
-Not supported yet: checkpoints and ``train.resume``, Ray worker sets, LoRA.
+Checkpoints (``<output_dir>/checkpoints/step-N``) hold the weights, the AdamW state, the schedule, the torch RNG
+and the branch-turn RNG (``refuel_rng``); with ``train.resume=true`` the run goes on from the newest one and ends
+with the weights an uninterrupted run ends with (every other input of a step -- its rows, its sampling seed --
+is a function of the step number). A resumed run reuses the warm start it finds in ``<output_dir>/warm_start``.
+
+Not supported yet: Ray worker sets, LoRA.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from alignflow.config import ConfigError, RefuelConfig, SFTConfig, from_dict
 from alignflow.config.refuel import COUNTING_USER
 from alignflow.data.loading import load_records
+from alignflow.distributed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignflow.distributed.save import save_model
 from alignflow.envs import counting_user
 from alignflow.envs.base import load_env_factory
@@ -56,8 +63,6 @@ class RefuelResult:
 
 def check(cfg: RefuelConfig) -> None:
     """What the command refuses before any work (one line naming the key)."""
-    if cfg.train.resume:
-        raise ConfigError("train.resume: alignflow refuel writes no checkpoints yet; use train.resume=false")
     if cfg.model.lora.enabled:
         raise ConfigError("model.lora.enabled: alignflow refuel trains the whole model; use model.lora.enabled=false")
     if not cfg.model.name_or_path and cfg.env.path != COUNTING_USER:
@@ -78,6 +83,11 @@ def warm_start(cfg: RefuelConfig) -> None:
     w = cfg.warm_start
     if w.sft_steps == 0:
         cfg.model.name_or_path = str(art.model_dir)
+        return
+    done = out / "warm_start" / "sft" / "model"
+    if cfg.train.resume and latest_checkpoint(out) is not None and (done / "config.json").exists():
+        log.info("warm start: resuming, so the warm start in %s is reused", done)
+        cfg.model.name_or_path = str(done)
         return
     corpus = out / "warm_start" / "conversations.jsonl"
     corpus.parent.mkdir(parents=True, exist_ok=True)
@@ -144,18 +154,23 @@ def evaluate(model, tok, make_env, rows: list[dict], cfg: RefuelConfig) -> dict:
     return {"eval/return_mean": sum(t.reward for t in trajs) / n, "eval/turns_mean": sum(t.turns for t in trajs) / n}
 
 
-def train_refuel(cfg: RefuelConfig) -> RefuelResult:
-    """Run ``alignflow refuel`` as configured; returns the policy, per-step metrics and the evaluations."""
-    check(cfg)
-    make_env = load_env_factory(cfg.env.path, **cfg.env.kwargs)
-    prepare_run_dir(cfg.train, check_only=True)  # refused before the warm start is trained
-    if not cfg.model.name_or_path:
-        warm_start(cfg)
-    out, device, tok = start_run(cfg)
-    rows = load_rows(cfg)
-    model = load_causal_lm(cfg.model, device)
+def resume(out: Path, enabled: bool, model, opt, sched, rng: random.Random) -> int:
+    """Restore the newest checkpoint's weights, optimiser, schedule, torch RNG and branch-turn RNG (through
+    :func:`loop.resume`) when ``enabled``; the step to go on from (0 without a checkpoint)."""
+
+    def load(ckpt: Path) -> dict:
+        state = load_checkpoint(ckpt, model, opt, sched)
+        version, inner, gauss = state["refuel_rng"]  # JSON turned the state's tuples into lists
+        rng.setstate((version, tuple(inner), gauss))
+        return state
+
+    return int(loop.resume(out, enabled, load).get("step", 0))
+
+
+def settings_of(cfg: RefuelConfig) -> RefuelSettings:
+    """The step's settings from the config (``train.max_steps`` REFUEL steps)."""
     r = cfg.refuel
-    settings = RefuelSettings(
+    return RefuelSettings(
         steps=cfg.train.max_steps,
         episodes_per_step=r.episodes_per_step,
         horizon=r.horizon,
@@ -166,15 +181,32 @@ def train_refuel(cfg: RefuelConfig) -> RefuelResult:
         max_total_tokens=r.max_total_tokens,
         max_grad_norm=cfg.optim.max_grad_norm,
     )
+
+
+def train_refuel(cfg: RefuelConfig) -> RefuelResult:
+    """Run ``alignflow refuel`` as configured; returns the policy, per-step metrics and the evaluations (a resumed
+    run's ``history`` holds the steps it ran, its ``evals`` only the final evaluation)."""
+    check(cfg)
+    make_env = load_env_factory(cfg.env.path, **cfg.env.kwargs)
+    prepare_run_dir(cfg.train, check_only=True)  # refused before the warm start is trained
+    if not cfg.model.name_or_path:
+        warm_start(cfg)
+    out, device, tok = start_run(cfg)
+    rows = load_rows(cfg)
+    model = load_causal_lm(cfg.model, device)
+    settings = settings_of(cfg)
     opt = loop.build_optimizer(model, cfg.optim)
     sched = loop.build_scheduler(opt, cfg.optim, max(1, settings.steps))
-    logger = loop.MetricsLogger(out, report_to=cfg.train.report_to)
+    rng = random.Random(cfg.train.seed)
+    start = resume(out, cfg.train.resume, model, opt, sched, rng)
+    logger = loop.MetricsLogger(out, start=start, report_to=cfg.train.report_to)
     result = RefuelResult(model, tok, output_dir=out)
-    result.evals.append((0, evaluate(model, tok, make_env, rows, cfg)))
-    logger.log(0, result.evals[0][1])
-    bar = loop.Progress(settings.steps, 0, cfg.train.progress, "refuel", interrupt=False)
-    engine, rng = HFEngine(model, tok), random.Random(cfg.train.seed)
-    for step in range(settings.steps):
+    if start == 0:  # a resumed run keeps the step-0 evaluation its first part logged
+        result.evals.append((0, evaluate(model, tok, make_env, rows, cfg)))
+        logger.log(0, result.evals[0][1])
+    bar = loop.Progress(settings.steps, start, cfg.train.progress, "refuel")  # Ctrl-C: finish the step, checkpoint
+    engine = HFEngine(model, tok)
+    for step in range(start, settings.steps):
         m = refuel_iteration(model, tok, engine, opt, make_env, rows, settings, step, rng)
         sched.step()
         m = {f"refuel/{k}": v for k, v in m.items()} | {"refuel/lr": sched.get_last_lr()[0]}
@@ -182,6 +214,9 @@ def train_refuel(cfg: RefuelConfig) -> RefuelResult:
         bar.update(0, ret=m["refuel/episode_return_mean"])
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == settings.steps:
             logger.log(step + 1, m)
+        state = {"step": step + 1, "refuel_rng": rng.getstate()}
+        save = lambda path, st=state: save_checkpoint(path, model, opt, sched, st)  # noqa: E731
+        loop.checkpoint_step(step + 1, settings.steps, cfg.train, out, save)
     bar.close()
     result.eval = evaluate(model, tok, make_env, rows, cfg)
     result.evals.append((settings.steps, result.eval))
