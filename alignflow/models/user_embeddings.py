@@ -51,7 +51,9 @@ class UserPromptEmbedding(nn.Module):
 
     @property
     def num_embeddings(self) -> int:
-        return self.vocab
+        """Ids this embedding accepts: the vocabulary and every user's soft-prompt ids (engines check prompts
+        against it; the LM head keeps its V outputs)."""
+        return self.vocab + (len(self.users) + 1) * self.k
 
     @property
     def embedding_dim(self) -> int:
