@@ -1,6 +1,6 @@
-"""The paper-finding benches (bench/overoptimisation.py, rm_ensembles.py, dpo_vs_ppo_frontier.py, remax_vs_ppo.py,
-vs_trl_gold.py): each ``--quick`` run end to end in this process (tiny sizes; one shared work directory, so the task
-and SFT model are built once), checking the table's columns and the plot; and their small maths by hand."""
+"""The paper-finding benches (bench/overoptimisation.py, rm_ensembles.py, par_hacking.py, dpo_vs_ppo_frontier.py,
+remax_vs_ppo.py, vs_trl_gold.py): each ``--quick`` run end to end in this process (tiny sizes; one shared work
+directory, so the task and SFT model are built once), checking the table's columns and the plot; and their small maths by hand."""
 
 import importlib
 import json
@@ -48,6 +48,17 @@ def test_rm_ensembles_quick(work):
     saved = run_quick("rm_ensembles", work, cols)
     assert [s["run"] for s in saved["meta"]["summary"]] == ["single", "mean", "min", "uwo"]
     assert (work / "w" / "ens-uwo-k2-s0" / "model").is_dir()
+
+
+def test_par_hacking_quick(work):
+    cols = ["run", "seed", "step", "sqrt_kl", "kl", "proxy", "gold", "response_len"]
+    saved = run_quick("par_hacking", work, cols)
+    assert [s["run"] for s in saved["meta"]["summary"]] == ["plain", "par"]
+    logged = [json.loads(line) for line in (work / "w" / "par-par-m1-s0" / "metrics.jsonl").read_text().splitlines()]
+    shaped = [r["shaping/shaped_reward_mean"] for r in logged if "shaping/shaped_reward_mean" in r]
+    assert shaped and all(0.0 < v < 1.0 for v in shaped)  # PAR's reward is a mean of sigmoids
+    plain = (work / "w" / "par-plain-m1-s0" / "metrics.jsonl").read_text()
+    assert "shaping/" not in plain
 
 
 def test_dpo_vs_ppo_frontier_quick(work):
