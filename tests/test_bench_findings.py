@@ -1,6 +1,7 @@
 """The paper-finding benches (bench/overoptimisation.py, rm_ensembles.py, par_hacking.py, dpo_vs_ppo_frontier.py,
 remax_vs_ppo.py, vs_trl_gold.py): each ``--quick`` run end to end in this process (tiny sizes; one shared work
-directory, so the task and SFT model are built once), checking the table's columns and the plot; and their small maths by hand."""
+directory, so the task and SFT model are built once), checking the table's columns and the plot; and their small
+maths by hand."""
 
 import importlib
 import json
