@@ -13,6 +13,15 @@ group (``docs/pairwise_rlhf.md``). Two readings:
   greedy sample): ``A_i = p_i - 1/2``, or ``p_i - mean_group(p)`` when ``center`` (a group baseline).
 
 Both are pure functions of tensors; the advantages are per sequence (broadcast over the response's tokens).
+
+**Scaled** (Think-RM's normalisation, :func:`normalized_win_rate_advantages`): with the margins
+``d_ij = P[i, j] - 1/2`` (``d_ii = 0``)::
+
+      A_i = (1/G) Σ_j d_ij / sqrt( Σ_{i,j} d_ij² / (2 G (G-1)) + eps )
+
+When ``d_ij = r_i - r_j`` for scalar scores ``r`` this is exactly GRPO's ``(r_i - mean(r)) / std(r)`` (unbiased
+std, eps = 0): ``Σ_j d_ij = G (r_i - mean r)`` and ``Σ_{i,j} (r_i - r_j)² = 2 G Σ_i (r_i - mean r)²``. A scorer
+whose probabilities stay near 1/2 then gives advantages of order one, as GRPO's do, instead of ``±|d|``.
 """
 
 from __future__ import annotations
@@ -33,6 +42,18 @@ def group_win_rate_advantages(pref: Tensor) -> Tensor:
     off = 1.0 - torch.eye(g, dtype=pref.dtype, device=pref.device)
     win_rate = (pref * off).sum(-1) / (g - 1)
     return win_rate - 0.5
+
+
+def normalized_win_rate_advantages(pref: Tensor, eps: float = 1e-6) -> Tensor:
+    """(..., G, G) preference matrices -> (..., G) Think-RM-scaled advantages (module docstring); G >= 2.
+
+    The diagonal is never read. A group whose margins are all 0 gets advantages 0."""
+    g = pref.shape[-1]
+    group_win_rate_advantages(pref)  # the shape checks
+    off = 1.0 - torch.eye(g, dtype=pref.dtype, device=pref.device)
+    d = (pref - 0.5) * off
+    scale = ((d * d).sum((-2, -1)) / (2 * g * (g - 1)) + eps).sqrt()
+    return d.sum(-1) / g / scale.unsqueeze(-1)
 
 
 def anchor_advantages(p_vs_anchor: Tensor, center: bool = False) -> Tensor:

@@ -379,6 +379,11 @@ class PairwiseRewardConfig:
     center: bool = field(
         False, doc="anchor=reference/greedy, algo.advantage=pairwise: advantage p - mean_group(p), not p - 1/2."
     )
+    normalize: bool = field(
+        False,
+        doc="anchor=group, algo.advantage=pairwise: Think-RM's scale, (1/G) sum_j d_ij / RMS of the margins "
+        "d = P - 1/2 (GRPO's z-score when d_ij = r_i - r_j), instead of the raw win rate - 1/2.",
+    )
     weight: float = field(1.0, doc="Weight of the pairwise term (the win rate, or P(y > anchor)) in the reward.")
 
 

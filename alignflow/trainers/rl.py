@@ -288,7 +288,9 @@ def prepare(roles: Roles, batch: Batch, st: RLState, cfg: RLConfig, algo: Resolv
         lagrange=st.lagrange.value if st.lagrange else 0.0,
         token_clip=cfg.cost.token_clip or None,
         pairwise_center=cfg.reward.pairwise.center,
+        pairwise_normalize=cfg.reward.pairwise.normalize,
         macro=cfg.algo.macro,
+        tokenizer=roles.tokenizer,
         seed=cfg.train.seed * 1_000_003 + st.step,
     )
     return batch.union(compute_advantages(batch, algo, ctx, cfg.algo.advantage_clip))

@@ -242,7 +242,9 @@ class AdvContext:
     lagrange: float = 0.0  # Safe RLHF lambda
     token_clip: float | None = None  # Safe RLHF per-token clip
     pairwise_center: bool = False  # pairwise advantage against an anchor: p - mean_group(p) (reward.pairwise.center)
+    pairwise_normalize: bool = False  # group win rates scaled as Think-RM does (reward.pairwise.normalize)
     macro: object = None  # cfg.algo.macro (MA-RLHF termination rule and value weights)
+    tokenizer: object = None  # the policy's tokenizer: the parse macro rule reads the tokens' text
     seed: int = 0  # seeds the random n-gram macros of this step
 
 

@@ -6,6 +6,7 @@ preferences against its group (``pair_prefs`` (B, G_max) with ``pair_group_size`
 :mod:`alignflow.algorithms.pairwise_adv`::
 
     group:   A_i = 1/(G-1) Σ_{j≠i} P[i, j] - 1/2
+             (reward.pairwise.normalize: Think-RM's scale, (1/G) Σ_j d_ij / sqrt(Σ d² / (2G(G-1)) + ε), d = P - 1/2)
     anchor:  A_i = p_i - 1/2          (reward.pairwise.center: p_i - mean_group(p))
 
 then adds the sequence's KL return ``-β Σ_t KL_t`` when the KL sits in the reward (0 with ``kl.placement:
@@ -23,7 +24,11 @@ import torch
 
 from alignflow.algorithms.advantages import broadcast_to_tokens
 from alignflow.algorithms.kl import kl_penalty_rewards
-from alignflow.algorithms.pairwise_adv import anchor_advantages, group_win_rate_advantages
+from alignflow.algorithms.pairwise_adv import (
+    anchor_advantages,
+    group_win_rate_advantages,
+    normalized_win_rate_advantages,
+)
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, RLConfig
 from alignflow.rewards.pairwise import GREEDY_ANCHOR
@@ -48,6 +53,11 @@ def check_pairwise(cfg: RLConfig, advantage: str, sample_filter: str) -> None:
         raise ConfigError(
             "reward.pairwise.anchor=group compares the samples of a prompt: rollout.n must be >= 2, "
             f"got {cfg.rollout.n}"
+        )
+    if pw.normalize and pw.anchor != "group":
+        raise ConfigError(
+            f"reward.pairwise.normalize scales the win rates of a group (Think-RM); anchor={pw.anchor} compares "
+            "with one anchor: use anchor=group, or normalize=false (center=true for a group baseline)"
         )
     if pw.anchor == "greedy" and (cfg.env.task or cfg.env.path):
         raise ConfigError(
@@ -90,7 +100,8 @@ def pairwise_step(batch: Batch, ctx) -> dict:
                     f"with {int(sizes[idx[0]])}: a step that drops samples of a group cannot use it"
                 )
             if len(idx) >= 2:
-                adv[idx] = group_win_rate_advantages(prefs[idx][:, : len(idx)])
+                estimate = normalized_win_rate_advantages if ctx.pairwise_normalize else group_win_rate_advantages
+                adv[idx] = estimate(prefs[idx][:, : len(idx)])
     elif "anchor_prefs" in batch:
         p = batch["anchor_prefs"].double().cpu()
         for idx in _groups(batch):
