@@ -18,7 +18,8 @@ from tests.test_online_rl import rl_cfg
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local Ray cluster of 2 logical CPUs: one actor worker and one rollout worker."""
+    """A local Ray cluster of 2 logical CPUs: one actor worker and one rollout worker (a cluster another test
+    started is used as it is)."""
     from alignflow.distributed.ray_group import init_ray
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -71,13 +72,15 @@ def test_async_on_ray_worker_sets_keeps_the_version_contract_and_learns(cluster,
 
 
 def test_a_rollout_set_that_does_not_fit_is_refused_before_any_work(cluster, reviews_task, tmp_path):
-    """2 CPUs in the cluster: the actor worker (1 CPU) and 2 rollout workers (1 CPU each) need 3."""
+    """A cluster of C CPUs (2 from the fixture, or whatever cluster another test left running): the actor worker
+    (1 CPU) and C rollout workers (1 CPU each) need C + 1."""
+    n = int(ray.cluster_resources()["CPU"])
     cfg = rl_cfg(
         reviews_task,
         tmp_path,
-        rollout={"async_steps": 1, "async_workers": 2},
+        rollout={"async_steps": 1, "async_workers": n},
         resources={"backend": "ray"},
     )
-    with pytest.raises(ConfigError, match="'async_rollout' 2 x") as err:
+    with pytest.raises(ConfigError, match=f"'async_rollout' {n} x") as err:
         train_rl(cfg)
     assert not (tmp_path / "metrics.jsonl").exists() and "\n" not in str(err.value)
