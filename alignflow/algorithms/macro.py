@@ -8,6 +8,10 @@ a (B, T) long tensor ``macro_ids`` (0, 1, 2, ... along the valid tokens of a row
   what is left of the response after the drawn spans is one final macro;
 * :func:`perplexity_macros` -- a macro ends where the next token's negative log-prob rises
   (``nll[t+1] > nll[t]``): a token the policy finds harder than the one before opens a new macro.
+* :func:`parse_macros` -- a shallow phrase chunker standing in for a constituency parser: a phrase opens
+  before punctuation and before a conjunction, preposition or determiner (:func:`phrase_openers` marks those
+  vocabulary entries); a one-token phrase joins the phrase before it (the paper's rule for single-token nodes),
+  and a phrase longer than ``cutoff`` tokens is cut every ``cutoff`` tokens.
 
 :func:`macro_gae` runs GAE over macro steps: the reward of macro k is the sum of its token rewards, its value the
 weighted sum ``V(ω_k) = Σ_{t∈ω_k} σ_t V_t`` (σ: ``equal`` 1/|ω_k|, ``unit`` the last token only, ``position``
@@ -78,6 +82,66 @@ def perplexity_macros(logprobs: Tensor, mask: Tensor) -> Tensor:
     return out
 
 
+# Closed-class English words that open a phrase (the chunker cuts before them); punctuation opens one too.
+DETERMINERS = frozenset(
+    "the a an this that these those my your his her its our their some any no every each either neither "
+    "another such".split()
+)
+CONJUNCTIONS = frozenset("and but or nor yet while although though because whereas unless if when since".split())
+PREPOSITIONS = frozenset(
+    "of in on at to for with by from about into onto over under after before through between during without "
+    "within against among around across behind beyond near off upon than via per".split()
+)  # "so" (also an intensifier, "so good") and "like" (also a verb) are left out: a word list cannot tell them apart
+PHRASE_OPENERS = DETERMINERS | CONJUNCTIONS | PREPOSITIONS
+WORD_START_MARKS = ("\u0120", "\u2581")  # byte-level BPE's "G-dot" and SentencePiece's "lower one-eighth block"
+
+
+def phrase_openers(vocab: Sequence[str]) -> Tensor:
+    """Which vocabulary entries open a phrase: (V,) bool, from each token's text (``convert_ids_to_tokens``).
+
+    Punctuation (a token whose text, word-start mark removed, has no letter or digit) always opens one. A word of
+    :data:`PHRASE_OPENERS` (case-insensitive) opens one when it starts a word: in a vocabulary that marks word
+    starts (byte-level BPE, SentencePiece) only the marked form does, so "and" inside "band" does not; in a
+    word-level vocabulary (no marks) every entry is a whole word."""
+    marked = any(t.startswith(WORD_START_MARKS) for t in vocab if t)
+    out = []
+    for tok in vocab:
+        tok = tok or ""
+        starts_word = tok.startswith(WORD_START_MARKS) or not marked
+        text = tok.lstrip("".join(WORD_START_MARKS))
+        punct = bool(text) and not any(c.isalnum() for c in text)
+        out.append(punct or (starts_word and text.lower() in PHRASE_OPENERS))
+    return torch.tensor(out, dtype=torch.bool)
+
+
+def parse_macros(token_ids: Tensor, mask: Tensor, openers: Tensor, cutoff: int = 0) -> Tensor:
+    """Phrase macros of each row (module docstring): token_ids, mask (B, T), openers (V,) bool from
+    :func:`phrase_openers` (ids beyond it open nothing); ``cutoff`` 0: no length limit. -> (B, T) long."""
+    if cutoff < 0:
+        raise ValueError(f"parse macros need cutoff >= 0, got {cutoff}")
+    m = mask.bool()
+    out = torch.full(m.shape, -1, dtype=torch.long, device=m.device)
+    table = openers.to(m.device)
+    for b in range(m.shape[0]):
+        pos = m[b].nonzero().flatten()
+        if not len(pos):
+            continue
+        ids = token_ids[b, pos].long()
+        start = table[ids.clamp(0, len(table) - 1)] & (ids < len(table))  # (L,)
+        start[0] = True
+        chunk = start.long().cumsum(0) - 1
+        size = torch.bincount(chunk)
+        single = start & (size[chunk] == 1)
+        single[0] = False  # the first phrase has no phrase before it to join
+        start = start & ~single
+        if cutoff:
+            first = torch.nonzero(start).flatten()  # (K,) each phrase's first position
+            begin = first[start.long().cumsum(0) - 1]  # (L,) where the token's phrase begins
+            start = start | ((torch.arange(len(pos), device=m.device) - begin) % cutoff == 0)
+        out[b, pos] = start.long().cumsum(0) - 1
+    return out
+
+
 def macro_weights(macro_ids: Tensor, mask: Tensor, kind: str = "equal") -> Tensor:
     """σ_t of every token within its macro (sums to 1 over a macro): (B, T) -> (B, T) float, 0 outside the mask."""
     if kind not in MACRO_WEIGHTS:
@@ -130,4 +194,4 @@ def macro_gae(
     return adv, ret
 
 
-MACRO_RULES = ("fixed", "random", "perplexity")
+MACRO_RULES = ("fixed", "random", "perplexity", "parse")

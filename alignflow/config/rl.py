@@ -54,8 +54,12 @@ class MacroConfig:
     rule: str = field(
         "fixed",
         doc="Termination rule: fixed (every n tokens), random (span lengths drawn from lengths x repeat, "
-        "shuffled; the rest is one macro), perplexity (a macro ends where the next token's -log p rises).",
-        choices=("fixed", "random", "perplexity"),
+        "shuffled; the rest is one macro), perplexity (a macro ends where the next token's -log p rises), "
+        "parse (rule-based phrase chunks: cut before punctuation, conjunctions, prepositions, determiners).",
+        choices=("fixed", "random", "perplexity", "parse"),
+    )
+    cutoff: int = field(
+        0, doc="rule=parse: the longest phrase; a longer one is cut every cutoff tokens (0: no limit).", range=(0, None)
     )
     n: int = field(5, doc="rule=fixed: tokens per macro (1 is token-level PPO).", range=(1, None))
     lengths: list[int] = field(
@@ -309,6 +313,17 @@ class CriticConfig:
         doc="PPO-max critic pre-training: the first N RL steps train the critic only, "
         "on rollouts of the frozen policy (they count in train.max_steps).",
         range=(0, None),
+    )
+    double: bool = field(
+        False,
+        doc="SAFE's double critic (docs/safe_control.md): two critics from different value-head "
+        "initialisations, both regressed on the same returns; GAE reads their soft minimum.",
+    )
+    soft_min_tau: float = field(
+        0.3,
+        doc="critic.double: temperature tau of V = -tau log((exp(-V1/tau) + exp(-V2/tau)) / 2) "
+        "(-> min(V1, V2) as tau -> 0, -> their mean as tau grows); SAFE's 0.3.",
+        range=(1e-6, None),
     )
 
 

@@ -39,7 +39,14 @@ import torch
 from alignflow.algorithms.advantages import ADVANTAGE_ESTIMATORS, broadcast_to_tokens
 from alignflow.algorithms.core import masked_mean, masked_var, masked_whiten
 from alignflow.algorithms.kl import KLController, kl_penalty_rewards, make_kl_controller
-from alignflow.algorithms.macro import fixed_ngram_macros, macro_gae, perplexity_macros, random_ngram_macros
+from alignflow.algorithms.macro import (
+    fixed_ngram_macros,
+    macro_gae,
+    parse_macros,
+    perplexity_macros,
+    phrase_openers,
+    random_ngram_macros,
+)
 from alignflow.algorithms.safe import safe_combined_advantages, safe_shaped_rewards
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, RLConfig
@@ -140,6 +147,11 @@ def resolve(cfg: RLConfig) -> Resolved:
         raise ConfigError(
             f"critic.pretrain_steps: algo.name={cfg.algo.name} has no critic to pre-train (ppo, "
             "pf_ppo and safe_ppo have one)"
+        )
+    if cfg.critic.double and not spec.critic:
+        raise ConfigError(
+            f"critic.double: algo.name={cfg.algo.name} has no critic to double (ppo, pf_ppo, ma_ppo and "
+            "safe_ppo have one)"
         )
     if cfg.algo.entropy_target and not cfg.algo.entropy_coef:
         raise ConfigError("algo.entropy_target clips the entropy term, which is off: set algo.entropy_coef > 0")
@@ -289,7 +301,23 @@ def macro_ids(batch: Batch, ctx: AdvContext) -> torch.Tensor:
         return fixed_ngram_macros(mask, mc.n)
     if mc.rule == "random":
         return random_ngram_macros(mask, mc.lengths, mc.repeat, torch.Generator().manual_seed(ctx.seed))
+    if mc.rule == "parse":
+        return parse_macros(batch["response_ids"], mask, phrase_table(ctx.tokenizer), mc.cutoff)
     return perplexity_macros(batch["old_logprobs"], mask)
+
+
+_PHRASE_TABLES: dict = {}  # id(tokenizer) -> (tokenizer, (V,) bool): built once per tokenizer
+
+
+def phrase_table(tokenizer) -> torch.Tensor:
+    """Which of the tokenizer's ids open a phrase (algorithms/macro.py ``phrase_openers``), cached."""
+    if tokenizer is None:
+        raise ValueError("algo.macro.rule=parse reads the tokens' text: the advantage step needs the tokenizer")
+    hit = _PHRASE_TABLES.get(id(tokenizer))
+    if hit is None or hit[0] is not tokenizer:
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        hit = _PHRASE_TABLES[id(tokenizer)] = (tokenizer, phrase_openers([t or "" for t in vocab]))
+    return hit[1]
 
 
 def _macro_gae(batch: Batch, ctx: AdvContext) -> dict:
@@ -356,6 +384,10 @@ def advantage_metrics(batch: Batch) -> dict:
     if "macro_ids" in batch:  # MA-RLHF: mean macro length, tokens per macro over the batch
         ids = batch["macro_ids"]
         out["macro/mean_len"] = float(mask.sum() / (ids.max(-1).values + 1).clamp(min=0).sum().clamp(min=1))
+    if "values_1" in batch:  # SAFE's double critic: how far apart the two critics are, and the soft-min's pull
+        out["critic/double_gap"] = float(masked_mean((batch["values_1"] - batch["values_2"]).abs(), mask))
+        lower = torch.minimum(batch["values_1"], batch["values_2"])
+        out["critic/soft_min_above_min"] = float(masked_mean(batch["values"] - lower, mask))
     if "returns" in batch:
         out["critic/explained_var"] = explained_variance(batch["values"], batch["returns"], mask)
         out["critic/return_mean"] = float(masked_mean(batch["returns"], mask))

@@ -21,7 +21,7 @@ from alignflow.config import ConfigError, ModelConfig, RLConfig
 from alignflow.distributed.groups import LocalGroup
 from alignflow.distributed.placement import roles_on_workers, set_plan, start_set, worker_device, worker_wrap
 from alignflow.distributed.ray_group import WorkerSet, check_resources, init_ray, maybe_ray
-from alignflow.models import load_causal_lm, load_tokenizer, load_value_model
+from alignflow.models import get_score_head, load_causal_lm, load_tokenizer, load_value_model, seed_head_rows
 from alignflow.rewards import CallableReward, CompositeReward, CostModelScorer, RewardModelScorer
 from alignflow.rewards.judge import build_judge
 from alignflow.rewards.pairwise import build_pairwise
@@ -183,10 +183,26 @@ def _frozen_cfg(cfg: RLConfig, path: str) -> ModelConfig:
 
 
 def _critic(
-    cfg: RLConfig, init: str, tok, total: int, device, key: str, returns_key: str, prefix: str, wrap=lambda m: m
+    cfg: RLConfig,
+    init: str,
+    tok,
+    total: int,
+    device,
+    key: str,
+    returns_key: str,
+    prefix: str,
+    wrap=lambda m: m,
+    seed: int | None = None,
 ) -> Critic:
+    """A critic from ``init``. ``seed``: its value head is drawn afresh from this seed even when ``init`` has one
+    (the double critic's two different initialisations); None: a head missing from ``init`` is seeded from
+    ``train.seed``."""
     model_cfg = dataclasses.replace(_frozen_cfg(cfg, init), gradient_checkpointing=cfg.model.gradient_checkpointing)
-    model = wrap(load_value_model(model_cfg, device, pad_token_id=tok.pad_token_id, seed=cfg.train.seed))
+    model = load_value_model(model_cfg, device, pad_token_id=tok.pad_token_id, seed=cfg.train.seed)
+    if seed is not None:
+        with torch.no_grad():
+            seed_head_rows(get_score_head(model), seed)
+    model = wrap(model)
     model.train()
     return Critic(model, cfg.critic.optim, cfg.train, cfg.algo, total, device, key, returns_key, prefix)
 
@@ -227,7 +243,14 @@ def role_objects(
             )
     if "critic" in names:
         init = cfg.critic.name_or_path or (cfg.reward.models[0] if cfg.reward.models else cfg.model.name_or_path)
-        out["critic"] = _critic(cfg, init, tok, total_opt_steps, device, "values", "returns", "critic", wrap)
+        if cfg.critic.double:  # SAFE: two critics, different value-head seeds, GAE on their soft minimum
+            pair = [
+                _critic(cfg, init, tok, total_opt_steps, device, f"values_{i}", "returns", p, wrap, cfg.train.seed + i)
+                for i, p in ((1, "critic"), (2, "critic2"))
+            ]
+            out["critic"] = DoubleCritic(*pair, cfg.critic.soft_min_tau)
+        else:
+            out["critic"] = _critic(cfg, init, tok, total_opt_steps, device, "values", "returns", "critic", wrap)
     if "cost_critic" in names:
         init = cfg.cost.models[0] if cfg.cost.models else cfg.model.name_or_path
         out["cost_critic"] = _critic(

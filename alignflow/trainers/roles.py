@@ -60,6 +60,8 @@ RESPONSE_FIELDS = (
     "ref_logprobs",
     "entropy",
     "values",
+    "values_1",  # SAFE's double critic: each critic's own values (trainers/double_critic.py)
+    "values_2",
     "cost_values",
     "advantages",
     "returns",
