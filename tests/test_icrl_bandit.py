@@ -13,21 +13,31 @@ from alignflow.trainers.sft import train_sft
 
 
 def test_histories_by_hand():
-    """UCB1 pulls every arm once first; the return is the fraction of wins: 2 of 3 -> 2/3; the gain of rewards
-    [0, 0, 1, 1, 1, 1] (thirds of 2 pulls) is 1 - 0 = 1."""
-    rng = random.Random(0)
-    h = bandit.ucb_history(rng, [1.0, 0.0, 0.0], pulls=6)
-    assert [a for a, _ in h[:3]] == [0, 1, 2] and [a for a, _ in h[3:]] == [0, 0, 0]  # arm 0 always wins
-    assert bandit.as_text([(0, 1), (2, 0)]) == " alpha win gamma lose"
-    assert bandit.history_return(" alpha win gamma lose beta win") == pytest.approx(2 / 3)
+    """UCB1 on arms that always (arm 0) or never win: every arm once, then arm 0 -> returns per episode of 3 pulls
+    [1, 3]. The score of returns [1, 3, 5] (6 pulls) is (5 - 1) / 6 = 2/3 with no drops; of [5, 1, 3]:
+    (3 - 5) / 6 - 4 / (6 * 2) = -2/3. Equal scores give equal sampling weights; weights rise with the score."""
+    h = bandit.learning_history(random.Random(0), [1.0, 0.0, 0.0], "ucb", episodes=2, pulls=3)
+    assert [a for a, _ in h] == [0, 1, 2, 0, 0, 0] and bandit.episode_returns(h, 3) == [1, 3]
+    assert bandit.history_score([1, 3, 5]) == pytest.approx(2 / 3)
+    assert bandit.history_score([5, 1, 3]) == pytest.approx(-2 / 3)
+    assert bandit.filter_weights([0.3, 0.3]) == pytest.approx([0.5, 0.5])
+    w = bandit.filter_weights([0.0, 0.25])  # softmax(U / 0.25): e^0 : e^1
+    assert w[1] / w[0] == pytest.approx(torch.e)
+    assert bandit.as_text([(0, 1), (2, 0)], pulls=1) == " alpha <eos> win ; gamma <eos> lose"
+    assert bandit.history_return(" alpha <eos> win gamma <eos> lose beta <eos> win") == pytest.approx(2 / 3)
     assert bandit.in_context_gain(torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0, 1.0]])) == 1.0
-    kept = bandit.filtered_histories(random.Random(1), 40)
-    returns = [bandit.history_return(t) for t in kept]
-    rng = random.Random(1)
-    all_returns = sorted(
-        bandit.history_return(bandit.as_text(bandit.ucb_history(rng, bandit.new_bandit(rng)))) for _ in range(40)
-    )
-    assert len(kept) == 20 and min(returns) >= all_returns[19]
+
+
+def test_learning_agents_improve_and_the_filter_keeps_improvers():
+    """150 runs per agent on fresh tasks (3 episodes of 6 pulls): each agent's last episode beats its first
+    (measured on 2000 runs: epsilon-greedy 0.49 -> 0.68, Thompson 0.50 -> 0.70, gradient 0.42 -> 0.54, UCB1 0.51 ->
+    0.59 win rate); the filtered draw improves more than the runs it is drawn from (0.29 -> 0.79)."""
+    rng = random.Random(0)
+    for agent in bandit.AGENTS:
+        runs = [bandit.episode_returns(bandit.learning_history(rng, bandit.new_bandit(rng), agent)) for _ in range(150)]
+        assert sum(r[-1] - r[0] for r in runs) > 0, agent
+    kept = [bandit.episode_returns(h) for h in bandit.filtered_histories(random.Random(1), 300, 600)]
+    assert sum(r[-1] - r[0] for r in kept) / 300 > 1.5  # more than 1.5 wins of 6 gained
 
 
 def test_a_model_trained_on_filtered_histories_improves_in_context(tmp_path):
@@ -47,7 +57,7 @@ def test_a_model_trained_on_filtered_histories_improves_in_context(tmp_path):
             SFTConfig,
             {
                 "model": {"name_or_path": str(art.model_dir), "tokenizer": str(art.tokenizer_dir)},
-                "data": {"path": str(art.sft_path), "max_len": 64, "eval_fraction": 0.0},
+                "data": {"path": str(art.sft_path), "max_len": 80, "eval_fraction": 0.0},
                 "optim": {"lr": 3e-3, "scheduler": "constant"},
                 "train": {
                     "output_dir": str(tmp_path / "sft"),
