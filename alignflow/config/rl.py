@@ -353,9 +353,70 @@ class EnvConfig:
 
 
 @dataclasses.dataclass
+class LatrConfig:
+    """LATR lookahead tree rollouts (docs/latr.md): part of each group is sampled as a tree that branches at
+    uncertain tokens and prunes branches that stay too close to their parent."""
+
+    enabled: bool = field(
+        False, doc="Sample round(eta * rollout.n) of each group as a LATR tree (off: plain sampling)."
+    )
+    top_m: int = field(3, doc="Most likely tokens considered as branch candidates at a step.", range=(2, None))
+    tau_abs: float = field(
+        0.25, doc="A candidate branches only if its probability exceeds tau_abs (>= 1: never).", range=(0.0, None)
+    )
+    tau_rel: float = field(
+        0.15,
+        doc="... and if the top token's probability exceeds the candidate's by more than tau_rel.",
+        range=(0.0, 1.0),
+    )
+    tau_ed: float = field(
+        0.4,
+        doc="Lookahead pruning: a branch whose window differs from its parent's by a normalised edit distance "
+        "below tau_ed is dropped.",
+        range=(0.0, 1.0),
+    )
+    lookahead: int = field(
+        20, doc="Window r (tokens from the branch token on) compared with the parent's before pruning.", range=(1, None)
+    )
+    eta0: float = field(0.5, doc="Share of each group sampled by the tree at step 0.", range=(0.0, 1.0))
+    decay_steps: int = field(
+        0, doc="The share decays linearly from eta0 to 0 over this many RL steps (0: constant eta0).", range=(0, None)
+    )
+    max_children: int = field(
+        2, doc="Most branches one sample opens over its response (the tree's width per node).", range=(1, None)
+    )
+    branch_steps: int = field(
+        0,
+        doc="Branches open only in the first branch_steps decode steps (0: anywhere); later the tree's samples "
+        "continue by plain sampling.",
+        range=(0, None),
+    )
+
+
+def _check_latr(cfg: Any, prefix: str) -> None:
+    """Refuse the settings the LATR tree sampler cannot serve (one line naming the key)."""
+    if not cfg.rollout.latr.enabled:
+        return
+    r, env = cfg.rollout, cfg.env
+    refused = (  # (key, its value, refused?, what to do)
+        ("rollout.backend", r.backend, r.backend == "vllm", "the tree runs in the built-in engine; use builtin"),
+        ("rollout.async_steps", r.async_steps, r.async_steps > 0, "the tree samples synchronously; set 0"),
+        ("env.task", env.task, env.task, "the tree samples single-turn responses; set false"),
+        ("env.path", env.path, bool(env.path), "the tree samples single-turn responses; leave it empty"),
+        ("rollout.n", r.n, r.n < 2, "a tree needs at least 2 samples per prompt; set rollout.n >= 2"),
+    )
+    for key, value, hit, fix in refused:
+        if hit:
+            raise ConfigError(f"{prefix}rollout.latr.enabled=true cannot serve {prefix}{key}={value!r}: {fix}")
+
+
+@dataclasses.dataclass
 class RLRolloutConfig(RolloutConfig):
     """Sampling, plus the pipelining of ``alignflow rl`` (docs/async.md)."""
 
+    latr: LatrConfig = field(
+        default_factory=LatrConfig, doc="LATR lookahead tree rollouts (docs/latr.md); built-in engine only."
+    )
     async_steps: int = field(
         0,
         doc="Asynchronous rollouts (docs/async.md): 0 = synchronous (generate, then train); k >= 1 = the "
@@ -417,3 +478,4 @@ class RLConfig:
     def check_rules(self, prefix: str = "") -> None:
         """Rules between keys, run by the loader once the config is complete."""
         _check_rl_batch(self, prefix)
+        _check_latr(self, prefix)

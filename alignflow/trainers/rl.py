@@ -57,6 +57,7 @@ from alignflow.batch import Batch, cat_rollouts
 from alignflow.config import RLConfig
 from alignflow.data.pipeline import prepare_data
 from alignflow.rewards import RunningNorm
+from alignflow.rollout.latr_tree import STAT_PREFIX
 from alignflow.trainers import loop, multiturn_rl, rl_async
 from alignflow.trainers.rl_algos import (
     AdvContext,
@@ -138,6 +139,8 @@ class _Tally:
             kind = "reward" if key.startswith("scores/") else "cost"
             cols[f"rollout/{kind}_{key.split('/', 1)[1]}_mean"] = batch[key]
         cols["rollout/reward_mean"] = batch["scores"]
+        for key in [k for k in batch.tensors if k.startswith(STAT_PREFIX)]:  # a sampler's group statistics (LATR)
+            cols["rollout/" + key.removeprefix(STAT_PREFIX)] = batch[key]
         for key in [k for k in batch.tensors if k.startswith("metric/")]:  # a source's per-row measures
             cols[f"rollout/{key.split('/', 1)[1]}"] = batch[key]
         if "costs" in batch:
@@ -171,6 +174,8 @@ def collect_rollouts(roles: Roles, st: RLState, cfg: RLConfig, tally: _Tally) ->
     rounds = cfg.dapo.max_sample_rounds if cfg.dapo.dynamic_sampling else 1
     kept, groups, gen_s = [], 0, 0.0
     waits: dict = {}
+    if cfg.rollout.latr.enabled:  # the tree share of LATR decays over the RL steps
+        roles.rollout.set_step(st.step)
     for r in range(rounds):  # noqa: B007 - r (rounds used) is read after the loop
         if st.pipeline is not None and r == 0:  # async: queued steps ago, sampled from an older version
             batch, secs, waits = st.pipeline.take(st.step)

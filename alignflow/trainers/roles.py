@@ -48,6 +48,7 @@ from alignflow.models.logprobs import selected_logprobs, token_logprobs
 from alignflow.models.varlen import flat_hidden_states, supports_varlen
 from alignflow.rewards.thinking import TOKEN_FIELDS, answers
 from alignflow.rollout import HFEngine, SamplingParams
+from alignflow.rollout.latr_tree import TreeSampler
 from alignflow.rollout.vllm_engine import VLLMEngine, actor_weights
 from alignflow.trainers import loop
 from alignflow.trainers.ptx import ptx_loss
@@ -222,6 +223,14 @@ class Rollout:
             else HFEngine(model, tokenizer)
         )
         self.tokenizer, self.cfg, self.device, self.mp, self.seed = tokenizer, cfg, device, mixed_precision, seed
+        latr = getattr(cfg, "latr", None)  # LATR trees (alignflow rl only): sampled groups, not greedy decodes
+        self.tree = TreeSampler(self.engine, latr) if latr is not None and latr.enabled and not self.vllm else None
+        self.step = 0  # the RL step, for the LATR tree share's decay
+
+    @dispatch("all")
+    def set_step(self, step: int) -> None:
+        """The RL step about to sample (the LATR tree share decays with it)."""
+        self.step = step
 
     @dispatch("split")
     def generate(self, prompts: Batch, greedy: bool = False) -> Batch:
@@ -247,7 +256,10 @@ class Rollout:
                 out = self.engine.generate_from(actor_weights(self.model), ids, params)
             else:
                 with loop.autocast(self.device, self.mp):
-                    out = self.engine.generate(ids, params)
+                    if self.tree is not None and not greedy:
+                        out = self.tree.generate(ids, params, self.step)
+                    else:
+                        out = self.engine.generate(ids, params)
         ids, mask = out["response_ids"], out["response_mask"]
         texts = self.tokenizer.batch_decode(
             [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=False)], skip_special_tokens=True
