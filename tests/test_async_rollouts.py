@@ -74,6 +74,25 @@ def test_pending_rows_and_no_batch_past_the_end():
         pipe.close()
 
 
+def test_reset_drops_the_queue_and_queues_again_from_the_resumed_step():
+    """What the recovery from a lost worker does: k = 1, steps 0 and 1 queued at step 0, step 0 trained, step 2
+    queued at step 1; then reset (the run resumes its step-1 checkpoint): nothing is pending, and scheduling at
+    step 1 queues steps 1 and 2 again, sampled from version 1."""
+    pipe = AsyncRollouts(Toy(), lambda p, step: (Batch({"x": torch.zeros(len(p))}, {"prompt": p["prompt"]}), 0.0), 1)
+    take = lambda: Batch(meta={"prompt": ["a", "b"]})  # noqa: E731
+    try:
+        pipe.schedule(0, 5, lambda: {"w": torch.zeros(())}, take)
+        pipe.take(0)
+        pipe.schedule(1, 5, lambda: {"w": torch.ones(())}, take)
+        pipe.reset()
+        assert pipe.pending_rows == 0 and not pipe.jobs
+        pipe.schedule(1, 5, lambda: {"w": torch.ones(())}, take)
+        assert [j.step for j in pipe.jobs] == [1, 2]
+        assert int(pipe.take(1)[0][VERSION][0]) == 1
+    finally:
+        pipe.close()
+
+
 def _async_run(reviews_task, out, k, steps=4, **sections):
     cfg = rl_cfg(
         reviews_task,
