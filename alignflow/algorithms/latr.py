@@ -10,7 +10,8 @@ LATR samples a prompt's group as a tree so that the group holds different trajec
 3. **mix** -- only ``round(eta_t * G)`` of the G samples of a group come from the tree, the rest from ordinary
    sampling, and ``eta_t`` decays over training: :func:`mix_ratio`, :func:`tree_share`.
 
-These functions decide; they do not generate. The rollout engine does not call them yet.
+These functions decide; they do not generate. ``alignflow/rollout/latr_tree.py`` decodes the tree with them
+(``rollout.latr.*`` in ``alignflow rl``).
 """
 
 from __future__ import annotations
