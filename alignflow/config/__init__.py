@@ -105,6 +105,7 @@ from alignflow.config.sections import (
     Seq2SeqRewardConfig,
     TaskConfig,
     TrainConfig,
+    VPLRewardConfig,
 )
 from alignflow.config.serve import (
     ServeConfig,
@@ -176,6 +177,7 @@ __all__ = [
     "RolloutConfig",
     "SFTConfig",
     "Seq2SeqRewardConfig",
+    "VPLRewardConfig",
     "ServeConfig",
     "SuperHFConfig",
     "SuperHFOptions",

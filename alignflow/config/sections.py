@@ -424,6 +424,24 @@ class DiversityRewardConfig:
 
 
 @dataclasses.dataclass
+class VPLRewardConfig:
+    """A VPL reward model (alignflow vpl; docs/vpl.md): r(e(x, y), z_u), z_u inferred from a few of user u's labelled
+    pairs; a row's user is its prompt row's user field."""
+
+    model: str = field("", doc="Directory of an alignflow vpl run (vpl.json, vpl.safetensors); empty: off.")
+    context: str = field(
+        "", doc="User pairs (prompt, chosen, rejected, user) the latents are inferred from; empty: the run's pairs."
+    )
+    context_pairs: int = field(
+        0,
+        doc="Pairs per user read (the user's first ones in the file); 0: as many as the model was trained with.",
+        range=(0, None),
+    )
+    user_field: str = field("user", doc="The prompt rows' field naming each row's user.")
+    weight: float = field(1.0, doc="Weight of the VPL term (each user's part, vpl_<user>, carries it).")
+
+
+@dataclasses.dataclass
 class RewardSourceConfig:
     """Reward sources, summed with weights: R = sum_j w_j * r_j."""
 
@@ -446,6 +464,9 @@ class RewardSourceConfig:
     )
     seq2seq: Seq2SeqRewardConfig = field(
         default_factory=Seq2SeqRewardConfig, doc="A rewriting (seq2seq) reward model giving token-level rewards."
+    )
+    vpl: VPLRewardConfig = field(
+        default_factory=VPLRewardConfig, doc="A VPL reward model with per-user latents (personalised rewards)."
     )
     diversity: DiversityRewardConfig = field(
         default_factory=DiversityRewardConfig, doc="A QDHF diversity bonus from a learned descriptor (docs/qdhf.md)."

@@ -21,7 +21,10 @@ Files ``build_task("reviews", ...)`` writes (next to the task's others):
 * ``user_eval.jsonl``: the same on held-out openings, ordered by the noise-free user gold (ties left out);
 * ``p_dpo_pairs.jsonl``: the user pairs as P-DPO trains on them (:func:`p_dpo_rows`, alpha = 0.5): each pair twice,
   once after its user's tag and once after the generic tag;
-* ``p_dpo_eval.jsonl``: the held-out user pairs after their user's tag (what a personalised policy is scored on).
+* ``p_dpo_eval.jsonl``: the held-out user pairs after their user's tag (what a personalised policy is scored on);
+* ``user_prompts.jsonl`` / ``user_eval_prompts.jsonl``: the task's training / held-out prompts, each after its user's
+  tag, with a ``user`` field (users take turns): the prompts of online RL with a personalised reward (``reward.vpl``,
+  docs/vpl.md), scored for the row's user by :func:`row_user_gold` (``reward.functions``).
 
 User tags: P-DPO conditions the policy on a user by words before the prompt, all in the task's vocabulary: the
 generic tag ``we`` for everyone, then the user's own tag (``happily``, ``sadly``, ``clearly``):
@@ -37,7 +40,7 @@ from pathlib import Path
 from alignflow.config import TaskConfig
 from alignflow.data.formats import DataError
 from alignflow.tasks import reviews
-from alignflow.tasks.common import make_pair, task_rng, write_jsonl
+from alignflow.tasks.common import make_pair, read_jsonl, task_rng, write_jsonl
 
 TERMS = ("sentiment", "fluency", "variety", "length")
 USERS = {  # name -> weights on TERMS
@@ -53,6 +56,8 @@ FILES = {
     "user_eval": "user_eval.jsonl",
     "p_dpo_pairs": "p_dpo_pairs.jsonl",
     "p_dpo_eval": "p_dpo_eval.jsonl",
+    "user_prompts": "user_prompts.jsonl",
+    "user_eval_prompts": "user_eval_prompts.jsonl",
 }
 P_DPO_ALPHA = 0.5
 USER_NOISE = 0.25  # the users' Bradley-Terry temperature, as a fraction of task.label_noise
@@ -69,6 +74,14 @@ def user_gold(user: str, prompts: list, responses: list) -> list[float]:
     may carry user tags (they are not part of the review)."""
     w = USERS[check_user(user)]
     return [sum(wk * f for wk, f in zip(w, feats, strict=True)) for feats in rating_features(prompts, responses)]
+
+
+def row_user_gold(prompts: list, responses: list, user: list) -> list[float]:
+    """Each row's gold reward for the row's own user (a ``reward.functions`` entry reading the ``user`` field)."""
+    out = []
+    for i, (p, r, u) in enumerate(zip(prompts, responses, user, strict=True)):
+        out += user_gold(check_user(u, f"row {i}: field 'user'"), [p], [r])
+    return out
 
 
 def rating_features(prompts: list, responses: list) -> list[list[float]]:
@@ -142,8 +155,19 @@ def make_user_rows(cfg: TaskConfig) -> dict[str, list[dict]]:
     }
 
 
+def user_prompt_rows(prompts: list[str]) -> list[dict]:
+    """Prompts after their user's tag with a ``user`` field; users take turns."""
+    names = list(USERS)
+    return [
+        {"prompt": tag_prompt(p, names[i % len(names)]), "user": names[i % len(names)]} for i, p in enumerate(prompts)
+    ]
+
+
 def write_files(cfg: TaskConfig, task_dir: Path) -> None:
+    """The user files (module docstring); the prompt files read the task's prompt files, written before."""
     rows = make_user_rows(cfg)
+    for key, src in (("user_prompts", "prompts.jsonl"), ("user_eval_prompts", "eval_prompts.jsonl")):
+        rows[key] = user_prompt_rows([r["prompt"] for r in read_jsonl(Path(task_dir) / src)])
     for key, name in FILES.items():
         write_jsonl(Path(task_dir) / name, rows[key])
 

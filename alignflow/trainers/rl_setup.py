@@ -28,6 +28,7 @@ from alignflow.rewards.pairwise import build_pairwise
 from alignflow.rewards.remote import RemoteReward
 from alignflow.rewards.rules import reward_options, user_code_files
 from alignflow.rewards.seq2seq import build_seq2seq
+from alignflow.rewards.vpl import vpl_parts
 from alignflow.tasks import get_task
 from alignflow.trainers.double_critic import DoubleCritic
 from alignflow.trainers.loop import set_seed
@@ -35,6 +36,7 @@ from alignflow.trainers.ptx import build_ptx
 from alignflow.trainers.qdhf import build_diversity
 from alignflow.trainers.rl_algos import Resolved
 from alignflow.trainers.roles import Actor, Critic, Reference, RewardRole, Rollout
+from alignflow.trainers.vpl import build_vpl_reward
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,10 @@ def build_sources(
     if seq2seq is not None and seq2seq.model:  # docs/seq2seq_rm.md
         fn = build_seq2seq(seq2seq, cfg, device, f"{section_name}.seq2seq")
         parts.append((fn.name, fn, _weight(seq2seq.weight, f"{section_name}.seq2seq.weight")))
+    vpl = getattr(section, "vpl", None)
+    if vpl is not None and vpl.model:  # docs/vpl.md: one part per user, vpl_<user>
+        scorer = build_vpl_reward(vpl, device, f"{section_name}.vpl")
+        parts += vpl_parts(scorer, _weight(vpl.weight, f"{section_name}.vpl.weight"))
     diversity = getattr(section, "diversity", None)
     if diversity is not None and diversity.descriptor:  # QDHF inside RL, docs/qdhf.md
         fn = build_diversity(diversity, cfg, f"{section_name}.diversity")

@@ -11,8 +11,10 @@
    reward model on the same embeddings (no context is read).
 
 Metrics: ``train/loss``, ``vpl/bt``, ``vpl/kl``, ``vpl/accuracy`` per logged step; ``eval/accuracy`` (mean over
-users) and ``eval/accuracy/<user>`` at the end. Writes ``vpl.safetensors`` (encoder and decoder) and
-``eval.json`` into ``train.output_dir``.
+users) and ``eval/accuracy/<user>`` at the end. Writes ``vpl.safetensors`` (encoder and decoder), ``vpl.json``
+(what a reader needs to rebuild it: widths, embedding, frozen model, training pairs) and ``eval.json`` into
+``train.output_dir``. :func:`build_vpl_reward` turns such a directory into ``alignflow rl``'s ``reward.vpl``
+source (``alignflow.rewards.vpl``).
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ import random
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from alignflow.algorithms.vpl import VPLRewardModel, kl_anneal, reparameterise, vpl_loss
+from alignflow.config import ConfigError, ModelConfig
 from alignflow.config.vpl import VPLConfig
 from alignflow.data.formats import DataError
-from alignflow.models import load_causal_lm
+from alignflow.models import load_causal_lm, load_tokenizer
+from alignflow.rewards.vpl import EmbedFn, VPLScorer
 from alignflow.tasks import build_task, users
 from alignflow.tasks.common import read_jsonl
 from alignflow.trainers import loop
@@ -78,16 +82,23 @@ def embed_texts(model, tokenizer, texts: list[str], device, batch: int = 64) -> 
     return torch.cat(out)
 
 
-def _embed_pairs(model, tok, rows: list[dict], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) embeddings (N, D): the frozen model's (``model`` not None) or the task's ratings."""
+def embedder(kind: str, model, tok, device) -> EmbedFn:
+    """e(prompt, response) -> (N, D): the frozen model's mean hidden state over prompt + response (``hidden``) or the
+    reviews task's four attribute ratings of the review (``task_ratings``; user tags before the prompt are ignored)."""
+    if kind == "task_ratings":
+        return lambda prompts, responses: torch.tensor(users.rating_features(prompts, responses))
+    return lambda prompts, responses: embed_texts(
+        model, tok, [p + r for p, r in zip(prompts, responses, strict=True)], device
+    )
+
+
+def _embed_pairs(embed: EmbedFn, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) embeddings (N, D) of user pairs."""
     prompts, responses = (
         [r["prompt"] for r in rows for _ in (0, 1)],
         [r[s] for r in rows for s in ("chosen", "rejected")],
     )
-    if model is None:
-        e = torch.tensor(users.rating_features(prompts, responses))
-    else:
-        e = embed_texts(model, tok, [p + r for p, r in zip(prompts, responses, strict=True)], device)
+    e = embed(prompts, responses)
     return e[0::2], e[1::2]
 
 
@@ -153,8 +164,9 @@ def train_vpl(cfg: VPLConfig) -> VPLResult:
     train_u, held_u = _by_user(rows), _by_user(held_rows)
     _check_users(cfg, train_u, held_u)
     lm = load_causal_lm(cfg.model, device).eval() if cfg.vpl.embedding == "hidden" else None
-    emb = (_embed_pairs(lm, tok, rows, device), _embed_pairs(lm, tok, held_rows, device))
-    del lm
+    embed = embedder(cfg.vpl.embedding, lm, tok, device)
+    emb = (_embed_pairs(embed, rows), _embed_pairs(embed, held_rows))
+    del lm, embed
     (tc, tr), v = emb[0], cfg.vpl
     model = VPLRewardModel(tc.shape[1], v.hidden, v.latent)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
@@ -185,6 +197,74 @@ def train_vpl(cfg: VPLConfig) -> VPLResult:
     logger.log(cfg.train.max_steps, result.eval)
     logger.close()
     save_file({k: t.contiguous() for k, t in model.state_dict().items()}, str(out / "vpl.safetensors"))
+    _save_meta(cfg, out, tc.shape[1])
     (out / "eval.json").write_text(json.dumps(result.eval, indent=1) + "\n")
     log.info("VPL: held-out accuracy %.3f (%s)", result.eval["eval/accuracy"], out)
     return result
+
+
+# ------------------------------------------------------------------------------------------ as an RL reward
+META = "vpl.json"
+
+
+def _local(path: str) -> str:
+    """An existing local path made absolute (the reward may run from another directory); a hub id as it is."""
+    return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+
+def _save_meta(cfg: VPLConfig, out: Path, dim: int) -> None:
+    v = cfg.vpl
+    meta = {
+        "dim": dim,
+        "hidden": v.hidden,
+        "latent": v.latent,
+        "embedding": v.embedding,
+        "context_pairs": v.context_pairs,
+        "model": _local(cfg.model.name_or_path),
+        "tokenizer": _local(cfg.model.tokenizer),
+        "data": str(Path(cfg.data.path).resolve()),
+    }
+    (out / META).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def load_vpl(directory: str | Path, key: str = "reward.vpl.model") -> tuple[VPLRewardModel, dict]:
+    """The VPL reward model ``alignflow vpl`` saved in ``directory`` and its ``vpl.json``; ConfigError naming ``key``
+    when the directory holds none."""
+    d = Path(directory)
+    if not (d / META).is_file() or not (d / "vpl.safetensors").is_file():
+        raise ConfigError(f"{key}={directory}: no vpl.json and vpl.safetensors there (alignflow vpl writes them)")
+    meta = json.loads((d / META).read_text())
+    model = VPLRewardModel(meta["dim"], meta["hidden"], meta["latent"])
+    model.load_state_dict(load_file(str(d / "vpl.safetensors")))
+    return model.eval(), meta
+
+
+@torch.no_grad()
+def user_latents(model: VPLRewardModel, embed: EmbedFn, rows: list[dict], k: int) -> dict[str, torch.Tensor]:
+    """Each user's z = mu of q(z | C), C = the user's first ``k`` pairs in ``rows`` (file order); (0,) tensors for a
+    model without a latent. DataError for a user with fewer than ``k`` pairs."""
+    out = {}
+    for user, idx in _by_user(rows).items():
+        if len(idx) < k:
+            raise DataError(f"user {user!r} has {len(idx)} context pairs; reward.vpl.context_pairs = {k} needed")
+        chosen, rejected = _embed_pairs(embed, [rows[i] for i in idx[:k]])
+        mu, _ = model.posterior(torch.cat([chosen, rejected], -1).unsqueeze(0).float())
+        out[user] = mu[0]
+    return out
+
+
+def build_vpl_reward(vcfg, device, key: str = "reward.vpl") -> VPLScorer:
+    """A :class:`~alignflow.rewards.vpl.VPLScorer` from a ``reward.vpl`` section: the model of ``vcfg.model``, the
+    latents of the users of ``vcfg.context`` (default: the VPL run's training pairs) from ``vcfg.context_pairs``
+    pairs each (0: as many as the model was trained with)."""
+    model, meta = load_vpl(vcfg.model, f"{key}.model")
+    context = vcfg.context or meta["data"]
+    k = vcfg.context_pairs or meta["context_pairs"]
+    lm, tok = None, None
+    if meta["embedding"] == "hidden":
+        mcfg = ModelConfig(name_or_path=meta["model"], tokenizer=meta["tokenizer"])
+        lm = load_causal_lm(mcfg, device).eval()
+        tok = load_tokenizer(meta["tokenizer"] or meta["model"])
+    embed = embedder(meta["embedding"], lm, tok, device)
+    latents = user_latents(model, embed, read_user_pairs(context), k)
+    return VPLScorer(model, latents, embed, vcfg.user_field)
