@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import pytest
 import ray  # the [ray] extra; part of the dev install (scripts/setup.sh dev)
@@ -84,3 +85,38 @@ def test_a_rollout_set_that_does_not_fit_is_refused_before_any_work(cluster, rev
     with pytest.raises(ConfigError, match=f"'async_rollout' {n} x") as err:
         train_rl(cfg)
     assert not (tmp_path / "metrics.jsonl").exists() and "\n" not in str(err.value)
+
+
+def test_a_lost_rollout_worker_is_recreated_and_the_pipeline_queues_again(cluster, reviews_task, tmp_path, monkeypatch):
+    """4 steps, one-step-off, a checkpoint every step. At the start of step 2, once step 2's batch is ready, the
+    rollout worker is killed: the batch of step 3 (queued then) fails, so step 3 raises WorkerLost; the run
+    recreates the worker sets, drops its queue, resumes the step-3 checkpoint and queues step 3 again from the
+    resumed weights. metrics.jsonl: versions 0, 0, 1, 3 (staleness 0, 1, 1, 0) and one worker_lost event."""
+    from alignflow.trainers import rl_async
+
+    real, killed = rl_async.schedule, []
+
+    def killing_schedule(pipeline, roles, st, cfg, total):
+        if st.step == 2 and not killed:
+            pipeline.jobs[0].future.result()  # step 2's batch is done; step 3's is queued below
+            killed.append(roles.placement.sets["async_rollout"].pids[0])
+            os.kill(killed[0], signal.SIGKILL)
+        return real(pipeline, roles, st, cfg, total)
+
+    monkeypatch.setattr(rl_async, "schedule", killing_schedule)
+    cfg = rl_cfg(
+        reviews_task,
+        tmp_path,
+        algo={"name": "grpo"},
+        kl={"coef": 0.0},
+        rollout={"prompts_per_step": 2, "n": 2, "max_new_tokens": 4, "eval_prompts": 0, "async_steps": 1},
+        train={"batch_size": 4, "max_steps": 4, "save_every": 1, "num_threads": 1},
+        resources={"backend": "ray"},
+    )
+    assert len(train_rl(cfg).history) == 4 and killed
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "rollout/policy_version_min" in r]
+    assert [r["rollout/policy_version_min"] for r in steps] == [0.0, 0.0, 1.0, 3.0]
+    assert [r["rollout/staleness_max"] for r in steps] == [0.0, 1.0, 1.0, 0.0]
+    lost = [r for r in rows if "event/worker_lost" in r]
+    assert len(lost) == 1 and lost[0]["event/failed_at_step"] == 3 and lost[0]["event/resumed_from_step"] == 3
