@@ -83,3 +83,19 @@ def test_vpl_reward_errors_are_one_line(vpl_run, reviews_task, tmp_path):
         part(Batch(meta={k: v for k, v in batch.meta.items() if k != "user"}))
     with pytest.raises(ConfigError, match=r"reward.vpl.model=.*: no vpl.json"):
         build_vpl_reward(VPLRewardConfig(model=str(tmp_path)), "cpu")
+
+
+def test_user_prompt_files_and_row_user_gold(reviews_task):
+    """The task's prompts after their user's tag, users taking turns; row_user_gold scores each row for its own
+    user (fan: the task's gold; critic: the sentiment term's sign flipped)."""
+    plain = [r["prompt"] for r in read_jsonl(reviews_task.prompts_path)]
+    rows = read_jsonl(reviews_task.dir / "user_prompts.jsonl")
+    assert [r["user"] for r in rows[:4]] == ["fan", "critic", "stickler", "fan"]
+    assert [r["prompt"] for r in rows[:2]] == [users.tag_prompt(plain[0], "fan"), users.tag_prompt(plain[1], "critic")]
+    prompts, responses = [rows[0]["prompt"], rows[1]["prompt"]], [" was truly wonderful ."] * 2
+    got = users.row_user_gold(prompts, responses, user=["fan", "critic"])
+    assert got == [
+        users.user_gold("fan", prompts[:1], responses[:1])[0],
+        users.user_gold("critic", prompts[1:], responses[1:])[0],
+    ]
+    assert got[0] > 0 > got[1]
