@@ -425,6 +425,13 @@ class RLRolloutConfig(RolloutConfig):
         "one-step-off. Holds a second copy of the policy for the rollout.",
         range=(0, None),
     )
+    async_workers: int = field(
+        1,
+        doc="With async_steps >= 1 and roles on Ray workers (resources): workers of the rollout worker set "
+        "(each a full, unsharded copy of the policy, with resources.actor's cpus/gpus per worker); the "
+        "prompts of a batch are split across them. Unused in one process.",
+        range=(1, None),
+    )
 
 
 @dataclasses.dataclass
@@ -466,13 +473,6 @@ class RLConfig:
     ray: RayConfig = field(default_factory=RayConfig, doc="Ray cluster (used when resources place roles on workers).")
     env: EnvConfig = field(
         default_factory=EnvConfig, doc="Multi-turn episodes against an environment (off: single-turn rollouts)."
-    )
-    async_workers: int = field(
-        1,
-        doc="With async_steps >= 1 and roles on Ray workers (resources): workers of the rollout worker set "
-        "(each a full, unsharded copy of the policy, with resources.actor's cpus/gpus per worker); the "
-        "prompts of a batch are split across them. Unused in one process.",
-        range=(1, None),
     )
 
     def check_rules(self, prefix: str = "") -> None:
