@@ -22,6 +22,16 @@ class QDHFSection:
     quality_quantile: float = field(
         0.5, doc="Only pool samples whose gold reward reaches this quantile enter the archive.", range=(0.0, 1.0)
     )
+    policy: str = field(
+        "",
+        doc="QD selection at generation: a policy (model directory or builtin:sft) samples `samples` responses per "
+        "held-out prompt and k = `select` are kept by MAP-Elites over the learned descriptors (quality = gold), "
+        "against best-of-k; empty: off.",
+    )
+    samples: int = field(16, doc="policy: responses sampled per prompt (n).", range=(1, None))
+    select: int = field(4, doc="policy: responses kept per prompt (k).", range=(1, None))
+    prompts: int = field(32, doc="policy: held-out prompts sampled.", range=(1, None))
+    max_new_tokens: int = field(48, doc="policy: generation budget per response.", range=(1, None))
 
 
 @dataclasses.dataclass

@@ -31,14 +31,17 @@ from pathlib import Path
 
 import torch
 
-from alignflow.algorithms.qdhf import coverage, map_elites, spread, triplet_loss
-from alignflow.config import ConfigError, TaskConfig, to_dict
+from alignflow.algorithms.qdhf import coverage, map_elites, qd_select, spread, triplet_loss
+from alignflow.config import ConfigError, ModelConfig, TaskConfig, to_dict
 from alignflow.config.qdhf import QDHFConfig
 from alignflow.data.formats import DataError
+from alignflow.models import load_causal_lm, load_tokenizer
 from alignflow.rewards.diversity import DESCRIPTOR_FILE, Descriptor, DiversityReward
+from alignflow.rollout.sample import sample
 from alignflow.tasks import build_task, reviews, similarity
 from alignflow.tasks.common import read_jsonl, write_jsonl
 from alignflow.trainers import loop
+from alignflow.trainers.builtin_sft import BUILTIN_SFT, builtin_sft_model
 from alignflow.trainers.run_dir import prepare_run_dir
 
 log = logging.getLogger("alignflow")
@@ -115,6 +118,35 @@ def _stats(sel: list[int], measures: torch.Tensor, quality: torch.Tensor, bins: 
     return {"coverage": cov, "spread": spread(measures[sel]), "quality": float(quality[sel].mean()), "k": len(sel)}
 
 
+@torch.no_grad()
+def generation_selection(cfg: QDHFConfig, descriptor, lo: torch.Tensor, hi: torch.Tensor, out: Path) -> dict:
+    """``qdhf.policy``: n samples per held-out prompt; per prompt, k kept by :func:`qd_select` over the learned
+    descriptors (quality = gold) and k by gold alone (best-of-k). Coverage, spread (on the judge's measures) and
+    quality of each prompt's k, averaged over the prompts: ``gen_qd`` and ``gen_best_of_k``."""
+    q = cfg.qdhf
+    path = q.policy
+    if path == BUILTIN_SFT:
+        path = str(builtin_sft_model(cfg.task, out, cfg.train.seed, progress=cfg.train.progress))
+    model, tok = load_causal_lm(ModelConfig(name_or_path=path)), load_tokenizer(path)
+    art = build_task(cfg.task.name, cfg.task, out / "task")
+    prompts = [r["prompt"] for r in read_jsonl(art.eval_prompts_path)][: q.prompts]
+    texts, _ = sample(model, tok, prompts, q.samples, q.max_new_tokens, 1.0, cfg.train.seed)
+    sums: dict = {"gen_qd": {}, "gen_best_of_k": {}}
+    for p, responses in zip(prompts, texts, strict=True):
+        ps = [p] * len(responses)
+        quality = torch.tensor(reviews.gold_reward(ps, responses))
+        desc = descriptor(similarity.bow_features(ps, responses))
+        measures = similarity.true_measures(ps, responses)
+        picks = {
+            "gen_qd": qd_select(desc, quality, lo, hi, q.bins, q.select),
+            "gen_best_of_k": quality.argsort(descending=True, stable=True)[: q.select].tolist(),
+        }
+        for name, sel in picks.items():
+            for m, v in _stats(sel, measures, quality, q.bins).items():
+                sums[name][m] = sums[name].get(m, 0.0) + v / len(prompts)
+    return sums
+
+
 def train_qdhf(cfg: QDHFConfig) -> QDHFResult:
     """Learn QDHF descriptors and compare the archive's selection with best-of-n; module docstring."""
     if cfg.task.name != "reviews":
@@ -134,6 +166,7 @@ def train_qdhf(cfg: QDHFConfig) -> QDHFResult:
         z, z0 = result.descriptor(feats), untrained(feats)
     q, b = cfg.qdhf.quality_quantile, cfg.qdhf.bins
     qd = select(z, quality, q, b)
+    lo, hi = archive_range(z, quality, q)
     stats = {
         "qdhf": _stats(qd, measures, quality, b),
         "best_of_n": _stats(quality.argsort(descending=True)[: len(qd)].tolist(), measures, quality, b),
@@ -141,6 +174,8 @@ def train_qdhf(cfg: QDHFConfig) -> QDHFResult:
         "candidates": _stats((quality >= quality.quantile(q)).nonzero().squeeze(1).tolist(), measures, quality, b),
         "pool": _stats(list(range(len(prompts))), measures, quality, b),
     }
+    if cfg.qdhf.policy:  # QD selection at generation
+        stats |= generation_selection(cfg, result.descriptor, lo, hi, out)
     result.eval = {f"eval/{k}/{m}": float(v) for k, s in stats.items() for m, v in s.items()}
     logger.log(cfg.train.max_steps, result.eval)
     logger.close()
@@ -149,7 +184,7 @@ def train_qdhf(cfg: QDHFConfig) -> QDHFResult:
         for i in qd
     ]
     write_jsonl(out / "selected.jsonl", rows)
-    write_descriptor(out / DESCRIPTOR_FILE, result.descriptor.weight.detach(), *archive_range(z, quality, q), b)
+    write_descriptor(out / DESCRIPTOR_FILE, result.descriptor.weight.detach(), lo, hi, b)
     (out / "qdhf.json").write_text(json.dumps(stats, indent=1) + "\n")
     log.info(
         "QDHF: coverage %d (best-of-n %d) at quality %.2f (%.2f)",
