@@ -30,15 +30,15 @@ PRESETS = sorted((ROOT / "configs").glob("*.yaml"), key=lambda p: (not p.stem.en
 # Presets that run as written but whose learning does not show at test size yet (an open item of their issue): the
 # run is checked, the learning check is reported as an expected failure with the reason.
 NOT_YET_LEARNING = {
-    "thinkrm_grpo": "GRPO from the untrained task model rarely writes a verdict, so the verdict reward stays ~0; "
-    "from the stage-1 model held-out verdict accuracy is 0.55-0.61 (docs/thinkrm.md)",
-    "pairwise_grpo": "the preference model is weak at test size (16 steps; 40 steps reach held-out accuracy 0.57): "
-    "over 24 steps against a 40-step model the sampled gold moved -0.001 -> +0.029 (noise level) while the greedy "
-    "eval gold went -0.94 -> -0.64 (docs/pairwise_rlhf.md); tests/test_pairwise_rlhf_learns.py checks the learning "
-    "with a noise-free pairwise scorer",
-    "judge_grpo": "at test size its judge (thinkrm_sft cut to 24 SFT steps) rarely writes a verdict, so most "
-    "comparisons read 1/2 and the advantages are ~0; the preset's 300-step judge is 0.55-0.61 accurate "
-    "(docs/thinkrm.md)",
+    "pairwise_grpo": "the preference model does not order the policy's samples like the gold reward: at 16 steps "
+    "it is near chance (held-out 0.54, eval loss 0.695); at 40 steps (0.57) it prefers shorter reviews: 12 RL steps, "
+    "raw or with reward.pairwise.normalize, shorten the greedy answers (to 4-7 tokens) with the sampled gold flat "
+    "(-0.09 -> -0.08 / -0.16; docs/pairwise_rlhf.md); tests/test_pairwise_rlhf_learns.py checks the learning with "
+    "a noise-free pairwise scorer",
+    "judge_grpo": "its judge is thinkrm_sft: cut to 24 SFT steps it loops ('but not , but not ...') and never "
+    "writes a verdict in 64 tokens (reward/errors 1.0: every comparison reads 1/2, advantages 0); at 120 steps it "
+    "writes verdicts but orders policy samples like the gold in 12 of 23 decided pairs, 73 of 96 tied by position "
+    "bias (docs/judges.md)",
 }
 # Presets whose optimised reward cannot show learning (a group's win rates average 1/2 by construction): the task's
 # gold reward, logged with weight 0, is checked instead.
@@ -81,7 +81,8 @@ LONGER = {
     "rl_par": ["train.max_steps=24"],
     "rl_ppo_max": ["train.max_steps=24"],
     "safe_ppo": ["train.max_steps=24"],
-    "thinkrm_grpo": ["train.max_steps=20"],
+    # from the stage-1 judge (thinkrm_sft cut to 24 steps): the verdict reward 0.20 -> 0.29 (first/last 4 of 12)
+    "thinkrm_grpo": ["train.max_steps=12"],
     "pairwise_grpo": ["train.max_steps=3"],  # its learning is checked in tests/test_pairwise_rlhf_learns.py
     "judge_grpo": ["train.max_steps=3"],  # 96 judge questions a step: the run is checked, not its learning
 }
