@@ -2,6 +2,7 @@
 the user field's errors, saving and loading, and a personalised policy against one-size DPO."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ from alignflow.tasks import users
 from alignflow.tasks.common import read_jsonl, write_jsonl
 from alignflow.trainers.po import train_po
 from alignflow.trainers.po_users import check_user_rows
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _pref(pc, pr, rc, rr, flag=None) -> PrefInputs:
@@ -203,3 +206,11 @@ def load_causal_lm_cpu_dir(path):
     from alignflow.config import ModelConfig
 
     return load_causal_lm(ModelConfig(name_or_path=str(path)), "cpu")
+
+
+def test_online_po_refuses_p_dpo():
+    from alignflow.config import OnlinePOConfig
+    from alignflow.trainers.online_po import _check
+
+    with pytest.raises(ConfigError, match="loss.name=p_dpo: online pairs carry no user"):
+        _check(load_config(OnlinePOConfig, str(ROOT / "configs" / "online_dpo.yaml"), ["loss.name=p_dpo"]))

@@ -216,6 +216,8 @@ def _check(cfg: OnlinePOConfig) -> None:
             f"loss.name={name} trains on {spec.data} rows; online_po builds (chosen, rejected) pairs: "
             f"use a pairwise loss ({', '.join(names_where(pairwise=True))})"
         )
+    if "users" in spec.extra:
+        raise ConfigError(f"loss.name={name}: online pairs carry no user; P-DPO trains in alignflow po (docs/p_dpo.md)")
     previous = [n for n in names_where(pairwise=True) if "previous" in loss_spec(n).extra]
     if (o.method == "inpo") != ("previous" in spec.extra):
         raise ConfigError(
