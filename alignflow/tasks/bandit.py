@@ -108,7 +108,7 @@ def history_score(returns: list[int], pulls: int = PULLS, stability: float = 1.0
     return (returns[-1] - returns[0]) / pulls - stability * drops / (pulls * (k - 1))
 
 
-def filter_weights(scores: list[float], temperature: float = 0.25) -> list[float]:
+def filter_weights(scores: list[float], temperature: float = 0.5) -> list[float]:
     """Sampling probabilities of the histories, increasing in their score: softmax(U / temperature). Equal scores
     give equal weights (plain, unfiltered distillation)."""
     top = max(scores)

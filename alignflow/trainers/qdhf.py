@@ -118,7 +118,6 @@ def _stats(sel: list[int], measures: torch.Tensor, quality: torch.Tensor, bins: 
     return {"coverage": cov, "spread": spread(measures[sel]), "quality": float(quality[sel].mean()), "k": len(sel)}
 
 
-@torch.no_grad()
 def generation_selection(cfg: QDHFConfig, descriptor, lo: torch.Tensor, hi: torch.Tensor, out: Path) -> dict:
     """``qdhf.policy``: n samples per held-out prompt; per prompt, k kept by :func:`qd_select` over the learned
     descriptors (quality = gold) and k by gold alone (best-of-k). Coverage, spread (on the judge's measures) and
@@ -130,7 +129,13 @@ def generation_selection(cfg: QDHFConfig, descriptor, lo: torch.Tensor, hi: torc
     model, tok = load_causal_lm(ModelConfig(name_or_path=path)), load_tokenizer(path)
     art = build_task(cfg.task.name, cfg.task, out / "task")
     prompts = [r["prompt"] for r in read_jsonl(art.eval_prompts_path)][: q.prompts]
-    texts, _ = sample(model, tok, prompts, q.samples, q.max_new_tokens, 1.0, cfg.train.seed)
+    with torch.no_grad():
+        texts, _ = sample(model, tok, prompts, q.samples, q.max_new_tokens, 1.0, cfg.train.seed)
+        return _select_per_prompt(cfg, descriptor, lo, hi, prompts, texts)
+
+
+def _select_per_prompt(cfg: QDHFConfig, descriptor, lo, hi, prompts: list[str], texts: list[list[str]]) -> dict:
+    q = cfg.qdhf
     sums: dict = {"gen_qd": {}, "gen_best_of_k": {}}
     for p, responses in zip(prompts, texts, strict=True):
         ps = [p] * len(responses)
