@@ -22,8 +22,13 @@ def test_every_preset_names_its_command_and_loads_for_it(path):
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
 def test_no_preset_needs_a_model_that_a_fresh_clone_lacks(path):
-    """A model path is empty (the built-in task's model), builtin:sft, or built by a command the preset itself runs."""
+    """A model path is empty (the built-in task's model), builtin:sft, or the model of the first stage of its
+    pipeline: ``runs/<stage>/model`` where ``configs/<stage>.yaml`` writes ``runs/<stage>`` (thinkrm_grpo)."""
     model = (yaml.safe_load(path.read_text()).get("model") or {}).get("name_or_path", "")
+    stage = ROOT / "configs" / f"{Path(model).parent.name}.yaml"
+    if model.startswith("runs/") and model.endswith("/model") and stage.is_file():
+        assert yaml.safe_load(stage.read_text())["train"]["output_dir"] == str(Path(model).parent), model
+        return
     assert model in ("", "builtin:sft"), f"{path.name}: model.name_or_path={model!r}"
 
 
