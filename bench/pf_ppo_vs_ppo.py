@@ -23,7 +23,7 @@ Measured per run:
   orders like the gold reward (``algorithms.filtration.bucket_accuracy``). Reported once (the SFT policy's
   samples), with the training-time means of ``pf/rm_acc_bucket<k>`` for the PF runs in the json.
 
-    python bench/pf_ppo_vs_ppo.py            # a few minutes on one CPU thread: bench/results/pf_ppo_vs_ppo.*
+    python bench/pf_ppo_vs_ppo.py --with-best --seeds 3   # ~80 s of CPU on one thread: bench/results/pf_ppo_vs_ppo.*
     python bench/pf_ppo_vs_ppo.py --quick    # seconds, for the tests
 """
 
@@ -171,16 +171,18 @@ def main(argv=None) -> dict:
     summary = [summarise(name, [r for r in runs if r["run"] == name]) for name in names]
     acc_text = ", ".join(f"{a:.3f} ({n} pairs)" for a, n in acc)
     means = "; ".join(f"{m['run']} final {m['gold']:.3f}, best {m['best_gold']:.3f}, KL {m['kl']:.2f}" for m in summary)
+    command = " ".join(["python bench/pf_ppo_vs_ppo.py", *(argv if argv is not None else sys.argv[1:])])
     text = (
         "# PF-PPO against PPO at an equal number of generated samples (CPU, tiny model)\n\n"
-        f"`python bench/pf_ppo_vs_ppo.py{' --quick' if args.quick else ''}`. Reviews task, {scale.layers}-layer "
+        f"`{command}`. Reviews task, {scale.layers}-layer "
         f"{scale.hidden}-wide Llama after SFT; Bradley-Terry reward model (held-out label accuracy {rm_acc:.3f}) "
         f"as the training reward, the gold reward never optimised. {scale.rl_steps} RL steps of {scale.rl_rows} "
         f"generated responses for every run (PPO {scale.rl_rows} prompts x 1; PF-PPO {scale.rl_rows // N} prompts "
         f"x {N}, filtered), KL 0.05 in the reward, lr {scale.rl_lr}, 2 epochs x 2 mini-batches of the trained rows, "
         f"seeds {list(seeds)}, 1 torch thread. gold / proxy / kl: the final policy on {scale.eval_prompts} held-out "
         f"prompts x {scale.eval_samples} samples (SFT start: gold {start['gold']:.3f}); best_gold: the best "
-        f"checkpoint (every {scale.save_every} steps).\n\n"
+        f"checkpoint (every {scale.save_every} steps); train_s: wall time, which on a shared machine depends on "
+        "its load more than on the method.\n\n"
         f"Reward-model reliability on {N} SFT samples of each held-out prompt, pairwise accuracy against the gold "
         f"reward per reward quarter (lowest to highest): {acc_text}.\n\n"
         f"Held-out gold, mean over seeds: {means}.\n\n"
