@@ -137,11 +137,13 @@ def summarise(name: str, runs: list[dict]) -> dict:
 def plot(path: Path, runs: list[dict], acc: list[tuple[float, int]]) -> None:
     plt = fc.pyplot()
     fig, (ax_g, ax_a) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for r in runs:
-        label = f"{r['run']} s{r['seed']}"
-        ax_g.plot([c["step"] for c in r["curve"]], [c["gold"] for c in r["curve"]], marker="o", label=label)
+    colours = {name: f"C{i}" for i, name in enumerate(RUNS)}
+    for r in runs:  # a colour per method, a line style per seed
+        style = ("-", "--", ":", "-.")[r["seed"] % 4]
+        xs, ys = [c["step"] for c in r["curve"]], [c["gold"] for c in r["curve"]]
+        ax_g.plot(xs, ys, style, marker=".", color=colours[r["run"]], label=f"{r['run']} s{r['seed']}")
     ax_g.set(xlabel="RL step", ylabel="held-out gold reward", title="gold along training")
-    ax_g.legend(fontsize=8)
+    ax_g.legend(fontsize=6, ncol=2)
     ax_a.bar(range(len(acc)), [a for a, _ in acc])
     ax_a.axhline(0.5, color="grey", ls="--", lw=1)
     ax_a.set(xlabel="reward-model quarter (0 lowest)", ylabel="pairwise accuracy vs gold", title="RM reliability")
