@@ -89,8 +89,7 @@ def test_tasks_without_environment_are_refused_for_env_task():
 
     with pytest.raises(ConfigError, match="task 'reviews' has no environment.*calculator"):
         check(from_dict(RLConfig, {"env": {"task": True}, "task": {"name": "reviews"}}))
-    with pytest.raises(ConfigError, match="rollout.backend"):
-        check(
-            from_dict(RLConfig, {"env": {"task": True}, "task": {"name": "calculator"}, "rollout": {"backend": "vllm"}})
-        )
+    with pytest.raises(ConfigError, match="algo.name"):
+        check(from_dict(RLConfig, {"env": {"task": True}, "task": {"name": "calculator"}, "algo": {"name": "remax"}}))
+    check(from_dict(RLConfig, {"env": {"task": True}, "task": {"name": "calculator"}, "rollout": {"backend": "vllm"}}))
     check(from_dict(RLConfig, {"env": {"task": True}, "task": TaskConfig(name="calculator").__dict__}))

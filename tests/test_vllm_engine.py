@@ -135,6 +135,7 @@ LLM_KWARGS = {
     "dtype",
     "gpu_memory_utilization",
     "enable_sleep_mode",
+    "enable_prefix_caching",
     "max_model_len",
     "seed",
     "load_format",

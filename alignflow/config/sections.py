@@ -272,6 +272,12 @@ class RolloutConfig:
         doc="backend=vllm: release the engine's GPU memory (weights and KV cache) "
         "after each generation, while the actor trains.",
     )
+    enable_prefix_caching: bool = field(
+        True,
+        doc="backend=vllm: vLLM's automatic prefix caching: a request reuses the KV blocks of an earlier "
+        "request's matching prefix (the samples of one prompt; each turn of a multi-turn episode reuses the "
+        "conversation so far).",
+    )
     max_model_len: int = field(
         0,
         doc="backend=vllm: longest prompt + response (tokens) the engine plans its KV cache "

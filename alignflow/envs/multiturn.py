@@ -107,19 +107,34 @@ class ChatTurns:
         return closing + full[len(prefix) :]
 
 
-def _turn_seeds(seed, episodes: list[int], turn: int) -> list[int] | None:
-    if seed is None:
+def _episode_keys(params: SamplingParams, episodes: int) -> list[int] | None:
+    """Each episode's seed key: ``params.seeds[e]`` (one per episode), else ``seed * 1_000_003 + e * 7_919``."""
+    if params.seeds is not None:
+        if len(params.seeds) != episodes:
+            raise ValueError(f"rollout_episodes: {len(params.seeds)} seeds for {episodes} episodes (one each)")
+        return [int(s) for s in params.seeds]
+    if params.seed is None:
         return None
-    return [(seed * 1_000_003 + e * 7_919 + turn) % (2**31 - 1) for e in episodes]
+    return [params.seed * 1_000_003 + e * 7_919 for e in range(episodes)]
+
+
+def _turn_seeds(keys, episodes: list[int], turn: int) -> list[int] | None:
+    if keys is None:
+        return None
+    return [(keys[e] + turn) % (2**31 - 1) for e in episodes]
 
 
 def _generate_turn(engine, trajs, active, params: SamplingParams, limits: MultiTurnLimits, turn: int):
+    """One ``generate`` over the active conversations' token ids: one sample each, with sampling log-probs, the
+    episode's own seed for this turn, and at most ``min(max_new_tokens, room left)`` new tokens per row. An
+    engine with ``per_prompt_max_new_tokens`` (vLLM) gets each row's cap; otherwise the largest cap is shared
+    and a row that went past its own room is cut back to it here (finish "length") -- the same tokens."""
     room = [limits.max_total_tokens - len(trajs[i].token_ids) for i in active]
-    budget = max(1, min(params.max_new_tokens, max(room)))
-    turn_params = dataclasses.replace(
-        params, n=1, logprobs=True, max_new_tokens=budget, seed=None, seeds=_turn_seeds(params.seed, active, turn)
-    )
-    out = engine.generate([trajs[i].token_ids for i in active], turn_params)
+    caps = [max(1, min(params.max_new_tokens, r)) for r in room]
+    seeds = _turn_seeds(_episode_keys(params, len(trajs)), active, turn)
+    turn_params = dataclasses.replace(params, n=1, logprobs=True, max_new_tokens=max(caps), seed=None, seeds=seeds)
+    per_row = {"max_new_tokens": caps} if getattr(engine, "per_prompt_max_new_tokens", False) else {}
+    out = engine.generate([trajs[i].token_ids for i in active], turn_params, **per_row)
     results = []
     for row, i in enumerate(active):
         mask = out["response_mask"][row].bool()
@@ -172,7 +187,9 @@ def rollout_episodes(
     """Run one episode per (environment, row) pair, all episodes' turns batched into one ``generate`` per turn.
 
     ``params.seed`` (when set) seeds each episode's turn with its own derived seed, so an episode does not depend
-    on the others in the batch. ``template_kwargs`` go to ``apply_chat_template``.
+    on the others in the batch; ``params.seeds`` (one key per episode) replaces it, so that an episode's samples
+    do not depend on its position either (episodes split across workers). ``template_kwargs`` go to
+    ``apply_chat_template``.
     """
     limits = limits or MultiTurnLimits()
     if len(envs) != len(rows):

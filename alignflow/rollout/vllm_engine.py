@@ -37,12 +37,18 @@ Each prompt's request seed is a 62-bit hash of ``SamplingParams.seeds[i]`` (or o
 share a noise stream and a prompt's samples do not depend on which worker or batch it lands in. The streams are
 vLLM's, not ``HFEngine``'s: the same seed gives different (equally distributed) samples in the two engines.
 
+Multi-turn episodes (``env.*``, docs/multiturn_rl.md). A step's episodes are one weight sync, one ``generate``
+per turn over the token ids of the conversations so far (each with the room it has left as its ``max_tokens``),
+then one sleep: nothing resets the cache between turns, so with automatic prefix caching on
+(``enable_prefix_caching``, ``rollout.enable_prefix_caching``, on by default) a turn finds the KV blocks of the
+previous turn's prompt and response in the cache and prefills only the observation and the last partial block.
+
 Version assumptions (vLLM >= 0.10.2, the V1 engine): ``LLM(logprobs_mode=..., worker_extension_cls=...,
-enable_sleep_mode=...)``, ``LLM.generate(list[TokensPrompt], list[SamplingParams], use_tqdm=False)``,
-``LLM.collective_rpc(method, args=...)``, ``LLM.sleep(level)``, ``LLM.wake_up(tags=[...])``,
+enable_sleep_mode=..., enable_prefix_caching=...)``, ``LLM.generate(list[TokensPrompt], list[SamplingParams],
+use_tqdm=False)``, ``LLM.collective_rpc(method, args=...)``, ``LLM.sleep(level)``, ``LLM.wake_up(tags=[...])``,
 ``LLM.reset_prefix_cache()``; ``RequestOutput.outputs[j]`` with ``index``, ``token_ids``, ``logprobs`` (a list of
-``{token_id: Logprob(logprob=...)}``), ``finish_reason`` ("stop" | "length" | "abort") and ``stop_reason`` (None
-for EOS, the stop token id, or the stop string); the worker's model at ``model_runner.get_model()`` (or
+``{token_id: Logprob(logprob=...)}``), ``finish_reason`` ("stop" | "length" | "abort") and ``stop_reason`` (None for
+EOS, the stop token id, or the stop string); the worker's model at ``model_runner.get_model()`` (or
 ``model_runner.model`` in older workers) with ``load_weights(weights=[(name, tensor), ...])``.
 """
 
@@ -348,6 +354,21 @@ def _validate_prompts(prompt_ids: object) -> None:
     validate_prompt_ids(prompt_ids, "VLLMEngine")
 
 
+def _prompt_caps(caps: Sequence[int] | None, limit: int, prompts: int) -> list[int]:
+    """Each prompt's ``max_tokens``: ``caps`` (checked: one integer in [1, limit] per prompt), else ``limit``."""
+    if caps is None:
+        return [limit] * prompts
+    caps = list(caps)
+    if len(caps) != prompts or not all(
+        isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= limit for c in caps
+    ):
+        raise ValueError(
+            f"VLLMEngine.generate: max_new_tokens must give one integer in [1, {limit}] "
+            f"(params.max_new_tokens) for each of the {prompts} prompts, got {caps!r}"
+        )
+    return caps
+
+
 def _special_ids(
     tokenizer: Any,
     model: torch.nn.Module | None = None,
@@ -377,9 +398,14 @@ class VLLMEngine:
     weights then come from :meth:`sync_weights`). tokenizer: the source of the EOS and pad ids (or pass
     ``eos_token_id`` / ``pad_token_id``). gpu_memory_utilization, tensor_parallel_size, dtype, max_model_len (None:
     the model's), seed (engine-wide, for requests without a seed): passed to ``vllm.LLM``. enable_sleep_mode:
-    allow :meth:`sleep` / :meth:`wake_up`. device: where the returned tensors go. Further keyword arguments go
-    to ``vllm.LLM`` as they are (e.g. ``enforce_eager=True``).
+    allow :meth:`sleep` / :meth:`wake_up`. enable_prefix_caching: vLLM's automatic prefix caching (a request
+    whose token ids start with those of an earlier request or response reuses their KV blocks instead of
+    prefilling them again: the n samples of a prompt, and each turn of a multi-turn episode after the first).
+    device: where the returned tensors go. Further keyword arguments go to ``vllm.LLM`` as they are (e.g.
+    ``enforce_eager=True``).
     """
+
+    per_prompt_max_new_tokens = True  # generate(..., max_new_tokens=[cap per prompt]) (multi-turn budgets)
 
     def __init__(
         self,
@@ -390,6 +416,7 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         dtype: str = "bfloat16",
         enable_sleep_mode: bool = False,
+        enable_prefix_caching: bool = True,
         max_model_len: int | None = None,
         seed: int = 0,
         load_format: str = "auto",
@@ -411,6 +438,7 @@ class VLLMEngine:
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             enable_sleep_mode=enable_sleep_mode,
+            enable_prefix_caching=enable_prefix_caching,
             max_model_len=max_model_len or None,
             seed=seed,
             load_format=load_format,
@@ -450,6 +478,7 @@ class VLLMEngine:
             tensor_parallel_size=cfg.tensor_parallel_size,
             dtype=cfg.dtype,
             enable_sleep_mode=cfg.enable_sleep_mode,
+            enable_prefix_caching=cfg.enable_prefix_caching,
             max_model_len=cfg.max_model_len or None,
             seed=seed,
             device=device,
@@ -499,13 +528,18 @@ class VLLMEngine:
         return count
 
     # ------------------------------------------------------------------------------------------- generation
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Batch:
+    def generate(
+        self, prompt_ids: list[list[int]], params: SamplingParams, max_new_tokens: Sequence[int] | None = None
+    ) -> Batch:
         """Sample ``params.n`` responses per prompt; the Batch of :meth:`HFEngine.generate` (see
-        :func:`outputs_to_batch`), ``sampling_logprobs`` being vLLM's processed log-probs (module docstring)."""
+        :func:`outputs_to_batch`), ``sampling_logprobs`` being vLLM's processed log-probs (module docstring).
+        ``max_new_tokens``: one cap per prompt, each in [1, params.max_new_tokens], instead of the shared
+        ``params.max_new_tokens`` (a multi-turn turn gives each conversation the room it has left)."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"VLLMEngine.generate: params must be SamplingParams, got {type(params).__name__}")
         params.validate()
         _validate_prompts(prompt_ids)
+        caps = _prompt_caps(max_new_tokens, params.max_new_tokens, len(prompt_ids))
         if not self._weights_valid:
             raise RuntimeError(
                 "VLLMEngine.generate: the engine holds no valid weights (dummy initial weights, or "
@@ -517,7 +551,10 @@ class VLLMEngine:
 
         seeds = request_seeds(params, len(prompt_ids))
         requests = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompt_ids]
-        sampling = [vllm.SamplingParams(**vllm_request_kwargs(params, self.eos_ids, s)) for s in seeds]
+        sampling = [
+            vllm.SamplingParams(**(vllm_request_kwargs(params, self.eos_ids, s) | {"max_tokens": cap}))
+            for s, cap in zip(seeds, caps, strict=True)
+        ]
         outputs = self.llm.generate(requests, sampling_params=sampling, use_tqdm=False)
         return outputs_to_batch(
             outputs,

@@ -20,7 +20,12 @@ Every estimator sees the episode's return as the sequence score; group estimator
 Rewards come from the environment; ``reward.*`` sources are not used in this mode. ``rollout.async_steps`` = k
 runs the episodes of step t + k in the asynchronous rollout thread on its copy of the policy while step t trains
 (:func:`produce_episodes`; the version contract of docs/async.md). Not supported here (a ConfigError names the
-key): Ray worker sets, the vLLM backend, ReMax's greedy baseline, DAPO's dynamic sampling and overlong shaping.
+key): Ray worker sets, ReMax's greedy baseline, DAPO's dynamic sampling and overlong shaping.
+
+The episodes run inside the rollout role (``Rollout.with_engine`` calls :func:`episodes_on_engine` there), which
+holds the actor's current weights for all of a step's turns: with ``rollout.backend: vllm`` they are pushed to
+the engine once before the first turn and the engine sleeps once after the last, so its prefix cache lets a turn
+reuse the conversation so far (``rollout.enable_prefix_caching``, docs/vllm.md).
 """
 
 from __future__ import annotations
@@ -43,7 +48,6 @@ from alignflow.envs.multiturn import (
 )
 from alignflow.rollout.sampling import SamplingParams
 from alignflow.tasks import TASKS, get_task
-from alignflow.trainers import loop
 
 log = logging.getLogger("alignflow.rl")
 
@@ -70,7 +74,6 @@ def check(cfg: RLConfig) -> None:
                 f"{', '.join(with_env)} (or give env.path)"
             )
     refused = [
-        ("rollout.backend", cfg.rollout.backend != "builtin", "builtin"),
         ("algo.name", cfg.algo.name == "remax", "an algorithm without ReMax's greedy baseline"),
         ("dapo.dynamic_sampling", cfg.dapo.dynamic_sampling, "false"),
         ("dapo.overlong_penalty", cfg.dapo.overlong_penalty, "false"),
@@ -95,20 +98,29 @@ def env_factory(cfg: RLConfig):
     return load_env_factory(cfg.env.path, **cfg.env.kwargs)
 
 
+EPISODE_ROW = "episode_row"  # meta column of the prompts sent to the rollout role: each row's place in the call
+
+
 def _rows(prompts: Batch, n: int) -> list[dict]:
     """One row dict per episode: each prompt row's fields (not its token ids), repeated ``n`` times."""
-    keys = [k for k in prompts.meta if k not in ("prompt_token_ids", "group")]
+    keys = [k for k in prompts.meta if k not in ("prompt_token_ids", "group", EPISODE_ROW)]
     rows = [{k: prompts.meta[k][i] for k in keys if prompts.meta[k][i] is not None} for i in range(len(prompts))]
     return [row for row in rows for _ in range(n)]
 
 
-def run_episodes(roles, prompts: Batch, cfg: RLConfig, n: int, greedy: bool, seed: int | None):
-    """``n`` episodes per prompt row with the rollout role's engine; returns (trajectories, batch, seconds)."""
-    rollout = roles.rollout
+def episodes_on_engine(engine, tokenizer, prompts: Batch, cfg: RLConfig, n: int, greedy: bool, seed) -> Batch:
+    """Runs where the rollout role is (``Rollout.with_engine``: this process or a Ray worker of the actor's set):
+    ``n`` episodes per prompt row on ``engine``, one ``generate`` per turn. Returns the training batch with
+    ``scores`` (the returns), meta group / prompt / response (the last assistant message) and the trajectories
+    in meta ``TRAJ_META``. Episode e of prompt row r (``EPISODE_ROW``, its place among all the call's rows) is
+    keyed ``seed * 1_000_003 + (r * n + e) * 7_919``: the same samples whichever worker runs it."""
     rows = _rows(prompts, n)
     make = env_factory(cfg)
     envs = [make() for _ in rows]
     r = cfg.rollout
+    keys = None
+    if seed is not None:
+        keys = [seed * 1_000_003 + (int(row) * n + e) * 7_919 for row in prompts[EPISODE_ROW] for e in range(n)]
     params = SamplingParams(
         n=1,
         temperature=0.0 if greedy else r.temperature,
@@ -116,25 +128,34 @@ def run_episodes(roles, prompts: Batch, cfg: RLConfig, n: int, greedy: bool, see
         top_k=r.top_k,
         max_new_tokens=r.max_new_tokens,
         logprobs=True,
-        seed=seed,
+        seeds=keys,
     )
     limits = MultiTurnLimits(max_turns=cfg.env.max_turns, max_total_tokens=cfg.env.max_tokens)
-    t0 = time.perf_counter()
-    with loop.autocast(rollout.device, rollout.mp):
-        trajs = rollout_episodes(rollout.engine, rollout.tokenizer, envs, rows, params, limits)
-    secs = time.perf_counter() - t0
-    batch = trajectories_to_batch(trajs, rollout.tokenizer.pad_token_id)
+    trajs = rollout_episodes(engine, tokenizer, envs, rows, params, limits)
+    batch = trajectories_to_batch(trajs, tokenizer.pad_token_id)
     last = [next((m["content"] for m in reversed(t.messages) if m["role"] == "assistant"), "") for t in trajs]
-    batch = batch.union(
+    return batch.union(
         Batch(
             {"scores": torch.tensor([t.reward for t in trajs], dtype=torch.float32)},
             {
                 "group": [g for g in prompts["group"] for _ in range(n)],
                 "prompt": [row.get("prompt") for row in rows],
                 "response": last,
+                TRAJ_META: trajs,
             },
         )
     )
+
+
+def run_episodes(roles, prompts: Batch, cfg: RLConfig, n: int, greedy: bool, seed: int | None):
+    """``n`` episodes per prompt row with the rollout role's engine, which holds the actor's current weights for
+    all the turns (vLLM: pushed once, slept once; Ray: the rows split across the workers); returns
+    (trajectories, batch, seconds)."""
+    prompts = prompts.union(Batch(meta={EPISODE_ROW: list(range(len(prompts)))}))
+    t0 = time.perf_counter()
+    batch = roles.rollout.with_engine(prompts, episodes_on_engine, cfg, n, greedy, seed)
+    secs = time.perf_counter() - t0
+    trajs = batch.meta.pop(TRAJ_META)
     return trajs, batch, secs
 
 

@@ -267,6 +267,27 @@ class Rollout:
         rows = Batch(meta={k: v for k, v in prompts.meta.items() if k != "prompt_token_ids"}).repeat(n)
         return out.union(rows).union(Batch(meta={"response": texts}))
 
+    @dispatch("split")
+    def with_engine(self, prompts: Batch, fn, *args) -> Batch:
+        """``fn(engine, tokenizer, prompts, *args) -> Batch`` for callers that make several ``generate`` calls with
+        one policy version (multi-turn episodes: one call per turn, trainers/multiturn_rl.py). The engine holds
+        the actor's current weights throughout: a sharded actor is gathered once; the vLLM engine gets the
+        weights pushed once before ``fn`` and sleeps once after it (not between the calls, so its prefix cache
+        survives from one turn to the next). ``fn`` must be picklable (a module-level function) on Ray."""
+        with gathered(self.model):  # collective: every rank enters, even one without prompts
+            if not len(prompts):
+                return Batch()
+            if self.vllm:
+                self.engine.sync_weights(actor_weights(self.model))
+            try:
+                # vLLM runs its own kernels (in this process with one GPU): no autocast around it
+                amp = contextlib.nullcontext() if self.vllm else loop.autocast(self.device, self.mp)
+                with amp:
+                    return fn(self.engine, self.tokenizer, prompts, *args)
+            finally:
+                if self.vllm and self.engine.enable_sleep_mode:
+                    self.engine.sleep(level=2)
+
 
 # ----------------------------------------------------------------------------------------------- rewards
 class RewardRole:
