@@ -20,12 +20,14 @@ Every estimator sees the episode's return as the sequence score; group estimator
 Rewards come from the environment; ``reward.*`` sources are not used in this mode. ``rollout.async_steps`` = k
 runs the episodes of step t + k in the asynchronous rollout thread on its copy of the policy while step t trains
 (:func:`produce_episodes`; the version contract of docs/async.md). Not supported here (a ConfigError names the
-key): Ray worker sets, ReMax's greedy baseline, DAPO's dynamic sampling and overlong shaping.
+key): ReMax's greedy baseline, DAPO's dynamic sampling and overlong shaping.
 
 The episodes run inside the rollout role (``Rollout.with_engine`` calls :func:`episodes_on_engine` there), which
 holds the actor's current weights for all of a step's turns: with ``rollout.backend: vllm`` they are pushed to
 the engine once before the first turn and the engine sleeps once after the last, so its prefix cache lets a turn
-reuse the conversation so far (``rollout.enable_prefix_caching``, docs/vllm.md).
+reuse the conversation so far (``rollout.enable_prefix_caching``, docs/vllm.md). With roles on Ray worker sets
+(``resources``) the prompt rows are split across the rollout role's workers, each runs its rows' episodes (the
+environments are built there), and the trajectories come back as one batch in row order for the actor set.
 """
 
 from __future__ import annotations
@@ -81,13 +83,6 @@ def check(cfg: RLConfig) -> None:
     for key, bad, valid in refused:
         if bad:
             raise ConfigError(f"{key}: multi-turn episodes (env.*) need {key}={valid}")
-    from alignflow.distributed.ray_group import maybe_ray
-
-    if maybe_ray(cfg.resources):
-        raise ConfigError(
-            "resources: multi-turn episodes (env.*) run in this process, not on Ray worker sets; "
-            "use resources.actor.workers=1 and resources.backend=auto or local"
-        )
 
 
 def env_factory(cfg: RLConfig):
