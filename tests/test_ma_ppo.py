@@ -82,7 +82,7 @@ def test_one_token_macros_are_token_level_gae():
 
 def test_macro_keys_are_checked(reviews_task, tmp_path):
     with pytest.raises(ConfigError, match="algo.macro.rule"):
-        rl_cfg(reviews_task, tmp_path, algo={"name": "ma_ppo", "macro": {"rule": "parse"}})
+        rl_cfg(reviews_task, tmp_path, algo={"name": "ma_ppo", "macro": {"rule": "constituency"}})
     with pytest.raises(ConfigError, match="needs a critic"):
         resolve(rl_cfg(reviews_task, tmp_path, algo={"name": "grpo", "advantage": "macro_gae"}))
     assert resolve(rl_cfg(reviews_task, tmp_path, algo={"name": "ma_ppo"})).advantage == "macro_gae"
