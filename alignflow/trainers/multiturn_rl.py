@@ -103,7 +103,9 @@ def _rows(prompts: Batch, n: int) -> list[dict]:
     return [row for row in rows for _ in range(n)]
 
 
-def episodes_on_engine(engine, tokenizer, prompts: Batch, cfg: RLConfig, n: int, greedy: bool, seed) -> Batch:
+def episodes_on_engine(
+    engine, tokenizer, prompts: Batch, cfg: RLConfig, n: int, greedy: bool, seed: int | None
+) -> Batch:
     """Runs where the rollout role is (``Rollout.with_engine``: this process or a Ray worker of the actor's set):
     ``n`` episodes per prompt row on ``engine``, one ``generate`` per turn. Returns the training batch with
     ``scores`` (the returns), meta group / prompt / response (the last assistant message) and the trajectories
