@@ -69,7 +69,7 @@ LONGER = {
     "dr_grpo": ["train.max_steps=24"],
     "gspo": ["train.max_steps=24"],
     "nash_md": ["online.rounds=9"],
-    "vpl_rl": ["train.max_steps=24"],  # RLOO against configs/vpl.yaml's VPL reward (run before it: sorted by name)
+    "vpl_rl": ["train.max_steps=12"],  # RLOO against configs/vpl.yaml's VPL reward (run before it: sorted by name)
     # the reviews-task RL presets: 9 steps are within the noise of the sampled reward; 24 show the trend
     "reinforce_pp": ["train.max_steps=24"],
     "remax": ["train.max_steps=24"],
