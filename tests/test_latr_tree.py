@@ -12,6 +12,8 @@ from alignflow.config import ConfigError, LatrConfig, RLConfig, from_dict, load_
 from alignflow.rollout import HFEngine, SamplingParams
 from alignflow.rollout.latr_tree import STAT_PREFIX, TreeSampler, group_stats
 from alignflow.trainers.rl import train_rl
+from alignflow.trainers.rl_algos import resolve
+from alignflow.trainers.rl_setup import role_objects
 
 ALWAYS = {"tau_abs": 0.0, "tau_rel": 0.0}  # every non-top candidate among the top 3 branches (when a slot is free)
 
@@ -191,3 +193,22 @@ def test_an_rl_run_samples_trees_and_logs_the_latr_metrics(reviews_task, tmp_pat
     assert [r["rollout/latr_tree_share"] for r in steps] == [1.0, 0.5]
     assert [r["rollout/latr_branches"] for r in steps] == [3.0, 1.0]
     assert all(0 < r["rollout/latr_distinct"] <= 1 for r in steps)
+
+
+def test_the_reference_policy_of_reward_shaping_answers_with_plain_samples(reviews_task, tmp_path):
+    """With rollout.latr on and reward.shaping=par, the policy's rollout role samples trees and the reference
+    policy's (the PAR baseline answers) samples plainly."""
+    cfg = from_dict(
+        RLConfig,
+        {
+            "model": {"name_or_path": str(reviews_task.model_dir), "tokenizer": str(reviews_task.tokenizer_dir)},
+            "task": {"name": "reviews"},
+            "algo": {"name": "grpo"},
+            "reward": {"task": {"gold": 1.0}, "shaping": "par", "reference_samples": 2},
+            "rollout": {"prompts_per_step": 2, "n": 4, "latr": {"enabled": True}},
+            "train": {"output_dir": str(tmp_path), "batch_size": 8, "progress": False},
+        },
+    )
+    tok = AutoTokenizer.from_pretrained(reviews_task.tokenizer_dir)
+    roles = role_objects(cfg, resolve(cfg), torch.device("cpu"), 1, tok, ("actor", "rollout", "ref"))
+    assert roles["rollout"].tree is not None and roles["ref_rollout"].tree is None

@@ -243,7 +243,12 @@ def role_objects(
                 model=wrap(load_causal_lm(_frozen_cfg(cfg, cfg.ref_model or cfg.model.name_or_path), device)), **common
             )
         if cfg.reward.shaping != "none":  # the reference policy answers prompts (builtin engine, M samples each)
-            ref_cfg = dataclasses.replace(cfg.rollout, backend="builtin", n=cfg.reward.reference_samples)
+            ref_cfg = dataclasses.replace(
+                cfg.rollout,
+                backend="builtin",
+                n=cfg.reward.reference_samples,
+                latr=dataclasses.replace(cfg.rollout.latr, enabled=False),  # plain samples of the reference
+            )
             out["ref_rollout"] = Rollout(
                 out["ref"].model, tok, ref_cfg, device, cfg.train.mixed_precision, cfg.train.seed
             )
