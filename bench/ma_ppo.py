@@ -3,7 +3,8 @@
 The workload of bench/seed_methods.py (the 1-layer, 32-wide model after 60 SFT steps, the gold reward as the
 training reward, 12 RL steps of 32 prompts x 1, beta 0.05, 2 PPO epochs, mini-batches of 16, actor lr 1e-3, critic
 lr 3e-3); measured after training: the mean gold reward of 4 samples on each of 48 held-out prompts, and the KL of
-the last step. Runs: token PPO (``noptx``), fixed 3- and 5-token macros, randomized n-gram and perplexity macros.
+the last step. Runs: token PPO (``noptx``), fixed 3- and 5-token macros, randomized n-gram, perplexity and
+phrase-chunk (``ma_parse``) macros.
 
     python bench/ma_ppo.py [runs] [seed]      # prints one line per run; numbers in bench/results/ma_ppo.md
 """
@@ -21,6 +22,7 @@ seed_methods.RUNS |= {
         "ma_fixed5": {"rule": "fixed", "n": 5},
         "ma_random": {"rule": "random"},
         "ma_perplexity": {"rule": "perplexity"},
+        "ma_parse": {"rule": "parse"},
     }.items()
 }
 
