@@ -27,7 +27,7 @@ from alignflow.models.loading import load_tokenizer
 from alignflow.rollout import HFEngine, SamplingParams
 from alignflow.rollout.vllm_engine import VLLMEngine, actor_weights, request_seeds
 from alignflow.tasks.common import write_jsonl
-from alignflow.trainers.multiturn_rl import run_episodes
+from alignflow.trainers.multiturn_rl import run_episodes, turn_metrics
 from alignflow.trainers.rl import train_rl
 from alignflow.trainers.roles import Rollout
 from tests.helpers import tiny_task
@@ -39,17 +39,42 @@ MAX_NEW, MAX_TOKENS, TILT = 6, 22, 1.5  # per turn; per episode (first prompt 5 
 class KeyedLLM(FakeLLM):
     """The stand-in ``vllm.LLM`` with vLLM's per-request seeding: a seeded request draws the keyed noise of its
     own seed (HFEngine with ``seeds=[request seed]``), so its sample depends on that seed alone, as with vLLM's
-    per-request generator. Records every request (prompt token ids, the vLLM sampling keywords)."""
+    per-request generator. A prefix cache in blocks of ``BLOCK`` tokens, as vLLM's: a request's
+    ``num_cached_tokens`` is its longest common prefix with an earlier request + response since the last reset
+    or sleep, at most its length - 1 (the last token is always computed), rounded down to whole blocks.
+    Records every request (prompt token ids, the vLLM sampling keywords, the cached tokens)."""
+
+    BLOCK = 4
 
     def __init__(self, model, **kw):
         super().__init__(model, **kw)
         self.requests: list = []
+        self.cache: list[list[int]] = []
+
+    def reset_prefix_cache(self):
+        self.cache = []
+        return super().reset_prefix_cache()
+
+    def sleep(self, level=1):
+        self.cache = []
+        super().sleep(level)
+
+    def _hits(self, prompt: list[int]) -> int:
+        def common(seq: list[int]) -> int:
+            pairs = zip(prompt, seq, strict=False)
+            return next((k for k, (a, b) in enumerate(pairs) if a != b), min(len(prompt), len(seq)))
+
+        return min(max(map(common, self.cache), default=0), len(prompt) - 1) // self.BLOCK * self.BLOCK
 
     def generate(self, prompts, sampling_params=None, use_tqdm=True):
-        self.requests.append(
-            [(list(p["prompt_token_ids"]), sp.kw) for p, sp in zip(prompts, sampling_params, strict=True)]
-        )
-        return super().generate(prompts, sampling_params, use_tqdm)
+        ids = [list(p["prompt_token_ids"]) for p in prompts]
+        hits = [self._hits(p) if self.kwargs["enable_prefix_caching"] else 0 for p in ids]
+        self.requests.append([(p, sp.kw, h) for p, sp, h in zip(ids, sampling_params, hits, strict=True)])
+        outputs = super().generate(prompts, sampling_params, use_tqdm)
+        for p, out, h in zip(ids, outputs, hits, strict=True):
+            out.num_cached_tokens = h
+            self.cache += [p + list(c.token_ids) for c in out.outputs]
+        return outputs
 
     def _one(self, prompt, kw):
         params = SamplingParams(
@@ -154,12 +179,16 @@ def test_sampled_episodes_on_vllm_equal_the_builtin_engine(keyed_vllm, counting,
     assert llm.kwargs["enable_prefix_caching"] is True
     assert llm.calls[:2] == [("rpc", "alignflow_load_weights"), ("reset_prefix_cache",)]
     assert [c[0] for c in llm.calls[2:-1]] == ["generate"] * max(turns) and llm.calls[-1] == ("sleep", 2)
-    sent = [(ids, kw) for turn in llm.requests for ids, kw in turn]
+    sent = [(ids, kw) for turn in llm.requests for ids, kw, _ in turn]
     assert sorted(tuple(ids) for ids, _ in sent) == sorted(p for t in got_t for p in turn_prompts(t))
     assert all(kw["n"] == 1 and kw["logprobs"] == 0 for _, kw in sent)
     assert [kw["max_tokens"] for _, kw in sent] == [min(MAX_NEW, MAX_TOKENS - len(ids)) for ids, _ in sent]
     assert min(kw["max_tokens"] for _, kw in sent) < MAX_NEW  # a row near its episode's end got less room
     assert len({kw["seed"] for _, kw in sent}) == len(sent)  # one seed per episode and turn
+    hits = [[h for _, _, h in turn] for turn in llm.requests]
+    assert set(hits[0]) == {0} and all(h > 0 for turn in hits[1:] for h in turn)  # cache kept between turns only
+    cached, sent_tokens = sum(map(sum, hits)), sum(len(ids) for ids, _ in sent)
+    assert turn_metrics(got_t)["prefix_cache/hit_frac"] == pytest.approx(cached / sent_tokens)
 
 
 def test_episode_keys_and_engine_caps(keyed_vllm, counting):
@@ -198,6 +227,7 @@ def test_rl_runs_multiturn_grpo_on_the_vllm_backend(keyed_vllm, counting, tmp_pa
     assert all(
         "episode/turns_mean" in m and m["rollout/reward_mean"] == m["episode/return_mean"] for m in result.history
     )
+    assert all(0.0 < m["prefix_cache/hit_frac"] < 1.0 for m in result.history)  # reported (stand-in's cache)
     calls = [c[0] for c in FakeLLM.instances[-1].calls]
     syncs = 2 + len(result.evals)  # the two steps and every evaluation
     assert calls.count("rpc") == calls.count("sleep") == syncs and calls[-1] == "sleep"

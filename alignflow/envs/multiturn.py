@@ -33,6 +33,9 @@ from alignflow.batch import Batch
 from alignflow.config import ConfigError
 from alignflow.envs.base import check_step
 from alignflow.rollout.sampling import SamplingParams
+from alignflow.rollout.vllm_engine import CACHED_TOKENS
+
+PROMPT_TOKENS_KEY, CACHED_TOKENS_KEY = "prefix_cache/prompt_tokens", "prefix_cache/cached_tokens"  # Trajectory.info
 
 FINISHES = ("done", "max_turns", "length", "max_tokens")
 
@@ -128,15 +131,21 @@ def _generate_turn(engine, trajs, active, params: SamplingParams, limits: MultiT
     """One ``generate`` over the active conversations' token ids: one sample each, with sampling log-probs, the
     episode's own seed for this turn, and at most ``min(max_new_tokens, room left)`` new tokens per row. An
     engine with ``per_prompt_max_new_tokens`` (vLLM) gets each row's cap; otherwise the largest cap is shared
-    and a row that went past its own room is cut back to it here (finish "length") -- the same tokens."""
+    and a row that went past its own room is cut back to it here (finish "length") -- the same tokens. When the
+    engine reports prefix-cache hits (vLLM's ``num_cached_tokens``), each episode's ``info`` adds up the prompt
+    tokens it sent and those found in the cache (``prefix_cache/prompt_tokens``, ``prefix_cache/cached_tokens``)."""
     room = [limits.max_total_tokens - len(trajs[i].token_ids) for i in active]
     caps = [max(1, min(params.max_new_tokens, r)) for r in room]
     seeds = _turn_seeds(_episode_keys(params, len(trajs)), active, turn)
     turn_params = dataclasses.replace(params, n=1, logprobs=True, max_new_tokens=max(caps), seed=None, seeds=seeds)
     per_row = {"max_new_tokens": caps} if getattr(engine, "per_prompt_max_new_tokens", False) else {}
     out = engine.generate([trajs[i].token_ids for i in active], turn_params, **per_row)
-    results = []
+    results, cached = [], out.meta.get(CACHED_TOKENS)
     for row, i in enumerate(active):
+        if cached is not None and cached[row] is not None:
+            info = trajs[i].info
+            info[PROMPT_TOKENS_KEY] = info.get(PROMPT_TOKENS_KEY, 0.0) + len(trajs[i].token_ids)
+            info[CACHED_TOKENS_KEY] = info.get(CACHED_TOKENS_KEY, 0.0) + float(cached[row])
         mask = out["response_mask"][row].bool()
         ids = out["response_ids"][row][mask].tolist()
         lps = out["sampling_logprobs"][row][mask].tolist()

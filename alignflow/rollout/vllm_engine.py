@@ -79,6 +79,7 @@ LOGPROBS_MODE = "processed_logprobs"  # see the module docstring
 EXTENSION = "alignflow.rollout.vllm_engine.VLLMWorkerExtension"
 SYNC_CHUNK_BYTES = 512 * 2**20  # weights per collective_rpc call (bounds the extra memory of a CPU hand-over)
 _SEED_MASK = 2**62 - 1
+CACHED_TOKENS = "cached_prompt_tokens"  # meta of a generated batch: prompt tokens vLLM took from its prefix cache
 
 
 class VLLMUnavailableError(ConfigError, ImportError):
@@ -200,7 +201,9 @@ def outputs_to_batch(
     samples (vLLM's ``index`` order); prompt_ids (B, Tp) left-padded with ``pad_id``, prompt_mask; response_ids
     (B, Tr) right-padded with ``pad_id``, response_mask 1 on the generated tokens (the ending EOS / stop token
     included); input_ids and attention_mask the concatenations; position_ids = cumsum(attention_mask) - 1 (0 on
-    padding); sampling_logprobs (B, Tr), 0 on padding, when ``with_logprobs``; meta prompt_index, finish_reason.
+    padding); sampling_logprobs (B, Tr), 0 on padding, when ``with_logprobs``; meta prompt_index, finish_reason,
+    and ``CACHED_TOKENS`` (the prompt's ``num_cached_tokens``: prompt tokens found in the prefix cache, not
+    prefilled) when vLLM reports it.
     """
     if len(outputs) != len(prompt_ids):
         raise RuntimeError(f"VLLMEngine: vLLM returned {len(outputs)} outputs for {len(prompt_ids)} prompts")
@@ -238,6 +241,9 @@ def outputs_to_batch(
         tensors["sampling_logprobs"] = lp.reshape(len(tokens), width_r)
     tensors = {k: v.to(device) for k, v in tensors.items()}
     meta: dict[str, list[Any]] = {"prompt_index": [r // n for r in range(len(tokens))], "finish_reason": reasons}
+    cached = [getattr(request, "num_cached_tokens", None) for request in outputs]
+    if any(c is not None for c in cached):  # prefix-cache hits, as vLLM reports them (per prompt)
+        meta[CACHED_TOKENS] = [None if c is None else int(c) for c in cached for _ in range(n)]
     return Batch(tensors, meta)
 
 

@@ -42,6 +42,8 @@ from alignflow.batch import Batch
 from alignflow.config import ConfigError, RLConfig
 from alignflow.envs.base import load_env_factory
 from alignflow.envs.multiturn import (
+    CACHED_TOKENS_KEY,
+    PROMPT_TOKENS_KEY,
     MultiTurnLimits,
     episode_metrics,
     rollout_episodes,
@@ -158,12 +160,16 @@ def run_episodes(roles, prompts: Batch, cfg: RLConfig, n: int, greedy: bool, see
 
 def turn_metrics(trajs) -> dict:
     """Per-turn rewards: ``episode/final_reward_mean`` (last turn) and ``episode/turn_reward_mean`` (earlier
-    turns; absent when every episode has one turn)."""
+    turns; absent when every episode has one turn). With an engine that reports prefix-cache hits (vLLM):
+    ``prefix_cache/hit_frac``, the share of the prompt tokens sent over all turns that came from the cache."""
     finals = [t.turn_rewards[-1] for t in trajs if t.turn_rewards]
     earlier = [r for t in trajs for r in t.turn_rewards[:-1]]
     out = {"episode/final_reward_mean": sum(finals) / max(len(finals), 1)}
     if earlier:
         out["episode/turn_reward_mean"] = sum(earlier) / len(earlier)
+    sent = sum(t.info.get(PROMPT_TOKENS_KEY, 0.0) for t in trajs)
+    if sent:
+        out["prefix_cache/hit_frac"] = sum(t.info.get(CACHED_TOKENS_KEY, 0.0) for t in trajs) / sent
     return out
 
 
