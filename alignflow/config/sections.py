@@ -362,6 +362,16 @@ class JudgeConfig:
     chat_template: bool = field(
         True, doc="Local judge: render the question with its tokenizer's chat template (false: as plain text)."
     )
+    verdict: str = field(
+        "text",
+        doc="text: parse the verdict line of the judge's answer; logprob (pairwise, local judge): the value is "
+        "p(first wins) = sigmoid(l1 - l2), lk the log-probability of verdict_words[k] after the question.",
+        choices=("text", "logprob"),
+    )
+    verdict_words: list[str] = field(
+        default_factory=lambda: ["Verdict: A", "Verdict: B"],
+        doc="verdict=logprob: the two continuations naming the first and the second response as the better.",
+    )
 
 
 @dataclasses.dataclass

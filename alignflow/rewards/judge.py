@@ -25,6 +25,13 @@ reports ``rollout/<name>_parse_failures`` in ``last_metrics``. Failures are neve
 goes to the backend in chunks of ``batch_size``; verdicts are cached per (template, prompt, response, anchor or
 principle, order), so a response judged again (a repeated sample, the greedy evaluation) costs nothing.
 
+**Verdict from probabilities** (``verdict="logprob"``, pairwise template, local judge): instead of sampling an
+answer, the judge scores the two verdict continuations ``verdict_words`` (first response wins / second wins,
+e.g. ``" overall this"`` / ``" overall that"``) after the question, and the value is
+``p = exp(l_1) / (exp(l_1) + exp(l_2)) = sigmoid(l_1 - l_2)``, ``l_k`` the summed log-probability of
+continuation k's tokens: the judge's own probability that the first response is the better one, renormalised over
+the two verdicts. One forward pass per continuation, no parse failures by construction.
+
 Backends: :class:`LocalJudge` (a Hugging Face causal LM through :class:`alignflow.rollout.HFEngine`, greedy by
 default) and :class:`EndpointJudge` (an OpenAI-compatible ``/v1/chat/completions`` server, e.g. vLLM's).
 """
@@ -75,6 +82,7 @@ PATTERNS = {
     "principle": re.compile(rf"answer{_MARK}[:=]{_MARK}(yes|no)\b", re.IGNORECASE),
 }
 FAILURE_POLICIES = ("error", "fallback")
+VERDICT_MODES = ("text", "logprob")
 
 
 def parse_verdict(template: str, text: str, lo: float = 1, hi: float = 10) -> float | None:
@@ -138,6 +146,27 @@ class LocalJudge:
             ids = tok(question).input_ids
         return ids[-self.limit :]
 
+    @torch.no_grad()
+    def verdict_probs(self, questions: list[str], continuations: Sequence[str]) -> list[float]:
+        """Per question, ``sigmoid(l_1 - l_2)``: ``l_k`` the summed log-probability of continuation k's tokens
+        after the question (as :meth:`complete` would see it). ValueError unless there are two continuations
+        whose tokens differ."""
+        tok = self.tokenizer
+        conts = [list(tok(c, add_special_tokens=False).input_ids) for c in continuations]
+        if len(conts) != 2 or not all(conts) or conts[0] == conts[1] or max(map(len, conts)) > self.max_new_tokens:
+            raise ValueError(
+                f"verdict_words must be two continuations with different tokens, each at most max_new_tokens="
+                f"{self.max_new_tokens} tokens long; got {list(continuations)!r}"
+            )
+        seqs, starts = [], []
+        for q in questions:
+            ids = self._ids(q)  # cut to the model's positions less max_new_tokens
+            for c in conts:
+                seqs.append(ids + c)
+                starts.append(len(ids))
+        lp = continuation_logprobs(self.model, seqs, starts, tok.pad_token_id or 0)
+        return torch.sigmoid(lp[0::2] - lp[1::2]).tolist()
+
     def complete(self, questions: list[str], temperature: float = 0.0, attempt: int = 0) -> list[str]:
         params = SamplingParams(
             temperature=temperature, max_new_tokens=self.max_new_tokens, seed=self.seed * 1_000_003 + attempt
@@ -147,6 +176,24 @@ class LocalJudge:
         return self.tokenizer.batch_decode(
             [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)], skip_special_tokens=True
         )
+
+
+def continuation_logprobs(model, seqs: list[list[int]], starts: list[int], pad_id: int = 0) -> torch.Tensor:
+    """(N,) float64: for each token sequence, the summed log-probability of its tokens from ``starts[i]`` on,
+    each given the tokens before it (one right-padded forward pass). A start of 0 leaves the first token out:
+    nothing predicts it."""
+    device = next(model.parameters()).device
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.double().cpu()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    pos = torch.arange(1, width).unsqueeze(0)  # the position of each predicted token
+    keep = (pos >= torch.tensor(starts).clamp(min=1).unsqueeze(1)) & mask[:, 1:].bool()
+    return (logp * keep).sum(-1)
 
 
 class EndpointJudge:
@@ -249,6 +296,8 @@ class JudgeReward:
         batch_size: int = 32,
         name: str = "judge",
         question: str = "",
+        verdict: str = "text",
+        verdict_words: Sequence[str] = ("Verdict: A", "Verdict: B"),
     ):
         if template not in TEMPLATES:
             raise ValueError(f"judge template {template!r} is not one of {', '.join(TEMPLATES)}")
@@ -264,6 +313,14 @@ class JudgeReward:
         self.on_parse_failure, self.fallback, self.parse_retries = on_parse_failure, float(fallback), parse_retries
         self.retry_temperature, self.batch_size, self.name = retry_temperature, int(batch_size), name
         self.question = question or TEMPLATES[template]
+        if verdict not in VERDICT_MODES:
+            raise ValueError(f"judge verdict {verdict!r} is not one of {', '.join(VERDICT_MODES)}")
+        if verdict == "logprob" and (template != "pairwise" or not hasattr(backend, "verdict_probs")):
+            raise ValueError(
+                "judge verdict=logprob reads the two verdict words' probabilities: it needs template=pairwise "
+                f"(got {template}) and a local judge (model, not url)"
+            )
+        self.verdict, self.verdict_words = verdict, [str(w) for w in verdict_words]
         try:  # the fields the template's question may use; an unknown one is a config error, not a crash later
             self.question.format(prompt="", response="", a="", b="", principle="", lo=lo, hi=hi)
         except (KeyError, IndexError, ValueError) as e:
@@ -330,6 +387,16 @@ class JudgeReward:
 
     def _judge(self, todo: list[_Query]) -> dict:
         """Ask every query in ``todo`` (retrying unparsed ones); returns {key: value or None}, fills the cache."""
+        if self.verdict == "logprob":  # a probability per question: nothing to parse, nothing to retry
+            qs = [q.question for q in todo]
+            probs = [
+                p
+                for lo in range(0, len(qs), self.batch_size)
+                for p in self.backend.verdict_probs(qs[lo : lo + self.batch_size], self.verdict_words)
+            ]
+            got = {q.key: float(p) for q, p in zip(todo, probs, strict=True)}
+            self.cache.update(got)
+            return got
         got, pending, outputs = {}, list(todo), {}
         for attempt in range(self.parse_retries + 1):
             if not pending:
@@ -420,6 +487,8 @@ def build_judge(cfg, device="cpu", seed: int = 0, key: str = "reward.judge") -> 
             retry_temperature=cfg.retry_temperature,
             batch_size=cfg.batch_size,
             question=cfg.question,
+            verdict=cfg.verdict,
+            verdict_words=cfg.verdict_words,
         )
     except ValueError as e:
         raise ConfigError(f"{key}: {e}") from None

@@ -8,6 +8,8 @@
   from the gold reward's own features of each review, then the verdict ``overall this .`` or
   ``overall that .``. The verdict is the review with the higher gold reward (ties are left out), so the
   rationale never contradicts it. Every word is in the task's vocabulary, so the tiny model can learn it.
+* ``judge_verdict_sft.jsonl`` -- the same prompts with the verdict alone as the completion
+  (`` overall this .``): a direct-verdict judge (``configs/judge_sft.yaml``, ``docs/judges.md``).
 * ``judge_pairs.jsonl`` / ``judge_eval.jsonl`` -- ``{"prompt", "label", "source_prompt", "first", "second",
   "gold_first", "gold_second"}``: the same judge prompts with the gold verdict ``label`` (``this`` / ``that``)
   for rule-rewarded RL (train openings) and for evaluation (held-out openings that never appear in training).
@@ -35,6 +37,7 @@ from alignflow.tasks.common import read_jsonl, task_rng, write_jsonl
 
 FILES = {
     "judge_sft": "judge_sft.jsonl",
+    "judge_verdict_sft": "judge_verdict_sft.jsonl",
     "judge_pairs": "judge_pairs.jsonl",
     "judge_eval": "judge_eval.jsonl",
     "principles": "principles.jsonl",
@@ -155,8 +158,15 @@ def make_judge_rows(cfg: TaskConfig, pairs: list) -> dict:
         {"prompt": r["prompt"], "completion": rationale(r["source_prompt"], r["first"], r["second"], r["label"])}
         for r in train
     ]
+    verdict = [{"prompt": r["prompt"], "completion": f" {VERDICT_WORD} {r['label']} ."} for r in train]
     principles = [row for p in pairs for row in principle_rows(p["prompt"], [p["chosen"], p["rejected"]])]
-    return {"judge_sft": sft, "judge_pairs": train, "judge_eval": [r for r in held if r], "principles": principles}
+    return {
+        "judge_sft": sft,
+        "judge_verdict_sft": verdict,
+        "judge_pairs": train,
+        "judge_eval": [r for r in held if r],
+        "principles": principles,
+    }
 
 
 def write_files(cfg: TaskConfig, task_dir: Path) -> None:
