@@ -76,7 +76,10 @@ def test_grpo_with_the_diversity_term_keeps_samples_more_diverse(reviews_task, r
     """QDHF's descriptor fitted on the fixture task's 600 rated responses (1000 judgements, 200 steps); then GRPO
     from the 60-step SFT model, 10 steps of 8 prompts x 4 samples (24 new tokens, lr 2e-3, KL 0.04 as a loss),
     reward = gold + w * group novelty, w = 3 against w = 0 (the term is computed and logged, not optimised).
-    Over the last 4 steps (measured): ..."""
+    Over the last 4 steps (measured, w = 3 against w = 0): group spread 0.431 against 0.353 archive widths, cells
+    per group of 4 3.38 against 3.06, distinct bigrams 0.994 against 0.969, at sampled gold -1.13 against -1.23.
+    At train.seed=1 (not tested): spread 0.404 against 0.393, distinct bigrams 0.991 against 0.961, gold -1.79
+    against -1.42: the spread margin and the gold tolerance checked here hold at seed 0 only (docs/qdhf.md)."""
     qd = train_qdhf(
         load_config(
             QDHFConfig,
