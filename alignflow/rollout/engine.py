@@ -63,6 +63,32 @@ def validate_prompt_ids(prompt_ids: object, engine: str, vocab_size: int | None 
                 raise ValueError(f"{engine}.generate: prompt_ids[{i}][{j}] = {tok!r} is not a token id{where}")
 
 
+def rollout_tensors(
+    prompt: torch.Tensor, prompt_mask: torch.Tensor, response: torch.Tensor, response_mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The tensors every engine returns for left-padded prompts (B, Tp) and right-padded responses (B, Tr): the
+    two parts, their masks, the joined ``input_ids`` / ``attention_mask`` (B, Tp + Tr) and ``position_ids`` that
+    count real tokens only (0 on padding), so a training forward sees the positions the sampler used."""
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)  # (B, Tp + Tr)
+    return {
+        "prompt_ids": prompt,
+        "prompt_mask": prompt_mask,
+        "response_ids": response,
+        "response_mask": response_mask,
+        "input_ids": torch.cat([prompt, response], dim=1),
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0),
+    }
+
+
+def pad_responses(tokens: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists right-padded to one width: (response (B, Tr) long, response_mask (B, Tr) long)."""
+    width = max((len(t) for t in tokens), default=0)
+    response = torch.tensor([list(t) + [pad_id] * (width - len(t)) for t in tokens], dtype=torch.long)
+    mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tokens], dtype=torch.long)
+    return response.reshape(len(tokens), width), mask.reshape(len(tokens), width)
+
+
 # ----------------------------------------------------------------------------------------------- decode state
 @dataclasses.dataclass
 class _Live:
@@ -400,17 +426,7 @@ class HFEngine:
         response = out.tokens[:, :width].clone()  # (B, Tr)
         steps = torch.arange(width, device=response.device)
         response_mask = (steps[None, :] < out.length[:, None]).long()  # (B, Tr)
-        attention_mask = torch.cat([prompt_mask, response_mask], dim=1)  # (B, Tp + Tr)
-        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        tensors = {
-            "prompt_ids": prompt,
-            "prompt_mask": prompt_mask,
-            "response_ids": response,
-            "response_mask": response_mask,
-            "input_ids": torch.cat([prompt, response], dim=1),
-            "attention_mask": attention_mask,
-            "position_ids": position_ids,
-        }
+        tensors = rollout_tensors(prompt, prompt_mask, response, response_mask)
         if out.logprobs is not None:
             tensors["sampling_logprobs"] = out.logprobs[:, :width].clone() * response_mask
         meta: dict[str, list[Any]] = {

@@ -37,7 +37,7 @@ import torch
 from alignflow.algorithms.latr import branch_candidates, keep_branches, mix_ratio, normalized_edit_distance, tree_share
 from alignflow.batch import Batch
 from alignflow.config import LatrConfig
-from alignflow.rollout.engine import FINISH_REASONS, validate_prompt_ids
+from alignflow.rollout.engine import FINISH_REASONS, pad_responses, rollout_tensors, validate_prompt_ids
 from alignflow.rollout.kv_cache import preallocated_cache
 from alignflow.rollout.sampling import SamplingParams, chosen_logprobs, process_logits, sample_keys, sample_tokens
 
@@ -287,24 +287,13 @@ class TreeSampler:
         ordered = [by_slot[(i, j)] for i in range(len(prompt_ids)) for j in range(n)]
         prompt, prompt_mask = self._left_pad(prompt_ids, torch.device("cpu"))
         prompt, prompt_mask = prompt.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)  # (B, Tp)
-        width = max(len(r.tokens) for r in ordered)
-        pad = self.engine.pad_id
-        response = torch.tensor([r.tokens + [pad] * (width - len(r.tokens)) for r in ordered], dtype=torch.long)
-        response_mask = torch.tensor([[1] * len(r.tokens) + [0] * (width - len(r.tokens)) for r in ordered])
-        attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-        tensors = {
-            "prompt_ids": prompt,
-            "prompt_mask": prompt_mask,
-            "response_ids": response,
-            "response_mask": response_mask,
-            "input_ids": torch.cat([prompt, response], dim=1),
-            "attention_mask": attention_mask,
-            "position_ids": (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0),
+        response, response_mask = pad_responses([r.tokens for r in ordered], self.engine.pad_id)
+        tensors = rollout_tensors(prompt, prompt_mask, response, response_mask) | {
             "latr_tree": torch.tensor([float(r.tree) for r in ordered]),
         }
         if params.logprobs:
             tensors["sampling_logprobs"] = torch.tensor(
-                [r.logprobs + [0.0] * (width - len(r.logprobs)) for r in ordered], dtype=torch.float32
+                [r.logprobs + [0.0] * (response.shape[1] - len(r.logprobs)) for r in ordered], dtype=torch.float32
             )
         stats = [group_stats([r.tokens for r in ordered[i * n : (i + 1) * n]]) for i in range(len(prompt_ids))]
         for i, g in enumerate(groups):

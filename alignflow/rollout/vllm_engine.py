@@ -68,7 +68,7 @@ import torch
 from alignflow.batch import Batch
 from alignflow.config import ConfigError
 from alignflow.models.backbone import unwrap
-from alignflow.rollout.engine import validate_prompt_ids
+from alignflow.rollout.engine import pad_responses, rollout_tensors, validate_prompt_ids
 from alignflow.rollout.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -222,20 +222,8 @@ def outputs_to_batch(
     prompt = torch.tensor([[pad_id] * (width_p - len(p)) + [int(t) for t in p] for p in prompt_ids], dtype=torch.long)
     prompt_mask = torch.tensor([[0] * (width_p - len(p)) + [1] * len(p) for p in prompt_ids], dtype=torch.long)
     prompt, prompt_mask = prompt.repeat_interleave(n, dim=0), prompt_mask.repeat_interleave(n, dim=0)  # (B, Tp)
-    response = torch.tensor([t + [pad_id] * (width_r - len(t)) for t in tokens], dtype=torch.long)  # (B, Tr)
-    response_mask = torch.tensor([[1] * len(t) + [0] * (width_r - len(t)) for t in tokens], dtype=torch.long)
-    response, response_mask = response.reshape(len(tokens), width_r), response_mask.reshape(len(tokens), width_r)
-    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)  # (B, Tp + Tr)
-    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # as HFEngine._assemble
-    tensors = {
-        "prompt_ids": prompt,
-        "prompt_mask": prompt_mask,
-        "response_ids": response,
-        "response_mask": response_mask,
-        "input_ids": torch.cat([prompt, response], dim=1),
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-    }
+    response, response_mask = pad_responses(tokens, pad_id)  # (B, Tr)
+    tensors = rollout_tensors(prompt, prompt_mask, response, response_mask)
     if with_logprobs:
         lp = torch.tensor([row + [0.0] * (width_r - len(row)) for row in logprobs], dtype=torch.float32)
         tensors["sampling_logprobs"] = lp.reshape(len(tokens), width_r)
