@@ -25,15 +25,15 @@ from alignflow.trainers import loop
 
 ROOT = Path(__file__).resolve().parents[1]
 # the first stages of two-stage pipelines (<name>_sft, <name>_pm) run before every preset that may read their files
-# (judge_grpo reads thinkrm_sft's judge)
+# (judge_grpo reads judge_sft's judge)
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"), key=lambda p: (not p.stem.endswith(("_sft", "_pm")), p.stem))
 # Presets that run as written but whose learning does not show at test size yet (an open item of their issue): the
 # run is checked, the learning check is reported as an expected failure with the reason.
 NOT_YET_LEARNING = {
-    "judge_grpo": "its judge is thinkrm_sft: cut to 24 SFT steps it loops ('but not , but not ...') and never "
-    "writes a verdict in 64 tokens (reward/errors 1.0: every comparison reads 1/2, advantages 0); at 120 steps it "
-    "writes verdicts but orders policy samples like the gold in 12 of 23 decided pairs, 73 of 96 tied by position "
-    "bias (docs/judges.md)",
+    "judge_grpo": "its judge is judge_sft (the verdict alone, read as p(this) / (p(this) + p(that))): a causal LM "
+    "fine-tuned from scratch to answer a pairwise question stays at chance on held-out pairs (0.49-0.515 after "
+    "its 56-step epoch, 0.455-0.495 after 3 epochs; a preference model on the same pairs: 0.66), so every "
+    "comparison reads about 1/2 and the gold moves with the prompts alone (docs/judges.md)",
 }
 # Presets whose optimised reward cannot show learning (a group's win rates average 1/2 by construction): the task's
 # gold reward, logged with weight 0, is checked instead.
