@@ -87,6 +87,7 @@ def full_inputs(B=4, seed=0, equal=False, n_tok=5):
         desirable=torch.arange(B) % 2 == 0,
         policy_kl_logps=rnd(B),
         ref_kl_logps=rnd(B),
+        user_conditioned=(torch.arange(B) % 2 == 0).to(D),  # P-DPO: rows alternate user / generic conditioning
     )
 
 
