@@ -56,9 +56,10 @@ def p_dpo_rows_loss(
         metrics = dpo_loss(inputs, beta=beta, reduction="none", weights=weights)[1]
     scale = torch.where(user, 2.0 * alpha, 2.0 * (1.0 - alpha)).to(raw.dtype)
     loss = reduce_rows(raw * scale, reduction, weights)
-    h = (inputs.policy_chosen_logps - inputs.ref_chosen_logps) - (
-        inputs.policy_rejected_logps - inputs.ref_rejected_logps
+    pc, rc, pr, rr = inputs.need(
+        "p_dpo_rows_loss", "policy_chosen_logps", "ref_chosen_logps", "policy_rejected_logps", "ref_rejected_logps"
     )
+    h = (pc - rc) - (pr - rr)
     right = (h > 0).float()
     for name, part in (("user", user), ("generic", ~user)):
         w = part.float() if weights is None else part.float() * weights

@@ -206,10 +206,12 @@ class TreeSampler:
             return []
         sub = logits[eligible]  # (e, V)
         probs = process_logits(sub, params).softmax(-1)  # the distribution the sampler draws from
-        values, ids = probs.topk(min(cfg.top_m, probs.shape[-1]), dim=-1)  # (e, m)
+        values, top = probs.topk(min(cfg.top_m, probs.shape[-1]), dim=-1)  # (e, m)
         temp = params.temperature
-        lps = (sub / temp).log_softmax(-1).gather(-1, ids).tolist()  # log-probs the engine stores for a token
-        values, ids, sampled = values.cpu(), ids.tolist(), token[eligible].tolist()
+        lps = (sub / temp).log_softmax(-1).gather(-1, top).tolist()  # log-probs the engine stores for a token
+        values = values.cpu()
+        ids: list[list[int]] = top.tolist()
+        sampled: list[int] = token[eligible].tolist()
         born = []
         for e, j in enumerate(eligible):
             parent, group = live[j], groups[live[j].prompt]
@@ -302,7 +304,7 @@ class TreeSampler:
         for name in stats[0]:
             tensors[STAT_PREFIX + name] = torch.tensor([float(s[name]) for s in stats]).repeat_interleave(n)
         device = self.engine.device
-        meta = {
+        meta: dict[str, list[Any]] = {
             "prompt_index": [i // n for i in range(len(ordered))],
             "finish_reason": [FINISH_REASONS[r.reason or 0] for r in ordered],
         }
