@@ -135,5 +135,5 @@ def test_qd_selection_at_generation(reviews_task, reviews_sft, tmp_path):
         )
     ).eval
     assert ev["eval/gen_qd/k"] == ev["eval/gen_best_of_k/k"] == 4
-    assert ev["eval/gen_best_of_k/quality"] >= ev["eval/gen_qd/quality"], ev
-    assert 1.0 <= ev["eval/gen_qd/coverage"] <= 4.0 and ev["eval/gen_qd/spread"] > 0.0, ev
+    # best-of-k is the quality optimum of any k; strictly above QD's means the archive changed some prompt's choice
+    assert ev["eval/gen_best_of_k/quality"] > ev["eval/gen_qd/quality"], ev
