@@ -127,6 +127,9 @@ class Batch:
         return Batch(self.tensors | other.tensors, self.meta | other.meta)
 
 
+# per-row measures a role leaves in a Batch (a sampler's group statistics, a reward source's diagnostics): the RL
+# trainer logs each one's mean over the batch as rollout/<name>
+ROW_METRIC = "metric/"
 PROMPT_SIDE = ("prompt_ids", "prompt_mask", "input_ids", "attention_mask", "position_ids")  # left-padded columns
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from alignflow.algorithms.qdhf import archive_novelty, cell_index, coverage, distinct_n, group_novelty, spread
-from alignflow.batch import Batch
+from alignflow.batch import ROW_METRIC, Batch
 from alignflow.config import ConfigError
 from alignflow.rewards.base import output_device
 
@@ -123,4 +123,4 @@ class DiversityReward:
             cols["group_spread"][idx] = spread(desc[idx] / d.scale)
             cols["group_distinct_2"][idx] = distinct_n([responses[i] for i in rows], 2)
         cols["batch_cells"] = torch.full((n,), float(coverage(desc, d.lo, d.hi, d.bins))) if n else torch.zeros(0)
-        return {f"metric/diversity/{k}": v for k, v in cols.items()}
+        return {f"{ROW_METRIC}diversity/{k}": v for k, v in cols.items()}

@@ -35,13 +35,13 @@ from typing import Any
 import torch
 
 from alignflow.algorithms.latr import branch_candidates, keep_branches, mix_ratio, normalized_edit_distance, tree_share
-from alignflow.batch import Batch
+from alignflow.batch import ROW_METRIC, Batch
 from alignflow.config import LatrConfig
 from alignflow.rollout.engine import FINISH_REASONS, pad_responses, rollout_tensors, validate_prompt_ids
 from alignflow.rollout.kv_cache import preallocated_cache
 from alignflow.rollout.sampling import SamplingParams, chosen_logprobs, process_logits, sample_keys, sample_tokens
 
-STAT_PREFIX = "rollout_stats/"  # per-row group statistics; the RL trainer logs their mean as rollout/<name>
+STAT_PREFIX = ROW_METRIC  # per-row group statistics, logged by the RL trainer as rollout/<name>
 EDIT_WINDOW = 64  # tokens of each response compared by the group's mean pairwise edit distance
 
 
@@ -105,7 +105,7 @@ class TreeSampler:
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, step: int = 0) -> Batch:
         """``params.n`` samples per prompt, rows i*n .. i*n+n-1 for prompt i, as ``HFEngine.generate`` returns
-        them, plus ``latr_tree`` (B,) (1 on tree samples) and the group statistics ``rollout_stats/latr_*``
+        them, plus ``latr_tree`` (B,) (1 on tree samples) and the group statistics ``metric/latr_*``
         (B,) (the group's value on each of its rows): branches, pruned, tree_share, distinct, edit_distance."""
         validate_prompt_ids(prompt_ids, "TreeSampler", self.engine.vocab_size)
         params.validate()

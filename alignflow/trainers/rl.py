@@ -53,11 +53,10 @@ import torch
 from alignflow.algorithms.core import masked_mean
 from alignflow.algorithms.dapo import dynamic_sampling_filter, overlong_penalty
 from alignflow.algorithms.kl import sequence_kl
-from alignflow.batch import Batch, cat_rollouts
+from alignflow.batch import ROW_METRIC, Batch, cat_rollouts
 from alignflow.config import RLConfig
 from alignflow.data.pipeline import prepare_data
 from alignflow.rewards import RunningNorm
-from alignflow.rollout.latr_tree import STAT_PREFIX
 from alignflow.trainers import loop, multiturn_rl, rl_async
 from alignflow.trainers.rl_algos import (
     AdvContext,
@@ -139,10 +138,8 @@ class _Tally:
             kind = "reward" if key.startswith("scores/") else "cost"
             cols[f"rollout/{kind}_{key.split('/', 1)[1]}_mean"] = batch[key]
         cols["rollout/reward_mean"] = batch["scores"]
-        for key in [k for k in batch.tensors if k.startswith(STAT_PREFIX)]:  # a sampler's group statistics (LATR)
-            cols["rollout/" + key.removeprefix(STAT_PREFIX)] = batch[key]
-        for key in [k for k in batch.tensors if k.startswith("metric/")]:  # a source's per-row measures
-            cols[f"rollout/{key.split('/', 1)[1]}"] = batch[key]
+        for key in [k for k in batch.tensors if k.startswith(ROW_METRIC)]:  # LATR's group stats, a source's measures
+            cols["rollout/" + key.removeprefix(ROW_METRIC)] = batch[key]
         if "costs" in batch:
             cols["rollout/cost_mean"] = batch["costs"]
         for k, v in cols.items():
@@ -370,7 +367,6 @@ def rl_step(roles: Roles, st: RLState, cfg: RLConfig, algo: Resolved) -> dict:
 
 
 def batch_metrics(batch: Batch) -> dict:
-
     mask = batch["response_mask"]
     out = {"policy/entropy": float(masked_mean(batch["entropy"], mask))} if "entropy" in batch else {}
     if "is_weights" in batch:
