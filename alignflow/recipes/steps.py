@@ -114,7 +114,6 @@ class AnnotateConfig:
 
 
 def _read_jsonl(path: Path, key: str) -> list[dict]:
-
     if not path.is_file():
         raise ConfigError(f"{key}: {path} does not exist (run the stage that writes it first)")
     rows = []
@@ -160,12 +159,10 @@ def select_rows(cfg: SelectConfig) -> dict[str, int]:
 
 
 def _arithmetic_attributes(prompt: str, response: str) -> dict[str, float]:
-
     return {"correct": accuracy_reward([prompt], [response])[0], "well_formed": format_reward([prompt], [response])[0]}
 
 
 def _reviews_attributes(prompt: str, response: str) -> dict[str, float]:
-
     return {k: float(v) for k, v in attribute_ratings(prompt, response).items()}
 
 

@@ -344,7 +344,6 @@ class VLLMWorkerExtension:
 
 # ----------------------------------------------------------------------------------------------- the engine
 def _validate_prompts(prompt_ids: object) -> None:
-
     validate_prompt_ids(prompt_ids, "VLLMEngine")
 
 
