@@ -87,15 +87,45 @@ def test_local_judge_verdict_probs_is_the_renormalised_verdict_probability():
         judge.verdict_probs(["good"], [" this", " this"])
 
 
+def test_local_judge_verdict_dist_renormalises_over_k_continuations():
+    """After ``good`` the head gives ``bad`` 1, ``this`` 2, ``that`` 0 (every other token 0): over the three
+    one-token continuations p = softmax(1, 2, 0) = (e, e^2, 1) / (e + e^2 + 1) = (0.2447, 0.6652, 0.0900);
+    after ``bad`` all three are 0, p = 1/3 each. The pointwise value of the first, words from lowest to highest:
+    (0 * 0.2447 + 1 * 0.6652 + 2 * 0.0900) / 2 = 0.4226."""
+    from alignflow.rewards.judge import verdict_value
+
+    tok = build_tokenizer(WORDS)
+    model = bigram_model(tok, {"good": {"bad": 1.0, "this": 2.0}})
+    judge = LocalJudge(model, tok, max_new_tokens=4, chat=False)
+    got = judge.verdict_dist(["this good", "bad"], [" bad", " this", " that"])
+    z = math.e + math.e**2 + 1
+    assert got[0] == pytest.approx([math.e / z, math.e**2 / z, 1 / z], abs=1e-5)
+    assert got[1] == pytest.approx([1 / 3] * 3, abs=1e-5)
+    assert verdict_value("pointwise", got[0]) == pytest.approx((math.e**2 / z + 2 / z) / 2, abs=1e-5)
+    assert verdict_value("pointwise", got[0]) == pytest.approx(0.4226, abs=1e-4)
+    assert verdict_value("principle", got[0]) == pytest.approx(math.e / z, abs=1e-5)
+
+
 class OrderedBackend:
     """p(first wins) = 0.9 when the first response is 'good', else 0.3: a position-biased judge."""
 
     def __init__(self):
         self.asked = 0
 
-    def verdict_probs(self, questions, continuations):
+    def verdict_dist(self, questions, continuations):
         self.asked += len(questions)
-        return [0.9 if q.split("|")[0] == "good" else 0.3 for q in questions]
+        return [[p, 1 - p] for p in (0.9 if q.split("|")[0] == "good" else 0.3 for q in questions)]
+
+
+class GradingBackend:
+    """A pointwise / principle judge whose verdict distribution over the words is given per question."""
+
+    def __init__(self, dists: dict):
+        self.dists, self.words = dists, []
+
+    def verdict_dist(self, questions, continuations):
+        self.words.append(list(continuations))
+        return [self.dists[q] for q in questions]
 
 
 def test_logprob_verdict_averages_both_orders_and_is_cached():
@@ -111,12 +141,39 @@ def test_logprob_verdict_averages_both_orders_and_is_cached():
     assert backend.asked == 4
 
 
+def test_logprob_pointwise_is_the_expected_score_and_principle_the_yes_probability():
+    """Pointwise, default words ``Score: 1`` .. ``Score: 10``: p = 0.5 on Score: 3 (k = 2) and 0.5 on Score: 9
+    (k = 8) gives E[k] / 9 = (0.5 * 2 + 0.5 * 8) / 9 = 5/9, the text verdict's (N - 1) / 9 in expectation; all
+    mass on Score: 10 gives 1. Principle, default words (Answer: Yes, Answer: No): p(yes) per principle, averaged
+    over the row's two principles: (0.8 + 0.2) / 2 = 0.5."""
+    ten = [0.0] * 10
+    mixed, top = ten.copy(), ten.copy()
+    mixed[2] = mixed[8] = 0.5
+    top[9] = 1.0
+    backend = GradingBackend({"p|one": mixed, "p|two": top})
+    judge = JudgeReward(backend, "pointwise", question="{prompt}|{response}", verdict="logprob")
+    out, m = judge.score(Batch(meta={"prompt": ["p", "p"], "response": ["one", "two"]}))
+    assert out.tolist() == pytest.approx([5 / 9, 1.0]) and m["rollout/judge_parse_failures"] == 0.0
+    assert backend.words == [[f"Score: {n}" for n in range(1, 11)]]
+    backend = GradingBackend({"r|P1": [0.8, 0.2], "r|P2": [0.2, 0.8]})
+    judge = JudgeReward(backend, "principle", question="{response}|{principle}", verdict="logprob")
+    out, _ = judge.score(Batch(meta={"prompt": ["p"], "response": ["r"], "principles": [["P1", "P2"]]}))
+    assert out.tolist() == pytest.approx([0.5]) and backend.words == [["Answer: Yes", "Answer: No"]]
+
+
 def test_logprob_verdict_config_errors_name_the_key():
-    """verdict=logprob needs the pairwise template and a local judge; an unknown mode is refused."""
+    """verdict=logprob needs a local judge, two words for pairwise / principle and at least two for pointwise;
+    words the judge's tokenizer cannot tell apart stop at load time; an unknown mode is refused."""
     with pytest.raises(ValueError, match="judge verdict 'guess' is not one of text, logprob"):
         JudgeReward(OrderedBackend(), "pairwise", verdict="guess")
-    with pytest.raises(ValueError, match="needs template=pairwise"):
-        JudgeReward(OrderedBackend(), "pointwise", verdict="logprob")
+    with pytest.raises(ValueError, match="template principle reads exactly two continuations"):
+        JudgeReward(OrderedBackend(), "principle", verdict="logprob", verdict_words=["yes", "no", "maybe"])
+    with pytest.raises(ValueError, match="template pointwise reads at least two continuations"):
+        JudgeReward(OrderedBackend(), "pointwise", verdict="logprob", verdict_words=["only"])
+    tok = build_tokenizer(WORDS)
+    local = LocalJudge(bigram_model(tok, {}), tok, max_new_tokens=4, chat=False)
+    with pytest.raises(ValueError, match="different tokens"):
+        JudgeReward(local, "pointwise", verdict="logprob", verdict_words=[" bad", " good", " bad"])
     cfg = JudgeConfig(url="http://127.0.0.1:1/v1", endpoint_model="m", template="pairwise", verdict="logprob")
     with pytest.raises(ConfigError, match=r"reward\.judge: judge verdict=logprob .* a local judge"):
         build_judge(cfg)
@@ -136,3 +193,39 @@ def test_reviews_task_writes_verdict_only_judge_rows():
     for v, r in zip(rows["judge_verdict_sft"], rows["judge_pairs"], strict=True):
         assert v == {"prompt": r["prompt"], "completion": f" overall {r['label']} ."}
         assert r["label"] == ("this" if r["gold_first"] > r["gold_second"] else "that")
+
+
+def test_reviews_task_writes_pointwise_judge_rows_with_repeated_sentences():
+    """judge_point_sft: one row per distinct review of the pairs (good above the median gold of those reviews),
+    plus copies that repeat one of their sentences, labelled by their own gold reward. Of four distinct golds the
+    median is the ascending list's index 2 (the second best), so exactly one review, the best, is above it."""
+    from alignflow.tasks import reviews
+    from alignflow.tasks.reviews_judge import point_rows, repeat_sentence
+
+    pairs = [
+        {"prompt": "Review :", "chosen": " a wonderful film .", "rejected": " a boring boring film"},
+        {"prompt": "Review :", "chosen": " great acting .", "rejected": " awful awful plot ,"},
+    ]
+    rows = point_rows(pairs, seed=0)
+    golds = {r: reviews.gold_reward(["Review :"], [r])[0] for p in pairs for r in (p["chosen"], p["rejected"])}
+    median = sorted(golds.values())[2]
+    first = rows[:4]
+    assert [r["prompt"] for r in first] == [f"Review :{r}" for r in golds]
+    for row, g in zip(first, golds.values(), strict=True):
+        assert row["completion"] == (" overall good ." if g > median else " overall bad .")
+    assert sum(r["completion"] == " overall good ." for r in first) == 1
+    assert len(rows) > 4  # seed 0 repeats a sentence of at least one review
+    for row in rows[4:]:  # copies: a sentence of a review appended again, graded by the same rule
+        resp = row["prompt"][len("Review :") :]
+        assert any(resp.startswith(orig) and len(resp) > len(orig) for orig in golds)
+        g = reviews.gold_reward(["Review :"], [resp])[0]
+        assert row["completion"] == (" overall good ." if g > median else " overall bad .")
+    import random
+
+    assert repeat_sentence(random.Random(0), " no end here") is None
+    rep = repeat_sentence(random.Random(0), " great acting . awful plot !")
+    assert rep in {
+        f" great acting . awful plot !{tail}"
+        for k in (1, 2, 3)
+        for tail in (" great acting ." * k, " awful plot !" * k)
+    }

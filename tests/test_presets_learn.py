@@ -27,16 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # the first stages of two-stage pipelines (<name>_sft, <name>_pm) run before every preset that may read their files
 # (judge_grpo reads judge_sft's judge)
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"), key=lambda p: (not p.stem.endswith(("_sft", "_pm")), p.stem))
-# Presets that run as written but whose learning does not show at test size yet (an open item of their issue): the
-# run is checked, the learning check is reported as an expected failure with the reason.
-NOT_YET_LEARNING = {
-    "judge_grpo": "its judge is judge_sft (the verdict alone, read as p(this) / (p(this) + p(that))): a causal LM "
-    "fine-tuned from scratch to answer a pairwise question stays at chance on held-out pairs (0.49-0.515 after "
-    "its 56-step epoch, at most 0.57 with lr 5e-4 to 3e-3 or 3 epochs; a preference model on the same pairs: "
-    "0.66), so every comparison reads about 1/2 and the gold moves with the prompts alone (docs/judges.md)",
-}
-# Presets whose optimised reward cannot show learning (a group's win rates average 1/2 by construction): the task's
-# gold reward, logged with weight 0, is checked instead.
+# Presets whose optimised reward cannot show learning (a group's win rates average 1/2 by construction), or whose
+# reward is a learned judge the policy could please without improving: the task's gold reward, logged with weight 0
+# (never optimised), is checked instead.
 REWARD_BY_PRESET = {
     "pairwise_grpo": "rollout/reward_gold_mean",
     "judge_grpo": "rollout/reward_gold_mean",
@@ -82,7 +75,10 @@ LONGER = {
     # (the same prompts without updates: -0.20 -> -0.22, docs/pairwise_rlhf.md)
     "pairwise_pm": ["train.max_steps=57"],
     "pairwise_grpo": ["train.max_steps=12"],
-    "judge_grpo": ["train.max_steps=3"],  # 96 judge questions a step: the run is checked, not its learning
+    # the pointwise LLM judge: its whole two epochs (held-out pair accuracy 0.755), then GRPO's 40 steps as written
+    # (sampled gold -0.08 -> 0.32 and -0.10 -> 0.30 in seeds 0 and 1, first third against last, docs/judges.md)
+    "judge_sft": [],
+    "judge_grpo": [],
 }
 # Every step logged (train.log_every: how often, not how much is trained).
 LOG_EVERY_STEP = {
@@ -169,8 +165,6 @@ def test_preset_runs_as_written_and_learns(path, runs, monkeypatch, capsys):
     key = LOSS.get(command) or REWARD_BY_PRESET.get(path.stem) or REWARD[command]
     values = _series(rows, key)
     assert len(values) >= 3, f"{key}: {values}"
-    if path.stem in NOT_YET_LEARNING:
-        pytest.xfail(NOT_YET_LEARNING[path.stem])
     k = len(values) // 3  # the first third against the last third
     first, last = sum(values[:k]) / k, sum(values[-k:]) / k
     if command in LOSS:

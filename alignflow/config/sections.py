@@ -364,13 +364,15 @@ class JudgeConfig:
     )
     verdict: str = field(
         "text",
-        doc="text: parse the verdict line of the judge's answer; logprob (pairwise, local judge): the value is "
-        "p(first wins) = sigmoid(l1 - l2), lk the log-probability of verdict_words[k] after the question.",
+        doc="text: parse the verdict line of the judge's answer; logprob (local judge): p_k = softmax of lk, the "
+        "log-probability of verdict_words[k] after the question; the value is p_1 (pairwise: first wins; "
+        "principle: yes) or the expected score sum_k p_k k/(K-1) (pointwise, words from lowest to highest).",
         choices=("text", "logprob"),
     )
     verdict_words: list[str] = field(
-        default_factory=lambda: ["Verdict: A", "Verdict: B"],
-        doc="verdict=logprob: the two continuations naming the first and the second response as the better.",
+        default_factory=list,
+        doc="verdict=logprob: the continuations scored; empty: the template's own (Verdict: A / B; Answer: Yes / "
+        "No; Score: 1 .. Score: 10).",
     )
 
 

@@ -25,12 +25,18 @@ reports ``rollout/<name>_parse_failures`` in ``last_metrics``. Failures are neve
 goes to the backend in chunks of ``batch_size``; verdicts are cached per (template, prompt, response, anchor or
 principle, order), so a response judged again (a repeated sample, the greedy evaluation) costs nothing.
 
-**Verdict from probabilities** (``verdict="logprob"``, pairwise template, local judge): instead of sampling an
-answer, the judge scores the two verdict continuations ``verdict_words`` (first response wins / second wins,
-e.g. ``" overall this"`` / ``" overall that"``) after the question, and the value is
-``p = exp(l_1) / (exp(l_1) + exp(l_2)) = sigmoid(l_1 - l_2)``, ``l_k`` the summed log-probability of
-continuation k's tokens: the judge's own probability that the first response is the better one, renormalised over
-the two verdicts. One forward pass per continuation, no parse failures by construction.
+**Verdict from probabilities** (``verdict="logprob"``, local judge): instead of sampling an answer, the judge
+scores each verdict continuation of ``verdict_words`` after the question, ``l_k`` the summed log-probability of
+continuation k's tokens, and renormalises over them: ``p_k = exp(l_k) / sum_j exp(l_j)``. The value is
+
+* pairwise -- ``p_1``, the judge's probability that the first response is the better one (words: first wins,
+  second wins; e.g. ``" overall this"`` / ``" overall that"``);
+* principle -- ``p_1``, its probability of yes (words: yes, no);
+* pointwise -- the expected score ``sum_k p_k * k / (K - 1)`` in [0, 1], the K words listed from the lowest score to
+  the highest (default ``Score: lo`` .. ``Score: hi``, so the value is E[N - lo] / (hi - lo), the text verdict's
+  scale; two words ``bad`` / ``good`` give p(good)).
+
+One forward pass per continuation, no parse failures by construction.
 
 Backends: :class:`LocalJudge` (a Hugging Face causal LM through :class:`alignflow.rollout.HFEngine`, greedy by
 default) and :class:`EndpointJudge` (an OpenAI-compatible ``/v1/chat/completions`` server, e.g. vLLM's).
@@ -83,6 +89,26 @@ PATTERNS = {
 }
 FAILURE_POLICIES = ("error", "fallback")
 VERDICT_MODES = ("text", "logprob")
+
+
+def default_verdict_words(template: str, lo: float = 1, hi: float = 10) -> tuple:
+    """The continuations ``verdict="logprob"`` scores when none are given: the template's own verdict lines
+    (pairwise: first, second; principle: yes, no; pointwise: ``Score: lo`` .. ``Score: hi``, whole numbers)."""
+    if template == "pairwise":
+        return ("Verdict: A", "Verdict: B")
+    if template == "principle":
+        return ("Answer: Yes", "Answer: No")
+    if lo != int(lo) or hi != int(hi):
+        raise ValueError(f"judge verdict=logprob: score_range {lo}..{hi} is not whole numbers; give verdict_words")
+    return tuple(f"Score: {n}" for n in range(int(lo), int(hi) + 1))
+
+
+def verdict_value(template: str, dist: Sequence[float]) -> float:
+    """The reward of one verdict distribution over ``verdict_words`` (module docstring): the first word's
+    probability (pairwise, principle), or the expected score sum_k p_k k / (K - 1) (pointwise)."""
+    if template == "pointwise":
+        return sum(p * k for k, p in enumerate(dist)) / (len(dist) - 1)
+    return float(dist[0])
 
 
 def parse_verdict(template: str, text: str, lo: float = 1, hi: float = 10) -> float | None:
@@ -146,26 +172,38 @@ class LocalJudge:
             ids = tok(question).input_ids
         return ids[-self.limit :]
 
-    @torch.no_grad()
-    def verdict_probs(self, questions: list[str], continuations: Sequence[str]) -> list[float]:
-        """Per question, ``sigmoid(l_1 - l_2)``: ``l_k`` the summed log-probability of continuation k's tokens
-        after the question (as :meth:`complete` would see it). ValueError unless there are two continuations
-        whose tokens differ."""
-        tok = self.tokenizer
-        conts = [list(tok(c, add_special_tokens=False).input_ids) for c in continuations]
-        if len(conts) != 2 or not all(conts) or conts[0] == conts[1] or max(map(len, conts)) > self.max_new_tokens:
+    def verdict_tokens(self, continuations: Sequence[str]) -> list[list[int]]:
+        """The token ids of each verdict continuation; ValueError unless there are at least two, no two with the
+        same tokens, each at most ``max_new_tokens`` tokens (checked when a judge reward is built)."""
+        conts = [list(self.tokenizer(c, add_special_tokens=False).input_ids) for c in continuations]
+        distinct = len({tuple(c) for c in conts}) == len(conts)
+        if len(conts) < 2 or not all(conts) or not distinct or max(map(len, conts)) > self.max_new_tokens:
             raise ValueError(
-                f"verdict_words must be two continuations with different tokens, each at most max_new_tokens="
-                f"{self.max_new_tokens} tokens long; got {list(continuations)!r}"
+                f"verdict_words must be at least two continuations with different tokens, each at most "
+                f"max_new_tokens={self.max_new_tokens} tokens long; got {list(continuations)!r}"
             )
+        return conts
+
+    @torch.no_grad()
+    def verdict_dist(self, questions: list[str], continuations: Sequence[str]) -> list[list[float]]:
+        """Per question, the softmax over the continuations' summed log-probabilities ``l_k`` after the question
+        (as :meth:`complete` would see it). ValueError unless there are at least two continuations, no two with
+        the same tokens, each at most ``max_new_tokens`` tokens."""
+        conts = self.verdict_tokens(continuations)
         seqs, starts = [], []
         for q in questions:
             ids = self._ids(q)  # cut to the model's positions less max_new_tokens
             for c in conts:
                 seqs.append(ids + c)
                 starts.append(len(ids))
-        lp = continuation_logprobs(self.model, seqs, starts, tok.pad_token_id or 0)
-        return torch.sigmoid(lp[0::2] - lp[1::2]).tolist()
+        lp = continuation_logprobs(self.model, seqs, starts, self.tokenizer.pad_token_id or 0)
+        return lp.view(len(questions), len(conts)).softmax(-1).tolist()
+
+    def verdict_probs(self, questions: list[str], continuations: Sequence[str]) -> list[float]:
+        """Per question, ``sigmoid(l_1 - l_2)`` for two continuations (first wins, second wins)."""
+        if len(continuations) != 2:
+            raise ValueError(f"verdict_probs reads two continuations, got {len(continuations)}")
+        return [d[0] for d in self.verdict_dist(questions, continuations)]
 
     def complete(self, questions: list[str], temperature: float = 0.0, attempt: int = 0) -> list[str]:
         params = SamplingParams(
@@ -297,7 +335,7 @@ class JudgeReward:
         name: str = "judge",
         question: str = "",
         verdict: str = "text",
-        verdict_words: Sequence[str] = ("Verdict: A", "Verdict: B"),
+        verdict_words: Sequence[str] = (),
     ):
         if template not in TEMPLATES:
             raise ValueError(f"judge template {template!r} is not one of {', '.join(TEMPLATES)}")
@@ -315,12 +353,17 @@ class JudgeReward:
         self.question = question or TEMPLATES[template]
         if verdict not in VERDICT_MODES:
             raise ValueError(f"judge verdict {verdict!r} is not one of {', '.join(VERDICT_MODES)}")
-        if verdict == "logprob" and (template != "pairwise" or not hasattr(backend, "verdict_probs")):
+        if verdict == "logprob" and not hasattr(backend, "verdict_dist"):
             raise ValueError(
-                "judge verdict=logprob reads the two verdict words' probabilities: it needs template=pairwise "
-                f"(got {template}) and a local judge (model, not url)"
+                "judge verdict=logprob reads the verdict words' probabilities: it needs a local judge (model, not url)"
             )
-        self.verdict, self.verdict_words = verdict, [str(w) for w in verdict_words]
+        words = tuple(str(w) for w in verdict_words) or default_verdict_words(template, lo, hi)
+        need = "at least two" if template == "pointwise" else "exactly two"
+        if verdict == "logprob" and (len(words) < 2 or (template != "pointwise" and len(words) != 2)):
+            raise ValueError(f"judge verdict_words: template {template} reads {need} continuations, got {list(words)}")
+        if verdict == "logprob" and hasattr(backend, "verdict_tokens"):
+            backend.verdict_tokens(words)  # words the judge's tokenizer cannot tell apart stop here, not mid-run
+        self.verdict, self.verdict_words = verdict, list(words)
         try:  # the fields the template's question may use; an unknown one is a config error, not a crash later
             self.question.format(prompt="", response="", a="", b="", principle="", lo=lo, hi=hi)
         except (KeyError, IndexError, ValueError) as e:
@@ -389,12 +432,12 @@ class JudgeReward:
         """Ask every query in ``todo`` (retrying unparsed ones); returns {key: value or None}, fills the cache."""
         if self.verdict == "logprob":  # a probability per question: nothing to parse, nothing to retry
             qs = [q.question for q in todo]
-            probs = [
-                p
+            dists = [
+                d
                 for lo in range(0, len(qs), self.batch_size)
-                for p in self.backend.verdict_probs(qs[lo : lo + self.batch_size], self.verdict_words)
+                for d in self.backend.verdict_dist(qs[lo : lo + self.batch_size], self.verdict_words)
             ]
-            got = {q.key: float(p) for q, p in zip(todo, probs, strict=True)}
+            got = {q.key: verdict_value(self.template, d) for q, d in zip(todo, dists, strict=True)}
             self.cache.update(got)
             return got
         got, pending, outputs = {}, list(todo), {}

@@ -10,6 +10,13 @@
   rationale never contradicts it. Every word is in the task's vocabulary, so the tiny model can learn it.
 * ``judge_verdict_sft.jsonl`` -- the same prompts with the verdict alone as the completion
   (`` overall this .``): a direct-verdict judge (``configs/judge_sft.yaml``, ``docs/judges.md``).
+* ``judge_point_sft.jsonl`` -- ``{"prompt", "completion"}``: a pointwise judge reads ONE whole review (the
+  task's ``Review : <opening><response>``) and answers `` overall good .`` when its gold reward is above the median
+  of the training reviews' (every chosen and rejected response of the task's pairs), else `` overall bad .``;
+  read as p(good) (``reward.judge.verdict: logprob``), it scores a single response (``configs/judge_sft.yaml``).
+  About half of the reviews come a second time with one of their sentences repeated 1-3 times (labelled by
+  their own gold reward): repeating a sentence it likes is how a policy first games a judge trained without
+  them (``docs/judges.md``).
 * ``judge_pairs.jsonl`` / ``judge_eval.jsonl`` -- ``{"prompt", "label", "source_prompt", "first", "second",
   "gold_first", "gold_second"}``: the same judge prompts with the gold verdict ``label`` (``this`` / ``that``)
   for rule-rewarded RL (train openings) and for evaluation (held-out openings that never appear in training).
@@ -38,12 +45,14 @@ from alignflow.tasks.common import read_jsonl, task_rng, write_jsonl
 FILES = {
     "judge_sft": "judge_sft.jsonl",
     "judge_verdict_sft": "judge_verdict_sft.jsonl",
+    "judge_point_sft": "judge_point_sft.jsonl",
     "judge_pairs": "judge_pairs.jsonl",
     "judge_eval": "judge_eval.jsonl",
     "principles": "principles.jsonl",
 }
 PROBLEM_WORDS = {"repeats": "stale", "bad_sentences": "incoherent", "no_final_punct": "sloppy"}
 MAX_PROBLEM_REPEAT = 3
+POINT_WORDS = ("bad", "good")  # the pointwise judge's verdicts, lowest first: " overall bad ." / " overall good ."
 PRINCIPLES = {  # id -> (text for an LLM judge, the gold features that satisfy it)
     "grammatical": ("Every sentence of the review is grammatical.", lambda c: c["bad_sentences"] == 0),
     "no_repeats": ("The review uses no content word twice.", lambda c: c["repeats"] == 0),
@@ -131,6 +140,34 @@ def _eval_pairs(cfg: TaskConfig, n: int) -> list:
     return out
 
 
+def repeat_sentence(rng: random.Random, response: str) -> str | None:
+    """``response`` with one of its sentences (a run of tokens ending in ``.`` / ``!``) appended 1-3 more times;
+    None when it has no such sentence."""
+    toks = response.split()
+    ends = [i for i, t in enumerate(toks) if t in reviews.CLASSES["END"]]
+    if not ends:
+        return None
+    k = rng.randrange(len(ends))
+    sentence = toks[(ends[k - 1] + 1 if k else 0) : ends[k] + 1]
+    return " " + " ".join(toks + sentence * rng.randint(1, 3))
+
+
+def point_rows(pairs: list, seed: int = 0) -> list:
+    """The pointwise judge's rows (module docstring): every distinct (prompt, response) of ``pairs`` and, for
+    about half of them, a copy repeating one of its sentences; ``good`` when the gold reward is above the median
+    of the original responses', else ``bad``."""
+    rng = random.Random(seed)
+    seen = list(dict.fromkeys((p["prompt"], r) for p in pairs for r in (p["chosen"], p["rejected"])))
+    golds = [reviews.gold_components(p, r)["gold"] for p, r in seen]
+    median = sorted(golds)[len(golds) // 2] if golds else 0.0
+    repeated = [(p, rep) for p, r in seen if rng.random() < 0.5 and (rep := repeat_sentence(rng, r))]
+    golds += [reviews.gold_components(p, r)["gold"] for p, r in repeated]
+    return [
+        {"prompt": f"{p}{r}", "completion": f" {VERDICT_WORD} {POINT_WORDS[g > median]} ."}
+        for (p, r), g in zip(seen + repeated, golds, strict=True)
+    ]
+
+
 def principle_rows(prompt: str, responses: list) -> list:
     """One row per (response, principle), labelled ``yes`` / ``no`` from the gold features."""
     rows = []
@@ -163,6 +200,7 @@ def make_judge_rows(cfg: TaskConfig, pairs: list) -> dict:
     return {
         "judge_sft": sft,
         "judge_verdict_sft": verdict,
+        "judge_point_sft": point_rows(pairs, cfg.seed),
         "judge_pairs": train,
         "judge_eval": [r for r in held if r],
         "principles": principles,

@@ -24,15 +24,16 @@ log = logging.getLogger("alignflow")
 TASK_DATA = {"sft": "sft_path", "rm": "pairs_path", "po": "pairs_path", "rl": "prompts_path"}
 
 
-def resolve_task(cfg, command: str):
+def resolve_task(cfg, command: str, build: bool = False):
     """Build the built-in task (``cfg.task``) when ``model.name_or_path`` or ``data.path`` is empty (the SFT
     command's part of :func:`alignflow.trainers.setup.resolve_builtin`: no ``builtin:sft`` model).
 
-    Returns the task artefacts (or None when the user gave both paths). Mutates ``cfg`` in place so the
-    saved run config records the paths that were actually used.
+    ``build``: build it even when both are given (the files of a task whose SFT model was named: a data path
+    may point into it). Returns the task artefacts (or None when the user gave both paths and no ``build``).
+    Mutates ``cfg`` in place so the saved run config records the paths that were actually used.
     """
     prepare_run_dir(cfg.train, check_only=True)  # refused before the built-in task is made
-    if cfg.model.name_or_path and cfg.data.path:
+    if cfg.model.name_or_path and cfg.data.path and not build:
         return None
     art = build_task(cfg.task.name, cfg.task, Path(cfg.train.output_dir) / "task")
     if not cfg.model.name_or_path:

@@ -135,7 +135,11 @@ def train_step(model, examples: list[dict], cfg: SFTConfig, pad_id: int, device)
 def train_sft(cfg: SFTConfig, step_fn=None) -> SFTResult:
     """Run SFT as configured; returns the trained model and the per-step losses. ``step_fn`` replaces
     :func:`train_step` (same signature): another objective on the same data and loop (IFT, trainers/ift.py)."""
-    resolve_task(cfg, "sft")  # (builtin:sft is this command's own output: not resolved here)
+    from alignflow.trainers.builtin_sft import BUILTIN_SFT, resolve_model  # (it imports this module)
+
+    named = cfg.model.name_or_path == BUILTIN_SFT  # fine-tune the built-in SFT model further (configs/judge_sft.yaml)
+    resolve_task(cfg, "sft", build=named)  # with its task's files: data.path may name them
+    resolve_model(cfg)  # builtin:sft: the task's SFT model, built on first use
     out, device, tokenizer = start_run(cfg)
     data = prepare_data(cfg.data, tokenizer, expect=("lm", "prompt_completion"), seed=cfg.train.seed)
     model = load_causal_lm(cfg.model, device)
