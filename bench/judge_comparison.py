@@ -1,21 +1,25 @@
 """Rewards from judges, compared on the built-in ``reviews`` task (issue 13, item 8).
 
-Four reward sources are trained from the task's SFT model (or the task's base model) with small budgets:
+Five reward sources are trained from the task's SFT model (or the task's base model) with small budgets:
 
 * **BT reward model** -- ``alignflow rm`` (configs/rm.yaml) on the task's preference pairs;
 * **generative RM** -- Think-RM stage 1 (configs/thinkrm_sft.yaml): SFT of the task's base model on rationales
   then a verdict (``judge_sft.jsonl``);
 * **pairwise preference model** -- ``alignflow pm`` (configs/pm.yaml) on the same pairs;
-* **LLM judge** -- the SFT policy model fine-tuned (configs/thinkrm_sft.yaml's settings) to answer the same judge
-  prompts with the verdict alone (``overall this .`` / ``overall that .``), no rationale.
+* **pairwise LLM judge** -- the SFT policy model fine-tuned (configs/thinkrm_sft.yaml's settings) to answer the
+  same judge prompts with the verdict alone (``overall this .`` / ``overall that .``), no rationale;
+* **pointwise LLM judge** -- the SFT policy model fine-tuned as configs/judge_sft.yaml (two epochs) to grade one
+  review ``overall good .`` / ``overall bad .`` (``judge_point_sft.jsonl``), read as p(good) from its probabilities.
 
 1. Accuracy against gold on the SAME held-out pairs (``judge_eval.jsonl``: openings never seen in training, each
    pair's better review by the hidden gold reward): BT ``r(first) > r(second)``; preference model
-   ``P(first > second) > 1/2``; generative RM and judge: their greedy verdict (no verdict = wrong).
+   ``P(first > second) > 1/2``; generative RM and pairwise judge: their greedy verdict (no verdict = wrong);
+   pointwise judge: ``p(good | first) > p(good | second)``.
 2. GRPO from the SFT policy with each as the reward, under one equal budget (same prompts, steps, group size,
-   learning rate and KL); the BT model scores each sample, the three pairwise sources give each sample its win
-   rate in its group (``bench/judge_rewards.py``). Reported: the gold reward of greedy responses to held-out
-   prompts before and after (``eval/gold_reward``; gold is a reward term of weight 0: logged, never optimised).
+   learning rate and KL); the BT model and the pointwise judge score each sample, the three pairwise sources give
+   each sample its win rate in its group (``bench/judge_rewards.py``). Reported: the gold reward of greedy
+   responses to held-out prompts before and after (``eval/gold_reward``; gold is a reward term of weight 0:
+   logged, never optimised).
 
 Run from the repository root (189 s measured on 2 shared cores; ``--quick`` cuts every budget for a smoke run)::
 
@@ -38,6 +42,7 @@ from alignflow.batch import Batch
 from alignflow.config import ModelConfig, PMConfig, RLConfig, RMConfig, SFTConfig, TaskConfig, load_config
 from alignflow.models import load_causal_lm, load_tokenizer
 from alignflow.rewards.generative_rm import evaluate_generative_rm
+from alignflow.rewards.judge import LocalJudge
 from alignflow.rewards.model import RewardModelScorer
 from alignflow.rewards.preference_model import PreferenceModel
 from alignflow.tasks import build_task
@@ -52,15 +57,17 @@ from alignflow.trainers.sft import train_sft
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / ".work" / "judge_comparison"
 BUDGETS = {  # training steps of each source, and the equal GRPO budget
-    "full": {"rm": 100, "pm": 100, "genrm": 300, "judge": 300, "rl": 40, "eval_pairs": 128},
-    "quick": {"rm": 4, "pm": 4, "genrm": 4, "judge": 4, "rl": 2, "eval_pairs": 16},
+    "full": {"rm": 100, "pm": 100, "genrm": 300, "judge": 300, "point_judge": 0, "rl": 40, "eval_pairs": 128},
+    "quick": {"rm": 4, "pm": 4, "genrm": 4, "judge": 4, "point_judge": 4, "rl": 2, "eval_pairs": 16},
 }
 RL_REWARDS = {  # reward section overrides of each GRPO run (the BT model's path is filled in)
     "bt_rm": None,
     "generative_rm": str(ROOT / "bench" / "judge_rewards.py") + ":genrm_win_rate",
     "preference_model": str(ROOT / "bench" / "judge_rewards.py") + ":pm_win_rate",
     "llm_judge": str(ROOT / "bench" / "judge_rewards.py") + ":judge_win_rate",
+    "point_judge": None,
 }
+POINT_WORDS = [" overall bad", " overall good"]  # the pointwise judge's verdicts, lowest first: the value is p(good)
 ENV = {"generative_rm": "JC_GENRM", "preference_model": "JC_PM", "llm_judge": "JC_JUDGE"}
 COMMON = ["train.progress=false", "train.overwrite=true"]
 log = logging.getLogger("bench.judge_comparison")
@@ -68,7 +75,7 @@ log = logging.getLogger("bench.judge_comparison")
 
 # ----------------------------------------------------------------------------------------------- training
 def train_sources(task, sft: Path, b: dict) -> dict:
-    """Train the four sources; returns {name: model directory}."""
+    """Train the five sources; returns {name: model directory}."""
     pairs = str(task.pairs_path)
     jp = judge_paths(task.dir)
     rm = train_rm(
@@ -110,8 +117,19 @@ def train_sources(task, sft: Path, b: dict) -> dict:
             + [f"train.max_steps={b['judge']}", *COMMON],
         )
     )
+    point = WORK / "point_judge"  # 0 steps: the preset's two epochs
+    train_sft(
+        load_config(
+            SFTConfig,
+            ROOT / "configs" / "judge_sft.yaml",
+            [f"model.name_or_path={sft}", f"data.path={jp['judge_point_sft']}", f"train.output_dir={point}"]
+            + ([f"train.max_steps={b['point_judge']}"] if b["point_judge"] else [])
+            + COMMON,
+        )
+    )
     del rm, pm
     return {
+        "point_judge": point / "model",
         "bt_rm": WORK / "rm" / "model",
         "generative_rm": genrm / "model",
         "preference_model": WORK / "pm" / "model",
@@ -135,6 +153,12 @@ def accuracies(task, sources: dict, rows: list) -> dict:
     pm = PreferenceModel(str(sources["preference_model"]))
     p = pm.win_prob(prompts, [r["first"] for r in rows], [r["second"] for r in rows])
     out["preference_model"] = float(((p > 0.5) == first_better).float().mean())
+    judge = LocalJudge.from_path(str(sources["point_judge"]), max_new_tokens=4, chat=False)
+    g1, g2 = (
+        [d[1] for d in judge.verdict_dist([p + r[k] for p, r in zip(prompts, rows, strict=True)], POINT_WORDS)]
+        for k in ("first", "second")
+    )
+    out["point_judge"] = float(((torch.tensor(g1) > torch.tensor(g2)) == first_better).float().mean())
     for name, tokens in (("generative_rm", 96), ("llm_judge", 4)):
         tok = load_tokenizer(str(sources[name]))
         model = load_causal_lm(ModelConfig(name_or_path=str(sources[name])), "cpu")
@@ -152,9 +176,15 @@ def grpo_runs(task, sft: Path, sources: dict, steps: int) -> dict:
     for name, fn in RL_REWARDS.items():
         if name in ENV:
             os.environ[ENV[name]] = str(sources[name])
-        reward = (
-            ["reward.models=[" + str(sources["bt_rm"]) + "]"] if fn is None else [f'reward.functions={{"{fn}": 1.0}}']
-        )
+        if name == "bt_rm":
+            reward = ["reward.models=[" + str(sources["bt_rm"]) + "]"]
+        elif name == "point_judge":  # as configs/judge_grpo.yaml
+            reward = [f"reward.judge.model={sources[name]}", "reward.judge.template=pointwise"]
+            reward += ["reward.judge.question={prompt}{response}", "reward.judge.chat_template=false"]
+            reward += ["reward.judge.verdict=logprob", "reward.judge.max_new_tokens=4", "reward.judge.batch_size=64"]
+            reward += ["reward.judge.verdict_words=" + json.dumps(POINT_WORDS)]
+        else:
+            reward = [f'reward.functions={{"{fn}": 1.0}}']
         cfg = load_config(
             RLConfig,
             ROOT / "configs" / "rloo.yaml",
@@ -205,7 +235,8 @@ TITLES = {
     "bt_rm": "BT reward model (`alignflow rm`)",
     "generative_rm": "generative RM (Think-RM SFT stage)",
     "preference_model": "pairwise preference model (`alignflow pm`)",
-    "llm_judge": "LLM judge (SFT policy fine-tuned to give the verdict alone)",
+    "llm_judge": "pairwise LLM judge (SFT policy fine-tuned to give the verdict alone)",
+    "point_judge": "pointwise LLM judge (SFT policy fine-tuned to grade one review, p(good))",
 }
 
 
@@ -218,7 +249,8 @@ def write_report(out_dir: Path, res: dict) -> None:
         "",
         f"`python bench/judge_comparison.py{' --quick' if res['quick'] else ''}`, {res['seconds']:.0f} s on "
         f"{res['machine']}. Training steps: BT RM {b['rm']}, preference model {b['pm']}, generative RM {b['genrm']},"
-        f" judge {b['judge']}; GRPO {b['rl']} steps of 8 prompts x 4 samples for every source.",
+        f" pairwise judge {b['judge']}, pointwise judge {b['point_judge'] or 'two epochs'}; GRPO {b['rl']} steps of"
+        " 8 prompts x 4 samples for every source.",
         "",
         f"| reward source | held-out pairwise accuracy ({acc['n']} pairs) | gold before GRPO | gold after GRPO |"
         " gold of samples, first 4 steps | last 4 steps |",
@@ -234,7 +266,7 @@ def write_report(out_dir: Path, res: dict) -> None:
         "",
         "Accuracy: the share of held-out pairs (openings never seen in training) where the source prefers the review"
         " with the higher hidden gold reward; the generative RM and the judge count a missing verdict as wrong"
-        f" (missing: generative RM {acc['generative_rm_parse_failures']:.3f}, judge"
+        f" (missing: generative RM {acc['generative_rm_parse_failures']:.3f}, pairwise judge"
         f" {acc['llm_judge_parse_failures']:.3f}). Gold before / after: the task's hidden gold reward of greedy"
         " responses to 64 held-out prompts; gold of samples: the mean gold of the GRPO step's 32 sampled responses"
         " over its first and last 4 steps. Every GRPO run sees the same prompts in the same order, so the sampled"
