@@ -26,7 +26,7 @@ class ModelConfig:
     name_or_path: str = field(
         "",
         doc="Hugging Face hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or local directory. "
-        "Empty: use the built-in task's tiny model.",
+        "Empty: use the built-in task's tiny model; builtin:sft: the built-in task's SFT model (built on first use).",
     )
     tokenizer: str = field("", doc="Tokenizer path or hub id; empty means the same as name_or_path.")
     dtype: str = field(
