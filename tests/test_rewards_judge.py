@@ -9,12 +9,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from alignflow.batch import Batch
 from alignflow.rewards import CompositeReward, RewardError
 from alignflow.rewards.judge import EndpointJudge, JudgeReward, LocalJudge, parse_verdict
 from alignflow.tasks.common import build_tokenizer
+from tests.test_vllm_engine import fake_vllm  # noqa: F401 (a fixture: the stand-in vllm module)
 
 
 @pytest.mark.parametrize(
@@ -236,3 +237,39 @@ def test_config_section_builds_the_judge_term(chat, tmp_path):
     cfg.reward.judge.model = "somewhere"
     with pytest.raises(ConfigError, match="reward.judge: set exactly one of model .* and url"):
         build_sources(cfg.reward, "reward", "reviews", cfg, "cpu", 0)
+
+
+def test_local_judge_on_the_vllm_backend(fake_vllm, tmp_path):  # noqa: F811
+    """reward.judge.backend=vllm: the judge directory is loaded by a vLLM engine (the stand-in ``vllm`` module,
+    which loads the saved weights as vLLM would) and answers 'Score : 7', so every row gets (7 - 1)/9, one engine
+    call per chunk; the engine gets the configured memory share and dtype. verdict=logprob is refused (it reads
+    the Hugging Face model's probabilities), and so is backend=vllm with an endpoint judge."""
+    from alignflow.config import ConfigError, JudgeConfig
+    from alignflow.rewards.judge import build_judge
+    from tests.test_vllm_engine import FakeLLM
+
+    class LoadingLLM(FakeLLM):  # vLLM with load_format=auto reads the checkpoint's weights
+        def __init__(self, model, **kw):
+            super().__init__(model, **kw)
+            self.model.load_state_dict(AutoModelForCausalLM.from_pretrained(model).state_dict())
+
+    fake_vllm.LLM = LoadingLLM
+    model, tok = bigram_judge(["Score", ":", "7"])
+    model.save_pretrained(tmp_path / "judge")
+    tok.save_pretrained(tmp_path / "judge")
+    cfg = JudgeConfig(
+        model=str(tmp_path / "judge"), backend="vllm", max_new_tokens=6, batch_size=2, gpu_memory_utilization=0.2
+    )
+    judge = build_judge(cfg)
+    assert judge(rows(["one", "two", "three"])).tolist() == pytest.approx([6 / 9] * 3)
+    (llm,) = LoadingLLM.instances
+    assert [c for c in llm.calls if c[0] == "generate"] == [("generate", 2), ("generate", 1)]
+    assert llm.kwargs["gpu_memory_utilization"] == 0.2 and llm.kwargs["dtype"] == "bfloat16"
+    with pytest.raises(ConfigError, match="reward.judge: judge verdict=logprob .* backend=hf, not vllm"):
+        build_judge(
+            JudgeConfig(
+                model=str(tmp_path / "judge"), backend="vllm", max_new_tokens=6, template="pairwise", verdict="logprob"
+            )
+        )
+    with pytest.raises(ConfigError, match=r"reward.judge.backend=vllm .* not url"):
+        build_judge(JudgeConfig(url="http://127.0.0.1:1/v1", endpoint_model="m", backend="vllm"))

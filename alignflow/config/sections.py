@@ -325,6 +325,20 @@ class JudgeConfig:
     """An LLM judge as a reward (docs/judges.md): a local causal LM (model) or an OpenAI-compatible endpoint (url)."""
 
     model: str = field("", doc="Local judge: causal-LM directory or hub id, generating through the rollout engine.")
+    backend: str = field(
+        "hf",
+        doc="Local judge: hf generates with alignflow's engine over the Hugging Face model; vllm loads the "
+        "model into its own vLLM engine (pip install 'alignflow[vllm]').",
+        choices=("hf", "vllm"),
+    )
+    gpu_memory_utilization: float = field(
+        0.3, doc="backend=vllm: the judge engine's share of GPU memory.", range=(1e-3, 1.0)
+    )
+    dtype: str = field(
+        "bfloat16",
+        doc="backend=vllm: the judge engine's weights dtype.",
+        choices=("bfloat16", "float16", "float32", "auto"),
+    )
     url: str = field("", doc="Endpoint judge: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
     endpoint_model: str = field("", doc="Model name sent to the endpoint; its key is read from $OPENAI_API_KEY.")
     template: str = field(

@@ -144,11 +144,16 @@ class LocalJudge:
     none); prompts longer than the model's positions minus ``max_new_tokens`` keep their last tokens.
     """
 
-    def __init__(self, model, tokenizer, max_new_tokens: int = 256, seed: int = 0, chat: bool = True):
+    def __init__(
+        self, model, tokenizer, max_new_tokens: int = 256, seed: int = 0, chat: bool = True, engine=None, positions=0
+    ):
         self.model, self.tokenizer, self.max_new_tokens, self.seed = model, tokenizer, int(max_new_tokens), seed
         self.chat = chat  # False: the question as plain text even when the tokenizer has a chat template
-        self.engine = HFEngine(model, tokenizer)
-        self.limit = int(getattr(model.config, "max_position_embeddings", 4096)) - self.max_new_tokens
+        # engine: the generator of answers (default: HFEngine over ``model``; a VLLMEngine for backend=vllm, which
+        # holds its own copy of the weights, and then ``model`` is None and ``positions`` the model's length)
+        self.engine = engine if engine is not None else HFEngine(model, tokenizer)
+        positions = positions or int(getattr(model.config, "max_position_embeddings", 4096))
+        self.limit = positions - self.max_new_tokens
         if self.limit < 1:
             raise ValueError(
                 f"judge max_new_tokens={max_new_tokens} leaves no room for the question in the model's "
@@ -157,12 +162,23 @@ class LocalJudge:
 
     @classmethod
     def from_path(
-        cls, path: str, device="cpu", max_new_tokens: int = 256, seed: int = 0, chat: bool = True
+        cls, path: str, device="cpu", max_new_tokens: int = 256, seed: int = 0, chat: bool = True, vllm=None
     ) -> LocalJudge:
+        """The judge at ``path`` generating with alignflow's engine, or with vLLM when ``vllm`` is a dict of
+        :class:`~alignflow.rollout.vllm_engine.VLLMEngine` options (the weights loaded by vLLM from ``path``;
+        ``verdict=logprob`` then unavailable: it reads the HF model's probabilities)."""
+        tok = load_tokenizer(path)
+        if vllm is not None:
+            from transformers import AutoConfig
 
+            from alignflow.rollout.vllm_engine import VLLMEngine
+
+            positions = int(getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 4096))
+            engine = VLLMEngine(path, tok, seed=seed, device=device, **vllm)
+            return cls(None, tok, max_new_tokens, seed, chat, engine=engine, positions=positions)
         model = load_causal_lm(ModelConfig(name_or_path=path), device)
         model.requires_grad_(False)
-        return cls(model.eval(), load_tokenizer(path), max_new_tokens, seed, chat)
+        return cls(model.eval(), tok, max_new_tokens, seed, chat)
 
     def _ids(self, question: str) -> list[int]:
         tok = self.tokenizer
@@ -189,6 +205,8 @@ class LocalJudge:
         """Per question, the softmax over the continuations' summed log-probabilities ``l_k`` after the question
         (as :meth:`complete` would see it). ValueError unless there are at least two continuations, no two with
         the same tokens, each at most ``max_new_tokens`` tokens."""
+        if self.model is None:
+            raise ValueError("verdict=logprob reads the judge model's probabilities: not with backend=vllm")
         conts = self.verdict_tokens(continuations)
         seqs, starts = [], []
         for q in questions:
@@ -361,6 +379,8 @@ class JudgeReward:
         need = "at least two" if template == "pointwise" else "exactly two"
         if verdict == "logprob" and (len(words) < 2 or (template != "pointwise" and len(words) != 2)):
             raise ValueError(f"judge verdict_words: template {template} reads {need} continuations, got {list(words)}")
+        if verdict == "logprob" and getattr(backend, "model", True) is None:
+            raise ValueError("judge verdict=logprob reads the judge model's probabilities: use backend=hf, not vllm")
         if verdict == "logprob" and hasattr(backend, "verdict_tokens"):
             backend.verdict_tokens(words)  # words the judge's tokenizer cannot tell apart stop here, not mid-run
         self.verdict, self.verdict_words = verdict, list(words)
@@ -511,13 +531,18 @@ def build_judge(cfg, device="cpu", seed: int = 0, key: str = "reward.judge") -> 
             f"{key}: set exactly one of model (a local causal LM) and url (an OpenAI-compatible "
             f"endpoint); got model={cfg.model!r}, url={cfg.url!r}"
         )
+    if cfg.url and cfg.backend == "vllm":
+        raise ConfigError(f"{key}.backend=vllm runs a local judge (model), not url: an endpoint serves its own model")
     if cfg.url and not cfg.endpoint_model:
         raise ConfigError(f"{key}.endpoint_model: name the model the endpoint serves")
     try:
         if cfg.url:
             backend = EndpointJudge(cfg.url, cfg.endpoint_model, cfg.max_new_tokens, cfg.timeout_s, cfg.retries)
         else:
-            backend = LocalJudge.from_path(cfg.model, device, cfg.max_new_tokens, seed, cfg.chat_template)
+            vllm = None
+            if cfg.backend == "vllm":
+                vllm = {"gpu_memory_utilization": cfg.gpu_memory_utilization, "dtype": cfg.dtype}
+            backend = LocalJudge.from_path(cfg.model, device, cfg.max_new_tokens, seed, cfg.chat_template, vllm)
         return JudgeReward(
             backend,
             cfg.template,
