@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, JudgeConfig
 from alignflow.rewards.judge import JudgeReward, LocalJudge, build_judge, continuation_logprobs
 from alignflow.tasks.common import build_tokenizer
+from tests.helpers import token_table_llama
 
 WORDS = ("overall", "this", "that", "good", "bad")
 
@@ -20,33 +20,11 @@ def bigram_model(tok, logits: dict):
     zeroed, so the last hidden state is the current token's one-hot embedding scaled by the final RMS norm
     (x / rms(x) = 4 e_k in 16 dimensions), and the untied head holds ``logits[current][next] / 4`` (0 for every pair
     not given), so the logits are exactly ``logits[current][next]``."""
-    v = len(tok)
-    cfg = LlamaConfig(
-        vocab_size=v,
-        hidden_size=16,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        rms_norm_eps=1e-12,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.embed_tokens.weight.copy_(torch.eye(v, 16))
-        head = torch.zeros(v, 16)
-        for cur, nxt in logits.items():
-            for word, value in nxt.items():
-                head[tok.convert_tokens_to_ids(word), tok.convert_tokens_to_ids(cur)] = value / 4.0
-        model.lm_head.weight.copy_(head)
-    return model
+    head = torch.zeros(len(tok), 16)
+    for cur, nxt in logits.items():
+        for word, value in nxt.items():
+            head[tok.convert_tokens_to_ids(word), tok.convert_tokens_to_ids(cur)] = value / 4.0
+    return token_table_llama(tok, 16, head, rms_eps=1e-12)
 
 
 def sigmoid(x: float) -> float:

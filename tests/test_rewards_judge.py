@@ -9,12 +9,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from alignflow.batch import Batch
 from alignflow.rewards import CompositeReward, RewardError
 from alignflow.rewards.judge import EndpointJudge, JudgeReward, LocalJudge, parse_verdict
 from alignflow.tasks.common import build_tokenizer
+from tests.helpers import token_table_llama
 from tests.test_vllm_engine import fake_vllm  # noqa: F401 (a fixture: the stand-in vllm module)
 
 
@@ -168,33 +169,13 @@ def bigram_judge(chain: list[str]):
     and the untied head maps each token of the chain to the next one (every other token to EOS)."""
     tok = build_tokenizer(("Score", ":", "7", "Verdict", "A", "B", "good"))
     v, h = len(tok), 32
-    cfg = LlamaConfig(
-        vocab_size=v,
-        hidden_size=h,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.embed_tokens.weight.copy_(torch.eye(v, h))
-        head = torch.zeros(v, h)
-        head[tok.eos_token_id, :v] = 20.0
-        ids = tok.convert_tokens_to_ids(["<|assistant|>"] + chain + ["<eos>"])
-        for a, b in zip(ids, ids[1:], strict=False):
-            head[:, a] = 0.0
-            head[b, a] = 20.0
-        model.lm_head.weight.copy_(head)
-    return model, tok
+    head = torch.zeros(v, h)
+    head[tok.eos_token_id, :v] = 20.0
+    ids = tok.convert_tokens_to_ids(["<|assistant|>"] + chain + ["<eos>"])
+    for a, b in zip(ids, ids[1:], strict=False):
+        head[:, a] = 0.0
+        head[b, a] = 20.0
+    return token_table_llama(tok, h, head, positions=256), tok
 
 
 def test_tiny_local_model_through_the_rollout_engine():
