@@ -20,6 +20,18 @@ def tiny_task(root: Path, name: str = "reviews", **kw):
     return build_task(name, cfg, root / f"task-{name}")
 
 
+def vpl_config(task, out: Path, *extra: str):
+    """A VPLConfig training on the task's user pairs into ``out`` (one thread, no progress bar), ``extra`` overrides
+    on top (steps, latent, embedding)."""
+    from alignflow.config import VPLConfig, load_config
+
+    paths = [f"model.name_or_path={task.model_dir}", f"model.tokenizer={task.tokenizer_dir}"]
+    paths += [f"data.path={task.dir / 'user_pairs.jsonl'}", f"data.eval_path={task.dir / 'user_eval.jsonl'}"]
+    return load_config(
+        VPLConfig, None, [*paths, f"train.output_dir={out}", "train.progress=false", "train.num_threads=1", *extra]
+    )
+
+
 def token_table_llama(tok, hidden: int, head, positions: int = 64, rms_eps: float = 1e-6):
     """A one-layer Llama whose next-token logits depend on the current token only: attention and MLP outputs are
     zeroed, the embedding of token k is the one-hot e_k (``hidden`` >= the vocabulary), so the final hidden state

@@ -9,12 +9,13 @@ import torch
 from alignflow.algorithms.personal import p_dpo_loss
 from alignflow.algorithms.preference import PrefInputs, dpo_loss
 from alignflow.algorithms.vpl import VPLRewardModel, gaussian_kl, kl_anneal, reparameterise, vpl_loss
-from alignflow.config import POConfig, VPLConfig, load_config
+from alignflow.config import POConfig, load_config
 from alignflow.data.formats import DataError
 from alignflow.tasks import reviews, users
 from alignflow.tasks.common import read_jsonl
 from alignflow.trainers.po import train_po
 from alignflow.trainers.vpl import train_vpl
+from tests.helpers import vpl_config
 
 PROMPT, RESPONSE = "Review : the plot", " was truly wonderful ."
 
@@ -170,22 +171,7 @@ def test_vpl_model_shapes_and_clamped_mean():
 
 
 def _vpl(reviews_task, tmp_path, latent: int, *extra: str) -> dict:
-    cfg = load_config(
-        VPLConfig,
-        None,
-        [
-            f"model.name_or_path={reviews_task.model_dir}",
-            f"model.tokenizer={reviews_task.tokenizer_dir}",
-            f"data.path={reviews_task.dir / 'user_pairs.jsonl'}",
-            f"data.eval_path={reviews_task.dir / 'user_eval.jsonl'}",
-            f"train.output_dir={tmp_path / f'vpl{latent}'}",
-            "train.progress=false",
-            "train.num_threads=1",
-            "train.max_steps=300",
-            f"vpl.latent={latent}",
-            *extra,
-        ],
-    )
+    cfg = vpl_config(reviews_task, tmp_path / f"vpl{latent}", "train.max_steps=300", f"vpl.latent={latent}", *extra)
     return train_vpl(cfg).eval
 
 

@@ -5,33 +5,20 @@ import pytest
 import torch
 
 from alignflow.batch import Batch
-from alignflow.config import ConfigError, VPLConfig, VPLRewardConfig, load_config
+from alignflow.config import ConfigError, VPLRewardConfig
 from alignflow.rewards import CompositeReward, RewardError
 from alignflow.rewards.vpl import vpl_parts
 from alignflow.tasks import users
 from alignflow.tasks.common import read_jsonl
 from alignflow.trainers.vpl import build_vpl_reward, load_vpl, train_vpl
+from tests.helpers import vpl_config
 
 
 @pytest.fixture(scope="module")
 def vpl_run(reviews_task, tmp_path_factory):
     """A VPL model on the task's attribute ratings (latent 8, 4 context pairs), 60 steps."""
     out = tmp_path_factory.mktemp("vpl-rl") / "vpl"
-    cfg = load_config(
-        VPLConfig,
-        None,
-        [
-            f"model.name_or_path={reviews_task.model_dir}",
-            f"model.tokenizer={reviews_task.tokenizer_dir}",
-            f"data.path={reviews_task.dir / 'user_pairs.jsonl'}",
-            f"data.eval_path={reviews_task.dir / 'user_eval.jsonl'}",
-            f"train.output_dir={out}",
-            "train.progress=false",
-            "train.num_threads=1",
-            "train.max_steps=60",
-            "vpl.embedding=task_ratings",
-        ],
-    )
+    cfg = vpl_config(reviews_task, out, "train.max_steps=60", "vpl.embedding=task_ratings")
     train_vpl(cfg)
     return out
 
