@@ -271,6 +271,8 @@ def test_zero_label_noise_always_chooses_the_higher_gold(built, name):
     art = built[name]
     pairs = read_jsonl(art.pairs_path)
     assert len(pairs) == 300 and all(set(p) == {"prompt", "chosen", "rejected"} for p in pairs)
+    if name == "code":  # its gold reward runs every program in the sandbox: 600 programs took 44 s, 160 take ~8
+        pairs = pairs[:80]
     prompts = [p["prompt"] for p in pairs]
     gc = art.gold_reward(prompts, [p["chosen"] for p in pairs])
     gr = art.gold_reward(prompts, [p["rejected"] for p in pairs])
