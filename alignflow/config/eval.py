@@ -35,6 +35,12 @@ class EvalConfig:
         "Empty: the built-in task's held-out prompts.",
     )
     task: TaskConfig = field(default_factory=TaskConfig, doc="Built-in task for the gold reward.")
+    users: bool = field(
+        False,
+        doc="Per-user evaluation of a personalised policy (P-DPO, its user_embeddings.safetensors): the built-in "
+        "task's held-out user prompts (reviews), each generated after its user's soft prompt and scored by that "
+        "user's gold reward; adds eval/gold_reward/<user>. Needs user embeddings in the policy.",
+    )
     num_prompts: int = field(128, doc="Prompts sampled for policy evaluation.", range=(1, None))
     samples_per_prompt: int = field(
         4, doc="Samples per prompt (diversity is measured within a prompt).", range=(1, None)

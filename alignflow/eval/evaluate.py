@@ -41,13 +41,15 @@ from alignflow.config import ConfigError, EvalConfig, ModelConfig
 from alignflow.data.pipeline import prepare_data
 from alignflow.eval.frontier import resolve_frontier, run_frontier
 from alignflow.eval.metrics import accuracy_metrics, answer_correct, distinct_n, diversity_metrics, length_metrics
-from alignflow.models import load_causal_lm, load_reward_model, load_tokenizer
+from alignflow.eval.users import check_users, load_model, per_user_means, policy_prompts, user_eval_rows, with_prompts
+from alignflow.models import load_reward_model, load_tokenizer
 from alignflow.models.device import resolve_device
 from alignflow.models.sequences import score
 from alignflow.rewards.model import RewardModelScorer
 from alignflow.rollout.sample import sample_batch
 from alignflow.tasks import build_task, get_task
 from alignflow.tasks.reviews import gold_components
+from alignflow.tasks.users import row_user_gold
 from alignflow.trainers.builtin_sft import resolve_eval_models
 from alignflow.trainers.loop import Progress
 from alignflow.trainers.rm import pair_metrics
@@ -139,6 +141,7 @@ class EvalContext:
     answers: list | None = None  # one reference answer per prompt row (verifiable tasks)
     rm: Callable | None = None  # RewardModelScorer: Batch -> (B,)
     reference: torch.nn.Module | None = None
+    gold_by_user: bool = False  # gold is f(prompts, responses, users): each row's user's gold (users: true)
 
     @property
     def reward_key(self) -> str | None:
@@ -157,37 +160,42 @@ def evaluate_policy(policy, ctx: EvalContext, cfg: EvalConfig) -> tuple[dict, li
 
     Returns (metrics, one samples.jsonl row per prompt: the prompt, its samples and per-sample scores).
     """
-    n, rows = cfg.samples_per_prompt, ctx.rows
-    batch = sample_batch(
-        policy, ctx.tokenizer, [r["prompt_ids"] for r in rows], n, cfg.max_new_tokens, cfg.temperature, cfg.seed
-    )
+    n, rows, bos = cfg.samples_per_prompt, ctx.rows, ctx.tokenizer.bos_token_id
+    prompt_ids = policy_prompts(policy, rows, bos)  # after each row's user's soft prompt when the policy has them
+    batch = sample_batch(policy, ctx.tokenizer, prompt_ids, n, cfg.max_new_tokens, cfg.temperature, cfg.seed)
     texts = batch["response"]
     samples = [texts[i * n : (i + 1) * n] for i in range(len(rows))]
     lengths = batch["response_mask"].sum(-1).tolist()  # (B,)
     m = length_metrics(lengths, batch["finish_reason"]) | diversity_metrics(samples)
     per: dict = {"length": lengths}
     prompts = [r["prompt"] for r in rows for _ in range(n)]
+    users = [r.get("user") for r in rows for _ in range(n)]
     if ctx.gold is not None:
-        per["gold_reward"] = [float(g) for g in ctx.gold(prompts, texts)]
+        per["gold_reward"] = [float(g) for g in ctx.gold(prompts, texts, *([users] if ctx.gold_by_user else []))]
         m["eval/gold_reward"] = _mean(per["gold_reward"])
+        m |= per_user_means("eval/gold_reward", users, per["gold_reward"]) if ctx.gold_by_user else {}
     if ctx.grammatical is not None:
         m["eval/grammatical"] = _mean([float(ctx.grammatical(p, s)) for p, s in zip(prompts, texts, strict=False)])
     if ctx.answers is not None:
         m |= accuracy_metrics(samples, ctx.answers)
         per["correct"] = [answer_correct(s, ctx.answers[i // n]) for i, s in enumerate(texts)]
-    if ctx.rm is not None:
-        per["rm_score"] = ctx.rm(batch).float().cpu().tolist()
+    pad = ctx.tokenizer.pad_token_id or 0
+    if ctx.rm is not None:  # the plain prompt and the response (the reward model has no soft prompts)
+        per["rm_score"] = ctx.rm(with_prompts(batch, [r["prompt_ids"] for r in rows for _ in range(n)], pad))
+        per["rm_score"] = per["rm_score"].float().cpu().tolist()
         m["eval/rm_score"] = _mean(per["rm_score"])
-    if ctx.reference is not None:
-        mask = batch["response_mask"]
+    if ctx.reference is not None:  # the reference's own soft prompt for the row's user, or the plain prompt
+        mask, ref_prompts = batch["response_mask"], policy_prompts(ctx.reference, rows, bos)
+        ref_batch = with_prompts(batch, [p for p in ref_prompts for _ in range(n)], pad)
         lp, ref_lp = (
             policy_logprobs(policy, batch, cfg.temperature),
-            policy_logprobs(ctx.reference, batch, cfg.temperature),
+            policy_logprobs(ctx.reference, ref_batch, cfg.temperature),
         )
         m |= kl_metrics(lp, ref_lp, mask)
         per["kl"] = torch.where(mask.bool(), kl_k1(lp, ref_lp), 0.0).sum(-1).cpu().tolist()  # (B,)
     out_rows = [
-        {"prompt": r["prompt"], "samples": samples[i], **{k: v[i * n : (i + 1) * n] for k, v in per.items()}}
+        {"prompt": r["prompt"], **({"user": r["user"]} if r.get("user") is not None else {}), "samples": samples[i]}
+        | {k: v[i * n : (i + 1) * n] for k, v in per.items()}
         for i, r in enumerate(rows)
     ]
     return m, out_rows
@@ -199,6 +207,8 @@ def load_prompts(cfg: EvalConfig, tok, out: Path) -> tuple[list[dict], Callable 
     with its gold reward (the gold reward is defined on the task's prompts only, so a ``data.path`` gets none)."""
     gold = grammatical = None
     path = cfg.data.path
+    if cfg.users:  # the task's held-out user prompts, each scored by its user's gold (check_users: reviews)
+        return user_eval_rows(cfg, tok, out), row_user_gold, reviews_grammatical
     if not path:
         art = build_task(cfg.task.name, cfg.task, out / "task")
         path, gold = str(art.eval_prompts_path), art.gold_reward
@@ -219,13 +229,13 @@ def build_context(cfg: EvalConfig, tok, device: torch.device, out: Path) -> Eval
     rows, gold, grammatical = load_prompts(cfg, tok, out)
     answers = [r["answer"] for r in rows] if all(r.get("answer") is not None for r in rows) else None
     rm = RewardModelScorer(cfg.reward_model, device=device, pad_token_id=tok.pad_token_id) if cfg.reward_model else None
-    ref = load_causal_lm(ModelConfig(name_or_path=cfg.reference), device) if cfg.reference else None
+    ref = load_model(cfg.reference, device) if cfg.reference else None  # with its user embeddings, if any
     if ref is not None and _vocab(ref) < len(tok):
         raise ConfigError(
             f"reference: {cfg.reference} has a vocabulary of {_vocab(ref)} tokens but the tokenizer has "
             f"{len(tok)}; the reference must share the policy's tokenizer"
         )
-    return EvalContext(tok, device, rows, gold, grammatical, answers, rm, ref)
+    return EvalContext(tok, device, rows, gold, grammatical, answers, rm, ref, gold_by_user=cfg.users)
 
 
 def reward_model_metrics(cfg: EvalConfig, tok, device) -> dict:
@@ -250,6 +260,7 @@ def check_config(cfg: EvalConfig) -> list:
         )
     get_task(cfg.task.name)  # an unknown task name -> ConfigError listing the tasks
     if not cfg.frontier:
+        check_users(cfg, [])
         return []
     if not cfg.reference:
         raise ConfigError("frontier: the x axis is the KL to a reference policy; set reference=<dir> (the SFT model)")
@@ -258,7 +269,9 @@ def check_config(cfg: EvalConfig) -> list:
             "frontier: with data.path there is no gold reward (it is defined on the built-in task's "
             "prompts); set reward_model=<dir> to plot its score"
         )
-    return resolve_frontier(cfg.frontier)
+    frontier = resolve_frontier(cfg.frontier)
+    check_users(cfg, frontier)
+    return frontier
 
 
 def _write_samples(path: Path, rows: list[dict]) -> None:
@@ -282,7 +295,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         ctx = build_context(cfg, tok, device, out)
         bar = Progress(int(bool(cfg.policy)) + len(frontier), 0, None, "eval", unit="policy", interrupt=False)
         if cfg.policy:
-            policy = load_causal_lm(ModelConfig(name_or_path=cfg.policy), device)
+            policy = load_model(cfg.policy, device)  # with its user embeddings, if any
             metrics, rows = evaluate_policy(policy, ctx, cfg)
             _write_samples(out / "samples.jsonl", rows)
             del policy

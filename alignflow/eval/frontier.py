@@ -27,6 +27,7 @@ from pathlib import Path
 from alignflow.config import ConfigError, EvalConfig, ModelConfig
 from alignflow.distributed.checkpoint import load_checkpoint
 from alignflow.models import load_causal_lm
+from alignflow.models.user_embeddings import load_user_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,17 @@ def _short(p: Path) -> str:
 
 
 def load_policy(path: str | Path, reference: str, device):
-    """A model directory as it is; a checkpoint's weights on a fresh copy of the reference model."""
+    """A model directory as it is; a checkpoint's weights on a fresh copy of the reference model. Either gets the
+    user embeddings (``user_embeddings.safetensors``) of its directory when it has them."""
+    path = Path(path)
+    model = _load_weights(path, reference, device)
+    load_user_embeddings(model, path)
+    return model
+
+
+def _load_weights(path: Path, reference: str, device):
     from safetensors.torch import load_file
 
-    path = Path(path)
     if _is_model_dir(path):
         return load_causal_lm(ModelConfig(name_or_path=str(path)), device)
     model = load_causal_lm(ModelConfig(name_or_path=reference), device)
