@@ -88,11 +88,15 @@ def test_users_eval_samples_after_each_users_soft_prompt_scored_by_their_gold(re
 
 
 def test_reference_without_user_embeddings_scores_the_plain_prompt(reviews_task, p_dpo_dir, tmp_path):
-    """A reference with the policy's own embeddings (the same directory) gets the same soft prompts: eval/kl = 0
-    exactly. A reference without them gets the plain prompt: sample 0's kl is Σ_t log π(y_t | soft_u, x, y_<t) −
-    Σ_t log π_ref(y_t | x, y_<t), both from a direct forward of one unpadded row."""
-    same = run_eval(_cfg(reviews_task, tmp_path / "a", policy=str(p_dpo_dir), users=True, reference=str(p_dpo_dir)))
-    assert same["eval/kl"] == 0.0
+    """A frontier entry and a reference with the same embeddings (one directory) get the same soft prompts: eval/kl
+    = 0 exactly (the frontier loads its entries' embeddings). A reference without them gets the plain prompt:
+    sample 0's kl is Σ_t log π(y_t | soft_u, x, y_<t) − Σ_t log π_ref(y_t | x, y_<t), both from a direct forward of
+    one unpadded row."""
+    dpo = str(p_dpo_dir)
+    run_eval(_cfg(reviews_task, tmp_path / "a", users=True, reference=dpo, frontier=[dpo]))
+    point = json.loads((tmp_path / "a" / "frontier.json").read_text())["points"][0]
+    assert point["kl"] == 0.0 and point["metrics"]["eval/kl_k3"] == 0.0
+    assert {f"eval/gold_reward/{u}" for u in USERS} <= set(point["metrics"])
 
     run_eval(
         _cfg(reviews_task, tmp_path / "b", policy=str(p_dpo_dir), users=True, reference=str(reviews_task.model_dir))

@@ -11,6 +11,10 @@ Policy metrics (every name and formula on ``docs/eval.md``), over ``num_prompts`
 * ``eval/accuracy`` (pass@1), ``eval/pass_at_k``, ``eval/maj_at_k`` when the prompt rows carry an ``answer``
   (the ``arithmetic`` task's do).
 
+A policy with user embeddings (P-DPO) samples every row after its ``user``'s soft prompt; ``users: true`` evaluates
+on the task's held-out user prompts with each row's user's gold and ``eval/gold_reward/<user>``
+(:mod:`alignflow.eval.users`).
+
 Reward-model metrics (``reward_model`` without ``policy``): ``eval/accuracy``, ``eval/margin``, ``eval/ece`` on the
 preference pairs of ``data.path``. ``frontier: [...]`` evaluates several policies the same way and plots reward
 against KL (:mod:`alignflow.eval.frontier`).
