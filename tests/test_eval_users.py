@@ -170,3 +170,30 @@ def test_users_refusals_name_the_key(reviews_task, p_dpo_dir, tmp_path):
         run_eval(_cfg(reviews_task, tmp_path, policy=str(p_dpo_dir), users=True, data={"path": "x.jsonl"}))
     with pytest.raises(ConfigError, match=r"^users: true evaluates policies per user"):
         run_eval(_cfg(reviews_task, tmp_path, users=True, reward_model=plain))
+
+
+def test_reward_model_scores_the_plain_prompt_and_response(reviews_task, p_dpo_dir, tmp_path):
+    """A reward model has no soft prompts: each sample's rm_score is its score of the plain prompt ids + the sampled
+    response ids (one unpadded sequence through alignflow.models.sequences.score), not of the soft-prompted row."""
+    from alignflow.models import load_reward_model
+    from alignflow.models.sequences import score
+
+    rm_dir = tmp_path / "rm"
+    tok = load_tokenizer(str(p_dpo_dir))
+    rm = load_reward_model(
+        ModelConfig(name_or_path=str(reviews_task.model_dir)), 1, "cpu", seed=0, pad_token_id=tok.pad_token_id
+    )
+    rm.save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    out = tmp_path / "eval"
+    run_eval(_cfg(reviews_task, out, policy=str(p_dpo_dir), users=True, reward_model=str(rm_dir), num_prompts=3))
+    rows = _samples(out)
+    policy = load_causal_lm(ModelConfig(name_or_path=str(p_dpo_dir)), "cpu")
+    load_user_embeddings(policy, p_dpo_dir)
+    plain = [tok(r["prompt"])["input_ids"] for r in rows]
+    soft = [user_prompt(policy, p, r["user"], tok.bos_token_id) for p, r in zip(plain, rows, strict=True)]
+    batch = sample_batch(policy, tok, soft, 2, 8, 1.0, 0)
+    resp = [ids[m.bool()].tolist() for ids, m in zip(batch["response_ids"], batch["response_mask"], strict=True)]
+    seqs = [plain[i // 2] + r for i, r in enumerate(resp)]
+    want = score(rm, seqs, tok.pad_token_id, "cpu")[:, 0].tolist()
+    assert [s for r in rows for s in r["rm_score"]] == pytest.approx(want, abs=1e-5)
