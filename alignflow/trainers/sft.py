@@ -16,14 +16,18 @@ Run it:  ``alignflow sft --config configs/sft.yaml`` (no paths: trains the built
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from alignflow.config import SFTConfig
+from alignflow.config import SFTConfig, TaskConfig, from_dict
 from alignflow.data.collate import first_fit_decreasing, flatten, pad_batch, token_budget_groups, unflatten
 from alignflow.data.pipeline import prepare_data
 from alignflow.distributed.checkpoint import save_checkpoint
@@ -31,6 +35,7 @@ from alignflow.distributed.save import save_model
 from alignflow.models import load_causal_lm
 from alignflow.models.logprobs import masked_nll_sum
 from alignflow.models.varlen import supports_varlen
+from alignflow.tasks import _source_hash, build_task, get_task
 from alignflow.trainers import loop
 from alignflow.trainers.run_start import resolve_task, start_run
 
@@ -135,8 +140,6 @@ def train_step(model, examples: list[dict], cfg: SFTConfig, pad_id: int, device)
 def train_sft(cfg: SFTConfig, step_fn=None) -> SFTResult:
     """Run SFT as configured; returns the trained model and the per-step losses. ``step_fn`` replaces
     :func:`train_step` (same signature): another objective on the same data and loop (IFT, trainers/ift.py)."""
-    from alignflow.trainers.builtin_sft import BUILTIN_SFT, resolve_model  # (it imports this module)
-
     named = cfg.model.name_or_path == BUILTIN_SFT  # fine-tune the built-in SFT model further (configs/judge_sft.yaml)
     resolve_task(cfg, "sft", build=named)  # with its task's files: data.path may name them
     resolve_model(cfg)  # builtin:sft: the task's SFT model, built on first use
@@ -177,3 +180,73 @@ def train_sft(cfg: SFTConfig, step_fn=None) -> SFTResult:
     logger.close()
     save_model(model, tokenizer, out / "model")
     return result
+
+
+# ------------------------------------------------------------------------------------------------ builtin:sft
+# ``model.name_or_path: builtin:sft``: the built-in task's tiny model after supervised fine-tuning, built on first
+# use (module docstring of alignflow.trainers.builtin_sft).
+BUILTIN_SFT = "builtin:sft"
+DONE = "builtin_sft.json"
+
+
+def sft_settings(task: TaskConfig) -> dict:
+    """Steps, learning rate, batch size and max length of the built-in SFT of ``task``."""
+    spec = get_task(task.name)
+    return {"steps": task.sft_steps or spec.sft_steps, "lr": spec.sft_lr, "batch_size": 32, "max_len": 128}
+
+
+def _key(task: TaskConfig, settings: dict, seed: int) -> str:
+    conf = {k: v for k, v in dataclasses.asdict(task).items() if k != "sft_steps"}
+    blob = json.dumps([conf, settings, seed, _source_hash(get_task(task.name))], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def builtin_sft_model(
+    task: TaskConfig, output_dir: str | Path, seed: int = 0, device: str = "auto", progress: bool = True
+) -> Path:
+    """The model directory of the built-in SFT model for ``task`` (trained now when not cached)."""
+    settings = sft_settings(task)
+    root = Path(output_dir).resolve().parent / "builtin-sft"
+    out = root / f"{task.name}-{_key(task, settings, seed)}"
+    if (out / DONE).is_file() and (out / "model").is_dir():
+        return out / "model"
+    if out.exists():  # an SFT that did not finish: start it again
+        shutil.rmtree(out)
+    art = build_task(task.name, task, root / f"task-{task.name}-{_key(task, {}, 0)}")
+    log.info(
+        "model.name_or_path=%s: SFT of the '%s' task's tiny model for %d steps into %s",
+        BUILTIN_SFT,
+        task.name,
+        settings["steps"],
+        out,
+    )
+    train_sft(
+        from_dict(
+            SFTConfig,
+            {
+                "model": {"name_or_path": str(art.model_dir), "tokenizer": str(art.tokenizer_dir)},
+                "data": {"path": str(art.sft_path), "max_len": settings["max_len"], "eval_fraction": 0.0},
+                "optim": {"lr": settings["lr"], "warmup_ratio": 0.05},
+                "train": {
+                    "output_dir": str(out),
+                    "batch_size": settings["batch_size"],
+                    "max_steps": settings["steps"],
+                    "seed": seed,
+                    "device": device,
+                    "progress": progress,
+                    "report_to": [],
+                },
+            },
+        )
+    )
+    (out / DONE).write_text(json.dumps({"task": dataclasses.asdict(task), **settings, "seed": seed}, indent=1) + "\n")
+    return out / "model"
+
+
+def resolve_model(cfg) -> None:
+    """Replace ``model.name_or_path: builtin:sft`` of a training config by the built model's directory (in place)."""
+    if cfg.model.name_or_path != BUILTIN_SFT:
+        return
+    cfg.model.name_or_path = str(
+        builtin_sft_model(cfg.task, cfg.train.output_dir, cfg.train.seed, cfg.train.device, cfg.train.progress)
+    )
