@@ -39,7 +39,8 @@ continuation k's tokens, and renormalises over them: ``p_k = exp(l_k) / sum_j ex
 One forward pass per continuation, no parse failures by construction.
 
 Backends: :class:`LocalJudge` (a Hugging Face causal LM through :class:`alignflow.rollout.HFEngine`, greedy by
-default) and :class:`EndpointJudge` (an OpenAI-compatible ``/v1/chat/completions`` server, e.g. vLLM's).
+default, or loaded into its own :class:`~alignflow.rollout.vllm_engine.VLLMEngine` with ``backend="vllm"``) and
+:class:`EndpointJudge` (an OpenAI-compatible ``/v1/chat/completions`` server, e.g. vLLM's).
 """
 
 from __future__ import annotations
