@@ -109,7 +109,7 @@ def write_report(res: dict, out: Path) -> str:
         "# Seq2seq rewriter on the reviews task (bench/seq2seq_rewriter.py)",
         "",
         f"Rewriter `{res['model']}`, {r['rows']} held-out rows ({r['undamaged_rows']} undamaged, "
-        f"{r['damaged_rows']} damaged), greedy, {res['seconds']:.0f} s.",
+        f"{r['damaged_rows']} damaged), greedy, {res['seconds']:.1f} s.",
         "",
         "| measure | value |",
         "|---|---|",
