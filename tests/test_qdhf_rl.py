@@ -137,3 +137,34 @@ def test_qd_selection_at_generation(reviews_task, reviews_sft, tmp_path):
     assert ev["eval/gen_qd/k"] == ev["eval/gen_best_of_k/k"] == 4
     # best-of-k is the quality optimum of any k; strictly above QD's means the archive changed some prompt's choice
     assert ev["eval/gen_best_of_k/quality"] > ev["eval/gen_qd/quality"], ev
+
+
+def test_the_archive_is_checkpointed_and_a_resumed_run_continues_it(reviews_task, tmp_path):
+    """reward.diversity in archive mode: 2 GRPO steps, then a resumed run to step 4, give the same diversity reward
+    at steps 3 and 4 as one uninterrupted 4-step run -- the occupied cells are in the checkpoint. Without them the
+    resumed step 3 would find every cell empty again (its first sample in each cell rewarded 1)."""
+    desc = tmp_path / "desc"
+    desc.mkdir()
+    blob = {"words": ["the", "was", "."], "weight": [[1.0, -1.0, 0.5]], "lo": [-2.0], "hi": [6.0], "bins": 16}
+    (desc / "descriptor.json").write_text(json.dumps(blob | {"prompt_prefix": "Review :"}))
+
+    def run(out, steps: int, resume: bool = False):
+        return train_rl(
+            rl_cfg(
+                reviews_task,
+                out,
+                algo={"name": "grpo"},
+                reward={"task": {"gold": 0.0}, "diversity": {"descriptor": str(desc), "mode": "archive"}},
+                rollout={"prompts_per_step": 4, "n": 2, "max_new_tokens": 8, "eval_prompts": 0},
+                optim={"lr": 1e-3, "scheduler": "constant"},
+                train={"batch_size": 8, "max_steps": steps, "save_every": 1, "resume": resume},
+            )
+        ).history
+
+    key = "rollout/reward_diversity_mean"
+    full = [h[key] for h in run(tmp_path / "full", 4)]
+    run(tmp_path / "cut", 2)
+    state = json.loads((tmp_path / "cut" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["reward_sources"]["diversity"]["seen"], state
+    resumed = [h[key] for h in run(tmp_path / "cut", 4, resume=True)]
+    assert resumed[-2:] == pytest.approx(full[2:], abs=1e-6) and full[0] == 1.0

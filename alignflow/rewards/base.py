@@ -121,6 +121,16 @@ class CompositeReward:
             values[name] = check_reward(out, batch, name).to(device)
         return values, failures
 
+    def state_dict(self) -> dict:
+        """The state of every component that keeps one across calls (``state_dict``), by name: what a resumed
+        RL run restores (e.g. the QDHF archive of ``reward.diversity``)."""
+        return {name: fn.state_dict() for name, fn, _ in self.parts if hasattr(fn, "state_dict")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, fn, _ in self.parts:
+            if name in state and hasattr(fn, "load_state_dict"):
+                fn.load_state_dict(state[name])
+
     def components(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Each component's validated (B,) float32 values, by name."""
         return self.evaluate(batch)[0]

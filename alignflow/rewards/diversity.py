@@ -113,6 +113,13 @@ class DiversityReward:
         self.last_fields = self.measures(desc, groups, responses)
         return values.float().to(output_device(batch))
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs (archive mode: the occupied cells), saved with the RL checkpoint."""
+        return {"seen": sorted(self.seen)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen = {int(c) for c in state.get("seen", [])}
+
     def measures(self, desc: torch.Tensor, groups: list[list[int]], responses: list[str]) -> dict:
         """Per-row ``metric/diversity/*`` fields: each row carries its group's (or the batch's) value."""
         d, n = self.descriptor, desc.shape[0]

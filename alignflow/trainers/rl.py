@@ -89,6 +89,7 @@ class RLState:
     gold: object = None  # the built-in task's gold reward (PF-PPO's reliability metrics), not checkpointed
     refs: object = None  # rl_par.ReferenceScores (reward.shaping), a cache rebuilt after a resume
     pipeline: object = None  # rl_async.AsyncRollouts (rollout.async_steps > 0): batches queued for later steps
+    reward: object = None  # the reward role: its sources' state across steps (the QDHF archive) is checkpointed
 
     def state_dict(self) -> dict:
         return {
@@ -98,6 +99,7 @@ class RLState:
             "kl": self.kl.state_dict(),
             "lagrange": self.lagrange.state_dict() if self.lagrange else None,
             "reward_norm": self.reward_norm.state_dict() if self.reward_norm else None,
+            "reward_sources": self.reward.sources_state() if self.reward is not None else None,
         }
 
     def load_state_dict(self, s: dict) -> None:
@@ -107,6 +109,8 @@ class RLState:
             self.lagrange.load_state_dict(s["lagrange"])
         if self.reward_norm and s.get("reward_norm"):
             self.reward_norm.load_state_dict(s["reward_norm"])
+        if self.reward is not None and s.get("reward_sources"):
+            self.reward.load_sources_state(s["reward_sources"])
 
 
 @dataclasses.dataclass
@@ -538,7 +542,7 @@ def _run(
 ) -> RLResult:
     """The step loop of :func:`train_rl`: resume, evaluate, step, log, save; recover from a lost worker."""
     st = _state(cfg, algo, data.train)
-    st.pipeline = pipeline
+    st.pipeline, st.reward = pipeline, roles.reward
     start = resume(roles, st, out, cfg.train.resume)
     held_out = data.eval[: cfg.rollout.eval_prompts]
     eval_prompts = prompt_batch(held_out, [10**9 + i for i in range(len(held_out))], st.prompts.fields)

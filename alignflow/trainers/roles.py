@@ -307,6 +307,16 @@ class RewardRole:
         self.composite, self.key = composite, key
         self.answer = answer if answer and answer[0] else None  # RLMT (after, before, strict): rewards/thinking.py
 
+    @dispatch("one")
+    def sources_state(self) -> dict:
+        """The reward sources' state across steps (:meth:`CompositeReward.state_dict`), for the RL checkpoint;
+        with several reward workers, rank 0's."""
+        return self.composite.state_dict()
+
+    @dispatch("all")
+    def load_sources_state(self, state: dict) -> None:
+        self.composite.load_state_dict(state)
+
     @dispatch("split")
     def score(self, batch: Batch) -> Batch:
         if self.answer is not None:  # RLMT: the sources see the answer after the thinking, as text (no token ids)
