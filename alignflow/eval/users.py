@@ -21,13 +21,12 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, EvalConfig, ModelConfig
 from alignflow.data.pipeline import prepare_data
 from alignflow.models import load_causal_lm
 from alignflow.models.user_embeddings import FILE, load_user_embeddings, user_embedding, user_prompt
+from alignflow.rollout.engine import pad_prompts, rollout_tensors
 from alignflow.tasks import EXTRA_FILES, build_task
 from alignflow.tasks import users as task_users
 
@@ -100,17 +99,9 @@ def with_prompts(batch: Batch, prompts: list[list[int]], pad_id: int) -> Batch:
     """``batch`` with row i's prompt replaced by ``prompts[i]`` (left-padded again), its response kept: new
     ``prompt_ids``, ``prompt_mask``, ``input_ids``, ``attention_mask`` and ``position_ids`` (cumsum of the mask
     - 1, 0 on padding, as the engine lays them out)."""
-    dev, width = batch["response_ids"].device, max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long, device=dev)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=dev)
-    attn = torch.cat([mask, batch["response_mask"].long()], -1)
-    new = {
-        "prompt_ids": ids,
-        "prompt_mask": mask,
-        "input_ids": torch.cat([ids, batch["response_ids"]], -1),
-        "attention_mask": attn,
-        "position_ids": (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0),
-    }
+    dev = batch["response_ids"].device
+    ids, mask = pad_prompts(prompts, pad_id)
+    new = rollout_tensors(ids.to(dev), mask.to(dev), batch["response_ids"], batch["response_mask"])
     return Batch({**batch.tensors, **new}, batch.meta)
 
 

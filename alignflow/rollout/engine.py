@@ -81,6 +81,14 @@ def rollout_tensors(
     }
 
 
+def pad_prompts(tokens: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists left-padded to one width: (prompt (B, Tp) long, prompt_mask (B, Tp) long)."""
+    width = max((len(t) for t in tokens), default=0)
+    prompt = torch.tensor([[pad_id] * (width - len(t)) + [int(x) for x in t] for t in tokens], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tokens], dtype=torch.long)
+    return prompt.reshape(len(tokens), width), mask.reshape(len(tokens), width)
+
+
 def pad_responses(tokens: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists right-padded to one width: (response (B, Tr) long, response_mask (B, Tr) long)."""
     width = max((len(t) for t in tokens), default=0)
@@ -293,11 +301,7 @@ class HFEngine:
     def _left_pad(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate the prompts and left-pad them: (P, Tp) ids and mask on the model's device."""
         validate_prompt_ids(prompt_ids, "HFEngine", self.vocab_size)
-        width = max(len(row) for row in prompt_ids)
-        ids = torch.tensor(
-            [[self.pad_id] * (width - len(r)) + [int(t) for t in r] for r in prompt_ids], dtype=torch.long
-        )
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in prompt_ids], dtype=torch.long)
+        ids, mask = pad_prompts(prompt_ids, self.pad_id)
         return ids.to(self.device), mask.to(self.device)
 
     def _runner(self, width: int, max_new: int) -> _Runner:

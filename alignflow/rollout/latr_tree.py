@@ -37,7 +37,7 @@ import torch
 from alignflow.algorithms.latr import branch_candidates, keep_branches, mix_ratio, normalized_edit_distance, tree_share
 from alignflow.batch import ROW_METRIC, Batch
 from alignflow.config import LatrConfig
-from alignflow.rollout.engine import FINISH_REASONS, pad_responses, rollout_tensors, validate_prompt_ids
+from alignflow.rollout.engine import FINISH_REASONS, pad_prompts, pad_responses, rollout_tensors, validate_prompt_ids
 from alignflow.rollout.kv_cache import preallocated_cache
 from alignflow.rollout.sampling import SamplingParams, chosen_logprobs, process_logits, sample_keys, sample_tokens
 
@@ -273,10 +273,7 @@ class TreeSampler:
 
     def _left_pad(self, prompt_ids: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(p, Tp) left-padded ids and mask."""
-        width = max(len(r) for r in prompt_ids)
-        pad = self.engine.pad_id
-        ids = torch.tensor([[pad] * (width - len(r)) + [int(x) for x in r] for r in prompt_ids], dtype=torch.long)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in prompt_ids], dtype=torch.long)
+        ids, mask = pad_prompts(prompt_ids, self.engine.pad_id)
         return ids.to(device), mask.to(device)
 
     # ------------------------------------------------------------------------------------------- result

@@ -24,6 +24,7 @@ from transformers import DynamicCache
 
 from alignflow.algorithms.nash import mixture_logits
 from alignflow.batch import Batch
+from alignflow.rollout.engine import pad_prompts
 from alignflow.rollout.sampling import SamplingParams, chosen_logprobs, sample_keys, sample_tokens
 
 # forward(tokens (B, 1), mask, position (B, 1)) -> (policy logits, reference logits), (B, V) each
@@ -35,10 +36,8 @@ def _left_pad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate_mixture: prompt_ids must be a non-empty list of non-empty token-id lists")
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompt_ids], dtype=torch.long, device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], dtype=torch.long, device=device)
-    return ids, mask  # (P, Tp) each
+    ids, mask = pad_prompts(prompt_ids, pad_id)
+    return ids.to(device), mask.to(device)  # (P, Tp) each
 
 
 def _forward(
