@@ -17,7 +17,6 @@ is KL(pi(. | user, x) || pi_ref(. | x))); the reward model always scores the pla
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from alignflow.models.user_embeddings import FILE, load_user_embeddings, user_em
 from alignflow.rollout.engine import pad_prompts, rollout_tensors
 from alignflow.tasks import EXTRA_FILES, build_task
 from alignflow.tasks import users as task_users
+from alignflow.tasks.common import read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,8 @@ def user_eval_rows(cfg: EvalConfig, tok, out: Path) -> list[dict]:
     """The built-in task's held-out user prompts, tags removed, tokenised: ``prompt``, ``prompt_ids``, ``user``."""
     art = build_task(cfg.task.name, cfg.task, out / "task")
     src = task_users.paths(art.dir)["user_eval_prompts"]
-    rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
     path = out / USER_PROMPTS
-    path.write_text("".join(json.dumps({**r, "prompt": task_users.strip_tags(r["prompt"])}) + "\n" for r in rows))
+    write_jsonl(path, [{**r, "prompt": task_users.strip_tags(r["prompt"])} for r in read_jsonl(src)])
     data = prepare_data(dataclasses.replace(cfg.data, path=str(path), eval_path=""), tok, expect=("prompt",))
     return (data.train + data.eval)[: cfg.num_prompts]
 
