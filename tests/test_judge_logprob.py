@@ -46,7 +46,7 @@ def test_continuation_logprobs_sums_the_tokens_after_start_and_ignores_padding()
     assert got.tolist() == pytest.approx([a + b, b, b + a + b, b], abs=1e-5)
 
 
-def test_local_judge_verdict_probs_is_the_renormalised_verdict_probability():
+def test_local_judge_two_verdicts_give_the_renormalised_first_verdict_probability():
     """After ``good`` the head gives ``this`` 1 and ``that`` -1, after ``bad`` the reverse; after ``overall``
     ``this`` 3 and ``that`` 0. One-token verdicts: p = σ(l_this - l_that) = σ(2) after a question ending in good,
     σ(-2) after bad (questions of different lengths in one padded batch). Two-token verdicts
@@ -57,12 +57,13 @@ def test_local_judge_verdict_probs_is_the_renormalised_verdict_probability():
         tok, {"good": {"this": 1.0, "that": -1.0}, "bad": {"this": -1.0, "that": 1.0}, "overall": {"this": 3.0}}
     )
     judge = LocalJudge(model, tok, max_new_tokens=4, chat=False)
-    got = judge.verdict_probs(["good", "bad good bad", "this good"], [" this", " that"])
+    first = lambda qs, words: [d[0] for d in judge.verdict_dist(qs, words)]  # p(first) = sigmoid(l1 - l2)
+    got = first(["good", "bad good bad", "this good"], [" this", " that"])
     assert got == pytest.approx([sigmoid(2), sigmoid(-2), sigmoid(2)], abs=1e-5)
-    got = judge.verdict_probs(["good", "bad bad"], [" overall this", " overall that"])
+    got = first(["good", "bad bad"], [" overall this", " overall that"])
     assert got == pytest.approx([sigmoid(3), sigmoid(3)], abs=1e-5)
     with pytest.raises(ValueError, match="two continuations with different tokens"):
-        judge.verdict_probs(["good"], [" this", " this"])
+        first(["good"], [" this", " this"])
 
 
 def test_local_judge_verdict_dist_renormalises_over_k_continuations():

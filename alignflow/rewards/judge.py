@@ -218,12 +218,6 @@ class LocalJudge:
         lp = continuation_logprobs(self.model, seqs, starts, self.tokenizer.pad_token_id or 0)
         return lp.view(len(questions), len(conts)).softmax(-1).tolist()
 
-    def verdict_probs(self, questions: list[str], continuations: Sequence[str]) -> list[float]:
-        """Per question, ``sigmoid(l_1 - l_2)`` for two continuations (first wins, second wins)."""
-        if len(continuations) != 2:
-            raise ValueError(f"verdict_probs reads two continuations, got {len(continuations)}")
-        return [d[0] for d in self.verdict_dist(questions, continuations)]
-
     def complete(self, questions: list[str], temperature: float = 0.0, attempt: int = 0) -> list[str]:
         params = SamplingParams(
             temperature=temperature, max_new_tokens=self.max_new_tokens, seed=self.seed * 1_000_003 + attempt
