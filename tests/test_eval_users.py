@@ -14,8 +14,8 @@ from alignflow.models.logprobs import token_logprobs
 from alignflow.models.user_embeddings import attach_user_embeddings, load_user_embeddings, saved_plain, user_prompt
 from alignflow.rollout.sample import sample_batch
 from alignflow.tasks import users as task_users
+from tests.test_eval import TINY
 
-TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 USERS = list(task_users.USERS)  # fan, critic, stickler
 
 
