@@ -206,6 +206,14 @@ def _job(x):
         return len(bytearray(3 * 2**30))
     if x == "die":
         os._exit(3)
+    if x == "hoard":  # keeps 20 MiB more every 10 ms and survives every failed allocation, like a retrying library
+        held = []
+        while True:
+            try:
+                held.append(b"\x01" * (20 * 2**20))
+            except MemoryError:
+                pass
+            time.sleep(0.01)
     return x * 2
 
 
@@ -230,6 +238,19 @@ def test_worker_pool_outcomes_and_replacement():
     finally:
         pool.close()
     assert pool.pids() == []
+
+
+def test_a_worker_that_survives_its_failed_allocations_is_killed_at_its_memory_limit():
+    """A job that swallows MemoryError would run to its timeout under the address-space limit alone; the parent
+    sees its resident memory pass 64 MiB and kills it (outcome "memory", not "timeout" after 60 s)."""
+    from alignflow.rewards.workers import WorkerPool
+
+    pool = WorkerPool(_job, size=1, timeout_s=60.0, memory_mb=64)
+    try:
+        assert pool.map([("hoard",), (5,)]) == [("memory", None), ("ok", 10)]
+        assert pool.replaced == 1
+    finally:
+        pool.close()
 
 
 def test_workers_exit_when_their_parent_dies(tmp_path):

@@ -30,9 +30,9 @@ than ``MAX_CHARS`` (300) is compared as a string only. Powers with exponents bey
 **Where the checks run.** Every check -- extraction included -- runs in a small pool of forked worker
 processes (:mod:`alignflow.rewards.workers`, :data:`SETTINGS`: 2 workers, 5 s per answer, 1 GiB of extra
 memory each; :func:`configure` changes them). A check that overruns its timeout has its worker killed and
-replaced, so it stops computing and allocating; a timeout, an error or a worker killed by its memory limit
-counts as *not equal* and is logged. A batch of rows is spread over the workers (one pipe round trip per
-row, no process start-up).
+replaced, so it stops computing and allocating; so is one that takes more memory than its limit. A timeout,
+an error or a worker killed by its memory limit counts as *not equal* and is logged. A batch of rows is spread
+over the workers (one pipe round trip per row, no process start-up).
 """
 
 from __future__ import annotations
@@ -407,7 +407,7 @@ def _work(task: str, a, b) -> bool:
 @dataclasses.dataclass
 class Settings:
     """How the checks run (change with :func:`configure`): ``workers`` forked processes, ``timeout_s`` seconds
-    per answer, ``memory_mb`` MiB of extra address space per worker."""
+    per answer, ``memory_mb`` MiB of extra resident memory per worker."""
 
     workers: int = min(2, os.cpu_count() or 1)
     timeout_s: float = 5.0
@@ -454,7 +454,8 @@ def check_many(task: str, pairs: list, timeout_s: float | None = None) -> list[b
         if status not in ("ok", "cancelled"):
             why = {
                 "timeout": f"gave no verdict within {timeout_s} s",
-                "crash": "killed its worker (memory limit?)",
+                "memory": f"took more than its {SETTINGS.memory_mb} MiB of memory (its worker was killed)",
+                "crash": "killed its worker (an allocation past the memory limit?)",
                 "error": f"raised {value}",
             }[status]
             log.warning("math check of %r against %r %s; counted as not equal", str(a)[-80:], str(b)[:80], why)

@@ -5,9 +5,13 @@ allocating) in the background. :class:`WorkerPool` runs each call in a forked ch
 
 * **timeout**: every item gets ``timeout_s`` seconds from the moment its worker starts it; a worker that
   overruns is killed (SIGKILL) and replaced by a fresh fork, and the item's outcome is ``"timeout"``;
-* **memory**: each worker's address space may grow by at most ``memory_mb`` MiB beyond what it inherited at the
-  fork (``resource.setrlimit(RLIMIT_AS)``); an allocation past that fails inside the worker (a ``MemoryError``,
-  outcome ``"error"``), or kills it (outcome ``"crash"``, and a fresh worker takes its place);
+* **memory**: a worker whose anonymous resident memory (``RssAnon``) grows more than ``memory_mb`` MiB past
+  what the parent held at the fork is killed by the parent, which looks every ``MEMORY_POLL_S`` while it waits
+  (outcome ``"memory"``, and a fresh worker takes its place). A failed allocation inside the worker does not
+  reliably stop it: a library may catch the ``MemoryError`` and try another way (sympy does), so the parent's
+  kill is the limit that holds. As a backstop against a burst between two looks, the worker's address space
+  may grow by at most ``2 * memory_mb`` MiB (``resource.setrlimit(RLIMIT_AS)``): one allocation past that
+  fails inside the worker (a ``MemoryError``, outcome ``"error"``) or kills it (outcome ``"crash"``);
 * **batching**: :meth:`WorkerPool.map` spreads a list of items over ``size`` workers through pipes, a few
   queued on each worker at a time (so it never waits for the parent between items), with no process start-up;
   an item's clock starts when the worker finishes the previous one;
@@ -40,14 +44,15 @@ _POOLS: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 DEPTH = 8  # items queued on one worker at a time
 PIPELINED_CHARS = 32_000  # text queued on a worker beyond its running item (well below a pipe's buffer)
 POLL_S = 0.25  # how often a waiting map looks whether its caller gave up
+MEMORY_POLL_S = 0.1  # how often a waiting map reads its busy workers' resident memory (when limited)
 
 
-def _address_space() -> int:
-    """This process's virtual size in bytes (VmSize), 0 when unknown."""
+def _status_bytes(field: str, pid: int | str = "self") -> int:
+    """A size field of ``/proc/<pid>/status`` (``VmSize``, ``RssAnon``) in bytes, 0 when unknown or gone."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmSize:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -55,12 +60,12 @@ def _address_space() -> int:
 
 
 def _limit_memory(memory_mb: int | None) -> None:
-    inherited = _address_space()
+    inherited = _status_bytes("VmSize")
     if not memory_mb or not inherited:  # no /proc: the inherited size is unknown, so no limit
         return
     import resource
 
-    limit = inherited + memory_mb * 2**20
+    limit = inherited + 2 * memory_mb * 2**20  # the backstop; the parent kills at memory_mb resident
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
@@ -102,6 +107,9 @@ class _Worker:
     def __init__(self, fn: Callable, memory_mb: int | None, others: list):
         ours, theirs = socket.socketpair()
         parent = os.getpid()
+        held = _status_bytes("RssAnon")  # the child starts with at most this much of its own anonymous memory
+        # no limit where /proc is missing (the parent cannot read what the child holds)
+        self.rss_limit = held + memory_mb * 2**20 if memory_mb and held else 0
         pid = os.fork()
         if pid == 0:  # the child: serve, and never return into the parent's code
             code = 0
@@ -155,9 +163,9 @@ class WorkerPool:
     """``size`` forked workers running ``fn``; see the module docstring.
 
     fn: the function each item is passed to as ``fn(*item)``. timeout_s: seconds per item. memory_mb: extra
-    address space each worker may take (None: no limit). :meth:`map` returns one ``(status, value)`` per item:
-    ``("ok", result)``, ``("error", "Type: message")``, ``("timeout", None)``, ``("crash", None)`` or
-    ``("cancelled", None)``.
+    resident memory each worker may take (None: no limit). :meth:`map` returns one ``(status, value)`` per item:
+    ``("ok", result)``, ``("error", "Type: message")``, ``("timeout", None)``, ``("memory", None)``,
+    ``("crash", None)`` or ``("cancelled", None)``.
     """
 
     def __init__(self, fn: Callable, size: int = 2, timeout_s: float = 5.0, memory_mb: int | None = 1024):
@@ -230,7 +238,8 @@ class WorkerPool:
         queued items go back to ``todo``)."""
         busy = {w.conn: w for w in self.workers if w.queue}
         first = min(w.deadline for w in busy.values())
-        for conn in wait(list(busy), timeout=min(POLL_S, max(0.0, first - time.monotonic()))):
+        poll = MEMORY_POLL_S if self.memory_mb else POLL_S
+        for conn in wait(list(busy), timeout=min(poll, max(0.0, first - time.monotonic()))):
             w = busy[conn]
             try:
                 index, out = conn.recv()
@@ -244,6 +253,8 @@ class WorkerPool:
         for w in busy.values():
             if w.queue and w.deadline <= now:
                 self._give_up(w, "timeout", results, todo)
+            elif w.queue and w.rss_limit and w.pid and _status_bytes("RssAnon", w.pid) > w.rss_limit:
+                self._give_up(w, "memory", results, todo)
 
     def _give_up(self, w: _Worker, status: str, results: list, todo: collections.deque) -> None:
         """The item ``w`` is running gets ``status``; its other queued items are retried; ``w`` is replaced."""
