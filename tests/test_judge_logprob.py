@@ -174,32 +174,62 @@ def test_reviews_task_writes_verdict_only_judge_rows():
         assert r["label"] == ("this" if r["gold_first"] > r["gold_second"] else "that")
 
 
-def test_reviews_task_writes_pointwise_judge_rows_with_repeated_sentences():
-    """judge_point_sft: one row per distinct review of the pairs (good above the median gold of those reviews),
-    plus copies that repeat one of their sentences, labelled by their own gold reward. Of four distinct golds the
-    median is the ascending list's index 2 (the second best), so exactly one review, the best, is above it."""
-    from alignflow.tasks import reviews
-    from alignflow.tasks.reviews_judge import point_rows, repeat_sentence
+def _copy_kind(resp: str, originals) -> str | None:
+    """Which damage turned one of ``originals`` into ``resp``: "repeat" (a sentence appended again), "stutter" (one
+    word said again in place, 1-40 more times) or "negate" (``not`` put after a verb); None for none of them."""
+    for orig in originals:
+        o, r = orig.split(), resp.split()
+        if resp.startswith(orig) and len(r) > len(o):
+            return "repeat"
+        for i in range(len(o)):
+            for k in range(1, 41):
+                if r == o[: i + 1] + [o[i]] * k + o[i + 1 :]:
+                    return "stutter"
+            if r == o[: i + 1] + ["not"] + o[i + 1 :] and o[i] in VERBS:
+                return "negate"
+    return None
 
+
+VERBS = {"was", "is", "felt", "seemed", "looked", "sounded", "remained", "stayed", "became"}
+
+
+def test_reviews_task_writes_pointwise_judge_rows_with_damaged_copies():
+    """judge_point_sft: one row per distinct review of the pairs (good above the median gold of those reviews),
+    plus damaged copies (a sentence repeated, a word stuttered, a verb negated) labelled by their own gold reward.
+    Of four distinct golds the median is the ascending list's index 2 (the second best), so exactly one review, the
+    best, is above it."""
+    from alignflow.tasks import reviews
+    from alignflow.tasks.reviews_judge import point_rows
+
+    assert VERBS == set(reviews.CLASSES["VERB"])
     pairs = [
-        {"prompt": "Review :", "chosen": " a wonderful film .", "rejected": " a boring boring film"},
-        {"prompt": "Review :", "chosen": " great acting .", "rejected": " awful awful plot ,"},
+        {"prompt": "Review :", "chosen": " the film was wonderful .", "rejected": " a boring boring film"},
+        {"prompt": "Review :", "chosen": " the acting felt great .", "rejected": " awful awful plot ,"},
     ]
-    rows = point_rows(pairs, seed=0)
     golds = {r: reviews.gold_reward(["Review :"], [r])[0] for p in pairs for r in (p["chosen"], p["rejected"])}
     median = sorted(golds.values())[2]
-    first = rows[:4]
-    assert [r["prompt"] for r in first] == [f"Review :{r}" for r in golds]
-    for row, g in zip(first, golds.values(), strict=True):
-        assert row["completion"] == (" overall good ." if g > median else " overall bad .")
-    assert sum(r["completion"] == " overall good ." for r in first) == 1
-    assert len(rows) > 4  # seed 0 repeats a sentence of at least one review
-    for row in rows[4:]:  # copies: a sentence of a review appended again, graded by the same rule
-        resp = row["prompt"][len("Review :") :]
-        assert any(resp.startswith(orig) and len(resp) > len(orig) for orig in golds)
-        g = reviews.gold_reward(["Review :"], [resp])[0]
-        assert row["completion"] == (" overall good ." if g > median else " overall bad .")
+    kinds = set()
+    for seed in range(20):
+        rows = point_rows(pairs, seed=seed)
+        first = rows[:4]
+        assert [r["prompt"] for r in first] == [f"Review :{r}" for r in golds]
+        for row, g in zip(first, golds.values(), strict=True):
+            assert row["completion"] == (" overall good ." if g > median else " overall bad .")
+        assert sum(r["completion"] == " overall good ." for r in first) == 1
+        for row in rows[4:]:  # copies: each one damage of one review, graded by the same rule
+            resp = row["prompt"][len("Review :") :]
+            kind = _copy_kind(resp, golds)
+            assert kind is not None, resp
+            kinds.add(kind)
+            g = reviews.gold_reward(["Review :"], [resp])[0]
+            assert row["completion"] == (" overall good ." if g > median else " overall bad .")
+    assert kinds == {"repeat", "stutter", "negate"}
+
+
+def test_the_damages_of_the_pointwise_judge_rows():
     import random
+
+    from alignflow.tasks.reviews_judge import STUTTER_TIMES, negate_word, repeat_sentence, stutter_word
 
     assert repeat_sentence(random.Random(0), " no end here") is None
     rep = repeat_sentence(random.Random(0), " great acting . awful plot !")
@@ -208,3 +238,14 @@ def test_reviews_task_writes_pointwise_judge_rows_with_repeated_sentences():
         for k in (1, 2, 3)
         for tail in (" great acting ." * k, " awful plot !" * k)
     }
+    assert stutter_word(random.Random(0), " . !") is None  # punctuation alone: nothing to stutter
+    # " was not ." has two words; the stuttered one is said again k times in place, before the final "."
+    outs = {stutter_word(random.Random(seed), " was not .") for seed in range(60)}
+    every = {" was" + " was" * k + " not ." for k in STUTTER_TIMES} | {
+        " was not" + " not" * k + " ." for k in STUTTER_TIMES
+    }
+    assert outs <= every and len(outs) > len(every) // 2
+    assert negate_word(random.Random(0), " the film was great .") == " the film was not great ."
+    assert negate_word(random.Random(0), " the film was not great .") is None  # already negated
+    assert negate_word(random.Random(0), " great film .") is None  # no verb
+    assert negate_word(random.Random(0), " it was") is None  # a verb at the end: nothing to negate

@@ -75,8 +75,8 @@ LONGER = {
     # (the same prompts without updates: -0.20 -> -0.22, docs/pairwise_rlhf.md)
     "pairwise_pm": ["train.max_steps=57"],
     "pairwise_grpo": ["train.max_steps=12"],
-    # the pointwise LLM judge: its whole two epochs (held-out pair accuracy 0.755), then GRPO's 40 steps as written
-    # (sampled gold -0.08 -> 0.32 and -0.10 -> 0.30 in seeds 0 and 1, first third against last, docs/judges.md)
+    # the pointwise LLM judge: its whole two epochs (held-out pair accuracy 0.775), then GRPO's 40 steps as written
+    # (sampled gold -0.02 -> 0.39, -0.06 -> 0.55, -0.04 -> 0.47 in seeds 0-2, first third against last, docs/judges.md)
     "judge_sft": [],
     "judge_grpo": [],
 }

@@ -14,9 +14,9 @@
   task's ``Review : <opening><response>``) and answers `` overall good .`` when its gold reward is above the median
   of the training reviews' (every chosen and rejected response of the task's pairs), else `` overall bad .``;
   read as p(good) (``reward.judge.verdict: logprob``), it scores a single response (``configs/judge_sft.yaml``).
-  About half of the reviews come a second time with one of their sentences repeated 1-3 times (labelled by
-  their own gold reward): repeating a sentence it likes is how a policy first games a judge trained without
-  them (``docs/judges.md``).
+  Damaged copies follow, each labelled by its own gold reward: about half of the reviews with one of their
+  sentences repeated 1-3 times, a quarter with one word stuttered 1-40 more times in place, a quarter with
+  ``not`` put after a verb. Each is a way GRPO gamed a judge trained without it (``docs/judges.md``).
 * ``judge_pairs.jsonl`` / ``judge_eval.jsonl`` -- ``{"prompt", "label", "source_prompt", "first", "second",
   "gold_first", "gold_second"}``: the same judge prompts with the gold verdict ``label`` (``this`` / ``that``)
   for rule-rewarded RL (train openings) and for evaluation (held-out openings that never appear in training).
@@ -152,19 +152,46 @@ def repeat_sentence(rng: random.Random, response: str) -> str | None:
     return " " + " ".join(toks + sentence * rng.randint(1, 3))
 
 
+STUTTER_TIMES = (1, 2, 3, 6, 12, 24, 40)  # extra copies of the stuttered word
+
+
+def stutter_word(rng: random.Random, response: str) -> str | None:
+    """``response`` with one of its words (not the final punctuation) said again ``STUTTER_TIMES`` more times in
+    place (``was not not not ... masterful .``); None when it has no such word."""
+    toks = response.split()
+    words = [i for i, t in enumerate(toks) if t not in reviews.CLASSES["END"]]
+    if not words:
+        return None
+    i = rng.choice(words)
+    return " " + " ".join(toks[: i + 1] + [toks[i]] * rng.choice(STUTTER_TIMES) + toks[i + 1 :])
+
+
+def negate_word(rng: random.Random, response: str) -> str | None:
+    """``response`` with ``not`` put right after one of its verbs (``was deeply great`` -> ``was not deeply
+    great``), unless a ``not`` already follows it; None when it has no such verb before its last word."""
+    toks = response.split()
+    verbs = [i for i, t in enumerate(toks[:-1]) if t in reviews.CLASSES["VERB"] and toks[i + 1] != "not"]
+    if not verbs:
+        return None
+    i = rng.choice(verbs)
+    return " " + " ".join(toks[: i + 1] + ["not"] + toks[i + 1 :])
+
+
 def point_rows(pairs: list, seed: int = 0) -> list:
-    """The pointwise judge's rows (module docstring): every distinct (prompt, response) of ``pairs`` and, for
-    about half of them, a copy repeating one of its sentences; ``good`` when the gold reward is above the median
-    of the original responses', else ``bad``."""
+    """The pointwise judge's rows (module docstring): every distinct (prompt, response) of ``pairs``; for about
+    half of them a copy repeating one of its sentences, and for about a quarter a copy stuttering one of its
+    words; ``good`` when the gold reward is above the median of the original responses', else ``bad``."""
     rng = random.Random(seed)
     seen = list(dict.fromkeys((p["prompt"], r) for p in pairs for r in (p["chosen"], p["rejected"])))
     golds = [reviews.gold_components(p, r)["gold"] for p, r in seen]
     median = sorted(golds)[len(golds) // 2] if golds else 0.0
     repeated = [(p, rep) for p, r in seen if rng.random() < 0.5 and (rep := repeat_sentence(rng, r))]
-    golds += [reviews.gold_components(p, r)["gold"] for p, r in repeated]
+    stuttered = [(p, st) for p, r in seen if rng.random() < 0.25 and (st := stutter_word(rng, r))]
+    negated = [(p, ng) for p, r in seen if rng.random() < 0.25 and (ng := negate_word(rng, r))]
+    golds += [reviews.gold_components(p, r)["gold"] for p, r in repeated + stuttered + negated]
     return [
         {"prompt": f"{p}{r}", "completion": f" {VERDICT_WORD} {POINT_WORDS[g > median]} ."}
-        for (p, r), g in zip(seen + repeated, golds, strict=True)
+        for (p, r), g in zip(seen + repeated + stuttered + negated, golds, strict=True)
     ]
 
 
