@@ -177,6 +177,7 @@ class WorkerPool:
         self.workers: list[_Worker] = []
         self.lock = threading.Lock()
         self.replaced = 0  # workers killed on a timeout or found dead, and replaced
+        self.memory_looked = 0.0  # when the busy workers' memory was last read
         _POOLS.add(self)
 
     def _fork(self) -> _Worker:
@@ -250,10 +251,13 @@ class WorkerPool:
             results[index] = out
             w.deadline = time.monotonic() + timeout_s  # the next queued item starts now
         now = time.monotonic()
+        look = self.memory_mb and now - self.memory_looked >= MEMORY_POLL_S  # not on every answer: /proc reads
+        if look:
+            self.memory_looked = now
         for w in busy.values():
             if w.queue and w.deadline <= now:
                 self._give_up(w, "timeout", results, todo)
-            elif w.queue and w.rss_limit and w.pid and _status_bytes("RssAnon", w.pid) > w.rss_limit:
+            elif look and w.queue and w.rss_limit and w.pid and _status_bytes("RssAnon", w.pid) > w.rss_limit:
                 self._give_up(w, "memory", results, todo)
 
     def _give_up(self, w: _Worker, status: str, results: list, todo: collections.deque) -> None:
