@@ -363,3 +363,42 @@ def test_bad_configs_are_clear_errors(reviews_task, tmp_path, capsys):
     assert main(["eval", f"reference={ref}", f"frontier={tmp_path / 'gone'}", f"output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "frontier[0]" in err and "gone" in err and "Traceback" not in err
+
+
+def test_a_policy_of_another_task_is_a_clear_error(reviews_task, tmp_path):
+    """An arithmetic model (22-token vocabulary) evaluated against the reviews SFT model: before, with the
+    arithmetic tokenizer the policy line ran and reported a KL of ~20 nats and no grammatical sample, and the
+    frontier of a checkpoint was a load_state_dict traceback. Each is now one line naming the key."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from tests.helpers import tiny_task
+
+    arith = tiny_task(tmp_path / "a", "arithmetic", num_sft=10, num_pairs=10)
+    ref = tmp_path / "ref"  # the reviews model with its tokenizer saved beside it, as a trained run's model/ is
+    shutil.copytree(reviews_task.model_dir, ref)
+    load_tokenizer(str(reviews_task.tokenizer_dir)).save_pretrained(str(ref))
+    policy = str(arith.model_dir)
+    v_ref = len(load_tokenizer(str(reviews_task.tokenizer_dir)))
+    v_pol = load_causal_lm(ModelConfig(name_or_path=policy)).get_input_embeddings().num_embeddings
+    assert v_pol < v_ref
+    with pytest.raises(
+        ConfigError, match=rf"^policy: .* has a vocabulary of {v_pol} tokens but the tokenizer has {v_ref}"
+    ):
+        run_eval(eval_cfg(reviews_task, tmp_path / "e1", policy=policy, reference=str(ref)))
+    arith_tok = str(arith.tokenizer_dir)
+    with pytest.raises(
+        ConfigError, match=rf"^reference: .*ref was trained with another tokenizer .*\({v_ref} tokens against {v_pol};"
+    ):
+        run_eval(eval_cfg(reviews_task, tmp_path / "e2", policy=policy, reference=str(ref), tokenizer=arith_tok))
+    step = tmp_path / "run" / "checkpoints" / "step-1"  # a checkpoint of the arithmetic model
+    step.mkdir(parents=True)
+    weights = load_causal_lm(ModelConfig(name_or_path=policy)).state_dict()
+    save_file({k: v.clone() for k, v in weights.items()}, str(step / "model.safetensors"))  # (tied: cloned)
+    (step / "trainer_state.json").write_text("{}")
+    with pytest.raises(
+        ConfigError,
+        match=rf"^frontier: .*step-1/model.safetensors does not fit .* is \({v_pol}, \d+\) there, \({v_ref}, \d+\) in",
+    ):
+        run_eval(eval_cfg(reviews_task, tmp_path / "e3", reference=str(ref), frontier=[str(tmp_path / "run")]))

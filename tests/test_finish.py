@@ -1,6 +1,7 @@
 """The end of a CLI run: hub.push through huggingface_hub's HfApi (patched: no network) and the summary line."""
 
 import json
+import shutil
 
 import pytest
 
@@ -87,6 +88,18 @@ def test_summary_line_names_the_model_and_headline_metrics(tmp_path):
     assert finish.summary_line("sft", cfg, 1).endswith("; train/loss 0.5")
 
 
+def test_summary_line_of_a_policy_the_safety_test_refused(tmp_path):
+    """HC-RLHF refused the policy (safety_test.json passed false, no model/): the line said "model at <run dir>"."""
+    cfg, out = finished_run(tmp_path)
+    shutil.rmtree(out / "model")
+    (out / "safety_test.json").write_text(json.dumps({"passed": False, "bound": 0.63}))
+    line = finish.summary_line("rl", cfg, 32.4)
+    assert line.startswith(f"alignflow rl: done in 32 s; NO model: the safety test refused it ({out}/safety_test.json)")
+    (out / "safety_test.json").write_text(json.dumps({"passed": True, "bound": 0.3}))
+    (out / "model").mkdir()
+    assert f"model at {out / 'model'}" in finish.summary_line("rl", cfg, 1)
+
+
 def test_cli_prints_the_summary_line_last(tmp_path, reviews_task, capsys):
     """A real (tiny) SFT run through the CLI ends with the one summary line."""
     from alignflow.cli import main
@@ -108,3 +121,14 @@ def test_cli_prints_the_summary_line_last(tmp_path, reviews_task, capsys):
     assert rc == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("alignflow sft: done in ") and f"model at {out / 'model'}" in last and "loss" in last
+
+
+def test_every_training_command_ends_with_the_summary_line():
+    """refuel, pm, vpl and qdhf ended without it: every command whose config has a train section prints it."""
+    import dataclasses
+
+    from alignflow.cli import COMMANDS
+
+    trains = [c for c, (cls, _, _) in COMMANDS.items() if "train" in {f.name for f in dataclasses.fields(cls)}]
+    assert set(trains) <= set(finish.RESULT_COMMANDS), set(trains) - set(finish.RESULT_COMMANDS)
+    assert {"refuel", "pm", "vpl", "qdhf"} <= set(trains)

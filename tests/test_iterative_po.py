@@ -289,6 +289,16 @@ def mpo_cfg(s, out, delta, **sections) -> MPOConfig:
     return from_dict(MPOConfig, base)
 
 
+def test_mpo_refuses_to_replace_a_finished_run_naming_its_own_key(setup, tmp_path):
+    """A second `alignflow mpo` into the same output_dir: one line naming output_dir (the top-level key the user
+    sets), not the DPO stage's internal directory; overwrite goes through to the stages."""
+    (tmp_path / "dpo" / "model").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=rf"^output_dir={tmp_path} already holds an MPO run \(dpo/ \(model/\)\)"):
+        mpo.train_mpo(mpo_cfg(setup, tmp_path, float("-inf")))
+    with pytest.raises(ConfigError, match=r"train.output_dir=.*dpo already holds a run"):  # the stage's own check
+        mpo.train_mpo(mpo_cfg(setup, tmp_path, float("-inf"), dpo={"train": {"batch_size": 16, "resume": True}}))
+
+
 def test_mpo_with_delta_minus_inf_is_dpo_then_no_rl(setup, tmp_path):
     result = mpo.train_mpo(mpo_cfg(setup, tmp_path, float("-inf")))
     assert result.stats["mpo/hard"] == 0 and result.stats["mpo/easy"] == result.stats["mpo/pairs"] > 0

@@ -43,7 +43,7 @@ from alignflow.algorithms.kl import kl_k1, kl_k3, sequence_kl
 from alignflow.batch import Batch
 from alignflow.config import ConfigError, EvalConfig, ModelConfig
 from alignflow.data.pipeline import prepare_data
-from alignflow.eval.frontier import resolve_frontier, run_frontier
+from alignflow.eval.frontier import check_vocab, resolve_frontier, run_frontier
 from alignflow.eval.metrics import accuracy_metrics, answer_correct, distinct_n, diversity_metrics, length_metrics
 from alignflow.eval.users import check_users, load_model, per_user_means, policy_prompts, user_eval_rows, with_prompts
 from alignflow.models import load_reward_model, load_tokenizer
@@ -224,21 +224,14 @@ def load_prompts(cfg: EvalConfig, tok, out: Path) -> tuple[list[dict], Callable 
     return rows, gold, grammatical
 
 
-def _vocab(model) -> int:
-    return model.get_input_embeddings().num_embeddings
-
-
 def build_context(cfg: EvalConfig, tok, device: torch.device, out: Path) -> EvalContext:
     """Prompts, gold reward, answers, reward-model scorer and reference model for policy evaluation."""
     rows, gold, grammatical = load_prompts(cfg, tok, out)
     answers = [r["answer"] for r in rows] if all(r.get("answer") is not None for r in rows) else None
     rm = RewardModelScorer(cfg.reward_model, device=device, pad_token_id=tok.pad_token_id) if cfg.reward_model else None
     ref = load_model(cfg.reference, device) if cfg.reference else None  # with its user embeddings, if any
-    if ref is not None and _vocab(ref) < len(tok):
-        raise ConfigError(
-            f"reference: {cfg.reference} has a vocabulary of {_vocab(ref)} tokens but the tokenizer has "
-            f"{len(tok)}; the reference must share the policy's tokenizer"
-        )
+    if ref is not None:
+        check_vocab("reference", cfg.reference, ref, tok)
     return EvalContext(tok, device, rows, gold, grammatical, answers, rm, ref, gold_by_user=cfg.users)
 
 
@@ -300,6 +293,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         bar = Progress(int(bool(cfg.policy)) + len(frontier), 0, None, "eval", unit="policy", interrupt=False)
         if cfg.policy:
             policy = load_model(cfg.policy, device)  # with its user embeddings, if any
+            check_vocab("policy", cfg.policy, policy, tok)
             metrics, rows = evaluate_policy(policy, ctx, cfg)
             _write_samples(out / "samples.jsonl", rows)
             del policy

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from alignflow.config import ConfigError, EvalConfig, ModelConfig
 from alignflow.distributed.checkpoint import load_checkpoint
-from alignflow.models import load_causal_lm
+from alignflow.models import load_causal_lm, load_tokenizer
 from alignflow.models.user_embeddings import load_user_embeddings
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,35 @@ def load_policy(path: str | Path, reference: str, device):
     return model
 
 
+def vocab_size(model) -> int:
+    return model.get_input_embeddings().num_embeddings
+
+
+def check_vocab(key: str, path, model, tok) -> None:
+    """One line naming ``key`` when ``model`` cannot have been trained with the eval's tokenizer ``tok``: fewer
+    embeddings than tokens, or a tokenizer of its own (saved in its directory) that gives some token another id
+    (a run of another task: its samples, KL and rewards would mean nothing). The smaller vocabulary must sit
+    inside the larger, so added tokens (P-DPO's user tokens) and padded embedding tables pass."""
+    n = vocab_size(model)
+    if n < len(tok):
+        raise ConfigError(
+            f"{key}: {path} has a vocabulary of {n} tokens but the tokenizer has {len(tok)}; the models must "
+            f"share one tokenizer (set tokenizer=<dir> to the one they were trained with)"
+        )
+    p = Path(str(path))
+    if not ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()):
+        return  # a hub id, or a directory without a tokenizer of its own: nothing to compare with
+    own, theirs = tok.get_vocab(), load_tokenizer(str(p)).get_vocab()
+    small, large = sorted((own, theirs), key=len)
+    clash = next((t for t, i in small.items() if large.get(t) != i), None)
+    if clash is not None:
+        raise ConfigError(
+            f"{key}: {path} was trained with another tokenizer than the eval's ({len(theirs)} tokens against "
+            f"{len(own)}; {clash!r} is {theirs.get(clash)} there, {own.get(clash)} here); evaluate runs of the "
+            f"same task, or set tokenizer=<dir> to theirs"
+        )
+
+
 def _load_weights(path: Path, reference: str, device):
     from safetensors.torch import load_file
 
@@ -107,7 +136,15 @@ def _load_weights(path: Path, reference: str, device):
     if (path / "sharded").is_dir():  # written by Ray workers: DCP reshards it into this one-process model
         load_checkpoint(path, model)
         return model
-    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    weights, own = load_file(str(path / "model.safetensors")), model.state_dict()
+    wrong = [k for k, v in weights.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ConfigError(
+            f"frontier: {path}/model.safetensors does not fit the reference's architecture ({reference}): "
+            f"{wrong[0]} is {tuple(weights[wrong[0]].shape)} there, {tuple(own[wrong[0]].shape)} in the "
+            f"reference (a run of another task or model?)"
+        )
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected:
         raise ConfigError(
             f"frontier: {path}/model.safetensors does not fit the reference's architecture "
@@ -138,6 +175,7 @@ def run_frontier(
     points = []
     for i, entry in enumerate(policies):
         policy = load_policy(entry["path"], cfg.reference, ctx.device)
+        check_vocab("frontier", entry["path"], policy, ctx.tokenizer)
         metrics, rows = evaluate_policy(policy, ctx, cfg)
         del policy
         write_samples(out / "frontier" / str(i) / "samples.jsonl", rows)

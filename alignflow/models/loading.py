@@ -42,7 +42,7 @@ class ModelLoadError(OSError):
     """A model or tokenizer could not be loaded; the message names the path and what to check."""
 
 
-def _load_error(what: str, name_or_path: str, err: Exception) -> ModelLoadError:
+def load_error(what: str, name_or_path: str, err: Exception) -> ModelLoadError:
     if Path(name_or_path).exists():
         return ModelLoadError(f"could not load {what} from the local path {name_or_path!r}: {err}")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -106,7 +106,7 @@ def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code:
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise _load_error("a tokenizer", name_or_path, e) from e
+        raise load_error("a tokenizer", name_or_path, e) from e
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ModelLoadError(f"tokenizer {name_or_path!r} has neither a pad token nor an eos token to pad with")
@@ -248,7 +248,7 @@ def _from_pretrained(
                 **extra,
             )
     except OSError as e:
-        raise _load_error(what, cfg.name_or_path, e) from e
+        raise load_error(what, cfg.name_or_path, e) from e
     except ValueError as e:  # e.g. an architecture with no class for this task
         raise ModelLoadError(f"could not load {what} from {cfg.name_or_path!r}: {e}") from e
     _report_loading(model, info, held, head)

@@ -39,7 +39,7 @@ from alignflow.trainers.po_data import gold_eval, resolve_po_builtin
 from alignflow.trainers.rl import train_rl
 from alignflow.trainers.rl_setup import build_sources
 from alignflow.trainers.roles import RewardRole
-from alignflow.trainers.run_dir import check_output_dir
+from alignflow.trainers.run_dir import check_output_dir, existing_results
 
 log = logging.getLogger("alignflow.mpo")
 
@@ -150,6 +150,13 @@ def train_mpo(cfg: MPOConfig) -> MPOResult:
     """Run MPO as configured (``alignflow mpo``): split by reward gap, DPO on the easy pairs, RL on the hard prompts."""
     _check_mpo(cfg)
     out = check_output_dir(cfg.output_dir, "output_dir")
+    done = [f"{d}/ ({', '.join(found)})" for d in ("dpo", "rl") if (found := existing_results(out / d))]
+    told = any(t.overwrite or t.resume for t in (cfg.dpo.train, cfg.rl.train))  # the stages then decide
+    if done and not told:  # said here, naming the key the user sets (a stage would name its own output_dir)
+        raise ConfigError(
+            f"output_dir={out} already holds an MPO run ({'; '.join(done)}); a new run would replace it. Choose a "
+            f"new output_dir, or set dpo.train.overwrite=true rl.train.overwrite=true to replace it"
+        )
     po_cfg = dataclasses.replace(
         cfg.dpo,
         model=dataclasses.replace(cfg.model),

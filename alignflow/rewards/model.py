@@ -50,6 +50,7 @@ from alignflow.config import ModelConfig
 from alignflow.data.collate import pad_right
 from alignflow.models import GatingNetwork, ModelLoadError, combine, last_token_hidden, load_reward_model, unwrap
 from alignflow.models.heads import GATE_CONFIG
+from alignflow.models.loading import load_error
 from alignflow.models.sequences import score as score_sequences
 from alignflow.rewards.base import output_device
 from alignflow.rewards.foreign import TextRenderer, load_rm_tokenizer, max_positions, same_tokenizer, texts_of
@@ -88,7 +89,7 @@ def _num_labels(path: str, model_cfg: ModelConfig) -> int:
             path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
         )
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not read the reward model config at {path!r}: {e}") from e
+        raise load_error("the reward model config", path, e) from e  # names a missing local directory as such
     return int(cfg.num_labels)
 
 

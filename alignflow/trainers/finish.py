@@ -36,7 +36,10 @@ PREFERRED = (
 )
 
 
-RESULT_COMMANDS = ("sft", "ift", "rm", "rl", "po", "online_po", "superhf", "alol", "cgpo", "mpo", "eval", "demo")
+RESULT_COMMANDS = (
+    *("sft", "ift", "rm", "pm", "rl", "po", "online_po", "superhf", "alol", "cgpo", "mpo", "refuel", "vpl", "qdhf"),
+    *("eval", "demo"),
+)
 
 
 class HubPushError(RuntimeError):
@@ -110,6 +113,11 @@ def summary_line(command: str, cfg, seconds: float, pushed: str = "") -> str:
     what = {"demo": "report", "eval": "metrics"}.get(command, "model")
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in headline(_metric_rows(command, cfg)).items())
     line = f"alignflow {command}: done in {seconds:.0f} s; {what} at {where}"
+    out = Path(cfg.train.output_dir) if command == "rl" else None
+    if out is not None and (out / "safety_test.json").is_file() and not (out / "model").is_dir():
+        if not json.loads((out / "safety_test.json").read_text()).get("passed", True):  # HC-RLHF refused it
+            test = out / "safety_test.json"
+            line = f"alignflow {command}: done in {seconds:.0f} s; NO model: the safety test refused it ({test})"
     line += f"; pushed to {pushed}" if pushed else ""
     return line + (f"; {metrics}" if metrics else "")
 
