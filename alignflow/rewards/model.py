@@ -48,7 +48,7 @@ from alignflow.algorithms.reward import ENSEMBLE_AGGREGATIONS, aggregate
 from alignflow.batch import Batch
 from alignflow.config import ModelConfig
 from alignflow.data.collate import pad_right
-from alignflow.models import GatingNetwork, ModelLoadError, combine, last_token_hidden, load_reward_model, unwrap
+from alignflow.models import GatingNetwork, combine, last_token_hidden, load_reward_model, unwrap
 from alignflow.models.heads import GATE_CONFIG
 from alignflow.models.loading import load_error
 from alignflow.models.sequences import score as score_sequences
