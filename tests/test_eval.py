@@ -347,7 +347,7 @@ def test_plot_without_matplotlib_is_a_clear_error(rl_run, tmp_path, monkeypatch)
 
 
 # ----------------------------------------------------------------------------------------------- config errors
-def test_bad_configs_are_clear_errors(reviews_task, tmp_path, capsys):
+def test_bad_configs_are_clear_errors(reviews_task, tmp_path, capsys, monkeypatch):
     ref = str(reviews_task.model_dir)
     with pytest.raises(ConfigError, match=r"frontier\[1\]: .*nope is not a directory"):
         run_eval(eval_cfg(reviews_task, tmp_path, reference=ref, frontier=[ref, str(tmp_path / "nope")]))
@@ -358,6 +358,10 @@ def test_bad_configs_are_clear_errors(reviews_task, tmp_path, capsys):
         run_eval(eval_cfg(reviews_task, tmp_path, frontier=[ref]))
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         run_eval(eval_cfg(reviews_task, tmp_path))
+    (tmp_path / "runs").mkdir()  # runs/ppo/model below is a local path (runs/ exists), not a hub id
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^policy: runs/ppo/model does not exist \(cwd: .*\); run the command"):
+        run_eval(eval_cfg(reviews_task, tmp_path / "e", policy="runs/ppo/model"))
     with pytest.raises(ConfigError, match="task.name: 'chess' is not one of reviews, arithmetic"):
         from_dict(EvalConfig, {"policy": ref, "task": {"name": "chess"}})
     assert main(["eval", f"reference={ref}", f"frontier={tmp_path / 'gone'}", f"output_dir={tmp_path}"]) == 2

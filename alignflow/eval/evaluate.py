@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -249,6 +250,11 @@ def reward_model_metrics(cfg: EvalConfig, tok, device) -> dict:
     return pair_metrics(c, r, "eval")
 
 
+def _meant_local(value: str) -> bool:
+    """A path, not a hub id: it starts with / or ., or its first part is a local directory (``runs/...``)."""
+    return value.startswith(("/", ".")) or (Path(value.split("/")[0]).is_dir() and "/" in value)
+
+
 def check_config(cfg: EvalConfig) -> list:
     """Fail before any model is loaded; returns the resolved frontier policies."""
     if not (cfg.policy or cfg.reward_model or cfg.frontier):
@@ -256,6 +262,13 @@ def check_config(cfg: EvalConfig) -> list:
             "alignflow eval: nothing to evaluate; give policy=<dir>, frontier=<dir,...> and/or reward_model=<dir>"
         )
     get_task(cfg.task.name)  # an unknown task name -> ConfigError listing the tasks
+    for key in ("policy", "reference", "reward_model", "tokenizer"):
+        value = getattr(cfg, key)
+        if value and _meant_local(value) and not Path(value).is_dir():
+            raise ConfigError(
+                f"{key}: {value} does not exist (cwd: {os.getcwd()}); run the command that writes it first (a "
+                f"run's model/ directory), or give a hub id"
+            )
     if not cfg.frontier:
         check_users(cfg, [])
         return []
