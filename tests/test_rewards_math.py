@@ -130,8 +130,8 @@ def test_a_runaway_check_is_stopped_at_its_timeout_and_its_memory_is_freed():
 
 def test_a_check_past_the_memory_limit_is_not_equal(caplog):
     """The expansion grows ~150 MB/s: its worker is killed when it holds 100 MiB more than the parent did, long
-    before the 60 s timeout (a CI run once saw this check run to its timeout under the address-space limit
-    alone, which sympy can survive by catching the MemoryError)."""
+    before the 60 s timeout (a CI run once saw this check run on to its timeout under the address-space limit
+    alone)."""
     rmath.configure(memory_mb=100)
     try:
         with caplog.at_level("WARNING", logger="alignflow.rewards.math"):

@@ -8,10 +8,11 @@ allocating) in the background. :class:`WorkerPool` runs each call in a forked ch
 * **memory**: a worker whose anonymous resident memory (``RssAnon``) grows more than ``memory_mb`` MiB past
   what the parent held at the fork is killed by the parent, which looks every ``MEMORY_POLL_S`` while it waits
   (outcome ``"memory"``, and a fresh worker takes its place). A failed allocation inside the worker does not
-  reliably stop it: a library may catch the ``MemoryError`` and try another way (sympy does), so the parent's
-  kill is the limit that holds. As a backstop against a burst between two looks, the worker's address space
-  may grow by at most ``2 * memory_mb`` MiB (``resource.setrlimit(RLIMIT_AS)``): one allocation past that
-  fails inside the worker (a ``MemoryError``, outcome ``"error"``) or kills it (outcome ``"crash"``);
+  reliably stop it (its code may catch the ``MemoryError`` and go on; a CI run once saw a sympy check run on to
+  its timeout), so the parent's kill is the limit that holds. As a backstop against a burst between two looks,
+  the worker's address space may grow by at most ``2 * memory_mb`` MiB (``resource.setrlimit(RLIMIT_AS)``):
+  one allocation past that fails inside the worker (a ``MemoryError``, outcome ``"error"``) or kills it
+  (outcome ``"crash"``);
 * **batching**: :meth:`WorkerPool.map` spreads a list of items over ``size`` workers through pipes, a few
   queued on each worker at a time (so it never waits for the parent between items), with no process start-up;
   an item's clock starts when the worker finishes the previous one;
