@@ -18,7 +18,7 @@ from alignflow.rollout.sample import sample, sample_batch
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 
 
-def eval_cfg(task, out, **kw) -> EvalConfig:
+def eval_cfg(task, out, /, **kw) -> EvalConfig:  # (positional: kw may hold a "task" section)
     base = {
         "tokenizer": str(task.tokenizer_dir),
         "num_prompts": 4,

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from alignflow.config import ConfigError, EvalConfig, ModelConfig, from_dict
+from alignflow.config import ConfigError, EvalConfig, ModelConfig
 from alignflow.eval.evaluate import run_eval
 from alignflow.eval.users import per_user_means, with_prompts
 from alignflow.models import load_causal_lm, load_tokenizer
@@ -14,7 +14,7 @@ from alignflow.models.logprobs import token_logprobs
 from alignflow.models.user_embeddings import attach_user_embeddings, load_user_embeddings, saved_plain, user_prompt
 from alignflow.rollout.sample import sample_batch
 from alignflow.tasks import users as task_users
-from tests.test_eval import TINY
+from tests.test_eval import TINY, eval_cfg
 
 USERS = list(task_users.USERS)  # fan, critic, stickler
 
@@ -35,15 +35,9 @@ def p_dpo_dir(reviews_task, tmp_path_factory):
 
 
 def _cfg(reviews_task, out, **kw) -> EvalConfig:
-    base = {
-        "tokenizer": str(reviews_task.tokenizer_dir),
-        "num_prompts": 6,
-        "samples_per_prompt": 2,
-        "max_new_tokens": 8,
-        "output_dir": str(out),
-        "task": {"name": "reviews", "num_sft": 400, "num_pairs": 300, **TINY},  # as tests.helpers.tiny_task
-    }
-    return from_dict(EvalConfig, base | kw)
+    """test_eval's config with 6 prompts and the task sizes of tests.helpers.tiny_task (its users' files)."""
+    task = {"name": "reviews", "num_sft": 400, "num_pairs": 300, **TINY}
+    return eval_cfg(reviews_task, out, **({"num_prompts": 6, "task": task} | kw))
 
 
 def _samples(out) -> list[dict]:
