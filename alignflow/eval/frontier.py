@@ -116,6 +116,8 @@ def check_vocab(key: str, path, model, tok) -> None:
     p = Path(str(path))
     if not ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()):
         return  # a hub id, or a directory without a tokenizer of its own: nothing to compare with
+    if p.resolve() == Path(tok.name_or_path).resolve():
+        return  # the eval's tokenizer was loaded from this directory: no second load to compare it with itself
     own, theirs = tok.get_vocab(), load_tokenizer(str(p)).get_vocab()
     small, large = sorted((own, theirs), key=len)
     clash = next((t for t, i in small.items() if large.get(t) != i), None)
