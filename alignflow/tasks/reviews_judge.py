@@ -179,8 +179,9 @@ def negate_word(rng: random.Random, response: str) -> str | None:
 
 def point_rows(pairs: list, seed: int = 0) -> list:
     """The pointwise judge's rows (module docstring): every distinct (prompt, response) of ``pairs``; for about
-    half of them a copy repeating one of its sentences, and for about a quarter a copy stuttering one of its
-    words; ``good`` when the gold reward is above the median of the original responses', else ``bad``."""
+    half of them a copy repeating one of its sentences, for about a quarter a copy stuttering one of its words,
+    and for another quarter a copy negating one of its verbs; ``good`` when the gold reward is above the median
+    of the original responses', else ``bad``."""
     rng = random.Random(seed)
     seen = list(dict.fromkeys((p["prompt"], r) for p in pairs for r in (p["chosen"], p["rejected"])))
     golds = [reviews.gold_components(p, r)["gold"] for p, r in seen]
